@@ -1,0 +1,3 @@
+from synapse_cli.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Backends: where a job generator runs. One method, ``run(job, spec) -> Iterator[Event]``, plus ``close()``."""

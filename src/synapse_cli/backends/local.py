@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from synapse_cli.events import Event
+from synapse_cli.jobs import load_job
+
+
+class LocalBackend:
+    """Runs the job generator in this process."""
+
+    name = "local"
+
+    def run(self, job: str, spec: Any) -> Iterator[Event]:
+        yield from load_job(job)(spec)
+
+    def close(self) -> None:
+        pass

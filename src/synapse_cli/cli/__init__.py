@@ -1,0 +1,51 @@
+"""The typer app. Each command lives in its own module and only declares options
+and calls ``run_job``; nothing heavy (rich, modal, torch) is imported here, so
+``synapse --help`` stays fast."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from synapse_cli import __version__
+
+app = typer.Typer(
+    name="synapse",
+    help="Run media and model jobs in-process or on Modal, with the same command.",
+    no_args_is_help=True,
+    rich_markup_mode=None,  # plain click help: rich stays out of start-up
+    pretty_exceptions_enable=False,  # no locals (tokens) in tracebacks
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"synapse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    pass
+
+
+def _register() -> None:
+    from synapse_cli.cli import config, doctor, export
+
+    for module in (export, config, doctor):
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    app()

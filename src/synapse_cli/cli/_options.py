@@ -1,0 +1,39 @@
+"""Options shared by every job command (the CLI contract: keep names exactly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+USE_MODAL = Annotated[
+    Optional[bool],
+    typer.Option("--use-modal/--no-modal", help="Run on Modal, or in this process. Default: the 'backend' setting."),
+]
+JSON = Annotated[bool, typer.Option("--json", help="Print NDJSON events on stdout, one per line.")]
+OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+CONFIG = Annotated[
+    Optional[Path],
+    typer.Option("--config", help="Config file (default: .synapse.toml from here upward; env SYNAPSE_CONFIG).", dir_okay=False),
+]
+PROFILE = Annotated[
+    Optional[str], typer.Option("--profile", help="[profile.NAME] table of the config file to apply (env SYNAPSE_PROFILE).")
+]
+
+
+@dataclass
+class Common:
+    """What every job command passes to ``run_job``."""
+
+    json: bool = False
+    use_modal: Optional[bool] = None
+    config: Optional[Path] = None
+    profile: Optional[str] = None
+    overwrite: bool = False
+
+    def flags(self) -> dict:
+        backend = None if self.use_modal is None else ("modal" if self.use_modal else "local")
+        return {"backend": backend}

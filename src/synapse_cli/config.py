@@ -1,0 +1,293 @@
+"""Settings: flag > ``SYNAPSE_*`` environment > ``.synapse.toml`` > default.
+
+``resolve(flags, env, file_data)`` is pure: the environment and the parsed
+file come in as arguments, nothing is read at import time. Every value keeps
+its source so ``synapse config show`` can say where it came from.
+
+Every key lives in ``REGISTRY``; the file uses TOML tables for the part before
+the dot (``ffmpeg.preset`` is ``[ffmpeg] preset``), the environment joins the
+parts with ``_`` (``SYNAPSE_FFMPEG_PRESET``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from synapse_cli.errors import UsageError
+
+CONFIG_FILENAME = ".synapse.toml"
+ENV_PREFIX = "SYNAPSE_"
+
+# -- value transforms: each takes the raw value (str from env, anything from TOML) --
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("expected a non-empty string")
+    return v
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v in (None, "") else _str(v)
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(v, str) and v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
+    def t(v: Any) -> int:
+        if isinstance(v, bool):
+            raise ValueError("expected an integer")
+        n = int(v) if isinstance(v, (int, str)) else None
+        if n is None:
+            raise ValueError("expected an integer")
+        if (lo is not None and n < lo) or (hi is not None and n > hi):
+            raise ValueError(f"expected an integer in [{lo}, {hi}]")
+        return n
+
+    return t
+
+
+def _float(lo: float = 0.0, strict: bool = True) -> Callable[[Any], float]:
+    def t(v: Any) -> float:
+        if isinstance(v, bool):
+            raise ValueError("expected a number")
+        x = float(v)
+        if x < lo or (strict and x == lo):
+            raise ValueError(f"expected a number {'>' if strict else '>='} {lo}")
+        return x
+
+    return t
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def t(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return v
+
+    return t
+
+
+def _list(v: Any) -> list[str]:
+    if isinstance(v, str):
+        return [p.strip() for p in v.split(",") if p.strip()]
+    if isinstance(v, list) and all(isinstance(p, str) for p in v):
+        return list(v)
+    raise ValueError("expected a list of strings or a comma-separated string")
+
+
+def _prices(v: Any) -> dict[str, float]:
+    if isinstance(v, str):  # env: "T4=0.59,A10G=1.10"
+        v = dict(p.split("=", 1) for p in v.split(",") if p.strip())
+    if not isinstance(v, dict):
+        raise ValueError("expected a table of GPU name = USD per hour")
+    return {str(k): float(x) for k, x in v.items()}
+
+
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+ENGINES = ("llguidance", "xgrammar", "outlines", "llama.cpp")
+
+
+@dataclass(frozen=True)
+class _Setting:
+    default: Any
+    transform: Callable[[Any], Any]
+    help: str
+    env_aliases: tuple[str, ...] = ()
+    secret: bool = False  # never read from the file, masked by `config show`
+
+
+REGISTRY: dict[str, _Setting] = {
+    "backend": _Setting("local", _choice("local", "modal"), "where jobs run: local (in-process) or modal"),
+    # [ffmpeg]
+    "ffmpeg.path": _Setting(None, _opt_str, "ffmpeg binary; default: ffmpeg on PATH, else the imageio-ffmpeg one", ("SYNAPSE_FFMPEG",)),
+    "ffmpeg.preset": _Setting("fast", _choice(*X264_PRESETS), "libx264 preset"),
+    "ffmpeg.crf": _Setting(23, _int(0, 51), "libx264 constant rate factor (0-51, lower is better)"),
+    # [export]
+    "export.default_job": _Setting("framing", _choice("framing", "overlay", "annotate"), "job used when --job is not given"),
+    "export.output_dir": _Setting(None, _opt_str, "directory for default outputs; default: beside the input"),
+    # [compile]
+    "compile.output_dir": _Setting("compiled", _str, "where artefacts go when -o is not given"),
+    "compile.engines": _Setting(list(ENGINES), _list, "engines to compile for (llguidance, xgrammar, outlines, llama.cpp)"),
+    "compile.engine_timeout_s": _Setting(10.0, _float(), "per-engine, per-schema compile timeout"),
+    "compile.cache_dir": _Setting(None, _opt_str, "compile cache; default: the user cache dir"),
+    # [infer]
+    "infer.model": _Setting(None, _opt_str, "YOLO weights (.pt/.onnx path); default: bundled yolo11n-pose.pt"),
+    "infer.task": _Setting("pose", _choice("detect", "pose", "track"), "default task"),
+    "infer.imgsz": _Setting(640, _int(32, 4096), "inference image size"),
+    "infer.conf": _Setting(0.25, _float(0.0), "confidence threshold"),
+    "infer.threads": _Setting(0, _int(0, 1024), "torch threads; 0 = all cores"),
+    "infer.court_width_m": _Setting(6.1, _float(), "court width in metres (--court)"),
+    "infer.court_length_m": _Setting(13.4, _float(), "court length in metres (--court)"),
+    # [modal]
+    "modal.app_name": _Setting("synapse", _str, "Modal app name"),
+    "modal.environment": _Setting(None, _opt_str, "Modal environment; default: the profile's"),
+    "modal.mode": _Setting("deployed", _choice("deployed", "ephemeral"), "deployed: look functions up by name; ephemeral: run the app for this call"),
+    "modal.gpu": _Setting("T4", _str, "GPU for inference functions"),
+    "modal.timeout_s": _Setting(3600, _int(1, 86400), "per-call timeout"),
+    "modal.max_retries": _Setting(2, _int(0, 10), "retries for transient failures"),
+    "modal.initial_backoff_ms": _Setting(1000, _int(0, 600_000), "first retry delay"),
+    "modal.volume": _Setting("synapse-data", _str, "Volume for inputs and outputs"),
+    "modal.secrets": _Setting([], _list, "Modal secret names attached to the functions"),
+    "modal.endpoint": _Setting(None, _opt_str, "HTTP endpoint; when set, remote jobs go there", ("SYNAPSE_ENDPOINT",)),
+    # HTTP client
+    "http.timeout_s": _Setting(60.0, _float(), "HTTP connect/read timeout"),
+    "http.max_retries": _Setting(3, _int(0, 10), "retries before the stream starts"),
+    "http.initial_backoff_ms": _Setting(500, _int(0, 600_000), "first retry delay"),
+    "api_key": _Setting(None, _opt_str, "API key for the HTTP endpoint (environment only)", secret=True),
+    # [serve]
+    "serve.host": _Setting("127.0.0.1", _str, "synapse serve bind address"),
+    "serve.port": _Setting(8000, _int(0, 65535), "synapse serve port"),
+    "serve.max_upload_mb": _Setting(2048, _int(1), "largest accepted upload"),
+    "serve.work_dir": _Setting(None, _opt_str, "server work dir; default: a temp dir"),
+    # [jobs]
+    "jobs.db": _Setting(None, _opt_str, "job store (SQLite); default: the user data dir"),
+    "jobs.gpu_prices_usd_per_hour": _Setting({"T4": 0.59, "L4": 0.80, "A10G": 1.10, "A100": 2.10, "H100": 3.95, "CPU": 0.0}, _prices, "per-GPU price table for cost estimates"),
+}
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+@dataclass(frozen=True)
+class Value:
+    value: Any
+    source: str  # "flag" | "env:NAME" | "file:PATH" | "default"
+
+
+class Settings(Mapping[str, Any]):
+    """Resolved settings: ``settings["ffmpeg.crf"]``; ``settings.source(key)`` says where it came from."""
+
+    def __init__(self, values: dict[str, Value], config_path: Path | None = None) -> None:
+        self._values = values
+        self.config_path = config_path
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key].value
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def source(self, key: str) -> str:
+        return self._values[key].source
+
+    def section(self, name: str) -> dict[str, Any]:
+        """``section("modal")`` -> ``{"app_name": ..., ...}``."""
+        return {k.split(".", 1)[1]: v.value for k, v in self._values.items() if k.startswith(name + ".")}
+
+
+def resolve(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file_data: Mapping[str, Any] | None = None,
+    file_path: Path | str | None = None,
+) -> Settings:
+    """Merge the four layers. ``flags`` values of None mean "not given". Bad values raise UsageError."""
+    flags, env, file_data = flags or {}, env or {}, file_data or {}
+    unknown = [k for k in list(flags) + list(file_data) if k not in REGISTRY]
+    if unknown:
+        where = f" in {file_path}" if file_path and unknown[0] in file_data else ""
+        raise UsageError(f"unknown config key {unknown[0]!r}{where}")
+    values: dict[str, Value] = {}
+    for key, setting in REGISTRY.items():
+        names = (env_name(key),) + setting.env_aliases
+        env_hit = next((n for n in names if env.get(n) not in (None, "")), None)
+        if flags.get(key) is not None:
+            raw, source = flags[key], "flag"
+        elif env_hit:
+            raw, source = env[env_hit], f"env:{env_hit}"
+        elif key in file_data:
+            if setting.secret:
+                raise UsageError(f"{key} is a secret: set {env_name(key)} in the environment, not in {file_path}")
+            raw, source = file_data[key], f"file:{file_path}"
+        else:
+            values[key] = Value(setting.default, "default")
+            continue
+        try:
+            values[key] = Value(setting.transform(raw), source)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"bad value for {key}: {raw!r} (from {source}): {exc}") from None
+    return Settings(values, Path(file_path) if file_path else None)
+
+
+# -- the file --------------------------------------------------------------------
+
+
+def find_config(start: Path) -> Path | None:
+    """The nearest ``.synapse.toml`` from ``start`` upward."""
+    for folder in (start, *start.parents):
+        candidate = folder / CONFIG_FILENAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        # a table is a section unless the key itself takes a table (e.g. the price table)
+        if isinstance(v, dict) and key not in REGISTRY:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_file(path: Path, profile: str | None = None) -> dict[str, Any]:
+    """Parse and flatten a config file; ``[profile.NAME]`` tables overlay the top level."""
+    try:
+        import tomllib  # type: ignore[import-not-found]
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"bad TOML in {path}: {exc}") from None
+    profiles = data.pop("profile", {})
+    flat = _flatten(data)
+    if profile:
+        if profile not in profiles:
+            raise UsageError(f"profile {profile!r} not found in {path}")
+        flat.update(_flatten(profiles[profile]))
+    return flat
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    config_path: Path | str | None = None,
+    profile: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """The impure wrapper commands use: find the file, read it, resolve."""
+    env = os.environ if env is None else env
+    profile = profile or env.get("SYNAPSE_PROFILE")
+    explicit = config_path or env.get("SYNAPSE_CONFIG")
+    if explicit:
+        path: Path | None = Path(explicit)
+        if not path.is_file():
+            raise UsageError(f"config file not found: {path}")
+    else:
+        path = find_config(cwd or Path.cwd())
+    if profile and not path:
+        raise UsageError(f"profile {profile!r} given but no {CONFIG_FILENAME} found")
+    data = load_file(path, profile) if path else {}
+    return resolve(flags, env, data, path)

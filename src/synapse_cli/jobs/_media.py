@@ -1,0 +1,204 @@
+"""FFmpeg and media probing, shared by the jobs.
+
+- ``find_ffmpeg``: configured path, else ``ffmpeg`` on PATH, else the static
+  binary from the imageio-ffmpeg wheel.
+- ``probe``: stream facts through PyAV (the static build has no ffprobe).
+- ``run_ffmpeg``: runs a command with ``-progress pipe:1``, drains stderr in a
+  thread, yields monotonic ``Progress`` events and kills the child on close.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections import deque
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from synapse_cli.errors import JobError, UsageError
+from synapse_cli.events import Progress
+
+
+def find_ffmpeg(configured: str | None = None) -> str:
+    """The ffmpeg binary to use, by precedence: configured > PATH > imageio-ffmpeg."""
+    if configured:
+        found = shutil.which(configured)
+        if not found:
+            raise UsageError(f"ffmpeg not found at {configured!r} (ffmpeg.path / SYNAPSE_FFMPEG)")
+        return found
+    on_path = shutil.which("ffmpeg")
+    if on_path:
+        return on_path
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as exc:
+        raise UsageError(f"no ffmpeg found: install ffmpeg or imageio-ffmpeg, or set SYNAPSE_FFMPEG ({exc})") from None
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    path: str
+    width: int
+    height: int
+    fps: float
+    duration: float  # seconds
+    frames: int  # counted from the container, or estimated from duration × fps
+    has_audio: bool
+    video_codec: str
+    audio_codec: str | None = None
+
+
+def probe(path: str | os.PathLike) -> MediaInfo:
+    """Describe a video or image file. Missing or unreadable media is a UsageError (rejected before the job)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"input not found: {p}")
+    if not p.is_file():
+        raise UsageError(f"input is not a file: {p}")
+    import av
+
+    try:
+        with av.open(str(p)) as container:
+            video = next((s for s in container.streams if s.type == "video"), None)
+            audio = next((s for s in container.streams if s.type == "audio"), None)
+            if video is None:
+                raise UsageError(f"{p} has no video stream")
+            rate = video.average_rate or video.guessed_rate or Fraction(25)
+            fps = float(rate)
+            duration = 0.0
+            if video.duration is not None and video.time_base is not None:
+                duration = float(video.duration * video.time_base)
+            if duration <= 0 and container.duration is not None:
+                duration = container.duration / 1_000_000
+            frames = int(video.frames or round(duration * fps))
+            width, height = video.codec_context.width, video.codec_context.height
+            if not width or not height:
+                raise UsageError(f"{p}: video stream has no frame size")
+            return MediaInfo(
+                path=str(p),
+                width=width,
+                height=height,
+                fps=fps,
+                duration=duration,
+                frames=max(frames, 1),
+                has_audio=audio is not None,
+                video_codec=video.codec_context.name,
+                audio_codec=audio.codec_context.name if audio is not None else None,
+            )
+    except UsageError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise UsageError(f"{p} is not readable media: {exc}") from None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # ffmpeg runs in its own group; take the whole group
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()
+
+
+def run_ffmpeg(
+    args: Sequence[str],
+    total_frames: float,
+    fps: float,
+    phase: str = "encode",
+    feed: Callable[[subprocess.Popen], None] | None = None,
+) -> Iterator[Progress]:
+    """Run ``args`` (a full command, binary first) and yield monotonic frame progress.
+
+    ``-progress pipe:1 -nostats`` is added here. ffmpeg gets its own process
+    group, so Ctrl-C reaches only us and we decide its fate: on close or error
+    it is killed. ``feed``, if given, writes the child's stdin from a thread.
+    """
+    cmd = [args[0], "-hide_banner", "-nostdin" if feed is None else "-stdin", "-progress", "pipe:1", "-nostats", *args[1:]]
+    if feed is not None:
+        cmd.remove("-stdin")
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    tail: deque[str] = deque(maxlen=12)
+    drain = threading.Thread(
+        target=lambda: tail.extend(line.decode("utf-8", "replace").rstrip() for line in proc.stderr),  # type: ignore[union-attr]
+        daemon=True,
+    )
+    drain.start()
+    feeder_errors: list[BaseException] = []
+    feeder = None
+    if feed is not None:
+
+        def _feed() -> None:
+            try:
+                feed(proc)
+            except (BrokenPipeError, ValueError):
+                pass  # ffmpeg stopped reading: its exit status says why
+            except BaseException as exc:  # noqa: BLE001 - reported after ffmpeg exits
+                feeder_errors.append(exc)
+            finally:
+                try:
+                    proc.stdin.close()  # type: ignore[union-attr]
+                except OSError:
+                    pass
+
+        feeder = threading.Thread(target=_feed, daemon=True)
+        feeder.start()
+
+    done = 0.0
+    block: dict[str, str] = {}
+    try:
+        for raw in proc.stdout:  # type: ignore[union-attr]
+            key, _, value = raw.decode("utf-8", "replace").strip().partition("=")
+            if key != "progress":
+                block[key] = value
+                continue
+            frame = _frames_done(block, fps)
+            if value == "end":
+                frame = max(frame, total_frames)
+            if frame > done:
+                done = min(frame, total_frames) if total_frames else frame
+                speed = block.get("speed", "").strip()
+                yield Progress(done=done, total=total_frames, phase=phase, message=f"speed {speed}" if speed and speed != "N/A" else None)
+            block = {}
+        rc = proc.wait()
+        drain.join(timeout=5)
+        if feeder is not None:
+            feeder.join(timeout=5)
+        if feeder_errors:
+            raise JobError(f"feeding ffmpeg failed: {feeder_errors[0]}")
+        if rc != 0:
+            detail = " | ".join(line for line in list(tail)[-3:] if line) or "no output"
+            raise JobError(f"ffmpeg exited {rc}: {detail}")
+        if total_frames and done < total_frames:
+            yield Progress(done=total_frames, total=total_frames, phase=phase)
+    finally:
+        _kill(proc)
+
+
+def _frames_done(block: dict[str, str], fps: float) -> float:
+    """Frames written so far: ``frame=`` when ffmpeg reports it, else output time × fps."""
+    try:
+        frame = float(block.get("frame", "0") or 0)
+    except ValueError:
+        frame = 0.0
+    if frame > 0:
+        return frame
+    for key, scale in (("out_time_us", 1e-6), ("out_time_ms", 1e-6)):  # out_time_ms is microseconds too
+        try:
+            return max(0.0, float(block[key]) * scale * fps)
+        except (KeyError, ValueError):
+            continue
+    return 0.0

@@ -121,9 +121,8 @@ def run_ffmpeg(
     group, so Ctrl-C reaches only us and we decide its fate: on close or error
     it is killed. ``feed``, if given, writes the child's stdin from a thread.
     """
-    cmd = [args[0], "-hide_banner", "-nostdin" if feed is None else "-stdin", "-progress", "pipe:1", "-nostats", *args[1:]]
-    if feed is not None:
-        cmd.remove("-stdin")
+    stdin_flag = [] if feed else ["-nostdin"]
+    cmd = [args[0], "-hide_banner", *stdin_flag, "-progress", "pipe:1", "-nostats", *args[1:]]
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE if feed else subprocess.DEVNULL,

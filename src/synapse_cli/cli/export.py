@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from synapse_cli.cli._options import CONFIG, JSON, OVERWRITE, PROFILE, USE_MODAL, Common
+from synapse_cli.cli._run import run_job
+from synapse_cli.config import Settings
+from synapse_cli.errors import UsageError
+
+
+def parse_params(params_file: Optional[Path], sets: List[str]) -> dict[str, Any]:
+    """``--params FILE.json`` first, then each ``--set key=value`` (value parsed as JSON when it is JSON)."""
+    params: dict[str, Any] = {}
+    if params_file is not None:
+        try:
+            loaded = json.loads(params_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"cannot read params file {params_file}: {exc.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"params file {params_file} is not valid JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"params file {params_file} must hold a JSON object")
+        params.update(loaded)
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        params[key.strip()] = value
+    return params
+
+
+def default_output(src: Path, suffix: str, output_dir: Optional[str]) -> Path:
+    name = f"{src.stem}.{suffix}"
+    return Path(output_dir) / name if output_dir else src.with_name(name)
+
+
+def export(
+    input: Annotated[Path, typer.Argument(help="Input video.", show_default=False)],
+    job: Annotated[Optional[str], typer.Option("--job", help="framing | overlay | annotate (default: export.default_job).")] = None,
+    params_file: Annotated[Optional[Path], typer.Option("--params", help="Job params as a JSON file.", dir_okay=False)] = None,
+    sets: Annotated[List[str], typer.Option("--set", help="Set one param: KEY=VALUE (VALUE may be JSON). Repeatable.")] = [],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output .mp4 (default: <stem>.<job>.mp4 beside the input).")] = None,
+    use_modal: USE_MODAL = None,
+    json_output: JSON = False,
+    overwrite: OVERWRITE = False,
+    config: CONFIG = None,
+    profile: PROFILE = None,
+) -> None:
+    """Export a video with FFmpeg: framing (9:16 reel), overlay (highlight) or annotate (rated clips).
+
+    Example: synapse export clip.mp4 --job framing --set 'keyframes=[{"time":0,"x":400,"y":0,"width":405,"height":720}]'
+    """
+    common = Common(json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite)
+
+    def build(settings: Settings):
+        from synapse_cli.jobs.export_video import EXPORT_JOBS, ExportSpec, validate_params
+
+        kind = job or settings["export.default_job"]
+        if kind not in EXPORT_JOBS:
+            raise UsageError(f"unknown --job {kind!r}; expected one of {', '.join(EXPORT_JOBS)}")
+        params = parse_params(params_file, sets)
+        validate_params(kind, params)  # reject bad params before any upload or encode
+        if not input.exists():
+            raise UsageError(f"input not found: {input}")
+        out = output or default_output(input, f"{kind}.mp4", settings["export.output_dir"])
+        from synapse_cli.jobs._files import check_output
+
+        check_output(out, overwrite)
+        return ExportSpec(
+            input=str(input),
+            output=str(out),
+            job=kind,
+            params=params,
+            preset=settings["ffmpeg.preset"],
+            crf=settings["ffmpeg.crf"],
+            ffmpeg=settings["ffmpeg.path"],
+            overwrite=overwrite,
+        )
+
+    run_job("export", build, common, summarize=lambda r: r.get("output", ""))
+
+
+def register(root: typer.Typer) -> None:
+    root.command("export")(export)

@@ -197,7 +197,7 @@ def _frames_done(block: dict[str, str], fps: float) -> float:
         return frame
     for key, scale in (("out_time_us", 1e-6), ("out_time_ms", 1e-6)):  # out_time_ms is microseconds too
         try:
-            return max(0.0, float(block[key]) * scale * fps)
+            return float(int(max(0.0, float(block[key]) * scale * fps)))
         except (KeyError, ValueError):
             continue
     return 0.0

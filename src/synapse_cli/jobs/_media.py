@@ -122,7 +122,8 @@ def run_ffmpeg(
     it is killed. ``feed``, if given, writes the child's stdin from a thread.
     """
     stdin_flag = [] if feed else ["-nostdin"]
-    cmd = [args[0], "-hide_banner", *stdin_flag, "-progress", "pipe:1", "-nostats", *args[1:]]
+    # -xerror: a corrupt or truncated input is a failure, not a silently shorter output
+    cmd = [args[0], "-hide_banner", "-xerror", *stdin_flag, "-progress", "pipe:1", "-nostats", *args[1:]]
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
@@ -130,7 +131,7 @@ def run_ffmpeg(
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    tail: deque[str] = deque(maxlen=12)
+    tail: deque[str] = deque(maxlen=40)
     drain = threading.Thread(
         target=lambda: tail.extend(line.decode("utf-8", "replace").rstrip() for line in proc.stderr),  # type: ignore[union-attr]
         daemon=True,
@@ -164,9 +165,7 @@ def run_ffmpeg(
             if key != "progress":
                 block[key] = value
                 continue
-            frame = _frames_done(block, fps)
-            if value == "end":
-                frame = max(frame, total_frames)
+            frame = _frames_done(block, fps)  # "progress=end" comes before the exit status: no jump to 100% here
             if frame > done:
                 done = min(frame, total_frames) if total_frames else frame
                 speed = block.get("speed", "").strip()
@@ -179,12 +178,21 @@ def run_ffmpeg(
         if feeder_errors:
             raise JobError(f"feeding ffmpeg failed: {feeder_errors[0]}")
         if rc != 0:
-            detail = " | ".join(line for line in list(tail)[-3:] if line) or "no output"
-            raise JobError(f"ffmpeg exited {rc}: {detail}")
+            raise JobError(f"ffmpeg exited {rc}: {_error_detail(list(tail))}")
         if total_frames and done < total_frames:
             yield Progress(done=total_frames, total=total_frames, phase=phase)
     finally:
         _kill(proc)
+
+
+_ERROR_WORDS = ("error", "invalid", "corrupt", "failed", "no such", "unable", "cannot", "not found", "does not")
+
+
+def _error_detail(lines: list[str]) -> str:
+    """The lines of ffmpeg's stderr that say what went wrong (its last lines are often encoder statistics)."""
+    errors = [ln for ln in lines if any(w in ln.lower() for w in _ERROR_WORDS) and "Conversion failed" not in ln]
+    picked = errors[:2] or [ln for ln in lines if ln][-2:]
+    return " | ".join(picked) or "no output"
 
 
 def _frames_done(block: dict[str, str], fps: float) -> float:

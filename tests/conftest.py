@@ -1,0 +1,115 @@
+"""Shared fixtures: an isolated environment, real clips made with real ffmpeg, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest_plugins = ["tests.modal_fake.fixtures"] if (ROOT / "tests" / "modal_fake" / "fixtures.py").exists() else []
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch, tmp_path_factory):
+    """No SYNAPSE_*/MODAL_* from the developer's shell, no .synapse.toml from above, fixed width."""
+    for name in list(os.environ):
+        if name.startswith(("SYNAPSE_", "MODAL_")) or name in ("NO_COLOR", "CI"):
+            monkeypatch.delenv(name, raising=False)
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(home / "ultralytics"))
+    work = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(work)
+
+
+def ffmpeg_exe() -> str:
+    from synapse_cli.jobs._media import find_ffmpeg
+
+    return find_ffmpeg(None)
+
+
+def make_clip(path: Path, *, size: str = "640x360", seconds: float = 2.0, fps: int = 30, audio: bool = True, video: str | None = None) -> Path:
+    """A real H.264/AAC clip from ffmpeg's test sources."""
+    src = video or f"testsrc2=size={size}:rate={fps}:duration={seconds}"
+    cmd = [ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", src]
+    if audio:
+        cmd += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:a", "aac", "-shortest"]
+    cmd += ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(path)]
+    subprocess.run(cmd, check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("clips")
+    return {
+        "landscape": make_clip(d / "landscape.mp4"),
+        "silent": make_clip(d / "silent.mp4", audio=False),
+        "portrait": make_clip(d / "portrait.mp4", size="360x640", seconds=1.0),
+        # left half red, right half blue: the crop window's position shows in the output's colour
+        "halves": make_clip(
+            d / "halves.mp4",
+            video="color=c=red:size=320x360:rate=30:duration=2[l];color=c=blue:size=320x360:rate=30:duration=2[r];[l][r]hstack",
+        ),
+        "gray": make_clip(d / "gray.mp4", video="color=c=0x808080:size=640x360:rate=30:duration=1", audio=False),
+    }
+
+
+@dataclass
+class Run:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def cli():
+    """Invoke the real typer app in-process with stdout and stderr kept apart."""
+    from typer.testing import CliRunner
+
+    from synapse_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, env: dict | None = None) -> Run:
+        result = runner.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
+        return Run(result.exit_code, result.stdout, result.stderr)
+
+    return invoke
+
+
+def synapse_cmd() -> list[str]:
+    return [sys.executable, "-m", "synapse_cli"]
+
+
+def probe(path: Path):
+    from synapse_cli.jobs._media import probe as _probe
+
+    return _probe(path)
+
+
+def frame_at(path: Path, t: float):
+    """The decoded RGB frame (numpy HxWx3) nearest to ``t`` seconds."""
+    import av
+
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        best = None
+        for frame in c.decode(stream):
+            best = frame
+            if frame.time is not None and frame.time >= t:
+                break
+        return best.to_ndarray(format="rgb24")

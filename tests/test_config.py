@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from synapse_cli.config import REGISTRY, env_name, load_file, resolve
+from synapse_cli.errors import UsageError
+
+F = "/repo/.synapse.toml"
+
+
+@pytest.mark.parametrize(
+    "flags, env, file_data, expected, source",
+    [
+        ({}, {}, {}, "fast", "default"),
+        ({}, {}, {"ffmpeg.preset": "slow"}, "slow", f"file:{F}"),
+        ({}, {"SYNAPSE_FFMPEG_PRESET": "veryfast"}, {"ffmpeg.preset": "slow"}, "veryfast", "env:SYNAPSE_FFMPEG_PRESET"),
+        ({"ffmpeg.preset": "medium"}, {"SYNAPSE_FFMPEG_PRESET": "veryfast"}, {"ffmpeg.preset": "slow"}, "medium", "flag"),
+        ({"ffmpeg.preset": None}, {"SYNAPSE_FFMPEG_PRESET": "veryfast"}, {}, "veryfast", "env:SYNAPSE_FFMPEG_PRESET"),  # None = not given
+        ({}, {"SYNAPSE_FFMPEG_PRESET": ""}, {"ffmpeg.preset": "slow"}, "slow", f"file:{F}"),  # empty env = unset
+    ],
+)
+def test_precedence_flag_env_file_default(flags, env, file_data, expected, source):
+    settings = resolve(flags, env, file_data, F)
+    assert settings["ffmpeg.preset"] == expected
+    assert settings.source("ffmpeg.preset") == source
+
+
+def test_env_aliases_and_types():
+    s = resolve({}, {"SYNAPSE_FFMPEG": "/opt/ffmpeg", "SYNAPSE_FFMPEG_CRF": "18", "SYNAPSE_COMPILE_ENGINES": "llguidance, outlines"}, {})
+    assert s["ffmpeg.path"] == "/opt/ffmpeg" and s.source("ffmpeg.path") == "env:SYNAPSE_FFMPEG"
+    assert s["ffmpeg.crf"] == 18
+    assert s["compile.engines"] == ["llguidance", "outlines"]
+
+
+@pytest.mark.parametrize(
+    "flags, env, file_data, message",
+    [
+        ({}, {}, {"ffmpeg.colour": "red"}, f"unknown config key 'ffmpeg.colour' in {F}"),
+        ({}, {}, {"ffmpeg.crf": 99}, f"bad value for ffmpeg.crf: 99 (from file:{F})"),
+        ({}, {"SYNAPSE_BACKEND": "cloud"}, {}, "bad value for backend: 'cloud' (from env:SYNAPSE_BACKEND)"),
+        ({}, {}, {"api_key": "sk-123"}, "api_key is a secret"),
+    ],
+)
+def test_bad_values_name_key_value_and_source(flags, env, file_data, message):
+    with pytest.raises(UsageError) as info:
+        resolve(flags, env, file_data, F)
+    assert message in str(info.value)
+
+
+def test_file_tables_flatten_and_profiles_overlay(tmp_path):
+    path = tmp_path / ".synapse.toml"
+    path.write_text('backend = "local"\n[ffmpeg]\npreset = "slow"\n[profile.ci.ffmpeg]\npreset = "ultrafast"\n')
+    assert load_file(path) == {"backend": "local", "ffmpeg.preset": "slow"}
+    assert load_file(path, "ci")["ffmpeg.preset"] == "ultrafast"
+    with pytest.raises(UsageError, match="profile 'gpu' not found"):
+        load_file(path, "gpu")
+
+
+def test_example_file_documents_every_key_and_parses(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / ".synapse.toml.example"
+    text = example.read_text()
+    data = load_file(example)
+    resolve({}, {}, data, example)  # every value in the example is valid
+    for key in REGISTRY:
+        leaf = key.split(".")[-1]
+        assert leaf in text, f"{key} is not documented in .synapse.toml.example"
+
+
+def test_config_show_reports_sources(cli, tmp_path, monkeypatch):
+    (tmp_path / ".synapse.toml").write_text("[ffmpeg]\ncrf = 20\n")
+    monkeypatch.chdir(tmp_path)
+    run = cli("config", "show", "--json", env={"SYNAPSE_BACKEND": "local", "SYNAPSE_API_KEY": "sk-secret"})
+    assert run.exit_code == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["config_file"] == str(tmp_path / ".synapse.toml")
+    rows = data["settings"]
+    assert rows["ffmpeg.crf"] == {"value": 20, "source": f"file:{tmp_path / '.synapse.toml'}"}
+    assert rows["backend"]["source"] == "env:SYNAPSE_BACKEND"
+    assert rows["ffmpeg.preset"]["source"] == "default"
+    assert rows["api_key"]["value"] == "***" and "sk-secret" not in run.stdout
+    human = cli("config", "show")
+    assert "ffmpeg.crf" in human.stdout and "file:" in human.stdout
+
+
+def test_explicit_config_flag_and_env(cli, tmp_path):
+    cfg = tmp_path / "other.toml"
+    cfg.write_text('[ffmpeg]\npreset = "slow"\n')
+    for args, env in ((["--config", cfg], None), ([], {"SYNAPSE_CONFIG": str(cfg)})):
+        run = cli("config", "show", "--json", *args, env=env)
+        assert json.loads(run.stdout)["settings"]["ffmpeg.preset"]["value"] == "slow"
+    missing = cli("config", "show", "--config", tmp_path / "none.toml")
+    assert missing.exit_code == 2 and "config file not found" in missing.stderr
+
+
+def test_env_names():
+    assert env_name("ffmpeg.preset") == "SYNAPSE_FFMPEG_PRESET"
+    assert env_name("modal.initial_backoff_ms") == "SYNAPSE_MODAL_INITIAL_BACKOFF_MS"

@@ -38,9 +38,9 @@ def _root(
 
 
 def _register() -> None:
-    from synapse_cli.cli import config, doctor, export
+    from synapse_cli.cli import config, doctor, export, sample
 
-    for module in (export, config, doctor):
+    for module in (export, config, doctor, sample):
         module.register(app)
 
 

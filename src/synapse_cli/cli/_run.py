@@ -68,6 +68,7 @@ def run_job(
     common: Common,
     flags: dict[str, Any] | None = None,
     summarize: Callable[[dict[str, Any]], str] | None = None,
+    local_only: bool = False,
 ) -> dict[str, Any]:
     """Resolve settings, build and validate the spec, run it on the chosen backend and render its events."""
     from synapse_cli.render import choose_mode, default_summary, render
@@ -75,7 +76,12 @@ def run_job(
     with exit_on_error(common.json):
         settings = settings_for(common, flags)
         spec = build_spec(settings)
-        backend = backend_for(settings)
+        if local_only:
+            from synapse_cli.backends.local import LocalBackend
+
+            backend = LocalBackend()
+        else:
+            backend = backend_for(settings)
         try:
             events = backend.run(kind, spec)
             try:

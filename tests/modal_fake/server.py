@@ -39,11 +39,12 @@ from modal_proto import api_grpc, api_pb2
 BLOCK_SIZE = 8 * 1024 * 1024  # Volume read_file block size (one URL per block)
 INLINE_RESULT_LIMIT = 2 * 1024 * 1024  # larger results go through the blob store
 R = api_pb2.GenericResult
+FAKE_ID_MARKER = "-fake"  # every id the fake issues looks like "fu-fake12"
 _ids = itertools.count(1)  # global, so stale ids from an earlier FakeModal never collide
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}-fake{next(_ids)}"
+    return f"{prefix}{FAKE_ID_MARKER}{next(_ids)}"
 
 
 @dataclass
@@ -413,8 +414,8 @@ class FakeServicer(api_grpc.ModalClientBase):
         inp = item.input
         raw = inp.args if inp.WhichOneof("args_oneof") == "args" else self.fake.blobs[inp.args_blob_id]
         args, kwargs = deserialize_data_format(raw, inp.data_format, None)
-        call = self.calls.setdefault(_new_id("fc"), _Call("", fn, tuple(args), dict(kwargs)))
-        call.id = next(k for k, v in self.calls.items() if v is call)
+        call = _Call(_new_id("fc"), fn, tuple(args), dict(kwargs))
+        self.calls[call.id] = call
         call.task = asyncio.get_running_loop().create_task(self.fake._run_call(call))
         return api_pb2.FunctionMapResponse(
             function_call_id=call.id,
@@ -787,8 +788,8 @@ class FakeModal:
             return _failure(value), api_pb2.DATA_FORMAT_PICKLE
         record.outcome = "ok"
         if kind == "generator":
-            data, data_format = serialize(api_pb2.GeneratorDone(items_total=value)), api_pb2.DATA_FORMAT_GENERATOR_DONE
             data = api_pb2.GeneratorDone(items_total=value).SerializeToString()
+            data_format = api_pb2.DATA_FORMAT_GENERATOR_DONE
         else:
             data, data_format = serialize(value), api_pb2.DATA_FORMAT_PICKLE
         if len(data) > INLINE_RESULT_LIMIT:
@@ -875,9 +876,5 @@ def _raw_body(definition: api_pb2.Function):
     """The undecorated body of the `modal.Function` the client deployed."""
     module = importlib.import_module(definition.module_name)
     obj = getattr(module, definition.function_name)
-    for attr in ("_raw_f", "raw_f"):
-        raw = getattr(obj, attr, None)
-        if callable(raw):
-            return raw
-    raw = getattr(obj, "get_raw_f", None)
-    return raw() if callable(raw) else obj
+    raw = getattr(obj, "_raw_f_", None)  # modal 1.6.4 exposes the wrapped body under this name
+    return raw if callable(raw) else obj

@@ -1,0 +1,93 @@
+"""A toy Modal app deployed against the fake control plane by `tests/test_modal_fake.py`."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import modal
+
+APP_NAME = "synapse-fake-toy"
+VOLUME_NAME = "toy-volume"
+DICT_NAME = "toy-dict"
+
+app = modal.App(APP_NAME)
+volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
+
+
+class ToyError(Exception):
+    """Raised by `fail`; must come back to the caller as itself."""
+
+
+def _volume_root() -> Path:
+    # The fake points SYNAPSE_VOLUME_ROOT at the Volume's directory. No "/data" fallback here:
+    # a test must never write to the real mount path.
+    return Path(os.environ["SYNAPSE_VOLUME_ROOT"])
+
+
+@app.function(timeout=60, secrets=[modal.Secret.from_name("toy-secret")])
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+@app.function()
+def count(n: int, delay: float = 0.0):
+    for i in range(n):
+        if i:
+            time.sleep(delay)
+        yield {"i": i, "t": time.time()}
+
+
+@app.function()
+def fail(message: str) -> None:
+    raise ToyError(message)
+
+
+@app.function()
+def size_of(payload: bytes) -> int:
+    return len(payload)
+
+
+@app.function(retries=modal.Retries(max_retries=2, initial_delay=0.0, backoff_coefficient=1.0))
+def flaky(key: str) -> str:
+    """Fails on its first run per key (tracked in a Dict), then succeeds."""
+    runs = modal.Dict.from_name(DICT_NAME, create_if_missing=True)
+    n = runs.get(key, 0) + 1
+    runs[key] = n
+    if n == 1:
+        raise ConnectionError(f"transient failure #{n}")
+    return f"ok after {n} runs"
+
+
+@app.function(timeout=1)
+def sleepy(seconds: float) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+    return "woke"
+
+
+@app.function()
+def wait_for_cancel(marker: str) -> str:
+    """Loops until told to stop; records how it ended in the Dict."""
+    d = modal.Dict.from_name(DICT_NAME, create_if_missing=True)
+    d[marker] = "started"
+    try:
+        for _ in range(1000):
+            time.sleep(0.01)
+    except BaseException as exc:
+        d[marker] = f"stopped: {type(exc).__name__}"
+        raise
+    d[marker] = "finished"
+    return "finished"
+
+
+@app.function(volumes={"/data": volume})
+def write_report(name: str, text: str) -> list[str]:
+    root = _volume_root()
+    (root / "reports").mkdir(parents=True, exist_ok=True)
+    (root / "reports" / name).write_text(text)
+    d = modal.Dict.from_name(DICT_NAME, create_if_missing=True)
+    d.put(name, len(text))
+    return sorted(p.name for p in (root / "reports").iterdir())

@@ -22,6 +22,14 @@ CONFIG = Annotated[
 PROFILE = Annotated[
     Optional[str], typer.Option("--profile", help="[profile.NAME] table of the config file to apply (env SYNAPSE_PROFILE).")
 ]
+ENDPOINT = Annotated[
+    Optional[str],
+    typer.Option("--endpoint", help="Run on a synapse HTTP endpoint (env SYNAPSE_ENDPOINT, [modal] endpoint).", show_default=False),
+]
+API_KEY = Annotated[
+    Optional[str],
+    typer.Option("--api-key", help="API key for --endpoint (prefer env SYNAPSE_API_KEY: flags show up in process lists).", show_default=False),
+]
 
 
 @dataclass
@@ -33,7 +41,9 @@ class Common:
     config: Optional[Path] = None
     profile: Optional[str] = None
     overwrite: bool = False
+    endpoint: Optional[str] = None
+    api_key: Optional[str] = None
 
     def flags(self) -> dict:
         backend = None if self.use_modal is None else ("modal" if self.use_modal else "local")
-        return {"backend": backend}
+        return {"backend": backend, "modal.endpoint": self.endpoint, "api_key": self.api_key}

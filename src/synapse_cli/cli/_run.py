@@ -54,7 +54,17 @@ def settings_for(common: Common, flags: dict[str, Any] | None = None) -> Setting
 
 
 def backend_for(settings: Settings):
-    """The backend the settings select."""
+    """The backend the settings select: local (in-process), an HTTP endpoint, or Modal.
+
+    An endpoint only matters for remote runs: with ``--use-modal`` (or ``backend = "modal"``)
+    and an endpoint configured, the endpoint is used, as teams that front Modal with a web
+    endpoint expect. ``--endpoint`` given on the command line selects it by itself.
+    """
+    endpoint = settings["modal.endpoint"]
+    if endpoint and (settings["backend"] == "modal" or settings.source("modal.endpoint") == "flag"):
+        from synapse_cli.backends.http import HttpBackend
+
+        return HttpBackend.from_settings(settings)
     if settings["backend"] == "modal":
         raise UsageError("the Modal backend is not available in this version of synapse; run with --no-modal")
     from synapse_cli.backends.local import LocalBackend

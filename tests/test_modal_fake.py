@@ -85,6 +85,14 @@ def test_remote_gen_with_no_items(deployed):
     assert list(lookup("count").remote_gen(0)) == []
 
 
+def test_remote_gen_error_comes_after_the_items(deployed):
+    got = []
+    with pytest.raises(toy_app.ToyError, match="after 3 items"):
+        for item in lookup("count_then_fail").remote_gen(3):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+
 def test_remote_exception_keeps_its_class(deployed):
     with pytest.raises(toy_app.ToyError, match="boom"):
         lookup("fail").remote("boom")

@@ -32,7 +32,7 @@ from google.protobuf.empty_pb2 import Empty
 from grpclib import GRPCError, Status
 from grpclib.server import Server
 from modal._serialization import deserialize, deserialize_data_format, serialize
-from modal.exception import InputCancellation
+from modal.exception import InputCancellation, InternalFailure
 from modal_proto import api_grpc, api_pb2
 
 BLOCK_SIZE = 8 * 1024 * 1024  # Volume read_file block size (one URL per block)
@@ -108,6 +108,7 @@ class _Call:
         self.input_id = _new_id("in")
         self.output: api_pb2.FunctionGetOutputsItem | None = None
         self.chunks: list[api_pb2.DataChunk] = []
+        self.sent = 0  # highest chunk index a data-out stream has sent
         self.cancelled = False
         self.task: asyncio.Task | None = None
         self.attempt: _Attempt | None = None
@@ -180,7 +181,10 @@ def _result_item(call: _Call, result: api_pb2.GenericResult, data_format=api_pb2
     )
 
 
-def _failure(exc: BaseException, status=R.GENERIC_STATUS_FAILURE) -> api_pb2.GenericResult:
+def _failure(exc: BaseException) -> api_pb2.GenericResult:
+    if isinstance(exc, InternalFailure):  # infrastructure failure: the client raises InternalFailure(str)
+        return R(status=R.GENERIC_STATUS_INTERNAL_FAILURE, exception=str(exc))
+    status = R.GENERIC_STATUS_FAILURE
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         data = serialize(exc)
@@ -436,6 +440,11 @@ class FakeServicer(api_grpc.ModalClientBase):
             await call.wait_change(deadline - time.monotonic())
         if call.output is None:
             return api_pb2.FunctionGetOutputsResponse(num_unfinished_inputs=1)
+        # A generator's outcome goes out only after its items have (so an error follows the items
+        # it came after, as a caller would expect); bounded in case nobody reads the items.
+        flush_deadline = time.monotonic() + 2
+        while call.sent < len(call.chunks) and time.monotonic() < flush_deadline:
+            await call.wait_change(flush_deadline - time.monotonic())
         return api_pb2.FunctionGetOutputsResponse(outputs=[call.output], num_unfinished_inputs=0)
 
     async def rpc_FunctionCallGetDataOut(self, req):
@@ -445,6 +454,8 @@ class FakeServicer(api_grpc.ModalClientBase):
             while last < len(call.chunks):  # chunk n sits at position n - 1
                 last += 1
                 yield call.chunks[last - 1]
+                call.sent = max(call.sent, last)
+                call.wake()
             if call.output is not None and last >= len(call.chunks):
                 await asyncio.sleep(1)  # all sent: end the stream after a while; the client reopens if needed
                 return
@@ -670,9 +681,13 @@ class FakeModal:
 
     def stop(self) -> None:
         async def _stop() -> None:
+            tasks = []
             for call in list(self.servicer.calls.values()):
-                if call.output is None:
+                if call.output is None and call.task is not None:
                     self.servicer._cancel(call)
+                    tasks.append(call.task)
+            if tasks:
+                await asyncio.wait(tasks, timeout=2)
             self._grpc.close()
             await self._http.cleanup()
             try:
@@ -811,6 +826,8 @@ class FakeModal:
         try:
             raw = _raw_body(call.fn.definition)
             with attempt.lock:
+                if attempt.stopped.is_set():
+                    return
                 attempt.thread_id = threading.get_ident()
             try:
                 value = raw(*call.args, **call.kwargs)

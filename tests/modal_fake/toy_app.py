@@ -40,6 +40,12 @@ def count(n: int, delay: float = 0.0):
 
 
 @app.function()
+def count_then_fail(n: int):
+    yield from range(n)
+    raise ToyError(f"failed after {n} items")
+
+
+@app.function()
 def fail(message: str) -> None:
     raise ToyError(message)
 

@@ -6,6 +6,7 @@ Every test talks gRPC to `tests.modal_fake` on loopback; nothing here mocks moda
 from __future__ import annotations
 
 import io
+import os
 import time
 
 import pytest
@@ -184,6 +185,7 @@ def test_volume_upload_read_list_and_body_writes(deployed):
     assert files["reports/r1.txt"] == b"report one"
     assert files["inputs/a.txt"] == b"hello"
     assert deployed.volume_dir(toy_app.VOLUME_NAME).is_dir()
+    assert "SYNAPSE_VOLUME_ROOT" not in os.environ  # set only while the body ran
 
     with pytest.raises(FileNotFoundError):
         b"".join(vol.read_file("nope.txt"))
@@ -216,18 +218,25 @@ def test_large_arguments_go_through_blob_upload(deployed):
     assert deployed.calls.count("BlobCreate") == 2
 
 
-def test_fail_auth_raises_auth_error(deployed):
+def test_fail_auth_raises_auth_error(modal_fake):
     from modal.exception import AuthError
 
-    deployed.fail_auth = True
+    modal_fake.fail_auth = True
+    with pytest.raises(AuthError):
+        toy_app.app.deploy()
+    modal_fake.fail_auth = False
+    toy_app.app.deploy()
+    modal_fake.fail_auth = True
     with pytest.raises(AuthError):
         lookup("add").remote(1)
 
 
-def test_secret_from_name(deployed):
+def test_secret_from_name_and_its_env_in_bodies(modal_fake):
     import modal
 
-    secret = modal.Secret.from_name("toy-secret")
-    secret.hydrate()
-    assert secret.object_id.startswith("st-")
-    assert "SecretGetOrCreate" in deployed.calls
+    modal_fake.set_secret("toy-secret", {"TOY_TOKEN": "t0ken"})
+    toy_app.app.deploy()
+    assert lookup("read_env").remote("TOY_TOKEN") == "t0ken"
+    assert modal.Secret.from_name("toy-secret").hydrate().object_id.startswith("st-")
+    assert "SecretGetOrCreate" in modal_fake.calls
+    assert "TOY_TOKEN" not in os.environ  # set only while the body ran

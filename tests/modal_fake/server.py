@@ -206,7 +206,7 @@ class FakeServicer(api_grpc.ModalClientBase):
         self.mount_files: dict[str, bytes] = {}  # sha256 hex -> content
         self.volumes: dict[str, tuple[str, Path]] = {}  # id -> (name, dir)
         self.dicts: dict[str, tuple[str, dict[bytes, bytes]]] = {}  # id -> (name, data)
-        self.secrets: dict[str, str] = {}  # name -> id
+        self.secret_env: dict[str, dict[str, str]] = {}  # id -> env vars bodies see
         self.named: dict[tuple[str, str], str] = {}  # (kind, name) -> id
 
     # --- plumbing -------------------------------------------------------------------------
@@ -360,9 +360,14 @@ class FakeServicer(api_grpc.ModalClientBase):
 
     async def rpc_SecretGetOrCreate(self, req):
         # Unknown named secrets are created empty on lookup: tests need no setup for `Secret.from_name`.
-        creation = req.object_creation_type or api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING
+        t = api_pb2
+        creation = req.object_creation_type or t.OBJECT_CREATION_TYPE_CREATE_IF_MISSING
+        if creation == t.OBJECT_CREATION_TYPE_CREATE_OVERWRITE_IF_EXISTS:
+            creation = t.OBJECT_CREATION_TYPE_CREATE_IF_MISSING
         secret_id = self._get_or_create("st", req.deployment_name, creation, lambda _id: None)
-        meta = api_pb2.SecretMetadata(name=req.deployment_name, keys=list(req.env_dict))
+        if req.env_dict or secret_id not in self.secret_env:
+            self.secret_env[secret_id] = dict(req.env_dict)
+        meta = api_pb2.SecretMetadata(name=req.deployment_name, keys=list(self.secret_env[secret_id]))
         return api_pb2.SecretGetOrCreateResponse(secret_id=secret_id, metadata=meta)
 
     # --- functions ----------------------------------------------------------------------
@@ -714,6 +719,17 @@ class FakeModal:
         exc = exc if exc is not None else ConnectionError("fake modal: injected transient failure")
         self._injected.setdefault(function_name, []).extend([exc] * n)
 
+    def set_secret(self, name: str, env: dict[str, str]) -> None:
+        """Create or replace the named Secret; bodies of functions using it see `env`."""
+        servicer = self.servicer
+
+        def run() -> None:
+            key = ("st", name)
+            secret_id = servicer.named.setdefault(key, _new_id("st"))
+            servicer.secret_env[secret_id] = dict(env)
+
+        self._sync(run)
+
     def _take_injected(self, function_name: str, grpc: bool) -> BaseException | None:
         queue = self._injected.get(function_name)
         if queue and isinstance(queue[0], GRPCError) == grpc:
@@ -811,13 +827,19 @@ class FakeModal:
         return R(status=R.GENERIC_STATUS_SUCCESS, data=data), data_format
 
     def _body_env(self, fn: _Fn) -> dict[str, str]:
-        mounts = {}
-        for m in fn.definition.volume_mounts:
-            if m.volume_id in self.servicer.volumes:
-                mounts[m.mount_path] = str(self.servicer.volumes[m.volume_id][1])
-        if not mounts:
-            return {}
-        return {"SYNAPSE_VOLUME_ROOT": next(iter(mounts.values())), "MODAL_FAKE_MOUNTS": json.dumps(mounts)}
+        """Env vars a body sees: its secrets' values, and where its Volume mounts really are."""
+        env: dict[str, str] = {}
+        for secret_id in fn.definition.secret_ids:
+            env.update(self.servicer.secret_env.get(secret_id, {}))
+        mounts = {
+            m.mount_path: str(self.servicer.volumes[m.volume_id][1])
+            for m in fn.definition.volume_mounts
+            if m.volume_id in self.servicer.volumes
+        }
+        if mounts:
+            env["SYNAPSE_VOLUME_ROOT"] = next(iter(mounts.values()))
+            env["MODAL_FAKE_MOUNTS"] = json.dumps(mounts)
+        return env
 
     def _body_thread(self, call: _Call, attempt: _Attempt, done: asyncio.Future) -> None:
         outcome: tuple[str, Any]

@@ -26,9 +26,14 @@ def _volume_root() -> Path:
     return Path(os.environ["SYNAPSE_VOLUME_ROOT"])
 
 
-@app.function(timeout=60, secrets=[modal.Secret.from_name("toy-secret")])
+@app.function(timeout=60)
 def add(a: int, b: int = 0) -> int:
     return a + b
+
+
+@app.function(secrets=[modal.Secret.from_name("toy-secret")])
+def read_env(name: str) -> str | None:
+    return os.environ.get(name)
 
 
 @app.function()

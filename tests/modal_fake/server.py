@@ -108,7 +108,8 @@ class _Call:
         self.input_id = _new_id("in")
         self.output: api_pb2.FunctionGetOutputsItem | None = None
         self.chunks: list[api_pb2.DataChunk] = []
-        self.sent = 0  # highest chunk index a data-out stream has sent
+        self.sent = 0  # highest chunk index a data-out stream has sent, and when
+        self.sent_at = 0.0
         self.cancelled = False
         self.task: asyncio.Task | None = None
         self.attempt: _Attempt | None = None
@@ -450,6 +451,8 @@ class FakeServicer(api_grpc.ModalClientBase):
         flush_deadline = time.monotonic() + 2
         while call.sent < len(call.chunks) and time.monotonic() < flush_deadline:
             await call.wait_change(flush_deadline - time.monotonic())
+        if call.chunks:  # sent is not yet received: give the client's data-out reader a head start
+            await asyncio.sleep(max(0.0, call.sent_at + 0.1 - time.monotonic()))
         return api_pb2.FunctionGetOutputsResponse(outputs=[call.output], num_unfinished_inputs=0)
 
     async def rpc_FunctionCallGetDataOut(self, req):
@@ -459,7 +462,7 @@ class FakeServicer(api_grpc.ModalClientBase):
             while last < len(call.chunks):  # chunk n sits at position n - 1
                 last += 1
                 yield call.chunks[last - 1]
-                call.sent = max(call.sent, last)
+                call.sent, call.sent_at = max(call.sent, last), time.monotonic()
                 call.wake()
             if call.output is not None and last >= len(call.chunks):
                 await asyncio.sleep(1)  # all sent: end the stream after a while; the client reopens if needed

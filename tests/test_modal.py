@@ -1,0 +1,233 @@
+"""The Modal backend: the app definition offline, bodies with .local(), and the real modal client end to end
+against the fake control plane in tests/modal_fake (the only fake: it stands where the network ends)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from synapse_cli.backends.modal import ModalBackend, credentials_source
+from tests.conftest import probe
+
+
+@pytest.fixture(scope="module")
+def modal_app():
+    from modal_functions import app as modal_app
+
+    return modal_app
+
+
+# -- 1. the app definition, offline --------------------------------------------------------
+
+
+def test_each_job_kind_has_a_function_with_its_settings(modal_app):
+    info = {name: fn.info() for name, fn in modal_app.STREAMING.items()}
+    assert set(info) == {"export", "compile", "infer"}
+    assert info["infer"].gpus == [("T4", 1)]
+    assert info["export"].gpus == [] and info["compile"].gpus == []
+    for i in info.values():
+        assert i.timeout == 3600
+        assert i.volumes["/data"].name == "synapse-data"
+        assert i.max_retries is None  # generator functions cannot have retries: the client retries instead
+    detached = modal_app.run_detached.info()
+    assert detached.max_retries == 2
+
+
+def test_app_settings_come_from_config(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / ".synapse.toml").write_text('[modal]\napp_name = "reels"\ngpu = "A10G"\ntimeout_s = 900\nsecrets = ["hf-token"]\n')
+    code = (
+        "from modal_functions import app as m\n"
+        "i = m.infer.info()\n"
+        "print(m.app.name, i.gpus, i.timeout, i.secrets)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "reels [('A10G', 1)] 900 [\"modal.Secret.from_name('hf-token')\"]"
+
+
+def test_local_body_streams_the_same_events_as_a_local_run(modal_app, clips, tmp_path, monkeypatch):
+    from synapse_cli.backends.local import LocalBackend
+    from synapse_cli.events import to_dict
+    from synapse_cli.jobs.export_video import ExportSpec
+
+    monkeypatch.setenv("SYNAPSE_VOLUME_ROOT", str(tmp_path))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "clip.mp4").write_bytes(clips["silent"].read_bytes())
+    spec = {"input": "vol:in/clip.mp4", "output": "vol:out/clip.mp4", "job": "framing", "params": {"output_width": 180, "output_height": 320}, "preset": "ultrafast"}
+    remote = list(modal_app.export.local(spec))
+    local = [to_dict(e) for e in LocalBackend().run("export", ExportSpec(input=str(tmp_path / "in" / "clip.mp4"), output=str(tmp_path / "local.mp4"), job="framing", params=spec["params"], preset="ultrafast"))]
+    assert [e["type"] for e in remote] == [e["type"] for e in local]
+    assert [e.get("done") for e in remote] == [e.get("done") for e in local]
+    artifact = next(e for e in remote if e["type"] == "artifact")
+    assert artifact["path"] == "vol:out/clip.mp4"  # the client knows what to download
+    assert (probe(tmp_path / "out" / "clip.mp4").width, probe(tmp_path / "local.mp4").width) == (180, 180)
+
+
+def test_credentials_are_checked_without_network(tmp_path):
+    assert credentials_source({"HOME": str(tmp_path)}) is None
+    assert credentials_source({"MODAL_TOKEN_ID": "ak-1", "MODAL_TOKEN_SECRET": "as-1"}) == "MODAL_TOKEN_ID/MODAL_TOKEN_SECRET"
+    (tmp_path / ".modal.toml").write_text('[work]\ntoken_id = "ak-1"\ntoken_secret = "as-1"\nactive = true\n')
+    assert credentials_source({"HOME": str(tmp_path)}).endswith("[work]")
+
+
+def test_missing_credentials_exit_3_fast(cli, clips, tmp_path):
+    start = time.monotonic()
+    run = cli("export", clips["silent"], "--use-modal", "-o", tmp_path / "o.mp4")
+    assert time.monotonic() - start < 1.0
+    assert run.exit_code == 3
+    assert run.stderr.strip().splitlines() == [
+        "BackendError: no Modal credentials: run `modal token new`, or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET (or run with --no-modal)"
+    ]
+
+
+# -- 2. end to end: the real modal client against the fake control plane -------------------------
+
+
+@pytest.fixture
+def deployed(modal_fake, modal_app):
+    modal_app.app.deploy(name="synapse")
+    return modal_fake
+
+
+def test_deploy_command_prints_function_names(cli, modal_fake):
+    run = cli("deploy", "--json")
+    assert run.exit_code == 0, run.stderr
+    assert json.loads(run.stdout) == {"app": "synapse", "functions": ["compile", "export", "infer", "run_detached"]}
+
+
+def test_export_use_modal_matches_local(cli, deployed, clips, tmp_path):
+    params = ["--set", "output_width=180", "--set", "output_height=320"]
+    remote = cli("export", clips["landscape"], "--use-modal", "--json", "-o", tmp_path / "remote.mp4", *params)
+    assert remote.exit_code == 0, remote.stderr
+    local = cli("export", clips["landscape"], "--no-modal", "--json", "-o", tmp_path / "local.mp4", *params)
+    r, l = remote.events(), local.events()
+    assert [e["type"] for e in r] == [e["type"] for e in l]
+    assert r[-1]["result"]["output"] == str(tmp_path / "remote.mp4")
+    assert r[-1]["result"]["input"] == str(clips["landscape"])
+    a, b = probe(tmp_path / "remote.mp4"), probe(tmp_path / "local.mp4")
+    assert (a.width, a.height, a.frames, a.has_audio) == (b.width, b.height, b.frames, b.has_audio)
+    record = deployed.function_calls[-1]
+    assert record.function_name == "export"
+    spec = record.args[0]
+    assert spec["input"].startswith("vol:inputs/") and spec["output"].startswith("vol:outputs/")  # no bytes in the call
+    assert any(p.startswith("inputs/") for p in deployed.volume_files("synapse-data"))
+
+
+def test_second_upload_of_the_same_input_is_skipped(cli, deployed, clips, tmp_path):
+    for n in range(2):
+        run = cli("export", clips["silent"], "--use-modal", "-o", tmp_path / f"o{n}.mp4", "--set", "output_width=180", "--set", "output_height=320")
+        assert run.exit_code == 0, run.stderr
+    puts = [c for c in deployed.calls if c.startswith("VolumePutFiles")]
+    assert len(puts) == 1, deployed.calls
+
+
+def test_app_not_deployed_says_deploy(cli, modal_fake, clips, tmp_path):
+    run = cli("export", clips["silent"], "--use-modal", "-o", tmp_path / "o.mp4")
+    assert run.exit_code == 3
+    assert "synapse deploy" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_auth_rejected_exit_3(cli, deployed, clips, tmp_path):
+    deployed.fail_auth = True
+    run = cli("export", clips["silent"], "--use-modal", "-o", tmp_path / "o.mp4")
+    assert run.exit_code == 3 and "rejected the credentials" in run.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_job_error_is_not_retried_and_exits_1(cli, deployed, tmp_path):
+    bad = tmp_path / "cut.mp4"
+    good = probe  # noqa: F841
+    from tests.conftest import make_clip
+
+    data = make_clip(tmp_path / "full.mp4").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    run = cli("export", bad, "--use-modal", "-o", tmp_path / "o.mp4")
+    assert run.exit_code == 1, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("JobError: ffmpeg exited")
+    assert [c.function_name for c in deployed.function_calls] == ["export"]  # ran once
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_transient_failure_is_retried_then_succeeds(cli, deployed, clips, tmp_path):
+    import modal.exception
+
+    deployed.fail_next_calls("export", 1, modal.exception.InternalFailure("worker lost"))
+    run = cli("export", clips["silent"], "--use-modal", "-o", tmp_path / "o.mp4", "--set", "output_width=180", "--set", "output_height=320",
+              env={"SYNAPSE_MODAL_INITIAL_BACKOFF_MS": "10"})
+    assert run.exit_code == 0, run.stderr
+    assert [c.function_name for c in deployed.function_calls].count("export") == 2
+    assert probe(tmp_path / "o.mp4").width == 180
+
+
+def test_events_stream_incrementally(deployed, clips, tmp_path):
+    """The first progress event arrives long before the job ends."""
+    from synapse_cli.config import load_settings
+    from synapse_cli.events import Finished, Progress
+    from synapse_cli.jobs.export_video import ExportSpec
+    from tests.conftest import make_clip
+
+    src = make_clip(tmp_path / "long.mp4", size="640x360", seconds=6)
+    backend = ModalBackend.from_settings(load_settings({}))
+    arrivals = []
+    for event in backend.run("export", ExportSpec(input=str(src), output=str(tmp_path / "o.mp4"), params={}, preset="medium")):
+        arrivals.append((time.monotonic(), event))
+    backend.close()
+    first = next(t for t, e in arrivals if isinstance(e, Progress))
+    last = next(t for t, e in arrivals if isinstance(e, Finished))
+    assert last - first > 0.5, last - first
+    assert sum(isinstance(e, Progress) for _, e in arrivals) >= 3
+
+
+def test_ctrl_c_cancels_the_remote_call(deployed, tmp_path):
+    """SIGINT to `synapse export --use-modal` mid-stream: exit 130, the remote call cancelled, no local output."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.conftest import make_clip, synapse_cmd
+
+    src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=15)
+    out = tmp_path / "o.mp4"
+    proc = subprocess.Popen(
+        [*synapse_cmd(), "export", str(src), "--use-modal", "--json", "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "SYNAPSE_FFMPEG_PRESET": "medium"},
+    )
+    for line in proc.stdout:
+        if json.loads(line)["type"] == "progress":
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "Interrupted: interrupted"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and deployed.function_calls[-1].outcome == "running":
+        time.sleep(0.05)
+    assert deployed.function_calls[-1].outcome == "cancelled"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "modal-fake") == ["long.mp4"]
+
+
+def test_function_timeout_exits_1(cli, modal_fake, tmp_path, monkeypatch):
+    import importlib
+
+    import modal_functions.app as modal_app
+    from tests.conftest import make_clip
+
+    monkeypatch.setenv("SYNAPSE_MODAL_TIMEOUT_S", "1")
+    short = importlib.reload(modal_app)
+    try:
+        assert short.export.info().timeout == 1
+        short.app.deploy(name="synapse")
+        src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=10)
+        run = cli("export", src, "--use-modal", "-o", tmp_path / "o.mp4", env={"SYNAPSE_FFMPEG_PRESET": "medium"})
+        assert run.exit_code == 1, run.stderr
+        assert "timed out" in run.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "o.mp4").exists()
+    finally:
+        monkeypatch.delenv("SYNAPSE_MODAL_TIMEOUT_S")
+        importlib.reload(modal_app)

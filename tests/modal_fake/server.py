@@ -19,6 +19,7 @@ import inspect
 import itertools
 import json
 import os
+import shutil
 import threading
 import time
 import traceback
@@ -244,7 +245,7 @@ class FakeServicer(api_grpc.ModalClientBase):
     def _get_or_create(self, kind: str, name: str, creation_type: int, make) -> str:
         """Shared named-object semantics of *GetOrCreate RPCs; `make(id)` builds a new one."""
         t = api_pb2
-        if creation_type == t.OBJECT_CREATION_TYPE_EPHEMERAL or creation_type == t.OBJECT_CREATION_TYPE_ANONYMOUS_OWNED_BY_APP:
+        if creation_type in (t.OBJECT_CREATION_TYPE_EPHEMERAL, t.OBJECT_CREATION_TYPE_ANONYMOUS_OWNED_BY_APP):
             obj_id = _new_id(kind)
             make(obj_id)
             return obj_id
@@ -253,7 +254,7 @@ class FakeServicer(api_grpc.ModalClientBase):
             if creation_type == t.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS:
                 raise GRPCError(Status.ALREADY_EXISTS, f"{kind} {name!r} already exists")
             return self.named[key]
-        if creation_type in (t.OBJECT_CREATION_TYPE_UNSPECIFIED,):
+        if creation_type == t.OBJECT_CREATION_TYPE_UNSPECIFIED:  # plain lookup
             raise GRPCError(Status.NOT_FOUND, f"{kind} {name!r} not found")
         obj_id = self.named[key] = _new_id(kind)
         make(obj_id)
@@ -571,8 +572,6 @@ class FakeServicer(api_grpc.ModalClientBase):
         if not target.exists():
             raise GRPCError(Status.NOT_FOUND, f"No such file: {req.path}")
         if target.is_dir():
-            import shutil
-
             shutil.rmtree(target)
         else:
             target.unlink()
@@ -639,7 +638,13 @@ FakeServicer.__abstractmethods__ = frozenset()  # RPCs without an rpc_ method an
 
 
 class FakeModal:
-    """A running fake control plane: the handle tests use (see `fixtures.modal_fake`)."""
+    """A running fake control plane: the handle tests use (see `fixtures.modal_fake`).
+
+    Inspect: `calls` (RPC names in arrival order), `function_calls` (`FunctionCallRecord` per
+    attempt), `unimplemented` (RPCs the client asked for that the fake lacks), `volume_files`,
+    `volume_dir`, `dict_contents`. Script: `fail_auth`, `fail_next_calls`, `set_secret`,
+    `retry_delay_scale`. State lives in memory, Volume files under `root/volumes/<name>/`.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -854,6 +859,10 @@ class FakeModal:
                 if attempt.stopped.is_set():
                     return
                 attempt.thread_id = threading.get_ident()
+            # as in a container: modal.current_function_call_id() names this call inside the body
+            from modal._runtime.execution_context import _set_current_context_ids
+
+            _set_current_context_ids([f"in-{call.id}"], [call.id], ["at-fake"])
             try:
                 value = raw(*call.args, **call.kwargs)
                 if inspect.isgenerator(value):

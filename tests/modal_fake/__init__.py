@@ -2,8 +2,5 @@
 
 `server.FakeModal` serves the gRPC API on loopback and runs function bodies in-process;
 `fixtures.modal_fake` installs it for one test; `toy_app` is the app its own tests deploy.
+Nothing here imports modal at package import time (the fixtures plugin loads in every run).
 """
-
-from .server import FakeModal, FunctionCallRecord
-
-__all__ = ["FakeModal", "FunctionCallRecord"]

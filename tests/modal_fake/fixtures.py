@@ -1,15 +1,34 @@
 """The `modal_fake` pytest fixture: the real modal client talking to `FakeModal` on loopback.
 
 `tests/conftest.py` loads this module as a plugin, so any test can ask for `modal_fake`.
+
+What the fixture does, per test (a fresh server costs a few ms):
+- starts `FakeModal` on 127.0.0.1 (free ports: gRPC at `handle.url`, blobs at `handle.blob_url`);
+- sets `MODAL_SERVER_URL=handle.url`, `MODAL_TOKEN_ID=ak-fake`, `MODAL_TOKEN_SECRET=as-fake`
+  and removes `MODAL_PROFILE`, `MODAL_ENVIRONMENT`, `MODAL_IS_REMOTE`, `MODAL_OAUTH_REFRESH_TOKEN`;
+- drops modal's cached env client and Environment cache before and after the test;
+- after the test, unhydrates every modal object still holding a fake id (module-level
+  `Volume.from_name(...)`, functions of a deployed app), so the next test starts clean.
+
+Bodies run in this process, one daemon thread per attempt. While a body runs, the
+process environment also holds its Secrets' values and, for a function with Volumes,
+`SYNAPSE_VOLUME_ROOT` (the real directory of its first Volume; mount `/data` maps to
+`<tmp>/volumes/<volume name>/`) and `MODAL_FAKE_MOUNTS` (JSON `{mount path: directory}`).
+These are process-wide, so concurrent bodies with different Volumes see the last one set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from .server import FAKE_ID_MARKER, FakeModal
+if TYPE_CHECKING:
+    from .server import FakeModal
+
+# modal (and so .server) is imported only when a test asks for the fixture: `import modal`
+# costs ~0.5 s, and this plugin is loaded for every test session.
 
 FAKE_TOKEN_ID = "ak-fake"
 FAKE_TOKEN_SECRET = "as-fake"
@@ -18,13 +37,14 @@ FAKE_TOKEN_SECRET = "as-fake"
 def unhydrate_fake_objects() -> int:
     """Unhydrate every modal object still holding an id issued by a fake server.
 
-    Module-level handles (`modal.Volume.from_name(...)` in an app module, functions of a
-    deployed app) stay hydrated after a test; the next test's fresh server would not know
-    their ids. Unhydrated, they hydrate again lazily (or on deploy) against the new server.
+    Module-level handles stay hydrated after a test and the next test's server would not
+    know their ids. Unhydrated, they hydrate again lazily (or on deploy) against the new one.
     """
     import gc
 
     from modal._object import _Object
+
+    from .server import FAKE_ID_MARKER
 
     n = 0
     for obj in gc.get_objects():
@@ -39,6 +59,7 @@ def reset_modal_client() -> None:
 
     `_Client.from_env()` keeps one client (bound to the first server URL it saw), and
     `ENVIRONMENT_CACHE` keeps hydrated Environment objects; both would outlive a fake server.
+    `modal.config.config` needs nothing: it reads MODAL_* env vars on every lookup.
     """
     import modal
     from modal._environments import ENVIRONMENT_CACHE
@@ -55,7 +76,9 @@ def reset_modal_client() -> None:
 
 @pytest.fixture
 def modal_fake(tmp_path, monkeypatch) -> Iterator[FakeModal]:
-    """A fresh fake Modal control plane per test (starts in a few ms)."""
+    """A fresh fake Modal control plane for one test; yields its `FakeModal` handle."""
+    from .server import FakeModal
+
     fake = FakeModal(tmp_path / "modal-fake").start()
     monkeypatch.setenv("MODAL_SERVER_URL", fake.url)
     monkeypatch.setenv("MODAL_TOKEN_ID", FAKE_TOKEN_ID)

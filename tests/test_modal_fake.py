@@ -218,6 +218,20 @@ def test_large_arguments_go_through_blob_upload(deployed):
     assert deployed.calls.count("BlobCreate") == 2
 
 
+def test_large_results_come_back_through_blob_download(deployed):
+    assert lookup("make_bytes").remote(3 * 1024 * 1024) == b"\x07" * (3 * 1024 * 1024)
+    assert "BlobGet" in deployed.calls
+
+
+def test_spawned_calls_run_concurrently(deployed):
+    import modal
+
+    t0 = time.monotonic()
+    calls = [lookup("sleepy").spawn(0.4) for _ in range(3)]
+    assert modal.FunctionCall.gather(*calls) == ["woke"] * 3
+    assert time.monotonic() - t0 < 1.1
+
+
 def test_fail_auth_raises_auth_error(modal_fake):
     from modal.exception import AuthError
 

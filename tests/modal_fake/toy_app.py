@@ -60,6 +60,11 @@ def size_of(payload: bytes) -> int:
     return len(payload)
 
 
+@app.function()
+def make_bytes(n: int) -> bytes:
+    return b"\x07" * n
+
+
 @app.function(retries=modal.Retries(max_retries=2, initial_delay=0.0, backoff_coefficient=1.0))
 def flaky(key: str) -> str:
     """Fails on its first run per key (tracked in a Dict), then succeeds."""

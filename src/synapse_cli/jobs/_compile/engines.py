@@ -1,0 +1,344 @@
+"""The four decoding engines: what each compiles, what it leaves unenforced, and how its artefact is checked.
+
+These functions run inside worker processes (``pool``), so a slow or crashing
+engine can be killed. Each engine is imported only when first used.
+
+Artefacts (one file each):
+- llguidance: ``NAME.lark``, Lark as llguidance loads it (a JSON Schema goes in as llguidance's ``%json``).
+- outlines: ``NAME.regex``, outlines-core's ``build_regex_from_schema`` output.
+- llama.cpp: ``NAME.gbnf``, our converter (``gbnf``), loaded back through llguidance's GBNF reader.
+- xgrammar: ``NAME.schema.json`` (xgrammar compiles JSON Schema itself; we compile it with xgrammar's
+  own ``GrammarCompiler`` over a byte vocabulary).
+
+Verification accepts a value when the engine accepts *some* compact serialisation of
+it (given, or with keys in schema order; raw UTF-8 or ``\\u`` escapes): an engine that
+fixes the property order still generates the value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+ENGINES = ("llguidance", "xgrammar", "outlines", "llama.cpp")
+ARTEFACT_SUFFIX = {"llguidance": "lark", "outlines": "regex", "llama.cpp": "gbnf", "xgrammar": "schema.json"}
+PACKAGES = {"llguidance": "llguidance", "outlines": "outlines-core", "xgrammar": "xgrammar", "llama.cpp": "llguidance"}
+
+# What outlines-core 0.2.14 and xgrammar 0.2.8 turn into constraints (read from their converters and
+# measured on the JSON-Schema-Test-Suite): any other validation keyword in a schema is reported ignored.
+OUTLINES_ENFORCED = frozenset(
+    "type enum const properties required additionalProperties items prefixItems minItems maxItems "
+    "minLength maxLength pattern format anyOf allOf $ref".split()
+)
+OUTLINES_FORMATS = frozenset(["date-time", "date", "time", "uuid", "uri", "email"])
+XGRAMMAR_ENFORCED = frozenset(
+    "type enum const properties required additionalProperties items prefixItems minItems maxItems "
+    "minLength maxLength pattern anyOf allOf $ref minimum maximum exclusiveMinimum exclusiveMaximum "
+    "minProperties maxProperties patternProperties propertyNames format".split()
+)
+XGRAMMAR_FORMATS = frozenset(
+    "email date time date-time duration uuid ipv4 ipv6 hostname uri uri-reference uri-template "
+    "json-pointer relative-json-pointer".split()
+)
+
+
+class EngineFailure(Exception):
+    """The engine could not compile or load this input: the message goes to the report's ``error``."""
+
+
+def _one_line(text: Any, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- llguidance ---------------------------------------------------------------------------
+
+_TOKENIZER: Any = None
+
+
+class _ByteTokenizer:
+    """256 byte tokens + EOS: lets llguidance check whole strings byte by byte."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([i]) for i in range(256)] + [b"<eos>"]
+    special_token_ids = [256]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
+
+def _llg_tokenizer() -> Any:
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        import llguidance
+
+        _TOKENIZER = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer()))
+    return _TOKENIZER
+
+
+def _llg_matcher(lark: str) -> Any:
+    import llguidance
+
+    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    matcher = llguidance.LLMatcher(_llg_tokenizer(), grammar, log_level=0)
+    if matcher.is_error():
+        raise EngineFailure(_one_line(matcher.get_error()))
+    return matcher
+
+
+_UNIMPLEMENTED = re.compile(r'Unimplemented keys: \[([^\]]*)\]')
+
+
+def _llg_json_lark(schema: Any) -> tuple[str, list[str]]:
+    """Lark with the schema embedded; strict first, lenient (reporting what it skips) when strict fails."""
+    import llguidance
+
+    tok = _llg_tokenizer()
+    strict = llguidance.LLMatcher.grammar_from_json_schema(schema)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(strict, tok)
+    ignored: list[str] = []
+    embedded = schema
+    if is_error:
+        message = " ".join(messages)
+        keys = [k.strip().strip('"') for m in _UNIMPLEMENTED.findall(message) for k in m.split(",") if k.strip()]
+        if not keys and "Unknown format" not in message and "format" not in message:
+            raise EngineFailure(_one_line(message))
+        embedded = dict(schema) if isinstance(schema, dict) else schema
+        if isinstance(embedded, dict):
+            embedded["x-guidance"] = {**embedded.get("x-guidance", {}), "lenient": True}
+        lenient = llguidance.LLMatcher.grammar_from_json_schema(embedded)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(lenient, tok)
+        if is_error:
+            raise EngineFailure(_one_line(" ".join(messages)))
+        for m in messages:
+            for group in _UNIMPLEMENTED.findall(m):
+                ignored += [k.strip().strip('"') for k in group.split(",") if k.strip()]
+            if "format" in m.lower():
+                ignored.append("format")
+    lark = "%llguidance {}\n\nstart: %json " + json.dumps(embedded, ensure_ascii=False) + "\n"
+    return lark, sorted(set(ignored))
+
+
+# -- per engine compile ---------------------------------------------------------------------
+
+
+def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> dict[str, Any]:
+    """``{"artefact", "ignored_keywords", "compile_ms"}``; raises EngineFailure when unsupported."""
+    _warm(engine)  # imports are not compile time
+    t0 = time.perf_counter()
+    ignored: list[str] = []
+    if engine == "llguidance":
+        if kind == "json_schema":
+            artefact, ignored = _llg_json_lark(payload)
+        elif kind == "regex":
+            import llguidance
+
+            artefact = "%llguidance {}\n\nstart: " + _lark_regex(payload, llguidance) + "\n"
+        else:
+            from llguidance.gbnf_to_lark import any_to_lark
+
+            try:
+                artefact = any_to_lark(payload)
+            except Exception as exc:
+                raise EngineFailure(f"cannot read grammar: {_one_line(exc)}") from None
+        _llg_matcher(artefact)
+    elif engine == "llama.cpp":
+        from synapse_cli.jobs._compile import gbnf
+
+        try:
+            if kind == "json_schema":
+                artefact, ignored = gbnf.schema_to_gbnf(payload)
+            elif kind == "regex":
+                artefact = gbnf.regex_to_gbnf(payload)
+            else:
+                from llguidance.gbnf_to_lark import is_lark_syntax
+
+                if is_lark_syntax(payload):
+                    raise EngineFailure("grammar is Lark; llama.cpp loads GBNF and there is no Lark-to-GBNF converter")
+                artefact = payload
+        except gbnf.Unsupported as exc:
+            raise EngineFailure(str(exc)) from None
+        _gbnf_matcher(artefact)
+    elif engine == "outlines":
+        if kind == "grammar":
+            raise EngineFailure("outlines-core compiles regexes and JSON Schemas, not grammars")
+        if kind == "json_schema":
+            from outlines_core.json_schema import build_regex_from_schema
+
+            try:
+                artefact = build_regex_from_schema(json.dumps(payload), None)
+            except BaseException as exc:  # pyo3 panics are BaseException
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise EngineFailure(_one_line(exc)) from None
+            ignored = sorted(_ignored_by(used, OUTLINES_ENFORCED, payload, OUTLINES_FORMATS))
+        else:
+            artefact = payload
+        _outlines_index(artefact)
+        _py_regex(artefact)
+    elif engine == "xgrammar":
+        xgr = _xgrammar()
+        try:
+            if kind == "json_schema":
+                artefact = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+                grammar = xgr.Grammar.from_json_schema(json.dumps(payload), strict_mode=False)
+                ignored = sorted(_ignored_by(used, XGRAMMAR_ENFORCED, payload, XGRAMMAR_FORMATS))
+            elif kind == "regex":
+                artefact = payload
+                grammar = xgr.Grammar.from_regex(payload)
+            else:
+                from llguidance.gbnf_to_lark import is_lark_syntax
+
+                if is_lark_syntax(payload):
+                    raise EngineFailure("grammar is Lark; xgrammar loads EBNF/GBNF")
+                artefact = payload
+                grammar = xgr.Grammar.from_ebnf(payload)
+            _xgr_compiler().compile_grammar(grammar)
+        except EngineFailure:
+            raise
+        except Exception as exc:
+            raise EngineFailure(_one_line(exc)) from None
+    else:
+        raise EngineFailure(f"unknown engine {engine!r}")
+    return {"artefact": artefact, "ignored_keywords": ignored, "compile_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+
+def _warm(engine: str) -> None:
+    if engine in ("llguidance", "llama.cpp"):
+        _llg_tokenizer()
+    elif engine == "outlines":
+        import outlines_core.json_schema  # noqa: F401
+    elif engine == "xgrammar":
+        _xgr_compiler()
+
+
+def _lark_regex(pattern: str, llguidance: Any) -> str:
+    lark = "/" + llguidance.regex_to_lark(pattern, "dw") + "/"
+    return lark
+
+
+def _ignored_by(used: list[str], enforced: frozenset[str], schema: Any, formats: frozenset[str]) -> set[str]:
+    from synapse_cli.jobs._compile.normalize import walk
+
+    out = {k for k in used if k not in enforced}
+    if "oneOf" in used:
+        out.add("oneOf")  # enforced as anyOf: exclusivity is not checked
+    if "format" in used and "format" not in out:
+        if any(isinstance(n.get("format"), str) and n["format"] not in formats for _, n in walk(schema)):
+            out.add("format")
+    return out
+
+
+def _gbnf_matcher(gbnf_text: str) -> Any:
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    try:
+        lark = gbnf_to_lark(gbnf_text)
+    except Exception as exc:
+        raise EngineFailure(f"GBNF does not load: {_one_line(exc)}") from None
+    return _llg_matcher(lark)
+
+
+_OUTLINES_VOCAB: Any = None
+
+
+def _outlines_index(regex: str) -> None:
+    """Build outlines-core's DFA index over a byte vocabulary: what outlines does before decoding."""
+    global _OUTLINES_VOCAB
+    import outlines_core
+
+    if _OUTLINES_VOCAB is None:
+        vocab: dict[Any, list[int]] = {}
+        for i in range(256):
+            ch = chr(i)
+            if ch.isprintable() and i < 128:
+                vocab[ch] = [i]
+        _OUTLINES_VOCAB = outlines_core.Vocabulary(256, vocab)
+    try:
+        outlines_core.Index(regex, _OUTLINES_VOCAB)
+    except BaseException as exc:  # pyo3 panics
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise EngineFailure(f"outlines-core index: {_one_line(exc)}") from None
+
+
+def _py_regex(pattern: str) -> Any:
+    try:
+        return re.compile(pattern)
+    except re.error:
+        try:
+            import regex  # type: ignore[import-not-found]
+
+            return regex.compile(pattern)
+        except ImportError:
+            raise EngineFailure("regex is not valid for Python's re (install `regex` to check it)") from None
+        except Exception as exc:
+            raise EngineFailure(f"regex does not compile: {_one_line(exc)}") from None
+
+
+_XGR: Any = None
+_XGR_COMPILER: Any = None
+
+
+def _xgrammar() -> Any:
+    global _XGR
+    if _XGR is None:
+        try:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import xgrammar
+        except Exception as exc:
+            raise EngineFailure(f"xgrammar unavailable: {type(exc).__name__}: {_one_line(exc, 160)}") from None
+        _XGR = xgrammar
+    return _XGR
+
+
+def _xgr_compiler() -> Any:
+    global _XGR_COMPILER
+    if _XGR_COMPILER is None:
+        xgr = _xgrammar()
+        info = xgr.TokenizerInfo([bytes([i]) for i in range(256)], xgr.VocabType.RAW, vocab_size=257, stop_token_ids=[256])
+        _XGR_COMPILER = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    return _XGR_COMPILER
+
+
+# -- verification ---------------------------------------------------------------------------
+
+
+def check_artefact(engine: str, kind: str, artefact: str, candidates: list[list[str]]) -> list[bool]:
+    """For each instance (a list of serialisations), whether the artefact accepts any of them."""
+    if engine in ("llguidance", "llama.cpp"):
+        matcher = _llg_matcher(artefact) if engine == "llguidance" else _gbnf_matcher(artefact)
+
+        def accepts(text: str) -> bool:
+            m = matcher.deep_copy()
+            return bool(m.consume_tokens(list(text.encode("utf-8")))) and m.is_accepting()
+
+    elif engine == "outlines":
+        rx = _py_regex(artefact)
+
+        def accepts(text: str) -> bool:
+            return rx.fullmatch(text) is not None
+
+    elif engine == "xgrammar":
+        xgr = _xgrammar()
+        if kind == "json_schema":
+            grammar = xgr.Grammar.from_json_schema(artefact, strict_mode=False)
+        elif kind == "regex":
+            grammar = xgr.Grammar.from_regex(artefact)
+        else:
+            grammar = xgr.Grammar.from_ebnf(artefact)
+        matcher = xgr.GrammarMatcher(_xgr_compiler().compile_grammar(grammar))
+
+        def accepts(text: str) -> bool:
+            matcher.reset()
+            return bool(matcher.accept_string(text)) and matcher.is_completed()
+
+    else:
+        raise EngineFailure(f"unknown engine {engine!r}")
+    return [any(accepts(c) for c in cands) for cands in candidates]

@@ -38,9 +38,9 @@ def _root(
 
 
 def _register() -> None:
-    from synapse_cli.cli import config, deploy, doctor, export, infer, sample
+    from synapse_cli.cli import compile, config, deploy, doctor, export, infer, sample
 
-    for module in (export, config, doctor, sample, deploy, infer):
+    for module in (export, config, doctor, sample, deploy, infer, compile):
         module.register(app)
 
 

@@ -7,9 +7,9 @@ this module is imported, which is when an app is defined.
 
 Streaming functions (``export``, ``compile``, ``infer``) are generators reached
 with ``.remote_gen()``: Modal does not retry generator functions, so the
-client retries transient failures before the first event. ``run_detached`` is
-the non-generator wrapper for ``.spawn()`` (jobs that outlive the terminal): it
-has ``retries`` and publishes progress to a ``modal.Dict``. A deterministic
+client retries transient failures before the first event. ``<kind>_detached``
+are the non-generator wrappers for ``.spawn()`` (jobs that outlive the
+terminal): they have ``retries`` and publish progress to a ``modal.Dict``. A deterministic
 failure (``JobError``, ``UsageError``) is returned as the job's ``error`` event
 rather than raised, so Modal never retries it.
 """
@@ -102,17 +102,14 @@ def infer(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
 STREAMING = {"export": export, "compile": compile_, "infer": infer}
 
 
-@app.function(
-    image=infer_image,
-    gpu=CONFIG["gpu"],
-    retries=modal.Retries(
-        max_retries=CONFIG["max_retries"],
-        initial_delay=CONFIG["initial_backoff_ms"] / 1000,
-        backoff_coefficient=2.0,
-    ),
-    **_common,
+_retries = modal.Retries(
+    max_retries=CONFIG["max_retries"],
+    initial_delay=CONFIG["initial_backoff_ms"] / 1000,
+    backoff_coefficient=2.0,
 )
-def run_detached(kind: str, spec: dict[str, Any], job_id: str) -> dict[str, Any]:
+
+
+def _detached(kind: str, spec: dict[str, Any], job_id: str) -> dict[str, Any]:
     """Consume a job generator inside the container and publish its events to a Dict (generators cannot be spawned).
 
     Returns the last event as a dict: ``finished``, or ``error`` for a deterministic failure.
@@ -134,4 +131,22 @@ def run_detached(kind: str, spec: dict[str, Any], job_id: str) -> dict[str, Any]
     return events[-1] if events else to_dict(failed(SynapseError("job produced no events")))
 
 
-FUNCTIONS = {**STREAMING, "run_detached": run_detached}  # by Modal name
+@app.function(image=export_image, retries=_retries, **_common)
+def export_detached(spec: dict[str, Any], job_id: str) -> dict[str, Any]:
+    return _detached("export", spec, job_id)
+
+
+@app.function(image=compile_image, retries=_retries, **_common)
+def compile_detached(spec: dict[str, Any], job_id: str) -> dict[str, Any]:
+    return _detached("compile", spec, job_id)
+
+
+@app.function(image=infer_image, gpu=CONFIG["gpu"], retries=_retries, **_common)
+def infer_detached(spec: dict[str, Any], job_id: str) -> dict[str, Any]:
+    return _detached("infer", spec, job_id)
+
+
+DETACHED = {"export": export_detached, "compile": compile_detached, "infer": infer_detached}
+
+
+FUNCTIONS = {**STREAMING, **{f"{k}_detached": f for k, f in DETACHED.items()}}  # by Modal name

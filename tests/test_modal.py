@@ -15,9 +15,12 @@ from tests.conftest import probe
 
 @pytest.fixture(scope="module")
 def modal_app():
+    """A freshly defined app: a deploy in an earlier test leaves handles (the Volume) hydrated."""
+    import importlib
+
     from modal_functions import app as modal_app
 
-    return modal_app
+    return importlib.reload(modal_app)
 
 
 # -- 1. the app definition, offline --------------------------------------------------------
@@ -32,8 +35,9 @@ def test_each_job_kind_has_a_function_with_its_settings(modal_app):
         assert i.timeout == 3600
         assert i.volumes["/data"].name == "synapse-data"
         assert i.max_retries is None  # generator functions cannot have retries: the client retries instead
-    detached = modal_app.run_detached.info()
-    assert detached.max_retries == 2
+    for kind, fn in modal_app.DETACHED.items():  # the spawnable wrappers retry transient failures
+        assert fn.info().max_retries == 2
+        assert fn.info().gpus == info[kind].gpus
 
 
 def test_app_settings_come_from_config(tmp_path):
@@ -97,14 +101,14 @@ def deployed(modal_fake, modal_app):
 def test_deploy_command_prints_function_names(cli, modal_fake):
     run = cli("deploy", "--json")
     assert run.exit_code == 0, run.stderr
-    assert json.loads(run.stdout) == {"app": "synapse", "functions": ["compile", "export", "infer", "run_detached"]}
+    assert json.loads(run.stdout) == {"app": "synapse", "functions": ["compile", "compile_detached", "export", "export_detached", "infer", "infer_detached"]}
 
 
 def test_export_use_modal_matches_local(cli, deployed, clips, tmp_path):
     params = ["--set", "output_width=180", "--set", "output_height=320"]
     remote = cli("export", clips["landscape"], "--use-modal", "--json", "-o", tmp_path / "remote.mp4", *params)
     assert remote.exit_code == 0, remote.stderr
-    local = cli("export", clips["landscape"], "--no-modal", "--json", "-o", tmp_path / "local.mp4", *params)
+    local = cli("export", clips["landscape"], "--no-modal", "--no-cache", "--json", "-o", tmp_path / "local.mp4", *params)
     r, l = remote.events(), local.events()
     assert [e["type"] for e in r] == [e["type"] for e in l]
     assert r[-1]["result"]["output"] == str(tmp_path / "remote.mp4")
@@ -120,10 +124,11 @@ def test_export_use_modal_matches_local(cli, deployed, clips, tmp_path):
 
 def test_second_upload_of_the_same_input_is_skipped(cli, deployed, clips, tmp_path):
     for n in range(2):
-        run = cli("export", clips["silent"], "--use-modal", "-o", tmp_path / f"o{n}.mp4", "--set", "output_width=180", "--set", "output_height=320")
+        run = cli("export", clips["silent"], "--use-modal", "--no-cache", "-o", tmp_path / f"o{n}.mp4", "--set", "output_width=180", "--set", "output_height=320")
         assert run.exit_code == 0, run.stderr
     puts = [c for c in deployed.calls if c.startswith("VolumePutFiles")]
     assert len(puts) == 1, deployed.calls
+    assert [c.function_name for c in deployed.function_calls] == ["export", "export"]  # both ran
 
 
 def test_app_not_deployed_says_deploy(cli, modal_fake, clips, tmp_path):

@@ -12,7 +12,6 @@ ours here, at the edge.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import random
@@ -24,12 +23,14 @@ from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping
 
-from synapse_cli.errors import BackendError, JobError, SynapseError, UsageError
-from synapse_cli.events import Artifact, Event, Finished, from_dict
+from synapse_cli.errors import BackendError, JobError, SynapseError, UsageError, error_from_wire
+from synapse_cli.events import Artifact, Event, Failed, Finished, from_dict
+from synapse_cli.hashing import sha256_file, sha256_tree
 from synapse_cli.jobs._files import commit, temp_path_for
 from synapse_cli.remote import VOL, path_fields
 
 FUNCTION_NAMES = {"export": "export", "compile": "compile", "infer": "infer"}
+PROGRESS_DICT = "synapse-progress"  # keep in sync with modal_functions.app
 CALL_EVENT = "_call"  # the container's first item: its FunctionCall id, so that we can cancel it
 
 
@@ -130,14 +131,6 @@ def _bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
 # -- the Volume: content-addressed inputs, per-job outputs -------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _Files:
     """Maps a spec's local paths to Volume paths and back, uploading and downloading as needed."""
 
@@ -162,10 +155,7 @@ class _Files:
             raise UsageError(f"input not found: {path}")
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
-            h = hashlib.sha256()
-            for f in files:
-                h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode())
-            key = f"inputs/{h.hexdigest()}/{path.name}"
+            key = f"inputs/{sha256_tree(path)}/{path.name}"
             if not self._exists(key):
                 with self.volume.batch_upload(force=True) as batch:
                     for f in files:
@@ -253,7 +243,17 @@ class ModalBackend:
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ModalBackend":
-        return cls(settings.section("modal"))
+        return cls({**settings.section("modal"), "prices": settings["jobs.gpu_prices_usd_per_hour"]})
+
+    def gpu_for(self, kind: str) -> str | None:
+        return self.config["gpu"] if kind == "infer" else None
+
+    def cost_info(self, kind: str, seconds: float) -> dict[str, Any]:
+        """An estimate: seconds × the configured price of the function's GPU (or CPU)."""
+        gpu = self.gpu_for(kind)
+        price = dict(self.config.get("prices") or {}).get(gpu or "CPU")
+        cost = None if price is None else round(seconds * price / 3600, 6)
+        return {"gpu": gpu, "seconds": round(seconds, 3), "estimated_cost_usd": cost}
 
     def _errors(self):
         return map_modal_errors(self.config["app_name"], self.config.get("environment"))
@@ -307,13 +307,87 @@ class ModalBackend:
             files = _Files(self._volume, uuid.uuid4().hex, bool(getattr(spec, "overwrite", False)))
             remote_spec = self.stage(job, spec, files)
             fn = self.function(job)
-            for event in self._stream(fn, remote_spec):
-                if isinstance(event, Artifact):
-                    local = files.download(event.path)
-                    event = Artifact(path=str(local), bytes=local.stat().st_size)
-                elif isinstance(event, Finished):
-                    event = Finished(result=files.localize(event.result), elapsed_s=event.elapsed_s)
+            yield from self._localized(job, files, self._stream(fn, remote_spec), time.time())
+
+    def _localized(self, kind: str, files: "_Files", events: Iterator[Event], started: float) -> Iterator[Event]:
+        # started: wall-clock (epoch) seconds when the call was made, for the cost estimate
+        """Remote events as local ones: artifacts downloaded, ``vol:`` paths mapped, cost added."""
+        for event in events:
+            if isinstance(event, Artifact):
+                local = files.download(event.path)
+                event = Artifact(path=str(local), bytes=local.stat().st_size)
+            elif isinstance(event, Finished):
+                result = {**files.localize(event.result), "modal": self.cost_info(kind, time.time() - started)}
+                event = Finished(result=result, elapsed_s=event.elapsed_s)
+            yield event
+
+    # -- detached: .spawn() a wrapper that publishes events to a Dict -------------------------
+
+    def spawn(self, kind: str, spec: Any, job_id: str) -> dict[str, Any]:
+        """Start ``kind`` on Modal and return at once; what ``follow``/``cancel`` need is returned for the job store."""
+        import modal
+
+        require_credentials(self._env)
+        with self._errors():
+            _bounded(self._connect, float(self.config["connect_timeout_s"]), "the connection")
+            files = _Files(self._volume, job_id, bool(getattr(spec, "overwrite", False)))
+            remote_spec = self.stage(kind, spec, files)
+            env_name = self.config.get("environment")
+            if self.config.get("mode") == "ephemeral":
+                raise UsageError("--detach needs a deployed app ([modal] mode = \"deployed\"): an ephemeral app ends with this process")
+            fn = modal.Function.from_name(self.config["app_name"], f"{kind}_detached", environment_name=env_name)
+            _bounded(fn.hydrate, float(self.config["connect_timeout_s"]), f"the lookup of {kind}_detached")
+            call = fn.spawn(remote_spec, job_id)
+        return {
+            "call_id": call.object_id,
+            "local_of": {k: str(v) for k, v in files.local_of.items()},
+            "output_dirs": {k: str(v) for k, v in files.output_dirs.items()},
+            "overwrite": files.overwrite,
+            "started": time.time(),
+        }
+
+    def follow(self, kind: str, job_id: str, remote: dict[str, Any], poll_s: float = 0.5) -> Iterator[Event]:
+        """The events a detached call publishes, as they come; artifacts are downloaded on the way."""
+        import modal
+
+        require_credentials(self._env)
+        with self._errors():
+            _bounded(self._connect, float(self.config["connect_timeout_s"]), "the connection")
+            files = _Files(self._volume, job_id, bool(remote.get("overwrite")))
+            files.local_of = {k: Path(v) for k, v in remote["local_of"].items()}
+            files.output_dirs = {k: Path(v) for k, v in remote["output_dirs"].items()}
+            progress = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True, environment_name=self.config.get("environment"))
+            call = modal.FunctionCall.from_id(remote["call_id"])
+
+            def published() -> Iterator[Event]:
+                seen = 0
+                while True:
+                    items = progress.get(job_id) or []
+                    for item in items[seen:]:
+                        yield from_dict(item)
+                        if item.get("type") in ("finished", "error"):
+                            return
+                    seen = len(items)
+                    try:  # the call's own outcome: a crash that published nothing more
+                        last = call.get(timeout=poll_s)
+                    except TimeoutError:
+                        continue
+                    items = progress.get(job_id) or []
+                    if len(items) <= seen:
+                        yield from_dict(last)
+                        return
+
+            for event in self._localized(kind, files, published(), remote["started"]):
+                if isinstance(event, Failed):
+                    raise error_from_wire(event.error, event.code, event.message)
                 yield event
+
+    def cancel(self, remote: dict[str, Any]) -> None:
+        import modal
+
+        require_credentials(self._env)
+        with self._errors():
+            _bounded(lambda: modal.FunctionCall.from_id(remote["call_id"]).cancel(), float(self.config["connect_timeout_s"]), "the cancellation")
 
     def _stream(self, fn: Any, remote_spec: dict[str, Any]) -> Iterator[Event]:
         """``remote_gen`` with retries for transient failures before the first event; never after it."""

@@ -38,9 +38,9 @@ def _root(
 
 
 def _register() -> None:
-    from synapse_cli.cli import compile, config, deploy, doctor, export, infer, sample
+    from synapse_cli.cli import compile, config, deploy, doctor, export, infer, jobs, sample, serve
 
-    for module in (export, config, doctor, sample, deploy, infer, compile):
+    for module in (export, jobs, config, doctor, sample, deploy, infer, compile, serve):
         module.register(app)
 
 

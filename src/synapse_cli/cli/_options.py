@@ -30,6 +30,8 @@ API_KEY = Annotated[
     Optional[str],
     typer.Option("--api-key", help="API key for --endpoint (prefer env SYNAPSE_API_KEY: flags show up in process lists).", show_default=False),
 ]
+DETACH = Annotated[bool, typer.Option("--detach", help="Start the job in the background, print its id and return (see synapse jobs).")]
+NO_CACHE = Annotated[bool, typer.Option("--no-cache", help="Run even if an identical job already has a result.")]
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Common:
     overwrite: bool = False
     endpoint: Optional[str] = None
     api_key: Optional[str] = None
+    detach: bool = False
+    cache: bool = True
 
     def flags(self) -> dict:
         backend = None if self.use_modal is None else ("modal" if self.use_modal else "local")

@@ -1,17 +1,19 @@
-"""The one pipeline every job command goes through: resolve → spec → backend → render → exit code."""
+"""The one pipeline every job command goes through: resolve → spec → backend → record → render → exit code."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any, Callable, Iterator
 
 import typer
 
 from synapse_cli.cli._options import Common
 from synapse_cli.config import Settings, load_settings
-from synapse_cli.errors import SynapseError
+from synapse_cli.errors import SynapseError, UsageError
 from synapse_cli.events import failed
 
 
@@ -40,13 +42,31 @@ def exit_on_error(json_output: bool = False) -> Iterator[None]:
     except SynapseError as exc:
         if os.environ.get("SYNAPSE_TRACEBACK") == "1":
             raise
-        fail(exc, type(exc).__name__, str(exc), exc.exit_code)
+        fail(exc, "Interrupted" if exc.exit_code == 130 else type(exc).__name__, str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:
         fail(exc, "Interrupted", "interrupted", 130)
     except Exception as exc:  # a bug of ours or an unmapped foreign error: still one line
         if os.environ.get("SYNAPSE_TRACEBACK") == "1":
             raise
         fail(exc, "Error", f"{type(exc).__name__}: {exc} (set SYNAPSE_TRACEBACK=1 for details)", 1)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """``synapse jobs cancel`` sends SIGTERM: treat it like Ctrl-C, so the job's cleanup runs."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def settings_for(common: Common, flags: dict[str, Any] | None = None) -> Settings:
@@ -82,10 +102,13 @@ def run_job(
     summarize: Callable[[dict[str, Any]], str] | None = None,
     local_only: bool = False,
 ) -> dict[str, Any]:
-    """Resolve settings, build and validate the spec, run it on the chosen backend and render its events."""
+    """Resolve settings, build and validate the spec, run it on the chosen backend, record and render its events."""
     from synapse_cli.render import choose_mode, default_summary, render
+    from synapse_cli.store import ACTIVE, JobStore
+    from synapse_cli.tracking import cache_key, follow, record, reusable, reuse, step_summary
 
     with exit_on_error(common.json):
+        all_flags = {**common.flags(), **(flags or {})}
         settings = settings_for(common, flags)
         spec = build_spec(settings)
         if local_only:
@@ -94,14 +117,60 @@ def run_job(
             backend = LocalBackend()
         else:
             backend = backend_for(settings)
+        store = JobStore.from_settings(settings)
         try:
-            events = backend.run(kind, spec)
+            if common.detach:
+                return detach(kind, spec, backend, store, all_flags, common)
+            key = cache_key(kind, spec) if common.cache else None
+            job, other = store.claim_or_find(kind, asdict(spec), backend.name, key)
+            if other is not None and reusable(other):
+                events = reuse(other, kind, spec)
+            elif other is not None and other.status in ACTIVE:
+                events = follow(store, other, kind, spec)
+            else:
+                events = backend.run(kind, spec)
+            stream = record(store, job, events, on_end=step_summary)
             try:
-                return render(events, choose_mode(common.json), summarize or default_summary)
+                with sigterm_as_interrupt():
+                    return render(stream, choose_mode(common.json), summarize or default_summary)
             finally:
-                close = getattr(events, "close", None)
-                if close:
-                    close()  # on Ctrl-C this runs the job's cleanup (kill ffmpeg, remove temp files)
+                stream.close()  # on Ctrl-C this runs the job's cleanup (kill ffmpeg, remove temp files)
         finally:
             backend.close()
+            store.close()
     return {}
+
+
+def detach(kind: str, spec: Any, backend: Any, store: Any, flags: dict[str, Any], common: Common) -> dict[str, Any]:
+    """Start the job where it survives this terminal and print its id."""
+    import json
+    import subprocess
+
+    job = store.create(kind, asdict(spec), backend.name, detached=True, flags={k: v for k, v in flags.items() if v is not None})
+    if backend.name == "modal":
+        remote = backend.spawn(kind, spec, job.id)
+        store.set_remote(job.id, remote, gpu=backend.gpu_for(kind))
+        store.start(job.id, pid=None)
+    elif backend.name == "local":
+        env = dict(os.environ)
+        if common.config:
+            env["SYNAPSE_CONFIG"] = str(common.config.resolve())
+        if common.profile:
+            env["SYNAPSE_PROFILE"] = common.profile
+        env["SYNAPSE_JOBS_DB"] = str(store.path)
+        log_dir = store.path.parent / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / f"{job.id}.log", "ab") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "synapse_cli", "jobs", "worker", job.id],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,  # outlives the terminal
+            )
+        store.set_pid(job.id, worker.pid)
+    else:
+        raise UsageError(f"--detach is not supported with the {backend.name} backend")
+    if common.json:
+        typer.echo(json.dumps({"job_id": job.id, "status": "pending", "kind": kind, "backend": backend.name}))
+    else:
+        typer.echo(job.id)
+        print(f"{kind}: detached as job {job.id} (synapse jobs wait {job.id})", file=sys.stderr)
+    return {"job_id": job.id}

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from synapse_cli.cli._options import CONFIG, JSON, PROFILE, Common
+from synapse_cli.cli._run import exit_on_error, settings_for, sigterm_as_interrupt
+from synapse_cli.errors import UsageError
+
+app = typer.Typer(help="Jobs that outlive the terminal: list, show, wait, cancel, prune.", no_args_is_help=True, rich_markup_mode=None)
+
+STATUS = Annotated[Optional[str], typer.Option("--status", help="pending | processing | completed | failed | cancelled")]
+JOB_ID = Annotated[str, typer.Argument(help="Job id (a unique prefix is enough).", show_default=False)]
+
+
+def _store(config, profile):
+    from synapse_cli.store import JobStore
+
+    settings = settings_for(Common(config=config, profile=profile))
+    return settings, JobStore.from_settings(settings)
+
+
+def _fmt_s(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+def _output(job) -> str:
+    result = job.result or {}
+    return str(result.get("output") or result.get("output_dir") or "")
+
+
+@app.command("list")
+def list_jobs(status: STATUS = None, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
+    """Recent jobs, newest first, with their wall time and (for Modal) estimated cost, and the totals.
+
+    Example: synapse jobs list --status processing
+    """
+    from synapse_cli.store import STATES
+
+    with exit_on_error(json_output):
+        if status and status not in STATES:
+            raise UsageError(f"--status {status!r}: expected one of {', '.join(STATES)}")
+        _, store = _store(config, profile)
+        jobs = store.list(status)
+        total_wall = sum(j.wall_s or 0 for j in jobs)
+        total_cost = sum(j.cost_usd or 0 for j in jobs)
+        if json_output:
+            typer.echo(json.dumps({"jobs": [j.to_dict() for j in jobs], "total_wall_s": round(total_wall, 3), "total_cost_usd": round(total_cost, 6)}))
+            return
+        typer.echo(f"{'ID':<14} {'KIND':<8} {'STATUS':<10} {'PROGRESS':<12} {'BACKEND':<7} {'TIME':>7} {'COST':>9}  OUTPUT")
+        for j in jobs:
+            progress = f"{j.done:g}/{j.total:g}" if j.done is not None and j.total else "-"
+            cost = f"${j.cost_usd:.4f}" if j.cost_usd else "-"
+            typer.echo(f"{j.id:<14} {j.kind:<8} {j.status:<10} {progress:<12} {j.backend:<7} {_fmt_s(j.wall_s):>7} {cost:>9}  {_output(j)}")
+        typer.echo(f"{len(jobs)} job(s), {_fmt_s(total_wall)} wall time, est. cost ${total_cost:.4f}", err=True)
+
+
+@app.command("show")
+def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
+    """Status, progress, backend, params, timings, output path and error of one job."""
+    with exit_on_error(json_output):
+        _, store = _store(config, profile)
+        job = store.get(job_id)
+        data = job.to_dict()
+        if json_output:
+            typer.echo(json.dumps(data, default=str))
+            return
+        for key in ("id", "kind", "status", "backend", "progress", "phase", "wall_s", "gpu", "cost_usd", "error_code", "error_message"):
+            if data.get(key) is not None:
+                typer.echo(f"{key:<14} {data[key]}")
+        for key in ("created_at", "started_at", "finished_at"):
+            if data.get(key):
+                typer.echo(f"{key:<14} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(data[key]))}")
+        if _output(job):
+            typer.echo(f"{'output':<14} {_output(job)}")
+        typer.echo(f"{'spec':<14} {json.dumps(job.spec)}")
+
+
+@app.command("wait")
+def wait(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
+    """Re-attach to a job: render its progress live until it ends, and exit with the job's exit code."""
+    from synapse_cli.render import choose_mode, default_summary, render
+    from synapse_cli.tracking import record, store_events
+
+    with exit_on_error(json_output):
+        settings, store = _store(config, profile)
+        job = store.get(job_id)
+        if job.remote and job.status in ("pending", "processing"):
+            # a spawned Modal call: read what it publishes, download its outputs, and record it here
+            from synapse_cli.backends.modal import ModalBackend
+
+            events = record(store, job, ModalBackend.from_settings(settings).follow(job.kind, job.id, job.remote))
+        else:
+            events = store_events(store, job.id)
+        with sigterm_as_interrupt():
+            render(events, choose_mode(json_output), default_summary)
+
+
+@app.command("cancel")
+def cancel(job_id: JOB_ID, config: CONFIG = None, profile: PROFILE = None) -> None:
+    """Cancel a running job: a local worker is stopped (and its ffmpeg with it); a Modal call is cancelled."""
+    with exit_on_error():
+        settings, store = _store(config, profile)
+        job = store.get(job_id)
+        if job.status not in ("pending", "processing"):
+            raise UsageError(f"job {job.id} is already {job.status}")
+        if job.remote:
+            from synapse_cli.backends.modal import ModalBackend
+
+            ModalBackend.from_settings(settings).cancel(job.remote)
+            store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel")
+        elif job.pid:
+            try:
+                os.kill(job.pid, signal.SIGTERM)  # the worker treats it as Ctrl-C: cleanup, then "cancelled"
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and store.get(job.id).status in ("pending", "processing"):
+                time.sleep(0.05)
+            store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel")
+        else:
+            store.finish(job.id, "cancelled", error_code=130, error_message="cancelled before it started")
+        typer.echo(f"cancelled {job.id}")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+
+
+def parse_duration(text: str) -> float:
+    match = _DURATION.match(text)
+    if not match:
+        raise UsageError(f"--older-than expects a number and a unit (s, m, h, d, w), e.g. 7d; got {text!r}")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+
+
+@app.command("prune")
+def prune(
+    older_than: Annotated[str, typer.Option("--older-than", help="Age of finished jobs to delete, e.g. 7d, 12h.")] = "7d",
+    config: CONFIG = None,
+    profile: PROFILE = None,
+) -> None:
+    """Delete finished jobs (and their events) older than the given age. Running jobs are kept."""
+    with exit_on_error():
+        seconds = parse_duration(older_than)
+        _, store = _store(config, profile)
+        typer.echo(f"pruned {store.prune(seconds)} job(s)")
+
+
+@app.command("worker", hidden=True)
+def worker(job_id: JOB_ID) -> None:
+    """Run a detached job (started by --detach in its own session)."""
+    from synapse_cli.cli._run import backend_for
+    from synapse_cli.config import load_settings
+    from synapse_cli.jobs import spec_from_dict
+    from synapse_cli.store import JobStore
+    from synapse_cli.tracking import record, step_summary
+
+    with exit_on_error():
+        store = JobStore(os.environ["SYNAPSE_JOBS_DB"]) if os.environ.get("SYNAPSE_JOBS_DB") else JobStore.from_settings(load_settings({}))
+        job = store.get(job_id)
+        settings = load_settings(job.flags or {})
+        spec = spec_from_dict(job.kind, job.spec)
+        backend = backend_for(settings) if job.kind != "sample" else None
+        if backend is None:
+            from synapse_cli.backends.local import LocalBackend
+
+            backend = LocalBackend()
+        store.start(job.id)
+        with sigterm_as_interrupt():
+            for _ in record(store, job, backend.run(job.kind, spec), on_end=step_summary):
+                pass
+        print(f"job {job.id} done", file=sys.stderr)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="jobs")

@@ -1,0 +1,391 @@
+"""HttpBackend: run a job on a synapse HTTP endpoint (``synapse serve``, or the same app on Modal).
+
+One job is one ``POST /v1/jobs/{kind}``: the spec as JSON plus the INPUTS files as a
+multipart upload. The response is the job's NDJSON event stream, decoded line by line
+as it arrives. Outputs come back as ``artifact`` events naming ``/v1/artifacts/{id}``
+downloads; after ``finished`` each is downloaded to a temporary file beside its local
+output and renamed into place, so a broken stream or download leaves no partial output.
+
+Retries (``stamina``: exponential backoff with jitter) cover connect errors, 429 (its
+``Retry-After`` is honoured) and 5xx *before* the stream starts. A 4xx is never retried,
+and a job whose stream started is never replayed. httpx is imported here only, so
+``synapse --help`` never pays for it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import shutil
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+
+from synapse_cli import __version__
+from synapse_cli.errors import BackendError, UsageError, error_from_wire
+from synapse_cli.events import Artifact, Event, Failed, Finished, Log, from_dict
+from synapse_cli.jobs import spec_to_dict
+from synapse_cli.jobs._files import commit, temp_path_for
+
+# stamina logs each scheduled retry at WARNING; with no logging configured Python would print
+# the bare "stamina.retry_scheduled" on stderr. We report retries ourselves, as Log events.
+logging.getLogger("stamina").addHandler(logging.NullHandler())
+
+MAX_RETRY_AFTER_S = 60.0
+KEY_REJECTED = "endpoint rejected the API key"
+
+
+class _Retryable(Exception):
+    """A 429 or 5xx answer before the stream started."""
+
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), capped."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _should_retry(exc: Exception) -> bool | float:
+    """stamina's hook: True to retry with backoff, a float to wait exactly that long (Retry-After)."""
+    if isinstance(exc, _Retryable):
+        return exc.retry_after if exc.retry_after is not None else True
+    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+
+
+def _should_retry_download(exc: Exception) -> bool | float:
+    # a download is idempotent: a connection that broke half-way can be tried again too
+    if isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout)):
+        return True
+    return _should_retry(exc)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class HttpBackend:
+    """Runs jobs on a synapse endpoint. ``client`` is the seam for tests (``httpx.MockTransport``)."""
+
+    name = "http"
+
+    def __init__(
+        self,
+        endpoint: str,
+        api_key: str | None = None,
+        client: httpx.Client | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        initial_backoff_ms: int = 500,
+    ) -> None:
+        parts = urlsplit(endpoint or "")
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UsageError(f"bad endpoint URL {endpoint!r}: expected http(s)://host[:port][/prefix]")
+        self.endpoint = endpoint.rstrip("/")
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = initial_backoff_ms / 1000.0
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._owns_client = client is None
+        self._client = client or httpx.Client(
+            timeout=httpx.Timeout(timeout_s), follow_redirects=False, headers={"User-Agent": f"synapse/{__version__}"}
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "HttpBackend":
+        return cls(
+            settings["modal.endpoint"],
+            settings["api_key"],
+            timeout_s=settings["http.timeout_s"],
+            max_retries=settings["http.max_retries"],
+            initial_backoff_ms=settings["http.initial_backoff_ms"],
+        )
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    # -- the job ------------------------------------------------------------------
+
+    def run(self, job: str, spec: Any) -> Iterator[Event]:
+        """Upload, stream the events as they arrive, then download the outputs and rename them into place."""
+        cls = type(spec)
+        data = spec_to_dict(spec)
+        uploads = _inputs(cls, data)
+        targets = _outputs(cls, data)
+        overwrite = bool(data.get("overwrite", False))
+        _check_targets(targets, overwrite)
+        url = f"{self.endpoint}/v1/jobs/{job}"
+        response = yield from self._open(url, data, uploads)
+        pending: list[Artifact] = []
+        finished: Finished | None = None
+        try:
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                event = _decode(line, url)
+                if isinstance(event, Failed):
+                    raise error_from_wire(event.error, event.code, event.message)
+                if isinstance(event, Artifact):
+                    pending.append(event)  # reported once downloaded and renamed into place
+                    continue
+                if isinstance(event, Finished):
+                    finished = event
+                    break
+                yield event
+        except httpx.TimeoutException:
+            raise BackendError(f"no event from {url} for {self.timeout_s:g} s (http.timeout_s); nothing was saved") from None
+        except (httpx.TransportError, httpx.StreamError, httpx.DecodingError) as exc:
+            raise BackendError(f"the stream from {url} broke before the job finished ({_one_line(str(exc)) or type(exc).__name__}); nothing was saved") from None
+        finally:
+            response.close()  # on an early close this cancels the job on the server
+        if finished is None:
+            raise BackendError(f"the stream from {url} ended before the job finished; nothing was saved")
+        yield from self._download_all(pending, targets, overwrite)
+        yield finished
+
+    def _open(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]]) -> Iterator[Event]:
+        """POST the job, retrying what is safe to retry; returns the open streaming response (yields retry logs)."""
+        import stamina
+
+        last = ""
+        attempts = self.max_retries + 1
+        try:
+            for attempt in stamina.retry_context(
+                on=_should_retry,
+                attempts=attempts,
+                timeout=None,
+                wait_initial=self.backoff_s,
+                wait_max=max(30.0, self.backoff_s),
+                wait_jitter=self.backoff_s,
+            ):
+                if last:
+                    yield Log(f"{url}: {last}; retry {attempt.num - 1} of {self.max_retries}", level="warning")
+                with attempt:
+                    try:
+                        return self._post(url, data, uploads)
+                    except _Retryable as exc:
+                        last = f"HTTP {exc.status}"
+                        raise
+                    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                        last = _one_line(str(exc)) or type(exc).__name__
+                        raise
+        except _Retryable as exc:
+            raise BackendError(f"{url} answered HTTP {exc.status} ({attempts} attempt{'s' * (attempts > 1)})") from None
+        except httpx.ConnectTimeout:
+            raise BackendError(f"cannot reach {url}: timed out connecting ({attempts} attempt{'s' * (attempts > 1)})") from None
+        except httpx.ConnectError as exc:
+            raise BackendError(f"cannot reach {url}: {_one_line(str(exc))} ({attempts} attempt{'s' * (attempts > 1)})") from None
+        except httpx.TimeoutException:
+            raise BackendError(f"no answer from {url} within {self.timeout_s:g} s (http.timeout_s)") from None
+        except httpx.TransportError as exc:
+            raise self._diagnose(url, uploads, exc) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _post(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]]) -> httpx.Response:
+        with ExitStack() as files:
+            if uploads:
+                parts = [(name, (path.name, files.enter_context(open(path, "rb")), "application/octet-stream")) for name, path in uploads]
+                request = self._client.build_request("POST", url, data={"spec": json.dumps(data)}, files=parts, headers=self._headers)
+            else:
+                request = self._client.build_request("POST", url, json=data, headers=self._headers)
+            response = self._client.send(request, stream=True)
+        if response.status_code == 200:
+            ctype = response.headers.get("content-type", "").split(";")[0].strip()
+            if ctype != "application/x-ndjson":
+                response.close()
+                raise BackendError(f"{url} is not a synapse endpoint (answered {ctype or 'no content type'} instead of an NDJSON stream)")
+            return response
+        try:
+            body = response.read()
+        finally:
+            response.close()
+        if response.status_code in (401, 403):
+            raise BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url}; set SYNAPSE_API_KEY or --api-key)")
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
+        raise _error_from_body(url, response.status_code, body)
+
+    def _diagnose(self, url: str, uploads: list[tuple[str, Path]], exc: Exception) -> Exception:
+        """The connection broke during the upload: ask /v1/health why (a wrong key, or a file over the limit)."""
+        try:
+            health = self._client.get(f"{self.endpoint}/v1/health", headers=self._headers, timeout=min(self.timeout_s, 10.0)).json()
+        except Exception:  # noqa: BLE001 - the diagnosis is best effort
+            health = {}
+        if isinstance(health, dict):
+            if health.get("key_accepted") is False:
+                return BackendError(f"{KEY_REJECTED} (from {url}; set SYNAPSE_API_KEY or --api-key)")
+            limit = health.get("max_upload_mb")
+            total = sum(path.stat().st_size for _, path in uploads)
+            if isinstance(limit, (int, float)) and total > limit * 1024 * 1024:
+                return UsageError(f"the upload ({total / 1048576:.1f} MB) is larger than the endpoint's limit of {limit:g} MB (serve.max_upload_mb)")
+        return BackendError(f"the connection to {url} broke before the job started ({_one_line(str(exc)) or type(exc).__name__})")
+
+    # -- outputs ------------------------------------------------------------------
+
+    def _download_all(self, pending: list[Artifact], targets: dict[tuple[str, int | None], str], overwrite: bool) -> Iterator[Event]:
+        planned: list[tuple[Path, Path, int]] = []  # (temp file, destination, bytes)
+        notes: list[Event] = []
+        staging: dict[Path, Path] = {}  # directory output -> its temporary sibling folder
+        try:
+            for event in pending:
+                url, dest, in_dir = self._place(event, targets)
+                if dest is None:
+                    notes.append(Log(f"artifact {event.path} matches no output of the spec and was not downloaded", level="warning"))
+                    continue
+                if in_dir is not None:
+                    stage = staging.setdefault(in_dir, in_dir.with_name(f".{in_dir.name}.{uuid.uuid4().hex[:8]}.part"))
+                    tmp = stage / dest.relative_to(in_dir)
+                    tmp.parent.mkdir(parents=True, exist_ok=True)
+                else:
+                    tmp = temp_path_for(dest)
+                planned.append((tmp, dest, event.bytes))
+                self._download(url, tmp, event.bytes)
+            done: list[Event] = []
+            for tmp, dest, size in planned:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                commit(tmp, dest, overwrite)
+                done.append(Artifact(path=str(dest), bytes=size))
+        finally:
+            for tmp, _, _ in planned:
+                tmp.unlink(missing_ok=True)
+            for stage in staging.values():
+                shutil.rmtree(stage, ignore_errors=True)
+        yield from notes
+        yield from done
+
+    def _place(self, event: Artifact, targets: dict[tuple[str, int | None], str]) -> tuple[str, Path | None, Path | None]:
+        """The download URL, the local destination, and (for a file of a directory output) that directory."""
+        parts = urlsplit(event.path)
+        if parts.scheme or parts.netloc or not parts.path.startswith("/v1/artifacts/"):
+            raise BackendError(f"the endpoint sent an artifact that is not a /v1/artifacts/ path: {event.path!r:.100}")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        url = self.endpoint + parts.path
+        index = int(query["index"]) if query.get("index", "").isdigit() else None
+        target = targets.get((query.get("output", ""), index))
+        if target is None:
+            return url, None, None
+        base = Path(target)
+        name = query.get("name")
+        if not name:
+            return url, base, None
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or any(p in ("", ".", "..") for p in rel.parts) or "\\" in name:
+            raise BackendError(f"the endpoint sent an unsafe artifact name {name!r}")
+        return url, base.joinpath(*rel.parts), base
+
+    def _download(self, url: str, tmp: Path, expected: int) -> None:
+        import stamina
+
+        try:
+            for attempt in stamina.retry_context(
+                on=_should_retry_download,
+                attempts=self.max_retries + 1,
+                timeout=None,
+                wait_initial=self.backoff_s,
+                wait_max=max(30.0, self.backoff_s),
+                wait_jitter=self.backoff_s,
+            ):
+                with attempt:
+                    with self._client.stream("GET", url, headers=self._headers) as response:
+                        if response.status_code in (401, 403):
+                            raise BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url})")
+                        if response.status_code == 429 or response.status_code >= 500:
+                            raise _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
+                        if response.status_code != 200:
+                            raise BackendError(f"downloading {url}: HTTP {response.status_code}")
+                        written = 0
+                        with open(tmp, "wb") as f:
+                            for chunk in response.iter_bytes(1 << 20):
+                                f.write(chunk)
+                                written += len(chunk)
+                        if written != expected:
+                            raise BackendError(f"downloading {url}: got {written} of {expected} bytes")
+        except _Retryable as exc:
+            raise BackendError(f"downloading {url}: HTTP {exc.status}") from None
+        except httpx.HTTPError as exc:
+            raise BackendError(f"downloading {url} failed: {_one_line(str(exc)) or type(exc).__name__}") from None
+        except OSError as exc:
+            raise UsageError(f"cannot write {tmp.parent}: {exc.strerror}") from None
+
+
+# -- spec helpers --------------------------------------------------------------------
+
+
+def _paths(value: Any, what: str, name: str) -> list[tuple[int | None, str]]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [(None, value)]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(enumerate(value))
+    raise UsageError(f"spec {what} {name!r} must be a path or a list of paths for the HTTP backend")
+
+
+def _inputs(cls: type, data: dict[str, Any]) -> list[tuple[str, Path]]:
+    """(spec field, local file) for every INPUTS path, checked before any request."""
+    uploads = []
+    for name in getattr(cls, "INPUTS", ()):
+        for _, value in _paths(data.get(name), "input", name):
+            path = Path(value)
+            if not path.exists():
+                raise UsageError(f"input not found: {path}")
+            if not path.is_file():
+                raise UsageError(f"input {path} is not a file (the HTTP backend uploads files, not folders)")
+            uploads.append((name, path))
+    return uploads
+
+
+def _outputs(cls: type, data: dict[str, Any]) -> dict[tuple[str, int | None], str]:
+    """(spec field, list index or None) -> the local output path."""
+    return {(name, index): value for name in getattr(cls, "OUTPUTS", ()) for index, value in _paths(data.get(name), "output", name)}
+
+
+def _check_targets(targets: dict[tuple[str, int | None], str], overwrite: bool) -> None:
+    """Refuse before uploading anything what could not be saved afterwards."""
+    for value in targets.values():
+        path = Path(value)
+        if path.is_dir():  # a directory output: files are merged into it
+            continue
+        if path.exists() and not overwrite:
+            raise UsageError(f"{path} already exists (use --overwrite to replace it)")
+        if not path.parent.is_dir():
+            raise UsageError(f"output directory {path.parent} does not exist")
+
+
+def _decode(line: str, url: str) -> Event:
+    try:
+        return from_dict(json.loads(line))
+    except (ValueError, TypeError):
+        raise BackendError(f"{url} sent a line that is not a synapse event: {line!r:.120}") from None
+
+
+def _error_from_body(url: str, status: int, body: bytes) -> Exception:
+    """A 4xx: the server's JSON error (same shape as the stream's ``error`` line), else a BackendError."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("message"), str):
+        return error_from_wire(data.get("error"), data.get("code"), data["message"])
+    return BackendError(f"{url} answered HTTP {status}: {_one_line(body.decode('utf-8', 'replace')) or 'no body'}")

@@ -1,0 +1,17 @@
+"""The HTTP endpoint: every job kind behind one authenticated, streaming ASGI app.
+
+- ``app``: ``create_app(settings, work_dir=, api_key=, max_upload_mb=)`` -> FastAPI;
+  ``synapse serve`` runs it with uvicorn, and the Modal app wraps the same factory
+  with ``@modal.asgi_app``.
+- ``uploads``: the request body (spec + input files) streamed into the job's folder,
+  with the size limit and filename checks.
+- ``runner``: a job's folder, its spec rewritten to that folder, the worker thread,
+  the event stream and the artifacts it serves.
+
+Importing this package reads nothing and starts nothing; only ``create_app`` touches
+the work dir. It imports FastAPI, so the CLI imports it only inside ``synapse serve``.
+"""
+
+from synapse_cli.server.app import ServerOptions, create_app
+
+__all__ = ["ServerOptions", "create_app"]

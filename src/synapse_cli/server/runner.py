@@ -1,0 +1,369 @@
+"""One job behind the endpoint: its folder, its spec rewritten to that folder, the worker thread, the stream.
+
+Layout of a job's folder (``<work_dir>/jobs/<job id>/``)::
+
+    in/<n>/<filename>     uploaded inputs (removed when the job ends)
+    out/<k>/<basename>    output k of the spec (a file, or a directory such as compile's output_dir)
+    artifacts.json        artifact number -> path inside the folder, for GET /v1/artifacts/<job id>.<number>
+    .done                 written when the job ends; the folder is swept ``artifact_ttl_s`` later
+
+The job generator runs in its own thread and hands events to the event loop
+through ``_Channel``. Server paths never reach the client: messages and the
+``finished`` result are translated back to the paths the client sent, and each
+``artifact`` event's ``path`` becomes the download path
+``/v1/artifacts/<id>?output=<field>[&index=<i>][&name=<relative path>]``.
+A directory output is served as one artifact per file (``name`` is the file's
+path inside the directory), in sorted order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlencode
+
+from synapse_cli.errors import SynapseError
+from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
+from synapse_cli.server.uploads import BadUpload, Body, is_within, remove_tree, safe_filename
+
+log = logging.getLogger("synapse.server")
+
+# Spec fields that name something on the machine that runs the job (a binary, a cache):
+# the client's value means nothing here, and obeying it would let a client pick a binary
+# or a folder on the server. They are reset to the spec's default. A spec class can
+# declare its own with a ``HOST_FIELDS`` class attribute.
+DEFAULT_HOST_FIELDS = ("ffmpeg", "cache_dir")
+
+
+@dataclass
+class Output:
+    field: str
+    index: int | None  # position in a list field, None for a plain path field
+    server_path: Path
+    client_path: str
+
+
+@dataclass
+class JobRun:
+    job_id: str
+    kind: str
+    dir: Path
+    spec: Any
+    outputs: list[Output]
+    uploads: list[Path]
+    replacements: list[tuple[str, str]]  # (server path, client path), longest first
+    artifacts: dict[str, str] = field(default_factory=dict)  # number -> path relative to dir
+
+    # -- server paths -> what the client sees ------------------------------------
+
+    def _text(self, text: str) -> str:
+        for server, client in self.replacements:
+            if server in text:
+                text = text.replace(server, client)
+        return text
+
+    def _value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._text(value)
+        if isinstance(value, dict):
+            return {k: self._value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._value(v) for v in value]
+        return value
+
+    def translate(self, event: Event) -> list[Event]:
+        """The event(s) to stream for one job event."""
+        if isinstance(event, Artifact):
+            return self._artifact(event)
+        if isinstance(event, Finished):
+            return [Finished(result=self._value(event.result), elapsed_s=event.elapsed_s)]
+        if isinstance(event, Log):
+            return [Log(self._text(event.message), event.level)]
+        if isinstance(event, Progress) and event.message:
+            return [Progress(event.done, event.total, event.phase, self._text(event.message))]
+        if isinstance(event, Failed):
+            return [Failed(event.code, self._text(event.message), event.error)]
+        return [event]
+
+    def _artifact(self, event: Artifact) -> list[Event]:
+        path = Path(event.path)
+        if not path.is_absolute():
+            path = self.dir / path
+        if not is_within(path, self.dir):
+            return [Log(f"artifact {path.name!r} is outside the job's folder and is not served", "warning")]
+        out, base = self._output_for(path)
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
+        events: list[Event] = []
+        for f in files:
+            number = str(len(self.artifacts))
+            self.artifacts[number] = f.relative_to(self.dir).as_posix()
+            query: dict[str, Any] = {}
+            if out is not None:
+                query["output"] = out.field
+                if out.index is not None:
+                    query["index"] = out.index
+                if f != out.server_path:
+                    query["name"] = f.relative_to(base).as_posix()
+            else:
+                query["name"] = f.relative_to(base).as_posix() if f != base else f.name
+            events.append(Artifact(path=f"/v1/artifacts/{self.job_id}.{number}?{urlencode(query)}", bytes=f.stat().st_size))
+        self._save_index()
+        return events
+
+    def _output_for(self, path: Path) -> tuple[Output | None, Path]:
+        for out in self.outputs:
+            if path == out.server_path or is_within(path, out.server_path):
+                return out, out.server_path
+        return None, path if path.is_dir() else path.parent
+
+    def _save_index(self) -> None:
+        tmp = self.dir / ".artifacts.json.part"
+        try:
+            tmp.write_text(json.dumps(self.artifacts))
+            os.replace(tmp, self.dir / "artifacts.json")
+        except OSError:  # the folder went away (job cancelled): nothing left to serve
+            pass
+
+
+def artifact_path(jobs_dir: Path, job_id: str, number: str) -> Path | None:
+    """The file behind ``/v1/artifacts/<job_id>.<number>``, or None."""
+    job_dir = jobs_dir / job_id
+    try:
+        index = json.loads((job_dir / "artifacts.json").read_text())
+    except (OSError, ValueError):
+        return None
+    rel = index.get(number) if isinstance(index, dict) else None
+    if not isinstance(rel, str):
+        return None
+    path = job_dir / rel
+    return path if is_within(path, job_dir) and path.is_file() else None
+
+
+# -- preparing a job ---------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _adapter(cls: type) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cls)
+
+
+def _check_types(kind: str, cls: type, data: dict[str, Any]) -> Any:
+    """Build the spec, checking each field's type against the dataclass annotations (422 naming the field)."""
+    from pydantic import ValidationError
+
+    try:
+        adapter = _adapter(cls)
+    except Exception:  # a spec pydantic cannot describe: fall back to the plain constructor
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise BadUpload(422, f"bad {kind} spec: {exc}") from None
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        raise BadUpload(422, f"bad {kind} spec: {where}: {err['msg']}") from None
+
+
+def prepare(kind: str, body: Body, job_dir: Path, job_id: str) -> JobRun:
+    """Check the spec and point its INPUTS at the uploaded files and its OUTPUTS into ``job_dir/out``."""
+    from synapse_cli.jobs import spec_class
+
+    try:
+        cls = spec_class(kind)
+    except ImportError as exc:
+        raise BadUpload(404, f"job kind {kind!r} is not available on this server ({exc})") from None
+    data = dict(body.spec)
+    names = {f.name: f for f in fields(cls)}
+    extra = sorted(set(data) - set(names))
+    if extra:
+        raise BadUpload(422, f"unknown {kind} spec field(s): {', '.join(extra)}")
+    inputs: tuple[str, ...] = tuple(getattr(cls, "INPUTS", ()))
+    outputs: tuple[str, ...] = tuple(getattr(cls, "OUTPUTS", ()))
+    stray = sorted({u.field for u in body.files} - set(inputs))
+    if stray:
+        raise BadUpload(400, f"file part(s) {', '.join(map(repr, stray))} are not inputs of {kind} (inputs: {', '.join(inputs) or 'none'})")
+
+    replacements: list[tuple[str, str]] = []
+    for name in inputs:
+        value = data.get(name)
+        parts = [u for u in body.files if u.field == name]
+        if value is None:
+            if parts:
+                raise BadUpload(422, f"a file was uploaded for {name!r} but the spec's {name} is null")
+            continue
+        if isinstance(value, str):
+            if len(parts) != 1:
+                raise BadUpload(422, f"{kind} input {name!r} needs exactly one file part named {name!r} (got {len(parts)})")
+            data[name] = str(parts[0].path)
+            replacements.append((str(parts[0].path), value))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            if len(parts) != len(value):
+                raise BadUpload(422, f"{kind} input {name!r} lists {len(value)} path(s) but {len(parts)} file part(s) came")
+            data[name] = [str(u.path) for u in parts]
+            replacements.extend((str(u.path), v) for u, v in zip(parts, value))
+        else:
+            raise BadUpload(422, f"{kind} input {name!r} must be a path or a list of paths")
+
+    outs: list[Output] = []
+    for name in outputs:
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            items: list[tuple[int | None, str]] = [(None, value)]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            items = list(enumerate(value))
+        else:
+            raise BadUpload(422, f"{kind} output {name!r} must be a path or a list of paths")
+        server_values = []
+        for index, client in items:
+            folder = job_dir / "out" / str(len(outs))
+            folder.mkdir(parents=True)
+            try:
+                base = safe_filename(Path(client).name)
+            except BadUpload:
+                base = "output" + Path(client).suffix
+            out = Output(name, index, folder / base, client)
+            outs.append(out)
+            server_values.append(str(out.server_path))
+            replacements.append((str(out.server_path), client))
+        data[name] = server_values[0] if isinstance(value, str) else server_values
+
+    host_fields = getattr(cls, "HOST_FIELDS", DEFAULT_HOST_FIELDS)
+    for name in host_fields:
+        if name in names and name not in inputs and name not in outputs:
+            data.pop(name, None)  # the spec's default: whatever this server has
+    spec = _check_types(kind, cls, data)
+    replacements.sort(key=lambda r: len(r[0]), reverse=True)
+    return JobRun(job_id, kind, job_dir, spec, outs, [u.path for u in body.files], replacements)
+
+
+# -- running it --------------------------------------------------------------------
+
+
+class _Cancelled(Exception):
+    """The stream's reader went away: stop the job."""
+
+
+DONE = object()
+
+
+class Channel:
+    """Worker thread -> event loop, bounded, handing over everything queued at once (one chunk per batch)."""
+
+    def __init__(self, loop: Any, maxsize: int = 4096) -> None:
+        import asyncio
+
+        self._loop = loop
+        self._items: deque[Any] = deque()
+        self._lock = threading.Condition()
+        self._ready = asyncio.Event()
+        self._closed = False
+        self._maxsize = maxsize
+
+    def put(self, item: Any, final: bool = False) -> None:
+        """Called from the worker; blocks while the reader is behind; raises ``_Cancelled`` once closed."""
+        with self._lock:
+            while not final and len(self._items) >= self._maxsize and not self._closed:
+                self._lock.wait(0.5)
+            if self._closed:
+                if final:
+                    return
+                raise _Cancelled()
+            self._items.append(item)
+            wake = len(self._items) == 1
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the loop is gone (server shutting down)
+                self.close()
+                if not final:
+                    raise _Cancelled() from None
+
+    async def get_batch(self) -> list[Any]:
+        while True:
+            with self._lock:
+                if self._items:
+                    batch = list(self._items)
+                    self._items.clear()
+                    self._lock.notify_all()
+                    return batch
+                self._ready.clear()
+            await self._ready.wait()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Thread:
+    """Start the job generator in a daemon thread feeding ``channel``; ``on_end(run, ok)`` cleans up."""
+    from synapse_cli.jobs import load_job
+
+    def work() -> None:
+        gen: Iterator[Event] | None = None
+        ok = False
+        try:
+            gen = load_job(run.kind)(run.spec)
+            finished = False
+            for event in gen:
+                channel.put(event)
+                finished = finished or isinstance(event, Finished)
+            ok = finished
+        except _Cancelled:
+            log.info("job %s cancelled: the client went away", run.job_id)
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes the stream's last line
+            if not isinstance(exc, SynapseError):  # a job's own errors are the client's business; bugs are ours
+                log.warning("job %s failed", run.job_id, exc_info=True)
+            channel.put(failed(exc), final=True)
+        finally:
+            if gen is not None:
+                try:
+                    gen.close()  # a cancelled job kills its ffmpeg child and removes its temp files here
+                except Exception:  # noqa: BLE001
+                    log.warning("job %s: error while closing", run.job_id, exc_info=True)
+            try:
+                on_end(run, ok)
+            finally:
+                channel.put(DONE, final=True)
+
+    thread = threading.Thread(target=work, name=f"synapse-job-{run.job_id[:8]}", daemon=True)
+    thread.start()
+    return thread
+
+
+def finish(run: JobRun, ok: bool) -> None:
+    """After the job: inputs go; outputs stay for download only if it succeeded."""
+    if not ok:
+        remove_tree(run.dir)
+        return
+    for path in run.uploads:
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass
+    try:
+        (run.dir / "in").rmdir()
+    except OSError:
+        pass
+    try:
+        (run.dir / ".done").touch()
+    except OSError:
+        pass

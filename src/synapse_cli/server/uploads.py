@@ -1,0 +1,209 @@
+"""Request bodies: the spec (JSON) and the uploaded input files, streamed straight into the job's dir.
+
+Starlette's ``request.form()`` spools large files to the system temp dir; we
+parse the multipart body ourselves (python-multipart's streaming parser) so
+that every byte lands under the job's own ``in/`` folder, the size limit is
+enforced while the bytes arrive, and a bad filename is refused before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+MAX_SPEC_BYTES = 4 * 1024 * 1024  # the spec part (and a JSON body): specs are small, files travel as files
+MAX_FILES = 256
+
+
+class BadUpload(Exception):
+    """A request the server refuses; ``status`` is the HTTP status (400, 413, 415, 422)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def safe_filename(name: str) -> str:
+    """``name`` if it is a plain file name; anything with a path component, ``..`` or control characters is refused."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise BadUpload(400, f"refused upload filename {name!r}: it must be a plain file name without path components")
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        raise BadUpload(400, f"refused upload filename {name!r}: control characters")
+    if len(name.encode("utf-8")) > 255:
+        raise BadUpload(400, "refused upload filename: longer than 255 bytes")
+    return name
+
+
+@dataclass
+class Upload:
+    field: str  # the spec field the file is for (an INPUTS name)
+    filename: str  # the sanitised name it was saved under
+    path: Path
+    bytes: int = 0
+
+
+@dataclass
+class Body:
+    spec: dict[str, Any]
+    files: list[Upload] = field(default_factory=list)
+
+
+def _spec_from_json(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadUpload(400, f"the spec is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadUpload(400, "the spec must be a JSON object")
+    return data
+
+
+async def read_body(
+    content_type: str, stream: AsyncIterator[bytes], in_dir: Path, max_bytes: int
+) -> Body:
+    """Parse a job request: ``application/json`` (the spec alone) or ``multipart/form-data``
+    (a ``spec`` field holding JSON, plus one file part per input, named after its spec field).
+
+    Files go to ``in_dir/<n>/<filename>``. Raises ``BadUpload``; the caller removes ``in_dir``.
+    """
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if mime == "multipart/form-data":
+        return await _read_multipart(content_type, stream, in_dir, max_bytes)
+    if mime not in ("application/json", "application/x-www-form-urlencoded"):
+        raise BadUpload(415, f"expected multipart/form-data or application/json, got {mime or 'no content type'!r}")
+    raw = bytearray()
+    async for chunk in stream:
+        raw.extend(chunk)
+        if len(raw) > min(MAX_SPEC_BYTES, max_bytes):
+            raise BadUpload(413, f"the spec is larger than {min(MAX_SPEC_BYTES, max_bytes)} bytes")
+    if mime == "application/json":
+        return Body(_spec_from_json(bytes(raw)))
+    # a form without files (what many clients send when there is nothing to upload)
+    from urllib.parse import parse_qs
+
+    form = parse_qs(raw.decode("latin-1"), keep_blank_values=True)
+    unknown = sorted(set(form) - {"spec"})
+    if unknown or len(form.get("spec", [])) != 1:
+        raise BadUpload(400, "expected one 'spec' form field" + (f" (unexpected: {', '.join(unknown)})" if unknown else ""))
+    return Body(_spec_from_json(form["spec"][0].encode("latin-1")))
+
+
+async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_dir: Path, max_bytes: int) -> Body:
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise BadUpload(400, "multipart body without a boundary")
+
+    fields: dict[str, bytearray] = {}
+    uploads: list[Upload] = []
+    state: dict[str, Any] = {"headers": [], "hname": b"", "hvalue": b"", "name": None, "file": None, "upload": None}
+
+    def on_part_begin() -> None:
+        state.update(headers=[], name=None, file=None, upload=None)
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["hname"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["hvalue"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"].append((state["hname"].lower(), state["hvalue"]))
+        state["hname"], state["hvalue"] = b"", b""
+
+    def on_headers_finished() -> None:
+        disposition = next((v for k, v in state["headers"] if k == b"content-disposition"), b"")
+        _, options = parse_options_header(disposition)
+        if b"name" not in options:
+            raise BadUpload(400, "a multipart part has no name")
+        name = options[b"name"].decode("utf-8", "replace")
+        state["name"] = name
+        if b"filename" in options:
+            filename = safe_filename(options[b"filename"].decode("utf-8", "replace"))
+            if len(uploads) >= MAX_FILES:
+                raise BadUpload(400, f"more than {MAX_FILES} files")
+            folder = in_dir / str(len(uploads))
+            folder.mkdir(parents=True)
+            upload = Upload(field=name, filename=filename, path=folder / filename)
+            state["file"] = open(upload.path, "xb")  # noqa: SIM115 - closed in on_part_end or on error
+            state["upload"] = upload
+            uploads.append(upload)
+        else:
+            if name in fields:
+                raise BadUpload(400, f"form field {name!r} given twice")
+            fields[name] = bytearray()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if state["file"] is not None:
+            state["file"].write(chunk)
+            state["upload"].bytes += len(chunk)
+        else:
+            buf = fields[state["name"]]
+            if len(buf) + len(chunk) > MAX_SPEC_BYTES:
+                raise BadUpload(413, f"form field {state['name']!r} is larger than {MAX_SPEC_BYTES} bytes")
+            buf.extend(chunk)
+
+    def on_part_end() -> None:
+        if state["file"] is not None:
+            state["file"].close()
+            state["file"] = None
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+        },
+    )
+    received = 0
+    try:
+        async for chunk in stream:
+            received += len(chunk)
+            if received > max_bytes:
+                raise BadUpload(413, f"the upload is larger than the server's limit of {max_bytes // (1024 * 1024)} MB")
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise BadUpload(400, f"malformed multipart body: {exc}") from None
+    finally:
+        if state["file"] is not None:
+            state["file"].close()
+    unknown = sorted(set(fields) - {"spec"})
+    if unknown:
+        raise BadUpload(400, f"unexpected form field(s): {', '.join(unknown)} (expected 'spec' and file parts)")
+    if "spec" not in fields:
+        raise BadUpload(400, "the multipart body has no 'spec' field")
+    return Body(_spec_from_json(bytes(fields["spec"])), uploads)
+
+
+def tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def is_within(path: Path, root: Path) -> bool:
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(root))
+    except ValueError:
+        return False
+    return True

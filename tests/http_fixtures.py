@@ -1,0 +1,133 @@
+"""A real uvicorn server on a loopback port, in a thread, for the HTTP tests.
+
+httpx's ASGITransport buffers the whole response body (encode/httpx#3059), so it cannot
+show events arriving while the job runs; a real server can (httpx's own tests/conftest.py
+runs uvicorn in a thread the same way).
+
+Also: ``TestDirSpec``/``copy_into_dir``, a tiny job kind with a directory output, which the
+tests register in ``synapse_cli.jobs.JOBS`` (the registry is the extension point) to cover
+what export cannot: directory outputs and a job that fails with a JobError.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import pytest
+
+API_KEY = "test-key-3f9c2a7e5b1d"
+
+
+@dataclass
+class Endpoint:
+    url: str
+    work_dir: Path
+    key: str | None
+
+    def job_dirs(self) -> list[Path]:
+        jobs = self.work_dir / "jobs"
+        return sorted(jobs.iterdir()) if jobs.is_dir() else []
+
+
+@contextmanager
+def uvicorn_thread(app: Any) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1:<free port> until the block ends; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@contextmanager
+def serve_app(work_dir: Path, key: str | None = API_KEY, **kwargs: Any) -> Iterator[Endpoint]:
+    from synapse_cli.server import create_app
+
+    app = create_app(work_dir=work_dir, api_key=key, allow_anonymous=key is None, **kwargs)
+    with uvicorn_thread(app) as url:
+        yield Endpoint(url, work_dir, key)
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory) -> Iterator[Endpoint]:
+    """One server for a test module: API key ``API_KEY``, default limits."""
+    with serve_app(tmp_path_factory.mktemp("server")) as ep:
+        yield ep
+
+
+def kill_processes_mentioning(text: str) -> list[int]:
+    """SIGKILL the processes whose command line contains ``text`` (a test's own tmp path): orphans of a killed server."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+# -- a test job kind with a directory output ------------------------------------------
+
+
+@dataclass
+class TestDirSpec:
+    input: str
+    output_dir: str
+    fail: bool = False
+    overwrite: bool = False
+
+    INPUTS: ClassVar[tuple[str, ...]] = ("input",)
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("output_dir",)
+    __test__ = False  # not a pytest class
+
+
+def copy_into_dir(spec: TestDirSpec) -> Iterator[Any]:
+    """Writes ``output_dir/head.txt`` (the input's first bytes) and ``output_dir/sub/size.txt``."""
+    from synapse_cli.errors import JobError
+    from synapse_cli.events import Artifact, Finished, Progress, Started
+
+    yield Started(job="dirtest", total=2)
+    data = Path(spec.input).read_bytes()
+    if spec.fail:
+        raise JobError(f"cannot use {spec.input}: told to fail")
+    out = Path(spec.output_dir)
+    (out / "sub").mkdir(parents=True, exist_ok=True)
+    (out / "head.txt").write_bytes(data[:16])
+    yield Progress(done=1, total=2)
+    (out / "sub" / "size.txt").write_text(str(len(data)))
+    yield Progress(done=2, total=2)
+    yield Artifact(path=str(out), bytes=16 + len(str(len(data))))
+    yield Finished(result={"input": spec.input, "output_dir": str(out), "files": 2})
+
+
+DIRTEST_JOB = ("tests.http_fixtures", "copy_into_dir", "TestDirSpec")

@@ -1,0 +1,365 @@
+"""The endpoint for real: `synapse serve`'s app on a loopback port (uvicorn), the real client, real jobs.
+
+ASGITransport buffers the body, so streaming is tested against a real server in a thread
+(tests/http_fixtures.py); the server-killed test runs `synapse serve` as a process and kills it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from synapse_cli.backends.http import HttpBackend
+from synapse_cli.errors import JobError
+from synapse_cli.events import Artifact, Finished, Progress, Started
+from synapse_cli.jobs.export_video import ExportSpec
+from synapse_cli.jobs.make_sample import SampleSpec
+from tests.conftest import make_clip, probe, synapse_cmd
+from tests.http_fixtures import API_KEY, DIRTEST_JOB, TestDirSpec, endpoint, kill_processes_mentioning, serve_app, uvicorn_thread  # noqa: F401
+
+SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
+
+
+def auth(key: str = API_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def client_env(tmp_path: Path, name: str, **extra: str) -> dict[str, str]:
+    """A job store per run, so no run reuses another's result; fast retries."""
+    return {"SYNAPSE_JOBS_DB": str(tmp_path / f"{name}.db"), "SYNAPSE_HTTP_INITIAL_BACKOFF_MS": "1", **extra}
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not any(p.name.startswith(".") and ".part" in p.name for p in folder.iterdir())
+
+
+# -- the same job, two ways -------------------------------------------------------------
+
+
+def test_export_through_the_endpoint_equals_the_local_result(cli, clips, tmp_path, endpoint):
+    src = clips["halves"]
+    local = cli("export", src, "-o", tmp_path / "local.mp4", "--json", *SMALL, "--no-modal", env=client_env(tmp_path, "a"))
+    remote = cli("export", src, "-o", tmp_path / "remote.mp4", "--json", *SMALL, "--endpoint", endpoint.url, env=client_env(tmp_path, "b", SYNAPSE_API_KEY=API_KEY))
+    assert local.exit_code == 0, local.stderr
+    assert remote.exit_code == 0, remote.stderr
+    lev, rev = local.events(), remote.events()
+    assert [e["type"] for e in rev if e["type"] != "progress"] == ["started", "artifact", "finished"]
+    assert rev[0] == lev[0]  # started: same job, same total
+    assert rev[-2] == {"type": "artifact", "path": str(tmp_path / "remote.mp4"), "bytes": lev[-2]["bytes"]}
+    lres, rres = lev[-1]["result"], rev[-1]["result"]
+    assert rres["input"] == str(src)  # the client's paths, not the server's
+    assert {**rres, "output": None} == {**lres, "output": None} and rres["output"] == str(tmp_path / "remote.mp4")
+    assert (tmp_path / "remote.mp4").read_bytes() == (tmp_path / "local.mp4").read_bytes()
+    assert no_temp_files(tmp_path)
+    assert endpoint.url not in remote.stdout and "/v1/" not in remote.stdout
+    job_dir = endpoint.job_dirs()[-1]
+    assert not (job_dir / "in").exists()  # uploads go when the job ends; the output waits for download
+
+
+def test_progress_events_arrive_while_the_job_runs(clips, tmp_path, endpoint):
+    """Each event's arrival time at the client: progress comes well before the job ends,
+    and when the first one arrives the server is still encoding (its temp file exists)."""
+    spec = ExportSpec(input=str(clips["landscape"]), output=str(tmp_path / "out.mp4"), preset="fast")
+    before = set(endpoint.job_dirs())
+    seen: list[tuple[float, object, bool]] = []
+    backend = HttpBackend(endpoint.url, API_KEY)
+    try:
+        for event in backend.run("export", spec):
+            new = [d for d in endpoint.job_dirs() if d not in before]
+            encoding = bool(new) and any(".part" in p.name for p in new[0].rglob("*"))
+            seen.append((time.monotonic(), event, encoding))
+    finally:
+        backend.close()
+    kinds = [type(e) for _, e, _ in seen]
+    assert kinds[0] is Started and kinds[-2:] == [Artifact, Finished]
+    progress = [(t, e, encoding) for t, e, encoding in seen if isinstance(e, Progress)]
+    assert len(progress) >= 2
+    t_first, _, encoding = progress[0]
+    t_finished = seen[-1][0]
+    assert encoding, "the first progress event arrived after the encode ended"
+    assert t_finished - t_first >= 0.3, [round(t - seen[0][0], 2) for t, _, _ in seen]
+    assert [e.done for _, e, _ in progress] == sorted(e.done for _, e, _ in progress)
+    assert probe(tmp_path / "out.mp4").frames == 60
+
+
+def test_a_job_without_inputs_and_a_directory_output(tmp_path, endpoint, monkeypatch):
+    """sample has no INPUTS; a directory output comes back as one artifact per file, merged into the folder."""
+    from synapse_cli.jobs import JOBS
+
+    events = list(HttpBackend(endpoint.url, API_KEY).run("sample", SampleSpec(output=str(tmp_path / "s.mp4"), seconds=0.2, width=64, height=64, audio=False)))
+    assert isinstance(events[-1], Finished) and events[-1].result["output"] == str(tmp_path / "s.mp4")
+    assert probe(tmp_path / "s.mp4").width == 64
+
+    monkeypatch.setitem(JOBS, "dirtest", DIRTEST_JOB)
+    src = tmp_path / "in.bin"
+    src.write_bytes(b"0123456789abcdefXYZ")
+    out = tmp_path / "compiled"
+    events = list(HttpBackend(endpoint.url, API_KEY).run("dirtest", TestDirSpec(input=str(src), output_dir=str(out))))
+    arts = [e for e in events if isinstance(e, Artifact)]
+    assert arts == [Artifact(str(out / "head.txt"), 16), Artifact(str(out / "sub" / "size.txt"), 2)]
+    assert (out / "head.txt").read_bytes() == b"0123456789abcdef" and (out / "sub" / "size.txt").read_text() == "19"
+    assert events[-1].result == {"input": str(src), "output_dir": str(out), "files": 2}
+    assert no_temp_files(tmp_path)
+
+    with pytest.raises(JobError, match=f"cannot use {src}: told to fail"):  # the message names the client's path
+        list(HttpBackend(endpoint.url, API_KEY).run("dirtest", TestDirSpec(input=str(src), output_dir=str(tmp_path / "other"), fail=True)))
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_job_error_keeps_its_exit_code_and_names_the_clients_path(cli, tmp_path, endpoint):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("this is not a video")
+    run = cli("export", bad, "-o", tmp_path / "o.mp4", "--json", "--endpoint", endpoint.url, env=client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY))
+    assert run.exit_code == 2, run.stderr
+    last = run.events()[-1]
+    assert last["type"] == "error" and last["error"] == "UsageError" and last["message"].startswith(f"{bad} is not readable media")
+    assert str(endpoint.work_dir) not in run.stdout + run.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+# -- auth and bad requests ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_without_the_right_key_exit_3_and_no_job_ran(cli, clips, tmp_path, endpoint, key):
+    before = endpoint.job_dirs()
+    env = client_env(tmp_path, "a", **({"SYNAPSE_API_KEY": key} if key else {}))
+    run = cli("export", clips["landscape"], "-o", tmp_path / "o.mp4", "--json", "--endpoint", endpoint.url, env=env)
+    assert run.exit_code == 3
+    assert "endpoint rejected the API key" in run.stderr.strip().splitlines()[-1]
+    assert run.events()[-1]["code"] == 3 and not [e for e in run.events() if e["type"] == "started"]
+    assert endpoint.job_dirs() == before and not (tmp_path / "o.mp4").exists()
+    if key:
+        assert key not in run.stdout + run.stderr
+
+
+def post(endpoint, kind="export", spec=None, files=None, headers=None, **kwargs) -> httpx.Response:
+    spec = {"input": "clip.mp4", "output": "out.mp4"} if spec is None else spec
+    data = {"spec": spec if isinstance(spec, str) else json.dumps(spec)}
+    files = [("input", ("clip.mp4", b"\x00" * 64, "video/mp4"))] if files is None else files
+    return httpx.post(f"{endpoint.url}/v1/jobs/{kind}", data=data, files=files, headers={**auth(), **(headers or {})}, **kwargs)
+
+
+@pytest.mark.parametrize("filename", ["../evil.mp4", "../../etc/evil.mp4", "sub/evil.mp4", "..", "..\\evil.mp4"])
+def test_a_filename_with_path_components_is_rejected(endpoint, filename):
+    before = endpoint.job_dirs()
+    response = post(endpoint, files=[("input", (filename, b"payload", "video/mp4"))])
+    assert response.status_code == 400
+    body = response.json()
+    assert body["type"] == "error" and body["code"] == 2 and "plain file name" in body["message"]
+    assert endpoint.job_dirs() == before
+    parent = endpoint.work_dir.parent
+    assert not (parent / "evil.mp4").exists() and not (endpoint.work_dir / "evil.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, fragment",
+    [
+        ({"kind": "nope"}, 404, "unknown job kind 'nope'"),
+        ({"spec": {"input": "a.mp4", "output": "b.mp4", "bogus": 1}}, 422, "unknown export spec field(s): bogus"),
+        ({"spec": {"input": "a.mp4", "output": "b.mp4", "crf": "high"}}, 422, "bad export spec: crf"),
+        ({"spec": {"input": "a.mp4"}}, 422, "bad export spec: output"),
+        ({"spec": "{not json"}, 400, "not valid JSON"),
+        ({"files": []}, 422, "needs exactly one file part named 'input'"),
+        ({"files": [("input", ("a.mp4", b"1")), ("input", ("b.mp4", b"2"))]}, 422, "(got 2)"),
+        ({"files": [("input", ("a.mp4", b"1")), ("weights", ("w.pt", b"2"))]}, 400, "'weights' are not inputs of export"),
+    ],
+)
+def test_bad_requests_get_a_json_error_and_leave_nothing(endpoint, kwargs, status, fragment):
+    before = endpoint.job_dirs()
+    response = post(endpoint, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["type"] == "error" and fragment in response.json()["message"]
+    assert endpoint.job_dirs() == before
+
+
+def test_a_non_form_body_is_415_and_json_is_fine_without_inputs(endpoint):
+    r = httpx.post(f"{endpoint.url}/v1/jobs/export", content=b"hello", headers={**auth(), "content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["code"] == 2
+    r = httpx.post(f"{endpoint.url}/v1/jobs/sample", json={"output": "x.mp4", "bogus": 1}, headers=auth())
+    assert r.status_code == 422 and "bogus" in r.json()["message"]
+
+
+def test_uploads_over_the_limit_are_413(tmp_path):
+    with serve_app(tmp_path / "srv", max_upload_mb=1) as ep:
+        host, port = ep.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as s:  # announced too big: refused before reading a byte
+            s.sendall(
+                f"POST /v1/jobs/export HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 3000000\r\n\r\n".encode()
+            )
+            reply = b""
+            while chunk := s.recv(65536):  # the server closes after its answer
+                reply += chunk
+            reply = reply.decode()
+        assert reply.startswith("HTTP/1.1 413") and "larger than the server's limit of 1 MB" in reply
+
+        def chunks():  # no Content-Length: counted as it streams in
+            yield b'--b\r\nContent-Disposition: form-data; name="input"; filename="big.mp4"\r\n\r\n'
+            for _ in range(12):
+                yield b"\x00" * 100_000
+
+        try:
+            r = httpx.post(f"{ep.url}/v1/jobs/export", content=chunks(), headers={**auth(), "content-type": "multipart/form-data; boundary=b"})
+            assert r.status_code == 413 and r.json()["code"] == 2
+        except httpx.TransportError:
+            pass  # the server may close before the client finished sending: refused all the same
+        assert ep.job_dirs() == []
+
+
+def test_artifacts_need_the_key_and_unknown_ids_are_404(tmp_path, endpoint):
+    r = httpx.post(f"{endpoint.url}/v1/jobs/sample", json={"output": "s.mp4", "seconds": 0.2, "width": 32, "height": 32, "audio": False}, headers=auth())
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+    events = [json.loads(line) for line in r.text.splitlines()]
+    art = next(e for e in events if e["type"] == "artifact")
+    assert art["path"].startswith("/v1/artifacts/") and art["path"].endswith("?output=output")
+    assert events[-1]["result"]["output"] == "s.mp4"
+    url = endpoint.url + art["path"].split("?")[0]
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers=auth("nope")).status_code == 401
+    got = httpx.get(url, headers=auth())
+    assert got.status_code == 200 and len(got.content) == art["bytes"]
+    for bad in ("AAAAAAAAAAAAAAAAAAAAAA.0", url.rsplit("/", 1)[1] + "9", "..%2F..%2Fetc%2Fpasswd", "x.0"):
+        r = httpx.get(f"{endpoint.url}/v1/artifacts/{bad}", headers=auth())
+        assert r.status_code == 404 and r.json()["type"] == "error"
+    health = httpx.get(f"{endpoint.url}/v1/health").json()
+    assert health["status"] == "ok" and health["auth"] == "bearer" and "export" in health["jobs"] and health["key_accepted"] is False
+
+
+# -- failures on the way ------------------------------------------------------------------
+
+
+def test_a_server_that_answers_503_twice_then_succeeds(cli, clips, tmp_path):
+    from synapse_cli.server import create_app
+
+    app = create_app(work_dir=tmp_path / "srv", api_key=API_KEY)
+    posts: list[int] = []
+
+    async def flaky(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            posts.append(1)
+            if len(posts) <= 2:
+                while (await receive()).get("more_body"):
+                    pass
+                await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain")]})
+                await send({"type": "http.response.body", "body": b"warming up"})
+                return
+        await app(scope, receive, send)
+
+    with uvicorn_thread(flaky) as url:
+        run = cli("export", clips["portrait"], "-o", tmp_path / "o.mp4", "--json", *SMALL, "--endpoint", url, env=client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY))
+    assert run.exit_code == 0, run.stderr
+    assert len(posts) == 3
+    logs = [e for e in run.events() if e["type"] == "log"]
+    assert len(logs) == 2 and all("HTTP 503" in e["message"] for e in logs)
+    assert [e["type"] for e in run.events() if e["type"] not in ("log", "progress")] == ["started", "artifact", "finished"]
+    assert probe(tmp_path / "o.mp4").height == 480
+
+
+def test_connection_refused_is_exit_3_naming_the_url(cli, clips, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        url = f"http://127.0.0.1:{port}"
+        run = cli("export", clips["landscape"], "-o", tmp_path / "o.mp4", "--endpoint", url, env=client_env(tmp_path, "a", SYNAPSE_HTTP_MAX_RETRIES="2"))
+    assert run.exit_code == 3
+    assert run.stderr.strip().splitlines()[-1].startswith(f"BackendError: cannot reach {url}/v1/jobs/export:")
+    assert "(3 attempts)" in run.stderr
+
+
+def test_a_client_that_goes_away_cancels_the_job(clips, endpoint):
+    """Close the stream at the first progress event: the job stops, ffmpeg dies, the job's folder goes."""
+    spec = {"input": "clip.mp4", "output": "out.mp4", "preset": "medium"}
+    before = set(endpoint.job_dirs())
+    with open(clips["landscape"], "rb") as f:
+        with httpx.stream("POST", f"{endpoint.url}/v1/jobs/export", data={"spec": json.dumps(spec)}, files=[("input", ("clip.mp4", f))], headers=auth()) as r:
+            job_dir = endpoint.work_dir / "jobs" / r.headers["x-synapse-job"]
+            for line in r.iter_lines():
+                if json.loads(line)["type"] == "progress":
+                    break
+            assert any(".part" in p.name for p in job_dir.rglob("*"))
+    deadline = time.monotonic() + 10
+    while job_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not job_dir.exists()
+    assert set(endpoint.job_dirs()) == before
+    assert kill_processes_mentioning(str(job_dir)) == []  # no ffmpeg left behind
+
+
+def test_a_server_killed_mid_stream_is_exit_3_with_no_partial_output(cli, clips, tmp_path):
+    work = tmp_path / "srv"
+    server = subprocess.Popen(
+        [*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(work)],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "SYNAPSE_API_KEY": API_KEY}, start_new_session=True,
+    )
+    try:
+        line = server.stderr.readline()
+        assert "listening on http://127.0.0.1:" in line, line
+        url = line.split("listening on ")[1].split()[0]
+        threading.Thread(target=server.stderr.read, daemon=True).start()  # keep draining its logs
+
+        def kill_when_encoding() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if work.is_dir() and any(".part" in p.name for p in work.rglob("*")):
+                    os.killpg(server.pid, signal.SIGKILL)
+                    return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_when_encoding)
+        killer.start()
+        out = tmp_path / "client" / "o.mp4"
+        out.parent.mkdir()
+        run = cli("export", clips["landscape"], "-o", out, "--json", "--endpoint", url, env=client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY, SYNAPSE_FFMPEG_PRESET="medium"))
+        killer.join()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        kill_processes_mentioning(str(work))  # ffmpeg runs in its own session: an orphan of the killed server
+    assert server.returncode == -signal.SIGKILL
+    assert run.exit_code == 3, run.stderr
+    assert "broke before the job finished" in run.stderr
+    assert any(e["type"] == "started" for e in run.events())
+    assert list(out.parent.iterdir()) == []
+
+
+def test_serve_refuses_a_public_address_without_a_key(cli):
+    run = cli("serve", "--host", "0.0.0.0", "--port", "0")
+    assert run.exit_code == 2
+    assert "refusing to serve on 0.0.0.0 without an API key" in run.stderr
+
+
+def test_serve_reports_a_busy_port_in_one_line(cli):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        run = cli("serve", "--port", str(s.getsockname()[1]))
+    assert run.exit_code == 2 and "cannot listen on 127.0.0.1" in run.stderr
+
+
+def test_the_app_needs_a_key_unless_told_otherwise(tmp_path):
+    from synapse_cli.cli.serve import is_loopback
+    from synapse_cli.server import create_app
+
+    with pytest.raises(ValueError, match="needs an api_key"):
+        create_app(work_dir=tmp_path)
+    assert [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.5.0.1", "0.0.0.0", "10.0.0.1", "example.com")] == [
+        True, True, True, True, False, False, False,
+    ]
+
+
+def test_the_server_module_imports_without_side_effects(tmp_path):
+    code = "import os, synapse_cli.server; print(sorted(os.listdir('.')))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr

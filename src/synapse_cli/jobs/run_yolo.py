@@ -205,18 +205,20 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 if processed == 0:
                     runtime.set_threads(threads)  # the predictor's set-up reset them to cores - 1
                 last = detections_from(result, names, keypoints)
+                metres: list[tuple[float, float] | None] = [None] * len(last)
                 if court is not None:
-                    kept = []
+                    kept, metres = [], []
                     for det in last:
                         gx, gy = ground_point(det["box"])
                         if court.contains(gx, gy):
                             mx, my = court.to_metres(gx, gy)
                             det["position_m"] = [round(mx, 2), round(my, 2)]
                             kept.append(det)
+                            metres.append((mx, my))
                     last = kept
                 if spec.task == "track":
-                    for det in last:
-                        motion.update(det, frame.index, frame.timestamp)
+                    for det, pos in zip(last, metres):
+                        motion.update(det, frame.index, frame.timestamp, pos)
                 record: dict[str, Any] = {
                     "frame": frame.index,
                     "timestamp": round(frame.timestamp, 4) if frame.timestamp is not None else None,
@@ -239,7 +241,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
 
                 encoder.write(draw_detections(frame.image, last, court))
             now = time.monotonic()
-            if now - last_progress >= PROGRESS_EVERY_S:
+            if now - last_progress >= PROGRESS_EVERY_S or processed == 1 == decoded:  # the first frame shows the job is alive
                 last_progress, reported = now, decoded
                 yield Progress(
                     done=decoded, total=max(info.frames, decoded), phase="infer",

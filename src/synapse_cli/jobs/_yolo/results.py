@@ -94,8 +94,8 @@ class Motion:
         self._recent: dict[int, deque[tuple[float, float, float, tuple[float, float] | None]]] = {}
         self._stats: dict[int, dict[str, Any]] = {}
 
-    def update(self, det: dict[str, Any], frame: int, t: float | None) -> None:
-        """Add ``speed_px_s`` (and ``speed_m_s`` when the detection has ``position_m``) to ``det``."""
+    def update(self, det: dict[str, Any], frame: int, t: float | None, metres: tuple[float, float] | None = None) -> None:
+        """Add ``speed_px_s`` (and ``speed_m_s`` when given the unrounded court position ``metres``) to ``det``."""
         tid = det.get("track_id")
         if tid is None:
             return
@@ -107,7 +107,7 @@ class Motion:
         if t is None:
             return
         x, y = ground_point(det["box"])
-        pos_m = tuple(det["position_m"]) if "position_m" in det else None
+        pos_m = metres
         recent = self._recent.setdefault(tid, deque())
         if recent and t - recent[-1][0] > self.gap_s:
             recent.clear()

@@ -112,12 +112,16 @@ class TestDirSpec:
 
 
 def copy_into_dir(spec: TestDirSpec) -> Iterator[Any]:
-    """Writes ``output_dir/head.txt`` (the input's first bytes) and ``output_dir/sub/size.txt``."""
+    """Writes ``output_dir/head.txt`` (the input's first bytes) and ``output_dir/sub/size.txt``.
+
+    The input may be a folder: its files are read in sorted order, as one."""
     from synapse_cli.errors import JobError
     from synapse_cli.events import Artifact, Finished, Progress, Started
 
     yield Started(job="dirtest", total=2)
-    data = Path(spec.input).read_bytes()
+    src = Path(spec.input)
+    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
+    data = b"".join(p.read_bytes() for p in files)
     if spec.fail:
         raise JobError(f"cannot use {spec.input}: told to fail")
     out = Path(spec.output_dir)
@@ -127,7 +131,8 @@ def copy_into_dir(spec: TestDirSpec) -> Iterator[Any]:
     (out / "sub" / "size.txt").write_text(str(len(data)))
     yield Progress(done=2, total=2)
     yield Artifact(path=str(out), bytes=16 + len(str(len(data))))
-    yield Finished(result={"input": spec.input, "output_dir": str(out), "files": 2})
+    names = [str(p) for p in files] if src.is_dir() else []
+    yield Finished(result={"input": spec.input, "output_dir": str(out), "files": 2, **({"read": names} if names else {})})
 
 
 DIRTEST_JOB = ("tests.http_fixtures", "copy_into_dir", "TestDirSpec")

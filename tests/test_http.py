@@ -111,6 +111,14 @@ def test_a_job_without_inputs_and_a_directory_output(tmp_path, endpoint, monkeyp
     assert events[-1].result == {"input": str(src), "output_dir": str(out), "files": 2}
     assert no_temp_files(tmp_path)
 
+    tree = tmp_path / "schemas"  # a directory input travels as a tar and is unpacked on the server
+    (tree / "nested").mkdir(parents=True)
+    (tree / "a.json").write_text("{}")
+    (tree / "nested" / "b.json").write_text('{"type":"string"}')
+    events = list(HttpBackend(endpoint.url, API_KEY).run("dirtest", TestDirSpec(input=str(tree), output_dir=str(out), overwrite=True)))
+    assert events[-1].result["read"] == [str(tree / "a.json"), str(tree / "nested" / "b.json")]
+    assert (out / "head.txt").read_text() == '{}{"type":"strin'
+
     with pytest.raises(JobError, match=f"cannot use {src}: told to fail"):  # the message names the client's path
         list(HttpBackend(endpoint.url, API_KEY).run("dirtest", TestDirSpec(input=str(src), output_dir=str(tmp_path / "other"), fail=True)))
     assert not (tmp_path / "other").exists()
@@ -160,6 +168,44 @@ def test_a_filename_with_path_components_is_rejected(endpoint, filename):
     assert endpoint.job_dirs() == before
     parent = endpoint.work_dir.parent
     assert not (parent / "evil.mp4").exists() and not (endpoint.work_dir / "evil.mp4").exists()
+
+
+def tar_of(*members: tuple[str, bytes | None, str]) -> bytes:
+    """(name, data, link target): a file when data is given, else a symlink."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data, link in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.linkname = tarfile.SYMTYPE, link
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "members, fragment",
+    [
+        ([("ok.json", b"{}", ""), ("../evil.txt", b"x", "")], "plain file name"),
+        ([("sub/../../evil.txt", b"x", "")], "plain file name"),
+        ([("link", None, "/etc/passwd")], "not a plain file or folder"),
+    ],
+)
+def test_a_directory_upload_cannot_escape_its_folder(tmp_path, endpoint, monkeypatch, members, fragment):
+    from synapse_cli.jobs import JOBS
+
+    monkeypatch.setitem(JOBS, "dirtest", DIRTEST_JOB)
+    before = endpoint.job_dirs()
+    files = [("input", ("schemas", tar_of(*members), "application/x-synapse-dir+tar"))]
+    response = post(endpoint, kind="dirtest", spec={"input": "schemas", "output_dir": "out"}, files=files)
+    assert response.status_code == 400 and fragment in response.json()["message"]
+    assert endpoint.job_dirs() == before
+    assert not list(endpoint.work_dir.parent.glob("**/evil.txt"))
 
 
 @pytest.mark.parametrize(
@@ -218,7 +264,8 @@ def test_uploads_over_the_limit_are_413(tmp_path):
 
 
 def test_artifacts_need_the_key_and_unknown_ids_are_404(tmp_path, endpoint):
-    r = httpx.post(f"{endpoint.url}/v1/jobs/sample", json={"output": "s.mp4", "seconds": 0.2, "width": 32, "height": 32, "audio": False}, headers=auth())
+    spec = {"output": "s.mp4", "seconds": 0.2, "width": 32, "height": 32, "audio": False, "ffmpeg": "/nonexistent/ffmpeg"}
+    r = httpx.post(f"{endpoint.url}/v1/jobs/sample", json=spec, headers=auth())  # the server uses its own ffmpeg
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
     events = [json.loads(line) for line in r.text.splitlines()]
     art = next(e for e in events if e["type"] == "artifact")
@@ -234,6 +281,18 @@ def test_artifacts_need_the_key_and_unknown_ids_are_404(tmp_path, endpoint):
         assert r.status_code == 404 and r.json()["type"] == "error"
     health = httpx.get(f"{endpoint.url}/v1/health").json()
     assert health["status"] == "ok" and health["auth"] == "bearer" and "export" in health["jobs"] and health["key_accepted"] is False
+
+
+def test_outputs_expire_and_are_swept(tmp_path):
+    spec = {"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio": False}
+    with serve_app(tmp_path / "srv", artifact_ttl_s=0) as ep:
+        first = httpx.post(f"{ep.url}/v1/jobs/sample", json=spec, headers=auth())
+        art = next(json.loads(line) for line in first.text.splitlines() if '"artifact"' in line)
+        assert len(ep.job_dirs()) == 1
+        time.sleep(0.05)
+        httpx.post(f"{ep.url}/v1/jobs/sample", json=spec, headers=auth())  # each new job sweeps what expired
+        assert len(ep.job_dirs()) == 1
+        assert httpx.get(ep.url + art["path"], headers=auth()).status_code == 404
 
 
 # -- failures on the way ------------------------------------------------------------------

@@ -14,7 +14,6 @@ and a job whose stream started is never replayed. httpx is imported here only, s
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import shutil
@@ -38,6 +37,7 @@ from synapse_cli.jobs._files import commit, temp_path_for
 logging.getLogger("stamina").addHandler(logging.NullHandler())
 
 MAX_RETRY_AFTER_S = 60.0
+DIR_TAR = "application/x-synapse-dir+tar"  # how a directory input travels (synapse_cli.server.uploads)
 KEY_REJECTED = "endpoint rejected the API key"
 
 
@@ -57,6 +57,8 @@ def _retry_after(value: str | None) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
+        import email.utils
+
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
@@ -205,7 +207,7 @@ class HttpBackend:
     def _post(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]]) -> httpx.Response:
         with ExitStack() as files:
             if uploads:
-                parts = [(name, (path.name, files.enter_context(open(path, "rb")), "application/octet-stream")) for name, path in uploads]
+                parts = [(name, _part(path, files)) for name, path in uploads]
                 request = self._client.build_request("POST", url, data={"spec": json.dumps(data)}, files=parts, headers=self._headers)
             else:
                 request = self._client.build_request("POST", url, json=data, headers=self._headers)
@@ -236,7 +238,7 @@ class HttpBackend:
             if health.get("key_accepted") is False:
                 return BackendError(f"{KEY_REJECTED} (from {url}; set SYNAPSE_API_KEY or --api-key)")
             limit = health.get("max_upload_mb")
-            total = sum(path.stat().st_size for _, path in uploads)
+            total = sum(f.stat().st_size for _, path in uploads for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
             if isinstance(limit, (int, float)) and total > limit * 1024 * 1024:
                 return UsageError(f"the upload ({total / 1048576:.1f} MB) is larger than the endpoint's limit of {limit:g} MB (serve.max_upload_mb)")
         return BackendError(f"the connection to {url} broke before the job started ({_one_line(str(exc)) or type(exc).__name__})")
@@ -343,17 +345,31 @@ def _paths(value: Any, what: str, name: str) -> list[tuple[int | None, str]]:
 
 
 def _inputs(cls: type, data: dict[str, Any]) -> list[tuple[str, Path]]:
-    """(spec field, local file) for every INPUTS path, checked before any request."""
+    """(spec field, local file or folder) for every INPUTS path, checked before any request."""
     uploads = []
     for name in getattr(cls, "INPUTS", ()):
         for _, value in _paths(data.get(name), "input", name):
             path = Path(value)
             if not path.exists():
                 raise UsageError(f"input not found: {path}")
-            if not path.is_file():
-                raise UsageError(f"input {path} is not a file (the HTTP backend uploads files, not folders)")
             uploads.append((name, path))
     return uploads
+
+
+def _part(path: Path, files: ExitStack) -> tuple[str, Any, str]:
+    """A multipart file: the file itself, or a directory input as an uncompressed tar of its files."""
+    if not path.is_dir():
+        return (path.name, files.enter_context(open(path, "rb")), "application/octet-stream")
+    import tarfile
+    import tempfile
+
+    archive = files.enter_context(tempfile.TemporaryFile())
+    with tarfile.open(fileobj=archive, mode="w", dereference=True) as tar:
+        for f in sorted(path.rglob("*")):
+            if f.is_file():  # folders come with their files; links are followed
+                tar.add(f, arcname=f.relative_to(path).as_posix(), recursive=False)
+    archive.seek(0)
+    return (path.resolve().name or "input", archive, DIR_TAR)
 
 
 def _outputs(cls: type, data: dict[str, Any]) -> dict[tuple[str, int | None], str]:

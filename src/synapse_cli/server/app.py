@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from synapse_cli import __version__
 from synapse_cli.render.ndjson import encode
@@ -156,6 +157,9 @@ def create_app(
         except BadUpload as exc:
             remove_tree(job_dir)
             return _error(exc.status, exc.message, close=exc.status == 413)
+        except ClientDisconnect:  # gone mid-upload: nothing to answer, nothing to keep
+            remove_tree(job_dir)
+            return _error(400, "the client disconnected during the upload", close=True)
         except BaseException:  # the client went away mid-upload, or a bug: leave nothing behind
             remove_tree(job_dir)
             raise

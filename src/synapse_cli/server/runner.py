@@ -39,7 +39,7 @@ log = logging.getLogger("synapse.server")
 # the client's value means nothing here, and obeying it would let a client pick a binary
 # or a folder on the server. They are reset to the spec's default. A spec class can
 # declare its own with a ``HOST_FIELDS`` class attribute.
-DEFAULT_HOST_FIELDS = ("ffmpeg", "cache_dir")
+DEFAULT_HOST_FIELDS = ("ffmpeg", "ffmpeg_path", "cache_dir")
 
 
 @dataclass
@@ -354,7 +354,7 @@ def finish(run: JobRun, ok: bool) -> None:
         remove_tree(run.dir)
         return
     for path in run.uploads:
-        path.unlink(missing_ok=True)
+        remove_tree(path)
         try:
             path.parent.rmdir()
         except OSError:

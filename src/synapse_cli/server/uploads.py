@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, AsyncIterator
 
 MAX_SPEC_BYTES = 4 * 1024 * 1024  # the spec part (and a JSON body): specs are small, files travel as files
 MAX_FILES = 256
+DIR_TAR = "application/x-synapse-dir+tar"  # a part holding a directory input, as an uncompressed tar
+MAX_DIR_MEMBERS = 10_000
 
 
 class BadUpload(Exception):
@@ -44,8 +47,9 @@ def safe_filename(name: str) -> str:
 class Upload:
     field: str  # the spec field the file is for (an INPUTS name)
     filename: str  # the sanitised name it was saved under
-    path: Path
+    path: Path  # the saved file, or for a directory input the folder it was unpacked into
     bytes: int = 0
+    is_dir: bool = False
 
 
 @dataclass
@@ -133,8 +137,10 @@ async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_di
                 raise BadUpload(400, f"more than {MAX_FILES} files")
             folder = in_dir / str(len(uploads))
             folder.mkdir(parents=True)
-            upload = Upload(field=name, filename=filename, path=folder / filename)
-            state["file"] = open(upload.path, "xb")  # noqa: SIM115 - closed in on_part_end or on error
+            ctype = next((v for k, v in state["headers"] if k == b"content-type"), b"").decode("latin-1").strip().lower()
+            upload = Upload(field=name, filename=filename, path=folder / filename, is_dir=ctype == DIR_TAR)
+            target = folder / f".{filename}.tar" if upload.is_dir else upload.path
+            state["file"] = open(target, "xb")  # noqa: SIM115 - closed in on_part_end or on error
             state["upload"] = upload
             uploads.append(upload)
         else:
@@ -188,7 +194,46 @@ async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_di
         raise BadUpload(400, f"unexpected form field(s): {', '.join(unknown)} (expected 'spec' and file parts)")
     if "spec" not in fields:
         raise BadUpload(400, "the multipart body has no 'spec' field")
-    return Body(_spec_from_json(bytes(fields["spec"])), uploads)
+    spec = _spec_from_json(bytes(fields["spec"]))
+    for upload in uploads:
+        if upload.is_dir:
+            import anyio
+
+            await anyio.to_thread.run_sync(_unpack_dir, upload)
+    return Body(spec, uploads)
+
+
+def _unpack_dir(upload: Upload) -> None:
+    """Unpack a directory input's tar into ``upload.path``: plain files and folders only, every name checked."""
+    import tarfile
+
+    archive = upload.path.with_name(f".{upload.filename}.tar")
+    dest = upload.path
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            members = tar.getmembers()
+            if len(members) > MAX_DIR_MEMBERS:
+                raise BadUpload(400, f"directory upload {upload.filename!r} has more than {MAX_DIR_MEMBERS} entries")
+            dest.mkdir()
+            for member in members:
+                parts = [p for p in member.name.split("/") if p not in ("", ".")]
+                for part in parts:
+                    safe_filename(part)
+                if not (member.isfile() or member.isdir()):
+                    raise BadUpload(400, f"directory upload {upload.filename!r}: {member.name!r} is not a plain file or folder")
+                target = dest.joinpath(*parts)
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None
+                with source, open(target, "xb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+    except (tarfile.TarError, FileExistsError) as exc:
+        raise BadUpload(400, f"directory upload {upload.filename!r} is not a valid tar: {exc}") from None
+    finally:
+        archive.unlink(missing_ok=True)
 
 
 def tree_size(path: Path) -> int:
@@ -196,8 +241,6 @@ def tree_size(path: Path) -> int:
 
 
 def remove_tree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 

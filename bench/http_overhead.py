@@ -1,0 +1,147 @@
+"""The HTTP endpoint's cost: `synapse export --endpoint` on loopback ÷ `synapse export --no-modal`, and events/second.
+
+1. Export: a 1280x720 clip with audio, framing to 810x1440 (libx264 fast, crf 23), run
+   through `synapse serve` on 127.0.0.1 and in-process; runs interleaved, medians compared.
+   Both are the real CLI in a fresh process (`--no-cache`: every run encodes). The endpoint
+   run adds the upload, the stream, the download and the rename.
+2. Events/second: a synthetic job kind (registered only in this benchmark's server) yields
+   N progress events as fast as it can; HttpBackend decodes them on the client. The same
+   generator consumed in-process (and NDJSON-encoded) is printed beside it for scale.
+
+Usage: python bench/http_overhead.py [--runs 3] [--seconds 10] [--events 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+from _common import synapse_exe, timed
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+KEY = "bench-key-0000000000000000"
+
+
+@dataclass
+class ManySpec:
+    count: int = 100_000
+
+    INPUTS: ClassVar[tuple[str, ...]] = ()
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
+
+
+def many_events(spec: ManySpec) -> Iterator[object]:
+    from synapse_cli.events import Finished, Progress, Started
+
+    yield Started(job="bench_events", total=spec.count)
+    for i in range(1, spec.count + 1):
+        yield Progress(done=i, total=spec.count, phase="bench")
+    yield Finished(result={"count": spec.count})
+
+
+# `synapse serve` with the synthetic kind registered: the server runs in its own process, as it would for real
+SERVER = """
+import sys
+sys.path.insert(0, {bench!r})
+from synapse_cli.jobs import JOBS
+JOBS["bench_events"] = ("http_overhead", "many_events", "ManySpec")
+from synapse_cli.cli import app
+app(["serve", "--port", "0", "--work-dir", {work!r}])
+"""
+
+
+def start_server(work: Path) -> tuple[subprocess.Popen, str]:
+    code = SERVER.format(bench=str(Path(__file__).resolve().parent), work=str(work))
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env={**os.environ, "SYNAPSE_API_KEY": KEY})
+    line = proc.stderr.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise SystemExit(f"server did not start: {line}{proc.stderr.read()}")
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # drain the access log
+    return proc, line.split("listening on ")[1].split()[0]
+
+
+def bench_export(url: str, work: Path, runs: int, seconds: int) -> None:
+    from synapse_cli.jobs._media import find_ffmpeg
+
+    ffmpeg = find_ffmpeg(None)
+    clip = work / "clip.mp4"
+    subprocess.run(
+        [ffmpeg, "-v", "error", "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
+         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:v", "libx264", "-preset", "veryfast",
+         "-c:a", "aac", "-shortest", str(clip)],
+        check=True,
+    )
+    common = ["export", str(clip), "--job", "framing", "--overwrite", "--no-cache"]
+    local = synapse_exe() + common + ["--no-modal", "-o", str(work / "local.mp4")]
+    remote = synapse_exe() + common + ["--endpoint", url, "-o", str(work / "remote.mp4")]
+    env = {**os.environ, "SYNAPSE_FFMPEG": ffmpeg, "SYNAPSE_API_KEY": KEY, "SYNAPSE_JOBS_DB": str(work / "jobs.db")}
+    timed(remote, env=env)  # warm-up: page cache, .pyc files, the server's first import of the export job
+    t_local, t_remote = [], []
+    for _ in range(runs):
+        t_local.append(timed(local, env=env))
+        t_remote.append(timed(remote, env=env))
+    ml, mr = statistics.median(t_local), statistics.median(t_remote)
+    size = clip.stat().st_size / 1e6
+    out = (work / "remote.mp4").stat().st_size / 1e6
+    same = (work / "remote.mp4").read_bytes() == (work / "local.mp4").read_bytes()
+    print(f"export: {seconds} s 1280x720 + audio ({size:.1f} MB up, {out:.1f} MB down), framing to 810x1440, {runs} runs each, interleaved")
+    print(f"  --no-modal          median {ml:6.2f} s   runs {', '.join(f'{t:.2f}' for t in t_local)}")
+    print(f"  --endpoint loopback median {mr:6.2f} s   runs {', '.join(f'{t:.2f}' for t in t_remote)}")
+    print(f"  ratio               {mr / ml:6.3f}   ({(mr - ml) * 1000:+.0f} ms; outputs byte-identical: {same})")
+
+
+def bench_events(url: str, count: int) -> None:
+    from synapse_cli.backends.http import HttpBackend
+    from synapse_cli.render.ndjson import encode
+
+    backend = HttpBackend(url, KEY, timeout_s=60)
+    best_http = 0.0
+    for _ in range(2):
+        n, first, last = 0, None, 0.0
+        start = time.perf_counter()
+        for _event in backend.run("bench_events", ManySpec(count=count)):
+            n += 1
+            last = time.perf_counter()
+            first = first or last
+        best_http = max(best_http, n / (last - start))
+    backend.close()
+    start = time.perf_counter()
+    for event in many_events(ManySpec(count=count)):
+        encode(event)
+    local = (count + 2) / (time.perf_counter() - start)
+    print(f"events: {count:,} progress events per job, best of 2")
+    print(f"  over HTTP (job thread -> NDJSON -> loopback -> httpx -> decoded)  {best_http:10,.0f} events/s")
+    print(f"  in-process generator + NDJSON encode, for scale                  {local:10,.0f} events/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--events", type=int, default=200_000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        server, url = start_server(work / "srv")
+        try:
+            bench_export(url, work, args.runs, args.seconds)
+            bench_events(url, args.events)
+        finally:
+            server.terminate()
+            server.wait(timeout=15)
+
+
+if __name__ == "__main__":
+    main()

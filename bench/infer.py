@@ -12,7 +12,7 @@ applies (torchvision.ops.nms -> ultralytics' TorchNMS). Both get YOLO_OFFLINE=1 
 
 Then peak memory (the child's ru_maxrss) of `synapse infer -o x.jsonl` on 300 and 3,000 frames
 (imgsz 320 to keep the long run short; memory is what is measured). Target: within 10 %.
-Usage: python bench/infer.py [--runs 2] [--seconds 10] [--skip-memory]
+Usage: python bench/infer.py [--runs 2] [--seconds 10] [--skip-memory] [--skip-fps]
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-fps", action="store_true")
     args = ap.parse_args()
     ffmpeg = find_ffmpeg(None)
     weights = str(default_weights())
@@ -104,16 +105,17 @@ def main() -> None:
         theirs = [sys.executable, str(wrapper), "predict", f"model={weights}", f"source={clip}", "imgsz=640", "save=False"]
         print(f"clip: {frames} frames ({args.seconds} s, 25 fps, 480x640, audio), yolo11n-pose.pt, imgsz 640, CPU cores: {os.cpu_count()}")
         print(f"load average before: {load()}")
-        t_ours, t_theirs = [], []
-        for _ in range(args.runs):
-            t_theirs.append(run_child(theirs, env)[0])
-            t_ours.append(run_child(ours, env)[0])
-        mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
-        fo, ft = frames / mo, frames / mt
-        print(f"synapse infer  median {mo:6.2f} s = {fo:5.2f} fps   runs {', '.join(f'{t:.2f}' for t in t_ours)}")
-        print(f"yolo predict   median {mt:6.2f} s = {ft:5.2f} fps   runs {', '.join(f'{t:.2f}' for t in t_theirs)}")
-        print(f"ratio          {fo / ft:6.2f}x  (target >= 1.5: {'ok' if fo / ft >= 1.5 else 'MISSED'})")
-        print(f"load average after: {load()}")
+        if not args.skip_fps:
+            t_ours, t_theirs = [], []
+            for _ in range(args.runs):
+                t_theirs.append(run_child(theirs, env)[0])
+                t_ours.append(run_child(ours, env)[0])
+            mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
+            fo, ft = frames / mo, frames / mt
+            print(f"synapse infer  median {mo:6.2f} s = {fo:5.2f} fps   runs {', '.join(f'{t:.2f}' for t in t_ours)}")
+            print(f"yolo predict   median {mt:6.2f} s = {ft:5.2f} fps   runs {', '.join(f'{t:.2f}' for t in t_theirs)}")
+            print(f"ratio          {fo / ft:6.2f}x  (target >= 1.5: {'ok' if fo / ft >= 1.5 else 'MISSED'})")
+            print(f"load average after: {load()}")
         if args.skip_memory:
             return
         peaks = {}

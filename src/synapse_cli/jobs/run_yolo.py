@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from synapse_cli.errors import UsageError
+from synapse_cli.errors import JobError, UsageError
 from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
 
 TASKS = ("detect", "pose", "track")
@@ -120,12 +120,30 @@ def _class_ids(requested: list[str], names: dict[int, str]) -> list[int] | None:
     return ids
 
 
+def _keep_on_court(detections: list[dict[str, Any]], court: Any) -> tuple[list[dict[str, Any]], list[tuple[float, float]]]:
+    """Drop detections whose ground point (the feet) is off the court; add ``position_m`` to the rest.
+
+    Also returns the unrounded positions, which the speeds are computed from.
+    """
+    from synapse_cli.jobs._yolo.results import ground_point
+
+    kept, metres = [], []
+    for det in detections:
+        gx, gy = ground_point(det["box"])
+        if court.contains(gx, gy):
+            mx, my = court.to_metres(gx, gy)
+            det["position_m"] = [round(mx, 2), round(my, 2)]
+            kept.append(det)
+            metres.append((mx, my))
+    return kept, metres
+
+
 def run_yolo(spec: InferSpec) -> Iterator[Event]:
     """Run the model over every ``spec.every``-th frame; stream results; optionally encode an annotated video."""
     from synapse_cli.jobs._files import atomic_output
     from synapse_cli.jobs._yolo import runtime
     from synapse_cli.jobs._yolo.court import Court
-    from synapse_cli.jobs._yolo.results import Motion, ResultsWriter, detections_from, ground_point
+    from synapse_cli.jobs._yolo.results import Motion, ResultsWriter, detections_from
     from synapse_cli.jobs._yolo.sources import open_frames
     from synapse_cli.jobs._yolo.weights import resolve_model
 
@@ -205,17 +223,9 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 if processed == 0:
                     runtime.set_threads(threads)  # the predictor's set-up reset them to cores - 1
                 last = detections_from(result, names, keypoints)
-                metres: list[tuple[float, float] | None] = [None] * len(last)
+                metres: list[Any] = [None] * len(last)
                 if court is not None:
-                    kept, metres = [], []
-                    for det in last:
-                        gx, gy = ground_point(det["box"])
-                        if court.contains(gx, gy):
-                            mx, my = court.to_metres(gx, gy)
-                            det["position_m"] = [round(mx, 2), round(my, 2)]
-                            kept.append(det)
-                            metres.append((mx, my))
-                    last = kept
+                    last, metres = _keep_on_court(last, court)
                 if spec.task == "track":
                     for det, pos in zip(last, metres):
                         motion.update(det, frame.index, frame.timestamp, pos)
@@ -235,10 +245,12 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                     from synapse_cli.jobs._yolo.draw import draw_detections
 
                     if not cv2.imwrite(str(annotated_tmp), draw_detections(frame.image, last, court)):
-                        raise UsageError(f"cannot write {spec.annotated}")
+                        raise JobError(f"cannot write {spec.annotated}")
             if encoder is not None:
                 from synapse_cli.jobs._yolo.draw import draw_detections
 
+                if frame.image.shape[:2] != (height, width):
+                    raise JobError(f"{spec.source} changes frame size at frame {frame.index}; --annotated needs a constant size")
                 encoder.write(draw_detections(frame.image, last, court))
             now = time.monotonic()
             if now - last_progress >= PROGRESS_EVERY_S or processed == 1 == decoded:  # the first frame shows the job is alive

@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 import typer
 from typing_extensions import Annotated
 
-from synapse_cli.cli._options import CONFIG, JSON, OVERWRITE, PROFILE, USE_MODAL, Common
+from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, OVERWRITE, PROFILE, USE_MODAL, Common
 from synapse_cli.cli._run import run_job
 from synapse_cli.config import ENGINES, Settings
 from synapse_cli.errors import UsageError
@@ -39,12 +39,15 @@ def compile_command(
     output_dir: Annotated[Optional[Path], typer.Option("-o", "--output-dir", help="Where artefacts go (default: ./compiled, setting compile.output_dir).", file_okay=False)] = None,
     engine: Annotated[Optional[str], typer.Option("--engine", help="Comma-separated engines: llguidance,xgrammar,outlines,llama.cpp (default: all; setting compile.engines).")] = None,
     check: Annotated[Optional[Path], typer.Option("--check", help="JSONL of labelled instances {\"data\", \"valid\"} to verify every artefact against.", dir_okay=False)] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the compile cache.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Compile again: neither read nor write the compile cache, nor reuse an identical earlier job.")] = False,
     use_modal: USE_MODAL = None,
     json_output: JSON = False,
     overwrite: OVERWRITE = False,
     config: CONFIG = None,
     profile: PROFILE = None,
+    endpoint: ENDPOINT = None,
+    api_key: API_KEY = None,
+    detach: DETACH = False,
 ) -> None:
     """Compile JSON Schemas or constraint sets into the artefact each decoding engine loads.
 
@@ -54,7 +57,8 @@ def compile_command(
 
     Example: synapse compile schemas/ --check cases.jsonl --engine llguidance,outlines
     """
-    common = Common(json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite)
+    common = Common(json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite,
+                    endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache)
     flags: dict[str, Any] = {
         "compile.output_dir": str(output_dir) if output_dir else None,
         "compile.engines": engine,

@@ -59,6 +59,19 @@ def engine_versions() -> dict[str, str]:
     return out
 
 
+def _rules_hash() -> str:
+    """Our side of every artefact (converter, keyword tables): a code change invalidates the cache."""
+    import hashlib
+
+    h = hashlib.sha256(__version__.encode())
+    for name in ("engines.py", "gbnf.py"):
+        try:
+            h.update((Path(__file__).parent / "_compile" / name).read_bytes())
+        except OSError:  # a zipped install: the version alone
+            pass
+    return h.hexdigest()[:16]
+
+
 # -- labelled instances from --check -------------------------------------------------------
 
 
@@ -224,6 +237,7 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
         yield Log(b.message, level="warning")
 
     versions = engine_versions()
+    rules = _rules_hash()
     cache = _cache.Cache(Path(spec.cache_dir) if spec.cache_dir else _cache.default_dir()) if spec.use_cache else _cache.Cache(None)
     hits = 0
     done = len(bad)
@@ -232,7 +246,7 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
     for run in runs:
         tests_key = _cache.key(*[json.dumps(t, sort_keys=True) for t in run.tests]) if run.tests else ""
         for engine in engines:
-            ckey = _cache.key("compile", run.unit.content_hash, engine, versions[engine], __version__)
+            ckey = _cache.key("compile", run.unit.content_hash, engine, versions[engine], __version__, rules)
             entry = cache.get(ckey)
             need_check = bool(run.tests)
             if entry is not None and need_check and entry.get("artefact") is not None:
@@ -261,7 +275,7 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
         workers = spec.workers or min(os.cpu_count() or 1, 4)
         from synapse_cli.jobs._compile.pool import WorkerPool
 
-        with WorkerPool(min(workers, len(tasks)), spec.engine_timeout_s) as pool:
+        with WorkerPool(min(workers, len(tasks)), spec.engine_timeout_s, warm=tuple(engines)) as pool:
             for (run, engine, ckey, tests_key, was_cached), result in pool.run(tasks):
                 result.setdefault("cached", was_cached)
                 run.results[engine] = result

@@ -83,9 +83,7 @@ def literal(text: str) -> str:
 
 def _class_char(cp: int) -> str:
     ch = chr(cp)
-    if ch in "]\\^-[":
-        return "\\" + ch
-    if cp < 0x20 or cp == 0x7F:
+    if ch in "]\\^-[" or cp < 0x20 or cp == 0x7F:  # GBNF classes know \\x escapes, not \\^ or \\-
         return f"\\x{cp:02x}"
     return ch
 
@@ -578,6 +576,8 @@ class SchemaToGbnf:
             fmt = None
         if fmt is not None:
             self.ignored.update(k for k in ("pattern", "minLength", "maxLength") if k in schema)
+            if fmt != "uuid":  # dates and times by shape: 2024-02-31 passes, a leap second does not
+                self.ignored.add("format")
             return self._rule(hint, f'"\\"" {_FORMATS[fmt]} "\\"" space')
         if isinstance(pattern, str):
             try:
@@ -787,7 +787,9 @@ def regex_to_gbnf(pattern: str) -> str:
     """A GBNF grammar whose language is the full matches of ``pattern`` (raw text, not JSON)."""
     conv = RegexToGbnf(json_string=False, char_rule="any-char")
     body = conv.convert(pattern, search=False)
-    rules = [f"root ::= {body}"]
+    # one named rule: llguidance, reading GBNF, lexes a terminal-only rule as one regex
+    # (as llama.cpp matches it, character by character) rather than as competing lexemes
+    rules = ["root ::= pattern", f"pattern ::= {body}"]
     if "any-char" in body:
         rules.append("any-char ::= " + char_class([(0, MAX_CP)]))
     return "\n".join(rules) + "\n"

@@ -12,34 +12,39 @@ is the task's result, yielded by ``WorkerPool.run`` with the task's key.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any, Generator, Iterable, Iterator
 
 Task = Generator[tuple, tuple, Any]
 
 
-def _worker_main(conn: Connection, quiet: bool) -> None:
-    if quiet:  # engines print to stdout/stderr from native code; stdout carries NDJSON
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-    else:
-        os.dup2(2, 1)
+def _worker_main(conn_in: Connection, conn_out: Connection) -> None:
     from synapse_cli.jobs._compile import engines
 
     while True:
         try:
-            request = conn.recv()
+            request = conn_in.recv()
         except (EOFError, OSError, KeyboardInterrupt):
             return
         op, args = request[0], request[1:]
         try:
-            if op == "compile":
-                response: tuple = ("ok", engines.compile_artefact(*args))
+            if op == "warm":  # imports are paid here, outside any request's timeout
+                for engine in args[0]:
+                    try:
+                        engines._warm(engine)
+                    except BaseException as exc:  # reported by the compile request itself
+                        if isinstance(exc, KeyboardInterrupt):
+                            return
+                response: tuple = ("ok", None)
+            elif op == "compile":
+                response = ("ok", engines.compile_artefact(*args))
             elif op == "check":
                 response = ("ok", engines.check_artefact(*args))
             else:
@@ -51,43 +56,95 @@ def _worker_main(conn: Connection, quiet: bool) -> None:
         except BaseException as exc:  # pyo3 PanicException derives from BaseException
             response = ("fail", engines._one_line(f"{type(exc).__name__}: {exc}"))
         try:
-            conn.send(response)
+            conn_out.send(response)
         except (OSError, ValueError):
             return
 
 
+def _child() -> None:
+    """Entry point of a worker: requests on stdin, responses on the original stdout."""
+    quiet = "--quiet" in sys.argv
+    rfd, wfd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    # engines print from native code; the protocol keeps its own copy of stdout
+    os.dup2(devnull if quiet else 2, 1)
+    if quiet:
+        os.dup2(devnull, 2)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
+    _worker_main(Connection(rfd, writable=False), Connection(wfd, readable=False))
+
+
 class _Worker:
-    def __init__(self, ctx: Any, quiet: bool) -> None:
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, quiet), daemon=True, name="synapse-compile-worker")
-        self.proc.start()
-        child.close()
+    """A ``python -m`` subprocess (not multiprocessing: that re-runs the caller's ``__main__``)."""
+
+    def __init__(self, quiet: bool) -> None:
+        import synapse_cli
+
+        env = dict(os.environ)
+        src = str(Path(synapse_cli.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        cmd = [sys.executable, "-m", "synapse_cli.jobs._compile.pool"] + (["--quiet"] if quiet else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.tx = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
+        self.conn = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+    def send(self, request: tuple) -> None:
+        self.tx.send(request)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.poll()
 
     def kill(self) -> None:
         try:
             self.proc.kill()
-            self.proc.join(timeout=5)
+            self.proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         finally:
+            self.tx.close()
             self.conn.close()
 
 
 class WorkerPool:
     """``run(tasks)`` drives task generators over ``size`` processes; ``close()`` kills them."""
 
-    def __init__(self, size: int, timeout_s: float, quiet: bool | None = None) -> None:
+    def __init__(self, size: int, timeout_s: float, quiet: bool | None = None, warm: tuple[str, ...] = (),
+                 warm_timeout_s: float = 120.0) -> None:
         self.size = max(1, size)
         self.timeout_s = timeout_s
+        self.warm = tuple(warm)
+        self.warm_timeout_s = warm_timeout_s
         self.quiet = (os.environ.get("SYNAPSE_TRACEBACK") != "1") if quiet is None else quiet
-        self.ctx = mp.get_context("spawn")
         self.idle: list[_Worker] = []
         self.all: list[_Worker] = []
 
+    def _start(self, n: int) -> None:
+        """Start ``n`` workers and wait until each has imported the engines (in parallel)."""
+        new = [_Worker(self.quiet) for _ in range(n)]
+        for w in new:
+            if self.warm:
+                w.send(("warm", self.warm))
+        deadline = time.monotonic() + self.warm_timeout_s
+        for w in new:
+            if self.warm:
+                try:
+                    ok = w.conn.poll(max(0.0, deadline - time.monotonic())) and w.conn.recv()
+                except (EOFError, OSError):
+                    ok = False
+                if not ok:  # it could not even import: requests to it fail and are reported
+                    pass
+            self.all.append(w)
+            self.idle.append(w)
+
     def _get(self) -> _Worker:
-        if self.idle:
-            return self.idle.pop()
-        w = _Worker(self.ctx, self.quiet)
-        self.all.append(w)
-        return w
+        if not self.idle:
+            self._start(1)
+        return self.idle.pop()
 
     def _drop(self, w: _Worker) -> None:
         w.kill()
@@ -96,6 +153,7 @@ class WorkerPool:
 
     def run(self, tasks: Iterable[tuple[Any, Task]]) -> Iterator[tuple[Any, Any]]:
         pending = deque(tasks)
+        self._start(max(0, min(self.size, len(pending)) - len(self.all)))
         busy: dict[Connection, tuple[_Worker, Any, Task, float]] = {}
 
         def advance(key: Any, task: Task, response: tuple | None, worker: _Worker | None) -> Any:
@@ -108,11 +166,11 @@ class WorkerPool:
                 return stop
             w = worker or self._get()
             try:
-                w.conn.send(request)
+                w.send(request)
             except (OSError, ValueError):  # the worker died between requests
                 self._drop(w)
                 w = self._get()
-                w.conn.send(request)
+                w.send(request)
             busy[w.conn] = (w, key, task, time.monotonic() + self.timeout_s)
             return None
 
@@ -132,7 +190,7 @@ class WorkerPool:
                 try:
                     response = conn.recv()  # type: ignore[union-attr]
                 except (EOFError, OSError):
-                    code = w.proc.exitcode
+                    code = w.exitcode
                     self._drop(w)
                     response, w = ("fail", f"engine crashed (worker exit code {code})"), None
                 done = advance(key, task, response, w)
@@ -157,3 +215,7 @@ class WorkerPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+if __name__ == "__main__":
+    _child()

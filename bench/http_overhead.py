@@ -100,6 +100,32 @@ def bench_export(url: str, work: Path, runs: int, seconds: int) -> None:
     print(f"  --no-modal          median {ml:6.2f} s   runs {', '.join(f'{t:.2f}' for t in t_local)}")
     print(f"  --endpoint loopback median {mr:6.2f} s   runs {', '.join(f'{t:.2f}' for t in t_remote)}")
     print(f"  ratio               {mr / ml:6.3f}   ({(mr - ml) * 1000:+.0f} ms; outputs byte-identical: {same})")
+    bench_transport(url, clip, work, runs)
+
+
+def bench_transport(url: str, clip: Path, work: Path, runs: int) -> None:
+    """Less noisy than wall-clock ratios on a busy machine: per job, wall time minus the job's own
+    ``elapsed_s`` (from its ``finished`` event), in this process, HttpBackend beside LocalBackend."""
+    from synapse_cli.backends.http import HttpBackend
+    from synapse_cli.backends.local import LocalBackend
+    from synapse_cli.events import Finished
+    from synapse_cli.jobs.export_video import ExportSpec
+
+    extra: dict[str, list[float]] = {"local": [], "http": []}
+    for _ in range(runs):
+        for name, backend in (("local", LocalBackend()), ("http", HttpBackend(url, KEY))):
+            out = work / f"t_{name}.mp4"
+            out.unlink(missing_ok=True)
+            start = time.perf_counter()
+            elapsed = 0.0
+            for event in backend.run("export", ExportSpec(input=str(clip), output=str(out))):
+                if isinstance(event, Finished):
+                    elapsed = event.elapsed_s
+            extra[name].append(time.perf_counter() - start - elapsed)
+            backend.close()
+    ml, mh = statistics.median(extra["local"]) * 1000, statistics.median(extra["http"]) * 1000
+    print(f"  time outside the job (wall - finished.elapsed_s), median of {runs}, in-process:")
+    print(f"    local {ml:6.0f} ms   http {mh:6.0f} ms   -> the endpoint adds {mh - ml:.0f} ms per job (upload, stream, download, rename)")
 
 
 def bench_events(url: str, count: int) -> None:

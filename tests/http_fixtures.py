@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-import pytest
-
 API_KEY = "test-key-3f9c2a7e5b1d"
 
 
@@ -68,13 +66,6 @@ def serve_app(work_dir: Path, key: str | None = API_KEY, **kwargs: Any) -> Itera
     app = create_app(work_dir=work_dir, api_key=key, allow_anonymous=key is None, **kwargs)
     with uvicorn_thread(app) as url:
         yield Endpoint(url, work_dir, key)
-
-
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory) -> Iterator[Endpoint]:
-    """One server for a test module: API key ``API_KEY``, default limits."""
-    with serve_app(tmp_path_factory.mktemp("server")) as ep:
-        yield ep
 
 
 def kill_processes_mentioning(text: str) -> list[int]:

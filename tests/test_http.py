@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -24,10 +25,17 @@ from synapse_cli.errors import JobError
 from synapse_cli.events import Artifact, Finished, Progress, Started
 from synapse_cli.jobs.export_video import ExportSpec
 from synapse_cli.jobs.make_sample import SampleSpec
-from tests.conftest import make_clip, probe, synapse_cmd
-from tests.http_fixtures import API_KEY, DIRTEST_JOB, TestDirSpec, endpoint, kill_processes_mentioning, serve_app, uvicorn_thread  # noqa: F401
+from tests.conftest import probe, synapse_cmd
+from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, TestDirSpec, kill_processes_mentioning, serve_app, uvicorn_thread
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory) -> Iterator[Endpoint]:
+    """One server for this module: API key ``API_KEY``, default limits."""
+    with serve_app(tmp_path_factory.mktemp("server")) as ep:
+        yield ep
 
 
 def auth(key: str = API_KEY) -> dict[str, str]:

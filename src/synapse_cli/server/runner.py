@@ -211,7 +211,7 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str) -> JobRun:
             if len(parts) != len(value):
                 raise BadUpload(422, f"{kind} input {name!r} lists {len(value)} path(s) but {len(parts)} file part(s) came")
             data[name] = [str(u.path) for u in parts]
-            replacements.extend((str(u.path), v) for u, v in zip(parts, value))
+            replacements.extend((str(u.path), v) for u, v in zip(parts, value, strict=True))
         else:
             raise BadUpload(422, f"{kind} input {name!r} must be a path or a list of paths")
 

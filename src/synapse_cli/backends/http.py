@@ -103,6 +103,10 @@ class HttpBackend:
         parts = urlsplit(endpoint or "")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise UsageError(f"bad endpoint URL {endpoint!r}: expected http(s)://host[:port][/prefix]")
+        try:
+            import stamina  # noqa: F401 - the retry policy; imported here to fail early and clearly
+        except ImportError:
+            raise UsageError("the HTTP backend needs stamina: pip install 'synapse-cli[serve]'") from None
         self.endpoint = endpoint.rstrip("/")
         self.timeout_s = timeout_s
         self.max_retries = max_retries

@@ -26,9 +26,19 @@ def volume_root() -> Path:
     return Path(os.environ.get("SYNAPSE_VOLUME_ROOT", DEFAULT_MOUNT))
 
 
+# Spec fields that name something on the machine that runs the job (a binary, a cache): the
+# caller's value means nothing remotely, so remote backends drop them and the spec's default
+# (whatever the remote machine has) applies. A spec class can declare its own ``HOST_FIELDS``.
+DEFAULT_HOST_FIELDS = ("ffmpeg", "ffmpeg_path", "cache_dir")
+
+
 def path_fields(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     cls = spec_class(kind)
     return tuple(getattr(cls, "INPUTS", ())), tuple(getattr(cls, "OUTPUTS", ()))
+
+
+def host_fields(kind: str) -> tuple[str, ...]:
+    return tuple(getattr(spec_class(kind), "HOST_FIELDS", DEFAULT_HOST_FIELDS))
 
 
 def _map(value: Any, fn) -> Any:

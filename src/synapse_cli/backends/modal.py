@@ -27,7 +27,7 @@ from synapse_cli.errors import BackendError, JobError, SynapseError, UsageError,
 from synapse_cli.events import Artifact, Event, Failed, Finished, from_dict
 from synapse_cli.hashing import sha256_file, sha256_tree
 from synapse_cli.jobs._files import commit, temp_path_for
-from synapse_cli.remote import VOL, path_fields
+from synapse_cli.remote import VOL, host_fields, path_fields
 
 FUNCTION_NAMES = {"export": "export", "compile": "compile", "infer": "infer"}
 PROGRESS_DICT = "synapse-progress"  # keep in sync with modal_functions.app
@@ -296,8 +296,9 @@ class ModalBackend:
         for name in outputs:
             if isinstance(data.get(name), str):
                 data[name] = files.output(data[name], is_dir=name.endswith("_dir"))  # e.g. compile's output_dir
-        if "ffmpeg" in data:
-            data["ffmpeg"] = None  # a local ffmpeg path means nothing in the container
+        for name in host_fields(kind):
+            if name not in inputs + outputs:
+                data.pop(name, None)  # a local binary or cache path means nothing in the container
         return data
 
     def run(self, job: str, spec: Any) -> Iterator[Event]:

@@ -40,6 +40,7 @@ class ExportSpec:
 
     INPUTS: ClassVar[tuple[str, ...]] = ("input",)
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output",)
+    HOST_FIELDS: ClassVar[tuple[str, ...]] = ("ffmpeg",)
 
 
 # -- params ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ class SampleSpec:
 
     INPUTS: ClassVar[tuple[str, ...]] = ()
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output",)
+    HOST_FIELDS: ClassVar[tuple[str, ...]] = ("ffmpeg",)
 
 
 def make_sample(spec: SampleSpec) -> Iterator[Event]:

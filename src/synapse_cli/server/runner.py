@@ -31,15 +31,11 @@ from urllib.parse import urlencode
 
 from synapse_cli.errors import SynapseError
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
+from synapse_cli.remote import host_fields
 from synapse_cli.server.uploads import BadUpload, Body, is_within, remove_tree, safe_filename
 
 log = logging.getLogger("synapse.server")
 
-# Spec fields that name something on the machine that runs the job (a binary, a cache):
-# the client's value means nothing here, and obeying it would let a client pick a binary
-# or a folder on the server. They are reset to the spec's default. A spec class can
-# declare its own with a ``HOST_FIELDS`` class attribute.
-DEFAULT_HOST_FIELDS = ("ffmpeg", "ffmpeg_path", "cache_dir")
 
 
 @dataclass
@@ -240,8 +236,9 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str) -> JobRun:
             replacements.append((str(out.server_path), client))
         data[name] = server_values[0] if isinstance(value, str) else server_values
 
-    host_fields = getattr(cls, "HOST_FIELDS", DEFAULT_HOST_FIELDS)
-    for name in host_fields:
+    # host fields (a binary, a cache dir) mean nothing here, and obeying them would let a
+    # client pick a binary or a folder on the server: the spec's default applies
+    for name in host_fields(kind):
         if name in names and name not in inputs and name not in outputs:
             data.pop(name, None)  # the spec's default: whatever this server has
     spec = _check_types(kind, cls, data)

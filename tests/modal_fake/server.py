@@ -923,6 +923,7 @@ class FakeModal:
 def _raw_body(definition: api_pb2.Function):
     """The undecorated body of the `modal.Function` the client deployed."""
     module = importlib.import_module(definition.module_name)
-    obj = getattr(module, definition.function_name)
+    # a function deployed under another name (@app.function(name=...)) keeps its Python name here
+    obj = getattr(module, definition.implementation_name or definition.function_name)
     raw = getattr(obj, "_raw_f_", None)  # modal 1.6.4 exposes the wrapped body under this name
     return raw if callable(raw) else obj

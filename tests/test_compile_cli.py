@@ -161,7 +161,7 @@ def test_constraint_set_regex_and_grammar(cli, data):
 
 
 def test_engine_timeout_is_reported_not_hung(tmp_path):
-    """outlines-core needs seconds to index this schema's regex: killed at the timeout, reported, run goes on."""
+    """outlines-core needs seconds (7 s here) to index this schema's regex: killed at the timeout, reported, run goes on."""
     from synapse_cli.events import Finished
     from synapse_cli.jobs.compile_constraints import CompileSpec, compile_constraints
 
@@ -211,4 +211,4 @@ def test_every_engine_claim_holds_on_maskbench_sample(cli, data):
         for engine, e in row["engines"].items():
             check = e.get("check") or {}
             assert check.get("invalid_accepted", 0) == check.get("wrong_accepts_explained", 0), (row["name"], engine)
-        assert row["engines"]["llguidance"]["check"]["passed_all"], row["name"]
+        assert row["engines"]["llguidance"]["check"]["ok"], row["name"]

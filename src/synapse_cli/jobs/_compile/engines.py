@@ -36,7 +36,7 @@ OUTLINES_FORMATS = frozenset(["uuid"])  # exactly; the others only by shape
 XGRAMMAR_ENFORCED = frozenset(
     "type enum const properties required additionalProperties items prefixItems minItems maxItems "
     "minLength maxLength pattern anyOf $ref minimum maximum exclusiveMinimum exclusiveMaximum "
-    "minProperties maxProperties patternProperties propertyNames format".split()
+    "patternProperties propertyNames format".split()
 )
 XGRAMMAR_FORMATS = frozenset(["uuid"])  # exactly; the others only by shape
 
@@ -188,6 +188,9 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
         xgr = _xgrammar()
         try:
             if kind == "json_schema":
+                refusal = _xgrammar_refuses(payload)
+                if refusal:
+                    raise EngineFailure(refusal)
                 artefact = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
                 grammar = xgr.Grammar.from_json_schema(json.dumps(payload), strict_mode=False)
                 ignored = sorted(_ignored_by(used, XGRAMMAR_ENFORCED, payload, XGRAMMAR_FORMATS))
@@ -247,12 +250,22 @@ def _ignored_by(used: list[str], enforced: frozenset[str], schema: Any, formats:
         props = node.get("properties") or {}
         if any(isinstance(r, str) and r not in props for r in node.get("required") or []):
             out.add("required")
-        if enforced is XGRAMMAR_ENFORCED:
-            siblings = [k for k in node if k in _SIBLING_SENSITIVE]
-            for comb in ("anyOf", "oneOf", "allOf"):
-                if comb in node and siblings:
-                    out.add(comb)  # xgrammar does not intersect a combinator with its siblings
+        if enforced is XGRAMMAR_ENFORCED and node.get("type") != "integer":
+            out.update(k for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in node)
     return out
+
+
+def _xgrammar_refuses(schema: Any) -> str | None:
+    """xgrammar does not intersect anyOf/oneOf with sibling keywords: each branch loses them
+    (measured: {"properties": {"r": {"type": "number"}}, "oneOf": [{"required": ["r"]}]}
+    accepts {"r": null}). We call that unsupported rather than guess what is left."""
+    from synapse_cli.jobs._compile.normalize import pointer_of, walk
+
+    for path, node in walk(schema):
+        for comb in ("anyOf", "oneOf"):
+            if comb in node and any(k in node for k in _SIBLING_SENSITIVE):
+                return f"{comb} beside other keywords at #{pointer_of(path)}: xgrammar does not intersect them"
+    return None
 
 
 _SIBLING_SENSITIVE = frozenset(
@@ -370,4 +383,34 @@ def check_artefact(engine: str, kind: str, artefact: str, candidates: list[list[
 
     else:
         raise EngineFailure(f"unknown engine {engine!r}")
-    return [any(accepts(c) for c in cands) for cands in candidates]
+    verdicts = [any(accepts(c) for c in cands) for cands in candidates]
+    if engine == "llama.cpp" and not all(verdicts):
+        verdicts = _gbnf_second_opinion(artefact, candidates, verdicts)
+    return verdicts
+
+
+def _gbnf_second_opinion(gbnf_text: str, candidates: list[list[str]], verdicts: list[bool]) -> list[bool]:
+    """Re-check what llguidance rejected with xgrammar's character-level GBNF parser.
+
+    llama.cpp matches GBNF character by character. llguidance turns GBNF into lexemes and
+    lexes greedily, so on large recursive grammars it can reject a string the grammar
+    contains (measured: xgrammar and a hand trace agree the string is in the language).
+    It never accepts more, so a rejection it is alone in is overruled; without xgrammar
+    llguidance's verdict stands.
+    """
+    try:
+        xgr = _xgrammar()
+        from xgrammar.testing import _is_grammar_accept_string
+
+        grammar = xgr.Grammar.from_ebnf(re.sub(r"::=\s*\|", '::= "" |', gbnf_text))
+    except Exception:
+        return verdicts
+    out = []
+    for ok, cands in zip(verdicts, candidates):
+        if not ok:
+            try:
+                ok = any(_is_grammar_accept_string(grammar, c) for c in cands)
+            except Exception:
+                ok = False
+        out.append(ok)
+    return out

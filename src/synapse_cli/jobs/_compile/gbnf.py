@@ -238,7 +238,12 @@ class RegexToGbnf:
             return "(" + self._seq(sub) + ")"
         if op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
             lo, hi, sub = av
-            inner = "(" + self._seq(sub) + ")"
+            if hi == 0:
+                return '""'
+            body = self._seq(sub)
+            # llguidance's GBNF reader drops the parentheses of a group that holds one quantified
+            # item, and "x+?" is not Lark: a trailing "" keeps the group a group
+            inner = "(" + body + (' ""' if re.search(r'[*+?}]\)*$', body.rstrip()) else "") + ")"
             if hi is _c.MAXREPEAT or hi == _c.MAXREPEAT:
                 return f"{inner}*" if lo == 0 else f"{inner}+" if lo == 1 else f"{inner}{{{lo},}}"
             if (lo, hi) == (0, 1):
@@ -589,6 +594,8 @@ class SchemaToGbnf:
         if lo is None and hi is None:
             return self._need("string")
         lo = int(lo or 0)
+        if hi is not None and int(hi) == 0:
+            return self._rule(hint, '"\\"" "\\"" space')
         rep = f"{{{lo},{int(hi)}}}" if hi is not None else (f"{{{lo},}}" if lo else "*")
         return self._rule(hint, f'"\\"" char{rep} "\\"" space')
 
@@ -700,16 +707,20 @@ class SchemaToGbnf:
             taken = [(ord(c), ord(c)) for c in node if c is not None]
             return f"{json_chars(_complement(taken))} char*"
 
-        def build(node: dict, depth: int) -> str:
+        counter = [0]
+
+        def build(node: dict) -> str:
+            # one rule per trie node: llguidance refuses deeply nested groups
             alts = [] if None in node else ['""']
             for ch, child in node.items():
                 if ch is None:
                     continue
-                alts.append(f"{json_chars([(ord(ch), ord(ch))])} {build(child, depth + 1)}")
+                alts.append(f"{json_chars([(ord(ch), ord(ch))])} {build(child)}")
             alts.append(other(node))
-            return "(" + " | ".join(alts) + ")"
+            counter[0] += 1
+            return self._rule(f"{hint}-key-{counter[0]}", " | ".join(alts))
 
-        body = build(trie, 0)
+        body = build(trie)
         return self._rule(f"{hint}-key", f'"\\"" {body} "\\"" space')
 
 

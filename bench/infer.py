@@ -101,7 +101,7 @@ def main() -> None:
         wrapper = work / "yolo_cli.py"
         wrapper.write_text(YOLO_WRAPPER)
         ours = synapse_exe() + ["infer", str(clip), "--task", "pose", "--no-modal",  # the bundled weights = `weights`
-                                "-o", str(work / "ours.pose.json"), "--overwrite"]  # fmt: skip
+                                "-o", str(work / "ours.pose.json"), "--overwrite", "--no-cache"]  # fmt: skip
         theirs = [sys.executable, str(wrapper), "predict", f"model={weights}", f"source={clip}", "imgsz=640", "save=False"]
         print(f"clip: {frames} frames ({args.seconds} s, 25 fps, 480x640, audio), yolo11n-pose.pt, imgsz 640, CPU cores: {os.cpu_count()}")
         print(f"load average before: {load()}")
@@ -121,7 +121,7 @@ def main() -> None:
         peaks = {}
         for n in (300, 3000):
             src = make_clip(ffmpeg, work / f"mem{n}.mp4", n)
-            cmd = synapse_exe() + ["infer", str(src), "--no-modal", "--imgsz", "320", "-o", str(work / f"mem{n}.jsonl"), "--overwrite"]
+            cmd = synapse_exe() + ["infer", str(src), "--no-modal", "--imgsz", "320", "-o", str(work / f"mem{n}.jsonl"), "--overwrite", "--no-cache"]
             wall, peak = run_child(cmd, env)
             lines = sum(1 for _ in (work / f"mem{n}.jsonl").open())
             peaks[n] = peak

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
-from synapse_cli.cli._options import CONFIG, JSON, OVERWRITE, PROFILE, USE_MODAL, Common
+from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, NO_CACHE, OVERWRITE, PROFILE, USE_MODAL, Common
 from synapse_cli.cli._run import run_job
 from synapse_cli.config import Settings
 
@@ -64,6 +64,10 @@ def infer(
     overwrite: OVERWRITE = False,
     config: CONFIG = None,
     profile: PROFILE = None,
+    endpoint: ENDPOINT = None,
+    api_key: API_KEY = None,
+    detach: DETACH = False,
+    no_cache: NO_CACHE = False,
 ) -> None:
     """Detect people (boxes, 17 keypoints, track ids) in a video, offline, with per-frame JSON.
 
@@ -71,7 +75,10 @@ def infer(
     """
     from synapse_cli.jobs.run_yolo import InferSpec, check_spec, default_output
 
-    common = Common(json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite)
+    common = Common(
+        json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite,
+        endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache,
+    )  # fmt: skip
     flags = {"infer.task": task, "infer.model": model, "infer.imgsz": imgsz, "infer.conf": conf}
 
     def build_spec(settings: Settings) -> InferSpec:

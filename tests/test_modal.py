@@ -243,3 +243,35 @@ def test_function_timeout_exits_1(cli, modal_fake, tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv("SYNAPSE_MODAL_TIMEOUT_S")
         importlib.reload(modal_app)
+
+
+# -- every job kind runs through the Modal backend ------------------------------------------
+
+
+def test_compile_use_modal_writes_the_artefacts_locally(cli, deployed, tmp_path):
+    schema = Path(__file__).parent / "data" / "compile" / "person.json"
+    out = tmp_path / "compiled"
+    run = cli("compile", schema, "--use-modal", "--json", "-o", out, "--engine", "llguidance,outlines")
+    assert run.exit_code == 0, run.stderr
+    assert deployed.function_calls[-1].function_name == "compile"
+    names = sorted(p.name for p in out.iterdir())
+    assert "person.schema.json" in names and "person.report.json" in names and "person.lark" in names
+    report = json.loads((out / "person.report.json").read_text())
+    assert report["engines"]["llguidance"]["supported"] is True
+    artifacts = [e["path"] for e in run.events() if e["type"] == "artifact"]
+    assert artifacts and all(p.startswith(str(out)) for p in artifacts)  # local paths, not vol:
+
+
+@pytest.mark.slow
+def test_infer_use_modal_matches_local(cli, deployed, tmp_path):
+    import importlib.util
+
+    bus = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
+    remote = cli("infer", bus, "--use-modal", "-o", tmp_path / "remote.json", "--json")
+    assert remote.exit_code == 0, remote.stderr
+    local = cli("infer", bus, "--no-modal", "--no-cache", "-o", tmp_path / "local.json", "--json")
+    assert local.exit_code == 0, local.stderr
+    assert deployed.function_calls[-1].function_name == "infer"
+    r, l = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("remote", "local"))
+    assert len(r["frames"][0]["detections"]) == len(l["frames"][0]["detections"]) >= 4
+    assert remote.events()[-1]["result"]["modal"]["gpu"] == "T4"

@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--limit", type=int, default=0, help="only the first N schemas")
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--dump", help="write the first run's finished result (JSON) here")
     args = ap.parse_args(argv)
 
     from synapse_cli.jobs.compile_constraints import CompileSpec
@@ -76,15 +77,20 @@ def main(argv=None) -> int:
         again = _run(spec)
         warm = time.perf_counter() - t0
 
+    if args.dump:
+        import json
+
+        Path(args.dump).write_text(json.dumps(result, indent=1))
     rows = [r for r in result["inputs"] if r["status"] != "invalid"]
     invalid = [r for r in result["inputs"] if r["status"] == "invalid"]
     n = len(result["inputs"])
     print(f"{data.name}: {n} schemas ({len(invalid)} rejected as bad input), engines {', '.join(engines)}, "
           f"timeout {args.timeout:g}s, cold run {cold:.1f}s")
-    header = f"{'engine':<12} {'compiled':>8} {'pass-all':>8} {'wrong acc':>9} {'unreported':>10} {'wrong rej':>9} {'p50 ms':>8} {'p90 ms':>8} {'timeouts':>8}"
+    header = f"{'engine':<12} {'compiled':>8} {'pass-all':>8} {'wrong acc':>9} {'unexplained':>11} {'wrong rej':>9} {'p50 ms':>8} {'p90 ms':>8} {'timeouts':>8}"
     print(header)
     print("-" * len(header))
     covered = set()
+    best_single: dict[str, int] = {}
     synapse_unreported = 0
     for engine in engines:
         compiled = passed = wrong = unexplained = wrong_rej = timeouts = 0
@@ -105,7 +111,8 @@ def main(argv=None) -> int:
             wrong += check.get("invalid_accepted", 0)
             unexplained += check.get("invalid_accepted", 0) - check.get("wrong_accepts_explained", 0)
             wrong_rej += check.get("valid_rejected", 0)
-        print(f"{engine:<12} {compiled:>8} {passed:>8} {wrong:>9} {unexplained:>10} {wrong_rej:>9} "
+        best_single[engine] = passed
+        print(f"{engine:<12} {compiled:>8} {passed:>8} {wrong:>9} {unexplained:>11} {wrong_rej:>9} "
               f"{_pct(times, 0.5):>8.1f} {_pct(times, 0.9):>8.1f} {timeouts:>8}")
     for r in rows:
         for e in r["engines"].values():
@@ -113,11 +120,14 @@ def main(argv=None) -> int:
             synapse_unreported += c.get("invalid_accepted", 0) - c.get("wrong_accepts_explained", 0)
     ok = sum(1 for r in rows if r["status"] == "ok")
     print("-" * len(header))
-    print(f"{'synapse':<12} covered {len(covered)}/{n} (a schema is covered when one engine compiles it and passes all "
-          f"its instances); inputs with no failure {ok}/{n}; unreported wrong accepts {synapse_unreported}")
+    best = max(best_single.values()) if best_single else 0
+    print(f"{'synapse':<12} covered {len(covered)}/{n} (one engine compiles it and passes all its instances; best single "
+          f"engine {best}); inputs with no failure {ok}/{n}")
+    print(f"{'':<12} wrong accepts not explained by a listed ignored keyword: {synapse_unreported} "
+          f"(each is reported as a failed check of that engine, and its input fails)")
     hits = again["cache_hits"]
     print(f"cache: second run {warm:.2f}s for {n} schemas, {hits} full cache hits, "
-          f"{1000 * warm / max(n, 1):.1f} ms per schema (normalize + meta-schema check + cache read + 5 atomic writes)")
+          f"{1000 * warm / max(n, 1):.1f} ms per schema (read + normalize + meta-schema check + cache read + 5 atomic writes)")
     return 0
 
 

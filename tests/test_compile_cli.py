@@ -143,6 +143,7 @@ def test_unreported_wrong_accept_fails_the_input(cli, data, tmp_path):
     assert "accepted invalid" in run.stdout and "JobError: 1 of 1 inputs failed" in run.stderr
 
 
+@pytest.mark.slow  # the GBNF re-check imports xgrammar (seconds) in the worker
 def test_constraint_set_regex_and_grammar(cli, data):
     run = cli("compile", data / "guardrails.json", "-o", "out", "--engine", FAST, "--json")
     assert run.exit_code == 0, run.stderr

@@ -35,7 +35,7 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def compile_command(
-    inputs: Annotated[List[str], typer.Argument(help="JSON Schema files, constraint sets, .jsonl files or directories.", show_default=False)],
+    inputs: Annotated[List[str], typer.Argument(metavar="INPUT", help="JSON Schema files, constraint sets, .jsonl files or directories.", show_default=False)],
     output_dir: Annotated[Optional[Path], typer.Option("-o", "--output-dir", help="Where artefacts go (default: ./compiled, setting compile.output_dir).", file_okay=False)] = None,
     engine: Annotated[Optional[str], typer.Option("--engine", help="Comma-separated engines: llguidance,xgrammar,outlines,llama.cpp (default: all; setting compile.engines).")] = None,
     check: Annotated[Optional[Path], typer.Option("--check", help="JSONL of labelled instances {\"data\", \"valid\"} to verify every artefact against.", dir_okay=False)] = None,

@@ -246,7 +246,9 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
     for run in runs:
         tests_key = _cache.key(*[json.dumps(t, sort_keys=True) for t in run.tests]) if run.tests else ""
         for engine in engines:
-            ckey = _cache.key("compile", run.unit.content_hash, engine, versions[engine], __version__, rules)
+            # the timeout is part of the key: a timed-out compile is cached as such, for that timeout only
+            ckey = _cache.key("compile", run.unit.content_hash, engine, versions[engine], __version__, rules,
+                              f"{spec.engine_timeout_s:g}")
             entry = cache.get(ckey)
             need_check = bool(run.tests)
             if entry is not None and need_check and entry.get("artefact") is not None:
@@ -316,7 +318,7 @@ def _reason(row: dict) -> str:
 
 
 def _store(cache: _cache.Cache, ckey: str, tests_key: str, result: dict, was_cached: bool) -> None:
-    if not was_cached and not result.get("timed_out"):
+    if not was_cached:
         entry = {k: result.get(k) for k in ("artefact", "ignored_keywords", "compile_ms", "error")}
         cache.put(ckey, entry)
     if tests_key and "accepted" in result:

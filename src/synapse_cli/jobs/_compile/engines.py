@@ -256,13 +256,13 @@ def _ignored_by(used: list[str], enforced: frozenset[str], schema: Any, formats:
 
 
 def _xgrammar_refuses(schema: Any) -> str | None:
-    """xgrammar does not intersect anyOf/oneOf with sibling keywords: each branch loses them
+    """xgrammar does not intersect anyOf/oneOf/allOf with sibling keywords: the siblings are lost
     (measured: {"properties": {"r": {"type": "number"}}, "oneOf": [{"required": ["r"]}]}
     accepts {"r": null}). We call that unsupported rather than guess what is left."""
     from synapse_cli.jobs._compile.normalize import pointer_of, walk
 
     for path, node in walk(schema):
-        for comb in ("anyOf", "oneOf"):
+        for comb in ("anyOf", "oneOf", "allOf"):
             if comb in node and any(k in node for k in _SIBLING_SENSITIVE):
                 return f"{comb} beside other keywords at #{pointer_of(path)}: xgrammar does not intersect them"
     return None

@@ -195,9 +195,10 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
     engines = [e for e in ENGINES if e in spec.engines]
     everyone, by_name = load_checks(spec.check) if spec.check else ([], {})
 
+    cache = _cache.Cache(Path(spec.cache_dir) if spec.cache_dir else _cache.default_dir()) if spec.use_cache else _cache.Cache(None)
     items: list[Unit | BadInput] = []
     for path in expand(spec.inputs):
-        items.extend(load(path))
+        items.extend(load(path, cache if spec.use_cache else None))
     if not items:
         raise UsageError("no inputs: the directories given hold no .json or .jsonl files")
     single = len(spec.inputs) == 1 and not Path(spec.inputs[0]).is_dir() and len(items) == 1
@@ -238,7 +239,6 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
 
     versions = engine_versions()
     rules = _rules_hash()
-    cache = _cache.Cache(Path(spec.cache_dir) if spec.cache_dir else _cache.default_dir()) if spec.use_cache else _cache.Cache(None)
     hits = 0
     done = len(bad)
     finished: list[dict[str, Any]] = []

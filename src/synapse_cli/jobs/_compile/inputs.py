@@ -76,7 +76,12 @@ def _stem(path: Path) -> str:
     return path.stem or name
 
 
-def load(path: Path) -> Iterator[Unit | BadInput]:
+# Optional memo of checked-and-normalized schemas (the compile cache): the meta-schema check is
+# most of a cache hit's time, and an unchanged schema (same bytes, same file) passed it before.
+Memo = Any
+
+
+def load(path: Path, memo: Memo = None) -> Iterator[Unit | BadInput]:
     """The units of one input file (several for a constraint set or a JSONL file)."""
     label = str(path)
     try:
@@ -99,25 +104,25 @@ def load(path: Path) -> Iterator[Unit | BadInput]:
                 continue
             default = f"{_stem(path)}-{lineno}"
             name = safe_name(doc.get("id", default)) if isinstance(doc, dict) else default
-            yield from _document(doc, where, name, path)
+            yield from _document(doc, where, name, path, memo)
         return
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         yield BadInput(label, _stem(path), f"{label}: not JSON: {exc.msg} (line {exc.lineno} column {exc.colno})")
         return
-    yield from _document(doc, label, safe_name(_stem(path)), path)
+    yield from _document(doc, label, safe_name(_stem(path)), path, memo)
 
 
-def _document(doc: Any, where: str, name: str, path: Path | None) -> Iterator[Unit | BadInput]:
+def _document(doc: Any, where: str, name: str, path: Path | None, memo: Memo = None) -> Iterator[Unit | BadInput]:
     try:
         if isinstance(doc, dict) and isinstance(doc.get("constraints"), list) and "type" not in doc:
-            units = list(_constraint_set(doc, where, name, path))
+            units = list(_constraint_set(doc, where, name, path, memo))
         elif isinstance(doc, dict) and "schema" in doc and isinstance(doc.get("tests"), list):
             tests = _tests(doc["tests"], "/tests", "json_schema")
-            units = [_schema_unit(doc["schema"], "/schema", where, name, path, tests)]
+            units = [_schema_unit(doc["schema"], "/schema", where, name, path, tests, memo)]
         else:
-            units = [_schema_unit(doc, "", where, name, path, [])]
+            units = [_schema_unit(doc, "", where, name, path, [], memo)]
     except InputError as exc:
         sep = "#" if exc.pointer else ""
         yield BadInput(where, name, f"{where}{sep}{exc.pointer}: {exc.message}")
@@ -188,7 +193,15 @@ def check_regex(pattern: str, ptr: str) -> None:
     raise InputError(ptr, f"regex {pattern!r} does not parse: {first}")
 
 
-def _schema_unit(schema: Any, ptr: str, where: str, name: str, path: Path | None, tests: list) -> Unit:
+def _schema_unit(schema: Any, ptr: str, where: str, name: str, path: Path | None, tests: list, memo: Memo = None) -> Unit:
+    memo_key = None
+    if memo is not None and not _has_file_refs(schema):
+        raw = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        memo_key = hashlib.sha256(f"input\0{_code_hash()}\0{path.resolve() if path else ''}\0{raw}".encode()).hexdigest()
+        hit = memo.get(memo_key)
+        if hit is not None and "normalized" in hit:
+            normalized = hit["normalized"]
+            return Unit(name, where, "json_schema", normalized, tests, content_hash=content_hash("json_schema", normalized))
     check_schema(schema, ptr)
     try:
         normalized = normalize(schema, path)
@@ -196,10 +209,38 @@ def _schema_unit(schema: Any, ptr: str, where: str, name: str, path: Path | None
         raise InputError(ptr + exc.pointer, exc.message) from None
     except RecursionError:
         raise InputError(ptr, "schema nests too deeply") from None
+    if memo_key is not None:
+        memo.put(memo_key, {"normalized": normalized})
     return Unit(name, where, "json_schema", normalized, tests, content_hash=content_hash("json_schema", normalized))
 
 
-def _constraint_set(doc: dict, where: str, fallback: str, path: Path | None) -> Iterator[Unit]:
+_CODE_HASH: str | None = None
+
+
+def _code_hash() -> str:
+    """Our normalisation code: a change to it invalidates memoized inputs."""
+    global _CODE_HASH
+    if _CODE_HASH is None:
+        h = hashlib.sha256()
+        for name in ("normalize.py", "inputs.py"):
+            try:
+                h.update((Path(__file__).parent / name).read_bytes())
+            except OSError:
+                pass
+        _CODE_HASH = h.hexdigest()[:16]
+    return _CODE_HASH
+
+
+def _has_file_refs(schema: Any) -> bool:
+    """A $ref to another file: that file may change while this one does not, so never memoize."""
+    for _, node in walk(schema):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            return True
+    return False
+
+
+def _constraint_set(doc: dict, where: str, fallback: str, path: Path | None, memo: Memo = None) -> Iterator[Unit]:
     set_name = doc.get("name", fallback)
     if not isinstance(set_name, str) or not set_name:
         raise InputError("/name", "a constraint set needs a non-empty string name")
@@ -228,7 +269,7 @@ def _constraint_set(doc: dict, where: str, fallback: str, path: Path | None) -> 
         unit_name = f"{safe_name(set_name)}.{safe_name(cname)}"
         desc = c.get("description")
         if kind == "json_schema":
-            unit = _schema_unit(c[key], f"{ptr}/{key}", where, unit_name, path, tests)
+            unit = _schema_unit(c[key], f"{ptr}/{key}", where, unit_name, path, tests, memo)
         else:
             payload = c[key]
             if not isinstance(payload, str) or not payload:

@@ -150,3 +150,27 @@ def test_strip_keywords_turns_oneof_into_anyof():
     s = {"oneOf": [{"type": "integer"}, {"minimum": 0}], "properties": {"a": {"uniqueItems": True, "type": "array"}}}
     assert strip_keywords(s, {"oneOf", "uniqueItems"}) == {
         "anyOf": [{"type": "integer"}, {"minimum": 0}], "properties": {"a": {"type": "array"}}}
+
+
+class DictMemo(dict):
+    def put(self, key, value):
+        self[key] = value
+
+
+def test_memo_skips_the_meta_schema_check_for_an_unchanged_file_but_not_file_refs():
+    memo = DictMemo()
+    first = one_memo(DATA / "person.json", memo)
+    assert len(memo) == 1
+    key = next(iter(memo))
+    memo[key] = {"normalized": {"marker": True}}  # what the memo says is what a hit returns
+    assert one_memo(DATA / "person.json", memo).payload == {"marker": True}
+    assert first.payload != {"marker": True}
+    before = dict(memo)
+    one_memo(DATA / "order.json", memo)  # refers to line.json, which may change on its own
+    assert memo == before
+
+
+def one_memo(path, memo):
+    items = list(load(path, memo))
+    assert len(items) == 1
+    return items[0]

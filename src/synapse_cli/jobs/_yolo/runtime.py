@@ -7,11 +7,12 @@ the ``settings.json`` it writes on first import in a synapse-owned directory
 (unless the user chose one). Its logger writes to stdout, which carries our
 NDJSON, so we point it at stderr.
 
-``OMP_WAIT_POLICY=PASSIVE`` (unless set): torch's OpenMP threads otherwise
-spin at every barrier. On a busy 2-core machine (other processes, our own
-decode and encode threads) that spinning took pose from 9.5 fps to 0.6 fps
-in one measurement; passive waiting keeps two threads faster than one.
-OpenMP reads it when torch loads, so this must run before torch is imported.
+``OMP_WAIT_POLICY=PASSIVE`` (unless set): where torch still runs several
+intra-op threads (a GPU box's pre/post-processing, more than
+``inference.MAX_WORKERS`` cores), spinning OpenMP threads collapse when
+another process holds a core (0.6 instead of 9.5 fps in one measurement on
+the shared 2-core box). OpenMP reads it when torch loads, so this must run
+before torch is imported.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def resolve_threads(configured: int) -> int:
 
 
 def set_threads(n: int) -> None:
-    """Ultralytics sets cores - 1 when its predictor starts (``select_device``); call this after that."""
+    """This thread's torch threads. Ultralytics sets cores - 1 when a predictor starts (``select_device``): call after."""
     import torch
 
     if torch.get_num_threads() != n:

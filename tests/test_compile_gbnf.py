@@ -13,7 +13,8 @@ import re
 
 import pytest
 
-pytest.importorskip("llguidance")
+pytest.importorskip("llguidance")  # the compile extra
+pytest.importorskip("jsonschema")
 
 from synapse_cli.jobs._compile import engines  # noqa: E402
 from synapse_cli.jobs._compile.gbnf import Unsupported, int_range, regex_to_gbnf, schema_to_gbnf  # noqa: E402

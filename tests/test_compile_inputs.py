@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jsonschema
 import pytest
+
+jsonschema = pytest.importorskip("jsonschema")  # the compile extra
 
 from synapse_cli.jobs._compile.inputs import BadInput, Unit, expand, load
 from synapse_cli.jobs._compile.normalize import normalize, strip_keywords

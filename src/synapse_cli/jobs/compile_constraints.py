@@ -193,6 +193,10 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
     if unknown or not spec.engines:
         raise UsageError(f"unknown engine {unknown[0] if unknown else '(none)'}; expected some of {', '.join(ENGINES)}")
     engines = [e for e in ENGINES if e in spec.engines]
+    try:
+        import jsonschema  # noqa: F401  (meta-schema checks, labels)
+    except ImportError:
+        raise UsageError("synapse compile needs its extra: pip install 'synapse-cli[compile]'") from None
     everyone, by_name = load_checks(spec.check) if spec.check else ([], {})
 
     cache = _cache.Cache(Path(spec.cache_dir) if spec.cache_dir else _cache.default_dir()) if spec.use_cache else _cache.Cache(None)

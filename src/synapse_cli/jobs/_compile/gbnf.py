@@ -732,6 +732,10 @@ _SIGNIFICANT = (
 
 def _merge(a: dict, b: dict, ignored: set[str]) -> dict:
     """Conjunction of two schemas for the common cases; what it cannot intersect goes to ``ignored``."""
+    for x, y in ((a, b), (b, a)):
+        # additionalProperties sees only its own object's properties: merged, it would see both
+        if "additionalProperties" in x and ("properties" in y or "patternProperties" in y):
+            ignored.add("additionalProperties")
     out = dict(a)
     for key, value in b.items():
         if key not in out:

@@ -12,7 +12,7 @@ applies (torchvision.ops.nms -> ultralytics' TorchNMS). Both get YOLO_OFFLINE=1 
 
 Then peak memory (the child's ru_maxrss) of `synapse infer -o x.jsonl` on 300 and 3,000 frames
 (imgsz 320 to keep the long run short; memory is what is measured). Target: within 10 %.
-Usage: python bench/infer.py [--runs 2] [--seconds 10] [--skip-memory] [--skip-fps]
+Usage: python bench/infer.py [--runs 2] [--seconds 10] [--skip-memory] [--skip-fps] [--wait-idle S]
 """
 
 from __future__ import annotations
@@ -80,6 +80,24 @@ def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float]:
     return wall, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
 
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    return sum(fields[:3]) + sum(fields[5:7]), fields[3] + fields[4]  # busy (user nice system irq softirq), idle
+
+
+def wait_idle(limit_s: float) -> bool:
+    """On a shared machine: wait until the CPU has been < 10 % busy for 3 s (at most ``limit_s``)."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        b1, i1 = _cpu_times()
+        time.sleep(3)
+        b2, i2 = _cpu_times()
+        if (b2 - b1) < 0.1 * ((b2 - b1) + (i2 - i1)):
+            return True
+    return False
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -90,6 +108,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-fps", action="store_true")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                    help="before each pair of runs wait up to S seconds for other processes to leave the CPU idle")
     args = ap.parse_args()
     ffmpeg = find_ffmpeg(None)
     weights = str(default_weights())
@@ -108,6 +128,8 @@ def main() -> None:
         if not args.skip_fps:
             ours_runs, theirs_runs = [], []
             for _ in range(args.runs):
+                if args.wait_idle and not wait_idle(args.wait_idle):
+                    print(f"(the CPU did not go idle within {args.wait_idle:.0f} s; running anyway)")
                 theirs_runs.append(run_child(theirs, env))
                 ours_runs.append(run_child(ours, env))
             for name, runs in (("synapse infer", ours_runs), ("yolo predict ", theirs_runs)):

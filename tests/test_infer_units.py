@@ -91,6 +91,15 @@ def test_model_argument_checks(tmp_path):
     assert check_model_arg(str(tmp_path / "best.pt")) == (tmp_path / "best.pt").resolve()
 
 
+def test_workers_plan():
+    from synapse_cli.jobs._yolo.inference import plan_workers
+
+    assert plan_workers(2, accelerator=False) == (2, 1)  # two single-threaded replicas on this box
+    assert plan_workers(1, accelerator=False) == (1, 1)
+    assert plan_workers(32, accelerator=False) == (8, 4)
+    assert plan_workers(16, accelerator=True) == (1, 16)  # one worker feeds a GPU
+
+
 def test_default_output_names():
     assert default_output("/v/match.mp4", "track") == "/v/match.track.json"
     assert default_output("clip.mov", "pose") == "clip.pose.json"

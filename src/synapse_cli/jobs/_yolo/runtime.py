@@ -68,7 +68,15 @@ def _logs_to_stderr() -> None:
 def import_yolo() -> Any:
     """``ultralytics.YOLO``, imported offline, with the torchvision fallback applied if needed."""
     prepare_environment()
-    from ultralytics import YOLO
+    try:
+        from ultralytics import YOLO
+    except ModuleNotFoundError as exc:
+        if exc.name != "ultralytics":
+            raise
+        raise UsageError(
+            "synapse infer needs the infer extra: pip install torch first, then "
+            "pip install -c constraints.txt 'synapse-cli[infer]' (install order in docs/infer.md)"
+        ) from None
 
     from synapse_cli.jobs._yolo.compat import ensure_torchvision
 
@@ -88,6 +96,14 @@ def load_model(path: Path) -> Any:
     if getattr(model, "task", None) not in SUPPORTED_MODEL_TASKS:
         raise UsageError(f"{path.name} is a {model.task} model; synapse infer runs detect and pose models")
     return model
+
+
+def check_tracking() -> None:
+    """ByteTrack needs ``lap``; without it ultralytics would try to pip-install it mid-run."""
+    import importlib.util
+
+    if importlib.util.find_spec("lap") is None:
+        raise UsageError("--task track needs lap: pip install 'lap>=0.5.12'")
 
 
 def available_cores() -> int:

@@ -35,8 +35,20 @@ class SourceInfo:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    import cv2
+    """Width and height as the job will read the image: OpenCV, which applies EXIF orientation.
 
+    A client without OpenCV (the infer extra runs remotely) checks the file with PyAV instead.
+    """
+    try:
+        import cv2
+    except ImportError:
+        from synapse_cli.jobs._media import probe
+
+        try:
+            info = probe(path)
+        except UsageError:
+            raise UsageError(f"{path} is not a readable image") from None
+        return info.width, info.height
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise UsageError(f"{path} is not a readable image")

@@ -40,7 +40,7 @@ def _root(
 def _register() -> None:
     from synapse_cli.cli import compile, config, deploy, doctor, export, infer, jobs, sample, serve
 
-    for module in (export, jobs, config, doctor, sample, deploy, infer, compile, serve):
+    for module in (export, compile, infer, jobs, deploy, serve, config, doctor, sample):
         module.register(app)
 
 

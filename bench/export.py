@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,12 +41,12 @@ def main() -> None:
         params = work / "params.json"
         params.write_text(json.dumps({"keyframes": [key]}))
         ours = synapse_exe() + ["export", str(clip), "--job", "framing", "--params", str(params), "--no-modal",
-                                "-o", str(work / "ours.mp4"), "--overwrite"]
+                                "-o", str(work / "ours.mp4"), "--overwrite", "--no-cache"]  # every run encodes
         plain = [ffmpeg, "-v", "error", "-y", "-i", str(clip), "-vf",
                  f"crop={key['width']}:{key['height']}:{key['x']}:{key['y']},scale=810:1440:flags=bicubic,setsar=1",
                  "-c:v", "libx264", "-preset", "fast", "-crf", "23", "-pix_fmt", "yuv420p",
                  "-c:a", "aac", "-b:a", "160k", "-movflags", "+faststart", str(work / "plain.mp4")]
-        env = {**__import__("os").environ, "SYNAPSE_FFMPEG": ffmpeg}
+        env = {**os.environ, "SYNAPSE_FFMPEG": ffmpeg, "SYNAPSE_JOBS_DB": str(work / "jobs.sqlite3")}
         t_ours, t_plain = [], []
         for _ in range(args.runs):
             t_plain.append(timed(plain))

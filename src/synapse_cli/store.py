@@ -153,6 +153,8 @@ class JobStore:
             if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA foreign_keys = ON")
+            # WAL + NORMAL: no fsync per progress write (a crash can lose the last events, never corrupt the file)
+            self.db.execute("PRAGMA synchronous = NORMAL")
             if version < SCHEMA_VERSION:
                 with self.transaction() as db:  # executescript would commit on its own: one statement at a time
                     for statement in filter(str.strip, _SCHEMA.split(";")):

@@ -166,7 +166,7 @@ class _Heartbeat:
         self._stop.set()
 
 
-def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 0.25,
+def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 0.5,
            on_end: Callable[[Job], None] | None = None) -> Iterator[Event]:
     """Pass ``events`` through, writing them to the store (batched) and the job's final state."""
     buffer: list[dict[str, Any]] = []

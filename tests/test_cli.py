@@ -34,6 +34,11 @@ def test_doctor_finds_ffmpeg(cli):
     checks = json.loads(run.stdout)
     assert checks["ffmpeg"]["ok"] and "ffmpeg version" in checks["ffmpeg"]["detail"]
     assert checks["modal_credentials"]["ok"] is False
+    assert checks["weights"]["ok"] and checks["weights"]["detail"].endswith("(bundled, sha256 verified)")
+    configured = cli("doctor", "--json", env={"SYNAPSE_INFER_MODEL": "yolo11n.pt"})  # a bare name: never downloaded
+    assert json.loads(configured.stdout)["weights"]["ok"] is False
+    with_token = cli("doctor", "--json", env={"MODAL_TOKEN_ID": "ak-1", "MODAL_TOKEN_SECRET": "as-1"})
+    assert json.loads(with_token.stdout)["modal_credentials"]["ok"] is True
 
 
 def test_doctor_reports_a_bad_ffmpeg_path(cli):

@@ -73,7 +73,7 @@ def settings_for(common: Common, flags: dict[str, Any] | None = None) -> Setting
     return load_settings({**common.flags(), **(flags or {})}, common.config, common.profile)
 
 
-def backend_for(settings: Settings):
+def backend_for(settings: Settings, local_only: bool = False):
     """The backend the settings select: local (in-process), an HTTP endpoint, or Modal.
 
     An endpoint only matters for remote runs: with ``--use-modal`` (or ``backend = "modal"``)
@@ -81,6 +81,10 @@ def backend_for(settings: Settings):
     endpoint expect. ``--endpoint`` given on the command line selects it by itself.
     """
     endpoint = settings["modal.endpoint"]
+    if local_only:  # e.g. synapse sample: nothing to gain from running it remotely
+        from synapse_cli.backends.local import LocalBackend
+
+        return LocalBackend()
     if endpoint and (settings["backend"] == "modal" or settings.source("modal.endpoint") == "flag"):
         from synapse_cli.backends.http import HttpBackend
 
@@ -111,12 +115,7 @@ def run_job(
         all_flags = {**common.flags(), **(flags or {})}
         settings = settings_for(common, flags)
         spec = build_spec(settings)
-        if local_only:
-            from synapse_cli.backends.local import LocalBackend
-
-            backend = LocalBackend()
-        else:
-            backend = backend_for(settings)
+        backend = backend_for(settings, local_only)
         store = JobStore.from_settings(settings)
         try:
             if common.detach:

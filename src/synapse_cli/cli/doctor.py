@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -29,16 +27,27 @@ def _ffmpeg(settings) -> dict[str, Any]:
 
 
 def _modal_credentials() -> dict[str, Any]:
-    if os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"):
-        return {"ok": True, "detail": "MODAL_TOKEN_ID/MODAL_TOKEN_SECRET set in the environment"}
-    path = Path(os.environ.get("MODAL_CONFIG_PATH", Path.home() / ".modal.toml"))
-    if path.is_file():
-        return {"ok": True, "detail": f"profile file {path}"}
+    from synapse_cli.backends.modal import credentials_source  # no modal import: it reads env and ~/.modal.toml
+
+    source = credentials_source()
+    if source:
+        return {"ok": True, "detail": source}
     return {"ok": False, "detail": "none: run `modal token new` or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET (needed for --use-modal only)"}
 
 
+def _weights(settings) -> dict[str, Any]:
+    """The model synapse infer uses: the configured file, or the bundled yolo11n-pose.pt (sha256-checked)."""
+    try:
+        from synapse_cli.jobs._yolo.weights import resolve_model
+
+        path = resolve_model(settings["infer.model"])
+    except SynapseError as exc:
+        return {"ok": False, "detail": str(exc)}
+    return {"ok": True, "detail": f"{path} ({'infer.model' if settings['infer.model'] else 'bundled, sha256 verified'})"}
+
+
 def doctor(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
-    """Check what synapse needs: ffmpeg (which one, version), the config file, Modal credentials.
+    """Check what synapse needs: ffmpeg (which one, version), the config file, the infer weights, Modal credentials.
 
     Exits 1 if something a local export needs is missing.
     """
@@ -47,13 +56,14 @@ def doctor(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = 
         checks = {
             "ffmpeg": _ffmpeg(settings),
             "config": {"ok": True, "detail": str(settings.config_path) if settings.config_path else "no .synapse.toml found (defaults apply)"},
+            "weights": _weights(settings),
             "modal_credentials": _modal_credentials(),
         }
         if json_output:
             typer.echo(json.dumps(checks))
         else:
             for name, check in checks.items():
-                mark = "ok  " if check["ok"] else "MISSING" if name != "modal_credentials" else "--  "
+                mark = "ok  " if check["ok"] else "MISSING" if name == "ffmpeg" else "--  "
                 typer.echo(f"{mark:<7} {name:<18} {check['detail']}")
         if not checks["ffmpeg"]["ok"]:
             raise typer.Exit(1)

@@ -170,11 +170,7 @@ def worker(job_id: JOB_ID) -> None:
         job = store.get(job_id)
         settings = load_settings(job.flags or {})
         spec = spec_from_dict(job.kind, job.spec)
-        backend = backend_for(settings) if job.kind != "sample" else None
-        if backend is None:
-            from synapse_cli.backends.local import LocalBackend
-
-            backend = LocalBackend()
+        backend = backend_for(settings, local_only=job.backend == "local")
         store.start(job.id)
         with sigterm_as_interrupt():
             for _ in record(store, job, backend.run(job.kind, spec), on_end=step_summary):

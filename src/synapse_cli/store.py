@@ -150,8 +150,7 @@ class JobStore:
                     f"job store {self.path} has schema {version}, newer than this synapse understands ({SCHEMA_VERSION}): "
                     "upgrade synapse, or set [jobs] db / SYNAPSE_JOBS_DB to another file"
                 )
-            if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                self.db.execute("PRAGMA journal_mode = WAL")
+            self._use_wal()
             self.db.execute("PRAGMA foreign_keys = ON")
             # WAL + NORMAL: no fsync per progress write (a crash can lose the last events, never corrupt the file)
             self.db.execute("PRAGMA synchronous = NORMAL")
@@ -164,6 +163,19 @@ class JobStore:
             raise UsageError(
                 f"job store {self.path} cannot be used ({exc}): move it aside, or set [jobs] db / SYNAPSE_JOBS_DB to another file"
             ) from None
+
+    def _use_wal(self) -> None:
+        """Switch a new database to WAL. The switch needs the file to itself: when several processes
+        create the store at once, the ones that find it busy wait their turn (or see it done)."""
+        for _ in range(100):
+            try:
+                if self.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                    return
+                self.db.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+            time.sleep(0.05)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "JobStore":

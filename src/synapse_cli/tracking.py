@@ -193,12 +193,12 @@ def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 
             buffer.append(to_dict(event))
             if isinstance(event, Progress):
                 progress = {"done": event.done, "total": event.total, "phase": event.phase}
-            if not isinstance(event, Progress) or time.monotonic() - last_flush >= flush_s:
-                flush()
-            if isinstance(event, Finished):
+            if isinstance(event, Finished):  # the state first: whoever sees the finished event sees a completed job
                 modal_info = event.result.get("modal") or {}
                 store.finish(job.id, "completed", result=event.result, gpu=modal_info.get("gpu"), cost_usd=modal_info.get("estimated_cost_usd"))
                 completed = True
+            if not isinstance(event, Progress) or time.monotonic() - last_flush >= flush_s:
+                flush()
             yield event
         flush()
         store.finish(job.id, "failed", error_code=1, error_message="the job ended without a result")  # no-op after "completed"

@@ -41,14 +41,18 @@ def unhydrate_fake_objects() -> int:
     know their ids. Unhydrated, they hydrate again lazily (or on deploy) against the new one.
     """
     import gc
+    import warnings
 
     from modal._object import _Object
 
     from .server import FAKE_ID_MARKER
 
     n = 0
-    for obj in gc.get_objects():
-        if isinstance(obj, _Object) and FAKE_ID_MARKER in (getattr(obj, "_object_id", None) or ""):
+    with warnings.catch_warnings():  # isinstance() on some objects (torch's deprecated aliases) warns
+        warnings.simplefilter("ignore")
+        objects = [o for o in gc.get_objects() if isinstance(o, _Object)]
+    for obj in objects:
+        if FAKE_ID_MARKER in (getattr(obj, "_object_id", None) or ""):
             obj._unhydrate()
             n += 1
     return n

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 
 def sha256_file(path: Path) -> str:
+    """The file's sha256. Remembered per (path, size, mtime) for this process: a run hashes its
+    input for the job cache key and again for the Modal Volume key, and inputs can be gigabytes."""
+    st = Path(path).stat()
+    return _sha256_file(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _sha256_file(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
-    with Path(path).open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

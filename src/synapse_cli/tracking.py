@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from synapse_cli import __version__
-from synapse_cli.errors import Interrupted, SynapseError, error_from_wire
+from synapse_cli.errors import Interrupted, error_from_wire
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, Started, failed, from_dict, to_dict
 from synapse_cli.hashing import sha256_path
 from synapse_cli.jobs._files import atomic_output
@@ -206,7 +206,7 @@ def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 
         if not completed:
             end(Interrupted("interrupted"))
         raise
-    except (SynapseError, KeyboardInterrupt, Exception) as exc:
+    except (KeyboardInterrupt, Exception) as exc:
         end(exc)
         raise
     finally:

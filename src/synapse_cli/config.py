@@ -123,7 +123,7 @@ REGISTRY: dict[str, _Setting] = {
     "compile.engine_timeout_s": _Setting(10.0, _float(), "per-engine, per-schema compile timeout"),
     "compile.cache_dir": _Setting(None, _opt_str, "compile cache; default: the user cache dir"),
     # [infer]
-    "infer.model": _Setting(None, _opt_str, "YOLO weights (.pt/.onnx path); default: bundled yolo11n-pose.pt"),
+    "infer.model": _Setting(None, _opt_str, "YOLO weights: a .pt/.onnx path, or an installed model's name remotely; default: bundled yolo11n-pose.pt"),
     "infer.task": _Setting("pose", _choice("detect", "pose", "track"), "default task"),
     "infer.imgsz": _Setting(640, _int(32, 4096), "inference image size"),
     "infer.conf": _Setting(0.25, _float(0.0), "confidence threshold"),
@@ -152,6 +152,7 @@ REGISTRY: dict[str, _Setting] = {
     "serve.port": _Setting(8000, _int(0, 65535), "synapse serve port"),
     "serve.max_upload_mb": _Setting(2048, _int(1), "largest accepted upload"),
     "serve.work_dir": _Setting(None, _opt_str, "server work dir; default: a temp dir"),
+    "serve.models_dir": _Setting(None, _opt_str, "models a client may name (infer model=NAME) besides the bundled default"),
     # [jobs]
     "jobs.db": _Setting(None, _opt_str, "job store (SQLite); default: the user data dir"),
     "jobs.gpu_prices_usd_per_hour": _Setting({"T4": 0.59, "L4": 0.80, "A10G": 1.10, "A100": 2.10, "H100": 3.95, "CPU": 0.0}, _prices, "per-GPU price table for cost estimates"),

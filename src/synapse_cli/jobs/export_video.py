@@ -37,6 +37,9 @@ class ExportSpec:
     crf: int = 23
     ffmpeg: Optional[str] = None  # configured binary; None = find one where the job runs
     overwrite: bool = False
+    threads: int = 0  # x264 threads; 0: ffmpeg's choice (all cores)
+    # A shard: encode only output seconds [start, end), video only (see split_export / merge_export)
+    part: Optional[list[float]] = None
 
     INPUTS: ClassVar[tuple[str, ...]] = ("input",)
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output",)
@@ -163,6 +166,39 @@ def validate_params(job: str, params: dict[str, Any]) -> Any:
 # -- plans: the filter graph for each job -----------------------------------------
 
 
+@dataclass(frozen=True)
+class Window:
+    """What a shard reads: source seconds ``[start, end)``, and its pieces of the output timeline.
+
+    ``pieces`` are ``(index, start, end, speed)`` on the window's own clock (source time
+    minus ``start``): the segments or clips (``index`` into the params) a shard encodes,
+    cut at the shard's boundaries. Frames keep their place on the global timeline, so
+    keyframes, fades and interpolation are evaluated at global time (``start + t``).
+    """
+
+    start: float
+    end: float
+    pieces: tuple[tuple[int, float, float, float], ...]
+
+
+def _open_source(info: MediaInfo, window: Optional[Window]) -> tuple[Any, Any | None]:
+    """(video, audio) of the input; for a shard, only its window's frames, on a clock starting at 0, and no audio."""
+    import math
+
+    import ffmpeg
+
+    if window is None:
+        src = ffmpeg.input(info.path)
+        return src.video, (src.audio if info.has_audio else None)
+    # A fast input seek to a second before the window (ffmpeg decodes from the keyframe before it),
+    # then an exact cut half a frame before each boundary, so every frame lands in exactly one shard.
+    seek = max(0.0, math.floor((window.start - 1.0) * 1000) / 1000)
+    src = ffmpeg.input(info.path, ss=f"{seek:.3f}") if seek > 0 else ffmpeg.input(info.path)
+    half = 0.5 / info.fps
+    video = src.video.trim(start=max(0.0, window.start - half - seek), end=window.end - half - seek).setpts("PTS-STARTPTS")
+    return video, None
+
+
 @dataclass
 class Plan:
     video: Any  # ffmpeg-python stream
@@ -191,8 +227,13 @@ def _atempo_chain(stream: Any, speed: float) -> Any:
     return stream.filter("atempo", round(speed, 6)) if abs(speed - 1.0) > 1e-9 else stream
 
 
-def _concat_segments(video: Any, audio: Any | None, segments: list[tuple[float, float, float]]) -> tuple[Any, Any | None]:
-    """Cut (start, end, speed) segments from the source timeline and join them in order."""
+def _concat_segments(video: Any, audio: Any | None, segments: list[tuple[float, float, float]], fps: float) -> tuple[Any, Any | None]:
+    """Cut (start, end, speed) segments from the source timeline and join them in order.
+
+    Each re-timed segment is resampled to ``fps`` and cut to exactly ``round(length × fps)``
+    frames, so a segment's frame count depends only on its own bounds: the same frames
+    whether the timeline is encoded whole or in shards.
+    """
     import ffmpeg
 
     if not segments:
@@ -201,8 +242,9 @@ def _concat_segments(video: Any, audio: Any | None, segments: list[tuple[float, 
     asplit = audio.filter_multi_output("asplit", len(segments)) if audio is not None else None
     parts: list[Any] = []
     for i, (start, end, speed) in enumerate(segments):
-        v = vsplit[i].trim(start=start, end=end).setpts(f"(PTS-STARTPTS)/{speed}")
-        parts.append(v)
+        frames = max(1, int(round((end - start) / speed * fps)))
+        v = vsplit[i].trim(start=start, end=end).setpts(f"(PTS-STARTPTS)/{speed}").filter("fps", fps=fps)
+        parts.append(v.trim(end_frame=frames))
         if asplit is not None:
             a = asplit[i].filter("atrim", start=start, end=end).filter("asetpts", "PTS-STARTPTS")
             parts.append(_atempo_chain(a, speed))
@@ -218,10 +260,7 @@ def _clamp_window(x: float, y: float, w: float, h: float, info: MediaInfo) -> tu
     return min(max(x, 0.0), info.width - w), min(max(y, 0.0), info.height - h), w, h
 
 
-def _plan_framing(p: FramingParams, info: MediaInfo, workdir: Path) -> Plan:
-    import ffmpeg
-
-    src = ffmpeg.input(info.path)
+def _plan_framing(p: FramingParams, info: MediaInfo, workdir: Path, window: Optional[Window] = None) -> Plan:
     logs: list[str] = []
     keyframes = sorted(p.keyframes, key=lambda k: k.time)
     windows: list[tuple[float, float, float, float]] = []
@@ -245,16 +284,18 @@ def _plan_framing(p: FramingParams, info: MediaInfo, workdir: Path) -> Plan:
         x, y, w, h = (int(round(v)) for v in win)
         return _int_window(x, y, w, h, info)
 
-    video = src.video
+    video, audio = _open_source(info, window)
+    offset = window.start if window else 0.0  # global time of the source clock's 0
     first = ints(windows[0])
     if len(set(windows)) > 1:
         # The crop size changes over time: crop only evaluates w/h once, so we drive it
         # with per-frame commands (sendcmd), computed here with exact interpolation.
         times = [k.time for k in keyframes]
         lines, last = [], None
-        for n in range(info.frames + int(info.fps) + 1):
+        frames = int(round((window.end - window.start) * info.fps)) if window else info.frames
+        for n in range(frames + int(info.fps) + 1):
             t = n / info.fps
-            x, y, w, h = ints(tuple(interpolate(times, windows, t, p.interpolation)))  # type: ignore[arg-type]
+            x, y, w, h = ints(tuple(interpolate(times, windows, offset + t, p.interpolation)))  # type: ignore[arg-type]
             if (x, y, w, h) != last:
                 lines.append(f"{t:.6f} crop w {w}, crop h {h}, crop x {x}, crop y {y};")
                 last = (x, y, w, h)
@@ -265,19 +306,32 @@ def _plan_framing(p: FramingParams, info: MediaInfo, workdir: Path) -> Plan:
     video = video.crop(x, y, w, h).filter("scale", p.output_width, p.output_height, flags="bicubic").filter("setsar", 1)
     if p.rotate % 360:
         video = video.filter("rotate", f"{p.rotate}*PI/180", fillcolor="black")
-    audio = src.audio if info.has_audio else None
-    segments = []
+    pieces = _framing_pieces(p, info, logs)
+    if window is not None:
+        segments = [(s, e, v) for _, s, e, v in window.pieces] if p.segments else []
+    else:
+        segments = [(s, e, v) for _, s, e, v in pieces] if p.segments else []
+    video, audio = _concat_segments(video, audio, segments, info.fps)
+    if window is not None:
+        duration = sum((e - s) / v for _, s, e, v in window.pieces)
+    else:
+        duration = sum((e - s) / v for s, e, v in segments) if segments else info.duration
+    return Plan(video, audio, duration, p.output_width, p.output_height, logs)
+
+
+def _framing_pieces(p: FramingParams, info: MediaInfo, logs: list[str] | None = None) -> list[tuple[int, float, float, float]]:
+    """framing's output timeline as source pieces ``(index, start, end, speed)``: its segments, or the whole input."""
+    if not p.segments:
+        return [(0, 0.0, info.duration, 1.0)]
+    pieces = []
     for i, s in enumerate(p.segments):
         end = min(s.end, info.duration)
         if s.start >= info.duration:
             raise UsageError(f"framing: params.segments[{i}] starts at {s.start:g}s, after the end of the input ({info.duration:.2f}s)")
-        if end < s.end:
+        if end < s.end and logs is not None:
             logs.append(f"segment {i} end {s.end:g}s clamped to the input's end ({info.duration:.2f}s)")
-        segments.append((s.start, end, s.speed))
-    video, audio = _concat_segments(video, audio, segments)
-    duration = sum((e - s) / v for s, e, v in segments) if segments else info.duration
-    output_args = {"r": info.fps} if segments else {}
-    return Plan(video, audio, duration, p.output_width, p.output_height, logs, output_args=output_args)
+        pieces.append((i, s.start, end, s.speed))
+    return pieces
 
 
 def _int_window(x: int, y: int, w: int, h: int, info: MediaInfo) -> tuple[int, int, int, int]:
@@ -291,7 +345,7 @@ def _mask_size(info: MediaInfo) -> tuple[int, int]:
     return max(2, int(info.width * scale) // 2 * 2), max(2, int(info.height * scale) // 2 * 2)
 
 
-def _plan_overlay(p: OverlayParams, info: MediaInfo, workdir: Path) -> Plan:
+def _plan_overlay(p: OverlayParams, info: MediaInfo, workdir: Path, window: Optional[Window] = None) -> Plan:
     import ffmpeg
     import numpy as np
 
@@ -309,7 +363,9 @@ def _plan_overlay(p: OverlayParams, info: MediaInfo, workdir: Path) -> Plan:
     ]
     mw, mh = _mask_size(info)
     sx, sy = mw / info.width, mh / info.height
-    total = info.frames + int(info.fps) + 1
+    offset = window.start if window else 0.0  # global time of the source clock's 0
+    frames = int(round((window.end - window.start) * info.fps)) if window else info.frames
+    total = frames + int(info.fps) + 1
     ys, xs = np.mgrid[0:mh, 0:mw].astype(np.float32)
     xs += 0.5
     ys += 0.5
@@ -325,7 +381,7 @@ def _plan_overlay(p: OverlayParams, info: MediaInfo, workdir: Path) -> Plan:
     def feed(proc: Any) -> None:
         frame = np.zeros((2 * mh, mw), dtype=np.uint8)
         for n in range(total):
-            t = n / info.fps
+            t = offset + n / info.fps
             f = fade(t)
             frame[:] = 0
             if f > 0:
@@ -341,12 +397,12 @@ def _plan_overlay(p: OverlayParams, info: MediaInfo, workdir: Path) -> Plan:
                     frame[mh:] = (np.clip(stroke / 2 - band + 0.5, 0.0, 1.0) * (255 * f)).astype(np.uint8)
             proc.stdin.write(frame.tobytes())
 
-    src = ffmpeg.input(info.path)
+    source, audio = _open_source(info, window)
     masks = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="gray", s=f"{mw}x{2 * mh}", framerate=info.fps)
     m = masks.video.filter_multi_output("split", 2)
     effect_mask = m[0].crop(0, 0, mw, mh).filter("scale", info.width, info.height, flags="bilinear")
     stroke_mask = m[1].crop(0, mh, mw, mh).filter("scale", info.width, info.height, flags="bilinear")
-    base = src.video.filter("setpts", "PTS-STARTPTS").filter_multi_output("split", 3)
+    base = source.filter("setpts", "PTS-STARTPTS").filter_multi_output("split", 3)
     video = base[0]
     if p.effect != "original":
         if p.effect == "dark_overlay":
@@ -370,32 +426,42 @@ def _plan_overlay(p: OverlayParams, info: MediaInfo, workdir: Path) -> Plan:
             boxcolor="black@0.5",
             boxborderw=12,
             expansion="none",
-            enable=f"between(t,{start:.3f},{end:.3f})",
+            # a frame exactly on a bound is in (between() is inclusive), whatever the rounding of a shard's clock
+            enable=f"between(t,{start - offset - 1e-4:.6f},{end - offset + 1e-4:.6f})",
         )
     video = video.filter("format", "yuv420p")
-    audio = src.audio if info.has_audio else None
-    return Plan(video, audio, info.duration, info.width, info.height, logs, feed=feed)
+    duration = window.end - window.start if window else info.duration
+    return Plan(video, audio, duration, info.width, info.height, logs, feed=feed)
 
 
-def _plan_annotate(p: AnnotateParams, info: MediaInfo, workdir: Path) -> Plan:
-    import ffmpeg
-
-    logs: list[str] = []
-    clips = []
+def _annotate_pieces(p: AnnotateParams, info: MediaInfo, logs: list[str] | None = None) -> list[tuple[int, float, float, float]]:
+    """annotate's output timeline as source pieces ``(index, start, end, 1.0)``: its clips, in order."""
+    pieces = []
     for i, c in enumerate(p.clips):
         if c.start >= info.duration:
             raise UsageError(f"annotate: params.clips[{i}] starts at {c.start:g}s, after the end of the input ({info.duration:.2f}s)")
         end = min(c.end, info.duration)
-        if end < c.end:
+        if end < c.end and logs is not None:
             logs.append(f"clip {i} end {c.end:g}s clamped to the input's end ({info.duration:.2f}s)")
-        clips.append((c, end))
-    src = ffmpeg.input(info.path)
-    has_audio = info.has_audio
-    vsplit = src.video.filter_multi_output("split", len(clips))
-    asplit = src.audio.filter_multi_output("asplit", len(clips)) if has_audio else None
+        pieces.append((i, c.start, end, 1.0))
+    return pieces
+
+
+def _plan_annotate(p: AnnotateParams, info: MediaInfo, workdir: Path, window: Optional[Window] = None) -> Plan:
+    import ffmpeg
+
+    logs: list[str] = []
+    pieces = _annotate_pieces(p, info, logs)
+    if window is not None:
+        pieces = list(window.pieces)
+    clips = [(p.clips[i], start, end) for i, start, end, _ in pieces]
+    source, source_audio = _open_source(info, window)
+    has_audio = source_audio is not None
+    vsplit = source.filter_multi_output("split", len(clips))
+    asplit = source_audio.filter_multi_output("asplit", len(clips)) if has_audio else None
     parts: list[Any] = []
-    for i, (c, end) in enumerate(clips):
-        v = vsplit[i].trim(start=c.start, end=end).setpts("PTS-STARTPTS")
+    for i, (c, start, end) in enumerate(clips):
+        v = vsplit[i].trim(start=start, end=end).setpts("PTS-STARTPTS")
         color = RATING_COLORS.get(c.rating or "", "0x808080")
         if p.border:
             v = v.drawbox(0, 0, "iw", "ih", color=color, thickness=p.border)
@@ -407,25 +473,146 @@ def _plan_annotate(p: AnnotateParams, info: MediaInfo, workdir: Path) -> Plan:
             v = v.drawtext(textfile=_write_text(workdir, f"notes{i}.txt", c.notes), fontsize="h/28", x=f"{p.border}+24", y=f"h-th-{p.border}-30", **common)
         parts.append(v)
         if asplit is not None:
-            parts.append(asplit[i].filter("atrim", start=c.start, end=end).filter("asetpts", "PTS-STARTPTS"))
+            parts.append(asplit[i].filter("atrim", start=start, end=end).filter("asetpts", "PTS-STARTPTS"))
     joined = ffmpeg.concat(*parts, n=len(clips), v=1, a=1 if has_audio else 0)
     video, audio = (joined.node[0], joined.node[1]) if has_audio else (joined, None)
-    duration = sum(end - c.start for c, end in clips)
+    duration = sum(end - start for _, start, end in clips)
     return Plan(video, audio, duration, info.width, info.height, logs)
 
 
-PLANNERS: dict[str, Callable[[Any, MediaInfo, Path], Plan]] = {
+PLANNERS: dict[str, Callable[..., Plan]] = {
     "framing": _plan_framing,
     "overlay": _plan_overlay,
     "annotate": _plan_annotate,
 }
 
 
+# -- the output timeline, and its shards ---------------------------------------------
+
+
+def _output_pieces(job: str, params: Any, info: MediaInfo, logs: list[str] | None = None) -> list[tuple[int, float, float, float]]:
+    """The output timeline as source pieces ``(index, start, end, speed)``, in output order."""
+    if job == "framing":
+        return _framing_pieces(params, info, logs)
+    if job == "annotate":
+        return _annotate_pieces(params, info, logs)
+    return [(0, 0.0, info.duration, 1.0)]
+
+
+def _window(pieces: list[tuple[int, float, float, float]], start: float, end: float) -> Window:
+    """The source window and the pieces that make output seconds ``[start, end)``."""
+    chosen: list[tuple[int, float, float, float]] = []
+    at = 0.0
+    for index, s, e, speed in pieces:
+        length = (e - s) / speed
+        a, b = max(start, at), min(end, at + length)
+        if b - a > 1e-9:
+            chosen.append((index, s + (a - at) * speed, s + (b - at) * speed, speed))
+        at += length
+    if not chosen:
+        raise UsageError(f"export part {start:g}..{end:g}s is outside the output ({at:.3f}s)")
+    lo, hi = min(c[1] for c in chosen), max(c[2] for c in chosen)
+    return Window(lo, hi, tuple((i, s - lo, e - lo, v) for i, s, e, v in chosen))
+
+
+def split_export(spec: ExportSpec, n: int, workdir: Path) -> list[ExportSpec]:
+    """``n`` shard specs over contiguous ranges of the output timeline, each writing a video-only piece in ``workdir``.
+
+    framing and overlay cut at output frame boundaries; annotate cuts only between clips
+    (one shard per clip, or per group of consecutive clips). Fewer than ``n`` come back
+    when the output has fewer frames (or clips) than that.
+    """
+    from dataclasses import replace
+
+    params = validate_params(spec.job, spec.params)
+    info = probe(spec.input)
+    pieces = _output_pieces(spec.job, params, info)
+    lengths = [(e - s) / v for _, s, e, v in pieces]
+    total = sum(lengths)
+    if spec.job == "annotate":
+        ends, at = [], 0.0
+        for length in lengths:
+            at += length
+            ends.append(at)
+        # balance by duration: cut after the clip whose end is nearest each ideal boundary
+        cuts = sorted({min(range(len(ends) - 1), key=lambda j: abs(ends[j] - total * k / n)) for k in range(1, n)}) if len(ends) > 1 else []
+        bounds = [0.0] + [ends[j] for j in cuts] + [total]
+    else:
+        frames = max(1, int(round(total * info.fps)))
+        marks = sorted({int(round(frames * k / n)) for k in range(0, n + 1)})
+        bounds = [m / info.fps for m in marks]
+        bounds[-1] = total
+    bounds = [b for i, b in enumerate(bounds) if i == 0 or b - bounds[i - 1] > 1e-9]
+    return [
+        replace(spec, part=[a, b], output=str(workdir / f"part{i:03d}.mp4"), overwrite=True)
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ]
+
+
+def _audio_graph(pieces: list[tuple[int, float, float, float]], info: MediaInfo) -> Any:
+    """The output's audio alone: the pieces cut, re-timed and joined exactly as the whole export does."""
+    import ffmpeg
+
+    src = ffmpeg.input(info.path)
+    if len(pieces) == 1 and pieces[0][1] == 0.0 and pieces[0][2] >= info.duration and pieces[0][3] == 1.0:
+        return src.audio
+    split = src.audio.filter_multi_output("asplit", len(pieces))
+    parts = [
+        _atempo_chain(split[k].filter("atrim", start=s, end=e).filter("asetpts", "PTS-STARTPTS"), v)
+        for k, (_, s, e, v) in enumerate(pieces)
+    ]
+    return ffmpeg.concat(*parts, n=len(parts), v=0, a=1)
+
+
+def merge_export(spec: ExportSpec, parts: list[ExportSpec], results: list[dict[str, Any]], workdir: Path) -> Iterator[Event]:
+    """Join the shards' pieces with stream copy (concat demuxer), add the audio encoded once over the whole timeline, faststart."""
+    import ffmpeg
+
+    started = time.monotonic()
+    params = validate_params(spec.job, spec.params)
+    info = probe(spec.input)
+    out = Path(spec.output)
+    exe = find_ffmpeg(spec.ffmpeg)
+    frames = int(sum(r.get("frames", 0) for r in results))
+    listing = workdir / "parts.txt"
+    listing.write_text("".join("file '{}'\n".format(str(Path(p.output).resolve()).replace("'", "'\\''")) for p in parts))
+    audio_file = None
+    if info.has_audio:
+        audio_file = workdir / "audio.m4a"
+        graph = _audio_graph(_output_pieces(spec.job, params, info), info)
+        args = ffmpeg.output(graph, str(audio_file), acodec="aac", audio_bitrate="160k").compile(cmd=exe, overwrite_output=True)
+        duration = sum((e - s) / v for _, s, e, v in _output_pieces(spec.job, params, info))
+        yield from run_ffmpeg(args, max(1, int(duration * info.fps)), info.fps, phase="audio")
+    with atomic_output(out, spec.overwrite) as tmp:
+        joined = ffmpeg.input(str(listing), format="concat", safe=0)
+        streams = [joined.video] + ([ffmpeg.input(str(audio_file)).audio] if audio_file else [])
+        args = ffmpeg.output(*streams, str(tmp), c="copy", movflags="+faststart").compile(cmd=exe, overwrite_output=True)
+        yield from run_ffmpeg(args, frames, info.fps, phase="merge")
+    size = out.stat().st_size
+    yield Artifact(path=str(out), bytes=size)
+    first = results[0] if results else {}
+    result = {
+        "job": spec.job,
+        "input": spec.input,
+        "output": str(out),
+        "bytes": size,
+        "width": first.get("width"),
+        "height": first.get("height"),
+        "duration_s": round(sum(r.get("duration_s", 0.0) for r in results), 3),
+        "frames": frames,
+        "audio": audio_file is not None,
+    }
+    yield Finished(result=result, elapsed_s=round(time.monotonic() - started, 3))
+
+
 # -- the job ---------------------------------------------------------------------
 
 
 def export_video(spec: ExportSpec) -> Iterator[Event]:
-    """Export ``spec.input`` with one of the export jobs; yields progress in output frames."""
+    """Export ``spec.input`` with one of the export jobs; yields progress in output frames.
+
+    With ``spec.part`` set (a shard), only those output seconds are encoded, without audio.
+    """
     started = time.monotonic()
     params = validate_params(spec.job, spec.params)
     info = probe(spec.input)
@@ -434,8 +621,11 @@ def export_video(spec: ExportSpec) -> Iterator[Event]:
     exe = find_ffmpeg(spec.ffmpeg)
     import ffmpeg
 
+    window = None
+    if spec.part is not None:
+        window = _window(_output_pieces(spec.job, params, info), float(spec.part[0]), float(spec.part[1]))
     with tempfile.TemporaryDirectory(prefix="synapse-export-") as tmpdir:
-        plan = PLANNERS[spec.job](params, info, Path(tmpdir))
+        plan = PLANNERS[spec.job](params, info, Path(tmpdir), window)
         total = max(1, int(round(plan.duration * info.fps)))
         yield Started(job="export", total=total)
         for message in plan.logs:
@@ -450,6 +640,8 @@ def export_video(spec: ExportSpec) -> Iterator[Event]:
                 "movflags": "+faststart",
                 **plan.output_args,
             }
+            if spec.threads:
+                encode["threads"] = int(spec.threads)
             if plan.audio is not None:
                 encode.update(acodec="aac", audio_bitrate="160k")
             args = ffmpeg.output(*streams, str(tmp), **encode).compile(cmd=exe, overwrite_output=True)

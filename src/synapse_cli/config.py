@@ -95,6 +95,20 @@ def _prices(v: Any) -> dict[str, float]:
     return {str(k): float(x) for k, x in v.items()}
 
 
+def _shards(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("expected a number of shards or 'auto'")
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number of shards or 'auto'") from None
+    if isinstance(v, float) and v != n or n < 1 or n > 1024:
+        raise ValueError("expected 1..1024 or 'auto'")
+    return n
+
+
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 ENGINES = ("llguidance", "xgrammar", "outlines", "llama.cpp")
 
@@ -114,6 +128,7 @@ REGISTRY: dict[str, _Setting] = {
     "ffmpeg.path": _Setting(None, _opt_str, "ffmpeg binary; default: ffmpeg on PATH, else the imageio-ffmpeg one", ("SYNAPSE_FFMPEG",)),
     "ffmpeg.preset": _Setting("fast", _choice(*X264_PRESETS), "libx264 preset"),
     "ffmpeg.crf": _Setting(23, _int(0, 51), "libx264 constant rate factor (0-51, lower is better)"),
+    "ffmpeg.threads": _Setting(0, _int(0, 256), "libx264 threads per encode (per shard); 0 = ffmpeg's choice"),
     # [export]
     "export.default_job": _Setting("framing", _choice("framing", "overlay", "annotate"), "job used when --job is not given"),
     "export.output_dir": _Setting(None, _opt_str, "directory for default outputs; default: beside the input"),
@@ -153,6 +168,12 @@ REGISTRY: dict[str, _Setting] = {
     "serve.max_upload_mb": _Setting(2048, _int(1), "largest accepted upload"),
     "serve.work_dir": _Setting(None, _opt_str, "server work dir; default: a temp dir"),
     "serve.models_dir": _Setting(None, _opt_str, "models a client may name (infer model=NAME) besides the bundled default"),
+    # [shards]
+    "shards.count": _Setting("auto", _shards, "shards per job: N, or auto (1 locally; on Modal, by size)"),
+    "shards.seconds": _Setting(60.0, _float(), "auto: media seconds per shard (export, infer)"),
+    "shards.units": _Setting(64, _int(1), "auto: compile inputs per shard"),
+    "shards.max": _Setting(32, _int(1, 1024), "auto: at most this many shards"),
+    "shards.track_overlap_s": _Setting(1.0, _float(), "infer track: seconds each shard starts early, to stitch track ids"),
     # [jobs]
     "jobs.db": _Setting(None, _opt_str, "job store (SQLite); default: the user data dir"),
     "jobs.gpu_prices_usd_per_hour": _Setting({"T4": 0.59, "L4": 0.80, "A10G": 1.10, "A100": 2.10, "H100": 3.95, "CPU": 0.0}, _prices, "per-GPU price table for cost estimates"),

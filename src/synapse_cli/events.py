@@ -33,6 +33,7 @@ class Progress:
 class Log:
     message: str
     level: str = "info"  # "info" | "warning"
+    shard: str | None = None  # "3/8" when a sharded job's shard said it
     type: ClassVar[str] = "log"
 
 
@@ -64,7 +65,7 @@ class Failed:
 
 Event = Union[Started, Progress, Log, Artifact, Finished, Failed]
 _TYPES: dict[str, type] = {cls.type: cls for cls in (Started, Progress, Log, Artifact, Finished, Failed)}
-_OPTIONAL = {"phase", "message"}  # left out of the wire form when None
+_OPTIONAL = {"phase", "message", "shard"}  # left out of the wire form when None
 
 
 def to_dict(event: Event) -> dict[str, Any]:

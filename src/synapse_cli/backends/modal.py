@@ -131,10 +131,19 @@ def _bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
 # -- the Volume: content-addressed inputs, per-job outputs -------------------------------------
 
 
+class _Uploads:
+    """What this client has uploaded already (local path -> ``vol:`` key), shared by a job's shards."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done: dict[str, str] = {}
+
+
 class _Files:
     """Maps a spec's local paths to Volume paths and back, uploading and downloading as needed."""
 
-    def __init__(self, volume: Any, job_id: str, overwrite: bool) -> None:
+    def __init__(self, volume: Any, job_id: str, overwrite: bool, uploads: "_Uploads | None" = None) -> None:
+        self.uploads = uploads or _Uploads()
         self.volume = volume
         self.job_id = job_id
         self.overwrite = overwrite
@@ -153,6 +162,13 @@ class _Files:
         path = Path(local)
         if not path.exists():
             raise UsageError(f"input not found: {path}")
+        with self.uploads.lock:  # concurrent shards of one job: the first uploads, the others reuse its key
+            remote = self.uploads.done.get(str(path.resolve())) or self._upload(path)
+            self.uploads.done[str(path.resolve())] = remote
+        self.local_of[remote] = path
+        return remote
+
+    def _upload(self, path: Path) -> str:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
             key = f"inputs/{sha256_tree(path)}/{path.name}"
@@ -165,9 +181,7 @@ class _Files:
             if not self._exists(key):
                 with self.volume.batch_upload(force=True) as batch:
                     batch.put_file(str(path), f"/{key}")
-        remote = VOL + key
-        self.local_of[remote] = path
-        return remote
+        return VOL + key
 
     def output(self, local: str, is_dir: bool) -> str:
         path = Path(local)
@@ -240,6 +254,8 @@ class ModalBackend:
         self._env = env
         self._sleep = sleep
         self._stack = ExitStack()
+        self._connect_lock = threading.Lock()
+        self._uploads = _Uploads()
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ModalBackend":
@@ -259,6 +275,10 @@ class ModalBackend:
         return map_modal_errors(self.config["app_name"], self.config.get("environment"))
 
     def _connect(self) -> None:
+        with self._connect_lock:  # shards call at once; connect (and enter an ephemeral app) once
+            self._connect_once()
+
+    def _connect_once(self) -> None:
         import modal
 
         env_name = self.config.get("environment")
@@ -305,7 +325,7 @@ class ModalBackend:
         require_credentials(self._env)
         with self._errors():
             _bounded(self._connect, float(self.config["connect_timeout_s"]), "the connection")
-            files = _Files(self._volume, uuid.uuid4().hex, bool(getattr(spec, "overwrite", False)))
+            files = _Files(self._volume, uuid.uuid4().hex, bool(getattr(spec, "overwrite", False)), self._uploads)
             remote_spec = self.stage(job, spec, files)
             fn = self.function(job)
             yield from self._localized(job, files, self._stream(fn, remote_spec), time.time())
@@ -432,6 +452,10 @@ class ModalBackend:
             _bounded(lambda: modal.FunctionCall.from_id(call_id).cancel(), 10.0, "the cancellation")
         except Exception:  # noqa: BLE001 - best effort while already failing or interrupted
             pass
+
+    def run_shard(self, kind: str, spec: Any) -> Iterator[Event]:
+        """A shard is one more concurrent ``remote_gen`` call (each in its own container); the input is uploaded once."""
+        return self.run(kind, spec)
 
     def close(self) -> None:
         self._stack.close()

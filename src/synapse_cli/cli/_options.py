@@ -31,6 +31,10 @@ API_KEY = Annotated[
     typer.Option("--api-key", help="API key for --endpoint (prefer env SYNAPSE_API_KEY: flags show up in process lists).", show_default=False),
 ]
 DETACH = Annotated[bool, typer.Option("--detach", help="Start the job in the background, print its id and return (see synapse jobs).")]
+SHARDS = Annotated[
+    Optional[str],
+    typer.Option("--shards", help="Split the job into N shards run at once, or 'auto' ([shards] count; auto is 1 locally).", show_default=False),
+]
 NO_CACHE = Annotated[bool, typer.Option("--no-cache", help="Run even if an identical job already has a result.")]
 
 
@@ -47,7 +51,8 @@ class Common:
     api_key: Optional[str] = None
     detach: bool = False
     cache: bool = True
+    shards: Optional[str] = None
 
     def flags(self) -> dict:
         backend = None if self.use_modal is None else ("modal" if self.use_modal else "local")
-        return {"backend": backend, "modal.endpoint": self.endpoint, "api_key": self.api_key}
+        return {"backend": backend, "modal.endpoint": self.endpoint, "api_key": self.api_key, "shards.count": self.shards}

@@ -127,7 +127,9 @@ def run_job(
             elif other is not None and other.status in ACTIVE:
                 events = follow(store, other, kind, spec)
             else:
-                events = backend.run(kind, spec)
+                from synapse_cli.shards import job_events
+
+                events = job_events(kind, spec, backend, settings)
             stream = record(store, job, events, on_end=step_summary)
             try:
                 with sigterm_as_interrupt():

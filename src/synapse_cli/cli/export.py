@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 import typer
 from typing_extensions import Annotated
 
-from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, NO_CACHE, OVERWRITE, PROFILE, USE_MODAL, Common
+from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, NO_CACHE, OVERWRITE, PROFILE, SHARDS, USE_MODAL, Common
 from synapse_cli.cli._run import run_job
 from synapse_cli.config import Settings
 from synapse_cli.errors import UsageError
@@ -58,12 +58,13 @@ def export(
     api_key: API_KEY = None,
     detach: DETACH = False,
     no_cache: NO_CACHE = False,
+    shards: SHARDS = None,
 ) -> None:
     """Export a video with FFmpeg: framing (9:16 reel), overlay (highlight) or annotate (rated clips).
 
     Example: synapse export clip.mp4 --job framing --set 'keyframes=[{"time":0,"x":400,"y":0,"width":405,"height":720}]'
     """
-    common = Common(json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite, endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache)
+    common = Common(json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite, endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache, shards=shards)
 
     def build(settings: Settings):
         from synapse_cli.jobs.export_video import EXPORT_JOBS, ExportSpec, validate_params
@@ -88,6 +89,7 @@ def export(
             crf=settings["ffmpeg.crf"],
             ffmpeg=settings["ffmpeg.path"],
             overwrite=overwrite,
+            threads=settings["ffmpeg.threads"],
         )
 
     run_job("export", build, common, summarize=lambda r: r.get("output", ""))

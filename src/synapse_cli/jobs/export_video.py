@@ -549,6 +549,13 @@ def split_export(spec: ExportSpec, n: int, workdir: Path) -> list[ExportSpec]:
     ]
 
 
+def export_seconds(spec: ExportSpec) -> float:
+    """The output's length in seconds: what ``--shards auto`` divides."""
+    params = validate_params(spec.job, spec.params)
+    info = probe(spec.input)
+    return sum((e - s) / v for _, s, e, v in _output_pieces(spec.job, params, info))
+
+
 def _audio_graph(pieces: list[tuple[int, float, float, float]], info: MediaInfo) -> Any:
     """The output's audio alone: the pieces cut, re-timed and joined exactly as the whole export does."""
     import ffmpeg

@@ -1,0 +1,251 @@
+"""One job, many calls: split a spec into shards, run them at once, merge their results.
+
+A kind that can be sharded has two hooks (see ``synapse_cli.jobs``): ``split(spec, n,
+workdir)`` returns up to ``n`` shard specs whose outputs are pieces in ``workdir``, and
+``merge(spec, shards, results, workdir)`` is a generator that joins the pieces into the
+spec's real outputs and ends with the job's ``Finished``.
+
+``run_sharded`` drives any backend: each shard is one ``backend.run(kind, shard)`` in its
+own thread (a Modal ``remote_gen`` call, a worker process, a server's job), and the
+events of all of them become one stream, as if one job ran:
+
+- one ``Started`` (once every shard has started) whose total is the shards' sum, and
+  ``Progress`` whose ``done`` is the sum of each shard's best so far: never backwards,
+  even when a shard is retried;
+- ``Log`` events tagged with their shard (``"2/8"``); a warning every shard repeats
+  (a clamped keyframe) is shown once;
+- a transient failure (``BackendError``) retries that shard alone; a job failure cancels
+  the others and is raised; closing the stream (Ctrl-C) cancels every shard;
+- the merge's ``Artifact`` and ``Finished``, with ``shards: [{index, seconds, attempts}]``
+  and the Modal seconds and cost summed over the shards.
+
+Nothing here imports typer, rich or modal.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from synapse_cli.errors import BackendError, SynapseError
+from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
+
+_DONE = object()
+
+
+def shard_count(requested: Any, backend: str, size: float | None, per_shard: float, most: int) -> int:
+    """How many shards: ``requested`` (an int, or ``"auto"``) for a job of ``size`` units.
+
+    ``auto`` is 1 on the local backend (one machine gains nothing by default) and
+    ``ceil(size / per_shard)`` elsewhere, clamped to ``[1, most]``.
+    """
+    if requested not in (None, "auto"):
+        return max(1, int(requested))
+    if backend == "local" or not size or per_shard <= 0:
+        return 1
+    return max(1, min(int(most), math.ceil(size / per_shard)))
+
+
+@dataclass
+class _Shard:
+    index: int
+    spec: Any
+    attempts: int = 0
+    started_at: float = 0.0
+    seconds: float = 0.0
+    total: float | None = None
+    done: float = 0.0
+    result: dict[str, Any] | None = None
+    call: Any = None  # the running generator, closed by its own thread
+
+
+@dataclass
+class _Run:
+    shards: list[_Shard]
+    events: "queue.Queue[tuple[int, Any]]" = field(default_factory=queue.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def _work(run: _Run, shard: _Shard, start: Callable[[Any], Iterator[Event]], retries: int) -> None:
+    """One shard's thread: run it, retrying transient failures, and hand its events to the merger."""
+    while True:
+        shard.attempts += 1
+        gen = start(shard.spec)
+        shard.call = gen
+        try:
+            for event in gen:
+                if run.cancel.is_set():
+                    return
+                run.events.put((shard.index, event))
+            run.events.put((shard.index, _DONE))
+            return
+        except BackendError as exc:
+            if shard.attempts > retries or run.cancel.is_set():
+                run.events.put((shard.index, exc))
+                return
+            run.events.put((shard.index, Log(f"shard {shard.index + 1}/{len(run.shards)} failed ({exc}); retrying it", "warning")))
+        except BaseException as exc:  # noqa: BLE001 - handed to the merging thread, which raises it
+            run.events.put((shard.index, exc))
+            return
+        finally:
+            gen.close()  # a cancelled shard stops here: its ffmpeg is killed, its Modal call cancelled
+
+
+def run_sharded(
+    kind: str,
+    spec: Any,
+    count: int,
+    start: Callable[[Any], Iterator[Event]],
+    split: Callable[[Any, int, Path], list[Any]],
+    merge: Callable[[Any, list[Any], list[dict[str, Any]], Path], Iterator[Event]],
+    retries: int = 0,
+    workdir: Path | None = None,
+) -> Iterator[Event]:
+    """Run ``spec`` as ``count`` shards through ``start`` (``backend.run`` for this kind) and merge them."""
+    parent = workdir or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".synapse-shards-", dir=parent))
+    threads: list[threading.Thread] = []
+    run: _Run | None = None
+    try:
+        parts = split(spec, count, work)
+        n = len(parts)
+        run = _Run([_Shard(i, part) for i, part in enumerate(parts)])
+        for shard in run.shards:
+            shard.started_at = time.monotonic()
+            thread = threading.Thread(target=_work, args=(run, shard, start, retries), name=f"synapse-shard-{shard.index}", daemon=True)
+            thread.start()
+            threads.append(thread)
+        yield from _merged_events(kind, run, n)
+        yield Log(f"merging {n} shard{'s' if n != 1 else ''}")
+        results = [s.result or {} for s in run.shards]
+        for event in merge(spec, parts, results, work):
+            if isinstance(event, Finished):
+                event = Finished(result=_with_shards(event.result, run.shards), elapsed_s=event.elapsed_s)
+            elif isinstance(event, Progress):
+                continue  # the bar stays full while the pieces are joined
+            yield event
+    finally:
+        if run is not None:
+            run.cancel.set()
+            for shard in run.shards:
+                kill = getattr(shard.call, "cancel", None)  # a worker process stops now, not at its next event
+                if kill is not None:
+                    kill()
+        for thread in threads:
+            thread.join(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _merged_events(kind: str, run: _Run, n: int) -> Iterator[Event]:
+    """The shards' events as one job's: until every shard has finished (or one has failed)."""
+    pending: list[Event] = []  # what comes before everyone has started
+    seen_warnings: set[str] = set()
+    started = finished = 0
+    announced = False
+    last_done = -1.0
+    while finished < n:
+        index, item = run.events.get()
+        shard = run.shards[index]
+        tag = f"{index + 1}/{n}"
+        if isinstance(item, BaseException):
+            raise item
+        out: list[Event] = []
+        if item is _DONE:
+            if shard.result is None:
+                raise SynapseError(f"shard {tag} ended without a result")
+            finished += 1
+            shard.seconds = time.monotonic() - shard.started_at
+            out.append(Log(f"shard {tag} finished in {shard.seconds:.1f} s", shard=tag))
+        elif isinstance(item, Started):
+            if shard.total is None:
+                started += 1
+                out.append(Log(f"shard {tag} started", shard=tag))
+            shard.total = item.total or 0.0
+        elif isinstance(item, Progress):
+            shard.done = max(shard.done, float(item.done))  # a retried shard starts again from 0: keep its best
+        elif isinstance(item, Log):
+            if item.level == "warning" and item.message in seen_warnings:
+                continue
+            seen_warnings.add(item.message)
+            out.append(replace(item, shard=tag))
+        elif isinstance(item, Finished):
+            shard.result = dict(item.result)
+            shard.done = max(shard.done, shard.total or 0.0)
+        elif isinstance(item, Artifact):
+            continue  # a piece, not an output: the merge reports the real one
+        if started < n:
+            pending.extend(out)
+            continue
+        if not announced:
+            announced = True
+            yield Started(job=kind, total=sum(s.total or 0.0 for s in run.shards) or None)
+            yield from pending
+        yield from out
+        done = sum(s.done for s in run.shards)
+        if done > last_done:
+            last_done = done
+            yield Progress(done=done, total=sum(s.total or 0.0 for s in run.shards) or None, phase="encode" if kind == "export" else None)
+
+
+def _with_shards(result: dict[str, Any], shards: list[_Shard]) -> dict[str, Any]:
+    out = dict(result)
+    out["shards"] = [{"index": s.index, "seconds": round(s.seconds, 3), "attempts": s.attempts} for s in shards]
+    modal = [s.result.get("modal") for s in shards if s.result and isinstance(s.result.get("modal"), dict)]
+    if modal:
+        costs = [m.get("estimated_cost_usd") for m in modal]
+        out["modal"] = {
+            "gpu": modal[0].get("gpu"),
+            "seconds": round(sum(float(m.get("seconds") or 0.0) for m in modal), 3),
+            "estimated_cost_usd": None if any(c is None for c in costs) else round(sum(costs), 6),
+            "calls": len(modal),
+        }
+    return out
+
+
+# -- which kinds shard, and how a backend runs one shard -----------------------------------
+
+# kind -> (module, split, merge, size): size(spec) is what `auto` divides (media seconds, inputs)
+HOOKS: dict[str, tuple[str, str, str, str, str]] = {
+    "export": ("synapse_cli.jobs.export_video", "split_export", "merge_export", "export_seconds", "shards.seconds"),
+}
+
+
+def _hook(kind: str, index: int) -> Any:
+    import importlib
+
+    entry = HOOKS[kind]
+    return getattr(importlib.import_module(entry[0]), entry[index])
+
+
+def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Event]:
+    """The job's events on ``backend``: one call, or ``[shards] count`` shards merged into one stream."""
+    from synapse_cli.errors import UsageError
+
+    requested = settings["shards.count"]
+    if kind not in HOOKS:
+        if requested not in ("auto", 1):
+            raise UsageError(f"--shards: {kind} jobs do not shard")
+        return backend.run(kind, spec)
+    size = None
+    if requested == "auto" and backend.name != "local":
+        size = _hook(kind, 3)(spec)
+    count = shard_count(requested, backend.name, size, float(settings[HOOKS[kind][4]]), int(settings["shards.max"]))
+    if count <= 1:
+        return backend.run(kind, spec)
+    start = getattr(backend, "run_shard", None)
+    if start is None:
+        raise UsageError(f"--shards is not supported with the {backend.name} backend")
+    retries = int(settings["modal.max_retries"]) if backend.name == "modal" else 0
+    outputs = [getattr(spec, name) for name in getattr(type(spec), "OUTPUTS", ()) if isinstance(getattr(spec, name, None), str)]
+    workdir = Path(outputs[0]).resolve().parent if outputs else None
+    return run_sharded(
+        kind, spec, count, lambda part: start(kind, part), _hook(kind, 1), _hook(kind, 2), retries=retries, workdir=workdir
+    )

@@ -328,7 +328,25 @@ class ModalBackend:
             files = _Files(self._volume, uuid.uuid4().hex, bool(getattr(spec, "overwrite", False)), self._uploads)
             remote_spec = self.stage(job, spec, files)
             fn = self.function(job)
-            yield from self._localized(job, files, self._stream(fn, remote_spec), time.time())
+            try:
+                yield from self._localized(job, files, self._stream(fn, remote_spec), time.time())
+            finally:
+                self._remove_outputs(files.job_id)
+
+    def _remove_outputs(self, job_id: str) -> None:
+        """The job's Volume folder goes once its outputs are downloaded, or once it failed: nothing partial stays."""
+        volume = self._volume
+
+        def remove() -> None:
+            try:
+                volume.remove_file(f"outputs/{job_id}", recursive=True)
+            except Exception:  # noqa: BLE001 - nothing was written there, or Modal is unreachable: best effort
+                pass
+
+        try:
+            _bounded(remove, 10.0, "the clean-up")
+        except BackendError:
+            pass
 
     def _localized(self, kind: str, files: "_Files", events: Iterator[Event], started: float) -> Iterator[Event]:
         # started: wall-clock (epoch) seconds when the call was made, for the cost estimate

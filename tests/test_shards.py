@@ -1,0 +1,235 @@
+"""Sharding: one job as N shards, merged into one output and one stream of events.
+
+Sharded and unsharded runs of the same export are compared frame by frame with PyAV:
+the same number of frames at the same timestamps, every frame within 35 dB PSNR, the
+same number of audio samples. Locally the shards run in worker processes; through the
+fake Modal control plane each shard is its own ``remote_gen`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from synapse_cli.shards import shard_count
+from tests.conftest import make_clip, synapse_cmd
+
+SMALL = ["--set", "output_width=180", "--set", "output_height=320"]
+
+FRAMING = {
+    "keyframes": [{"time": 0, "x": 0, "y": 0, "width": 160, "height": 284}, {"time": 3, "x": 480, "y": 76, "width": 120, "height": 213}],
+    "output_width": 180,
+    "output_height": 320,
+    "segments": [{"start": 0.2, "end": 1.4}, {"start": 1.4, "end": 3.0, "speed": 2.0}],
+}
+OVERLAY = {  # the fade-in and fade-out both straddle shard boundaries at 3 shards (1 s each)
+    "keyframes": [{"time": 0, "x": 100, "y": 100, "radius_x": 60, "radius_y": 40}, {"time": 3, "x": 500, "y": 250, "radius_x": 90, "radius_y": 70}],
+    "start": 0.7,
+    "end": 2.3,
+    "fade_s": 0.6,
+    "text": "rally",
+}
+ANNOTATE = {
+    "clips": [
+        {"start": 0.0, "end": 0.8, "title": "serve", "rating": "!"},
+        {"start": 2.0, "end": 2.9, "title": "smash", "rating": "??"},
+        {"start": 1.0, "end": 1.7, "notes": "net cord"},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("shards") / "rally.mp4", size="640x360", seconds=3.0)
+
+
+def decoded(path: Path):
+    import av
+
+    with av.open(str(path)) as c:
+        video = [(float(f.pts * f.time_base), f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    with av.open(str(path)) as c:
+        samples = sum(f.samples for f in c.decode(audio=0)) if c.streams.audio else None
+    return video, samples
+
+
+def assert_same_video(sharded: Path, whole: Path) -> float:
+    import numpy as np
+
+    a, a_samples = decoded(sharded)
+    b, b_samples = decoded(whole)
+    assert len(a) == len(b), (len(a), len(b))
+    worst = 99.0
+    for (ta, fa), (tb, fb) in zip(a, b):
+        assert abs(ta - tb) < 1e-3, (ta, tb)
+        mse = float(np.mean((fa.astype(np.float64) - fb.astype(np.float64)) ** 2))
+        worst = min(worst, 99.0 if mse == 0 else 10 * np.log10(255**2 / mse))
+    assert worst >= 35.0, worst
+    assert a_samples == b_samples
+    return worst
+
+
+def export(cli, clip: Path, out: Path, job: str, params: dict, *extra: str):
+    run = cli("export", clip, "--job", job, "--params", _params_file(out, params), "-o", out, "--json", "--no-cache", *extra,
+              env={"SYNAPSE_FFMPEG_PRESET": "ultrafast"})  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    return run.events()
+
+
+def _params_file(out: Path, params: dict) -> Path:
+    path = out.with_suffix(".params.json")
+    path.write_text(json.dumps(params))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("job", "params"), [("framing", FRAMING), ("overlay", OVERLAY), ("annotate", ANNOTATE)])
+def test_sharded_export_equals_the_whole_export(cli, clip, tmp_path, job, params):
+    whole = export(cli, clip, tmp_path / "whole.mp4", job, params)
+    events = export(cli, clip, tmp_path / "sharded.mp4", job, params, "--shards", "3")
+    assert_same_video(tmp_path / "sharded.mp4", tmp_path / "whole.mp4")
+
+    # one job's stream: started first, progress summed and never backwards, shard logs, one artifact
+    assert events[0]["type"] == "started" and events[0]["total"] == whole[0]["total"]
+    done = [e["done"] for e in events if e["type"] == "progress"]
+    assert done == sorted(done) and done[-1] == events[0]["total"]
+    shard_logs = [e for e in events if e["type"] == "log" and e.get("shard")]
+    assert {e["shard"] for e in shard_logs} == {"1/3", "2/3", "3/3"}
+    assert [e["type"] for e in events].count("artifact") == 1
+    result = events[-1]["result"]
+    assert [s["index"] for s in result["shards"]] == [0, 1, 2] and all(s["attempts"] == 1 for s in result["shards"])
+    assert result["frames"] == whole[-1]["result"]["frames"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded.mp4", "sharded.params.json", "whole.mp4", "whole.params.json"]
+
+
+@pytest.mark.parametrize(
+    ("requested", "backend", "size", "expected"),
+    [
+        ("auto", "local", 600.0, 1),  # one machine: no shards unless asked
+        ("auto", "modal", 600.0, 10),
+        ("auto", "modal", 30.0, 1),
+        ("auto", "modal", 100_000.0, 32),  # clamped to [shards] max
+        (4, "local", 10.0, 4),  # asked for: always
+        (1, "modal", 600.0, 1),
+    ],
+)
+def test_how_many_shards(requested, backend, size, expected):
+    assert shard_count(requested, backend, size, 60.0, 32) == expected
+
+
+def test_a_bad_shards_value_is_a_usage_error(cli, clip, tmp_path):
+    run = cli("export", clip, "-o", tmp_path / "o.mp4", "--shards", "zero", *SMALL)
+    assert run.exit_code == 2 and "shards" in run.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def _left_running(marker: str) -> list[str]:
+    """Our worker processes, and any process working on the test's files (ffmpeg), still alive."""
+    left = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                environ = (entry / "environ").read_bytes().decode("utf-8", "replace")
+                state = (entry / "stat").read_text().split(") ")[-1][:1]
+            except OSError:
+                continue
+            if state != "Z" and (marker in cmd or marker in environ):  # workers inherit the job's environment
+                left.append(cmd)
+    return left
+
+
+def _no_workers_left(marker: str) -> bool:
+    return not _left_running(marker)
+
+
+@pytest.mark.slow
+def test_a_job_error_in_one_shard_cancels_the_others_and_leaves_nothing(cli, tmp_path):
+    data = make_clip(tmp_path / "full.mp4", size="640x360", seconds=4.0).read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.6)])  # the index says 4 s; the last shards' frames are gone
+    run = cli("export", cut, "-o", tmp_path / "o.mp4", "--shards", "3", *SMALL)
+    assert run.exit_code == 1, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("JobError")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mp4", "full.mp4"]
+    assert _no_workers_left(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_shard(tmp_path):
+    src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=8.0)
+    out = tmp_path / "o.mp4"
+    proc = subprocess.Popen(
+        [*synapse_cmd(), "export", str(src), "--shards", "2", "--json", "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "SYNAPSE_FFMPEG_PRESET": "medium", "SYNAPSE_JOBS_DB": str(tmp_path / "jobs.db")},
+    )  # fmt: skip
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if json.loads(line)["type"] == "progress":
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not _no_workers_left(str(tmp_path)):
+        time.sleep(0.1)
+    assert _left_running(str(tmp_path)) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.db")) == ["long.mp4"]
+
+
+# -- on Modal: each shard its own remote_gen call, through the fake control plane ---------------------
+
+
+@pytest.fixture
+def deployed(modal_fake):
+    import importlib
+
+    from modal_functions import app as modal_app
+
+    importlib.reload(modal_app).app.deploy(name="synapse")
+    return modal_fake
+
+
+@pytest.mark.slow
+def test_sharded_export_on_modal(cli, deployed, clip, tmp_path):
+    whole = export(cli, clip, tmp_path / "whole.mp4", "overlay", OVERLAY, "--no-modal")
+    events = export(cli, clip, tmp_path / "remote.mp4", "overlay", OVERLAY, "--use-modal", "--shards", "3")
+    assert_same_video(tmp_path / "remote.mp4", tmp_path / "whole.mp4")
+    assert [c.function_name for c in deployed.function_calls] == ["export"] * 3
+    assert len([c for c in deployed.calls if c.startswith("VolumePutFiles")]) == 1  # the input went up once
+    assert not any(p.startswith("outputs/") for p in deployed.volume_files("synapse-data"))  # pieces fetched, then gone
+    result = events[-1]["result"]
+    assert result["modal"]["calls"] == 3 and result["modal"]["seconds"] > 0
+    assert events[0]["total"] == whole[0]["total"]
+
+
+@pytest.mark.slow
+def test_a_transient_failure_retries_that_shard_alone(cli, deployed, clip, tmp_path):
+    import modal.exception
+
+    deployed.fail_next_calls("export", 1, modal.exception.InternalFailure("worker lost"))
+    events = export(cli, clip, tmp_path / "o.mp4", "framing", FRAMING, "--use-modal", "--shards", "2")
+    assert [c.function_name for c in deployed.function_calls].count("export") == 3  # 2 shards, one of them twice
+    assert events[-1]["type"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_job_error_on_modal_cancels_the_other_calls(cli, deployed, tmp_path):
+    data = make_clip(tmp_path / "full.mp4", size="640x360", seconds=4.0).read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    run = cli("export", cut, "--use-modal", "--shards", "3", "-o", tmp_path / "o.mp4", *SMALL)
+    assert run.exit_code == 1, run.stderr
+    assert not (tmp_path / "o.mp4").exists()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(c.outcome == "running" for c in deployed.function_calls):
+        time.sleep(0.1)
+    assert all(c.outcome != "running" for c in deployed.function_calls)
+    assert not any(p.startswith("outputs/") for p in deployed.volume_files("synapse-data"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "modal-fake") == ["cut.mp4", "full.mp4"]

@@ -233,3 +233,42 @@ def test_a_job_error_on_modal_cancels_the_other_calls(cli, deployed, tmp_path):
     assert all(c.outcome != "running" for c in deployed.function_calls)
     assert not any(p.startswith("outputs/") for p in deployed.volume_files("synapse-data"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "modal-fake") == ["cut.mp4", "full.mp4"]
+
+
+# -- compile: groups of inputs, one output folder ---------------------------------------------
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    """Every file's bytes; in reports, the measured ``compile_ms`` (which differs between any two runs) is blanked."""
+    import re
+
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name.endswith(".report.json"):
+                data = re.sub(rb'"compile_ms": [0-9.]+', b'"compile_ms": 0', data)
+            out[p.relative_to(folder)] = data
+    return out
+
+
+@pytest.mark.slow
+def test_sharded_compile_is_byte_identical(cli, tmp_path):
+    pytest.importorskip("llguidance", reason="the compile extra is not installed")
+    from tests.conftest import ROOT
+
+    data = ROOT / "tests" / "data" / "compile"
+    inputs = [data / "maskbench-sample.jsonl", data / "person.json", data / "order.json", data / "bad-ref.json"]
+    runs = {}
+    for name, extra in (("whole", []), ("sharded", ["--shards", "3"])):
+        run = cli("compile", *inputs, "-o", tmp_path / name, "--json", "--no-cache", "--engine", "llguidance,outlines", *extra)
+        assert run.exit_code == 1, run.stderr  # bad-ref.json fails, the same way both times
+        runs[name] = run
+    whole, sharded = _files(tmp_path / "whole"), _files(tmp_path / "sharded")
+    assert len(whole) > 10 and sharded == whole
+    a, b = runs["whole"].events()[-2]["result"], runs["sharded"].events()[-2]["result"]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("output_dir", "inputs", "shards", "cache_hits")}  # noqa: E731
+    assert strip(a) == strip(b) and [r["name"] for r in a["inputs"]] == [r["name"] for r in b["inputs"]]
+    assert len(b["shards"]) == 3
+    assert runs["sharded"].stderr.strip().splitlines()[-1] == runs["whole"].stderr.strip().splitlines()[-1]
+    assert not any(p.name.startswith(".synapse-shards") for p in tmp_path.iterdir())

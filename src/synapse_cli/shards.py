@@ -79,15 +79,21 @@ def _work(run: _Run, shard: _Shard, start: Callable[[Any], Iterator[Event]], ret
         shard.attempts += 1
         gen = start(shard.spec)
         shard.call = gen
+        finished = False
         try:
             for event in gen:
                 if run.cancel.is_set():
                     return
+                finished = finished or isinstance(event, Finished)
                 run.events.put((shard.index, event))
             run.events.put((shard.index, _DONE))
             return
-        except BackendError as exc:
-            if shard.attempts > retries or run.cancel.is_set():
+        except SynapseError as exc:
+            if finished and not isinstance(exc, BackendError):
+                # the shard finished, then reported failed inputs (compile does): the merge sees them in the results
+                run.events.put((shard.index, _DONE))
+                return
+            if not isinstance(exc, BackendError) or shard.attempts > retries or run.cancel.is_set():
                 run.events.put((shard.index, exc))
                 return
             run.events.put((shard.index, Log(f"shard {shard.index + 1}/{len(run.shards)} failed ({exc}); retrying it", "warning")))
@@ -116,6 +122,9 @@ def run_sharded(
     run: _Run | None = None
     try:
         parts = split(spec, count, work)
+        if len(parts) <= 1:  # too small to split (or the kind says so): one ordinary call
+            yield from start(parts[0] if parts else spec)
+            return
         n = len(parts)
         run = _Run([_Shard(i, part) for i, part in enumerate(parts)])
         for shard in run.shards:
@@ -215,6 +224,7 @@ def _with_shards(result: dict[str, Any], shards: list[_Shard]) -> dict[str, Any]
 # kind -> (module, split, merge, size): size(spec) is what `auto` divides (media seconds, inputs)
 HOOKS: dict[str, tuple[str, str, str, str, str]] = {
     "export": ("synapse_cli.jobs.export_video", "split_export", "merge_export", "export_seconds", "shards.seconds"),
+    "compile": ("synapse_cli.jobs.compile_constraints", "split_compile", "merge_compile", "compile_units", "shards.units"),
 }
 
 

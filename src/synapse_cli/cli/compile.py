@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 import typer
 from typing_extensions import Annotated
 
-from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, OVERWRITE, PROFILE, USE_MODAL, Common
+from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, OVERWRITE, PROFILE, SHARDS, USE_MODAL, Common
 from synapse_cli.cli._run import run_job
 from synapse_cli.config import ENGINES, Settings
 from synapse_cli.errors import UsageError
@@ -48,6 +48,7 @@ def compile_command(
     endpoint: ENDPOINT = None,
     api_key: API_KEY = None,
     detach: DETACH = False,
+    shards: SHARDS = None,
 ) -> None:
     """Compile JSON Schemas or constraint sets into the artefact each decoding engine loads.
 
@@ -58,7 +59,7 @@ def compile_command(
     Example: synapse compile schemas/ --check cases.jsonl --engine llguidance,outlines
     """
     common = Common(json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite,
-                    endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache)
+                    endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache, shards=shards)
     flags: dict[str, Any] = {
         "compile.output_dir": str(output_dir) if output_dir else None,
         "compile.engines": engine,

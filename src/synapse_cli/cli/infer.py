@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
-from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, NO_CACHE, OVERWRITE, PROFILE, USE_MODAL, Common
+from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, NO_CACHE, OVERWRITE, PROFILE, SHARDS, USE_MODAL, Common
 from synapse_cli.cli._run import run_job
 from synapse_cli.config import Settings
 
@@ -68,6 +68,7 @@ def infer(
     api_key: API_KEY = None,
     detach: DETACH = False,
     no_cache: NO_CACHE = False,
+    shards: SHARDS = None,
 ) -> None:
     """Detect people (boxes, 17 keypoints, track ids) in a video, offline, with per-frame JSON.
 
@@ -77,7 +78,7 @@ def infer(
 
     common = Common(
         json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite,
-        endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache,
+        endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache, shards=shards,
     )  # fmt: skip
     flags = {"infer.task": task, "infer.model": model, "infer.imgsz": imgsz, "infer.conf": conf}
 

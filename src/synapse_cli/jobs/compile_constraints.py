@@ -41,6 +41,8 @@ class CompileSpec:
     engine_timeout_s: float = 10.0
     overwrite: bool = False
     workers: int = 0  # engine worker processes; 0: one per core, at most 4
+    # A shard: only the inputs [start, end) of the expanded list (every .json, and every line of a .jsonl)
+    part: list[int] | None = None
 
     INPUTS: ClassVar[tuple[str, ...]] = ("inputs", "check")
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output_dir",)
@@ -218,7 +220,12 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
     seen: dict[str, str] = {}
     runs: list[_UnitRun] = []
     bad: list[BadInput] = []
-    for item in items:
+    lo, hi = (int(spec.part[0]), int(spec.part[1])) if spec.part is not None else (0, len(items))
+    for index, item in enumerate(items):
+        if not lo <= index < hi:  # another shard's: still named here, so a duplicate name is caught the same way
+            if not isinstance(item, BadInput):
+                seen.setdefault(item.name, item.source)
+            continue
         if isinstance(item, BadInput):
             bad.append(item)
             continue
@@ -309,6 +316,82 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
         "inputs": finished,
     }
     yield Finished(result=result, elapsed_s=round(time.perf_counter() - t0, 3))
+    if failed:
+        names = "; ".join(f"{r['name']} ({_reason(r)})" for r in failed[:5])
+        more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+        raise JobError(f"{len(failed)} of {total} inputs failed: {names}{more}")
+
+
+# -- shards: groups of inputs, merged into the one output folder ------------------------------
+
+
+def _items(spec: CompileSpec) -> list[Unit | BadInput]:
+    cache = _cache.Cache(Path(spec.cache_dir) if spec.cache_dir else _cache.default_dir()) if spec.use_cache else None
+    items: list[Unit | BadInput] = []
+    for path in expand(spec.inputs):
+        items.extend(load(path, cache))
+    return items
+
+
+def compile_units(spec: CompileSpec) -> float:
+    """How many inputs (schemas, constraint sets) the job has: what ``--shards auto`` divides."""
+    return float(len(_items(spec)))
+
+
+def split_compile(spec: CompileSpec, n: int, workdir: Path) -> list[CompileSpec]:
+    """Up to ``n`` shard specs over contiguous groups of inputs, each writing into its own folder in ``workdir``.
+
+    The whole job, unsplit, when there is one input, or when an output exists already and
+    ``--overwrite`` is not given (each clash is then reported exactly as an unsharded run does).
+    """
+    from dataclasses import replace
+
+    items = _items(spec)
+    if len(items) < 2:
+        return [spec]
+    out_dir = Path(spec.output_dir)
+    if not spec.overwrite and out_dir.is_dir():
+        names = {item.name for item in items if not isinstance(item, BadInput)}
+        if any((out_dir / f"{name}.{suffix}").exists() for name in names for suffix in _SUFFIXES):
+            return [spec]
+    marks = sorted({round(len(items) * k / n) for k in range(n + 1)})
+    return [
+        replace(spec, part=[a, b], output_dir=str(workdir / f"part{i:03d}"), overwrite=True)
+        for i, (a, b) in enumerate(zip(marks, marks[1:]))
+    ]
+
+
+def merge_compile(spec: CompileSpec, parts: list[CompileSpec], results: list[dict[str, Any]], workdir: Path) -> Iterator[Event]:
+    """Move every shard's files into the one output folder and sum the shards' results into one."""
+    import shutil
+
+    t0 = time.perf_counter()
+    out_dir = Path(spec.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for part, result in zip(parts, results):
+        piece = str(Path(part.output_dir))
+        for row in result.get("inputs", []):
+            moved = []
+            for path in row.get("outputs", []):
+                dest = out_dir / Path(path).relative_to(piece)
+                with atomic_output(dest, overwrite=spec.overwrite) as tmp:
+                    shutil.copyfile(path, tmp)
+                moved.append(str(dest))
+                yield Artifact(path=str(dest), bytes=dest.stat().st_size)
+            rows.append({**row, "outputs": moved})
+    total = sum(int(r.get("total", 0)) for r in results)
+    failed = [r for r in rows if r.get("status") in ("failed", "invalid")]
+    merged = {
+        "output_dir": str(out_dir),
+        "engines": results[0].get("engines", []) if results else [],
+        "total": total,
+        "compiled": sum(int(r.get("compiled", 0)) for r in results),
+        "failed": len(failed),
+        "cache_hits": sum(int(r.get("cache_hits", 0)) for r in results),
+        "inputs": rows,
+    }
+    yield Finished(result=merged, elapsed_s=round(time.perf_counter() - t0, 3))
     if failed:
         names = "; ".join(f"{r['name']} ({_reason(r)})" for r in failed[:5])
         more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""

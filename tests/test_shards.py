@@ -272,3 +272,23 @@ def test_sharded_compile_is_byte_identical(cli, tmp_path):
     assert len(b["shards"]) == 3
     assert runs["sharded"].stderr.strip().splitlines()[-1] == runs["whole"].stderr.strip().splitlines()[-1]
     assert not any(p.name.startswith(".synapse-shards") for p in tmp_path.iterdir())
+
+
+# -- detached ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_detach_with_shards_then_wait(cli, clip, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNAPSE_JOBS_DB", str(tmp_path / "jobs.sqlite3"))
+    out = tmp_path / "d.mp4"
+    run = cli("export", clip, "--job", "overlay", "--params", _params_file(out, OVERLAY), "-o", out, "--detach", "--shards", "2")
+    assert run.exit_code == 0, run.stderr
+    job_id = run.stdout.strip()
+    waited = cli("jobs", "wait", job_id, "--json")
+    assert waited.exit_code == 0, waited.stderr
+    assert [s["index"] for s in waited.events()[-1]["result"]["shards"]] == [0, 1]
+    shown = json.loads(cli("jobs", "show", job_id, "--json").stdout)
+    assert shown["status"] == "completed" and shown["shards"] == [{"shard": "1/2", "state": "finished"}, {"shard": "2/2", "state": "finished"}]
+    whole = tmp_path / "whole.mp4"
+    export(cli, clip, whole, "overlay", OVERLAY)
+    assert_same_video(out, whole)

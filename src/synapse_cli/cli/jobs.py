@@ -6,7 +6,7 @@ import re
 import signal
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -72,9 +72,14 @@ def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
         _, store = _store(config, profile)
         job = store.get(job_id)
         data = job.to_dict()
+        shards = _shard_states(store, job.id, job.status)
+        if shards:
+            data["shards"] = shards
         if json_output:
             typer.echo(json.dumps(data, default=str))
             return
+        if shards:
+            typer.echo(f"{'shards':<14} " + ", ".join(f"{s['shard']} {s['state']}" for s in shards))
         for key in ("id", "kind", "status", "backend", "progress", "phase", "wall_s", "gpu", "cost_usd", "error_code", "error_message"):
             if data.get(key) is not None:
                 typer.echo(f"{key:<14} {data[key]}")
@@ -84,6 +89,19 @@ def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
         if _output(job):
             typer.echo(f"{'output':<14} {_output(job)}")
         typer.echo(f"{'spec':<14} {json.dumps(job.spec)}")
+
+
+def _shard_states(store: Any, job_id: str, status: str) -> list[dict[str, str]]:
+    """Each shard's state, from the ``log`` events a sharded run records (``shard`` = "i/n")."""
+    states: dict[str, str] = {}
+    for _, event in store.events(job_id):
+        tag = event.get("shard") if event.get("type") == "log" else None
+        if tag:
+            finished = str(event.get("message", "")).startswith(f"shard {tag} finished")
+            states[tag] = "finished" if finished else states.get(tag, "running")
+    if status in ("failed", "cancelled"):
+        states = {k: (v if v == "finished" else status) for k, v in states.items()}
+    return [{"shard": k, "state": v} for k, v in sorted(states.items(), key=lambda kv: int(kv[0].split("/")[0]))]
 
 
 @app.command("wait")
@@ -172,8 +190,10 @@ def worker(job_id: JOB_ID) -> None:
         spec = spec_from_dict(job.kind, job.spec)
         backend = backend_for(settings, local_only=job.backend == "local")
         store.start(job.id)
+        from synapse_cli.shards import job_events
+
         with sigterm_as_interrupt():
-            for _ in record(store, job, backend.run(job.kind, spec), on_end=step_summary):
+            for _ in record(store, job, job_events(job.kind, spec, backend, settings), on_end=step_summary):
                 pass
         print(f"job {job.id} done", file=sys.stderr)
 

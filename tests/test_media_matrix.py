@@ -22,8 +22,9 @@ from synapse_cli.jobs.export_video import ExportSpec, export_video
 from tests.conftest import ffmpeg_exe, frame_at, probe
 
 FPS = 15
-# the coded frame: four coloured quadrants (RGB), so the displayed orientation shows in the output
-QUADRANTS = {"tl": (255, 0, 0), "tr": (0, 255, 0), "bl": (0, 0, 255), "br": (255, 255, 255)}
+# the coded frame: four coloured quadrants (RGB), so the displayed orientation shows in the output;
+# bright colours, so a dimmed one (luma to zero) is told apart from the original
+QUADRANTS = {"tl": (255, 255, 0), "tr": (0, 255, 255), "bl": (0, 255, 0), "br": (255, 255, 255)}
 CODED_W, CODED_H = 320, 180
 
 
@@ -44,7 +45,7 @@ H264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
 
 def _quadrants(path: Path) -> Path:
     w, h = CODED_W // 2, CODED_H // 2
-    colours = ["red", "lime", "blue", "white"]
+    colours = ["yellow", "cyan", "lime", "white"]
     graph = ";".join(f"color=c={c}:size={w}x{h}:rate={FPS}:duration=1[{i}]" for i, c in enumerate(colours))
     graph += ";[0][1]hstack[t];[2][3]hstack[b];[t][b]vstack"
     _ffmpeg("-f", "lavfi", "-i", graph, *_tone(), *H264, "-c:a", "aac", "-shortest", str(path))
@@ -87,3 +88,136 @@ def _make(d: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def matrix(tmp_path_factory) -> dict[str, Path]:
     return _make(tmp_path_factory.mktemp("matrix"))
+
+
+INPUTS = ["plain", "rot90", "rot180", "rot270", "hevc10", "prores_pcm", "ts_offset", "vfr", "surround", "mp3_mkv", "vp9_webm", "odd", "short"]
+# displayed size, duration (s), audio: what every job sees
+EXPECTED = {name: ((320, 180), 1.0, True) for name in INPUTS}
+EXPECTED.update(
+    rot90=((180, 320), 1.0, True),
+    rot270=((180, 320), 1.0, True),
+    vfr=((320, 180), 1.0, False),
+    odd=((1279, 719), 0.47, True),
+    short=((320, 180), 0.2, True),
+)
+# what each job refuses (input -> error class); nothing in this matrix is refused
+REFUSED: dict[tuple[str, str], type[SynapseError]] = {}
+
+EXPORT_PARAMS = {
+    "framing": {"output_width": 180, "output_height": 320},
+    "overlay": {"keyframes": [{"time": 0, "x": 60, "y": 50, "radius_x": 30, "radius_y": 20}, {"time": 0.5, "x": 100, "y": 90, "radius_x": 40, "radius_y": 30}],
+                "text": "7"},
+    "annotate": {"clips": [{"start": 0, "end": 0.5, "title": "a", "rating": "!"}, {"start": 0.1, "end": 2, "notes": "n"}]},
+}
+
+
+def _export(src: Path, out: Path, job: str, params: dict) -> list:
+    return list(export_video(ExportSpec(input=str(src), output=str(out), job=job, params=params, preset="ultrafast")))
+
+
+def _stream_shape(events: list) -> dict:
+    assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
+    done = [e.done for e in events if isinstance(e, Progress)]
+    assert done == sorted(done), "progress went backwards"
+    assert sum(isinstance(e, Artifact) for e in events) == 1
+    return events[-1].result
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".part" in p.name)
+
+
+@pytest.mark.parametrize("name", INPUTS)
+def test_probe_reports_what_a_player_shows(matrix, name):
+    (w, h), duration, audio = EXPECTED[name]
+    info = probe(matrix[name])
+    assert (info.width, info.height) == (w, h)
+    assert info.duration == pytest.approx(duration, abs=0.05) and info.has_audio is audio
+    if name in ("rot90", "rot270"):
+        assert (info.coded_width, info.coded_height) == (CODED_W, CODED_H)
+
+
+@pytest.mark.parametrize("job", ["framing", "overlay", "annotate"])
+@pytest.mark.parametrize("name", INPUTS)
+def test_every_export_job_on_every_input(matrix, tmp_path, name, job):
+    out = tmp_path / f"{name}.{job}.mp4"
+    if (name, job) in REFUSED:
+        with pytest.raises(REFUSED[name, job]):
+            _export(matrix[name], out, job, EXPORT_PARAMS[job])
+        assert not out.exists() and _leftovers(tmp_path) == []
+        return
+    result = _stream_shape(_export(matrix[name], out, job, EXPORT_PARAMS[job]))
+    (w, h), duration, audio = EXPECTED[name]
+    even = (w + w % 2, h + h % 2)
+    size = (180, 320) if job == "framing" else even
+    info = probe(out)
+    assert (info.width, info.height) == size == (result["width"], result["height"])
+    assert info.video_codec == "h264" and info.has_audio is audio
+    want = {"framing": duration, "overlay": duration, "annotate": min(duration, 0.5) + max(0.0, duration - 0.1)}[job]
+    assert info.duration == pytest.approx(want, abs=0.12)
+    assert _leftovers(tmp_path) == []
+
+
+# -- rotation: displayed coordinates, checked by colour -------------------------------------
+
+
+ROTATED = [0, 90, 180, 270]
+
+
+def _displayed_quadrants(angle: int) -> dict[str, tuple[int, int, int]]:
+    """Which colour a player shows in each quadrant of a clip rotated ``angle`` degrees counter-clockwise."""
+    grid = np.array([[QUADRANTS["tl"], QUADRANTS["tr"]], [QUADRANTS["bl"], QUADRANTS["br"]]])
+    shown = np.rot90(grid, k=angle // 90)  # np.rot90 turns counter-clockwise, as the display matrix does
+    return {"tl": tuple(shown[0, 0]), "tr": tuple(shown[0, 1]), "bl": tuple(shown[1, 0]), "br": tuple(shown[1, 1])}
+
+
+def _clip(angle: int) -> str:
+    return f"rot{angle}" if angle else "plain"
+
+
+def _near(pixel, colour, tol: float = 60) -> bool:
+    return float(np.abs(np.asarray(pixel, dtype=float) - np.asarray(colour, dtype=float)).max()) <= tol
+
+
+@pytest.mark.parametrize("angle", ROTATED)
+def test_framing_crops_the_displayed_region(matrix, tmp_path, angle):
+    w, h = probe(matrix[_clip(angle)]).width, probe(matrix[_clip(angle)]).height
+    colours = _displayed_quadrants(angle)
+    # a full-frame keyframe is the whole displayed frame: nothing to clamp
+    full = {"keyframes": [{"time": 0, "x": 0, "y": 0, "width": w, "height": h}], "output_width": w, "output_height": h}
+    events = _export(matrix[_clip(angle)], tmp_path / "full.mp4", "framing", full)
+    assert not [e for e in events if isinstance(e, Log)], [e.message for e in events if isinstance(e, Log)]
+    frame = frame_at(tmp_path / "full.mp4", 0.3)
+    assert frame.shape[:2] == (h, w)
+    for (qx, qy), corner in {(0, 0): "tl", (1, 0): "tr", (0, 1): "bl", (1, 1): "br"}.items():
+        assert _near(frame[int(h * (0.25 + qy / 2)), int(w * (0.25 + qx / 2))], colours[corner]), (corner, angle)
+    # a window over the displayed bottom-right quadrant holds that quadrant's colour only
+    br = {"keyframes": [{"time": 0, "x": w / 2 + 4, "y": h / 2 + 4, "width": w / 2 - 8, "height": h / 2 - 8}],
+          "output_width": 64, "output_height": 64}
+    _export(matrix[_clip(angle)], tmp_path / "br.mp4", "framing", br)
+    crop = frame_at(tmp_path / "br.mp4", 0.3).reshape(-1, 3)
+    assert _near(crop.mean(axis=0), colours["br"], tol=25) and _near(crop.min(axis=0), colours["br"], tol=70), (angle, crop.mean(axis=0))
+
+
+@pytest.mark.parametrize("angle", ROTATED)
+def test_overlay_ellipse_lands_where_asked(matrix, tmp_path, angle):
+    src = matrix[_clip(angle)]
+    w, h = probe(src).width, probe(src).height
+    colours = _displayed_quadrants(angle)
+    r = min(w, h) / 8
+    # the ellipse starts on the displayed top-left quadrant and moves to the bottom-right one by 0.5 s
+    params = {
+        "keyframes": [{"time": 0, "x": w / 4, "y": h / 4, "radius_x": r, "radius_y": r},
+                      {"time": 0.5, "x": 3 * w / 4, "y": 3 * h / 4, "radius_x": r, "radius_y": r}],
+        "effect": "dark_overlay", "dim": 1.0, "stroke_width": 0, "fade_s": 0,
+    }
+    out = tmp_path / "overlay.mp4"
+    _export(src, out, "overlay", params)
+    assert (probe(out).width, probe(out).height) == (w, h)
+    for t, lit, dark in ((0.0, (w / 4, h / 4, "tl"), (3 * w / 4, 3 * h / 4, "br")), (0.8, (3 * w / 4, 3 * h / 4, "br"), (w / 4, h / 4, "tl"))):
+        frame = frame_at(out, t).astype(float)
+        x, y, corner = lit
+        assert _near(frame[int(y), int(x)], colours[corner]), (angle, t, "inside", frame[int(y), int(x)], colours[corner])
+        x, y, corner = dark
+        # dimmed outside the ellipse (luma to zero: a saturated colour keeps some of its chroma)
+        assert not _near(frame[int(y), int(x)], colours[corner], tol=80), (angle, t, "outside", frame[int(y), int(x)])

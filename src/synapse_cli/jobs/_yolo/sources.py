@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from synapse_cli.errors import JobError, UsageError
-from synapse_cli.jobs._media import frame_display_matrix, swaps_axes, display_transform
+from synapse_cli.jobs._media import display_transform, frame_display_matrix, swaps_axes
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 

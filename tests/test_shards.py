@@ -174,7 +174,7 @@ def test_ctrl_c_stops_every_shard(tmp_path):
         if json.loads(line)["type"] == "progress":
             break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not _no_workers_left(str(tmp_path)):

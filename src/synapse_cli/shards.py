@@ -76,6 +76,8 @@ class _Run:
 def _work(run: _Run, shard: _Shard, start: Callable[[Any], Iterator[Event]], retries: int) -> None:
     """One shard's thread: run it, retrying transient failures, and hand its events to the merger."""
     while True:
+        if run.cancel.is_set():  # cancelled before this shard (or its retry) began: start nothing
+            return
         shard.attempts += 1
         gen = start(shard.spec)
         shard.call = gen
@@ -145,11 +147,11 @@ def run_sharded(
         if run is not None:
             run.cancel.set()
             for shard in run.shards:
-                kill = getattr(shard.call, "cancel", None)  # a worker process stops now, not at its next event
-                if kill is not None:
-                    kill()
+                stop = getattr(shard.call, "terminate", None)  # a worker process stops now, not at its next event
+                if stop is not None:
+                    stop()
         for thread in threads:
-            thread.join(timeout=30)
+            thread.join(timeout=60)  # each closes its shard: worker processes waited for, Modal calls cancelled
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -66,21 +66,31 @@ class WorkerCall:
         finally:
             self.cancel()
 
-    def cancel(self) -> None:
-        """SIGTERM (the job cleans up), then SIGKILL if it has not gone within 10 s."""
+    def terminate(self) -> None:
+        """Ask the worker to stop (SIGTERM: the job cleans up, as on Ctrl-C); returns at once."""
         with self._lock:
             self._cancelled = True
             proc = self._proc
-        if proc is None or proc.poll() is not None:
+        if proc is not None and proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def cancel(self) -> None:
+        """Stop the worker and wait for it: SIGTERM, then SIGKILL if it has not gone within 30 s."""
+        self.terminate()
+        proc = self._proc
+        if proc is None:
             return
         try:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait()
-        except ProcessLookupError:
-            pass
 
     def close(self) -> None:
         self.cancel()

@@ -85,7 +85,7 @@ def _opt_bool(v: Any) -> bool | None:
 
 def _batch(v: Any) -> int:
     """``auto`` (stored as 0) or a batch size 1-256."""
-    if v in ("auto", 0, "0"):
+    if v == "auto":
         return 0
     try:
         return _int(1, 256)(v)

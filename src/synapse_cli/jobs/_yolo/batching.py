@@ -246,7 +246,7 @@ class BatchedPool:
             if i == len(boxed) or boxed[i].shape != boxed[start].shape:
                 part = boxed[start:i]
                 buf = self._first.buffer((len(part), *part[0].shape))
-                np.stack(part, out=buf.numpy())
+                np.stack(part, out=np.asarray(buf))  # a CPU tensor's array shares its memory
                 groups.append((buf, images[start:i], start))
                 start = i
         return groups

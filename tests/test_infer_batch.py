@@ -24,7 +24,7 @@ from synapse_cli.errors import JobError
 from synapse_cli.events import Finished, Progress
 from synapse_cli.jobs._yolo.batching import BatchedPool, choose_batch, is_out_of_memory
 from synapse_cli.jobs.run_yolo import InferSpec, run_yolo
-from tests.conftest import ffmpeg_exe, synapse_cmd
+from tests.conftest import ROOT, ffmpeg_exe, synapse_cmd
 
 FRAMES = 6
 IMGSZ = 320
@@ -85,7 +85,7 @@ def test_batch_4_equals_batch_1(task, pan, tmp_path):
     one, r1 = _run(pan, tmp_path / "b1.json", task, 1)
     four, r4 = _run(pan, tmp_path / "b4.json", task, 4)
     assert r1["batch"] == 1 and r4["batch"] == 4 and r4["device"] == "cpu" and r4["half"] is False
-    assert r4["processed_frames"] == FRAMES and sum(len(f["detections"]) for f in four["frames"]) >= 3 * FRAMES
+    assert r4["processed_frames"] == FRAMES and sum(len(f["detections"]) for f in four["frames"]) >= 2 * FRAMES
     assert_same_detections(one, four)
     if task == "track":
         assert one["tracks"] == four["tracks"]  # ByteTrack saw the same frames in the same order
@@ -106,9 +106,14 @@ def test_batches_split_where_the_letterboxed_shape_changes(tmp_path):
 
 @needs_model
 def test_batch_with_every_and_progress_message(pan, tmp_path):
-    data, result = _run(pan, tmp_path / "e.jsonl", "pose", 4, every=2)
+    out = tmp_path / "e.json"
+    events = list(run_yolo(InferSpec(source=str(pan), output=str(out), batch=4, every=2, imgsz=IMGSZ)))
+    result = events[-1].result
     assert result["processed_frames"] == FRAMES // 2 and result["frames"] == FRAMES
+    assert [f["frame"] for f in json.loads(out.read_text())["frames"]] == list(range(0, FRAMES, 2))
     assert result["fps"] > 0 and result["gpu_peak_mib"] is None  # no GPU here
+    messages = [e.message for e in events if isinstance(e, Progress)]
+    assert messages and all(m.endswith(" fps") for m in messages)  # batch and GPU memory are added on a GPU only
 
 
 # -- the pool, with a scripted engine (the constructor seam) -------------------------------------------
@@ -263,7 +268,8 @@ def test_ctrl_c_mid_batch_exits_130_and_leaves_nothing(tmp_path):
     out = tmp_path / "r.jsonl"
     proc = subprocess.Popen(
         [*synapse_cmd(), "infer", str(long), "-o", str(out), "--batch", "4", "--imgsz", str(IMGSZ), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])},  # this checkout's code
     )  # fmt: skip
     for line in proc.stdout:  # the first frame is out: the rest of its batch, and the next, are in flight
         if json.loads(line)["type"] == "progress":

@@ -203,8 +203,11 @@ class BatchedPool:
 
     @property
     def capacity(self) -> int:
-        """Frames the job may keep in flight: a batch per model thread, the queued ones, and the open one."""
-        return (2 * self.workers + 2) * self.batch
+        """Frames the job keeps in flight: a batch per model thread, one being letterboxed, and the open one.
+
+        Enough for the model never to wait; the queue itself would hold more (``workers + 1`` batches).
+        """
+        return (self.workers + 2) * self.batch
 
     @property
     def queued(self) -> int:

@@ -268,6 +268,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
         else:
             pool = stack.enter_context(InferencePool(model, weights, workers, per_worker, predict_args))
         tracker = Tracker() if spec.task == "track" else None
+        loop_start = last_progress = time.monotonic()  # fps counts from here: not the model's set-up or batch probe
         # Frames wait here, in order, while the workers run the model on the ones ahead of them.
         capacity = pool.capacity if batched else 2 * workers
         max_pending = max(2 * capacity, 16) if annotate_video else capacity * every

@@ -79,6 +79,20 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return t
 
 
+def _opt_bool(v: Any) -> bool | None:
+    return None if v in (None, "", "auto") else _bool(v)
+
+
+def _batch(v: Any) -> int:
+    """``auto`` (stored as 0) or a batch size 1-256."""
+    if v == "auto":
+        return 0
+    try:
+        return _int(1, 256)(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected auto or an integer in [1, 256]") from None
+
+
 def _list(v: Any) -> list[str]:
     if isinstance(v, str):
         return [p.strip() for p in v.split(",") if p.strip()]
@@ -143,6 +157,8 @@ REGISTRY: dict[str, _Setting] = {
     "infer.imgsz": _Setting(640, _int(32, 4096), "inference image size"),
     "infer.conf": _Setting(0.25, _float(0.0), "confidence threshold"),
     "infer.threads": _Setting(0, _int(0, 1024), "torch threads; 0 = all cores"),
+    "infer.batch": _Setting(0, _batch, "frames per model call: auto (0) = 1 per CPU worker, on a GPU the largest of 8/16/32/64 that fits; at most 256"),
+    "infer.half": _Setting(None, _opt_bool, "fp16 inference; unset (auto) = on for CUDA, off elsewhere"),
     "infer.court_width_m": _Setting(6.1, _float(), "court width in metres (--court)"),
     "infer.court_length_m": _Setting(13.4, _float(), "court length in metres (--court)"),
     # [modal]

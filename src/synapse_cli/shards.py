@@ -111,10 +111,11 @@ def run_sharded(
     spec: Any,
     count: int,
     start: Callable[[Any], Iterator[Event]],
-    split: Callable[[Any, int, Path], list[Any]],
+    split: Callable[[Any, int, Path, Any], list[Any]],
     merge: Callable[[Any, list[Any], list[dict[str, Any]], Path], Iterator[Event]],
     retries: int = 0,
     workdir: Path | None = None,
+    settings: Any = None,
 ) -> Iterator[Event]:
     """Run ``spec`` as ``count`` shards through ``start`` (``backend.run`` for this kind) and merge them."""
     parent = workdir or Path(tempfile.gettempdir())
@@ -123,7 +124,7 @@ def run_sharded(
     threads: list[threading.Thread] = []
     run: _Run | None = None
     try:
-        parts = split(spec, count, work)
+        parts = split(spec, count, work, settings)
         if len(parts) <= 1:  # too small to split (or the kind says so): one ordinary call
             yield from start(parts[0] if parts else spec)
             return
@@ -227,6 +228,7 @@ def _with_shards(result: dict[str, Any], shards: list[_Shard]) -> dict[str, Any]
 HOOKS: dict[str, tuple[str, str, str, str, str]] = {
     "export": ("synapse_cli.jobs.export_video", "split_export", "merge_export", "export_seconds", "shards.seconds"),
     "compile": ("synapse_cli.jobs.compile_constraints", "split_compile", "merge_compile", "compile_units", "shards.units"),
+    "infer": ("synapse_cli.jobs._yolo.shards", "split_infer", "merge_infer", "infer_seconds", "shards.seconds"),
 }
 
 
@@ -259,5 +261,6 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
     outputs = [getattr(spec, name) for name in getattr(type(spec), "OUTPUTS", ()) if isinstance(getattr(spec, name, None), str)]
     workdir = Path(outputs[0]).resolve().parent if outputs else None
     return run_sharded(
-        kind, spec, count, lambda part: start(kind, part), _hook(kind, 1), _hook(kind, 2), retries=retries, workdir=workdir
-    )
+        kind, spec, count, lambda part: start(kind, part), _hook(kind, 1), _hook(kind, 2),
+        retries=retries, workdir=workdir, settings=settings,
+    )  # fmt: skip

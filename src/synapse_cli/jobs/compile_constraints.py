@@ -338,7 +338,7 @@ def compile_units(spec: CompileSpec) -> float:
     return float(len(_items(spec)))
 
 
-def split_compile(spec: CompileSpec, n: int, workdir: Path) -> list[CompileSpec]:
+def split_compile(spec: CompileSpec, n: int, workdir: Path, settings: Any = None) -> list[CompileSpec]:
     """Up to ``n`` shard specs over contiguous groups of inputs, each writing into its own folder in ``workdir``.
 
     The whole job, unsplit, when there is one input, or when an output exists already and

@@ -527,7 +527,7 @@ def _window(pieces: list[tuple[int, float, float, float]], start: float, end: fl
     return Window(lo, hi, tuple((i, s - lo, e - lo, v) for i, s, e, v in chosen))
 
 
-def split_export(spec: ExportSpec, n: int, workdir: Path) -> list[ExportSpec]:
+def split_export(spec: ExportSpec, n: int, workdir: Path, settings: Any = None) -> list[ExportSpec]:
     """``n`` shard specs over contiguous ranges of the output timeline, each writing a video-only piece in ``workdir``.
 
     framing and overlay cut at output frame boundaries; annotate cuts only between clips

@@ -63,6 +63,10 @@ class InferSpec:
     ffmpeg_path: str | None = None
     ffmpeg_preset: str = "fast"
     ffmpeg_crf: int = 23
+    # A shard (see split_infer): write frames [start, stop) of the video; the ``lead_in`` frames
+    # before start are run too (so the tracker knows who is there) and marked, for stitching ids
+    part: list[int] | None = None
+    lead_in: int = 0
 
     @staticmethod
     def select_installed(field_name: str, value: Any, models_dir: str | Path | None) -> str:
@@ -214,7 +218,11 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
 
         ffmpeg = find_ffmpeg(spec.ffmpeg_path)
 
-    frames = open_frames(info, every, need_all=annotate_video)  # a video that probes but won't decode fails here
+    first, stop = (int(spec.part[0]), int(spec.part[1])) if spec.part is not None and info.kind == "video" else (0, None)
+    read_from = max(0, first - int(spec.lead_in))
+    own_total = (stop - first) if stop is not None else info.frames
+    # a video that probes but won't decode fails here
+    frames = open_frames(info, every, need_all=annotate_video, start=read_from, stop=stop)
     with ExitStack() as stack:
         stack.callback(frames.close)
         width, height = getattr(frames, "width", info.width), getattr(frames, "height", info.height)
@@ -229,7 +237,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
             "video_height": height,
         }
         predict_args: dict[str, Any] = {"imgsz": int(spec.imgsz), "conf": float(spec.conf), "classes": classes, "verbose": False, "save": False}
-        yield Started(job="infer", total=info.frames)
+        yield Started(job="infer", total=own_total)
         if spec.half and device == "cpu":
             yield Log("--half has no effect on the CPU: running fp32", level="warning")
         motion = Motion()
@@ -246,9 +254,10 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
 
             args = ffmpeg_args(
                 ffmpeg, str(annotated_tmp), width, height, info.fps or 25.0,
-                spec.source if info.has_audio else None, info.audio_codec, spec.ffmpeg_preset, int(spec.ffmpeg_crf),
+                spec.source if info.has_audio and spec.part is None else None,  # a shard's piece: the merge adds the audio once
+                info.audio_codec, spec.ffmpeg_preset, int(spec.ffmpeg_crf),
             )  # fmt: skip
-            encoder = AnnotatedEncoder(args, info.frames, info.fps or 25.0)
+            encoder = AnnotatedEncoder(args, own_total, info.fps or 25.0)
             stack.callback(encoder.abort)  # a no-op once finish() succeeded
         pool: Any
         if batched:
@@ -288,7 +297,8 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
             if not pending:
                 break
             frame, future = pending.popleft()
-            decoded += 1
+            lead_in = frame.index < first  # before a shard's own frames: seen by the tracker, marked for the merge
+            decoded += not lead_in
             if frame.error:
                 yield Log(frame.error, level="warning")
                 continue
@@ -316,9 +326,11 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 if frame.name is not None:
                     record["file"] = frame.name
                 record["detections"] = last
+                if lead_in:
+                    record["lead_in"] = True
                 writer.frame(record)
-                processed += 1
-                detections_total += len(last)
+                processed += not lead_in
+                detections_total += 0 if lead_in else len(last)
                 if annotated_tmp is not None and info.kind == "image":
                     import cv2
 
@@ -326,7 +338,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
 
                     if not cv2.imwrite(str(annotated_tmp), draw_detections(frame.image, last, court)):
                         raise JobError(f"cannot write {spec.annotated}")
-            if encoder is not None:
+            if encoder is not None and not lead_in:
                 from synapse_cli.jobs._yolo.draw import draw_detections
 
                 if frame.image.shape[:2] != (height, width):
@@ -336,13 +348,13 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
             if now - last_progress >= PROGRESS_EVERY_S or processed == 1 == decoded:  # the first frame shows the job is alive
                 last_progress, reported = now, decoded
                 yield Progress(
-                    done=decoded, total=max(info.frames, decoded), phase="infer",
+                    done=decoded, total=max(own_total, decoded), phase="infer",
                     message=speed(processed / max(now - loop_start, 1e-9)),
                 )  # fmt: skip
         loop_s = max(time.monotonic() - loop_start, 1e-9)
         tracks = motion.summary(metres=court is not None)
         writer.finish({"processed_frames": processed, "tracks": tracks})
-        if reported != decoded or decoded < info.frames:
+        if reported != decoded or decoded < own_total:
             yield Progress(done=decoded, total=decoded, phase="infer", message=speed(processed / loop_s))
         if encoder is not None:
             encoder.finish()

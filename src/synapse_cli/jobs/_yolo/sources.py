@@ -137,10 +137,11 @@ class VideoFrames:
     ``width``/``height`` are the upright size.
     """
 
-    def __init__(self, path: str, every: int = 1, need_all: bool = False, ahead: int = 4) -> None:
+    def __init__(self, path: str, every: int = 1, need_all: bool = False, ahead: int = 4, start: int = 0, stop: int | None = None) -> None:
         import av
 
         self.path, self.every, self.need_all = path, every, need_all
+        self.start, self.stop = max(0, int(start)), stop  # a shard's frames: [start, stop) of the whole video
         try:
             self._container = av.open(path)
             stream = self._container.streams.video[0]
@@ -160,6 +161,22 @@ class VideoFrames:
         self._start = float(stream.start_time * tb) if stream.start_time is not None and tb is not None else None
         fps = stream.average_rate or stream.guessed_rate
         self._fps = float(fps) if fps else 25.0
+        self._seeked = False
+        if self.start > 0 and tb is not None:
+            # A shard: seek to the keyframe a second before its first frame, then number the frames by
+            # their timestamps (frame index = round(time × fps)), so a shard's indices are the whole video's.
+            target = (self._start or 0.0) + max(0.0, (self.start - 0.5) / self._fps - 1.0)
+            try:
+                self._container.seek(int(target / tb), stream=stream, backward=True)
+                self._decoded = self._container.decode(stream)
+                first = next(self._decoded)
+                self._seeked = True
+            except StopIteration:
+                self._close_container()
+                raise UsageError(f"{path} has no frames after frame {self.start}") from None
+            except (av.error.FFmpegError, OSError, ValueError) as exc:
+                self._close_container()
+                raise UsageError(f"{path}: cannot seek to frame {self.start}: {exc}") from None
         self._queue: queue.Queue = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(first,), name="synapse-decode", daemon=True)
@@ -178,6 +195,12 @@ class VideoFrames:
             self._start = t
         return max(0.0, t - self._start)
 
+    def _index_of(self, frame: Any) -> int:
+        """The frame's index in the whole video, from its timestamp (after a seek, counting is not enough)."""
+        if frame.time is None:
+            return self.start
+        return int(round((frame.time - (self._start or 0.0)) * self._fps))
+
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
             try:
@@ -190,16 +213,21 @@ class VideoFrames:
     def _run(self, first: Any) -> None:
         import av
 
-        index = 0
+        index = self._index_of(first) if self._seeked else 0
         frame = first
         try:
             while True:
-                process = index % self.every == 0
-                image = None
-                if process or self.need_all:
-                    image = _orient(frame.to_ndarray(format="bgr24"), self.transform)
-                if not self._put(Frame(index, self._timestamp(frame, index), image, process)):
-                    return
+                if self._seeked and frame.time is not None:
+                    index = self._index_of(frame)
+                if self.stop is not None and index >= self.stop:
+                    break
+                if index >= self.start:
+                    process = index % self.every == 0
+                    image = None
+                    if process or self.need_all:
+                        image = _orient(frame.to_ndarray(format="bgr24"), self.transform)
+                    if not self._put(Frame(index, self._timestamp(frame, index), image, process)):
+                        return
                 index += 1
                 frame = next(self._decoded, None)
                 if frame is None:
@@ -251,7 +279,7 @@ class ImageFrames:
         pass
 
 
-def open_frames(info: SourceInfo, every: int = 1, need_all: bool = False) -> VideoFrames | ImageFrames:
+def open_frames(info: SourceInfo, every: int = 1, need_all: bool = False, start: int = 0, stop: int | None = None) -> VideoFrames | ImageFrames:
     if info.kind == "video":
-        return VideoFrames(info.path, every, need_all)
+        return VideoFrames(info.path, every, need_all, start=start, stop=stop)
     return ImageFrames(info.files, every)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -118,6 +119,30 @@ def test_explicit_config_flag_and_env(cli, tmp_path):
         assert json.loads(run.stdout)["settings"]["ffmpeg.preset"]["value"] == "slow"
     missing = cli("config", "show", "--config", tmp_path / "none.toml")
     assert missing.exit_code == 2 and "config file not found" in missing.stderr
+
+
+def test_config_and_profile_flags_beat_their_environment_variables(cli, tmp_path):
+    """--config > SYNAPSE_CONFIG > .synapse.toml found from here; --profile > SYNAPSE_PROFILE; env > any file."""
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('[ffmpeg]\npreset = "slow"\n[profile.ci.ffmpeg]\npreset = "veryfast"\n')
+    b.write_text('[ffmpeg]\npreset = "medium"\n[profile.ci.ffmpeg]\npreset = "ultrafast"\n[profile.gpu.ffmpeg]\npreset = "faster"\n')
+    Path(".synapse.toml").write_text('[ffmpeg]\npreset = "veryslow"\n')  # found from the working directory
+
+    def shown(*args, **env):
+        run = cli("config", "show", "--json", *args, env=env or None)
+        assert run.exit_code == 0, run.stderr
+        data = json.loads(run.stdout)
+        return data["config_file"], data["settings"]["ffmpeg.preset"]["value"]
+
+    assert shown() == (str(Path(".synapse.toml").resolve()), "veryslow")
+    assert shown(SYNAPSE_CONFIG=str(b)) == (str(b), "medium")
+    assert shown("--config", a, SYNAPSE_CONFIG=str(b)) == (str(a), "slow")
+    assert shown("--config", a, "--profile", "ci", SYNAPSE_CONFIG=str(b), SYNAPSE_PROFILE="gpu") == (str(a), "veryfast")
+    assert shown(SYNAPSE_CONFIG=str(b), SYNAPSE_PROFILE="gpu") == (str(b), "faster")
+    assert shown("--profile", "ci", SYNAPSE_CONFIG=str(b), SYNAPSE_PROFILE="gpu") == (str(b), "ultrafast")
+    assert shown("--config", a, "--profile", "ci", SYNAPSE_FFMPEG_PRESET="superfast") == (str(a), "superfast")
+    missing = cli("config", "show", "--config", a, env={"SYNAPSE_PROFILE": "gpu"})  # a has no [profile.gpu]
+    assert missing.exit_code == 2 and "profile 'gpu' not found" in missing.stderr
 
 
 def test_env_names():

@@ -20,6 +20,9 @@ from typing import Iterator
 import httpx
 import pytest
 
+pytest.importorskip("fastapi", reason="the serve extra is not installed (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed (fastapi, uvicorn)")
+
 from synapse_cli.backends.http import HttpBackend
 from synapse_cli.errors import JobError
 from synapse_cli.events import Artifact, Finished, Progress, Started

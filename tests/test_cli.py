@@ -118,11 +118,18 @@ def test_no_modal_flag_beats_synapse_backend_modal(cli, clips, tmp_path):
     assert local.events()[-1]["result"]["output"] == str(tmp_path / "l.mp4") and (tmp_path / "l.mp4").exists()
 
 
-def test_serve_host_flag_beats_synapse_serve_host(cli):
-    run = cli("serve", "--host", "0.0.0.0", "--port", "0", env={"SYNAPSE_SERVE_HOST": "127.0.0.1"})
-    assert run.exit_code == 2 and "refusing to serve on 0.0.0.0 without an API key" in run.stderr
-    run = cli("serve", "--port", "0", env={"SYNAPSE_SERVE_HOST": "0.0.0.0"})  # the env var over the default
-    assert run.exit_code == 2 and "refusing to serve on 0.0.0.0 without an API key" in run.stderr
+def test_serve_host_flag_beats_synapse_serve_host(tmp_path):
+    import os
+
+    def serve(*args: str, host_env: str) -> subprocess.CompletedProcess:  # a server that wrongly starts times out
+        env = {**os.environ, "SYNAPSE_SERVE_HOST": host_env}
+        return subprocess.run([*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(tmp_path), *args],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    run = serve("--host", "0.0.0.0", host_env="127.0.0.1")
+    assert run.returncode == 2 and "refusing to serve on 0.0.0.0 without an API key" in run.stderr
+    run = serve(host_env="0.0.0.0")  # the env var over the default
+    assert run.returncode == 2 and "refusing to serve on 0.0.0.0 without an API key" in run.stderr
 
 
 def test_serve_refuses_ipv6_any_without_a_key(tmp_path):

@@ -176,14 +176,20 @@ def test_this_machine_gets_working_nms_and_a_synapse_owned_config_dir(tmp_path):
         import torch, torchvision
         keep = torchvision.ops.nms(torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]), torch.tensor([.9, .8, .7]), .5)
         from ultralytics.utils import USER_CONFIG_DIR
+        from ultralytics.utils.nms import TorchNMS
         import json
-        print(json.dumps([broken, ensure_torchvision(), keep.tolist(), str(USER_CONFIG_DIR)]))
+        fallback = torchvision.ops.nms is TorchNMS.nms  # which NMS ultralytics will call, whatever the return says
+        real = getattr(torchvision, "__file__", None) is not None and not fallback
+        print(json.dumps([broken, ensure_torchvision(), keep.tolist(), str(USER_CONFIG_DIR), fallback, real]))
         """,
         env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "YOLO_CONFIG_DIR": ""},
     )
     assert r.returncode == 0, r.stderr
-    broken, patched, keep, config_dir = json.loads(r.stdout.strip().splitlines()[-1])
+    broken, patched, keep, config_dir, fallback, real = json.loads(r.stdout.strip().splitlines()[-1])
     assert broken == patched  # patched exactly when the real import fails that way
+    # ...and the NMS in use says the same: ultralytics' TorchNMS under the stand-in, else the real
+    # torchvision's own op (on a machine where torchvision works, this is what can fail)
+    assert (fallback, real) == (broken, not broken)
     assert keep == [0, 2]
     assert Path(config_dir) == tmp_path / "cache" / "synapse" / "Ultralytics"
     assert (Path(config_dir) / "settings.json").exists()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
+
 from synapse_cli.backends.modal import ModalBackend, credentials_source
 from tests.conftest import probe
 
@@ -18,6 +20,7 @@ def modal_app():
     """A freshly defined app: a deploy in an earlier test leaves handles (the Volume) hydrated."""
     import importlib
 
+    pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
     from modal_functions import app as modal_app
 
     return importlib.reload(modal_app)
@@ -167,6 +170,7 @@ def test_job_error_is_not_retried_and_exits_1(cli, deployed, tmp_path):
 
 
 def test_transient_failure_is_retried_then_succeeds(cli, deployed, clips, tmp_path):
+    modal = pytest.importorskip("modal", reason="modal is not installed")
     import modal.exception
 
     deployed.fail_next_calls("export", 1, modal.exception.InternalFailure("worker lost"))
@@ -228,6 +232,7 @@ def test_ctrl_c_cancels_the_remote_call(deployed, tmp_path):
 def test_function_timeout_exits_1(cli, modal_fake, tmp_path, monkeypatch):
     import importlib
 
+    pytest.importorskip("modal", reason="modal is not installed")
     import modal_functions.app as modal_app
     from tests.conftest import make_clip
 

@@ -263,8 +263,15 @@ def _ignored_by(used: list[str], enforced: frozenset[str], schema: Any, formats:
             out.update(k for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in node)
         if enforced is XGRAMMAR_ENFORCED and "type" not in node:
             # measured: without a type, xgrammar reads properties but not the string, array, number or
-            # other object keywords ({"maxItems": 2} accepts [1, 2, 3])
-            out.update(k for k in node if k in _XGRAMMAR_TYPED)
+            # other object keywords ({"maxItems": 2} accepts [1, 2, 3]); beside those, not even properties
+            typed = {k for k in node if k in _XGRAMMAR_TYPED}
+            out.update(typed)
+            if typed & {"patternProperties", "additionalProperties", "propertyNames"} and "properties" in node:
+                out.add("properties")
+        if enforced is XGRAMMAR_ENFORCED and "type" in node and any(c in node for c in ("anyOf", "oneOf", "allOf")):
+            out.add("type")  # measured: {"type": "string", "anyOf": [...]} accepts 3
+        if enforced is XGRAMMAR_ENFORCED and any(json.dumps(n)[1:-1] != n for n in props):
+            out.add("properties")  # measured: a name that JSON escapes ("foo\"bar") is not matched
         ref = node.get("$ref")
         if enforced is XGRAMMAR_ENFORCED and isinstance(ref, str) and not _PLAIN_REF.fullmatch(ref):
             out.add("$ref")  # measured: a $defs name with a quote resolves to anything

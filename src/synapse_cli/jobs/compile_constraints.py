@@ -64,7 +64,7 @@ def _rules_hash() -> str:
     import hashlib
 
     h = hashlib.sha256(__version__.encode())
-    for name in ("engines.py", "gbnf.py"):
+    for name in ("engines.py", "gbnf.py", "rewrite.py"):
         try:
             h.update((Path(__file__).parent / "_compile" / name).read_bytes())
         except OSError:  # a zipped install: the version alone

@@ -65,7 +65,7 @@ def compile_command(
     }
 
     def build_spec(settings: Settings):
-        from synapse_cli.jobs.compile_constraints import CompileSpec
+        from synapse_cli.jobs.compile.job import CompileSpec
 
         engines = settings["compile.engines"]
         unknown = [e for e in engines if e not in ENGINES]
@@ -75,7 +75,7 @@ def compile_command(
             raise UsageError(f"--check file not found: {check}")
         cache_dir = settings["compile.cache_dir"]
         if cache_dir is None and not no_cache:
-            from synapse_cli.jobs._compile.cache import default_dir
+            from synapse_cli.jobs.compile.cache import default_dir
 
             cache_dir = str(default_dir())
         return CompileSpec(

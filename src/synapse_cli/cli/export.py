@@ -66,7 +66,7 @@ def export(
     common = Common(json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite, endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache)
 
     def build(settings: Settings):
-        from synapse_cli.jobs.export_video import EXPORT_JOBS, ExportSpec, validate_params
+        from synapse_cli.jobs.export.job import EXPORT_JOBS, ExportSpec, validate_params
 
         kind = job or settings["export.default_job"]
         if kind not in EXPORT_JOBS:

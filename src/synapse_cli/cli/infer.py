@@ -73,7 +73,7 @@ def infer(
 
     Example: synapse infer match.mp4 --task track --court 412,220,868,220,1180,700,100,700 --annotated match.tracked.mp4
     """
-    from synapse_cli.jobs.run_yolo import InferSpec, check_spec, default_output
+    from synapse_cli.jobs.infer.job import InferSpec, check_spec, default_output
 
     common = Common(
         json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite,
@@ -82,7 +82,7 @@ def infer(
     flags = {"infer.task": task, "infer.model": model, "infer.imgsz": imgsz, "infer.conf": conf}
 
     def build_spec(settings: Settings) -> InferSpec:
-        from synapse_cli.jobs._yolo.court import parse_corners
+        from synapse_cli.jobs.infer.court import parse_corners
 
         chosen = settings["infer.task"]
         spec = InferSpec(

@@ -28,7 +28,7 @@ def sample(
 
     def build(settings: Settings):
         from synapse_cli.jobs._files import check_output
-        from synapse_cli.jobs.make_sample import SampleSpec
+        from synapse_cli.jobs.sample import SampleSpec
 
         try:
             width, height = (int(v) for v in size.lower().split("x"))

@@ -19,10 +19,10 @@ from synapse_cli.events import Event
 
 # kind -> (module, generator function, spec class)
 JOBS: dict[str, tuple[str, str, str]] = {
-    "export": ("synapse_cli.jobs.export_video", "export_video", "ExportSpec"),
-    "compile": ("synapse_cli.jobs.compile_constraints", "compile_constraints", "CompileSpec"),
-    "infer": ("synapse_cli.jobs.run_yolo", "run_yolo", "InferSpec"),
-    "sample": ("synapse_cli.jobs.make_sample", "make_sample", "SampleSpec"),
+    "export": ("synapse_cli.jobs.export.job", "export_video", "ExportSpec"),
+    "compile": ("synapse_cli.jobs.compile.job", "compile_constraints", "CompileSpec"),
+    "infer": ("synapse_cli.jobs.infer.job", "run_yolo", "InferSpec"),
+    "sample": ("synapse_cli.jobs.sample", "make_sample", "SampleSpec"),
 }
 
 

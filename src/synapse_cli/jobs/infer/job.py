@@ -69,9 +69,9 @@ def default_output(source: str, task: str) -> str:
 def check_spec(spec: InferSpec) -> Any:
     """Everything that can be rejected before loading the model; returns the source's ``SourceInfo``."""
     from synapse_cli.jobs._files import check_output
-    from synapse_cli.jobs._yolo.court import Court
-    from synapse_cli.jobs._yolo.sources import inspect_source
-    from synapse_cli.jobs._yolo.weights import check_model_arg
+    from synapse_cli.jobs.infer.court import Court
+    from synapse_cli.jobs.infer.sources import inspect_source
+    from synapse_cli.jobs.infer.weights import check_model_arg
 
     if spec.task not in TASKS:
         raise UsageError(f"unknown task {spec.task!r}: expected one of {', '.join(TASKS)}")
@@ -128,7 +128,7 @@ def _keep_on_court(detections: list[dict[str, Any]], court: Any) -> tuple[list[d
 
     Also returns the unrounded positions, which the speeds are computed from.
     """
-    from synapse_cli.jobs._yolo.results import ground_point
+    from synapse_cli.jobs.infer.results import ground_point
 
     kept, metres = [], []
     for det in detections:
@@ -144,12 +144,12 @@ def _keep_on_court(detections: list[dict[str, Any]], court: Any) -> tuple[list[d
 def run_yolo(spec: InferSpec) -> Iterator[Event]:
     """Run the model over every ``spec.every``-th frame; stream results; optionally encode an annotated video."""
     from synapse_cli.jobs._files import atomic_output
-    from synapse_cli.jobs._yolo import runtime
-    from synapse_cli.jobs._yolo.court import Court
-    from synapse_cli.jobs._yolo.inference import InferencePool, Tracker, has_accelerator, plan_workers
-    from synapse_cli.jobs._yolo.results import Motion, ResultsWriter, detections_from
-    from synapse_cli.jobs._yolo.sources import open_frames
-    from synapse_cli.jobs._yolo.weights import resolve_model
+    from synapse_cli.jobs.infer import runtime
+    from synapse_cli.jobs.infer.court import Court
+    from synapse_cli.jobs.infer.inference import InferencePool, Tracker, has_accelerator, plan_workers
+    from synapse_cli.jobs.infer.results import Motion, ResultsWriter, detections_from
+    from synapse_cli.jobs.infer.sources import open_frames
+    from synapse_cli.jobs.infer.weights import resolve_model
 
     started = time.monotonic()
     info = check_spec(spec)
@@ -200,7 +200,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
         if spec.annotated:
             annotated_tmp = stack.enter_context(atomic_output(spec.annotated, spec.overwrite))
         if ffmpeg is not None:
-            from synapse_cli.jobs._yolo.encode import AnnotatedEncoder, ffmpeg_args
+            from synapse_cli.jobs.infer.encode import AnnotatedEncoder, ffmpeg_args
 
             args = ffmpeg_args(
                 ffmpeg, str(annotated_tmp), width, height, info.fps or 25.0,
@@ -258,12 +258,12 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 if annotated_tmp is not None and info.kind == "image":
                     import cv2
 
-                    from synapse_cli.jobs._yolo.draw import draw_detections
+                    from synapse_cli.jobs.infer.draw import draw_detections
 
                     if not cv2.imwrite(str(annotated_tmp), draw_detections(frame.image, last, court)):
                         raise JobError(f"cannot write {spec.annotated}")
             if encoder is not None:
-                from synapse_cli.jobs._yolo.draw import draw_detections
+                from synapse_cli.jobs.infer.draw import draw_detections
 
                 if frame.image.shape[:2] != (height, width):
                     raise JobError(f"{spec.source} changes frame size at frame {frame.index}; --annotated needs a constant size")

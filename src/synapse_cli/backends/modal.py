@@ -29,7 +29,6 @@ from synapse_cli.hashing import sha256_file, sha256_tree
 from synapse_cli.jobs._files import commit, temp_path_for
 from synapse_cli.remote import VOL, host_fields, path_fields
 
-FUNCTION_NAMES = {"export": "export", "compile": "compile", "infer": "infer"}
 PROGRESS_DICT = "synapse-progress"  # keep in sync with modal_functions.app
 CALL_EVENT = "_call"  # the container's first item: its FunctionCall id, so that we can cancel it
 
@@ -246,7 +245,9 @@ class ModalBackend:
         return cls({**settings.section("modal"), "prices": settings["jobs.gpu_prices_usd_per_hour"]})
 
     def gpu_for(self, kind: str) -> str | None:
-        return self.config["gpu"] if kind == "infer" else None
+        from synapse_cli.jobs import get_kind
+
+        return self.config["gpu"] if get_kind(kind).gpu else None
 
     def cost_info(self, kind: str, seconds: float) -> dict[str, Any]:
         """An estimate: seconds × the configured price of the function's GPU (or CPU)."""
@@ -270,12 +271,14 @@ class ModalBackend:
                 self._lookup = lambda kind: modal_app.STREAMING[kind]
             else:
                 app_name = self.config["app_name"]
-                self._lookup = lambda kind: modal.Function.from_name(app_name, FUNCTION_NAMES[kind], environment_name=env_name)
+                self._lookup = lambda kind: modal.Function.from_name(app_name, kind, environment_name=env_name)
         if self._volume is None:
             self._volume = modal.Volume.from_name(self.config["volume"], create_if_missing=True, environment_name=env_name)
 
     def function(self, kind: str) -> Any:
-        if kind not in FUNCTION_NAMES:
+        from synapse_cli.jobs import JOBS
+
+        if kind not in JOBS or not JOBS[kind].remote:
             raise UsageError(f"job kind {kind!r} does not run on Modal")
         fn = self._lookup(kind)  # type: ignore[misc]
         hydrate = getattr(fn, "hydrate", None)

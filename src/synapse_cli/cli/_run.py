@@ -104,9 +104,9 @@ def run_job(
     common: Common,
     flags: dict[str, Any] | None = None,
     summarize: Callable[[dict[str, Any]], str] | None = None,
-    local_only: bool = False,
 ) -> dict[str, Any]:
     """Resolve settings, build and validate the spec, run it on the chosen backend, record and render its events."""
+    from synapse_cli.jobs import get_kind
     from synapse_cli.render import choose_mode, default_summary, render
     from synapse_cli.store import ACTIVE, JobStore
     from synapse_cli.tracking import cache_key, follow, record, reusable, reuse, step_summary
@@ -115,7 +115,7 @@ def run_job(
         all_flags = {**common.flags(), **(flags or {})}
         settings = settings_for(common, flags)
         spec = build_spec(settings)
-        backend = backend_for(settings, local_only)
+        backend = backend_for(settings, local_only=not get_kind(kind).remote)
         store = JobStore.from_settings(settings)
         try:
             if common.detach:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
-from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, NO_CACHE, OVERWRITE, PROFILE, USE_MODAL, Common
+from synapse_cli.cli._options import Common, with_common
 from synapse_cli.cli._run import run_job
 from synapse_cli.config import Settings
 
@@ -30,6 +30,7 @@ def _summary(result: dict[str, Any]) -> str:
     return line
 
 
+@with_common()
 def infer(
     source: Annotated[Path, typer.Argument(help="A video file, an image, or a directory of images.", show_default=False)],
     task: Annotated[
@@ -59,15 +60,8 @@ def infer(
             "Drops detections whose feet are outside; adds position_m and speed_m_s.",
         ),
     ] = None,
-    use_modal: USE_MODAL = None,
-    json_output: JSON = False,
-    overwrite: OVERWRITE = False,
-    config: CONFIG = None,
-    profile: PROFILE = None,
-    endpoint: ENDPOINT = None,
-    api_key: API_KEY = None,
-    detach: DETACH = False,
-    no_cache: NO_CACHE = False,
+    *,
+    common: Common,
 ) -> None:
     """Detect people (boxes, 17 keypoints, track ids) in a video, offline, with per-frame JSON.
 
@@ -75,10 +69,6 @@ def infer(
     """
     from synapse_cli.jobs.infer.job import InferSpec, check_spec, default_output
 
-    common = Common(
-        json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite,
-        endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache,
-    )  # fmt: skip
     flags = {"infer.task": task, "infer.model": model, "infer.imgsz": imgsz, "infer.conf": conf}
 
     def build_spec(settings: Settings) -> InferSpec:
@@ -99,7 +89,7 @@ def infer(
             court_width_m=settings["infer.court_width_m"],
             court_length_m=settings["infer.court_length_m"],
             threads=settings["infer.threads"],
-            overwrite=overwrite,
+            overwrite=common.overwrite,
             ffmpeg_path=settings["ffmpeg.path"],
             ffmpeg_preset=settings["ffmpeg.preset"],
             ffmpeg_crf=settings["ffmpeg.crf"],
@@ -109,6 +99,3 @@ def infer(
 
     run_job("infer", build_spec, common, flags, summarize=_summary)
 
-
-def register(root: typer.Typer) -> None:
-    root.command("infer")(infer)

@@ -1,4 +1,8 @@
-"""Helpers for ``run_yolo`` (``synapse infer``), kept apart so each is small and testable.
+"""``synapse infer``: Ultralytics YOLO detect, pose and track.
+
+- ``job``: ``InferSpec`` and the ``run_yolo`` generator.
+
+Its helpers, kept apart so each is small and testable:
 
 - ``compat``: the torchvision-NMS fallback for CPU torch with a CUDA-only torchvision.
 - ``runtime``: offline environment, importing ultralytics, loading a model, torch threads.
@@ -10,3 +14,24 @@
 
 Nothing here imports ultralytics or torch at module level.
 """
+
+from synapse_cli.config import Setting, choice, integer, number, optional_text
+from synapse_cli.jobs import JobKind
+
+KIND = JobKind(
+    name="infer",
+    spec="synapse_cli.jobs.infer.job:InferSpec",
+    run="synapse_cli.jobs.infer.job:run_yolo",
+    command="synapse_cli.cli.infer:infer",
+    settings={
+        "model": Setting(None, optional_text, "YOLO weights (.pt/.onnx path); default: bundled yolo11n-pose.pt"),
+        "task": Setting("pose", choice("detect", "pose", "track"), "default task"),
+        "imgsz": Setting(640, integer(32, 4096), "inference image size"),
+        "conf": Setting(0.25, number(0.0), "confidence threshold"),
+        "threads": Setting(0, integer(0, 1024), "torch threads; 0 = all cores"),
+        "court_width_m": Setting(6.1, number(), "court width in metres (--court)"),
+        "court_length_m": Setting(13.4, number(), "court length in metres (--court)"),
+    },
+    image="yolo",
+    gpu=True,
+)

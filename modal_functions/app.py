@@ -26,7 +26,7 @@ from synapse_cli.config import load_settings
 from synapse_cli.errors import SynapseError
 from synapse_cli.events import failed, to_dict
 from synapse_cli.jobs import JOBS, JobKind
-from synapse_cli.remote import DEFAULT_MOUNT, container_stream
+from synapse_cli.container import DEFAULT_MOUNT, container_stream
 
 _settings = load_settings()
 CONFIG: dict[str, Any] = _settings.section("modal")

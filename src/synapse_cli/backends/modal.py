@@ -27,7 +27,7 @@ from synapse_cli.errors import BackendError, JobError, SynapseError, UsageError,
 from synapse_cli.events import Artifact, Event, Failed, Finished, from_dict
 from synapse_cli.hashing import sha256_file, sha256_tree
 from synapse_cli.jobs._files import commit, temp_path_for
-from synapse_cli.remote import VOL, host_fields, path_fields
+from synapse_cli.container import VOL, host_fields, path_fields
 
 PROGRESS_DICT = "synapse-progress"  # keep in sync with modal_functions.app
 CALL_EVENT = "_call"  # the container's first item: its FunctionCall id, so that we can cancel it

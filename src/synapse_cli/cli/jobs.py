@@ -90,7 +90,7 @@ def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
 def wait(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
     """Re-attach to a job: render its progress live until it ends, and exit with the job's exit code."""
     from synapse_cli.render import choose_mode, default_summary, render
-    from synapse_cli.tracking import record, store_events
+    from synapse_cli.runs import record, store_events
 
     with exit_on_error(json_output):
         settings, store = _store(config, profile)
@@ -163,7 +163,7 @@ def worker(job_id: JOB_ID) -> None:
     from synapse_cli.config import load_settings
     from synapse_cli.jobs import spec_from_dict
     from synapse_cli.store import JobStore
-    from synapse_cli.tracking import record, step_summary
+    from synapse_cli.runs import record, step_summary
 
     with exit_on_error():
         store = JobStore(os.environ["SYNAPSE_JOBS_DB"]) if os.environ.get("SYNAPSE_JOBS_DB") else JobStore.from_settings(load_settings({}))

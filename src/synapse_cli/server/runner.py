@@ -31,7 +31,7 @@ from urllib.parse import urlencode
 
 from synapse_cli.errors import SynapseError
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
-from synapse_cli.remote import host_fields
+from synapse_cli.container import host_fields
 from synapse_cli.server.uploads import BadUpload, Body, is_within, remove_tree, safe_filename
 
 log = logging.getLogger("synapse.server")

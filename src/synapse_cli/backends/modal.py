@@ -27,7 +27,8 @@ from synapse_cli.errors import BackendError, JobError, SynapseError, UsageError,
 from synapse_cli.events import Artifact, Event, Failed, Finished, from_dict
 from synapse_cli.hashing import sha256_file, sha256_tree
 from synapse_cli.jobs._files import commit, temp_path_for
-from synapse_cli.container import VOL, host_fields, path_fields
+from synapse_cli.container import VOL
+from synapse_cli.jobs import get_kind
 
 PROGRESS_DICT = "synapse-progress"  # keep in sync with modal_functions.app
 CALL_EVENT = "_call"  # the container's first item: its FunctionCall id, so that we can cancel it
@@ -289,7 +290,8 @@ class ModalBackend:
     def stage(self, kind: str, spec: Any, files: _Files) -> dict[str, Any]:
         """The spec as the container sees it: inputs uploaded, outputs pointed at the job's Volume folder."""
         data = asdict(spec)
-        inputs, outputs = path_fields(kind)
+        record = get_kind(kind)
+        inputs, outputs = record.inputs, record.outputs
         for name in inputs:
             value = data.get(name)
             if isinstance(value, str):
@@ -299,7 +301,7 @@ class ModalBackend:
         for name in outputs:
             if isinstance(data.get(name), str):
                 data[name] = files.output(data[name], is_dir=name.endswith("_dir"))  # e.g. compile's output_dir
-        for name in host_fields(kind):
+        for name in record.host_fields:
             if name not in inputs + outputs:
                 data.pop(name, None)  # a local binary or cache path means nothing in the container
         return data

@@ -109,7 +109,8 @@ def run_job(
     from synapse_cli.jobs import get_kind
     from synapse_cli.render import choose_mode, default_summary, render
     from synapse_cli.store import ACTIVE, JobStore
-    from synapse_cli.runs import cache_key, follow, record, reusable, reuse, step_summary
+    from synapse_cli.result_cache import cache_key, follow, reusable, reuse
+    from synapse_cli.runs import record, step_summary
 
     with exit_on_error(common.json):
         all_flags = {**common.flags(), **(flags or {})}

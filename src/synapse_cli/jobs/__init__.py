@@ -125,6 +125,20 @@ def spec_class(kind: str) -> type:
     return get_kind(kind).spec_class()
 
 
+def path_values(value: Any, what: str, name: str) -> list[tuple[int | None, str]]:
+    """The one rule for an ``INPUTS``/``OUTPUTS`` field: None (no path), a path (index None),
+    or a list of paths (each with its index). Anything else is a UsageError naming the field."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [(None, value)]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(enumerate(value))
+    from synapse_cli.errors import UsageError
+
+    raise UsageError(f"spec {what} {name!r} must be a path or a list of paths")
+
+
 def spec_to_dict(spec: Any) -> dict[str, Any]:
     return asdict(spec)
 

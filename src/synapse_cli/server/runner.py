@@ -31,7 +31,6 @@ from urllib.parse import urlencode
 
 from synapse_cli.errors import SynapseError
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
-from synapse_cli.container import host_fields
 from synapse_cli.server.uploads import BadUpload, Body, is_within, remove_tree, safe_filename
 
 log = logging.getLogger("synapse.server")
@@ -238,7 +237,9 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str) -> JobRun:
 
     # host fields (a binary, a cache dir) mean nothing here, and obeying them would let a
     # client pick a binary or a folder on the server: the spec's default applies
-    for name in host_fields(kind):
+    from synapse_cli.jobs import get_kind
+
+    for name in get_kind(kind).host_fields:
         if name in names and name not in inputs and name not in outputs:
             data.pop(name, None)  # the spec's default: whatever this server has
     spec = _check_types(kind, cls, data)

@@ -171,7 +171,10 @@ def serve() -> Any:
 
     from synapse_cli.server import create_app
 
-    return create_app(work_dir=f"{MOUNT}/serve", api_key=os.environ.get("SYNAPSE_API_KEY") or None, max_upload_mb=_settings["serve.max_upload_mb"])
+    return create_app(
+        work_dir=f"{MOUNT}/serve", api_key=os.environ.get("SYNAPSE_API_KEY") or None, max_upload_mb=_settings["serve.max_upload_mb"],
+        models_dir=f"{MOUNT}/models",  # the owner's models on the Volume (modal volume put), besides the bundled default
+    )  # fmt: skip
 
 
 FUNCTIONS = {**STREAMING, **{f"{k}_detached": f for k, f in DETACHED.items()}, "serve": serve}  # by Modal name

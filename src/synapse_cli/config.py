@@ -137,6 +137,7 @@ _CORE: dict[str, _Setting] = {
     "serve.port": _Setting(8000, _int(0, 65535), "synapse serve port"),
     "serve.max_upload_mb": _Setting(2048, _int(1), "largest accepted upload"),
     "serve.work_dir": _Setting(None, _opt_str, "server work dir; default: a temp dir"),
+    "serve.models_dir": _Setting(None, _opt_str, "models a client may name (infer model=NAME) besides the bundled default"),
     # [jobs]
     "jobs.db": _Setting(None, _opt_str, "job store (SQLite); default: the user data dir"),
     "jobs.gpu_prices_usd_per_hour": _Setting({"T4": 0.59, "L4": 0.80, "A10G": 1.10, "A100": 2.10, "H100": 3.95, "CPU": 0.0}, _prices, "per-GPU price table for cost estimates"),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from synapse_cli.events import Artifact, Finished, to_dict
-from synapse_cli.jobs import get_kind, load_job, spec_from_dict
+from synapse_cli.jobs import get_kind, load_job, select_installed, spec_from_dict
 
 VOL = "vol:"
 DEFAULT_MOUNT = "/data"
@@ -63,7 +63,8 @@ def from_container(value: Any, root: Path) -> Any:
 def container_stream(kind: str, spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Run job ``kind`` on a ``vol:``-addressed spec; yield its events as dicts."""
     root = volume_root()
-    job_spec = spec_from_dict(kind, to_container(kind, spec, root))
+    # models come from the image (the bundled default) or from models/ on the Volume, put there by its owner
+    job_spec = spec_from_dict(kind, select_installed(kind, to_container(kind, spec, root), root / "models"))
     for event in load_job(kind)(job_spec):
         if isinstance(event, Artifact):
             event = replace(event, path=from_container(event.path, root))

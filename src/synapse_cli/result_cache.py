@@ -36,7 +36,7 @@ def cache_key(kind: str, spec: Any) -> str | None:
     for name in record.outputs + record.host_fields + ("overwrite",):
         data.pop(name, None)
     try:
-        for name in record.inputs:
+        for name in record.inputs + record.installed:  # a model is hashed like an input: same path, new weights, new key
             value = data.get(name)
             if value is None:
                 continue

@@ -139,6 +139,20 @@ def path_values(value: Any, what: str, name: str) -> list[tuple[int | None, str]
     raise UsageError(f"spec {what} {name!r} must be a path or a list of paths")
 
 
+def select_installed(kind: str, spec: dict[str, Any], models_dir: Any) -> dict[str, Any]:
+    """Point every ``INSTALLED`` field (a model name) at the owner-installed file it names.
+
+    The one place a remote spec's model is resolved: a name, looked up among what the
+    machine's owner installed; a path, an uploaded file or an unknown name is a UsageError.
+    """
+    cls = spec_class(kind)
+    out = dict(spec)
+    for name in get_kind(kind).installed:
+        if out.get(name) is not None:
+            out[name] = cls.select_installed(name, out[name], models_dir)
+    return out
+
+
 def spec_to_dict(spec: Any) -> dict[str, Any]:
     return asdict(spec)
 

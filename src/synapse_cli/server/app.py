@@ -50,6 +50,7 @@ class ServerOptions:
     max_upload_mb: int = 2048
     allow_anonymous: bool = False  # only `synapse serve` on a loopback address sets this
     artifact_ttl_s: float = 3600.0
+    models_dir: Path | None = None  # owner-installed models a client may name (besides the bundled default)
     running: set[str] = field(default_factory=set)
     last_sweep: float = 0.0
 
@@ -82,11 +83,12 @@ def create_app(
     max_upload_mb: int | None = None,
     allow_anonymous: bool = False,
     artifact_ttl_s: float = 3600.0,
+    models_dir: str | Path | None = None,
 ) -> FastAPI:
     """The synapse HTTP app.
 
     ``settings`` (a resolved ``Settings``) supplies ``serve.work_dir``, ``api_key`` and
-    ``serve.max_upload_mb``; keyword arguments override them. Without an API key the app
+    ``serve.max_upload_mb`` and ``serve.models_dir``; keyword arguments override them. Without an API key the app
     refuses to be built unless ``allow_anonymous=True`` (what ``synapse serve`` passes on a
     loopback address). Without a work dir, a fresh temporary folder is used.
     """
@@ -96,8 +98,12 @@ def create_app(
     max_upload_mb = max_upload_mb if max_upload_mb is not None else settings.get("serve.max_upload_mb", 2048)
     if not api_key and not allow_anonymous:
         raise ValueError("create_app needs an api_key (SYNAPSE_API_KEY), or allow_anonymous=True for a loopback-only server")
+    models_dir = models_dir if models_dir is not None else settings.get("serve.models_dir")
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="synapse-serve-"))
-    opts = ServerOptions(root.resolve(), api_key or None, int(max_upload_mb), allow_anonymous, artifact_ttl_s)
+    opts = ServerOptions(
+        root.resolve(), api_key or None, int(max_upload_mb), allow_anonymous, artifact_ttl_s,
+        Path(models_dir).expanduser().resolve() if models_dir else None,
+    )  # fmt: skip
     opts.jobs_dir.mkdir(parents=True, exist_ok=True)
 
     app = FastAPI(title="synapse", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
@@ -153,7 +159,7 @@ def create_app(
         job_dir.mkdir()
         try:
             body = await read_body(request.headers.get("content-type", ""), request.stream(), job_dir / "in", opts.max_bytes)
-            run = runner.prepare(kind, body, job_dir, job_id)
+            run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir)
         except BadUpload as exc:
             remove_tree(job_dir)
             return _error(exc.status, exc.message, close=exc.status == 413)

@@ -24,7 +24,7 @@ KIND = JobKind(
     run="synapse_cli.jobs.infer.job:run_yolo",
     command="synapse_cli.cli.infer:infer",
     settings={
-        "model": Setting(None, optional_text, "YOLO weights (.pt/.onnx path); default: bundled yolo11n-pose.pt"),
+        "model": Setting(None, optional_text, "YOLO weights: a .pt/.onnx path, or an installed model's name remotely; default: bundled yolo11n-pose.pt"),
         "task": Setting("pose", choice("detect", "pose", "track"), "default task"),
         "imgsz": Setting(640, integer(32, 4096), "inference image size"),
         "conf": Setting(0.25, number(0.0), "confidence threshold"),

@@ -37,8 +37,11 @@ DEFAULT_MODEL_NAME = "yolo11n-pose.pt"
 class InferSpec:
     """Everything ``run_yolo`` needs; plain data, so it pickles to Modal and travels as JSON."""
 
-    INPUTS: ClassVar[tuple[str, ...]] = ("source", "model")
+    INPUTS: ClassVar[tuple[str, ...]] = ("source",)
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output", "annotated")
+    # A model file is code (a pickle): it is never uploaded. On a server or in a Modal
+    # container, ``model`` names one of the models the machine's owner installed.
+    INSTALLED: ClassVar[tuple[str, ...]] = ("model",)
 
     source: str
     output: str | None = None  # default: <stem>.<task>.json beside the source
@@ -58,6 +61,13 @@ class InferSpec:
     ffmpeg_preset: str = "fast"
     ffmpeg_crf: int = 23
 
+    @staticmethod
+    def select_installed(field_name: str, value: Any, models_dir: str | Path | None) -> str:
+        """Remote side of ``INSTALLED``: the path of the owner-installed model ``value`` names."""
+        from synapse_cli.jobs.infer.weights import select_installed
+
+        return select_installed(value, models_dir)
+
 
 def default_output(source: str, task: str) -> str:
     """``<stem>.<task>.json`` beside the source (for a folder: beside the folder)."""
@@ -71,7 +81,7 @@ def check_spec(spec: InferSpec) -> Any:
     from synapse_cli.jobs._files import check_output
     from synapse_cli.jobs.infer.court import Court
     from synapse_cli.jobs.infer.sources import inspect_source
-    from synapse_cli.jobs.infer.weights import check_model_arg
+    from synapse_cli.jobs.infer.weights import check_model_arg, is_bare_name
 
     if spec.task not in TASKS:
         raise UsageError(f"unknown task {spec.task!r}: expected one of {', '.join(TASKS)}")
@@ -84,8 +94,8 @@ def check_spec(spec: InferSpec) -> Any:
     if spec.court is not None:
         Court(spec.court, spec.court_width_m, spec.court_length_m)
     info = inspect_source(spec.source)
-    if spec.model is not None:
-        check_model_arg(spec.model)
+    if spec.model is not None and not (is_bare_name(spec.model) and not Path(spec.model).expanduser().exists()):
+        check_model_arg(spec.model)  # a bare name is an installed model's, here or remotely: the job resolves it
     output = Path(spec.output or default_output(spec.source, spec.task))
     if output.suffix.lower() not in RESULT_SUFFIXES:
         raise UsageError(f"results file must end in .json or .jsonl, got {output.name}")

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from synapse_cli import __version__
+from synapse_cli.backends.base import Backend
 from synapse_cli.errors import BackendError, UsageError, error_from_wire
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, from_dict
 from synapse_cli.jobs import spec_to_dict
@@ -86,7 +87,7 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class HttpBackend:
+class HttpBackend(Backend):
     """Runs jobs on a synapse endpoint. ``client`` is the seam for tests (``httpx.MockTransport``)."""
 
     name = "http"

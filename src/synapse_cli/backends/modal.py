@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping
 
+from synapse_cli.backends.base import Backend
 from synapse_cli.errors import BackendError, JobError, SynapseError, UsageError, error_from_wire
 from synapse_cli.events import Artifact, Event, Failed, Finished, from_dict
 from synapse_cli.hashing import sha256_file, sha256_tree
@@ -215,7 +216,7 @@ class _Files:
 # -- the backend ------------------------------------------------------------------------
 
 
-class ModalBackend:
+class ModalBackend(Backend):
     """Runs jobs on Modal through ``Function.remote_gen()``.
 
     Collaborators come in through the constructor: ``lookup(kind)`` returns the
@@ -352,7 +353,21 @@ class ModalBackend:
             "started": time.time(),
         }
 
-    def follow(self, kind: str, job_id: str, remote: dict[str, Any], poll_s: float = 0.5) -> Iterator[Event]:
+    def detach(self, kind: str, spec: Any, job: Any, store: Any, env: Mapping[str, str]) -> None:
+        remote = self.spawn(kind, spec, job.id)
+        store.set_remote(job.id, remote, gpu=self.gpu_for(kind))
+        store.start(job.id, pid=None)
+
+    def follow(self, job: Any, store: Any) -> Iterator[Event]:
+        from synapse_cli.runs import record
+
+        return record(store, job, self.follow_call(job.kind, job.id, job.remote))
+
+    def cancel(self, job: Any, store: Any) -> None:
+        self.cancel_call(job.remote)
+        store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel")
+
+    def follow_call(self, kind: str, job_id: str, remote: dict[str, Any], poll_s: float = 0.5) -> Iterator[Event]:
         """The events a detached call publishes, as they come; artifacts are downloaded on the way."""
         import modal
 
@@ -388,7 +403,7 @@ class ModalBackend:
                     raise error_from_wire(event.error, event.code, event.message)
                 yield event
 
-    def cancel(self, remote: dict[str, Any]) -> None:
+    def cancel_call(self, remote: dict[str, Any]) -> None:
         import modal
 
         require_credentials(self._env)

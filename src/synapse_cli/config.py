@@ -80,6 +80,20 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return t
 
 
+def _opt_bool(v: Any) -> bool | None:
+    return None if v in (None, "", "auto") else _bool(v)
+
+
+def _batch(v: Any) -> int:
+    """``auto`` (stored as 0) or a batch size 1-256."""
+    if v == "auto":
+        return 0
+    try:
+        return _int(1, 256)(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected auto or an integer in [1, 256]") from None
+
+
 def _list(v: Any) -> list[str]:
     if isinstance(v, str):
         return [p.strip() for p in v.split(",") if p.strip()]
@@ -146,6 +160,7 @@ _CORE: dict[str, _Setting] = {
 
 # What a job kind's record uses to declare its ``[<kind>]`` section (see synapse_cli.jobs.JobKind).
 Setting, text, optional_text, boolean, integer, number, choice, string_list = _Setting, _str, _opt_str, _bool, _int, _float, _choice, _list
+optional_boolean, batch_size = _opt_bool, _batch
 
 
 def registry() -> dict[str, _Setting]:

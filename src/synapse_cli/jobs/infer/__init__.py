@@ -15,7 +15,7 @@ Its helpers, kept apart so each is small and testable:
 Nothing here imports ultralytics or torch at module level.
 """
 
-from synapse_cli.config import Setting, choice, integer, number, optional_text
+from synapse_cli.config import Setting, batch_size, choice, integer, number, optional_boolean, optional_text
 from synapse_cli.jobs import JobKind
 
 KIND = JobKind(
@@ -29,6 +29,8 @@ KIND = JobKind(
         "imgsz": Setting(640, integer(32, 4096), "inference image size"),
         "conf": Setting(0.25, number(0.0), "confidence threshold"),
         "threads": Setting(0, integer(0, 1024), "torch threads; 0 = all cores"),
+        "batch": Setting(0, batch_size, "frames per model call: auto (0) = 1 per CPU worker, on a GPU the largest of 8/16/32/64 that fits; at most 256"),
+        "half": Setting(None, optional_boolean, "fp16 inference; unset (auto) = on for CUDA, off elsewhere"),
         "court_width_m": Setting(6.1, number(), "court width in metres (--court)"),
         "court_length_m": Setting(13.4, number(), "court length in metres (--court)"),
     },

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from synapse_cli.jobs._compile.rewrite import for_outlines, merge, outlines_dropped
+from synapse_cli.jobs.compile.rewrite import for_outlines, merge, outlines_dropped
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "compile"
 JSTS = Path(os.environ.get("SYNAPSE_TEST_JSTS", SHARED / "jsts-2020-12.jsonl"))
@@ -100,7 +100,7 @@ def test_what_outlines_still_drops_is_reported():
 def _no_unexplained(data: Path, tmp_path: Path, timeout_s: float) -> dict[str, int]:
     from synapse_cli.errors import JobError
     from synapse_cli.events import Finished
-    from synapse_cli.jobs.compile_constraints import CompileSpec, compile_constraints
+    from synapse_cli.jobs.compile.job import CompileSpec, compile_constraints
 
     if not data.is_file():
         pytest.skip(f"no data at {data}")

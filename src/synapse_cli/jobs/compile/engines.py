@@ -97,7 +97,7 @@ def _llg_json_lark(schema: Any) -> tuple[str, list[str]]:
     """
     import llguidance
 
-    from synapse_cli.jobs._compile.normalize import walk
+    from synapse_cli.jobs.compile.normalize import walk
 
     tok = _llg_tokenizer()
     options: dict[str, Any] = {}
@@ -155,7 +155,7 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
                 raise EngineFailure(f"cannot read grammar: {_one_line(exc)}") from None
         _llg_matcher(artefact)
     elif engine == "llama.cpp":
-        from synapse_cli.jobs._compile import gbnf
+        from synapse_cli.jobs.compile import gbnf
 
         try:
             if kind == "json_schema":
@@ -177,8 +177,8 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
         if kind == "json_schema":
             from outlines_core.json_schema import build_regex_from_schema
 
-            from synapse_cli.jobs._compile.normalize import keywords_used
-            from synapse_cli.jobs._compile.rewrite import for_outlines, outlines_dropped
+            from synapse_cli.jobs.compile.normalize import keywords_used
+            from synapse_cli.jobs.compile.rewrite import for_outlines, outlines_dropped
 
             prepared = for_outlines(payload)  # same meaning, in the shapes outlines reads fully
             try:
@@ -245,7 +245,7 @@ def _ignored_by(used: list[str], enforced: frozenset[str], schema: Any, formats:
     ``properties`` does not declare, check a ``format`` by shape at best (2024-02-31 passes
     as a date) and treat ``oneOf`` as ``anyOf``.
     """
-    from synapse_cli.jobs._compile.normalize import walk
+    from synapse_cli.jobs.compile.normalize import walk
 
     out = {k for k in used if k not in enforced}
     if "oneOf" in used:
@@ -290,7 +290,7 @@ def _xgrammar_refuses(schema: Any) -> str | None:
     """xgrammar does not intersect anyOf/oneOf/allOf with sibling keywords: the siblings are lost
     (measured: {"properties": {"r": {"type": "number"}}, "oneOf": [{"required": ["r"]}]}
     accepts {"r": null}). We call that unsupported rather than guess what is left."""
-    from synapse_cli.jobs._compile.normalize import pointer_of, walk
+    from synapse_cli.jobs.compile.normalize import pointer_of, walk
 
     for path, node in walk(schema):
         for comb in ("anyOf", "oneOf", "allOf"):

@@ -28,7 +28,7 @@ import copy
 import json
 from typing import Any
 
-from synapse_cli.jobs._compile.normalize import SUB_LIST, SUB_MAP, SUB_ONE, VALIDATION_KEYWORDS, walk
+from synapse_cli.jobs.compile.normalize import SUB_LIST, SUB_MAP, SUB_ONE, VALIDATION_KEYWORDS, walk
 
 # outlines-core's dispatch order: the first of these keys in an object decides how it is compiled
 DISPATCH = ("properties", "allOf", "anyOf", "oneOf", "prefixItems", "enum", "const", "$ref", "type")

@@ -164,7 +164,7 @@ def test_constraint_set_regex_and_grammar(cli, data):
 def test_engine_timeout_is_reported_not_hung(tmp_path):
     """outlines-core needs seconds (7 s here) to index this schema's regex: killed at the timeout, reported, run goes on."""
     from synapse_cli.events import Finished
-    from synapse_cli.jobs.compile_constraints import CompileSpec, compile_constraints
+    from synapse_cli.jobs.compile.job import CompileSpec, compile_constraints
 
     spec = CompileSpec(inputs=[str(DATA / "slow-for-outlines.json")], output_dir=str(tmp_path / "o"),
                        engines=["llguidance", "outlines"], use_cache=False, engine_timeout_s=0.5)

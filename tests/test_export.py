@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from synapse_cli.events import Artifact, Finished, Log, Progress, Started
-from synapse_cli.jobs.export_video import ExportSpec, export_video
+from synapse_cli.jobs.export.job import ExportSpec, export_video
 from tests.conftest import frame_at, probe, synapse_cmd
 
 

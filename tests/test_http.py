@@ -26,8 +26,8 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (fastapi
 from synapse_cli.backends.http import HttpBackend
 from synapse_cli.errors import JobError
 from synapse_cli.events import Artifact, Finished, Progress, Started
-from synapse_cli.jobs.export_video import ExportSpec
-from synapse_cli.jobs.make_sample import SampleSpec
+from synapse_cli.jobs.export.job import ExportSpec
+from synapse_cli.jobs.sample import SampleSpec
 from tests.conftest import probe, synapse_cmd
 from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, TestDirSpec, kill_processes_mentioning, serve_app, uvicorn_thread
 

@@ -20,7 +20,7 @@ import pytest
 
 from synapse_cli.events import Artifact, Finished, Progress, Started
 from synapse_cli.jobs import spec_from_dict, spec_to_dict
-from synapse_cli.jobs.run_yolo import InferSpec, run_yolo
+from synapse_cli.jobs.infer.job import InferSpec, run_yolo
 from tests.conftest import ffmpeg_exe, probe
 
 COCO = [
@@ -198,7 +198,7 @@ def test_annotated_is_h264_with_the_source_audio(pan, assets, tmp_path):
     # boxes are drawn: along each detected box's vertical edges the annotated frame has the box's colour,
     # which the source frame there does not (re-encoding alone changes every pixel a little, so a mean
     # difference would not show it)
-    from synapse_cli.jobs._yolo.draw import PALETTE
+    from synapse_cli.jobs.infer.draw import PALETTE
     from tests.conftest import frame_at
 
     drawn, source = frame_at(video, 0.0).astype(int), frame_at(pan, 0.0).astype(int)
@@ -366,7 +366,7 @@ def test_interrupted_run_kills_ffmpeg_and_leaves_nothing(pan, tmp_path):
 
 
 def test_threads_default_to_all_cores_and_follow_config(cli, assets, tmp_path):
-    from synapse_cli.jobs._yolo.runtime import available_cores
+    from synapse_cli.jobs.infer.runtime import available_cores
 
     r = cli("infer", assets / "zidane.jpg", "-o", tmp_path / "a.json", "--json")
     result = r.events()[-1]["result"]
@@ -386,7 +386,7 @@ def test_spec_is_plain_data_for_remote_backends(tmp_path):
 
 def test_no_ultralytics_or_torch_at_import():
     """``synapse --help`` stays fast: the command and job modules import neither."""
-    code = "import sys, synapse_cli.cli.infer, synapse_cli.jobs.run_yolo; print(sorted(m for m in ('ultralytics', 'torch') if m in sys.modules))"
+    code = "import sys, synapse_cli.cli.infer, synapse_cli.jobs.infer.job; print(sorted(m for m in ('ultralytics', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

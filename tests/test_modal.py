@@ -63,7 +63,7 @@ def test_app_settings_come_from_config(tmp_path):
 def test_local_body_streams_the_same_events_as_a_local_run(modal_app, clips, tmp_path, monkeypatch):
     from synapse_cli.backends.local import LocalBackend
     from synapse_cli.events import to_dict
-    from synapse_cli.jobs.export_video import ExportSpec
+    from synapse_cli.jobs.export.job import ExportSpec
 
     monkeypatch.setenv("SYNAPSE_VOLUME_ROOT", str(tmp_path))
     (tmp_path / "in").mkdir()
@@ -185,7 +185,7 @@ def test_events_stream_incrementally(deployed, clips, tmp_path):
     """The first progress event arrives long before the job ends."""
     from synapse_cli.config import load_settings
     from synapse_cli.events import Finished, Progress
-    from synapse_cli.jobs.export_video import ExportSpec
+    from synapse_cli.jobs.export.job import ExportSpec
     from tests.conftest import make_clip
 
     src = make_clip(tmp_path / "long.mp4", size="640x360", seconds=6)

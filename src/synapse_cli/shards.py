@@ -222,45 +222,37 @@ def _with_shards(result: dict[str, Any], shards: list[_Shard]) -> dict[str, Any]
     return out
 
 
-# -- which kinds shard, and how a backend runs one shard -----------------------------------
-
-# kind -> (module, split, merge, size): size(spec) is what `auto` divides (media seconds, inputs)
-HOOKS: dict[str, tuple[str, str, str, str, str]] = {
-    "export": ("synapse_cli.jobs.export_video", "split_export", "merge_export", "export_seconds", "shards.seconds"),
-    "compile": ("synapse_cli.jobs.compile_constraints", "split_compile", "merge_compile", "compile_units", "shards.units"),
-    "infer": ("synapse_cli.jobs._yolo.shards", "split_infer", "merge_infer", "infer_seconds", "shards.seconds"),
-}
-
-
-def _hook(kind: str, index: int) -> Any:
-    import importlib
-
-    entry = HOOKS[kind]
-    return getattr(importlib.import_module(entry[0]), entry[index])
+# -- the entry point: a job's events on a backend, sharded or not -----------------------------------
 
 
 def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Event]:
-    """The job's events on ``backend``: one call, or ``[shards] count`` shards merged into one stream."""
-    from synapse_cli.errors import UsageError
+    """The job's events on ``backend``: one call, or ``[shards] count`` shards merged into one stream.
 
+    The kind's record says whether and how it shards (``split``/``merge``/``size``); the
+    backend says how one shard runs (``run_shard``: a worker process, a Modal call).
+    """
+    from synapse_cli.errors import UsageError
+    from synapse_cli.jobs import get_kind
+
+    record = get_kind(kind)
     requested = settings["shards.count"]
-    if kind not in HOOKS:
+    if not record.shardable:
         if requested not in ("auto", 1):
             raise UsageError(f"--shards: {kind} jobs do not shard")
         return backend.run(kind, spec)
     size = None
     if requested == "auto" and backend.name != "local":
-        size = _hook(kind, 3)(spec)
-    count = shard_count(requested, backend.name, size, float(settings[HOOKS[kind][4]]), int(settings["shards.max"]))
+        size = record.hook("size")(spec)
+    count = shard_count(requested, backend.name, size, float(settings[f"shards.{record.shard_by}"]), int(settings["shards.max"]))
     if count <= 1:
         return backend.run(kind, spec)
     start = getattr(backend, "run_shard", None)
     if start is None:
         raise UsageError(f"--shards is not supported with the {backend.name} backend")
     retries = int(settings["modal.max_retries"]) if backend.name == "modal" else 0
-    outputs = [getattr(spec, name) for name in getattr(type(spec), "OUTPUTS", ()) if isinstance(getattr(spec, name, None), str)]
+    outputs = [getattr(spec, name) for name in record.outputs if isinstance(getattr(spec, name, None), str)]
     workdir = Path(outputs[0]).resolve().parent if outputs else None
     return run_sharded(
-        kind, spec, count, lambda part: start(kind, part), _hook(kind, 1), _hook(kind, 2),
+        kind, spec, count, lambda part: start(kind, part), record.hook("split"), record.hook("merge"),
         retries=retries, workdir=workdir, settings=settings,
     )  # fmt: skip

@@ -30,7 +30,7 @@ MATCH_IOU = 0.3  # boxes of one person on one frame, seen by two trackers, overl
 
 def infer_seconds(spec: Any) -> float:
     """The video's length: what ``--shards auto`` divides (0 for images: they do not shard)."""
-    from synapse_cli.jobs._yolo.sources import inspect_source
+    from synapse_cli.jobs.infer.sources import inspect_source
 
     info = inspect_source(spec.source)
     return float(info.duration or 0.0) if info.kind == "video" else 0.0
@@ -38,7 +38,7 @@ def infer_seconds(spec: Any) -> float:
 
 def split_infer(spec: Any, n: int, workdir: Path, settings: Any = None) -> list[Any]:
     """Up to ``n`` shards over contiguous frame ranges of a video (an image or a folder runs whole)."""
-    from synapse_cli.jobs._yolo.sources import inspect_source
+    from synapse_cli.jobs.infer.sources import inspect_source
 
     overlap_s = float(settings["shards.track_overlap_s"]) if settings is not None else 1.0
     info = inspect_source(spec.source)
@@ -141,8 +141,8 @@ def _tracks(stats: dict[int, dict[str, Any]], metres: bool) -> dict[str, dict[st
 def merge_infer(spec: Any, parts: list[Any], results: list[dict[str, Any]], workdir: Path) -> Iterator[Event]:
     """One results file (and annotated video) from the shards' pieces, track ids stitched across boundaries."""
     from synapse_cli.jobs._files import atomic_output
-    from synapse_cli.jobs._yolo.results import ResultsWriter
-    from synapse_cli.jobs.run_yolo import default_output
+    from synapse_cli.jobs.infer.results import ResultsWriter
+    from synapse_cli.jobs.infer.job import default_output
 
     started = time.monotonic()
     output = Path(spec.output or default_output(spec.source, spec.task))
@@ -222,8 +222,8 @@ def _join_annotated(spec: Any, parts: list[Any], results: list[dict[str, Any]]) 
     """The annotated pieces joined by stream copy, with the source's audio added once, then faststart."""
     from synapse_cli.jobs._files import atomic_output
     from synapse_cli.jobs._media import find_ffmpeg, run_ffmpeg
-    from synapse_cli.jobs._yolo.encode import _MP4_AUDIO
-    from synapse_cli.jobs._yolo.sources import inspect_source
+    from synapse_cli.jobs.infer.encode import _MP4_AUDIO
+    from synapse_cli.jobs.infer.sources import inspect_source
 
     info = inspect_source(spec.source)
     out = Path(spec.annotated)

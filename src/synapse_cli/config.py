@@ -240,6 +240,9 @@ class Settings(Mapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         return self._values[RENAMED.get(key, key)].value
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._values  # an old name reads its setting, but is not one
+
     def __iter__(self):
         return iter(self._values)
 

@@ -203,8 +203,13 @@ def retry_until_first_event(
 ErrorMap = Mapping[type, "tuple[type[SynapseError], str]"]
 
 
-def mapped_error(exc: BaseException, table: ErrorMap, **context: Any) -> SynapseError | None:
-    """Our error for ``exc`` by ``table`` (the most specific class that matches), or None."""
+def mapped_error(exc: BaseException, table: ErrorMap | Callable[[], ErrorMap], **context: Any) -> SynapseError | None:
+    """Our error for ``exc`` by ``table`` (the most specific class that matches), or None.
+
+    ``table`` may be a function that builds it, called only now: modal's exception classes
+    cost an ``import modal`` (~0.5 s), which a run that goes well pays later, inside its deadline.
+    """
+    table = table() if callable(table) else table
     best: type | None = None
     for cls in table:
         if isinstance(exc, cls) and (best is None or issubclass(cls, best)):
@@ -217,7 +222,7 @@ def mapped_error(exc: BaseException, table: ErrorMap, **context: Any) -> Synapse
 
 
 @contextmanager
-def map_errors(table: ErrorMap, **context: Any) -> Iterator[None]:
+def map_errors(table: ErrorMap | Callable[[], ErrorMap], **context: Any) -> Iterator[None]:
     """Translate foreign exceptions at the backend's edge: ``with map_errors(TABLE, url=url):``.
 
     A template sees ``{detail}`` (the exception's text on one line), ``{name}`` (its class)

@@ -98,7 +98,7 @@ def _modal_errors() -> ErrorMap:
 def map_modal_errors(app_name: str, environment: str | None) -> Any:
     """``with map_modal_errors(app, env):`` translates modal's exceptions into ours (``_modal_errors``)."""
     where = f" in environment {environment!r}" if environment else ""
-    return map_errors(_modal_errors(), app_name=app_name, where=where)
+    return map_errors(_modal_errors, app_name=app_name, where=where)
 
 
 def _transient(exc: Exception) -> bool:
@@ -291,10 +291,12 @@ class ModalBackend(Backend):
     def _errors(self) -> Any:
         return map_modal_errors(self.config["app_name"], self.config.get("environment"))
 
-    def _reach(self) -> _Deadline:
-        """Connect and look the Volume up within ``connect_timeout_s``; the budget left is returned
-        for the function lookups that follow."""
-        deadline = _Deadline(float(self.config["connect_timeout_s"]))
+    def _deadline(self) -> _Deadline:
+        return _Deadline(float(self.config["connect_timeout_s"]))
+
+    def _reach(self, deadline: _Deadline) -> _Deadline:
+        """Connect (``import modal`` included) and look the Volume up within ``deadline``, which is
+        returned for the function lookups that follow."""
         deadline.run(self._connect, "the connection")
         hydrate = getattr(self._volume, "hydrate", None)
         if hydrate is not None:  # the first RPC: Volume.from_name is lazy
@@ -343,8 +345,9 @@ class ModalBackend(Backend):
 
     def run(self, kind: str, spec: Any) -> Iterator[Event]:
         require_credentials(self._env)
+        deadline = self._deadline()
         with self._errors():
-            fn = self.function(kind, self._reach())
+            fn = self.function(kind, self._reach(deadline))
             files = _Files(self._volume, uuid.uuid4().hex, self._uploads)
             remote_spec = self.stage(kind, spec, files)
             try:
@@ -386,8 +389,9 @@ class ModalBackend(Backend):
         require_credentials(self._env)
         if self.config.get("mode") == "ephemeral":
             raise UsageError("--detach needs a deployed app ([modal] mode = \"deployed\"): an ephemeral app ends with this process")
+        deadline = self._deadline()
         with self._errors():
-            deadline = self._reach()
+            self._reach(deadline)
             fn = modal.Function.from_name(self.config["app_name"], f"{kind}_detached", environment_name=self.config.get("environment"))
             deadline.run(fn.hydrate, f"the lookup of {kind}_detached")
             files = _Files(self._volume, job_id)
@@ -420,8 +424,9 @@ class ModalBackend(Backend):
         import modal
 
         require_credentials(self._env)
+        deadline = self._deadline()
         with self._errors():
-            self._reach()
+            self._reach(deadline)
             files = _Files(self._volume, job_id)
             files.local_of = {k: Path(v) for k, v in remote["local_of"].items()}
             files.output_dirs = {k: Path(v) for k, v in remote["output_dirs"].items()}
@@ -453,7 +458,7 @@ class ModalBackend(Backend):
 
         require_credentials(self._env)
         with self._errors():
-            _Deadline(float(self.config["connect_timeout_s"])).run(lambda: modal.FunctionCall.from_id(remote["call_id"]).cancel(), "the cancellation")
+            self._deadline().run(lambda: modal.FunctionCall.from_id(remote["call_id"]).cancel(), "the cancellation")
 
     def _stream(self, kind: str, fn: Any, remote_spec: dict[str, Any]) -> Iterator[Event]:
         """``remote_gen`` with retries for transient failures before the first event; never after it."""

@@ -152,6 +152,11 @@ REGISTRY: dict[str, _Setting] = {
     "serve.port": _Setting(8000, _int(0, 65535), "synapse serve port"),
     "serve.max_upload_mb": _Setting(2048, _int(1), "largest accepted upload"),
     "serve.work_dir": _Setting(None, _opt_str, "server work dir; default: a temp dir"),
+    "serve.max_concurrent_jobs": _Setting(0, _int(0, 10_000), "jobs running (or uploading) at once, more get 429; 0 = one per core"),
+    "serve.job_timeout_s": _Setting(14400.0, _float(0.0, strict=False), "a job running longer is stopped; 0 = no limit"),
+    "serve.min_free_mb": _Setting(1024, _int(0), "free disk the work dir must keep after an upload (else 507)"),
+    "serve.stall_timeout_s": _Setting(60.0, _float(), "a client that stops reading the stream this long cancels its job"),
+    "serve.body_timeout_s": _Setting(60.0, _float(), "an upload that sends nothing this long is refused (408)"),
     # [jobs]
     "jobs.db": _Setting(None, _opt_str, "job store (SQLite); default: the user data dir"),
     "jobs.gpu_prices_usd_per_hour": _Setting({"T4": 0.59, "L4": 0.80, "A10G": 1.10, "A100": 2.10, "H100": 3.95, "CPU": 0.0}, _prices, "per-GPU price table for cost estimates"),

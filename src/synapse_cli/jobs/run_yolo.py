@@ -39,6 +39,7 @@ class InferSpec:
 
     INPUTS: ClassVar[tuple[str, ...]] = ("source", "model")
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output", "annotated")
+    SERVER_CAPS: ClassVar[dict[str, float]] = {"threads": 64}  # synapse serve refuses more (422)
 
     source: str
     output: str | None = None  # default: <stem>.<task>.json beside the source

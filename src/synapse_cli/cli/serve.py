@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -111,7 +112,13 @@ def serve(
                 app, log_config=_log_config(), log_level="info", timeout_graceful_shutdown=5, lifespan="off",
                 limit_concurrency=LIMIT_CONNECTIONS, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
             )
-            _Server(config, opts).run(sockets=[sock])
+            # uvicorn re-raises SIGTERM once it has stopped, which would end the process before the
+            # jobs are stopped and the key file removed: a handler of ours takes it instead
+            previous = signal.signal(signal.SIGTERM, lambda *_: None)
+            try:
+                _Server(config, opts).run(sockets=[sock])
+            finally:
+                signal.signal(signal.SIGTERM, previous)
         finally:
             sock.close()
             if opts is not None and not opts.shutdown(timeout_s=10):

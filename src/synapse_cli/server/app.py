@@ -209,7 +209,9 @@ def create_app(
             if len(opts.key_failures) > 10_000:  # bounded memory: forget the oldest addresses
                 for old in list(opts.key_failures)[:5_000]:
                     opts.key_failures.pop(old, None)
-            return unauthorized()
+            if need_key:
+                return unauthorized()
+            # /v1/health answers a wrong key exactly as it answers no key
         if "origin" in request.headers or not is_loopback_host(_host_of(request.headers.get("host", ""))):
             return _error(403, "requests from a web page (Origin header) or for a non-loopback Host need the API key", code=3, error="BackendError", close=True)
         if need_key and opts.api_key is not None:

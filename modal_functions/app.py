@@ -159,7 +159,8 @@ def serve() -> Any:
 
     from synapse_cli.server import create_app
 
-    return create_app(work_dir=f"{MOUNT}/serve", api_key=os.environ.get("SYNAPSE_API_KEY") or None, max_upload_mb=_settings["serve.max_upload_mb"])
+    # commit after each job, so another container of this function can serve its artifacts
+    return create_app(work_dir=f"{MOUNT}/serve", api_key=os.environ.get("SYNAPSE_API_KEY") or None, max_upload_mb=_settings["serve.max_upload_mb"], on_job_end=volume.commit)
 
 
 FUNCTIONS = {**STREAMING, **{f"{k}_detached": f for k, f in DETACHED.items()}, "serve": serve}  # by Modal name

@@ -235,7 +235,7 @@ def create_app(
 
         refused = gate(request, need_key=False)
         if refused is not None:
-            return refused
+            return await _refuse(request, refused, opts)
         return {
             "status": "ok",
             "version": __version__,
@@ -250,22 +250,22 @@ def create_app(
 
         refused = gate(request)
         if refused is not None:
-            return refused
+            return await _refuse(request, refused, opts)
         if kind not in JOBS:
-            return _error(404, f"unknown job kind {kind!r}; expected one of {', '.join(JOBS)}", close=True)
+            return await _refuse(request, _error(404, f"unknown job kind {kind!r}; expected one of {', '.join(JOBS)}", close=True), opts)
         if opts.closing:
-            return _error(503, "the server is shutting down", code=3, error="BackendError", close=True, headers={"Retry-After": "5"})
+            return await _refuse(request, _error(503, "the server is shutting down", code=3, error="BackendError", close=True, headers={"Retry-After": "5"}), opts)
         if len(opts.live) >= opts.job_slots:
-            return _error(429, f"the server is running {len(opts.live)} jobs, its limit (serve.max_concurrent_jobs); try again shortly",
-                          code=3, error="BackendError", close=True, headers={"Retry-After": "5"})
+            return await _refuse(request, _error(429, f"the server is running {len(opts.live)} jobs, its limit (serve.max_concurrent_jobs); try again shortly",
+                          code=3, error="BackendError", close=True, headers={"Retry-After": "5"}), opts)
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > opts.max_bytes:
-            return _error(413, f"the upload ({int(length) / 1048576:.1f} MB) is larger than the server's limit of {opts.max_upload_mb} MB", close=True)
+            return await _refuse(request, _error(413, f"the upload ({int(length) / 1048576:.1f} MB) is larger than the server's limit of {opts.max_upload_mb} MB", close=True), opts)
         needed = (int(length) if length.isdigit() else opts.max_bytes) + opts.min_free_mb * 1024 * 1024
         free = shutil.disk_usage(opts.jobs_dir).free
         if free < needed:
-            return _error(507, f"the server has {free / 1048576:.0f} MB free in its work dir; this upload needs {needed / 1048576:.0f} MB (serve.min_free_mb)",
-                          code=3, error="BackendError", close=True, headers={"Retry-After": "60"})
+            return await _refuse(request, _error(507, f"the server has {free / 1048576:.0f} MB free in its work dir; this upload needs {needed / 1048576:.0f} MB (serve.min_free_mb)",
+                          code=3, error="BackendError", close=True, headers={"Retry-After": "60"}), opts)
         try:
             inputs: tuple[str, ...] | None = tuple(getattr(spec_class(kind), "INPUTS", ()))
         except ImportError:
@@ -277,14 +277,31 @@ def create_app(
         (job_dir / ".alive").touch()
         opts.live[job_id] = job_dir
         _start_heartbeat(opts)
+        received_all = False
+
+        async def body_stream() -> AsyncIterator[bytes]:
+            nonlocal received_all
+            while not received_all:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                received_all = not message.get("more_body", False)
+                if message.get("body"):
+                    yield message["body"]
+
         try:
-            body = await read_body(request.headers.get("content-type", ""), request.stream(), job_dir / "in", opts.max_bytes,
+            body = await read_body(request.headers.get("content-type", ""), body_stream(), job_dir / "in", opts.max_bytes,
                                    inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind)
             run = runner.prepare(kind, body, job_dir, job_id)
         except BadUpload as exc:
             opts.live.pop(job_id, None)
             remove_tree(job_dir)
-            return _error(exc.status, exc.message, close=exc.status in (408, 413) or exc.status == 400)
+            # refused before the body ended: a small rest is read and dropped, so the client (still
+            # sending) gets the answer; a large one is not read at all, and the connection closes
+            small = received_all or (length.isdigit() and int(length) <= _DRAIN_MAX_BYTES and exc.status != 408)
+            if small and not received_all:
+                small = await _drain(request, opts.body_timeout_s or None)
+            return _error(exc.status, exc.message, close=not small)
         except ClientDisconnect:  # gone mid-upload: nothing to answer, nothing to keep
             opts.live.pop(job_id, None)
             remove_tree(job_dir)
@@ -307,11 +324,11 @@ def create_app(
     async def artifact(artifact_id: str, request: Request) -> Any:
         refused = gate(request)
         if refused is not None:
-            return refused
+            return await _refuse(request, refused, opts)
         match = _ARTIFACT_ID.fullmatch(artifact_id)
         path = runner.artifact_path(opts.jobs_dir, match[1], match[2]) if match else None
         if path is None:
-            return _error(404, f"no artifact {artifact_id!r} (expired, or never existed)")
+            return await _refuse(request, _error(404, f"no artifact {artifact_id!r} (expired, or never existed)"), opts)
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
     return app
@@ -374,6 +391,34 @@ async def _stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[byte
         if not done:  # the client went away: stop the job now, not at its next event
             run.cancel("the client went away")
         channel.close()
+
+
+_DRAIN_MAX_BYTES = 1024 * 1024
+
+
+async def _refuse(request: Request, response: JSONResponse, opts: ServerOptions) -> JSONResponse:
+    """A refusal before the body was read: a small body is read and dropped first (else the client,
+    still sending, sees a reset instead of the answer); a large one is left unread, the connection closed."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) <= _DRAIN_MAX_BYTES and await _drain(request, opts.body_timeout_s or None):
+        if "connection" in response.headers:
+            del response.headers["connection"]
+    else:
+        response.headers["connection"] = "close"
+    return response
+
+
+async def _drain(request: Request, timeout_s: float | None) -> bool:
+    """Read and drop the rest of the request body; False if the client stalls or goes away."""
+    import asyncio
+
+    try:
+        while True:
+            message = await asyncio.wait_for(request.receive(), timeout_s)
+            if message.get("type") != "http.request" or not message.get("more_body"):
+                return message.get("type") == "http.request"
+    except (asyncio.TimeoutError, ClientDisconnect, RuntimeError):
+        return False
 
 
 def _start_heartbeat(opts: ServerOptions) -> None:

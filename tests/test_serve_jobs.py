@@ -152,11 +152,13 @@ def test_a_client_that_stops_reading_cannot_hold_a_job(tmp_path):
     stall_timeout_s the job is cancelled and its folder removed."""
     with serve_app(tmp_path / "srv", stall_timeout_s=1.0) as ep:
         host, port = ep.url.removeprefix("http://").split(":")
-        body = json.dumps({"input": None, "output_dir": "out", "spam": 200_000}).encode()
+        request = httpx.Request("POST", f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "a.txt", "output_dir": "out", "spam": 200_000})},
+                                files=[("input", ("a.txt", b"hello"))], headers=AUTH)
+        body = request.read()
         with socket.create_connection((host, int(port))) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(f"POST /v1/jobs/dirtest HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
-                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+                      f"Content-Type: {request.headers['content-type']}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
             assert wait_for(lambda: ep.job_dirs() != [], 5)
             assert wait_for(lambda: ep.job_dirs() == [], 30), "a stalled client held its job"
 

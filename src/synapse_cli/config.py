@@ -79,6 +79,20 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return t
 
 
+def _opt_bool(v: Any) -> bool | None:
+    return None if v in (None, "", "auto") else _bool(v)
+
+
+def _batch(v: Any) -> int:
+    """``auto`` (stored as 0) or a batch size 1-256."""
+    if v == "auto":
+        return 0
+    try:
+        return _int(1, 256)(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected auto or an integer in [1, 256]") from None
+
+
 def _list(v: Any) -> list[str]:
     if isinstance(v, str):
         return [p.strip() for p in v.split(",") if p.strip()]
@@ -123,11 +137,13 @@ REGISTRY: dict[str, _Setting] = {
     "compile.engine_timeout_s": _Setting(10.0, _float(), "per-engine, per-schema compile timeout"),
     "compile.cache_dir": _Setting(None, _opt_str, "compile cache; default: the user cache dir"),
     # [infer]
-    "infer.model": _Setting(None, _opt_str, "YOLO weights (.pt/.onnx path); default: bundled yolo11n-pose.pt"),
+    "infer.model": _Setting(None, _opt_str, "YOLO weights: a .pt/.onnx path, or an installed model's name remotely; default: bundled yolo11n-pose.pt"),
     "infer.task": _Setting("pose", _choice("detect", "pose", "track"), "default task"),
     "infer.imgsz": _Setting(640, _int(32, 4096), "inference image size"),
     "infer.conf": _Setting(0.25, _float(0.0), "confidence threshold"),
     "infer.threads": _Setting(0, _int(0, 1024), "torch threads; 0 = all cores"),
+    "infer.batch": _Setting(0, _batch, "frames per model call: auto (0) = 1 per CPU worker, on a GPU the largest of 8/16/32/64 that fits; at most 256"),
+    "infer.half": _Setting(None, _opt_bool, "fp16 inference; unset (auto) = on for CUDA, off elsewhere"),
     "infer.court_width_m": _Setting(6.1, _float(), "court width in metres (--court)"),
     "infer.court_length_m": _Setting(13.4, _float(), "court length in metres (--court)"),
     # [modal]
@@ -157,6 +173,7 @@ REGISTRY: dict[str, _Setting] = {
     "serve.min_free_mb": _Setting(1024, _int(0), "free disk the work dir must keep after an upload (else 507)"),
     "serve.stall_timeout_s": _Setting(60.0, _float(), "a client that stops reading the stream this long cancels its job"),
     "serve.body_timeout_s": _Setting(60.0, _float(), "an upload that sends nothing this long is refused (408)"),
+    "serve.models_dir": _Setting(None, _opt_str, "models a client may name (infer model=NAME) besides the bundled default"),
     # [jobs]
     "jobs.db": _Setting(None, _opt_str, "job store (SQLite); default: the user data dir"),
     "jobs.gpu_prices_usd_per_hour": _Setting({"T4": 0.59, "L4": 0.80, "A10G": 1.10, "A100": 2.10, "H100": 3.95, "CPU": 0.0}, _prices, "per-GPU price table for cost estimates"),

@@ -41,6 +41,24 @@ def host_fields(kind: str) -> tuple[str, ...]:
     return tuple(getattr(spec_class(kind), "HOST_FIELDS", DEFAULT_HOST_FIELDS))
 
 
+def installed_fields(kind: str) -> tuple[str, ...]:
+    return tuple(getattr(spec_class(kind), "INSTALLED", ()))
+
+
+def select_installed(kind: str, spec: dict[str, Any], models_dir: str | Path | None) -> dict[str, Any]:
+    """Point every ``INSTALLED`` field (a model name) at the owner-installed file it names.
+
+    The one place a remote spec's model is resolved: a name, looked up among what the
+    machine's owner installed; a path, an uploaded file or an unknown name is a UsageError.
+    """
+    cls = spec_class(kind)
+    out = dict(spec)
+    for name in installed_fields(kind):
+        if out.get(name) is not None:
+            out[name] = cls.select_installed(name, out[name], models_dir)
+    return out
+
+
 def _map(value: Any, fn) -> Any:
     if isinstance(value, str):
         return fn(value)
@@ -77,7 +95,8 @@ def from_container(value: Any, root: Path) -> Any:
 def container_stream(kind: str, spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Run job ``kind`` on a ``vol:``-addressed spec; yield its events as dicts."""
     root = volume_root()
-    job_spec = spec_from_dict(kind, to_container(kind, spec, root))
+    # models come from the image (the bundled default) or from models/ on the Volume, put there by its owner
+    job_spec = spec_from_dict(kind, select_installed(kind, to_container(kind, spec, root), root / "models"))
     for event in load_job(kind)(job_spec):
         if isinstance(event, Artifact):
             event = replace(event, path=from_container(event.path, root))

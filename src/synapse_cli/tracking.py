@@ -25,7 +25,7 @@ from synapse_cli.errors import Interrupted, error_from_wire
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, Started, failed, from_dict, to_dict
 from synapse_cli.hashing import sha256_path
 from synapse_cli.jobs._files import atomic_output
-from synapse_cli.remote import path_fields
+from synapse_cli.remote import installed_fields, path_fields
 from synapse_cli.store import ACTIVE, HEARTBEAT_S, Job, JobStore
 
 _NOT_PARAMS = ("overwrite", "ffmpeg")  # how and where, not what: they don't change the result
@@ -38,7 +38,7 @@ def cache_key(kind: str, spec: Any) -> str | None:
     for name in outputs + _NOT_PARAMS:
         data.pop(name, None)
     try:
-        for name in inputs:
+        for name in inputs + installed_fields(kind):  # a model is hashed like an input: same path, new weights, new key
             value = data.get(name)
             if isinstance(value, str):
                 data[name] = sha256_path(Path(value)) if Path(value).exists() else value

@@ -24,6 +24,10 @@ def _summary(result: dict[str, Any]) -> str:
     if result.get("tracks") is not None:
         parts.append(f"{result['tracks']} tracks")
     parts.append(f"{result.get('fps', 0):g} fps")
+    if result.get("device", "cpu") != "cpu":
+        parts.append(f"batch {result.get('batch')}")
+        if result.get("gpu_peak_mib") is not None:
+            parts.append(f"{result['gpu_peak_mib']:g} MiB GPU peak")
     line = f"{result.get('output')}: {', '.join(parts)}"
     if result.get("annotated"):
         line += f"; annotated: {result['annotated']}"
@@ -59,6 +63,13 @@ def infer(
             "Drops detections whose feet are outside; adds position_m and speed_m_s.",
         ),
     ] = None,
+    batch: Annotated[
+        Optional[str],
+        typer.Option("--batch", help="Frames per model call: auto (1 per CPU worker; on a GPU the largest of 8/16/32/64 that fits) or 1-256."),
+    ] = None,
+    half: Annotated[
+        Optional[bool], typer.Option("--half/--no-half", help="fp16 inference. Default: on for CUDA, off elsewhere ([infer] half).")
+    ] = None,
     use_modal: USE_MODAL = None,
     json_output: JSON = False,
     overwrite: OVERWRITE = False,
@@ -79,7 +90,7 @@ def infer(
         json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite,
         endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache,
     )  # fmt: skip
-    flags = {"infer.task": task, "infer.model": model, "infer.imgsz": imgsz, "infer.conf": conf}
+    flags = {"infer.task": task, "infer.model": model, "infer.imgsz": imgsz, "infer.conf": conf, "infer.batch": batch, "infer.half": half}
 
     def build_spec(settings: Settings) -> InferSpec:
         from synapse_cli.jobs._yolo.court import parse_corners
@@ -99,6 +110,8 @@ def infer(
             court_width_m=settings["infer.court_width_m"],
             court_length_m=settings["infer.court_length_m"],
             threads=settings["infer.threads"],
+            batch=settings["infer.batch"],
+            half=settings["infer.half"],
             overwrite=overwrite,
             ffmpeg_path=settings["ffmpeg.path"],
             ffmpeg_preset=settings["ffmpeg.preset"],

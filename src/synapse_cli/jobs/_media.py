@@ -2,16 +2,22 @@
 
 - ``find_ffmpeg``: configured path, else ``ffmpeg`` on PATH, else the static
   binary from the imageio-ffmpeg wheel.
-- ``probe``: stream facts through PyAV (the static build has no ffprobe).
+- ``probe``: stream facts through PyAV (the static build has no ffprobe), in
+  displayed pixels: a phone video's display rotation is read from its first
+  frame and applied to the size, as ffmpeg's autorotate applies it to frames.
+- ``display_transform``: the steps ffmpeg's autorotate takes for a display
+  matrix, so a decoder of our own (infer) turns frames exactly as ffmpeg does.
 - ``run_ffmpeg``: runs a command with ``-progress pipe:1``, drains stderr in a
   thread, yields monotonic ``Progress`` events and kills the child on close.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import threading
 from collections import deque
@@ -53,6 +59,55 @@ class MediaInfo:
     has_audio: bool
     video_codec: str
     audio_codec: str | None = None
+    # ffmpeg's autorotate steps for the stream's display matrix (see display_transform);
+    # width and height above are already the displayed ones, after these steps
+    transform: tuple[str, ...] = ()
+    coded_width: int = 0
+    coded_height: int = 0
+
+
+def frame_display_matrix(frame: object) -> tuple[int, ...] | None:
+    """The 3x3 display matrix (16.16 fixed point, row-major) a decoded frame carries, if any."""
+    import av
+
+    for sd in getattr(frame, "side_data", ()) or ():
+        if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            data = bytes(sd)
+            if len(data) >= 36:
+                return struct.unpack("<9i", data[:36])
+    return None
+
+
+def display_transform(matrix: Sequence[int] | None) -> tuple[str, ...]:
+    """What ffmpeg's autorotate does for ``matrix``, mirrored from fftools (``get_rotation`` and
+    ``configure_input_video_filter``): transpose directions ("clock", "cclock", "clock_flip",
+    "cclock_flip"), "hflip", "vflip", or "rotate:<degrees clockwise>" for an odd angle.
+
+    Every job reads frames through this (ffmpeg itself, or infer's decoder), so coordinates
+    are the displayed ones everywhere.
+    """
+    if not matrix or len(matrix) < 9:
+        return ()
+    a, b, _, c, d = (float(v) for v in matrix[:5])
+    scale = (math.hypot(a, c), math.hypot(b, d))
+    if not all(scale):
+        return ()
+    # av_display_rotation_get (counter-clockwise), negated and wrapped as get_rotation does
+    theta = -round(-math.degrees(math.atan2(b / scale[1], a / scale[0])))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return ("cclock_flip" if matrix[3] > 0 else "clock",)
+    if abs(theta - 180) < 1:
+        return tuple(step for step, flipped in (("hflip", matrix[0] < 0), ("vflip", matrix[4] < 0)) if flipped)
+    if abs(theta - 270) < 1:
+        return ("clock_flip" if matrix[3] < 0 else "cclock",)
+    if abs(theta) > 1:
+        return (f"rotate:{theta:g}",)
+    return ("vflip",) if matrix[4] < 0 else ()
+
+
+def swaps_axes(transform: Sequence[str]) -> bool:
+    return any(step in ("clock", "cclock", "clock_flip", "cclock_flip") for step in transform)
 
 
 def probe(path: str | os.PathLike) -> MediaInfo:
@@ -81,16 +136,27 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             width, height = video.codec_context.width, video.codec_context.height
             if not width or not height:
                 raise UsageError(f"{p}: video stream has no frame size")
+            # PyAV exposes the display matrix only on decoded frames: decode the first one
+            # (in this same open; a file that probes but does not decode is refused here too)
+            try:
+                first = next(container.decode(video))
+            except StopIteration:
+                raise UsageError(f"{p} has no decodable video frames") from None
+            transform = display_transform(frame_display_matrix(first))
+            shown = (height, width) if swaps_axes(transform) else (width, height)
             return MediaInfo(
                 path=str(p),
-                width=width,
-                height=height,
+                width=shown[0],
+                height=shown[1],
                 fps=fps,
                 duration=duration,
                 frames=max(frames, 1),
                 has_audio=audio is not None,
                 video_codec=video.codec_context.name,
                 audio_codec=audio.codec_context.name if audio is not None else None,
+                transform=transform,
+                coded_width=width,
+                coded_height=height,
             )
     except UsageError:
         raise

@@ -414,6 +414,18 @@ def _plan_annotate(p: AnnotateParams, info: MediaInfo, workdir: Path) -> Plan:
     return Plan(video, audio, duration, info.width, info.height, logs)
 
 
+def _even_size(plan: Plan) -> Plan:
+    """H.264 in 4:2:0 needs even sizes: pad an odd frame by one black row/column at the right/bottom
+    (as infer's annotated video does), so displayed coordinates stay where they were."""
+    if not (plan.width % 2 or plan.height % 2):
+        return plan
+    w, h = plan.width + plan.width % 2, plan.height + plan.height % 2
+    plan.logs.append(f"the {plan.width}x{plan.height} frame is padded to {w}x{h} (H.264 4:2:0 needs even sizes)")
+    plan.video = plan.video.filter("pad", w, h, 0, 0, color="black")
+    plan.width, plan.height = w, h
+    return plan
+
+
 PLANNERS: dict[str, Callable[[Any, MediaInfo, Path], Plan]] = {
     "framing": _plan_framing,
     "overlay": _plan_overlay,
@@ -435,7 +447,7 @@ def export_video(spec: ExportSpec) -> Iterator[Event]:
     import ffmpeg
 
     with tempfile.TemporaryDirectory(prefix="synapse-export-") as tmpdir:
-        plan = PLANNERS[spec.job](params, info, Path(tmpdir))
+        plan = _even_size(PLANNERS[spec.job](params, info, Path(tmpdir)))
         total = max(1, int(round(plan.duration * info.fps)))
         yield Started(job="export", total=total)
         for message in plan.logs:

@@ -31,14 +31,18 @@ ANNOTATED_VIDEO_SUFFIXES = (".mp4",)
 ANNOTATED_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PROGRESS_EVERY_S = 0.25
 DEFAULT_MODEL_NAME = "yolo11n-pose.pt"
+MAX_BATCH = 256  # frames per model call; bigger gains nothing on any GPU we know and pins GBs of host memory
 
 
 @dataclass
 class InferSpec:
     """Everything ``run_yolo`` needs; plain data, so it pickles to Modal and travels as JSON."""
 
-    INPUTS: ClassVar[tuple[str, ...]] = ("source", "model")
+    INPUTS: ClassVar[tuple[str, ...]] = ("source",)
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output", "annotated")
+    # A model file is code (a pickle): it is never uploaded. On a server or in a Modal
+    # container, ``model`` names one of the models the machine's owner installed.
+    INSTALLED: ClassVar[tuple[str, ...]] = ("model",)
     SERVER_CAPS: ClassVar[dict[str, float]] = {"threads": 64}  # synapse serve refuses more (422)
 
     source: str
@@ -54,10 +58,19 @@ class InferSpec:
     court_width_m: float = 6.1
     court_length_m: float = 13.4
     threads: int = 0  # 0: all cores
+    batch: int = 0  # 0: auto (1 per CPU worker; on a GPU the largest of 8/16/32/64 that fits)
+    half: bool | None = None  # None: fp16 on CUDA, fp32 elsewhere
     overwrite: bool = False
     ffmpeg_path: str | None = None
     ffmpeg_preset: str = "fast"
     ffmpeg_crf: int = 23
+
+    @staticmethod
+    def select_installed(field_name: str, value: Any, models_dir: str | Path | None) -> str:
+        """Remote side of ``INSTALLED``: the path of the owner-installed model ``value`` names."""
+        from synapse_cli.jobs._yolo.weights import select_installed
+
+        return select_installed(value, models_dir)
 
 
 def default_output(source: str, task: str) -> str:
@@ -72,7 +85,7 @@ def check_spec(spec: InferSpec) -> Any:
     from synapse_cli.jobs._files import check_output
     from synapse_cli.jobs._yolo.court import Court
     from synapse_cli.jobs._yolo.sources import inspect_source
-    from synapse_cli.jobs._yolo.weights import check_model_arg
+    from synapse_cli.jobs._yolo.weights import check_model_arg, is_bare_name
 
     if spec.task not in TASKS:
         raise UsageError(f"unknown task {spec.task!r}: expected one of {', '.join(TASKS)}")
@@ -82,11 +95,13 @@ def check_spec(spec: InferSpec) -> Any:
         raise UsageError(f"--conf must be in (0, 1], got {spec.conf}")
     if int(spec.every) < 1:
         raise UsageError(f"--every must be at least 1, got {spec.every}")
+    if not 0 <= int(spec.batch) <= MAX_BATCH:
+        raise UsageError(f"--batch must be auto or between 1 and {MAX_BATCH}, got {spec.batch}")
     if spec.court is not None:
         Court(spec.court, spec.court_width_m, spec.court_length_m)
     info = inspect_source(spec.source)
-    if spec.model is not None:
-        check_model_arg(spec.model)
+    if spec.model is not None and not (is_bare_name(spec.model) and not Path(spec.model).expanduser().exists()):
+        check_model_arg(spec.model)  # a bare name is an installed model's, here or remotely: the job resolves it
     output = Path(spec.output or default_output(spec.source, spec.task))
     if output.suffix.lower() not in RESULT_SUFFIXES:
         raise UsageError(f"results file must end in .json or .jsonl, got {output.name}")
@@ -165,7 +180,32 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
     names = {int(k): str(v) for k, v in model.names.items()}
     classes = _class_ids(spec.classes, names)
     threads = runtime.resolve_threads(int(spec.threads))
-    workers, per_worker = plan_workers(threads, has_accelerator())
+    accelerator = has_accelerator()
+    workers, per_worker = plan_workers(threads, accelerator)
+    # CPU, batch auto or 1: the replica pool, frame by frame. Otherwise batches, letterboxed ahead of the model.
+    batch = int(spec.batch) if spec.batch or accelerator else 1
+    batched = accelerator or batch > 1
+    device = "cpu"
+    if batched:
+        from synapse_cli.jobs._yolo.batching import pick_device
+
+        device = pick_device()
+    half = device.startswith("cuda") if spec.half is None else bool(spec.half) and device != "cpu"
+    engines: list[Any] = []  # the batched path's replica 0, for GPU memory figures
+    batches: list[Any] = []  # and its pool, for the batch size in use (it steps down when memory runs out)
+
+    def gpu_peak() -> float | None:
+        return engines[0].peak_memory_mib() if engines else None
+
+    def speed(fps: float) -> str:
+        text = f"{fps:.1f} fps"
+        if batches and device != "cpu":
+            text += f", batch {batches[0].batch}"
+            peak = gpu_peak()
+            if peak is not None:
+                text += f", {peak:.0f} MiB GPU peak"
+        return text
+
     keypoints = spec.task in ("pose", "track") and model.task == "pose"
     annotate_video = bool(spec.annotated) and info.kind == "video"
     every = int(spec.every)
@@ -191,6 +231,8 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
         }
         predict_args: dict[str, Any] = {"imgsz": int(spec.imgsz), "conf": float(spec.conf), "classes": classes, "verbose": False, "save": False}
         yield Started(job="infer", total=info.frames)
+        if spec.half and device == "cpu":
+            yield Log("--half has no effect on the CPU: running fp32", level="warning")
         motion = Motion()
         processed = detections_total = decoded = reported = 0
         loop_start = last_progress = time.monotonic()
@@ -209,10 +251,27 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
             )  # fmt: skip
             encoder = AnnotatedEncoder(args, info.frames, info.fps or 25.0)
             stack.callback(encoder.abort)  # a no-op once finish() succeeded
-        pool = stack.enter_context(InferencePool(model, weights, workers, per_worker, predict_args))
+        pool: Any
+        if batched:
+            from synapse_cli.jobs._yolo.batching import BatchedPool, yolo_engines
+
+            first, more = yolo_engines(model, weights, device, half, predict_args, (height, width, 3))
+            half = first.half
+            if first.fixed_batch and batch != 1:
+                yield Log(f"{weights.name} is a fixed-batch export: running batch 1", level="warning")
+                batch = 1
+            elif batch == 0:
+                batch = first.auto_batch((height, width, 3))
+            prep = max(1, min(4, threads // 2))
+            pool = stack.enter_context(BatchedPool(first, more, batch, workers, prep, per_worker))
+            engines.append(first)
+            batches.append(pool)
+        else:
+            pool = stack.enter_context(InferencePool(model, weights, workers, per_worker, predict_args))
         tracker = Tracker() if spec.task == "track" else None
+        loop_start = last_progress = time.monotonic()  # fps counts from here: not the model's set-up or batch probe
         # Frames wait here, in order, while the workers run the model on the ones ahead of them.
-        capacity = 2 * workers
+        capacity = pool.capacity if batched else 2 * workers
         max_pending = max(2 * capacity, 16) if annotate_video else capacity * every
         pending: deque[tuple[Any, Future | None]] = deque()
         in_flight = 0
@@ -235,6 +294,11 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 yield Log(frame.error, level="warning")
                 continue
             if future is not None:
+                if batched:
+                    pool.flush(future)  # its batch is still open: send it now rather than wait for more frames
+                    for warning in pool.warnings:
+                        yield Log(warning, level="warning")
+                    pool.warnings.clear()
                 result = future.result()
                 in_flight -= 1
                 if tracker is not None:
@@ -274,13 +338,13 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 last_progress, reported = now, decoded
                 yield Progress(
                     done=decoded, total=max(info.frames, decoded), phase="infer",
-                    message=f"{processed / max(now - loop_start, 1e-9):.1f} fps",
+                    message=speed(processed / max(now - loop_start, 1e-9)),
                 )  # fmt: skip
         loop_s = max(time.monotonic() - loop_start, 1e-9)
         tracks = motion.summary(metres=court is not None)
         writer.finish({"processed_frames": processed, "tracks": tracks})
         if reported != decoded or decoded < info.frames:
-            yield Progress(done=decoded, total=decoded, phase="infer", message=f"{processed / loop_s:.1f} fps")
+            yield Progress(done=decoded, total=decoded, phase="infer", message=speed(processed / loop_s))
         if encoder is not None:
             encoder.finish()
     yield Artifact(path=str(output), bytes=output.stat().st_size)
@@ -298,5 +362,9 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
         "fps": round(processed / loop_s, 2),
         "threads": threads,
         "workers": workers,
+        "device": device,
+        "batch": batches[0].batch if batches else 1,
+        "half": half,
+        "gpu_peak_mib": gpu_peak(),
     }
     yield Finished(result=summary, elapsed_s=round(time.monotonic() - started, 3))

@@ -56,6 +56,7 @@ class ServerOptions:
     max_upload_mb: int = 2048
     allow_anonymous: bool = False  # only a loopback-only server without a key (tests, embedding)
     artifact_ttl_s: float = 3600.0
+    models_dir: Path | None = None  # owner-installed models a client may name (besides the bundled default)
     max_concurrent_jobs: int = 0  # 0: one per core
     job_timeout_s: float = 4 * 3600.0  # 0: none
     min_free_mb: int = 1024
@@ -139,13 +140,15 @@ def create_app(
     max_upload_mb: int | None = None,
     allow_anonymous: bool = False,
     artifact_ttl_s: float = 3600.0,
+    models_dir: str | Path | None = None,
     **limits: Any,
 ) -> FastAPI:
     """The synapse HTTP app.
 
     ``settings`` (a resolved ``Settings``) supplies ``serve.work_dir``, ``api_key``,
     ``serve.max_upload_mb`` and the other ``serve.*`` limits; keyword arguments override them
-    (``limits``: any ``ServerOptions`` field, e.g. ``job_timeout_s=60``). Without an API key the
+    (``models_dir``: owner-installed models a client may name, default ``serve.models_dir``;
+    ``limits``: any ``ServerOptions`` field, e.g. ``job_timeout_s=60``). Without an API key the
     app refuses to be built unless ``allow_anonymous=True``; such a server still refuses requests
     that carry an ``Origin`` header or name a non-loopback ``Host`` (web pages, DNS rebinding).
     A key shorter than 16 characters is refused. Without a work dir, a fresh temporary folder is used.
@@ -157,15 +160,19 @@ def create_app(
     if not api_key and not allow_anonymous:
         raise ValueError("create_app needs an api_key (SYNAPSE_API_KEY), or allow_anonymous=True for a loopback-only server")
     check_key(api_key or None)
-    known = {f for f in ServerOptions.__dataclass_fields__ if f not in ("work_dir", "api_key", "max_upload_mb", "allow_anonymous", "artifact_ttl_s")}
+    known = {f for f in ServerOptions.__dataclass_fields__ if f not in ("work_dir", "api_key", "max_upload_mb", "allow_anonymous", "artifact_ttl_s", "models_dir")}
     unknown = sorted(set(limits) - known)
     if unknown:
         raise TypeError(f"create_app got unexpected keyword argument(s): {', '.join(unknown)}")
     for name in ("max_concurrent_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s"):
         if name not in limits and f"serve.{name}" in settings:
             limits[name] = settings[f"serve.{name}"]
+    models_dir = models_dir if models_dir is not None else settings.get("serve.models_dir")
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="synapse-serve-"))
-    opts = ServerOptions(root.resolve(), api_key or None, int(max_upload_mb), allow_anonymous, artifact_ttl_s, **limits)
+    opts = ServerOptions(
+        root.resolve(), api_key or None, int(max_upload_mb), allow_anonymous, artifact_ttl_s,
+        Path(models_dir).expanduser().resolve() if models_dir else None, **limits,
+    )  # fmt: skip
     opts.jobs_dir.mkdir(parents=True, exist_ok=True)
 
     app = FastAPI(title="synapse", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
@@ -292,7 +299,7 @@ def create_app(
         try:
             body = await read_body(request.headers.get("content-type", ""), body_stream(), job_dir / "in", opts.max_bytes,
                                    inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind)
-            run = runner.prepare(kind, body, job_dir, job_id)
+            run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir)
         except BadUpload as exc:
             opts.live.pop(job_id, None)
             remove_tree(job_dir)

@@ -39,7 +39,7 @@ from urllib.parse import urlencode
 
 from synapse_cli.errors import SynapseError
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
-from synapse_cli.remote import host_fields
+from synapse_cli.remote import host_fields, installed_fields, select_installed
 from synapse_cli.server.uploads import BadUpload, Body, is_within, remove_tree, safe_filename
 
 log = logging.getLogger("synapse.server")
@@ -244,8 +244,12 @@ def _check_types(kind: str, cls: type, data: dict[str, Any]) -> Any:
         raise BadUpload(422, f"bad {kind} spec: {where}: {err['msg']}") from None
 
 
-def prepare(kind: str, body: Body, job_dir: Path, job_id: str) -> JobRun:
-    """Check the spec and point its INPUTS at the uploaded files and its OUTPUTS into ``job_dir/out``."""
+def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str | Path | None = None) -> JobRun:
+    """Check the spec and point its INPUTS at the uploaded files and its OUTPUTS into ``job_dir/out``.
+
+    ``INSTALLED`` fields (infer's ``model``) name a model the server's owner installed
+    (the bundled default, or a file in ``models_dir``); an uploaded model file is refused.
+    """
     from synapse_cli.jobs import spec_class
 
     try:
@@ -259,6 +263,13 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str) -> JobRun:
         raise BadUpload(422, f"unknown {kind} spec field(s): {', '.join(extra)}")
     inputs: tuple[str, ...] = tuple(getattr(cls, "INPUTS", ()))
     outputs: tuple[str, ...] = tuple(getattr(cls, "OUTPUTS", ()))
+    refused = sorted({u.field for u in body.files} & set(installed_fields(kind)))
+    if refused:
+        raise BadUpload(
+            400,
+            f"{kind} {', '.join(refused)} cannot be uploaded: a model file is code, so the server only loads models its owner "
+            "installed; send the model's name instead",
+        )
     stray = sorted({u.field for u in body.files} - set(inputs))
     if stray:
         raise BadUpload(400, f"file part(s) {', '.join(map(repr, stray))} are not inputs of {kind} (inputs: {', '.join(inputs) or 'none'})")
@@ -314,6 +325,10 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str) -> JobRun:
     for name in host_fields(kind):
         if name in names and name not in inputs and name not in outputs:
             data.pop(name, None)  # the spec's default: whatever this server has
+    try:
+        data = select_installed(kind, data, models_dir)
+    except SynapseError as exc:
+        raise BadUpload(422, str(exc)) from None
     spec = _check_types(kind, cls, data)
     for name, cap in getattr(cls, "SERVER_CAPS", {}).items():
         value = getattr(spec, name, None)

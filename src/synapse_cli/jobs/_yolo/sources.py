@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from synapse_cli.errors import JobError, UsageError
+from synapse_cli.jobs._media import display_transform, frame_display_matrix, swaps_axes
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
@@ -100,14 +101,31 @@ class Frame:
 _END = object()
 
 
-def _rotate(image: Any, degrees: int) -> Any:
-    """Apply a display-matrix rotation (degrees counter-clockwise, as PyAV reports it)."""
-    if not degrees:
-        return image
-    import cv2
+def _orient(image: Any, transform: tuple[str, ...]) -> Any:
+    """Turn a decoded frame upright exactly as ffmpeg's autorotate does (``_media.display_transform``),
+    so infer's coordinates are the displayed ones that export's keyframes use."""
+    import numpy as np
 
-    code = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}[degrees]
-    return cv2.rotate(image, code)
+    for step in transform:
+        if step == "clock":
+            image = np.rot90(image, -1)
+        elif step == "cclock":
+            image = np.rot90(image, 1)
+        elif step == "cclock_flip":  # a transpose about the main diagonal
+            image = image.transpose(1, 0, 2)
+        elif step == "clock_flip":
+            image = np.rot90(image, -1)[::-1]
+        elif step == "hflip":
+            image = image[:, ::-1]
+        elif step == "vflip":
+            image = image[::-1]
+        elif step.startswith("rotate:"):  # ffmpeg's rotate filter: clockwise about the centre, same size, black corners
+            import cv2
+
+            h, w = image.shape[:2]
+            m = cv2.getRotationMatrix2D((w / 2, h / 2), -float(step.partition(":")[2]), 1.0)
+            image = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
+    return np.ascontiguousarray(image) if transform else image
 
 
 class VideoFrames:
@@ -135,11 +153,9 @@ class VideoFrames:
         except (av.error.FFmpegError, OSError, ValueError, IndexError) as exc:
             self._close_container()
             raise UsageError(f"{path} is not readable media: {exc}") from None
-        self.rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
-        if self.rotation not in (0, 90, 180, 270):
-            self.rotation = 0  # odd angles: leave the frames as stored
+        self.transform = display_transform(frame_display_matrix(first))
         w, h = first.width, first.height
-        self.width, self.height = (h, w) if self.rotation in (90, 270) else (w, h)
+        self.width, self.height = (h, w) if swaps_axes(self.transform) else (w, h)
         tb = stream.time_base
         self._start = float(stream.start_time * tb) if stream.start_time is not None and tb is not None else None
         fps = stream.average_rate or stream.guessed_rate
@@ -181,7 +197,7 @@ class VideoFrames:
                 process = index % self.every == 0
                 image = None
                 if process or self.need_all:
-                    image = _rotate(frame.to_ndarray(format="bgr24"), self.rotation)
+                    image = _orient(frame.to_ndarray(format="bgr24"), self.transform)
                 if not self._put(Frame(index, self._timestamp(frame, index), image, process)):
                     return
                 index += 1

@@ -70,6 +70,7 @@ class ServerOptions:
     key_failures: dict[str, deque] = field(default_factory=dict)
     last_sweep: float = 0.0
     heartbeat: threading.Thread | None = None
+    idle: threading.Event = field(default_factory=threading.Event)  # set when the last live job ends
     closing: bool = False
 
     @property
@@ -274,9 +275,11 @@ def create_app(
             return await _refuse(request, _error(507, f"the server has {free / 1048576:.0f} MB free in its work dir; this upload needs {needed / 1048576:.0f} MB (serve.min_free_mb)",
                           code=3, error="BackendError", close=True, headers={"Retry-After": "60"}), opts)
         try:
-            inputs: tuple[str, ...] | None = tuple(getattr(spec_class(kind), "INPUTS", ()))
+            cls = spec_class(kind)
+            inputs: tuple[str, ...] | None = tuple(getattr(cls, "INPUTS", ()))
+            installed: tuple[str, ...] = tuple(getattr(cls, "INSTALLED", ()))
         except ImportError:
-            inputs = None  # prepare() explains
+            inputs, installed = None, ()  # prepare() explains
         await _sweep(opts)
         job_id = secrets.token_urlsafe(16)
         job_dir = opts.jobs_dir / job_id
@@ -298,10 +301,10 @@ def create_app(
 
         try:
             body = await read_body(request.headers.get("content-type", ""), body_stream(), job_dir / "in", opts.max_bytes,
-                                   inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind)
+                                   inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind, installed=installed)
             run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir)
         except BadUpload as exc:
-            opts.live.pop(job_id, None)
+            _forget(opts, job_id)
             remove_tree(job_dir)
             # refused before the body ended: a small rest is read and dropped, so the client (still
             # sending) gets the answer; a large one is not read at all, and the connection closes
@@ -310,15 +313,15 @@ def create_app(
                 small = await _drain(request, opts.body_timeout_s or None)
             return _error(exc.status, exc.message, close=not small)
         except ClientDisconnect:  # gone mid-upload: nothing to answer, nothing to keep
-            opts.live.pop(job_id, None)
+            _forget(opts, job_id)
             remove_tree(job_dir)
             return _error(400, "the client disconnected during the upload", close=True)
         except OSError as exc:  # a full disk, a name the file system refuses: the request fails, the server doesn't
-            opts.live.pop(job_id, None)
+            _forget(opts, job_id)
             remove_tree(job_dir)
             return _error(507 if exc.errno == 28 else 400, f"cannot store the upload: {exc.strerror or exc}", close=True)
         except BaseException:  # the client went away mid-upload, or a bug: leave nothing behind
-            opts.live.pop(job_id, None)
+            _forget(opts, job_id)
             remove_tree(job_dir)
             raise
         return StreamingResponse(
@@ -362,7 +365,7 @@ async def _stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[byte
         finally:
             if timer is not None:
                 timer.cancel()
-            opts.live.pop(r.job_id, None)
+            _forget(opts, r.job_id)
             opts.runs.pop(r.job_id, None)
 
     timer: threading.Timer | None = None
@@ -428,15 +431,24 @@ async def _drain(request: Request, timeout_s: float | None) -> bool:
         return False
 
 
+def _forget(opts: ServerOptions, job_id: str) -> None:
+    opts.live.pop(job_id, None)
+    if not opts.live:
+        opts.idle.set()  # the heartbeat thread ends now, not in _HEARTBEAT_S
+
+
 def _start_heartbeat(opts: ServerOptions) -> None:
     """One thread per app touches ``.alive`` in each of this process's job folders, so that another
     process sharing the work dir (or this one's sweep) can tell a live job from a dead one."""
-    if opts.heartbeat is not None and opts.heartbeat.is_alive():
+    if opts.heartbeat is not None and opts.heartbeat.is_alive() and not opts.idle.is_set():
         return
 
+    opts.idle.clear()
+
     def beat() -> None:
-        while True:
-            time.sleep(_HEARTBEAT_S)
+        while opts.live:  # ends with the last job; the next job starts another
+            if opts.idle.wait(_HEARTBEAT_S):
+                return
             for job_dir in list(opts.live.values()):
                 try:
                     os.utime(job_dir / ".alive")

@@ -40,7 +40,7 @@ from urllib.parse import urlencode
 from synapse_cli.errors import SynapseError
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
 from synapse_cli.remote import host_fields, installed_fields, select_installed
-from synapse_cli.server.uploads import BadUpload, Body, is_within, remove_tree, safe_filename
+from synapse_cli.server.uploads import BadUpload, Body, installed_upload_refused, is_within, remove_tree, safe_filename
 
 log = logging.getLogger("synapse.server")
 
@@ -265,11 +265,7 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
     outputs: tuple[str, ...] = tuple(getattr(cls, "OUTPUTS", ()))
     refused = sorted({u.field for u in body.files} & set(installed_fields(kind)))
     if refused:
-        raise BadUpload(
-            400,
-            f"{kind} {', '.join(refused)} cannot be uploaded: a model file is code, so the server only loads models its owner "
-            "installed; send the model's name instead",
-        )
+        raise installed_upload_refused(kind, refused)
     stray = sorted({u.field for u in body.files} - set(inputs))
     if stray:
         raise BadUpload(400, f"file part(s) {', '.join(map(repr, stray))} are not inputs of {kind} (inputs: {', '.join(inputs) or 'none'})")

@@ -32,6 +32,15 @@ class BadUpload(Exception):
         self.message = message
 
 
+def installed_upload_refused(kind: str, names: list[str]) -> BadUpload:
+    """The refusal of an upload for an ``INSTALLED`` field (a model: a file that is code)."""
+    return BadUpload(
+        400,
+        f"{kind} {', '.join(names)} cannot be uploaded: a model file is code, so the server only loads models its owner "
+        "installed; send the model's name instead",
+    )
+
+
 def safe_filename(name: str) -> str:
     """``name`` if it is a plain file name; anything with a path component, ``..`` or control characters is refused."""
     if name in ("", ".", "..") or "/" in name or "\\" in name:
@@ -91,6 +100,7 @@ async def read_body(
     inputs: tuple[str, ...] | None = None,
     idle_timeout_s: float | None = None,
     kind: str = "this job",
+    installed: tuple[str, ...] = (),
 ) -> Body:
     """Parse a job request: ``application/json`` (the spec alone) or ``multipart/form-data``
     (a ``spec`` field holding JSON, plus one file part per input, named after its spec field).
@@ -102,7 +112,7 @@ async def read_body(
     stream = _with_idle_timeout(stream, idle_timeout_s)
     mime = content_type.split(";", 1)[0].strip().lower()
     if mime == "multipart/form-data":
-        return await _read_multipart(content_type, stream, in_dir, max_bytes, inputs, kind)
+        return await _read_multipart(content_type, stream, in_dir, max_bytes, inputs, kind, installed)
     if mime not in ("application/json", "application/x-www-form-urlencoded"):
         raise BadUpload(415, f"expected multipart/form-data or application/json, got {mime or 'no content type'!r}")
     raw = bytearray()
@@ -122,7 +132,7 @@ async def read_body(
     return Body(_spec_from_json(form["spec"][0].encode("latin-1")))
 
 
-async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_dir: Path, max_bytes: int, inputs: tuple[str, ...] | None, kind: str) -> Body:
+async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_dir: Path, max_bytes: int, inputs: tuple[str, ...] | None, kind: str, installed: tuple[str, ...] = ()) -> Body:
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -156,6 +166,8 @@ async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_di
         name = options[b"name"].decode("utf-8", "replace")
         state["name"] = name
         if b"filename" in options:
+            if name in installed:
+                raise installed_upload_refused(kind, [name])
             if inputs is not None and name not in inputs:  # refused now, not after buffering the whole body
                 raise BadUpload(400, f"file part(s) {name!r} are not inputs of {kind} (inputs: {', '.join(inputs) or 'none'})")
             filename = safe_filename(options[b"filename"].decode("utf-8", "replace"))

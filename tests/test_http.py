@@ -144,6 +144,10 @@ def test_a_job_error_keeps_its_exit_code_and_names_the_clients_path(cli, tmp_pat
     assert last["type"] == "error" and last["error"] == "UsageError" and last["message"].startswith(f"{bad} is not readable media")
     assert str(endpoint.work_dir) not in run.stdout + run.stderr
     assert not (tmp_path / "o.mp4").exists()
+    deadline = time.monotonic() + 10  # the failed job's folder goes right after its last line
+    while any(not (d / ".done").exists() for d in endpoint.job_dirs()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all((d / ".done").exists() for d in endpoint.job_dirs())
 
 
 # -- auth and bad requests ----------------------------------------------------------------

@@ -26,7 +26,7 @@ DEFAULT = ROOT.parent / "shared" / "data" / "compile" / "maskbench-dev.jsonl"
 def _run(spec):
     from synapse_cli.errors import JobError
     from synapse_cli.events import Finished
-    from synapse_cli.jobs.compile_constraints import compile_constraints
+    from synapse_cli.jobs.compile.job import compile_constraints
 
     result = None
     try:
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dump", help="write the first run's finished result (JSON) here")
     args = ap.parse_args(argv)
 
-    from synapse_cli.jobs.compile_constraints import CompileSpec
+    from synapse_cli.jobs.compile.job import CompileSpec
 
     data = Path(args.data)
     if not data.is_file():

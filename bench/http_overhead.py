@@ -109,7 +109,7 @@ def bench_transport(url: str, clip: Path, work: Path, runs: int) -> None:
     from synapse_cli.backends.http import HttpBackend
     from synapse_cli.backends.local import LocalBackend
     from synapse_cli.events import Finished
-    from synapse_cli.jobs.export_video import ExportSpec
+    from synapse_cli.jobs.export.job import ExportSpec
 
     extra: dict[str, list[float]] = {"local": [], "http": []}
     for _ in range(runs):

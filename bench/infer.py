@@ -31,7 +31,7 @@ from _common import synapse_exe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from synapse_cli.jobs._media import find_ffmpeg  # noqa: E402
-from synapse_cli.jobs._yolo.weights import default_weights  # noqa: E402
+from synapse_cli.jobs.infer.weights import default_weights  # noqa: E402
 
 # The fallback a user must apply to run `yolo` here (see the docstring), then the `yolo` console script itself.
 YOLO_WRAPPER = """\

@@ -114,9 +114,9 @@ def main() -> int:
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # synapse picks its device itself: hide the GPU from it too
     sys.path.insert(0, str(ROOT / "src"))
-    from synapse_cli.jobs._yolo.runtime import import_yolo
-    from synapse_cli.jobs._yolo.weights import default_weights
-    from synapse_cli.jobs.run_yolo import InferSpec, run_yolo
+    from synapse_cli.jobs.infer.runtime import import_yolo
+    from synapse_cli.jobs.infer.weights import default_weights
+    from synapse_cli.jobs.infer.job import InferSpec, run_yolo
 
     yolo = import_yolo()  # offline, torchvision fallback where needed: the same ultralytics for every run
     weights = default_weights()

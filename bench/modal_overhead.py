@@ -54,7 +54,7 @@ def main() -> None:
         from synapse_cli.backends.local import LocalBackend
         from synapse_cli.backends.modal import ModalBackend
         from synapse_cli.config import load_settings
-        from synapse_cli.jobs.export_video import ExportSpec
+        from synapse_cli.jobs.export.job import ExportSpec
 
         modal_app.app.deploy(name="synapse")
         clip = make_clip(work / "clip.mp4", size="1280x720", seconds=args.seconds)

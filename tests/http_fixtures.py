@@ -136,4 +136,10 @@ def copy_into_dir(spec: TestDirSpec) -> Iterator[Any]:
     yield Finished(result={"input": spec.input, "output_dir": str(out), "files": 2, **({"read": names} if names else {})})
 
 
-DIRTEST_JOB = ("tests.http_fixtures", "copy_into_dir", "TestDirSpec")
+def _dirtest_kind() -> object:
+    from synapse_cli.jobs import JobKind
+
+    return JobKind(name="dirtest", spec="tests.http_fixtures:TestDirSpec", run="tests.http_fixtures:copy_into_dir")
+
+
+DIRTEST_JOB = _dirtest_kind()

@@ -164,7 +164,7 @@ def test_constraint_set_regex_and_grammar(cli, data):
 def test_engine_timeout_is_reported_not_hung(tmp_path):
     """outlines-core needs seconds (7 s here) to index this schema's regex: killed at the timeout, reported, run goes on."""
     from synapse_cli.events import Finished
-    from synapse_cli.jobs.compile_constraints import CompileSpec, compile_constraints
+    from synapse_cli.jobs.compile.job import CompileSpec, compile_constraints
 
     spec = CompileSpec(inputs=[str(DATA / "slow-for-outlines.json")], output_dir=str(tmp_path / "o"),
                        engines=["llguidance", "outlines"], use_cache=False, engine_timeout_s=0.5)
@@ -205,11 +205,24 @@ def test_xgrammar_compiles_and_verifies(cli, data):
 def test_every_engine_claim_holds_on_maskbench_sample(cli, data):
     """Six JSONSchemaBench schemas with labelled instances: no engine accepts an invalid instance unexplained."""
     run = cli("compile", data / "maskbench-sample.jsonl", "-o", "out", "--json")
+    assert run.exit_code == 0, run.stderr
     result = _find(run.events(), "finished")[0]["result"]
     assert result["total"] == 6
+    labelled = {}
+    for line in (data / "maskbench-sample.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        labelled[record["id"]] = (sum(t["valid"] for t in record["tests"]), sum(not t["valid"] for t in record["tests"]))
+    assert sorted(row["name"] for row in result["inputs"]) == sorted(labelled)
     for row in result["inputs"]:
+        valid, invalid = labelled[row["name"]]
+        assert valid and invalid, row["name"]  # the sample labels both kinds for every schema
         assert row["support"]["llguidance"], row["name"]
-        for engine, e in row["engines"].items():
-            check = e.get("check") or {}
-            assert check.get("invalid_accepted", 0) == check.get("wrong_accepts_explained", 0), (row["name"], engine)
+        claimed = [engine for engine, e in row["engines"].items() if e["supported"]]
+        assert claimed == [engine for engine, ok in row["support"].items() if ok], row["name"]
+        for engine in claimed:  # an engine that claims the schema ran every labelled instance through its artefact
+            check = row["engines"][engine].get("check")
+            assert check is not None, (row["name"], engine)
+            assert check["valid_accepted"] + check["valid_rejected"] == valid, (row["name"], engine, check)
+            assert check["invalid_rejected"] + check["invalid_accepted"] == invalid, (row["name"], engine, check)
+            assert check["invalid_accepted"] == check["wrong_accepts_explained"], (row["name"], engine, check)
         assert row["engines"]["llguidance"]["check"]["ok"], row["name"]

@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("llguidance")  # the compile extra
 pytest.importorskip("jsonschema")
 
-from synapse_cli.jobs._compile import engines  # noqa: E402
-from synapse_cli.jobs._compile.gbnf import Unsupported, int_range, regex_to_gbnf, schema_to_gbnf  # noqa: E402
-from synapse_cli.jobs._compile.normalize import normalize  # noqa: E402
+from synapse_cli.jobs.compile import engines  # noqa: E402
+from synapse_cli.jobs.compile.gbnf import Unsupported, int_range, regex_to_gbnf, schema_to_gbnf  # noqa: E402
+from synapse_cli.jobs.compile.normalize import normalize  # noqa: E402
 
 
 def accepts(grammar: str, texts: list[str]) -> list[bool]:

@@ -12,8 +12,8 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")  # the compile extra
 
-from synapse_cli.jobs._compile.inputs import BadInput, Unit, expand, load
-from synapse_cli.jobs._compile.normalize import normalize, strip_keywords
+from synapse_cli.jobs.compile.inputs import BadInput, Unit, expand, load
+from synapse_cli.jobs.compile.normalize import normalize, strip_keywords
 
 DATA = Path(__file__).parent / "data" / "compile"
 
@@ -105,8 +105,17 @@ def test_bad_input_is_one_line_with_file_and_pointer(fname, expected):
 
 
 def test_ecmascript_regex_python_cannot_read_is_accepted_via_the_engine():
+    import re
+
+    pytest.importorskip("llguidance")
+    for pattern in ("^\\p{Lu}+$", "^\\p{Bogus}+$"):
+        with pytest.raises(re.error):  # neither reaches the engine's verdict through Python's re
+            re.compile(pattern)
     unit = one_doc({"type": "string", "pattern": "^\\p{Lu}+$"})
-    assert isinstance(unit, Unit)
+    assert isinstance(unit, Unit) and unit.payload["pattern"] == "^\\p{Lu}+$"
+    # the engine decides: a Unicode property it does not know is still refused, at the pattern's pointer
+    bad = one_doc({"type": "string", "pattern": "^\\p{Bogus}+$"})
+    assert isinstance(bad, BadInput) and "#/pattern: regex '^\\\\p{Bogus}+$' does not parse" in bad.message, bad.message
 
 
 def one_doc(doc, tmp=[0]):  # noqa: B006 - a counter
@@ -163,12 +172,25 @@ def test_memo_skips_the_meta_schema_check_for_an_unchanged_file_but_not_file_ref
     first = one_memo(DATA / "person.json", memo)
     assert len(memo) == 1
     key = next(iter(memo))
+    assert memo[key] == {"normalized": first.payload}  # what a miss stores is the checked, normalized schema
     memo[key] = {"normalized": {"marker": True}}  # what the memo says is what a hit returns
     assert one_memo(DATA / "person.json", memo).payload == {"marker": True}
     assert first.payload != {"marker": True}
     before = dict(memo)
     one_memo(DATA / "order.json", memo)  # refers to line.json, which may change on its own
     assert memo == before
+
+
+def test_memo_misses_when_the_file_changes(tmp_path):
+    """Same path, new content: checked again, so an edit that breaks the schema is reported, not served stale."""
+    memo = DictMemo()
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    assert one_memo(path, memo).payload["properties"]["a"] == {"type": "integer"}
+    path.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}}))
+    assert one_memo(path, memo).payload["properties"]["a"] == {"type": "string"} and len(memo) == 2
+    path.write_text(json.dumps({"type": "object", "properties": {"a": {"type": 5}}}))
+    assert isinstance(one_memo(path, memo), BadInput)
 
 
 def one_memo(path, memo):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -61,13 +62,37 @@ def test_file_tables_flatten_and_profiles_overlay(tmp_path):
 def test_example_file_documents_every_key_and_parses(tmp_path):
     from pathlib import Path
 
+    import re
+    import tomllib
+
     example = Path(__file__).resolve().parent.parent / ".synapse.toml.example"
     text = example.read_text()
     data = load_file(example)
     resolve({}, {}, data, example)  # every value in the example is valid
+    # Each key is documented in its own section: set there, or shown commented out there as
+    # `# leaf = value` / `# leaf: what it is`. A key of the same name in another section does not count.
+    parsed = tomllib.loads(text)
+    blocks = re.split(r"^\[([^\]]+)\]\s*$", text, flags=re.M)  # [top, name1, body1, name2, body2, ...]
+    sections = {"": blocks[0], **dict(zip(blocks[1::2], blocks[2::2]))}
+    commented = {name: set(re.findall(r"^#\s*([a-z_]+)\s*[=:]", body, flags=re.M)) for name, body in sections.items()}
+    secrets = {"api_key"}  # never in the file: the top block names its environment variable instead
     for key in REGISTRY:
-        leaf = key.split(".")[-1]
-        assert leaf in text, f"{key} is not documented in .synapse.toml.example"
+        section, _, leaf = key.rpartition(".")
+        table = parsed.get(section, {}) if section else parsed
+        if key in secrets:
+            assert f"({leaf})" in sections[""] and env_name(key) in sections[""], key
+            continue
+        assert leaf in table or leaf in commented[section], f"{key} is not documented in [{section}] of .synapse.toml.example"
+        uncommented = re.search(rf"^#\s*{leaf}\s*=\s*(.+)$", sections[section], flags=re.M)
+        if leaf not in table and uncommented:  # a commented-out example value must be a valid value too
+            value = tomllib.loads(f"v = {uncommented.group(1)}")["v"]
+            resolve({}, {}, {key: value}, example)
+    # and nothing in the example is set under a name the registry does not know
+    for section, table in parsed.items():
+        if section == "profile" or not isinstance(table, dict):
+            continue
+        for leaf in table:
+            assert f"{section}.{leaf}" in REGISTRY, f"[{section}] {leaf} is not a setting"
 
 
 def test_config_show_reports_sources(cli, tmp_path, monkeypatch):
@@ -94,6 +119,30 @@ def test_explicit_config_flag_and_env(cli, tmp_path):
         assert json.loads(run.stdout)["settings"]["ffmpeg.preset"]["value"] == "slow"
     missing = cli("config", "show", "--config", tmp_path / "none.toml")
     assert missing.exit_code == 2 and "config file not found" in missing.stderr
+
+
+def test_config_and_profile_flags_beat_their_environment_variables(cli, tmp_path):
+    """--config > SYNAPSE_CONFIG > .synapse.toml found from here; --profile > SYNAPSE_PROFILE; env > any file."""
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('[ffmpeg]\npreset = "slow"\n[profile.ci.ffmpeg]\npreset = "veryfast"\n')
+    b.write_text('[ffmpeg]\npreset = "medium"\n[profile.ci.ffmpeg]\npreset = "ultrafast"\n[profile.gpu.ffmpeg]\npreset = "faster"\n')
+    Path(".synapse.toml").write_text('[ffmpeg]\npreset = "veryslow"\n')  # found from the working directory
+
+    def shown(*args, **env):
+        run = cli("config", "show", "--json", *args, env=env or None)
+        assert run.exit_code == 0, run.stderr
+        data = json.loads(run.stdout)
+        return data["config_file"], data["settings"]["ffmpeg.preset"]["value"]
+
+    assert shown() == (str(Path(".synapse.toml").resolve()), "veryslow")
+    assert shown(SYNAPSE_CONFIG=str(b)) == (str(b), "medium")
+    assert shown("--config", a, SYNAPSE_CONFIG=str(b)) == (str(a), "slow")
+    assert shown("--config", a, "--profile", "ci", SYNAPSE_CONFIG=str(b), SYNAPSE_PROFILE="gpu") == (str(a), "veryfast")
+    assert shown(SYNAPSE_CONFIG=str(b), SYNAPSE_PROFILE="gpu") == (str(b), "faster")
+    assert shown("--profile", "ci", SYNAPSE_CONFIG=str(b), SYNAPSE_PROFILE="gpu") == (str(b), "ultrafast")
+    assert shown("--config", a, "--profile", "ci", SYNAPSE_FFMPEG_PRESET="superfast") == (str(a), "superfast")
+    missing = cli("config", "show", "--config", a, env={"SYNAPSE_PROFILE": "gpu"})  # a has no [profile.gpu]
+    assert missing.exit_code == 2 and "profile 'gpu' not found" in missing.stderr
 
 
 def test_env_names():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from synapse_cli.events import Artifact, Finished, Log, Progress, Started
-from synapse_cli.jobs.export_video import ExportSpec, export_video
+from synapse_cli.jobs.export.job import ExportSpec, export_video
 from tests.conftest import frame_at, probe, synapse_cmd
 
 
@@ -166,8 +166,11 @@ def test_annotate_concatenates_clips_with_rating_border(clips, tmp_path):
     assert_stream_shape(events)
     info = probe(out)
     assert abs(info.duration - 1.3) < 0.15 and info.has_audio
-    border = frame_at(out, 1.0)[180, 2]  # the left border, in the second clip ("??": red)
-    assert border[0] > 150 and border[1] < 110, border
+    # the right border, in the second clip ("??": red 0xca3431); testsrc2 is cyan there, so only a border makes it red
+    frame = frame_at(out, 1.0).astype(int)
+    border, inside = frame[180, 636], frame[180, 600]
+    assert border[0] > 150 and border[1] < 110 and border[2] < 110, border
+    assert inside[0] < 60 and inside[1] > 200 and inside[2] > 200, inside  # past the 12 px border: the source's cyan
 
 
 # -- the CLI -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from synapse_cli.backends.http import HttpBackend
 from synapse_cli.errors import BackendError, JobError, UsageError
 from synapse_cli.events import Artifact, Failed, Finished, Log, Progress, Started
-from synapse_cli.jobs.export_video import ExportSpec
+from synapse_cli.jobs.export.job import ExportSpec
 from synapse_cli.render.ndjson import encode
 
 URL = "http://synapse.test"

@@ -20,7 +20,7 @@ import pytest
 
 from synapse_cli.events import Artifact, Finished, Progress, Started
 from synapse_cli.jobs import spec_from_dict, spec_to_dict
-from synapse_cli.jobs.run_yolo import InferSpec, run_yolo
+from synapse_cli.jobs.infer.job import InferSpec, run_yolo
 from tests.conftest import ffmpeg_exe, probe
 
 COCO = [
@@ -195,10 +195,26 @@ def test_annotated_is_h264_with_the_source_audio(pan, assets, tmp_path):
     assert (info.width, info.height) == (360, 480) and info.frames == PAN_FRAMES  # every frame, not every 2nd
     assert result["frames"] == PAN_FRAMES and result["processed_frames"] == PAN_FRAMES // 2
     assert [f["frame"] for f in json.loads(out.read_text())["frames"]] == list(range(0, PAN_FRAMES, 2))
-    # boxes are drawn: the annotated frame differs from the source frame
+    # boxes are drawn: along each detected box's vertical edges the annotated frame has the box's colour,
+    # which the source frame there does not (re-encoding alone changes every pixel a little, so a mean
+    # difference would not show it)
+    from synapse_cli.jobs.infer.draw import PALETTE
     from tests.conftest import frame_at
 
-    assert abs(frame_at(video, 0.0).astype(int) - frame_at(pan, 0.0).astype(int)).mean() > 1.0
+    drawn, source = frame_at(video, 0.0).astype(int), frame_at(pan, 0.0).astype(int)
+    detections = json.loads(out.read_text())["frames"][0]["detections"]
+    assert len(detections) >= 3
+    for det in detections:
+        rgb = PALETTE[det["track_id"] % len(PALETTE)][::-1]  # the palette is BGR
+        x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
+        rows = range(y1 + (y2 - y1) // 4, y2 - (y2 - y1) // 4)  # the edge's middle half: clear of the label
+
+        def off(frame, x):  # median over the edge of the largest channel difference from the box colour
+            x = min(max(x, 0), frame.shape[1] - 1)
+            return sorted(int(abs(frame[y, x] - rgb).max()) for y in rows)[len(rows) // 2]
+
+        edge = min((x1, x2), key=lambda x: off(drawn, x))
+        assert off(drawn, edge) < 30 < 60 < off(source, edge), (det, off(drawn, edge), off(source, edge))
     # a silent source gives a silent annotated video
     silent = _pan(tmp_path / "silent.mp4", assets / "zidane.jpg", audio=False, size="1152:648", scale="480:270")
     run(InferSpec(source=str(silent), output=str(tmp_path / "s.json"), task="detect", annotated=str(tmp_path / "s.mp4"), every=5))
@@ -350,7 +366,7 @@ def test_interrupted_run_kills_ffmpeg_and_leaves_nothing(pan, tmp_path):
 
 
 def test_threads_default_to_all_cores_and_follow_config(cli, assets, tmp_path):
-    from synapse_cli.jobs._yolo.runtime import available_cores
+    from synapse_cli.jobs.infer.runtime import available_cores
 
     r = cli("infer", assets / "zidane.jpg", "-o", tmp_path / "a.json", "--json")
     result = r.events()[-1]["result"]
@@ -370,7 +386,7 @@ def test_spec_is_plain_data_for_remote_backends(tmp_path):
 
 def test_no_ultralytics_or_torch_at_import():
     """``synapse --help`` stays fast: the command and job modules import neither."""
-    code = "import sys, synapse_cli.cli.infer, synapse_cli.jobs.run_yolo; print(sorted(m for m in ('ultralytics', 'torch') if m in sys.modules))"
+    code = "import sys, synapse_cli.cli.infer, synapse_cli.jobs.infer.job; print(sorted(m for m in ('ultralytics', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -22,8 +22,8 @@ import pytest
 
 from synapse_cli.errors import JobError
 from synapse_cli.events import Finished, Progress
-from synapse_cli.jobs._yolo.batching import BatchedPool, choose_batch, is_out_of_memory
-from synapse_cli.jobs.run_yolo import InferSpec, run_yolo
+from synapse_cli.jobs.infer.batching import BatchedPool, choose_batch, is_out_of_memory
+from synapse_cli.jobs.infer.job import InferSpec, run_yolo
 from tests.conftest import ROOT, ffmpeg_exe, synapse_cmd
 
 FRAMES = 6

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from synapse_cli.errors import UsageError
-from synapse_cli.jobs._yolo.court import Court, parse_corners
-from synapse_cli.jobs._yolo.results import Motion, ResultsWriter
-from synapse_cli.jobs._yolo.weights import DEFAULT_BYTES, check_model_arg, default_weights, verify_once
-from synapse_cli.jobs.run_yolo import default_output
+from synapse_cli.jobs.infer.court import Court, parse_corners
+from synapse_cli.jobs.infer.results import Motion, ResultsWriter
+from synapse_cli.jobs.infer.weights import DEFAULT_BYTES, check_model_arg, default_weights, verify_once
+from synapse_cli.jobs.infer.job import default_output
 from tests.conftest import ffmpeg_exe
 
 needs_ultralytics = pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None, reason="infer extra not installed")
@@ -98,7 +98,7 @@ def test_model_argument_checks(tmp_path):
 
 
 def test_workers_plan():
-    from synapse_cli.jobs._yolo.inference import plan_workers
+    from synapse_cli.jobs.infer.inference import plan_workers
 
     assert plan_workers(2, accelerator=False) == (2, 1)  # two single-threaded replicas on this box
     assert plan_workers(1, accelerator=False) == (1, 1)
@@ -137,7 +137,7 @@ def test_compat_patches_only_the_nms_operator_failure(kind, tmp_path):
     r = _python(
         """
         import sys
-        from synapse_cli.jobs._yolo.compat import ensure_torchvision
+        from synapse_cli.jobs.infer.compat import ensure_torchvision
         try:
             patched = ensure_torchvision()
         except Exception as exc:
@@ -170,20 +170,26 @@ def test_this_machine_gets_working_nms_and_a_synapse_owned_config_dir(tmp_path):
             broken = "torchvision::nms" in str(exc)
         for name in [n for n in sys.modules if n.startswith("torchvision")]:
             del sys.modules[name]
-        from synapse_cli.jobs._yolo import runtime
+        from synapse_cli.jobs.infer import runtime
         runtime.import_yolo()
-        from synapse_cli.jobs._yolo.compat import ensure_torchvision
+        from synapse_cli.jobs.infer.compat import ensure_torchvision
         import torch, torchvision
         keep = torchvision.ops.nms(torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]), torch.tensor([.9, .8, .7]), .5)
         from ultralytics.utils import USER_CONFIG_DIR
+        from ultralytics.utils.nms import TorchNMS
         import json
-        print(json.dumps([broken, ensure_torchvision(), keep.tolist(), str(USER_CONFIG_DIR)]))
+        fallback = torchvision.ops.nms is TorchNMS.nms  # which NMS ultralytics will call, whatever the return says
+        real = getattr(torchvision, "__file__", None) is not None and not fallback
+        print(json.dumps([broken, ensure_torchvision(), keep.tolist(), str(USER_CONFIG_DIR), fallback, real]))
         """,
         env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "YOLO_CONFIG_DIR": ""},
     )
     assert r.returncode == 0, r.stderr
-    broken, patched, keep, config_dir = json.loads(r.stdout.strip().splitlines()[-1])
+    broken, patched, keep, config_dir, fallback, real = json.loads(r.stdout.strip().splitlines()[-1])
     assert broken == patched  # patched exactly when the real import fails that way
+    # ...and the NMS in use says the same: ultralytics' TorchNMS under the stand-in, else the real
+    # torchvision's own op (on a machine where torchvision works, this is what can fail)
+    assert (fallback, real) == (broken, not broken)
     assert keep == [0, 2]
     assert Path(config_dir) == tmp_path / "cache" / "synapse" / "Ultralytics"
     assert (Path(config_dir) / "settings.json").exists()

@@ -18,7 +18,7 @@ import pytest
 
 from synapse_cli.errors import SynapseError
 from synapse_cli.events import Artifact, Finished, Log, Progress, Started
-from synapse_cli.jobs.export_video import ExportSpec, export_video
+from synapse_cli.jobs.export.job import ExportSpec, export_video
 from tests.conftest import ffmpeg_exe, frame_at, probe
 
 FPS = 15
@@ -249,7 +249,7 @@ def test_infer_decodes_frames_as_ffmpeg_shows_them(turned, name):
     """Infer's decoder turns frames with the steps ffmpeg's autorotate takes, so its boxes are export's coordinates."""
     if name == "rot30":
         pytest.importorskip("cv2")
-    from synapse_cli.jobs._yolo.sources import VideoFrames
+    from synapse_cli.jobs.infer.sources import VideoFrames
 
     info = probe(turned[name])
     frames = VideoFrames(str(turned[name]))
@@ -276,7 +276,7 @@ def yolo():
 @pytest.mark.slow  # a model load per input: about 2 s each here
 @pytest.mark.parametrize("name", INPUTS)
 def test_infer_on_every_input(yolo, matrix, tmp_path, name):
-    from synapse_cli.jobs.run_yolo import InferSpec, run_yolo
+    from synapse_cli.jobs.infer.job import InferSpec, run_yolo
 
     out, annotated = tmp_path / "r.json", tmp_path / "a.mp4"
     spec = InferSpec(source=str(matrix[name]), output=str(out), task="detect", annotated=str(annotated), every=100,

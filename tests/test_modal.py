@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
+
 from synapse_cli.backends.modal import ModalBackend, credentials_source
 from tests.conftest import probe
 
@@ -18,6 +20,7 @@ def modal_app():
     """A freshly defined app: a deploy in an earlier test leaves handles (the Volume) hydrated."""
     import importlib
 
+    pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
     from modal_functions import app as modal_app
 
     return importlib.reload(modal_app)
@@ -60,7 +63,7 @@ def test_app_settings_come_from_config(tmp_path):
 def test_local_body_streams_the_same_events_as_a_local_run(modal_app, clips, tmp_path, monkeypatch):
     from synapse_cli.backends.local import LocalBackend
     from synapse_cli.events import to_dict
-    from synapse_cli.jobs.export_video import ExportSpec
+    from synapse_cli.jobs.export.job import ExportSpec
 
     monkeypatch.setenv("SYNAPSE_VOLUME_ROOT", str(tmp_path))
     (tmp_path / "in").mkdir()
@@ -167,6 +170,7 @@ def test_job_error_is_not_retried_and_exits_1(cli, deployed, tmp_path):
 
 
 def test_transient_failure_is_retried_then_succeeds(cli, deployed, clips, tmp_path):
+    modal = pytest.importorskip("modal", reason="modal is not installed")
     import modal.exception
 
     deployed.fail_next_calls("export", 1, modal.exception.InternalFailure("worker lost"))
@@ -181,7 +185,7 @@ def test_events_stream_incrementally(deployed, clips, tmp_path):
     """The first progress event arrives long before the job ends."""
     from synapse_cli.config import load_settings
     from synapse_cli.events import Finished, Progress
-    from synapse_cli.jobs.export_video import ExportSpec
+    from synapse_cli.jobs.export.job import ExportSpec
     from tests.conftest import make_clip
 
     src = make_clip(tmp_path / "long.mp4", size="640x360", seconds=6)
@@ -228,6 +232,7 @@ def test_ctrl_c_cancels_the_remote_call(deployed, tmp_path):
 def test_function_timeout_exits_1(cli, modal_fake, tmp_path, monkeypatch):
     import importlib
 
+    pytest.importorskip("modal", reason="modal is not installed")
     import modal_functions.app as modal_app
     from tests.conftest import make_clip
 

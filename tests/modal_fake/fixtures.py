@@ -81,6 +81,7 @@ def reset_modal_client() -> None:
 @pytest.fixture
 def modal_fake(tmp_path, monkeypatch) -> Iterator[FakeModal]:
     """A fresh fake Modal control plane for one test; yields its `FakeModal` handle."""
+    pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
     from .server import FakeModal
 
     fake = FakeModal(tmp_path / "modal-fake").start()

@@ -27,9 +27,10 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from synapse_cli import __version__
+from synapse_cli.backends.base import Backend
 from synapse_cli.errors import BackendError, UsageError, error_from_wire
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, from_dict
-from synapse_cli.jobs import spec_to_dict
+from synapse_cli.jobs import path_values, spec_to_dict
 from synapse_cli.jobs._files import commit, temp_path_for
 
 # stamina logs each scheduled retry at WARNING; with no logging configured Python would print
@@ -86,7 +87,7 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class HttpBackend:
+class HttpBackend(Backend):
     """Runs jobs on a synapse endpoint. ``client`` is the seam for tests (``httpx.MockTransport``)."""
 
     name = "http"
@@ -346,21 +347,11 @@ class HttpBackend:
 # -- spec helpers --------------------------------------------------------------------
 
 
-def _paths(value: Any, what: str, name: str) -> list[tuple[int | None, str]]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [(None, value)]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(enumerate(value))
-    raise UsageError(f"spec {what} {name!r} must be a path or a list of paths for the HTTP backend")
-
-
 def _inputs(cls: type, data: dict[str, Any]) -> list[tuple[str, Path]]:
     """(spec field, local file or folder) for every INPUTS path, checked before any request."""
     uploads = []
     for name in getattr(cls, "INPUTS", ()):
-        for _, value in _paths(data.get(name), "input", name):
+        for _, value in path_values(data.get(name), "input", name):
             path = Path(value)
             if not path.exists():
                 raise UsageError(f"input not found: {path}")
@@ -386,7 +377,7 @@ def _part(path: Path, files: ExitStack) -> tuple[str, Any, str]:
 
 def _outputs(cls: type, data: dict[str, Any]) -> dict[tuple[str, int | None], str]:
     """(spec field, list index or None) -> the local output path."""
-    return {(name, index): value for name in getattr(cls, "OUTPUTS", ()) for index, value in _paths(data.get(name), "output", name)}
+    return {(name, index): value for name in getattr(cls, "OUTPUTS", ()) for index, value in path_values(data.get(name), "output", name)}
 
 
 def _check_targets(targets: dict[tuple[str, int | None], str], overwrite: bool) -> None:

@@ -1,18 +1,50 @@
 from __future__ import annotations
 
-from typing import Any, Iterator
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Iterator, Mapping
 
+from synapse_cli.backends.base import Backend
 from synapse_cli.events import Event
 from synapse_cli.jobs import load_job
 
 
-class LocalBackend:
-    """Runs the job generator in this process."""
+class LocalBackend(Backend):
+    """Runs the job generator in this process; a detached job runs in a worker process of its own."""
 
     name = "local"
 
-    def run(self, job: str, spec: Any) -> Iterator[Event]:
-        yield from load_job(job)(spec)
+    def run(self, kind: str, spec: Any) -> Iterator[Event]:
+        yield from load_job(kind)(spec)
 
-    def close(self) -> None:
-        pass
+    def detach(self, kind: str, spec: Any, job: Any, store: Any, env: Mapping[str, str]) -> None:
+        worker_env = {**os.environ, **env, "SYNAPSE_JOBS_DB": str(store.path)}
+        log_dir = store.path.parent / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / f"{job.id}.log", "ab") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "synapse_cli", "jobs", "worker", job.id],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=worker_env, start_new_session=True,  # outlives the terminal
+            )  # fmt: skip
+        store.set_pid(job.id, worker.pid)
+
+    def follow(self, job: Any, store: Any) -> Iterator[Event]:
+        from synapse_cli.runs import store_events
+
+        return store_events(store, job.id)
+
+    def cancel(self, job: Any, store: Any) -> None:
+        if not job.pid:
+            store.finish(job.id, "cancelled", error_code=130, error_message="cancelled before it started")
+            return
+        try:
+            os.kill(job.pid, signal.SIGTERM)  # the worker treats it as Ctrl-C: cleanup, then "cancelled"
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and store.get(job.id).status in ("pending", "processing"):
+            time.sleep(0.05)
+        store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel")

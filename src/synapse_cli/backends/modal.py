@@ -23,13 +23,14 @@ from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping
 
+from synapse_cli.backends.base import Backend
 from synapse_cli.errors import BackendError, JobError, SynapseError, UsageError, error_from_wire
 from synapse_cli.events import Artifact, Event, Failed, Finished, from_dict
 from synapse_cli.hashing import sha256_file, sha256_tree
 from synapse_cli.jobs._files import commit, temp_path_for
-from synapse_cli.remote import VOL, host_fields, path_fields
+from synapse_cli.container import VOL
+from synapse_cli.jobs import get_kind
 
-FUNCTION_NAMES = {"export": "export", "compile": "compile", "infer": "infer"}
 PROGRESS_DICT = "synapse-progress"  # keep in sync with modal_functions.app
 CALL_EVENT = "_call"  # the container's first item: its FunctionCall id, so that we can cancel it
 
@@ -215,7 +216,7 @@ class _Files:
 # -- the backend ------------------------------------------------------------------------
 
 
-class ModalBackend:
+class ModalBackend(Backend):
     """Runs jobs on Modal through ``Function.remote_gen()``.
 
     Collaborators come in through the constructor: ``lookup(kind)`` returns the
@@ -246,7 +247,9 @@ class ModalBackend:
         return cls({**settings.section("modal"), "prices": settings["jobs.gpu_prices_usd_per_hour"]})
 
     def gpu_for(self, kind: str) -> str | None:
-        return self.config["gpu"] if kind == "infer" else None
+        from synapse_cli.jobs import get_kind
+
+        return self.config["gpu"] if get_kind(kind).gpu else None
 
     def cost_info(self, kind: str, seconds: float) -> dict[str, Any]:
         """An estimate: seconds × the configured price of the function's GPU (or CPU)."""
@@ -270,12 +273,14 @@ class ModalBackend:
                 self._lookup = lambda kind: modal_app.STREAMING[kind]
             else:
                 app_name = self.config["app_name"]
-                self._lookup = lambda kind: modal.Function.from_name(app_name, FUNCTION_NAMES[kind], environment_name=env_name)
+                self._lookup = lambda kind: modal.Function.from_name(app_name, kind, environment_name=env_name)
         if self._volume is None:
             self._volume = modal.Volume.from_name(self.config["volume"], create_if_missing=True, environment_name=env_name)
 
     def function(self, kind: str) -> Any:
-        if kind not in FUNCTION_NAMES:
+        from synapse_cli.jobs import JOBS
+
+        if kind not in JOBS or not JOBS[kind].remote:
             raise UsageError(f"job kind {kind!r} does not run on Modal")
         fn = self._lookup(kind)  # type: ignore[misc]
         hydrate = getattr(fn, "hydrate", None)
@@ -286,7 +291,8 @@ class ModalBackend:
     def stage(self, kind: str, spec: Any, files: _Files) -> dict[str, Any]:
         """The spec as the container sees it: inputs uploaded, outputs pointed at the job's Volume folder."""
         data = asdict(spec)
-        inputs, outputs = path_fields(kind)
+        record = get_kind(kind)
+        inputs, outputs = record.inputs, record.outputs
         for name in inputs:
             value = data.get(name)
             if isinstance(value, str):
@@ -296,7 +302,7 @@ class ModalBackend:
         for name in outputs:
             if isinstance(data.get(name), str):
                 data[name] = files.output(data[name], is_dir=name.endswith("_dir"))  # e.g. compile's output_dir
-        for name in host_fields(kind):
+        for name in record.host_fields:
             if name not in inputs + outputs:
                 data.pop(name, None)  # a local binary or cache path means nothing in the container
         return data
@@ -347,7 +353,21 @@ class ModalBackend:
             "started": time.time(),
         }
 
-    def follow(self, kind: str, job_id: str, remote: dict[str, Any], poll_s: float = 0.5) -> Iterator[Event]:
+    def detach(self, kind: str, spec: Any, job: Any, store: Any, env: Mapping[str, str]) -> None:
+        remote = self.spawn(kind, spec, job.id)
+        store.set_remote(job.id, remote, gpu=self.gpu_for(kind))
+        store.start(job.id, pid=None)
+
+    def follow(self, job: Any, store: Any) -> Iterator[Event]:
+        from synapse_cli.runs import record
+
+        return record(store, job, self.follow_call(job.kind, job.id, job.remote))
+
+    def cancel(self, job: Any, store: Any) -> None:
+        self.cancel_call(job.remote)
+        store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel")
+
+    def follow_call(self, kind: str, job_id: str, remote: dict[str, Any], poll_s: float = 0.5) -> Iterator[Event]:
         """The events a detached call publishes, as they come; artifacts are downloaded on the way."""
         import modal
 
@@ -383,7 +403,7 @@ class ModalBackend:
                     raise error_from_wire(event.error, event.code, event.message)
                 yield event
 
-    def cancel(self, remote: dict[str, Any]) -> None:
+    def cancel_call(self, remote: dict[str, Any]) -> None:
         import modal
 
         require_credentials(self._env)

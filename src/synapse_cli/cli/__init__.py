@@ -38,9 +38,16 @@ def _root(
 
 
 def _register() -> None:
-    from synapse_cli.cli import compile, config, deploy, doctor, export, infer, jobs, sample, serve
+    import importlib
 
-    for module in (export, compile, infer, jobs, deploy, serve, config, doctor, sample):
+    from synapse_cli.cli import config, deploy, doctor, jobs, serve
+    from synapse_cli.jobs import JOBS
+
+    for kind in JOBS.values():  # one command per kind that declares one, named after the kind
+        if kind.command:
+            module, _, attr = kind.command.partition(":")
+            app.command(kind.name)(getattr(importlib.import_module(module), attr))
+    for module in (jobs, deploy, serve, config, doctor):
         module.register(app)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -51,3 +54,61 @@ class Common:
     def flags(self) -> dict:
         backend = None if self.use_modal is None else ("modal" if self.use_modal else "local")
         return {"backend": backend, "modal.endpoint": self.endpoint, "api_key": self.api_key}
+
+
+# The common options of a job command, declared once: (parameter, annotation, default, remote only).
+_COMMON: tuple[tuple[str, Any, Any, bool], ...] = (
+    ("use_modal", USE_MODAL, None, True),
+    ("json_output", JSON, False, False),
+    ("overwrite", OVERWRITE, False, False),
+    ("config", CONFIG, None, False),
+    ("profile", PROFILE, None, False),
+    ("endpoint", ENDPOINT, None, True),
+    ("api_key", API_KEY, None, True),
+    ("detach", DETACH, False, True),
+    ("no_cache", NO_CACHE, False, True),
+)
+
+
+def with_common(local: bool = False, no_cache_help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a job command the common options; it receives them as one ``common: Common`` argument.
+
+    ``local``: the command runs in this process only, so the remote options (--use-modal,
+    --endpoint, --api-key, --detach, --no-cache) are left out. ``no_cache_help`` rewords
+    --no-cache for a kind whose own cache it also bypasses.
+    """
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(func, include_extras=True)  # in the command's own module
+        signature = inspect.signature(func)
+        params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values() if p.name != "common"]
+        added = []
+        for name, annotation, default, remote in _COMMON:
+            if local and remote:
+                continue
+            if name == "no_cache" and no_cache_help:
+                annotation = Annotated[bool, typer.Option("--no-cache", help=no_cache_help)]
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+            added.append(name)
+
+        @functools.wraps(func)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in added if name in kwargs}
+            common = Common(
+                json=bool(given.get("json_output", False)),
+                use_modal=given.get("use_modal"),
+                config=given.get("config"),
+                profile=given.get("profile"),
+                overwrite=bool(given.get("overwrite", False)),
+                endpoint=given.get("endpoint"),
+                api_key=given.get("api_key"),
+                detach=bool(given.get("detach", False)),
+                cache=not given.get("no_cache", False),
+            )
+            return func(*args, common=common, **kwargs)
+
+        command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate

@@ -13,7 +13,7 @@ import typer
 
 from synapse_cli.cli._options import Common
 from synapse_cli.config import Settings, load_settings
-from synapse_cli.errors import SynapseError, UsageError
+from synapse_cli.errors import SynapseError
 from synapse_cli.events import failed
 
 
@@ -73,6 +73,21 @@ def settings_for(common: Common, flags: dict[str, Any] | None = None) -> Setting
     return load_settings({**common.flags(), **(flags or {})}, common.config, common.profile)
 
 
+def backend_named(name: str, settings: Settings):
+    """The backend a stored job ran on (``jobs wait``/``cancel``), configured from the settings."""
+    if name == "modal":
+        from synapse_cli.backends.modal import ModalBackend
+
+        return ModalBackend.from_settings(settings)
+    if name == "http":
+        from synapse_cli.backends.http import HttpBackend
+
+        return HttpBackend.from_settings(settings)
+    from synapse_cli.backends.local import LocalBackend
+
+    return LocalBackend()
+
+
 def backend_for(settings: Settings, local_only: bool = False):
     """The backend the settings select: local (in-process), an HTTP endpoint, or Modal.
 
@@ -82,20 +97,10 @@ def backend_for(settings: Settings, local_only: bool = False):
     """
     endpoint = settings["modal.endpoint"]
     if local_only:  # e.g. synapse sample: nothing to gain from running it remotely
-        from synapse_cli.backends.local import LocalBackend
-
-        return LocalBackend()
+        return backend_named("local", settings)
     if endpoint and (settings["backend"] == "modal" or settings.source("modal.endpoint") == "flag"):
-        from synapse_cli.backends.http import HttpBackend
-
-        return HttpBackend.from_settings(settings)
-    if settings["backend"] == "modal":
-        from synapse_cli.backends.modal import ModalBackend
-
-        return ModalBackend.from_settings(settings)
-    from synapse_cli.backends.local import LocalBackend
-
-    return LocalBackend()
+        return backend_named("http", settings)
+    return backend_named(settings["backend"], settings)
 
 
 def run_job(
@@ -104,18 +109,19 @@ def run_job(
     common: Common,
     flags: dict[str, Any] | None = None,
     summarize: Callable[[dict[str, Any]], str] | None = None,
-    local_only: bool = False,
 ) -> dict[str, Any]:
     """Resolve settings, build and validate the spec, run it on the chosen backend, record and render its events."""
+    from synapse_cli.jobs import get_kind
     from synapse_cli.render import choose_mode, default_summary, render
     from synapse_cli.store import ACTIVE, JobStore
-    from synapse_cli.tracking import cache_key, follow, record, reusable, reuse, step_summary
+    from synapse_cli.result_cache import cache_key, follow, reusable, reuse
+    from synapse_cli.runs import record, step_summary
 
     with exit_on_error(common.json):
         all_flags = {**common.flags(), **(flags or {})}
         settings = settings_for(common, flags)
         spec = build_spec(settings)
-        backend = backend_for(settings, local_only)
+        backend = backend_for(settings, local_only=not get_kind(kind).remote)
         store = JobStore.from_settings(settings)
         try:
             if common.detach:
@@ -143,30 +149,14 @@ def run_job(
 def detach(kind: str, spec: Any, backend: Any, store: Any, flags: dict[str, Any], common: Common) -> dict[str, Any]:
     """Start the job where it survives this terminal and print its id."""
     import json
-    import subprocess
 
     job = store.create(kind, asdict(spec), backend.name, detached=True, flags={k: v for k, v in flags.items() if v is not None})
-    if backend.name == "modal":
-        remote = backend.spawn(kind, spec, job.id)
-        store.set_remote(job.id, remote, gpu=backend.gpu_for(kind))
-        store.start(job.id, pid=None)
-    elif backend.name == "local":
-        env = dict(os.environ)
-        if common.config:
-            env["SYNAPSE_CONFIG"] = str(common.config.resolve())
-        if common.profile:
-            env["SYNAPSE_PROFILE"] = common.profile
-        env["SYNAPSE_JOBS_DB"] = str(store.path)
-        log_dir = store.path.parent / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_dir / f"{job.id}.log", "ab") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "synapse_cli", "jobs", "worker", job.id],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,  # outlives the terminal
-            )
-        store.set_pid(job.id, worker.pid)
-    else:
-        raise UsageError(f"--detach is not supported with the {backend.name} backend")
+    env = {}
+    if common.config:
+        env["SYNAPSE_CONFIG"] = str(common.config.resolve())
+    if common.profile:
+        env["SYNAPSE_PROFILE"] = common.profile
+    backend.detach(kind, spec, job, store, env)
     if common.json:
         typer.echo(json.dumps({"job_id": job.id, "status": "pending", "kind": kind, "backend": backend.name}))
     else:

@@ -38,7 +38,7 @@ def _modal_credentials() -> dict[str, Any]:
 def _weights(settings) -> dict[str, Any]:
     """The model synapse infer uses: the configured file, or the bundled yolo11n-pose.pt (sha256-checked)."""
     try:
-        from synapse_cli.jobs._yolo.weights import resolve_model
+        from synapse_cli.jobs.infer.weights import resolve_model
 
         path = resolve_model(settings["infer.model"])
     except SynapseError as exc:

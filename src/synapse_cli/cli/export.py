@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 import typer
 from typing_extensions import Annotated
 
-from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, NO_CACHE, OVERWRITE, PROFILE, USE_MODAL, Common
+from synapse_cli.cli._options import Common, with_common
 from synapse_cli.cli._run import run_job
 from synapse_cli.config import Settings
 from synapse_cli.errors import UsageError
@@ -43,30 +43,22 @@ def default_output(src: Path, suffix: str, output_dir: Optional[str]) -> Path:
     return Path(output_dir) / name if output_dir else src.with_name(name)
 
 
+@with_common()
 def export(
     input: Annotated[Path, typer.Argument(help="Input video.", show_default=False)],
     job: Annotated[Optional[str], typer.Option("--job", help="framing | overlay | annotate (default: export.default_job).")] = None,
     params_file: Annotated[Optional[Path], typer.Option("--params", help="Job params as a JSON file.", dir_okay=False)] = None,
     sets: Annotated[List[str], typer.Option("--set", help="Set one param: KEY=VALUE (VALUE may be JSON). Repeatable.")] = [],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output .mp4 (default: <stem>.<job>.mp4 beside the input).")] = None,
-    use_modal: USE_MODAL = None,
-    json_output: JSON = False,
-    overwrite: OVERWRITE = False,
-    config: CONFIG = None,
-    profile: PROFILE = None,
-    endpoint: ENDPOINT = None,
-    api_key: API_KEY = None,
-    detach: DETACH = False,
-    no_cache: NO_CACHE = False,
+    *,
+    common: Common,
 ) -> None:
     """Export a video with FFmpeg: framing (9:16 reel), overlay (highlight) or annotate (rated clips).
 
     Example: synapse export clip.mp4 --job framing --set 'keyframes=[{"time":0,"x":400,"y":0,"width":405,"height":720}]'
     """
-    common = Common(json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite, endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache)
-
     def build(settings: Settings):
-        from synapse_cli.jobs.export_video import EXPORT_JOBS, ExportSpec, validate_params
+        from synapse_cli.jobs.export.job import EXPORT_JOBS, ExportSpec, validate_params
 
         kind = job or settings["export.default_job"]
         if kind not in EXPORT_JOBS:
@@ -78,7 +70,7 @@ def export(
         out = output or default_output(input, f"{kind}.mp4", settings["export.output_dir"])
         from synapse_cli.jobs._files import check_output
 
-        check_output(out, overwrite)
+        check_output(out, common.overwrite)
         return ExportSpec(
             input=str(input),
             output=str(out),
@@ -87,11 +79,8 @@ def export(
             preset=settings["ffmpeg.preset"],
             crf=settings["ffmpeg.crf"],
             ffmpeg=settings["ffmpeg.path"],
-            overwrite=overwrite,
+            overwrite=common.overwrite,
         )
 
     run_job("export", build, common, summarize=lambda r: r.get("output", ""))
 
-
-def register(root: typer.Typer) -> None:
-    root.command("export")(export)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
-from synapse_cli.cli._options import API_KEY, CONFIG, DETACH, ENDPOINT, JSON, NO_CACHE, OVERWRITE, PROFILE, USE_MODAL, Common
+from synapse_cli.cli._options import Common, with_common
 from synapse_cli.cli._run import run_job
 from synapse_cli.config import Settings
 
@@ -34,6 +34,7 @@ def _summary(result: dict[str, Any]) -> str:
     return line
 
 
+@with_common()
 def infer(
     source: Annotated[Path, typer.Argument(help="A video file, an image, or a directory of images.", show_default=False)],
     task: Annotated[
@@ -70,30 +71,19 @@ def infer(
     half: Annotated[
         Optional[bool], typer.Option("--half/--no-half", help="fp16 inference. Default: on for CUDA, off elsewhere ([infer] half).")
     ] = None,
-    use_modal: USE_MODAL = None,
-    json_output: JSON = False,
-    overwrite: OVERWRITE = False,
-    config: CONFIG = None,
-    profile: PROFILE = None,
-    endpoint: ENDPOINT = None,
-    api_key: API_KEY = None,
-    detach: DETACH = False,
-    no_cache: NO_CACHE = False,
+    *,
+    common: Common,
 ) -> None:
     """Detect people (boxes, 17 keypoints, track ids) in a video, offline, with per-frame JSON.
 
     Example: synapse infer match.mp4 --task track --court 412,220,868,220,1180,700,100,700 --annotated match.tracked.mp4
     """
-    from synapse_cli.jobs.run_yolo import InferSpec, check_spec, default_output
+    from synapse_cli.jobs.infer.job import InferSpec, check_spec, default_output
 
-    common = Common(
-        json=json_output, use_modal=use_modal, config=config, profile=profile, overwrite=overwrite,
-        endpoint=endpoint, api_key=api_key, detach=detach, cache=not no_cache,
-    )  # fmt: skip
     flags = {"infer.task": task, "infer.model": model, "infer.imgsz": imgsz, "infer.conf": conf, "infer.batch": batch, "infer.half": half}
 
     def build_spec(settings: Settings) -> InferSpec:
-        from synapse_cli.jobs._yolo.court import parse_corners
+        from synapse_cli.jobs.infer.court import parse_corners
 
         chosen = settings["infer.task"]
         spec = InferSpec(
@@ -112,7 +102,7 @@ def infer(
             threads=settings["infer.threads"],
             batch=settings["infer.batch"],
             half=settings["infer.half"],
-            overwrite=overwrite,
+            overwrite=common.overwrite,
             ffmpeg_path=settings["ffmpeg.path"],
             ffmpeg_preset=settings["ffmpeg.preset"],
             ffmpeg_crf=settings["ffmpeg.crf"],
@@ -122,6 +112,3 @@ def infer(
 
     run_job("infer", build_spec, common, flags, summarize=_summary)
 
-
-def register(root: typer.Typer) -> None:
-    root.command("infer")(infer)

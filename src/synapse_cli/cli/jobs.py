@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 import time
 from typing import Optional
@@ -37,6 +36,14 @@ def _fmt_s(seconds: Optional[float]) -> str:
 def _output(job) -> str:
     result = job.result or {}
     return str(result.get("output") or result.get("output_dir") or "")
+
+
+def _runner(job, settings):
+    """Who follows or cancels a running job: the remote backend that holds it (a spawned call),
+    else this machine (a local worker writing the job store)."""
+    from synapse_cli.cli._run import backend_named
+
+    return backend_named(job.backend if job.remote else "local", settings)
 
 
 @app.command("list")
@@ -90,16 +97,13 @@ def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
 def wait(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
     """Re-attach to a job: render its progress live until it ends, and exit with the job's exit code."""
     from synapse_cli.render import choose_mode, default_summary, render
-    from synapse_cli.tracking import record, store_events
+    from synapse_cli.runs import store_events
 
     with exit_on_error(json_output):
         settings, store = _store(config, profile)
         job = store.get(job_id)
-        if job.remote and job.status in ("pending", "processing"):
-            # a spawned Modal call: read what it publishes, download its outputs, and record it here
-            from synapse_cli.backends.modal import ModalBackend
-
-            events = record(store, job, ModalBackend.from_settings(settings).follow(job.kind, job.id, job.remote))
+        if job.status in ("pending", "processing"):  # still running: follow it where it runs
+            events = _runner(job, settings).follow(job, store)
         else:
             events = store_events(store, job.id)
         with sigterm_as_interrupt():
@@ -114,22 +118,7 @@ def cancel(job_id: JOB_ID, config: CONFIG = None, profile: PROFILE = None) -> No
         job = store.get(job_id)
         if job.status not in ("pending", "processing"):
             raise UsageError(f"job {job.id} is already {job.status}")
-        if job.remote:
-            from synapse_cli.backends.modal import ModalBackend
-
-            ModalBackend.from_settings(settings).cancel(job.remote)
-            store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel")
-        elif job.pid:
-            try:
-                os.kill(job.pid, signal.SIGTERM)  # the worker treats it as Ctrl-C: cleanup, then "cancelled"
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and store.get(job.id).status in ("pending", "processing"):
-                time.sleep(0.05)
-            store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel")
-        else:
-            store.finish(job.id, "cancelled", error_code=130, error_message="cancelled before it started")
+        _runner(job, settings).cancel(job, store)
         typer.echo(f"cancelled {job.id}")
 
 
@@ -163,7 +152,7 @@ def worker(job_id: JOB_ID) -> None:
     from synapse_cli.config import load_settings
     from synapse_cli.jobs import spec_from_dict
     from synapse_cli.store import JobStore
-    from synapse_cli.tracking import record, step_summary
+    from synapse_cli.runs import record, step_summary
 
     with exit_on_error():
         store = JobStore(os.environ["SYNAPSE_JOBS_DB"]) if os.environ.get("SYNAPSE_JOBS_DB") else JobStore.from_settings(load_settings({}))

@@ -5,21 +5,20 @@ from pathlib import Path
 import typer
 from typing_extensions import Annotated
 
-from synapse_cli.cli._options import CONFIG, JSON, OVERWRITE, PROFILE, Common
+from synapse_cli.cli._options import Common, with_common
 from synapse_cli.cli._run import run_job
 from synapse_cli.config import Settings
 from synapse_cli.errors import UsageError
 
 
+@with_common(local=True)
 def sample(
     output: Annotated[Path, typer.Argument(help="Where to write the clip (.mp4).", show_default=False)] = Path("sample.mp4"),
     seconds: Annotated[float, typer.Option("--seconds", help="Length in seconds.")] = 10.0,
     size: Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT.")] = "1280x720",
     audio: Annotated[bool, typer.Option("--audio/--no-audio", help="Add a tone track.")] = True,
-    json_output: JSON = False,
-    overwrite: OVERWRITE = False,
-    config: CONFIG = None,
-    profile: PROFILE = None,
+    *,
+    common: Common,
 ) -> None:
     """Generate a sample clip (test pattern and tone) with the embedded ffmpeg, to try synapse on.
 
@@ -28,7 +27,7 @@ def sample(
 
     def build(settings: Settings):
         from synapse_cli.jobs._files import check_output
-        from synapse_cli.jobs.make_sample import SampleSpec
+        from synapse_cli.jobs.sample import SampleSpec
 
         try:
             width, height = (int(v) for v in size.lower().split("x"))
@@ -38,12 +37,8 @@ def sample(
             raise UsageError(f"--size {size}: width and height must be even and at least 16")
         if not 0 < seconds <= 3600:
             raise UsageError(f"--seconds must be in (0, 3600], got {seconds:g}")
-        check_output(output, overwrite)
-        return SampleSpec(output=str(output), seconds=seconds, width=width, height=height, audio=audio, ffmpeg=settings["ffmpeg.path"], overwrite=overwrite)
+        check_output(output, common.overwrite)
+        return SampleSpec(output=str(output), seconds=seconds, width=width, height=height, audio=audio, ffmpeg=settings["ffmpeg.path"], overwrite=common.overwrite)
 
-    common = Common(json=json_output, config=config, profile=profile, overwrite=overwrite)
-    run_job("sample", build, common, summarize=lambda r: r["output"], local_only=True)
+    run_job("sample", build, common, summarize=lambda r: r["output"])
 
-
-def register(root: typer.Typer) -> None:
-    root.command("sample")(sample)

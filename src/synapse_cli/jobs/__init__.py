@@ -1,45 +1,156 @@
-"""Job generators: plain functions ``spec -> Iterator[Event]``.
+"""Job kinds: each one a ``JobKind`` record declared once, in its own package.
 
-Nothing here imports typer, rich or modal, so the same generator runs
-in-process, inside a Modal container, or behind the HTTP endpoint. Heavy
-libraries (ultralytics, the decoding engines) are imported inside the job
-functions, never at module import.
+A kind's generator is a plain function ``spec -> Iterator[Event]``. Nothing here
+imports typer, rich or modal, so the same generator runs in-process, inside a
+Modal container, or behind the HTTP endpoint. Heavy libraries (ultralytics, the
+decoding engines) are imported inside the job functions, never at module import.
 
-``JOBS`` maps a job kind to ``"module:function"`` and its spec class, loaded
-lazily so ``synapse --help`` stays fast.
+``JOBS`` maps a kind's name to its record. Everything else that knows about
+kinds (the CLI commands and their common options, the config registry, the
+Modal functions, the backends' path handling, the server routes) reads these
+records; adding a kind is one ``register_kind(...)`` (see docs/kinds.md).
+Records name their spec class, generator and CLI command as ``"module:attr"``,
+loaded lazily, so ``synapse --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, fields
-from typing import Any, Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterator, Mapping
 
 from synapse_cli.events import Event
 
-# kind -> (module, generator function, spec class)
-JOBS: dict[str, tuple[str, str, str]] = {
-    "export": ("synapse_cli.jobs.export_video", "export_video", "ExportSpec"),
-    "compile": ("synapse_cli.jobs.compile_constraints", "compile_constraints", "CompileSpec"),
-    "infer": ("synapse_cli.jobs.run_yolo", "run_yolo", "InferSpec"),
-    "sample": ("synapse_cli.jobs.make_sample", "make_sample", "SampleSpec"),
-}
+# Spec fields that name something on the machine that runs the job (a binary, a cache): the
+# caller's value means nothing remotely, so remote backends drop them and the spec's default
+# (whatever the remote machine has) applies. A spec class declares its own ``HOST_FIELDS``.
+DEFAULT_HOST_FIELDS = ("ffmpeg", "ffmpeg_path", "cache_dir")
 
 
-def _lookup(kind: str, index: int) -> Any:
+def _load(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _identity_split(spec: Any, n: int) -> list[Any]:
+    return [spec]
+
+
+def _identity_merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(results) != 1:
+        raise ValueError("this kind cannot be sharded: merge expects exactly one result")
+    return results[0]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """Everything synapse needs to know about one job kind.
+
+    - ``spec``/``run``: ``"module:attr"`` of the spec dataclass (with ``INPUTS``, ``OUTPUTS``,
+      ``HOST_FIELDS``, ``INSTALLED`` class attributes) and of the generator.
+    - ``command``: ``"module:attr"`` of the CLI command (a function declaring the kind's own
+      options and a ``common`` parameter), or None for a kind reached only through a backend.
+    - ``settings``: the kind's ``[<name>]`` section of the config, key -> ``config.Setting``.
+    - ``remote``: False for a kind the CLI runs in this process only (no Modal functions, and
+      its command has no remote options; ``synapse serve`` still runs it); ``image`` (a recipe of ``modal_functions/app.py``:
+      ``media``, ``engines`` or ``yolo``), ``gpu`` and ``packages`` (pip requirements on top of
+      the recipe) are its Modal needs.
+    - ``split(spec, n) -> [spec]`` / ``merge([result]) -> result``: how to shard it (identity
+      until sharding lands).
+    """
+
+    name: str
+    spec: str
+    run: str
+    command: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    remote: bool = True
+    image: str = "media"
+    gpu: bool = False
+    packages: tuple[str, ...] = ()
+    split: Callable[[Any, int], list[Any]] = _identity_split
+    merge: Callable[[list[dict[str, Any]]], dict[str, Any]] = _identity_merge
+
+    def spec_class(self) -> type:
+        return _load(self.spec)
+
+    def generator(self) -> Callable[[Any], Iterator[Event]]:
+        return _load(self.run)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Spec fields naming local files or folders the job reads: a path or a list of paths."""
+        return tuple(getattr(self.spec_class(), "INPUTS", ()))
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Spec fields naming what the job writes: a path or a list of paths; a name ending in
+        ``_dir`` is a directory output."""
+        return tuple(getattr(self.spec_class(), "OUTPUTS", ()))
+
+    @property
+    def host_fields(self) -> tuple[str, ...]:
+        """Spec fields about the machine that runs the job (dropped remotely, not part of a cache key)."""
+        return tuple(getattr(self.spec_class(), "HOST_FIELDS", DEFAULT_HOST_FIELDS))
+
+    @property
+    def installed(self) -> tuple[str, ...]:
+        """Spec fields naming something the machine's owner installed (resolved by name remotely, never uploaded)."""
+        return tuple(getattr(self.spec_class(), "INSTALLED", ()))
+
+
+JOBS: dict[str, JobKind] = {}
+
+BUILTIN = ("synapse_cli.jobs.export", "synapse_cli.jobs.compile", "synapse_cli.jobs.infer", "synapse_cli.jobs.sample")
+
+
+def register_kind(kind: JobKind) -> JobKind:
+    """Add (or replace) a kind: the one place a kind is made known to synapse."""
+    JOBS[kind.name] = kind
+    return kind
+
+
+def get_kind(kind: str) -> JobKind:
     try:
-        entry = JOBS[kind]
+        return JOBS[kind]
     except KeyError:
         raise ValueError(f"unknown job kind {kind!r}; expected one of {', '.join(JOBS)}") from None
-    return getattr(importlib.import_module(entry[0]), entry[index])
 
 
 def load_job(kind: str) -> Callable[[Any], Iterator[Event]]:
-    return _lookup(kind, 1)
+    return get_kind(kind).generator()
 
 
 def spec_class(kind: str) -> type:
-    return _lookup(kind, 2)
+    return get_kind(kind).spec_class()
+
+
+def path_values(value: Any, what: str, name: str) -> list[tuple[int | None, str]]:
+    """The one rule for an ``INPUTS``/``OUTPUTS`` field: None (no path), a path (index None),
+    or a list of paths (each with its index). Anything else is a UsageError naming the field."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [(None, value)]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(enumerate(value))
+    from synapse_cli.errors import UsageError
+
+    raise UsageError(f"spec {what} {name!r} must be a path or a list of paths")
+
+
+def select_installed(kind: str, spec: dict[str, Any], models_dir: Any) -> dict[str, Any]:
+    """Point every ``INSTALLED`` field (a model name) at the owner-installed file it names.
+
+    The one place a remote spec's model is resolved: a name, looked up among what the
+    machine's owner installed; a path, an uploaded file or an unknown name is a UsageError.
+    """
+    cls = spec_class(kind)
+    out = dict(spec)
+    for name in get_kind(kind).installed:
+        if out.get(name) is not None:
+            out[name] = cls.select_installed(name, out[name], models_dir)
+    return out
 
 
 def spec_to_dict(spec: Any) -> dict[str, Any]:
@@ -56,3 +167,7 @@ def spec_from_dict(kind: str, data: dict[str, Any]) -> Any:
     if extra:
         raise UsageError(f"unknown {kind} spec field(s): {', '.join(extra)}")
     return cls(**data)
+
+
+for _module in BUILTIN:
+    register_kind(importlib.import_module(_module).KIND)

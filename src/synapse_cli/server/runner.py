@@ -39,7 +39,7 @@ from urllib.parse import urlencode
 
 from synapse_cli.errors import SynapseError
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
-from synapse_cli.remote import host_fields, installed_fields, select_installed
+from synapse_cli.jobs import get_kind, select_installed
 from synapse_cli.server.uploads import BadUpload, Body, installed_upload_refused, is_within, remove_tree, safe_filename
 
 log = logging.getLogger("synapse.server")
@@ -263,7 +263,7 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
         raise BadUpload(422, f"unknown {kind} spec field(s): {', '.join(extra)}")
     inputs: tuple[str, ...] = tuple(getattr(cls, "INPUTS", ()))
     outputs: tuple[str, ...] = tuple(getattr(cls, "OUTPUTS", ()))
-    refused = sorted({u.field for u in body.files} & set(installed_fields(kind)))
+    refused = sorted({u.field for u in body.files} & set(get_kind(kind).installed))
     if refused:
         raise installed_upload_refused(kind, refused)
     stray = sorted({u.field for u in body.files} - set(inputs))
@@ -318,7 +318,7 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
 
     # host fields (a binary, a cache dir) mean nothing here, and obeying them would let a
     # client pick a binary or a folder on the server: the spec's default applies
-    for name in host_fields(kind):
+    for name in get_kind(kind).host_fields:
         if name in names and name not in inputs and name not in outputs:
             data.pop(name, None)  # the spec's default: whatever this server has
     try:

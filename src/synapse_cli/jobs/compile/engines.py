@@ -97,6 +97,8 @@ def _llg_json_lark(schema: Any) -> tuple[str, list[str]]:
     """
     import llguidance
 
+    from synapse_cli.jobs.compile.normalize import walk
+
     tok = _llg_tokenizer()
     options: dict[str, Any] = {}
     ignored: set[str] = set()
@@ -115,6 +117,8 @@ def _llg_json_lark(schema: Any) -> tuple[str, list[str]]:
                     ignored.update(k.strip().strip('"') for k in group.split(",") if k.strip())
                 if "format" in m.lower():
                     ignored.add("format")
+            if options.get("lenient") and any("oneOf" in node for _, node in walk(schema)):
+                ignored.add("oneOf")  # measured: lenient mode enforces a non-exclusive oneOf as anyOf, silently
             lark = "%llguidance {}\n\nstart: %json " + json.dumps(embedded, ensure_ascii=False) + "\n"
             return lark, sorted(ignored)
         if "coerce_one_of" in text and not options.get("coerce_one_of"):
@@ -151,7 +155,7 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
                 raise EngineFailure(f"cannot read grammar: {_one_line(exc)}") from None
         _llg_matcher(artefact)
     elif engine == "llama.cpp":
-        from synapse_cli.jobs._compile import gbnf
+        from synapse_cli.jobs.compile import gbnf
 
         try:
             if kind == "json_schema":
@@ -173,13 +177,18 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
         if kind == "json_schema":
             from outlines_core.json_schema import build_regex_from_schema
 
+            from synapse_cli.jobs.compile.normalize import keywords_used
+            from synapse_cli.jobs.compile.rewrite import for_outlines, outlines_dropped
+
+            prepared = for_outlines(payload)  # same meaning, in the shapes outlines reads fully
             try:
-                artefact = build_regex_from_schema(json.dumps(payload), None)
+                artefact = build_regex_from_schema(json.dumps(prepared), None)
             except BaseException as exc:  # pyo3 panics are BaseException
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
                 raise EngineFailure(_one_line(exc)) from None
-            ignored = sorted(_ignored_by(used, OUTLINES_ENFORCED, payload, OUTLINES_FORMATS))
+            dropped = outlines_dropped(prepared)
+            ignored = sorted(_ignored_by(sorted(keywords_used(prepared)), OUTLINES_ENFORCED, prepared, OUTLINES_FORMATS) | dropped)
         else:
             artefact = payload
         _outlines_index(artefact)
@@ -236,13 +245,13 @@ def _ignored_by(used: list[str], enforced: frozenset[str], schema: Any, formats:
     ``properties`` does not declare, check a ``format`` by shape at best (2024-02-31 passes
     as a date) and treat ``oneOf`` as ``anyOf``.
     """
-    from synapse_cli.jobs._compile.normalize import walk
+    from synapse_cli.jobs.compile.normalize import walk
 
     out = {k for k in used if k not in enforced}
     if "oneOf" in used:
         out.add("oneOf")  # enforced as anyOf: exclusivity is not checked
     for _, node in walk(schema):
-        if "pattern" in node:
+        if "pattern" in node and enforced is XGRAMMAR_ENFORCED:  # outlines: see rewrite.outlines_dropped
             out.update(k for k in ("minLength", "maxLength", "format") if k in node)
         fmt = node.get("format")
         if isinstance(fmt, str) and fmt not in formats:
@@ -252,14 +261,36 @@ def _ignored_by(used: list[str], enforced: frozenset[str], schema: Any, formats:
             out.add("required")
         if enforced is XGRAMMAR_ENFORCED and node.get("type") != "integer":
             out.update(k for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in node)
+        if enforced is XGRAMMAR_ENFORCED and "type" not in node:
+            # measured: without a type, xgrammar reads properties but not the string, array, number or
+            # other object keywords ({"maxItems": 2} accepts [1, 2, 3]); beside those, not even properties
+            typed = {k for k in node if k in _XGRAMMAR_TYPED}
+            out.update(typed)
+            if typed & {"patternProperties", "additionalProperties", "propertyNames"} and "properties" in node:
+                out.add("properties")
+        if enforced is XGRAMMAR_ENFORCED and "type" in node and any(c in node for c in ("anyOf", "oneOf", "allOf")):
+            out.add("type")  # measured: {"type": "string", "anyOf": [...]} accepts 3
+        if enforced is XGRAMMAR_ENFORCED and any(json.dumps(n)[1:-1] != n for n in props):
+            out.add("properties")  # measured: a name that JSON escapes ("foo\"bar") is not matched
+        ref = node.get("$ref")
+        if enforced is XGRAMMAR_ENFORCED and isinstance(ref, str) and not _PLAIN_REF.fullmatch(ref):
+            out.add("$ref")  # measured: a $defs name with a quote resolves to anything
     return out
+
+
+_XGRAMMAR_TYPED = frozenset(
+    "minLength maxLength pattern format minItems maxItems items prefixItems uniqueItems contains minimum maximum "
+    "exclusiveMinimum exclusiveMaximum multipleOf patternProperties propertyNames additionalProperties required "
+    "minProperties maxProperties".split()
+)
+_PLAIN_REF = re.compile(r"#(/\$defs/[A-Za-z0-9_.-]+)?")
 
 
 def _xgrammar_refuses(schema: Any) -> str | None:
     """xgrammar does not intersect anyOf/oneOf/allOf with sibling keywords: the siblings are lost
     (measured: {"properties": {"r": {"type": "number"}}, "oneOf": [{"required": ["r"]}]}
     accepts {"r": null}). We call that unsupported rather than guess what is left."""
-    from synapse_cli.jobs._compile.normalize import pointer_of, walk
+    from synapse_cli.jobs.compile.normalize import pointer_of, walk
 
     for path, node in walk(schema):
         for comb in ("anyOf", "oneOf", "allOf"):

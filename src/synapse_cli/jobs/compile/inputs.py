@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from synapse_cli.jobs._compile.normalize import InputError, detect_draft, normalize, pointer_of, walk
+from synapse_cli.jobs.compile.normalize import InputError, detect_draft, normalize, pointer_of, walk
 
 KINDS = ("json_schema", "regex", "grammar")
 _PAYLOAD_KEY = {"json_schema": "schema", "regex": "pattern", "grammar": "grammar"}

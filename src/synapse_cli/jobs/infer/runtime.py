@@ -35,7 +35,7 @@ def prepare_environment(env: Any = None) -> None:
     env.setdefault("YOLO_VERBOSE", "False")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not env.get("YOLO_CONFIG_DIR"):
-        from synapse_cli.jobs._yolo.weights import cache_dir
+        from synapse_cli.jobs.infer.weights import cache_dir
 
         env["YOLO_CONFIG_DIR"] = str(cache_dir())  # ultralytics adds /Ultralytics/settings.json
     Path(env["YOLO_CONFIG_DIR"]).mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def import_yolo() -> Any:
             "pip install -c constraints.txt 'synapse-cli[infer]' (install order in docs/infer.md)"
         ) from None
 
-    from synapse_cli.jobs._yolo.compat import ensure_torchvision
+    from synapse_cli.jobs.infer.compat import ensure_torchvision
 
     ensure_torchvision()
     _logs_to_stderr()

@@ -266,7 +266,7 @@ class BatchedPool:
                 if engine is None:
                     engine = self._first if index == 0 else self._engines(index)
                     if self._torch_threads:
-                        from synapse_cli.jobs._yolo.runtime import set_threads
+                        from synapse_cli.jobs.infer.runtime import set_threads
 
                         set_threads(self._torch_threads)
                 results: list[Any] = []
@@ -327,7 +327,7 @@ def yolo_engines(model: Any, weights: Path, device: str, half: bool, predict_arg
     first = YoloEngine(model, device, half, predict_args, shape)
 
     def more(_index: int) -> YoloEngine:
-        from synapse_cli.jobs._yolo.runtime import load_model
+        from synapse_cli.jobs.infer.runtime import load_model
 
         return YoloEngine(load_model(weights), device, half, predict_args, shape)
 

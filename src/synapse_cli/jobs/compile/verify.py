@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from synapse_cli.jobs._compile.normalize import strip_keywords
+from synapse_cli.jobs.compile.normalize import strip_keywords
 
 
 def _validator(schema: Any, with_formats: bool = True) -> Any:

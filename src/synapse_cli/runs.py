@@ -1,109 +1,24 @@
-"""What happens around every job's event stream: recording it, reusing results, following other runs.
+"""Runs in the job store: recording a run's event stream, and re-attaching to a stored run.
 
 - ``record`` passes events through while storing them in the job store and
   setting the job's final state from how the stream ends.
-- ``cache_key`` identifies a job by kind, input content, normalized params and
-  synapse version; ``reuse`` replays a completed job's result into new output
-  paths; ``follow`` waits on a job another process is running.
 - ``store_events`` turns a stored job back into a live event stream (``jobs wait``).
+- ``step_summary`` appends a finished run to the GitHub Actions step summary.
+
+Reusing the result of an identical run is ``synapse_cli.result_cache``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from synapse_cli import __version__
 from synapse_cli.errors import Interrupted, error_from_wire
-from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, Started, failed, from_dict, to_dict
-from synapse_cli.hashing import sha256_path
-from synapse_cli.jobs._files import atomic_output
-from synapse_cli.remote import installed_fields, path_fields
+from synapse_cli.events import Event, Failed, Finished, Progress, failed, from_dict, to_dict
 from synapse_cli.store import ACTIVE, HEARTBEAT_S, Job, JobStore
-
-_NOT_PARAMS = ("overwrite", "ffmpeg")  # how and where, not what: they don't change the result
-
-
-def cache_key(kind: str, spec: Any) -> str | None:
-    """sha256 of kind + input contents + params + synapse version; None if an input cannot be read."""
-    data = asdict(spec)
-    inputs, outputs = path_fields(kind)
-    for name in outputs + _NOT_PARAMS:
-        data.pop(name, None)
-    try:
-        for name in inputs + installed_fields(kind):  # a model is hashed like an input: same path, new weights, new key
-            value = data.get(name)
-            if isinstance(value, str):
-                data[name] = sha256_path(Path(value)) if Path(value).exists() else value
-            elif isinstance(value, list):
-                data[name] = [sha256_path(Path(v)) if Path(v).exists() else v for v in value]
-    except OSError:
-        return None
-    canonical = json.dumps({"kind": kind, "spec": data, "version": __version__}, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def outputs_of(kind: str, spec: dict[str, Any]) -> dict[str, str]:
-    _, outputs = path_fields(kind)
-    return {name: spec[name] for name in outputs if isinstance(spec.get(name), str)}
-
-
-def reusable(job: Job) -> bool:
-    """A completed job whose outputs are all still there."""
-    return job.status == "completed" and all(Path(p).exists() for p in outputs_of(job.kind, job.spec).values())
-
-
-def _copy(src: Path, dest: Path, overwrite: bool) -> None:
-    if src.is_dir():
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            target = dest / f.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists() and target.resolve() == f.resolve():
-                continue
-            with atomic_output(target, overwrite) as tmp:
-                shutil.copyfile(f, tmp)
-        return
-    with atomic_output(dest, overwrite) as tmp:
-        shutil.copyfile(src, tmp)
-
-
-def reuse(cached: Job, kind: str, spec: Any) -> Iterator[Event]:
-    """The events of a job that is answered from ``cached``: its outputs copied to ours, its result rewritten."""
-    start = time.monotonic()
-    ours = outputs_of(kind, asdict(spec))
-    theirs = outputs_of(cached.kind, cached.spec)
-    overwrite = bool(getattr(spec, "overwrite", False))
-    yield Started(job=kind, total=None)
-    yield Log(f"reusing the result of job {cached.id} (same input, params and synapse version; --no-cache runs it again)")
-    result = json.loads(json.dumps(cached.result or {}))
-    for name, dest in ours.items():
-        src = theirs.get(name)
-        if not src:
-            continue
-        if Path(src).resolve() != Path(dest).resolve():
-            _copy(Path(src), Path(dest), overwrite)
-        result = _replace_strings(result, src, dest)
-        if Path(dest).is_file():
-            yield Artifact(path=dest, bytes=Path(dest).stat().st_size)
-    yield Finished(result={**result, "cached_from": cached.id}, elapsed_s=round(time.monotonic() - start, 3))
-
-
-def _replace_strings(value: Any, old: str, new: str) -> Any:
-    if isinstance(value, str):
-        return new + value[len(old):] if value == old or value.startswith(old.rstrip("/") + "/") else value
-    if isinstance(value, list):
-        return [_replace_strings(v, old, new) for v in value]
-    if isinstance(value, dict):
-        return {k: _replace_strings(v, old, new) for k, v in value.items()}
-    return value
-
 
 def store_events(store: JobStore, job_id: str, poll_s: float = 0.2, after: int = 0, with_errors: bool = True) -> Iterator[Event]:
     """A stored job as a live stream: its events so far, then new ones as its worker writes them.
@@ -135,15 +50,6 @@ def store_events(store: JobStore, job_id: str, poll_s: float = 0.2, after: int =
                     raise error_from_wire(None, job.exit_code or 1, job.error_message or f"job {job.status}")
                 return
             time.sleep(poll_s)
-
-
-def follow(store: JobStore, other: Job, kind: str, spec: Any) -> Iterator[Event]:
-    """Another process is running the same job: show its progress, then take its result."""
-    yield Log(f"job {other.id} is already running the same job: waiting for its result")
-    for event in store_events(store, other.id):
-        if isinstance(event, Progress):
-            yield event
-    yield from reuse(store.get(other.id), kind, spec)
 
 
 class _Heartbeat:
@@ -222,7 +128,7 @@ def step_summary(job: Job, env: dict[str, str] | None = None) -> None:
     if not path:
         return
     result = job.result or {}
-    output = result.get("output") or result.get("output_dir") or ", ".join(outputs_of(job.kind, job.spec).values()) or "-"
+    output = result.get("output") or result.get("output_dir") or ", ".join(_outputs(job)) or "-"
     wall = f"{job.wall_s:.1f} s" if job.wall_s is not None else "-"
     cost = f" (est. ${job.cost_usd:.4f})" if job.cost_usd else ""
     line = f"| {job.kind} | {job.backend} | {job.status} | {wall}{cost} | `{output}` |\n"
@@ -231,3 +137,12 @@ def step_summary(job: Job, env: dict[str, str] | None = None) -> None:
         if new:
             f.write("### synapse\n\n| job | backend | status | time | output |\n|---|---|---|---|---|\n")
         f.write(line)
+
+
+def _outputs(job: Job) -> list[str]:
+    from synapse_cli.jobs import JOBS, path_values
+
+    kind = JOBS.get(job.kind)
+    if kind is None:
+        return []
+    return [v for name in kind.outputs for _, v in path_values(job.spec.get(name), "output", name)]

@@ -22,9 +22,9 @@ from typing import Any, ClassVar, Iterator
 from synapse_cli import __version__
 from synapse_cli.errors import JobError, UsageError
 from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
-from synapse_cli.jobs._compile import cache as _cache
-from synapse_cli.jobs._compile.engines import ARTEFACT_SUFFIX, ENGINES, PACKAGES
-from synapse_cli.jobs._compile.inputs import BadInput, Unit, expand, load, safe_name
+from synapse_cli.jobs.compile import cache as _cache
+from synapse_cli.jobs.compile.engines import ARTEFACT_SUFFIX, ENGINES, PACKAGES
+from synapse_cli.jobs.compile.inputs import BadInput, Unit, expand, load, safe_name
 from synapse_cli.jobs._files import atomic_output
 
 
@@ -65,9 +65,9 @@ def _rules_hash() -> str:
     import hashlib
 
     h = hashlib.sha256(__version__.encode())
-    for name in ("engines.py", "gbnf.py"):
+    for name in ("engines.py", "gbnf.py", "rewrite.py"):
         try:
-            h.update((Path(__file__).parent / "_compile" / name).read_bytes())
+            h.update((Path(__file__).parent / name).read_bytes())
         except OSError:  # a zipped install: the version alone
             pass
     return h.hexdigest()[:16]
@@ -129,7 +129,7 @@ def _tests_for(unit: Unit, everyone: list[dict], by_name: dict[str, list[dict]])
 
 class _UnitRun:
     def __init__(self, unit: Unit, engines: list[str], tests: list[dict], out_dir: Path) -> None:
-        from synapse_cli.jobs._compile.normalize import keywords_used
+        from synapse_cli.jobs.compile.normalize import keywords_used
 
         self.unit = unit
         self.tests = tests
@@ -142,7 +142,7 @@ class _UnitRun:
 
     def candidates(self) -> list[list[str]]:
         if self.cands is None:
-            from synapse_cli.jobs._compile.verify import candidates
+            from synapse_cli.jobs.compile.verify import candidates
 
             self.cands = [candidates(self.unit.kind, t["data"], self.unit.payload) for t in self.tests]
         return self.cands
@@ -280,7 +280,7 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
 
     if tasks:
         workers = spec.workers or min(os.cpu_count() or 1, 4)
-        from synapse_cli.jobs._compile.pool import WorkerPool
+        from synapse_cli.jobs.compile.pool import WorkerPool
 
         with WorkerPool(min(workers, len(tasks)), spec.engine_timeout_s, warm=tuple(engines)) as pool:
             for (run, engine, ckey, tests_key, was_cached), result in pool.run(tasks):
@@ -332,7 +332,7 @@ def _store(cache: _cache.Cache, ckey: str, tests_key: str, result: dict, was_cac
 
 def _finish(run: _UnitRun, spec: CompileSpec, versions: dict[str, str]) -> dict[str, Any]:
     """Summarise the unit's engines, write its files atomically, return its row of the result."""
-    from synapse_cli.jobs._compile.verify import summarize
+    from synapse_cli.jobs.compile.verify import summarize
 
     unit = run.unit
     report_engines: dict[str, Any] = {}

@@ -26,7 +26,7 @@ Task = Generator[tuple, tuple, Any]
 
 
 def _worker_main(conn_in: Connection, conn_out: Connection) -> None:
-    from synapse_cli.jobs._compile import engines
+    from synapse_cli.jobs.compile import engines
 
     while True:
         try:
@@ -84,7 +84,7 @@ class _Worker:
         env = dict(os.environ)
         src = str(Path(synapse_cli.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-        cmd = [sys.executable, "-m", "synapse_cli.jobs._compile.pool"] + (["--quiet"] if quiet else [])
+        cmd = [sys.executable, "-m", "synapse_cli.jobs.compile.pool"] + (["--quiet"] if quiet else [])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.tx = Connection(os.dup(self.proc.stdin.fileno()), readable=False)

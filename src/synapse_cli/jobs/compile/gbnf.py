@@ -33,7 +33,9 @@ PRIMITIVES = {
     "integral-part": 'integral-part ::= "0" | [1-9] [0-9]*',
     "number": 'number ::= "-"? integral-part ("." [0-9]+)? ([eE] [-+]? [0-9]+)? space',
     "integer": 'integer ::= "-"? integral-part space',
-    "char": r'char ::= [^"\\\x00-\x1f] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})',
+    # no \uD800-\uDFFF escapes: a surrogate pair would count as two characters against minLength/maxLength
+    # (one code point in JSON Schema); such characters are written as raw UTF-8, one character each
+    "char": r'char ::= [^"\\\x00-\x1f] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2}))',
     "string": r'string ::= "\"" char* "\"" space',
     "value": "value ::= object | array | string | number | boolean | null",
     "object": 'object ::= "{" space (string ":" space value ("," space string ":" space value)*)? "}" space',

@@ -118,7 +118,7 @@ def strip_keywords(schema: Any, ignored: set[str] | frozenset[str]) -> Any:
         return schema
     out: dict[str, Any] = {}
     for key, value in schema.items():
-        if key in ignored and key != "oneOf":
+        if key in ignored and key not in ("oneOf", "$defs"):  # $defs holds ref targets, not a constraint
             continue
         if key == "oneOf" and "oneOf" in ignored and isinstance(value, list):
             alts = [strip_keywords(s, ignored) for s in value]

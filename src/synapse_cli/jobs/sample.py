@@ -9,7 +9,11 @@ from typing import ClassVar, Iterator, Optional
 
 from synapse_cli.events import Artifact, Event, Finished, Started
 from synapse_cli.jobs._files import atomic_output, check_output
+from synapse_cli.jobs import JobKind
 from synapse_cli.jobs._media import find_ffmpeg, run_ffmpeg
+
+# runs in this process only from the CLI (nothing to gain remotely): no Modal functions
+KIND = JobKind(name="sample", spec="synapse_cli.jobs.sample:SampleSpec", run="synapse_cli.jobs.sample:make_sample", command="synapse_cli.cli.sample:sample", remote=False)
 
 
 @dataclass

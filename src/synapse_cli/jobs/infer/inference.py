@@ -59,7 +59,7 @@ class InferencePool:
             try:
                 model = self._spare.get_nowait()
             except queue.Empty:
-                from synapse_cli.jobs._yolo.runtime import load_model
+                from synapse_cli.jobs.infer.runtime import load_model
 
                 model = load_model(self._weights)
             self._local.model = model
@@ -70,7 +70,7 @@ class InferencePool:
         result = model.predict(image, **self._args)[0]
         if not getattr(self._local, "threads_set", False):
             # the predictor's set-up (select_device) set this thread's torch threads to cores - 1
-            from synapse_cli.jobs._yolo.runtime import set_threads
+            from synapse_cli.jobs.infer.runtime import set_threads
 
             set_threads(self._threads)
             self._local.threads_set = True

@@ -68,7 +68,7 @@ class InferSpec:
     @staticmethod
     def select_installed(field_name: str, value: Any, models_dir: str | Path | None) -> str:
         """Remote side of ``INSTALLED``: the path of the owner-installed model ``value`` names."""
-        from synapse_cli.jobs._yolo.weights import select_installed
+        from synapse_cli.jobs.infer.weights import select_installed
 
         return select_installed(value, models_dir)
 
@@ -83,9 +83,9 @@ def default_output(source: str, task: str) -> str:
 def check_spec(spec: InferSpec) -> Any:
     """Everything that can be rejected before loading the model; returns the source's ``SourceInfo``."""
     from synapse_cli.jobs._files import check_output
-    from synapse_cli.jobs._yolo.court import Court
-    from synapse_cli.jobs._yolo.sources import inspect_source
-    from synapse_cli.jobs._yolo.weights import check_model_arg, is_bare_name
+    from synapse_cli.jobs.infer.court import Court
+    from synapse_cli.jobs.infer.sources import inspect_source
+    from synapse_cli.jobs.infer.weights import check_model_arg, is_bare_name
 
     if spec.task not in TASKS:
         raise UsageError(f"unknown task {spec.task!r}: expected one of {', '.join(TASKS)}")
@@ -144,7 +144,7 @@ def _keep_on_court(detections: list[dict[str, Any]], court: Any) -> tuple[list[d
 
     Also returns the unrounded positions, which the speeds are computed from.
     """
-    from synapse_cli.jobs._yolo.results import ground_point
+    from synapse_cli.jobs.infer.results import ground_point
 
     kept, metres = [], []
     for det in detections:
@@ -160,12 +160,12 @@ def _keep_on_court(detections: list[dict[str, Any]], court: Any) -> tuple[list[d
 def run_yolo(spec: InferSpec) -> Iterator[Event]:
     """Run the model over every ``spec.every``-th frame; stream results; optionally encode an annotated video."""
     from synapse_cli.jobs._files import atomic_output
-    from synapse_cli.jobs._yolo import runtime
-    from synapse_cli.jobs._yolo.court import Court
-    from synapse_cli.jobs._yolo.inference import InferencePool, Tracker, has_accelerator, plan_workers
-    from synapse_cli.jobs._yolo.results import Motion, ResultsWriter, detections_from
-    from synapse_cli.jobs._yolo.sources import open_frames
-    from synapse_cli.jobs._yolo.weights import resolve_model
+    from synapse_cli.jobs.infer import runtime
+    from synapse_cli.jobs.infer.court import Court
+    from synapse_cli.jobs.infer.inference import InferencePool, Tracker, has_accelerator, plan_workers
+    from synapse_cli.jobs.infer.results import Motion, ResultsWriter, detections_from
+    from synapse_cli.jobs.infer.sources import open_frames
+    from synapse_cli.jobs.infer.weights import resolve_model
 
     started = time.monotonic()
     info = check_spec(spec)
@@ -187,7 +187,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
     batched = accelerator or batch > 1
     device = "cpu"
     if batched:
-        from synapse_cli.jobs._yolo.batching import pick_device
+        from synapse_cli.jobs.infer.batching import pick_device
 
         device = pick_device()
     half = device.startswith("cuda") if spec.half is None else bool(spec.half) and device != "cpu"
@@ -243,7 +243,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
         if spec.annotated:
             annotated_tmp = stack.enter_context(atomic_output(spec.annotated, spec.overwrite))
         if ffmpeg is not None:
-            from synapse_cli.jobs._yolo.encode import AnnotatedEncoder, ffmpeg_args
+            from synapse_cli.jobs.infer.encode import AnnotatedEncoder, ffmpeg_args
 
             args = ffmpeg_args(
                 ffmpeg, str(annotated_tmp), width, height, info.fps or 25.0,
@@ -253,7 +253,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
             stack.callback(encoder.abort)  # a no-op once finish() succeeded
         pool: Any
         if batched:
-            from synapse_cli.jobs._yolo.batching import BatchedPool, yolo_engines
+            from synapse_cli.jobs.infer.batching import BatchedPool, yolo_engines
 
             first, more = yolo_engines(model, weights, device, half, predict_args, (height, width, 3))
             half = first.half
@@ -323,12 +323,12 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 if annotated_tmp is not None and info.kind == "image":
                     import cv2
 
-                    from synapse_cli.jobs._yolo.draw import draw_detections
+                    from synapse_cli.jobs.infer.draw import draw_detections
 
                     if not cv2.imwrite(str(annotated_tmp), draw_detections(frame.image, last, court)):
                         raise JobError(f"cannot write {spec.annotated}")
             if encoder is not None:
-                from synapse_cli.jobs._yolo.draw import draw_detections
+                from synapse_cli.jobs.infer.draw import draw_detections
 
                 if frame.image.shape[:2] != (height, width):
                     raise JobError(f"{spec.source} changes frame size at frame {frame.index}; --annotated needs a constant size")

@@ -1,4 +1,4 @@
-"""Running a job where its files are not: the container side of remote backends.
+"""The container side of the Modal backend: running a job where its files are not.
 
 A remote spec names files on the shared Volume as ``vol:<relative path>``.
 Inside the container ``container_stream`` maps those to the Volume's mount
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from synapse_cli.events import Artifact, Finished, to_dict
-from synapse_cli.jobs import load_job, spec_class, spec_from_dict
+from synapse_cli.jobs import get_kind, load_job, select_installed, spec_from_dict
 
 VOL = "vol:"
 DEFAULT_MOUNT = "/data"
@@ -24,39 +24,6 @@ DEFAULT_MOUNT = "/data"
 
 def volume_root() -> Path:
     return Path(os.environ.get("SYNAPSE_VOLUME_ROOT", DEFAULT_MOUNT))
-
-
-# Spec fields that name something on the machine that runs the job (a binary, a cache): the
-# caller's value means nothing remotely, so remote backends drop them and the spec's default
-# (whatever the remote machine has) applies. A spec class can declare its own ``HOST_FIELDS``.
-DEFAULT_HOST_FIELDS = ("ffmpeg", "ffmpeg_path", "cache_dir")
-
-
-def path_fields(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    cls = spec_class(kind)
-    return tuple(getattr(cls, "INPUTS", ())), tuple(getattr(cls, "OUTPUTS", ()))
-
-
-def host_fields(kind: str) -> tuple[str, ...]:
-    return tuple(getattr(spec_class(kind), "HOST_FIELDS", DEFAULT_HOST_FIELDS))
-
-
-def installed_fields(kind: str) -> tuple[str, ...]:
-    return tuple(getattr(spec_class(kind), "INSTALLED", ()))
-
-
-def select_installed(kind: str, spec: dict[str, Any], models_dir: str | Path | None) -> dict[str, Any]:
-    """Point every ``INSTALLED`` field (a model name) at the owner-installed file it names.
-
-    The one place a remote spec's model is resolved: a name, looked up among what the
-    machine's owner installed; a path, an uploaded file or an unknown name is a UsageError.
-    """
-    cls = spec_class(kind)
-    out = dict(spec)
-    for name in installed_fields(kind):
-        if out.get(name) is not None:
-            out[name] = cls.select_installed(name, out[name], models_dir)
-    return out
 
 
 def _map(value: Any, fn) -> Any:
@@ -69,7 +36,8 @@ def _map(value: Any, fn) -> Any:
 
 def to_container(kind: str, spec: dict[str, Any], root: Path) -> dict[str, Any]:
     """``vol:x`` → ``<root>/x`` in every path field; output folders are created."""
-    inputs, outputs = path_fields(kind)
+    record = get_kind(kind)
+    inputs, outputs = record.inputs, record.outputs
     out = dict(spec)
     for name in inputs + outputs:
         out[name] = _map(out.get(name), lambda v: str(root / v[len(VOL):]) if v.startswith(VOL) else v)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from synapse_cli.errors import UsageError
 from synapse_cli.events import Artifact, Event, Finished, Log, Started
 from synapse_cli.jobs._files import atomic_output, check_output
-from synapse_cli.jobs._keyframes import interpolate
+from synapse_cli.jobs.export._keyframes import interpolate
 from synapse_cli.jobs._media import MediaInfo, find_ffmpeg, probe, run_ffmpeg
 
 EXPORT_JOBS = ("framing", "overlay", "annotate")

@@ -1,0 +1,20 @@
+"""``synapse export``: video export (framing, overlay, annotate) on FFmpeg.
+
+- ``job``: ``ExportSpec``, the params models and planners, and the ``export_video`` generator.
+- ``_keyframes``: crop-window interpolation between keyframes.
+"""
+
+from synapse_cli.config import Setting, choice, optional_text
+from synapse_cli.jobs import JobKind
+
+KIND = JobKind(
+    name="export",
+    spec="synapse_cli.jobs.export.job:ExportSpec",
+    run="synapse_cli.jobs.export.job:export_video",
+    command="synapse_cli.cli.export:export",
+    settings={
+        "default_job": Setting("framing", choice("framing", "overlay", "annotate"), "job used when --job is not given"),
+        "output_dir": Setting(None, optional_text, "directory for default outputs; default: beside the input"),
+    },
+    image="media",
+)

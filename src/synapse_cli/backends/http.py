@@ -121,9 +121,17 @@ class HttpBackend(Backend):
 
     @classmethod
     def from_settings(cls, settings: Any) -> "HttpBackend":
+        endpoint, key = settings["modal.endpoint"], settings["api_key"]
+        parts = urlsplit(endpoint or "")
+        if not key and parts.scheme == "http" and parts.hostname:
+            # a local `synapse serve` without SYNAPSE_API_KEY generated one and left it for us
+            from synapse_cli.server.keyfile import is_loopback_host, read_key
+
+            if is_loopback_host(parts.hostname):
+                key = read_key(parts.port or 80)
         return cls(
-            settings["modal.endpoint"],
-            settings["api_key"],
+            endpoint,
+            key,
             timeout_s=settings["http.timeout_s"],
             max_retries=settings["http.max_retries"],
             initial_backoff_ms=settings["http.initial_backoff_ms"],

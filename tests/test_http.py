@@ -391,8 +391,8 @@ def held_ffmpeg(path: Path, release: Path) -> Path:
         f'touch "{path}.ran"\n'
         f'"{ffmpeg_exe()}" "$@"\n'
         "rc=$?\n"
-        "i=0\n"
-        f'while [ ! -e "{release}" ] && [ $i -lt 2400 ]; do sleep 0.05; i=$((i + 1)); done\n'
+        "end=$(($(date +%s) + 120))\n"
+        f'while [ ! -e "{release}" ] && [ "$(date +%s)" -le "$end" ]; do sleep 0.05; done\n'
         "exit $rc\n"
     )
     path.chmod(0o755)

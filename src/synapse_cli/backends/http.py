@@ -91,7 +91,7 @@ class HttpBackend(Backend):
     """Runs jobs on a synapse endpoint. ``client`` is the seam for tests (``httpx.MockTransport``)."""
 
     name = "http"
-    run_shard = None  # type: ignore[assignment]  # the server shards a job itself (see synapse serve)
+    run_shard = None  # type: ignore[assignment]  # the server shards a job itself: see run_sharded
 
     def __init__(
         self,
@@ -143,7 +143,11 @@ class HttpBackend(Backend):
 
     # -- the job ------------------------------------------------------------------
 
-    def run(self, job: str, spec: Any) -> Iterator[Event]:
+    def run_sharded(self, kind: str, spec: Any, shards: int) -> Iterator[Event]:
+        """The job split by the server across ``shards`` of its worker processes (``?shards=N``)."""
+        return self.run(kind, spec, shards=shards)
+
+    def run(self, job: str, spec: Any, shards: int = 1) -> Iterator[Event]:
         """Upload, stream the events as they arrive, then download the outputs and rename them into place."""
         cls = type(spec)
         data = spec_to_dict(spec)
@@ -151,7 +155,7 @@ class HttpBackend(Backend):
         targets = _outputs(cls, data)
         overwrite = bool(data.get("overwrite", False))
         _check_targets(targets, overwrite)
-        url = f"{self.endpoint}/v1/jobs/{job}"
+        url = f"{self.endpoint}/v1/jobs/{job}" + (f"?shards={int(shards)}" if shards > 1 else "")
         response = yield from self._open(url, data, uploads)
         pending: list[Artifact] = []
         finished: Finished | None = None

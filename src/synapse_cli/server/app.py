@@ -263,6 +263,9 @@ def create_app(
             return await _refuse(request, _error(404, f"unknown job kind {kind!r}; expected one of {', '.join(JOBS)}", close=True), opts)
         if opts.closing:
             return await _refuse(request, _error(503, "the server is shutting down", code=3, error="BackendError", close=True, headers={"Retry-After": "5"}), opts)
+        shards, shards_error = _shards_param(request.query_params.get("shards"))
+        if shards_error:
+            return await _refuse(request, _error(422, shards_error, close=True), opts)
         if len(opts.live) >= opts.job_slots:
             return await _refuse(request, _error(429, f"the server is running {len(opts.live)} jobs, its limit (serve.max_concurrent_jobs); try again shortly",
                           code=3, error="BackendError", close=True, headers={"Retry-After": "5"}), opts)
@@ -303,6 +306,7 @@ def create_app(
             body = await read_body(request.headers.get("content-type", ""), body_stream(), job_dir / "in", opts.max_bytes,
                                    inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind, installed=installed)
             run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir)
+            run.shards = shards
         except BadUpload as exc:
             _forget(opts, job_id)
             remove_tree(job_dir)
@@ -457,6 +461,16 @@ def _start_heartbeat(opts: ServerOptions) -> None:
 
     opts.heartbeat = threading.Thread(target=beat, name="synapse-heartbeat", daemon=True)
     opts.heartbeat.start()
+
+
+def _shards_param(value: str | None) -> tuple[int, str | None]:
+    """``?shards=N``: how many worker processes of this server the job is split across (at most one per core)."""
+    if value is None or value in ("", "auto", "1"):
+        return 1, None
+    most = os.cpu_count() or 1
+    if not value.isdigit() or not 1 <= int(value) <= most:
+        return 1, f"shards: expected 1..{most} (this server's cores) or auto, got {value!r}"
+    return int(value), None
 
 
 async def _sweep(opts: ServerOptions) -> None:

@@ -68,6 +68,7 @@ class JobRun:
     native_id: int | None = None  # the job thread's kernel id: its children are the job's processes
     channel: "Channel | None" = None
     cancel_reason: str | None = None
+    shards: int = 1  # ?shards=N: the server splits the job across its own worker processes
 
     def cancel(self, reason: str, failure: Event | None = None) -> None:
         """Stop the job now: end its stream (with ``failure`` as the last line, if given) and kill its processes.
@@ -113,7 +114,7 @@ class JobRun:
         if isinstance(event, Finished):
             return [Finished(result=self._value(event.result), elapsed_s=event.elapsed_s)]
         if isinstance(event, Log):
-            return [Log(self._text(event.message), event.level)]
+            return [Log(self._text(event.message), event.level, event.shard)]
         if isinstance(event, Progress) and event.message:
             return [Progress(event.done, event.total, event.phase, self._text(event.message))]
         if isinstance(event, Failed):
@@ -421,6 +422,17 @@ class Channel:
         return self._closed
 
 
+def _sharded(run: JobRun) -> Iterator[Event]:
+    """The job as ``run.shards`` shards in worker processes here, merged into one stream (synapse_cli.shards)."""
+    from synapse_cli.backends.local import LocalBackend
+    from synapse_cli.config import registry
+    from synapse_cli.shards import job_events
+
+    defaults = {key: setting.default for key, setting in registry().items() if key.startswith("shards.")}
+    settings = {**defaults, "shards.count": run.shards, "modal.max_retries": 0}
+    return job_events(run.kind, run.spec, LocalBackend(), settings)
+
+
 def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Thread:
     """Start the job generator in a daemon thread feeding ``channel``; ``on_end(run, ok)`` cleans up."""
     from synapse_cli.jobs import load_job
@@ -430,7 +442,7 @@ def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Threa
         gen: Iterator[Event] | None = None
         ok = False
         try:
-            gen = load_job(run.kind)(run.spec)
+            gen = load_job(run.kind)(run.spec) if run.shards <= 1 else _sharded(run)
             finished = False
             for event in gen:
                 channel.put(event)

@@ -171,9 +171,11 @@ def serve() -> Any:
 
     from synapse_cli.server import create_app
 
+    # models_dir: the owner's models on the Volume (modal volume put), besides the bundled default;
+    # on_job_end: commit after each job, so another container of this function can serve its artifacts
     return create_app(
         work_dir=f"{MOUNT}/serve", api_key=os.environ.get("SYNAPSE_API_KEY") or None, max_upload_mb=_settings["serve.max_upload_mb"],
-        models_dir=f"{MOUNT}/models",  # the owner's models on the Volume (modal volume put), besides the bundled default
+        models_dir=f"{MOUNT}/models", on_job_end=volume.commit,
     )  # fmt: skip
 
 

@@ -96,6 +96,8 @@ class TestDirSpec:
     output_dir: str
     fail: bool = False
     overwrite: bool = False
+    sleep_s: float = 0.0  # first wait this long in a child process (started with its own session, like ffmpeg)
+    spam: int = 0  # then yield this many 1 KB log events
 
     INPUTS: ClassVar[tuple[str, ...]] = ("input",)
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output_dir",)
@@ -107,9 +109,17 @@ def copy_into_dir(spec: TestDirSpec) -> Iterator[Any]:
 
     The input may be a folder: its files are read in sorted order, as one."""
     from synapse_cli.errors import JobError
-    from synapse_cli.events import Artifact, Finished, Progress, Started
+    from synapse_cli.events import Artifact, Finished, Log, Progress, Started
 
     yield Started(job="dirtest", total=2)
+    if spec.sleep_s:
+        import subprocess
+        import sys
+
+        # the output path in its command line: tests find it with kill_processes_mentioning(job dir)
+        subprocess.run([sys.executable, "-c", "import sys, time; time.sleep(float(sys.argv[1]))", str(spec.sleep_s), spec.output_dir], start_new_session=True)
+    for i in range(spec.spam):
+        yield Log(f"{i:08d} " + "x" * 1024)
     src = Path(spec.input)
     files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
     data = b"".join(p.read_bytes() for p in files)

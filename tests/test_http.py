@@ -147,6 +147,10 @@ def test_a_job_error_keeps_its_exit_code_and_names_the_clients_path(cli, tmp_pat
     assert last["type"] == "error" and last["error"] == "UsageError" and last["message"].startswith(f"{bad} is not readable media")
     assert str(endpoint.work_dir) not in run.stdout + run.stderr
     assert not (tmp_path / "o.mp4").exists()
+    deadline = time.monotonic() + 10  # the failed job's folder goes right after its last line
+    while any(not (d / ".done").exists() for d in endpoint.job_dirs()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all((d / ".done").exists() for d in endpoint.job_dirs())
 
 
 # -- auth and bad requests ----------------------------------------------------------------
@@ -305,7 +309,7 @@ def test_artifacts_need_the_key_and_unknown_ids_are_404(tmp_path, endpoint):
         r = httpx.get(f"{endpoint.url}/v1/artifacts/{bad}", headers=auth())
         assert r.status_code == 404 and r.json()["type"] == "error"
     health = httpx.get(f"{endpoint.url}/v1/health").json()
-    assert health["status"] == "ok" and health["auth"] == "bearer" and "export" in health["jobs"] and health["key_accepted"] is False
+    assert health["status"] == "ok" and health["auth"] == "bearer" and "export" in health["jobs"] and "key_accepted" not in health
 
 
 def test_outputs_expire_and_are_swept(tmp_path):
@@ -380,42 +384,78 @@ def test_a_client_that_goes_away_cancels_the_job(clips, endpoint):
     assert kill_processes_mentioning(str(job_dir)) == []  # no ffmpeg left behind
 
 
-def test_a_server_killed_mid_stream_is_exit_3_with_no_partial_output(cli, clips, tmp_path):
-    work = tmp_path / "srv"
+def held_ffmpeg(path: Path, release: Path) -> Path:
+    """An ``ffmpeg`` that runs the real one, then does not exit until ``release`` exists (at most 120 s):
+    a job using it cannot finish before the test says so, however slow or fast the machine.
+    It touches ``<path>.ran`` first, so a test can check that its server really ran it."""
+    from tests.conftest import ffmpeg_exe
+
+    path.write_text(
+        "#!/bin/sh\n"
+        f'touch "{path}.ran"\n'
+        f'"{ffmpeg_exe()}" "$@"\n'
+        "rc=$?\n"
+        "end=$(($(date +%s) + 120))\n"
+        f'while [ ! -e "{release}" ] && [ "$(date +%s)" -le "$end" ]; do sleep 0.05; done\n'
+        "exit $rc\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+def test_a_server_killed_mid_stream_is_exit_3_with_no_partial_output(clips, tmp_path):
+    """Kill the server once the client has printed a progress line. The server's ffmpeg is held open
+    (held_ffmpeg on its PATH), so the job is still running when the server dies: no race with the encode."""
+    work, bin_dir, release = tmp_path / "srv", tmp_path / "bin", tmp_path / "release"
+    bin_dir.mkdir()
+    held_ffmpeg(bin_dir / "ffmpeg", release)
     server = subprocess.Popen(
         [*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(work)],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "SYNAPSE_API_KEY": API_KEY}, start_new_session=True,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "SYNAPSE_API_KEY": API_KEY, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
     )
+    client = None
+    watchdog = threading.Timer(240, lambda: [p.kill() for p in (server, client) if p is not None])  # never hang the suite
+    watchdog.start()
     try:
         line = server.stderr.readline()
         assert "listening on http://127.0.0.1:" in line, line
         url = line.split("listening on ")[1].split()[0]
         threading.Thread(target=server.stderr.read, daemon=True).start()  # keep draining its logs
 
-        def kill_when_encoding() -> None:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if work.is_dir() and any(".part" in p.name for p in work.rglob("*")):
-                    os.killpg(server.pid, signal.SIGKILL)
-                    return
-                time.sleep(0.01)
-
-        killer = threading.Thread(target=kill_when_encoding)
-        killer.start()
         out = tmp_path / "client" / "o.mp4"
         out.parent.mkdir()
-        run = cli("export", clips["landscape"], "-o", out, "--json", "--endpoint", url, env=client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY, SYNAPSE_FFMPEG_PRESET="medium"))
-        killer.join()
+        client = subprocess.Popen(
+            [*synapse_cmd(), "export", str(clips["landscape"]), "-o", str(out), "--json", "--endpoint", url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY)},
+        )
+        seen = []
+        for line in client.stdout:  # the client prints each event as it arrives
+            seen.append(json.loads(line))
+            if seen[-1]["type"] == "progress":
+                break
+        assert seen and seen[-1]["type"] == "progress", (seen, client.stderr.read())  # at EOF: the client has exited
+        os.killpg(server.pid, signal.SIGKILL)
+        rest, stderr = client.communicate(timeout=120)
     finally:
+        watchdog.cancel()
+        release.touch()
+        if client is not None:
+            client.kill()  # a no-op once it has exited
+            client.wait()
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
         server.wait()
         kill_processes_mentioning(str(work))  # ffmpeg runs in its own session: an orphan of the killed server
     assert server.returncode == -signal.SIGKILL
-    assert run.exit_code == 3, run.stderr
-    assert "broke before the job finished" in run.stderr
-    assert any(e["type"] == "started" for e in run.events())
+    assert client.returncode == 3, stderr
+    assert "broke before the job finished" in stderr
+    events = seen + [json.loads(ln) for ln in rest.splitlines() if ln.strip()]
+    assert events[0]["type"] == "started" and not any(e["type"] in ("artifact", "finished") for e in events)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == 3
     assert list(out.parent.iterdir()) == []
+    assert (bin_dir / "ffmpeg.ran").exists()  # the job was held: it could not have finished first
 
 
 def test_serve_refuses_a_public_address_without_a_key(cli):

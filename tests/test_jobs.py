@@ -79,19 +79,61 @@ def test_failed_job_is_recorded_with_its_error(cli, db, clips, tmp_path):
     assert jobs(cli, "--status", "failed")["jobs"] and not jobs(cli, "--status", "completed")["jobs"]
 
 
+def barrier_ffmpeg(path: Path, arrived: Path, party: int, patience_s: int = 120) -> Path:
+    """An ``ffmpeg`` that waits until ``party`` of its kind have started (each drops a file in ``arrived``),
+    then runs the real one. Alone for ``patience_s``, it exits 1 instead: jobs run one at a time fail."""
+    from tests.conftest import ffmpeg_exe
+
+    arrived.mkdir()
+    path.write_text(
+        "#!/bin/sh\n"
+        f'touch "{arrived}/$$"\n'
+        f"end=$(($(date +%s) + {patience_s}))\n"  # by the clock: on a loaded machine each turn of the loop is slow
+        f'while [ "$(ls "{arrived}" | wc -l)" -lt {party} ]; do\n'
+        f'  if [ "$(date +%s)" -gt "$end" ]; then echo "barrier: error: only $(ls "{arrived}" | wc -l) of {party} arrived" >&2; exit 1; fi\n'
+        "  sleep 0.05\n"
+        "done\n"
+        f'exec "{ffmpeg_exe()}" "$@"\n'
+    )
+    path.chmod(0o755)
+    return path
+
+
 @pytest.mark.slow
 def test_eight_concurrent_exports_all_recorded(db, tiny, tmp_path):
+    """Eight processes write the store while all eight jobs are running: each job's ffmpeg waits at a
+    barrier until all eight have started, so the jobs overlap however the machine schedules them."""
+    ffmpeg = barrier_ffmpeg(tmp_path / "ffmpeg", tmp_path / "arrived", party=8)
+    env = {**os.environ, "SYNAPSE_FFMPEG": str(ffmpeg)}
+    logs = [(tmp_path / f"o{i}.log").open("w+") for i in range(8)]
     procs = [
         subprocess.Popen([*synapse_cmd(), "export", str(tiny), "-o", str(tmp_path / f"o{i}.mp4"), "--no-cache", *SMALL],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(8)
+                         stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
+        for i, log in enumerate(logs)
     ]
-    outcomes = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
-    for out, err, code in outcomes:
-        assert code == 0, err
-        assert "locked" not in err
-    rows = sqlite3.connect(db).execute("SELECT status FROM jobs").fetchall()
+    deadline = time.monotonic() + 300
+    try:  # until all have exited, or one has failed (whichever it is: run one at a time, it need not be the first)
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]  # every one, each time: any() would stop at the first still running
+            if None not in codes or any(codes):
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            p.kill()  # a no-op once it has exited
+            p.wait()
+    errs = []
+    for log in logs:
+        log.seek(0)
+        errs.append(log.read())
+        log.close()
+    assert [p.returncode for p in procs] == [0] * 8, [e for p, e in zip(procs, errs) if p.returncode]
+    assert not any("locked" in e for e in errs), errs
+    assert len(list((tmp_path / "arrived").iterdir())) == 8
+    rows = sqlite3.connect(db).execute("SELECT status, started_at, finished_at FROM jobs").fetchall()
     assert sorted(r[0] for r in rows) == ["completed"] * 8
+    # the store's own record: every job started before any finished, so all eight were processing at once
+    assert max(r[1] for r in rows) < min(r[2] for r in rows)
 
 
 def test_identical_job_reuses_the_result_unless_no_cache(cli, db, tiny, tmp_path):

@@ -226,12 +226,13 @@ def test_large_results_come_back_through_blob_download(deployed):
 
 
 def test_spawned_calls_run_concurrently(deployed):
+    """Three spawned bodies meet at a rendezvous: each returns only once all three are running at once,
+    however loaded the machine. Run one at a time, the first would wait out its patience alone."""
     import modal
 
-    t0 = time.monotonic()
-    calls = [lookup("sleepy").spawn(0.4) for _ in range(3)]
-    assert modal.FunctionCall.gather(*calls) == ["woke"] * 3
-    assert time.monotonic() - t0 < 1.1
+    calls = [lookup("meet").spawn("spawned", str(i), 3) for i in range(3)]
+    assert modal.FunctionCall.gather(*calls) == [["0", "1", "2"]] * 3
+    assert [r.outcome for r in deployed.function_calls if r.function_name == "meet"] == ["ok"] * 3
 
 
 def test_fail_auth_raises_auth_error(modal_fake):

@@ -109,18 +109,18 @@ def test_sharded_export_equals_the_whole_export(cli, clip, tmp_path, job, params
 
 
 @pytest.mark.parametrize(
-    ("requested", "backend", "size", "expected"),
+    ("requested", "scales_out", "size", "expected"),
     [
-        ("auto", "local", 600.0, 1),  # one machine: no shards unless asked
-        ("auto", "modal", 600.0, 10),
-        ("auto", "modal", 30.0, 1),
-        ("auto", "modal", 100_000.0, 32),  # clamped to [shards] max
-        (4, "local", 10.0, 4),  # asked for: always
-        (1, "modal", 600.0, 1),
+        ("auto", False, 600.0, 1),  # one machine (local): no shards unless asked
+        ("auto", True, 600.0, 10),  # a machine per call (Modal): one a minute
+        ("auto", True, 30.0, 1),
+        ("auto", True, 100_000.0, 32),  # clamped to [shards] max
+        (4, False, 10.0, 4),  # asked for: always
+        (1, True, 600.0, 1),
     ],
 )
-def test_how_many_shards(requested, backend, size, expected):
-    assert shard_count(requested, backend, size, 60.0, 32) == expected
+def test_how_many_shards(requested, scales_out, size, expected):
+    assert shard_count(requested, scales_out, size, 60.0, 32) == expected
 
 
 def test_a_bad_shards_value_is_a_usage_error(cli, clip, tmp_path):
@@ -341,3 +341,28 @@ def test_sharded_track_keeps_one_id_per_person(cli, people, tmp_path):
     before = {d["track_id"] for f in sharded["frames"][8:12] for d in f["detections"] if "track_id" in d}
     after = {d["track_id"] for f in sharded["frames"][12:16] for d in f["detections"] if "track_id" in d}
     assert before & after
+
+
+# -- behind synapse serve: the server splits the job across its own worker processes ------------------
+
+
+@pytest.mark.slow
+def test_sharded_export_through_the_endpoint(cli, clip, tmp_path):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import httpx
+
+    from tests.http_fixtures import API_KEY, serve_app
+
+    whole = tmp_path / "whole.mp4"
+    export(cli, clip, whole, "overlay", OVERLAY)
+    with serve_app(tmp_path / "srv") as ep:
+        env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_JOBS_DB": str(tmp_path / "jobs.db")}
+        out = tmp_path / "remote.mp4"
+        run = cli("export", clip, "--job", "overlay", "--params", _params_file(out, OVERLAY), "-o", out, "--json", "--no-cache",
+                  "--endpoint", ep.url, "--shards", "2", env=env)  # fmt: skip
+        assert run.exit_code == 0, run.stderr
+        assert [s["index"] for s in run.events()[-1]["result"]["shards"]] == [0, 1]
+        assert {e.get("shard") for e in run.events() if e["type"] == "log"} >= {"1/2", "2/2"}
+        refused = httpx.post(f"{ep.url}/v1/jobs/export?shards=9999", json={"input": None}, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert refused.status_code == 422 and "shards" in refused.json()["message"]
+    assert_same_video(out, whole)

@@ -167,6 +167,11 @@ _CORE: dict[str, _Setting] = {
     "serve.port": _Setting(8000, _int(0, 65535), "synapse serve port"),
     "serve.max_upload_mb": _Setting(2048, _int(1), "largest accepted upload"),
     "serve.work_dir": _Setting(None, _opt_str, "server work dir; default: a temp dir"),
+    "serve.max_concurrent_jobs": _Setting(0, _int(0, 10_000), "jobs running (or uploading) at once, more get 429; 0 = one per core"),
+    "serve.job_timeout_s": _Setting(14400.0, _float(0.0, strict=False), "a job running longer is stopped; 0 = no limit"),
+    "serve.min_free_mb": _Setting(1024, _int(0), "free disk the work dir must keep after an upload (else 507)"),
+    "serve.stall_timeout_s": _Setting(60.0, _float(), "a client that stops reading the stream this long cancels its job"),
+    "serve.body_timeout_s": _Setting(60.0, _float(), "an upload that sends nothing this long is refused (408)"),
     "serve.models_dir": _Setting(None, _opt_str, "models a client may name (infer model=NAME) besides the bundled default"),
     # [shards]
     "shards.count": _Setting("auto", _shards, "shards per job: N, or auto (1 locally; on Modal, by size)"),

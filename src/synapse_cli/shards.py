@@ -40,15 +40,16 @@ from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
 _DONE = object()
 
 
-def shard_count(requested: Any, backend: str, size: float | None, per_shard: float, most: int) -> int:
+def shard_count(requested: Any, scales_out: bool, size: float | None, per_shard: float, most: int) -> int:
     """How many shards: ``requested`` (an int, or ``"auto"``) for a job of ``size`` units.
 
-    ``auto`` is 1 on the local backend (one machine gains nothing by default) and
-    ``ceil(size / per_shard)`` elsewhere, clamped to ``[1, most]``.
+    ``auto`` is 1 where calls share one machine (the local backend gains nothing by default)
+    and ``ceil(size / per_shard)`` where each call gets a machine of its own (Modal), clamped
+    to ``[1, most]``.
     """
     if requested not in (None, "auto"):
         return max(1, int(requested))
-    if backend == "local" or not size or per_shard <= 0:
+    if not scales_out or not size or per_shard <= 0:
         return 1
     return max(1, min(int(most), math.ceil(size / per_shard)))
 
@@ -240,16 +241,18 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
         if requested not in ("auto", 1):
             raise UsageError(f"--shards: {kind} jobs do not shard")
         return backend.run(kind, spec)
-    size = None
-    if requested == "auto" and backend.name != "local":
-        size = record.hook("size")(spec)
-    count = shard_count(requested, backend.name, size, float(settings[f"shards.{record.shard_by}"]), int(settings["shards.max"]))
+    sharded_remotely = getattr(backend, "run_sharded", None)
+    if sharded_remotely is not None:  # an endpoint splits the job across its own workers (auto: its choice)
+        return sharded_remotely(kind, spec, int(requested)) if requested not in ("auto", 1) else backend.run(kind, spec)
+    scales_out = bool(getattr(backend, "scales_out", False))
+    size = record.hook("size")(spec) if requested == "auto" and scales_out else None
+    count = shard_count(requested, scales_out, size, float(settings[f"shards.{record.shard_by}"]), int(settings["shards.max"]))
     if count <= 1:
         return backend.run(kind, spec)
     start = getattr(backend, "run_shard", None)
     if start is None:
         raise UsageError(f"--shards is not supported with the {backend.name} backend")
-    retries = int(settings["modal.max_retries"]) if backend.name == "modal" else 0
+    retries = int(getattr(backend, "shard_retries", 0))
     outputs = [getattr(spec, name) for name in record.outputs if isinstance(getattr(spec, name, None), str)]
     workdir = Path(outputs[0]).resolve().parent if outputs else None
     return run_sharded(

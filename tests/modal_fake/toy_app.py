@@ -84,6 +84,22 @@ def sleepy(seconds: float) -> str:
     return "woke"
 
 
+@app.function(timeout=120)
+def meet(group: str, name: str, party: int, patience_s: float = 30.0) -> list[str]:
+    """Arrives at a rendezvous in the Dict, then waits (up to ``patience_s``) for ``party`` bodies of ``group``.
+
+    Returns the names that had arrived: only bodies running at the same time all see the whole party.
+    """
+    d = modal.Dict.from_name(DICT_NAME, create_if_missing=True)
+    d[f"{group}:{name}"] = "arrived"
+    deadline = time.monotonic() + patience_s
+    while True:
+        here = sorted(key.split(":", 1)[1] for key in d.keys() if key.startswith(f"{group}:"))
+        if len(here) >= party or time.monotonic() > deadline:
+            return here
+        time.sleep(0.05)
+
+
 @app.function()
 def wait_for_cancel(marker: str) -> str:
     """Loops until told to stop; records how it ended in the Dict."""

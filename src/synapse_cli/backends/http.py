@@ -100,7 +100,7 @@ class HttpBackend(Backend):
     """Runs jobs on a synapse endpoint. ``client`` is the seam for tests (``httpx.MockTransport``)."""
 
     name = "http"
-    run_shard = None  # type: ignore[assignment]  # the server shards a job itself (see synapse serve)
+    run_shard = None  # type: ignore[assignment]  # the server shards a job itself: see run_sharded
 
     def __init__(
         self,
@@ -126,9 +126,17 @@ class HttpBackend(Backend):
 
     @classmethod
     def from_settings(cls, settings: Any) -> "HttpBackend":
+        endpoint, key = settings["http.endpoint"], settings["api_key"]
+        parts = urlsplit(endpoint or "")
+        if not key and parts.scheme == "http" and parts.hostname:
+            # a local `synapse serve` without SYNAPSE_API_KEY generated one and left it for us
+            from synapse_cli.server.keyfile import is_loopback_host, read_key
+
+            if is_loopback_host(parts.hostname):
+                key = read_key(parts.port or 80)
         return cls(
-            settings["http.endpoint"],
-            settings["api_key"],
+            endpoint,
+            key,
             timeout_s=settings["http.timeout_s"],
             max_retries=settings["http.max_retries"],
             initial_backoff_ms=settings["http.initial_backoff_ms"],
@@ -140,7 +148,11 @@ class HttpBackend(Backend):
 
     # -- the job ------------------------------------------------------------------
 
-    def run(self, kind: str, spec: Any) -> Iterator[Event]:
+    def run_sharded(self, kind: str, spec: Any, shards: int) -> Iterator[Event]:
+        """The job split by the server across ``shards`` of its worker processes (``?shards=N``)."""
+        return self.run(kind, spec, shards=shards)
+
+    def run(self, kind: str, spec: Any, shards: int = 1) -> Iterator[Event]:
         """Upload, stream the events as they arrive, then download the outputs and rename them into place."""
         data = spec_to_dict(spec)
         paths = path_fields(kind, data)
@@ -149,7 +161,7 @@ class HttpBackend(Backend):
         overwrite = bool(data.get("overwrite", False))
         _check_inputs(uploads)
         _check_targets(targets, overwrite)
-        url = f"{self.endpoint}/v1/jobs/{kind}"
+        url = f"{self.endpoint}/v1/jobs/{kind}" + (f"?shards={int(shards)}" if shards > 1 else "")
         response = yield from self._open(url, data, uploads)
         try:
             yield from collect_outputs(self._events(url, response), lambda e, out: self._fetch(e, targets, out), overwrite, url, defer=True)

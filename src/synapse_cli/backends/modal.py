@@ -258,6 +258,11 @@ class ModalBackend(Backend):
     """
 
     name = "modal"
+    scales_out = True  # each remote_gen call runs in its own container
+
+    @property
+    def shard_retries(self) -> int:
+        return int(self.config.get("max_retries", 0))
 
     def __init__(
         self,

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -60,8 +61,10 @@ def serve(
 ) -> None:
     """Serve every job kind over HTTP: POST /v1/jobs/{kind} streams the job's events as NDJSON.
 
-    The API key comes from SYNAPSE_API_KEY (clients send it as "Authorization: Bearer KEY"). Without a
-    key the server only binds to a loopback address. See docs/http.md.
+    The API key comes from SYNAPSE_API_KEY (clients send it as "Authorization: Bearer KEY"). Without
+    one the server binds only to a loopback address, generates a key for this run, prints it once and
+    writes it to a file only you can read (synapse clients on this machine pick it up). See
+    docs/http.md and docs/security.md.
 
     Example: SYNAPSE_API_KEY=$(openssl rand -hex 24) synapse serve --host 0.0.0.0 --port 8000
     """
@@ -75,9 +78,14 @@ def serve(
         key = settings["api_key"]
         if not key and not is_loopback(host_):
             raise UsageError(f"refusing to serve on {host_} without an API key: set SYNAPSE_API_KEY, or bind to 127.0.0.1")
+        if key and len(key) < MIN_KEY_CHARS:
+            raise UsageError(f"the API key (SYNAPSE_API_KEY) is {len(key)} characters long; use at least {MIN_KEY_CHARS} (e.g. openssl rand -hex 24)")
+        import secrets
+
         import uvicorn
 
         from synapse_cli.server import create_app
+        from synapse_cli.server.keyfile import write_key
 
         configured = settings["serve.work_dir"]
         root = Path(configured) if configured else Path(tempfile.mkdtemp(prefix="synapse-serve-"))
@@ -86,18 +94,68 @@ def serve(
         except OSError as exc:
             raise UsageError(f"cannot create work dir {root}: {exc.strerror}") from None
         sock = _bind(host_, port_)
+        key_file: Path | None = None
+        opts = None
         try:
-            app = create_app(settings, work_dir=root, allow_anonymous=not key)
             bound = sock.getsockname()[1]
+            generated = not key
+            if generated:  # a keyless loopback server can be driven by any web page its user opens
+                key = secrets.token_urlsafe(32)
+                key_file = write_key(bound, key)
+            app = create_app(settings, work_dir=root, api_key=key)
+            opts = app.state.synapse
             shown = f"[{host_}]" if ":" in host_ else host_
-            auth = "API key required" if key else "no API key: loopback only"
-            print(f"synapse serve: listening on http://{shown}:{bound} (work dir {root}; {auth})", file=sys.stderr, flush=True)
-            server = uvicorn.Server(uvicorn.Config(app, log_config=_log_config(), log_level="info", timeout_graceful_shutdown=5, lifespan="off"))
-            server.run(sockets=[sock])
+            print(f"synapse serve: listening on http://{shown}:{bound} (work dir {root}; API key required)", file=sys.stderr, flush=True)
+            if generated:
+                print(f"synapse serve: API key for this run: {key} (also in {key_file}, readable by you only)", file=sys.stderr, flush=True)
+            config = uvicorn.Config(
+                app, log_config=_log_config(), log_level="info", timeout_graceful_shutdown=5, lifespan="off",
+                limit_concurrency=LIMIT_CONNECTIONS, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
+            )
+            # uvicorn re-raises SIGTERM once it has stopped, which would end the process before the
+            # jobs are stopped and the key file removed: a handler of ours takes it instead
+            previous = signal.signal(signal.SIGTERM, lambda *_: None)
+            try:
+                _Server(config, opts).run(sockets=[sock])
+            finally:
+                signal.signal(signal.SIGTERM, previous)
         finally:
             sock.close()
+            if opts is not None and not opts.shutdown(timeout_s=10):
+                print("synapse serve: some jobs did not stop within 10 s", file=sys.stderr, flush=True)
+            if key_file is not None:
+                key_file.unlink(missing_ok=True)
             if not configured:
                 shutil.rmtree(root, ignore_errors=True)
+
+
+LIMIT_CONNECTIONS = 256  # open connections (streams included) before uvicorn answers 503
+MIN_KEY_CHARS = 16
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but SIGTERM/SIGINT also stop every job at once (their ffmpeg included):
+        each stream ends with an error line, so the graceful shutdown does not wait on them."""
+
+        def __init__(self, config: Any, opts: Any) -> None:
+            super().__init__(config)
+            self._opts = opts
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            import threading
+
+            # not in the signal handler itself: cancelling takes locks the interrupted code may hold
+            threading.Thread(target=self._opts.cancel_all, name="synapse-shutdown", daemon=True).start()
+
+    return Server
+
+
+def _Server(config: Any, opts: Any) -> Any:
+    return _server_class()(config, opts)
 
 
 def register(root: typer.Typer) -> None:

@@ -30,6 +30,7 @@ class SampleSpec:
     INPUTS: ClassVar[tuple[str, ...]] = ()
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output",)
     HOST_FIELDS: ClassVar[tuple[str, ...]] = ("ffmpeg",)
+    SERVER_CAPS: ClassVar[dict[str, float]] = {"seconds": 600, "width": 3840, "height": 2160, "fps": 60}  # synapse serve refuses more (422)
 
 
 def make_sample(spec: SampleSpec) -> Iterator[Event]:

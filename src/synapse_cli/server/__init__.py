@@ -7,11 +7,21 @@
   with the size limit and filename checks.
 - ``runner``: a job's folder, its spec rewritten to that folder, the worker thread,
   the event stream and the artifacts it serves.
+- ``keyfile``: where ``synapse serve`` writes a generated API key (the client reads it).
 
 Importing this package reads nothing and starts nothing; only ``create_app`` touches
 the work dir. It imports FastAPI, so the CLI imports it only inside ``synapse serve``.
 """
 
-from synapse_cli.server.app import ServerOptions, create_app
+from typing import Any
 
 __all__ = ["ServerOptions", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: ``synapse_cli.server.keyfile`` is imported by the HTTP client, which must not pay for FastAPI
+    if name in __all__:
+        from synapse_cli.server import app
+
+        return getattr(app, name)
+    raise AttributeError(name)

@@ -15,13 +15,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
+import shutil
 import tempfile
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,8 +34,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from synapse_cli import __version__
+from synapse_cli.events import Failed
 from synapse_cli.render.ndjson import encode
 from synapse_cli.server import runner
+from synapse_cli.server.keyfile import is_loopback_host
 from synapse_cli.server.uploads import BadUpload, read_body, remove_tree
 
 log = logging.getLogger("synapse.server")
@@ -48,11 +54,24 @@ class ServerOptions:
     work_dir: Path
     api_key: str | None = None
     max_upload_mb: int = 2048
-    allow_anonymous: bool = False  # only `synapse serve` on a loopback address sets this
+    allow_anonymous: bool = False  # only a loopback-only server without a key (tests, embedding)
     artifact_ttl_s: float = 3600.0
     models_dir: Path | None = None  # owner-installed models a client may name (besides the bundled default)
-    running: set[str] = field(default_factory=set)
+    max_concurrent_jobs: int = 0  # 0: one per core
+    job_timeout_s: float = 4 * 3600.0  # 0: none
+    min_free_mb: int = 1024
+    stall_timeout_s: float = 60.0
+    body_timeout_s: float = 60.0
+    keepalive_s: float = 15.0
+    max_key_failures: int = 10  # per address, per KEY_FAILURE_WINDOW_S
+    on_job_end: Callable[[], None] | None = None  # e.g. Modal: commit the Volume
+    live: dict[str, Path] = field(default_factory=dict)  # this process's jobs (uploading or running) -> folder
+    runs: dict[str, runner.JobRun] = field(default_factory=dict)
+    key_failures: dict[str, deque] = field(default_factory=dict)
     last_sweep: float = 0.0
+    heartbeat: threading.Thread | None = None
+    idle: threading.Event = field(default_factory=threading.Event)  # set when the last live job ends
+    closing: bool = False
 
     @property
     def jobs_dir(self) -> Path:
@@ -61,6 +80,45 @@ class ServerOptions:
     @property
     def max_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def job_slots(self) -> int:
+        return self.max_concurrent_jobs or os.cpu_count() or 1
+
+    def cancel_all(self, reason: str = "the server is shutting down") -> None:
+        """Stop every running job now: its stream ends with an error line, its processes are killed."""
+        self.closing = True
+        for run in list(self.runs.values()):
+            run.cancel(reason, Failed(3, f"{reason}; the job was stopped (nothing was saved)", "BackendError"))
+
+    def shutdown(self, timeout_s: float = 10.0) -> bool:
+        """``cancel_all``, then wait until each job's thread and processes are gone. True when they are."""
+        self.cancel_all()
+        deadline = time.monotonic() + timeout_s
+        for run in list(self.runs.values()):
+            if run.thread is not None:
+                run.thread.join(max(0.0, deadline - time.monotonic()))
+            runner.kill_children(run.native_id)
+        return not any(r.thread is not None and r.thread.is_alive() for r in self.runs.values())
+
+
+KEY_FAILURE_WINDOW_S = 60.0
+MIN_KEY_CHARS = 16
+_HEARTBEAT_S = 5.0
+_HEARTBEAT_STALE_S = 60.0  # a folder whose .alive is older than this belongs to a process that died
+
+
+def _host_of(header: str) -> str:
+    """The host part of a ``Host`` header: ``[::1]:8000`` -> ``::1``, ``127.0.0.1:80`` -> ``127.0.0.1``."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def check_key(api_key: str | None) -> None:
+    if api_key is not None and len(api_key) < MIN_KEY_CHARS:
+        raise ValueError(f"the API key is {len(api_key)} characters long; use at least {MIN_KEY_CHARS} (e.g. openssl rand -hex 24)")
 
 
 def _error(status: int, message: str, code: int = 2, error: str = "UsageError", close: bool = False, headers: dict | None = None) -> JSONResponse:
@@ -84,13 +142,17 @@ def create_app(
     allow_anonymous: bool = False,
     artifact_ttl_s: float = 3600.0,
     models_dir: str | Path | None = None,
+    **limits: Any,
 ) -> FastAPI:
     """The synapse HTTP app.
 
-    ``settings`` (a resolved ``Settings``) supplies ``serve.work_dir``, ``api_key`` and
-    ``serve.max_upload_mb`` and ``serve.models_dir``; keyword arguments override them. Without an API key the app
-    refuses to be built unless ``allow_anonymous=True`` (what ``synapse serve`` passes on a
-    loopback address). Without a work dir, a fresh temporary folder is used.
+    ``settings`` (a resolved ``Settings``) supplies ``serve.work_dir``, ``api_key``,
+    ``serve.max_upload_mb`` and the other ``serve.*`` limits; keyword arguments override them
+    (``models_dir``: owner-installed models a client may name, default ``serve.models_dir``;
+    ``limits``: any ``ServerOptions`` field, e.g. ``job_timeout_s=60``). Without an API key the
+    app refuses to be built unless ``allow_anonymous=True``; such a server still refuses requests
+    that carry an ``Origin`` header or name a non-loopback ``Host`` (web pages, DNS rebinding).
+    A key shorter than 16 characters is refused. Without a work dir, a fresh temporary folder is used.
     """
     settings = settings or {}
     work_dir = work_dir or settings.get("serve.work_dir")
@@ -98,25 +160,71 @@ def create_app(
     max_upload_mb = max_upload_mb if max_upload_mb is not None else settings.get("serve.max_upload_mb", 2048)
     if not api_key and not allow_anonymous:
         raise ValueError("create_app needs an api_key (SYNAPSE_API_KEY), or allow_anonymous=True for a loopback-only server")
+    check_key(api_key or None)
+    known = {f for f in ServerOptions.__dataclass_fields__ if f not in ("work_dir", "api_key", "max_upload_mb", "allow_anonymous", "artifact_ttl_s", "models_dir")}
+    unknown = sorted(set(limits) - known)
+    if unknown:
+        raise TypeError(f"create_app got unexpected keyword argument(s): {', '.join(unknown)}")
+    for name in ("max_concurrent_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s"):
+        if name not in limits and f"serve.{name}" in settings:
+            limits[name] = settings[f"serve.{name}"]
     models_dir = models_dir if models_dir is not None else settings.get("serve.models_dir")
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="synapse-serve-"))
     opts = ServerOptions(
         root.resolve(), api_key or None, int(max_upload_mb), allow_anonymous, artifact_ttl_s,
-        Path(models_dir).expanduser().resolve() if models_dir else None,
+        Path(models_dir).expanduser().resolve() if models_dir else None, **limits,
     )  # fmt: skip
     opts.jobs_dir.mkdir(parents=True, exist_ok=True)
 
     app = FastAPI(title="synapse", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.synapse = opts
 
-    def key_status(request: Request) -> bool | None:
-        """True: the right key; False: missing or wrong; None: the server needs none."""
-        if opts.api_key is None:
-            return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            token = ""
-        return hmac.compare_digest(_digest(token.strip()), _digest(opts.api_key))
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
+    def throttled(address: str) -> float:
+        """Seconds until ``address`` may try a key again (0: now)."""
+        failures = opts.key_failures.get(address)
+        if not failures:
+            return 0.0
+        now = time.monotonic()
+        while failures and now - failures[0] > KEY_FAILURE_WINDOW_S:
+            failures.popleft()
+        if len(failures) < opts.max_key_failures:
+            return 0.0
+        return KEY_FAILURE_WINDOW_S - (now - failures[0])
+
+    def gate(request: Request, need_key: bool = True) -> JSONResponse | None:
+        """None when the request may go on, else the refusal.
+
+        A request with the right key may do anything. Without it, a request from a web page
+        (``Origin``) or for a non-loopback ``Host`` (DNS rebinding) is refused (403), and on a
+        server with a key only ``/v1/health`` is open (401 elsewhere). Wrong keys are counted
+        per address; past ``max_key_failures`` a minute, that address gets 429 for a while.
+        """
+        header = request.headers.get("authorization")
+        if header is not None and opts.api_key is not None:
+            address = client_of(request)
+            wait = throttled(address)
+            if wait > 0:
+                return _error(429, "too many wrong API keys from this address; try again later", code=3, error="BackendError",
+                              close=True, headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+            scheme, _, token = header.partition(" ")
+            token = token.strip() if scheme.lower() == "bearer" else ""
+            if hmac.compare_digest(_digest(token), _digest(opts.api_key)):
+                return None
+            opts.key_failures.setdefault(address, deque()).append(time.monotonic())
+            if len(opts.key_failures) > 10_000:  # bounded memory: forget the oldest addresses
+                for old in list(opts.key_failures)[:5_000]:
+                    opts.key_failures.pop(old, None)
+            if need_key:
+                return unauthorized()
+            # /v1/health answers a wrong key exactly as it answers no key
+        if "origin" in request.headers or not is_loopback_host(_host_of(request.headers.get("host", ""))):
+            return _error(403, "requests from a web page (Origin header) or for a non-loopback Host need the API key", code=3, error="BackendError", close=True)
+        if need_key and opts.api_key is not None:
+            return unauthorized()
+        return None
 
     def unauthorized() -> JSONResponse:
         return _error(401, "missing or wrong API key", code=3, error="BackendError", close=True, headers={"WWW-Authenticate": "Bearer"})
@@ -130,43 +238,94 @@ def create_app(
         return _error(422, f"bad request: {exc.errors()[0].get('msg', 'invalid')}")
 
     @app.get("/v1/health")
-    async def health(request: Request) -> dict[str, Any]:
+    async def health(request: Request) -> Any:
         from synapse_cli.jobs import JOBS
 
+        refused = gate(request, need_key=False)
+        if refused is not None:
+            return await _refuse(request, refused, opts)
         return {
             "status": "ok",
             "version": __version__,
             "jobs": list(JOBS),
             "max_upload_mb": opts.max_upload_mb,
             "auth": "none" if opts.api_key is None else "bearer",
-            "key_accepted": key_status(request),
         }
 
     @app.post("/v1/jobs/{kind}")
     async def run_job(kind: str, request: Request) -> Any:
-        from synapse_cli.jobs import JOBS
+        from synapse_cli.jobs import JOBS, spec_class
 
-        if key_status(request) is False:
-            return unauthorized()
+        refused = gate(request)
+        if refused is not None:
+            return await _refuse(request, refused, opts)
         if kind not in JOBS:
-            return _error(404, f"unknown job kind {kind!r}; expected one of {', '.join(JOBS)}", close=True)
+            return await _refuse(request, _error(404, f"unknown job kind {kind!r}; expected one of {', '.join(JOBS)}", close=True), opts)
+        if opts.closing:
+            return await _refuse(request, _error(503, "the server is shutting down", code=3, error="BackendError", close=True, headers={"Retry-After": "5"}), opts)
+        shards, shards_error = _shards_param(request.query_params.get("shards"))
+        if shards_error:
+            return await _refuse(request, _error(422, shards_error, close=True), opts)
+        if len(opts.live) >= opts.job_slots:
+            return await _refuse(request, _error(429, f"the server is running {len(opts.live)} jobs, its limit (serve.max_concurrent_jobs); try again shortly",
+                          code=3, error="BackendError", close=True, headers={"Retry-After": "5"}), opts)
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > opts.max_bytes:
-            return _error(413, f"the upload ({int(length) / 1048576:.1f} MB) is larger than the server's limit of {opts.max_upload_mb} MB", close=True)
+            return await _refuse(request, _error(413, f"the upload ({int(length) / 1048576:.1f} MB) is larger than the server's limit of {opts.max_upload_mb} MB", close=True), opts)
+        needed = (int(length) if length.isdigit() else opts.max_bytes) + opts.min_free_mb * 1024 * 1024
+        free = shutil.disk_usage(opts.jobs_dir).free
+        if free < needed:
+            return await _refuse(request, _error(507, f"the server has {free / 1048576:.0f} MB free in its work dir; this upload needs {needed / 1048576:.0f} MB (serve.min_free_mb)",
+                          code=3, error="BackendError", close=True, headers={"Retry-After": "60"}), opts)
+        try:
+            cls = spec_class(kind)
+            inputs: tuple[str, ...] | None = tuple(getattr(cls, "INPUTS", ()))
+            installed: tuple[str, ...] = tuple(getattr(cls, "INSTALLED", ()))
+        except ImportError:
+            inputs, installed = None, ()  # prepare() explains
         await _sweep(opts)
         job_id = secrets.token_urlsafe(16)
         job_dir = opts.jobs_dir / job_id
         job_dir.mkdir()
+        (job_dir / ".alive").touch()
+        opts.live[job_id] = job_dir
+        _start_heartbeat(opts)
+        received_all = False
+
+        async def body_stream() -> AsyncIterator[bytes]:
+            nonlocal received_all
+            while not received_all:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                received_all = not message.get("more_body", False)
+                if message.get("body"):
+                    yield message["body"]
+
         try:
-            body = await read_body(request.headers.get("content-type", ""), request.stream(), job_dir / "in", opts.max_bytes)
+            body = await read_body(request.headers.get("content-type", ""), body_stream(), job_dir / "in", opts.max_bytes,
+                                   inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind, installed=installed)
             run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir)
+            run.shards = shards
         except BadUpload as exc:
+            _forget(opts, job_id)
             remove_tree(job_dir)
-            return _error(exc.status, exc.message, close=exc.status == 413)
+            # refused before the body ended: a small rest is read and dropped, so the client (still
+            # sending) gets the answer; a large one is not read at all, and the connection closes
+            small = received_all or (length.isdigit() and int(length) <= _DRAIN_MAX_BYTES and exc.status != 408)
+            if small and not received_all:
+                small = await _drain(request, opts.body_timeout_s or None)
+            return _error(exc.status, exc.message, close=not small)
         except ClientDisconnect:  # gone mid-upload: nothing to answer, nothing to keep
+            _forget(opts, job_id)
             remove_tree(job_dir)
             return _error(400, "the client disconnected during the upload", close=True)
+        except OSError as exc:  # a full disk, a name the file system refuses: the request fails, the server doesn't
+            _forget(opts, job_id)
+            remove_tree(job_dir)
+            return _error(507 if exc.errno == 28 else 400, f"cannot store the upload: {exc.strerror or exc}", close=True)
         except BaseException:  # the client went away mid-upload, or a bug: leave nothing behind
+            _forget(opts, job_id)
             remove_tree(job_dir)
             raise
         return StreamingResponse(
@@ -177,36 +336,62 @@ def create_app(
 
     @app.get("/v1/artifacts/{artifact_id}")
     async def artifact(artifact_id: str, request: Request) -> Any:
-        if key_status(request) is False:
-            return unauthorized()
+        refused = gate(request)
+        if refused is not None:
+            return await _refuse(request, refused, opts)
         match = _ARTIFACT_ID.fullmatch(artifact_id)
         path = runner.artifact_path(opts.jobs_dir, match[1], match[2]) if match else None
         if path is None:
-            return _error(404, f"no artifact {artifact_id!r} (expired, or never existed)")
+            return await _refuse(request, _error(404, f"no artifact {artifact_id!r} (expired, or never existed)"), opts)
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
     return app
 
 
 async def _stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[bytes]:
-    """Start the job and stream its events; the generator's close (client gone) cancels the job."""
+    """Start the job and stream its events. A client that goes away, the job's time limit and the
+    server's shutdown all cancel the job at once (``JobRun.cancel``: its processes are killed).
+
+    While the job is silent, a blank line goes out every ``keepalive_s``: NDJSON readers skip
+    blank lines, and the client's read timeout does not cut off a healthy job."""
     import asyncio
 
-    channel = runner.Channel(asyncio.get_running_loop())
-    opts.running.add(run.job_id)
+    channel = runner.Channel(asyncio.get_running_loop(), stall_timeout_s=opts.stall_timeout_s or None)
+    opts.runs[run.job_id] = run
 
     def on_end(r: runner.JobRun, ok: bool) -> None:
         try:
             runner.finish(r, ok)
+            if ok and opts.on_job_end is not None:
+                opts.on_job_end()
+        except Exception:  # noqa: BLE001 - the job is over either way
+            log.warning("job %s: error after the job", r.job_id, exc_info=True)
         finally:
-            opts.running.discard(r.job_id)
+            if timer is not None:
+                timer.cancel()
+            _forget(opts, r.job_id)
+            opts.runs.pop(r.job_id, None)
 
+    timer: threading.Timer | None = None
+    if opts.job_timeout_s:
+        limit = opts.job_timeout_s
+        timer = threading.Timer(limit, run.cancel, (
+            "time limit", Failed(1, f"the job ran longer than this server's limit of {limit:g} s (serve.job_timeout_s) and was stopped", "JobError")))
+        timer.daemon = True
     runner.run_in_thread(run, channel, on_end)
+    if timer is not None:
+        timer.start()
+    if opts.closing:
+        opts.cancel_all()
+    done = False
     try:
         while True:
-            batch = await channel.get_batch()
+            try:
+                batch = await asyncio.wait_for(channel.get_batch(), opts.keepalive_s)
+            except asyncio.TimeoutError:
+                yield b"\n"
+                continue
             lines: list[str] = []
-            done = False
             for item in batch:
                 if item is runner.DONE:
                     done = True
@@ -217,11 +402,82 @@ async def _stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[byte
             if done:
                 return
     finally:
-        channel.close()  # wakes the worker: it stops at the job's next event and closes the generator
+        if not done:  # the client went away: stop the job now, not at its next event
+            run.cancel("the client went away")
+        channel.close()
+
+
+_DRAIN_MAX_BYTES = 1024 * 1024
+
+
+async def _refuse(request: Request, response: JSONResponse, opts: ServerOptions) -> JSONResponse:
+    """A refusal before the body was read: a small body is read and dropped first (else the client,
+    still sending, sees a reset instead of the answer); a large one is left unread, the connection closed."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) <= _DRAIN_MAX_BYTES and await _drain(request, opts.body_timeout_s or None):
+        if "connection" in response.headers:
+            del response.headers["connection"]
+    else:
+        response.headers["connection"] = "close"
+    return response
+
+
+async def _drain(request: Request, timeout_s: float | None) -> bool:
+    """Read and drop the rest of the request body; False if the client stalls or goes away."""
+    import asyncio
+
+    try:
+        while True:
+            message = await asyncio.wait_for(request.receive(), timeout_s)
+            if message.get("type") != "http.request" or not message.get("more_body"):
+                return message.get("type") == "http.request"
+    except (asyncio.TimeoutError, ClientDisconnect, RuntimeError):
+        return False
+
+
+def _forget(opts: ServerOptions, job_id: str) -> None:
+    opts.live.pop(job_id, None)
+    if not opts.live:
+        opts.idle.set()  # the heartbeat thread ends now, not in _HEARTBEAT_S
+
+
+def _start_heartbeat(opts: ServerOptions) -> None:
+    """One thread per app touches ``.alive`` in each of this process's job folders, so that another
+    process sharing the work dir (or this one's sweep) can tell a live job from a dead one."""
+    if opts.heartbeat is not None and opts.heartbeat.is_alive() and not opts.idle.is_set():
+        return
+
+    opts.idle.clear()
+
+    def beat() -> None:
+        while opts.live:  # ends with the last job; the next job starts another
+            if opts.idle.wait(_HEARTBEAT_S):
+                return
+            for job_dir in list(opts.live.values()):
+                try:
+                    os.utime(job_dir / ".alive")
+                except OSError:
+                    pass
+
+    opts.heartbeat = threading.Thread(target=beat, name="synapse-heartbeat", daemon=True)
+    opts.heartbeat.start()
+
+
+def _shards_param(value: str | None) -> tuple[int, str | None]:
+    """``?shards=N``: how many worker processes of this server the job is split across (at most one per core)."""
+    if value is None or value in ("", "auto", "1"):
+        return 1, None
+    most = os.cpu_count() or 1
+    if not value.isdigit() or not 1 <= int(value) <= most:
+        return 1, f"shards: expected 1..{most} (this server's cores) or auto, got {value!r}"
+    return int(value), None
 
 
 async def _sweep(opts: ServerOptions) -> None:
-    """Remove job folders whose artifacts expired (and leftovers of an earlier process)."""
+    """Remove job folders whose artifacts expired, and those of jobs whose process died.
+
+    A finished job's age is its ``.done``; a job still uploading or running (here or in another
+    process sharing the work dir) keeps a fresh ``.alive`` and is never removed, however long it runs."""
     now = time.time()
     if now - opts.last_sweep < min(_SWEEP_EVERY_S, opts.artifact_ttl_s):
         return
@@ -229,14 +485,19 @@ async def _sweep(opts: ServerOptions) -> None:
 
     def sweep() -> None:
         for job_dir in opts.jobs_dir.iterdir():
-            if job_dir.name in opts.running:
+            if job_dir.name in opts.live:
                 continue
-            marker = job_dir / ".done"
             try:
-                stamp = marker.stat().st_mtime if marker.exists() else job_dir.stat().st_mtime
+                done = job_dir / ".done"
+                if done.exists():
+                    expired = now - done.stat().st_mtime > opts.artifact_ttl_s
+                elif (job_dir / ".alive").exists():
+                    expired = now - (job_dir / ".alive").stat().st_mtime > _HEARTBEAT_STALE_S
+                else:  # neither: an older server's folder
+                    expired = now - job_dir.stat().st_mtime > max(opts.artifact_ttl_s, _HEARTBEAT_STALE_S)
             except OSError:
                 continue
-            if now - stamp > opts.artifact_ttl_s:
+            if expired:
                 remove_tree(job_dir)
 
     import anyio

@@ -5,7 +5,13 @@ Layout of a job's folder (``<work_dir>/jobs/<job id>/``)::
     in/<n>/<filename>     uploaded inputs (removed when the job ends)
     out/<k>/<basename>    output k of the spec (a file, or a directory such as compile's output_dir)
     artifacts.json        artifact number -> path inside the folder, for GET /v1/artifacts/<job id>.<number>
+    .alive                touched every few seconds by the process that owns the job while it uploads or runs
     .done                 written when the job ends; the folder is swept ``artifact_ttl_s`` later
+
+A job's child processes (ffmpeg, engine workers) are found through
+``/proc/self/task/<job thread>/children``: Linux records which thread forked each child, so
+the server can kill a job's processes the moment the job is cancelled (client gone, time
+limit, shutdown) without waiting for the job's next event, and without the jobs' help.
 
 The job generator runs in its own thread and hands events to the event loop
 through ``_Channel``. Server paths never reach the client: messages and the
@@ -21,7 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -29,10 +37,11 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlencode
 
-from synapse_cli.errors import SynapseError
+from synapse_cli.backends._remote import PathField, path_fields, stage_paths
+from synapse_cli.errors import SynapseError, UsageError
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
 from synapse_cli.jobs import get_kind, select_installed
-from synapse_cli.server.uploads import BadUpload, Body, is_within, remove_tree, safe_filename
+from synapse_cli.server.uploads import BadUpload, Body, installed_upload_refused, is_within, remove_tree, safe_filename
 
 log = logging.getLogger("synapse.server")
 
@@ -56,6 +65,31 @@ class JobRun:
     uploads: list[Path]
     replacements: list[tuple[str, str]]  # (server path, client path), longest first
     artifacts: dict[str, str] = field(default_factory=dict)  # number -> path relative to dir
+    thread: threading.Thread | None = None
+    native_id: int | None = None  # the job thread's kernel id: its children are the job's processes
+    channel: "Channel | None" = None
+    cancel_reason: str | None = None
+    shards: int = 1  # ?shards=N: the server splits the job across its own worker processes
+
+    def cancel(self, reason: str, failure: Event | None = None) -> None:
+        """Stop the job now: end its stream (with ``failure`` as the last line, if given) and kill its processes.
+
+        The job's thread notices at its next event; until it has ended, any process it starts is killed too.
+        """
+        if self.cancel_reason is not None:
+            return
+        self.cancel_reason = reason
+        if self.channel is not None:
+            self.channel.end([failure] if failure is not None else [])
+        threading.Thread(target=self._reap, name=f"synapse-reap-{self.job_id[:8]}", daemon=True).start()
+
+    def _reap(self) -> None:
+        while True:
+            alive = self.thread is not None and self.thread.is_alive()
+            kill_children(self.native_id)
+            if not alive:
+                return
+            time.sleep(0.05)
 
     # -- server paths -> what the client sees ------------------------------------
 
@@ -81,7 +115,7 @@ class JobRun:
         if isinstance(event, Finished):
             return [Finished(result=self._value(event.result), elapsed_s=event.elapsed_s)]
         if isinstance(event, Log):
-            return [Log(self._text(event.message), event.level)]
+            return [Log(self._text(event.message), event.level, event.shard)]
         if isinstance(event, Progress) and event.message:
             return [Progress(event.done, event.total, event.phase, self._text(event.message))]
         if isinstance(event, Failed):
@@ -126,6 +160,47 @@ class JobRun:
             os.replace(tmp, self.dir / "artifacts.json")
         except OSError:  # the folder went away (job cancelled): nothing left to serve
             pass
+
+
+def _children(pid: int, tid: int | None = None) -> list[int]:
+    """Direct children of one thread (``tid``) or of every thread of ``pid``."""
+    tasks = [str(tid)] if tid is not None else None
+    base = Path(f"/proc/{pid}/task")
+    try:
+        names = tasks or [t.name for t in base.iterdir()]
+    except OSError:
+        return []
+    out: list[int] = []
+    for name in names:
+        try:
+            out.extend(int(c) for c in (base / name / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def kill_children(tid: int | None) -> list[int]:
+    """SIGKILL every process the thread ``tid`` of this process started, with their descendants
+    and process groups (ffmpeg runs in its own session). Returns the pids signalled."""
+    if tid is None:
+        return []
+    found: list[int] = []
+    todo = _children(os.getpid(), tid)
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.append(pid)
+        todo.extend(_children(pid))
+    for pid in reversed(found):
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return found
 
 
 def artifact_path(jobs_dir: Path, job_id: str, number: str) -> Path | None:
@@ -192,60 +267,45 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
     outputs: tuple[str, ...] = tuple(getattr(cls, "OUTPUTS", ()))
     refused = sorted({u.field for u in body.files} & set(get_kind(kind).installed))
     if refused:
-        raise BadUpload(
-            400,
-            f"{kind} {', '.join(refused)} cannot be uploaded: a model file is code, so the server only loads models its owner "
-            "installed; send the model's name instead",
-        )
+        raise installed_upload_refused(kind, refused)
     stray = sorted({u.field for u in body.files} - set(inputs))
     if stray:
         raise BadUpload(400, f"file part(s) {', '.join(map(repr, stray))} are not inputs of {kind} (inputs: {', '.join(inputs) or 'none'})")
 
-    replacements: list[tuple[str, str]] = []
-    for name in inputs:
-        value = data.get(name)
+    try:
+        paths = path_fields(kind, data)
+    except UsageError as exc:
+        raise BadUpload(422, f"{kind} {exc}") from None
+    for name in inputs:  # each input path has its file part, in order
         parts = [u for u in body.files if u.field == name]
-        if value is None:
-            if parts:
-                raise BadUpload(422, f"a file was uploaded for {name!r} but the spec's {name} is null")
-            continue
-        if isinstance(value, str):
-            if len(parts) != 1:
-                raise BadUpload(422, f"{kind} input {name!r} needs exactly one file part named {name!r} (got {len(parts)})")
-            data[name] = str(parts[0].path)
-            replacements.append((str(parts[0].path), value))
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            if len(parts) != len(value):
-                raise BadUpload(422, f"{kind} input {name!r} lists {len(value)} path(s) but {len(parts)} file part(s) came")
-            data[name] = [str(u.path) for u in parts]
-            replacements.extend((str(u.path), v) for u, v in zip(parts, value, strict=True))
-        else:
-            raise BadUpload(422, f"{kind} input {name!r} must be a path or a list of paths")
+        listed = [p for p in paths if p.field == name]
+        if data.get(name) is None and parts:
+            raise BadUpload(422, f"a file was uploaded for {name!r} but the spec's {name} is null")
+        if isinstance(data.get(name), str) and len(parts) != 1:
+            raise BadUpload(422, f"{kind} input {name!r} needs exactly one file part named {name!r} (got {len(parts)})")
+        if isinstance(data.get(name), list) and len(parts) != len(listed):
+            raise BadUpload(422, f"{kind} input {name!r} lists {len(listed)} path(s) but {len(parts)} file part(s) came")
 
+    replacements: list[tuple[str, str]] = []
     outs: list[Output] = []
-    for name in outputs:
-        value = data.get(name)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            items: list[tuple[int | None, str]] = [(None, value)]
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            items = list(enumerate(value))
+
+    def place(path: PathField) -> str:
+        """An input: its uploaded file; an output: a file (or folder) of its own under ``out/``."""
+        if not path.output:
+            server = str([u for u in body.files if u.field == path.field][path.index or 0].path)
         else:
-            raise BadUpload(422, f"{kind} output {name!r} must be a path or a list of paths")
-        server_values = []
-        for index, client in items:
             folder = job_dir / "out" / str(len(outs))
             folder.mkdir(parents=True)
             try:
-                base = safe_filename(Path(client).name)
+                base = safe_filename(Path(path.value).name)
             except BadUpload:
-                base = "output" + Path(client).suffix
-            out = Output(name, index, folder / base, client)
-            outs.append(out)
-            server_values.append(str(out.server_path))
-            replacements.append((str(out.server_path), client))
-        data[name] = server_values[0] if isinstance(value, str) else server_values
+                base = "output" + Path(path.value).suffix
+            outs.append(Output(path.field, path.index, folder / base, path.value))
+            server = str(outs[-1].server_path)
+        replacements.append((server, path.value))
+        return server
+
+    data = stage_paths(kind, data, place)
 
     # host fields (a binary, a cache dir) mean nothing here, and obeying them would let a
     # client pick a binary or a folder on the server: the spec's default applies
@@ -257,6 +317,10 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
     except SynapseError as exc:
         raise BadUpload(422, str(exc)) from None
     spec = _check_types(kind, cls, data)
+    for name, cap in getattr(cls, "SERVER_CAPS", {}).items():
+        value = getattr(spec, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
+            raise BadUpload(422, f"bad {kind} spec: {name}: {value:g} is over this server's cap of {cap:g}")
     replacements.sort(key=lambda r: len(r[0]), reverse=True)
     return JobRun(job_id, kind, job_dir, spec, outs, [u.path for u in body.files], replacements)
 
@@ -272,9 +336,13 @@ DONE = object()
 
 
 class Channel:
-    """Worker thread -> event loop, bounded, handing over everything queued at once (one chunk per batch)."""
+    """Worker thread -> event loop, bounded, handing over everything queued at once (one chunk per batch).
 
-    def __init__(self, loop: Any, maxsize: int = 4096) -> None:
+    A reader that falls behind blocks the worker, for at most ``stall_timeout_s``: past that the
+    channel closes (``stalled``) and the job is cancelled, so a client that stops reading cannot
+    hold a job, its processes and its folder forever."""
+
+    def __init__(self, loop: Any, maxsize: int = 4096, stall_timeout_s: float | None = None) -> None:
         import asyncio
 
         self._loop = loop
@@ -283,12 +351,19 @@ class Channel:
         self._ready = asyncio.Event()
         self._closed = False
         self._maxsize = maxsize
+        self._stall_timeout_s = stall_timeout_s
+        self.stalled = False
 
     def put(self, item: Any, final: bool = False) -> None:
         """Called from the worker; blocks while the reader is behind; raises ``_Cancelled`` once closed."""
         with self._lock:
+            deadline = time.monotonic() + self._stall_timeout_s if self._stall_timeout_s else None
             while not final and len(self._items) >= self._maxsize and not self._closed:
-                self._lock.wait(0.5)
+                if deadline is not None and time.monotonic() > deadline:
+                    self.stalled = True
+                    self._closed = True
+                    break
+                self._lock.wait(0.5 if deadline is None else min(0.5, max(0.01, deadline - time.monotonic())))
             if self._closed:
                 if final:
                     return
@@ -319,9 +394,33 @@ class Channel:
             self._closed = True
             self._lock.notify_all()
 
+    def end(self, items: list[Any]) -> None:
+        """From any thread: queue ``items`` and the end of the stream, and refuse the worker's further events."""
+        with self._lock:
+            if self._closed:
+                return
+            self._items.extend([*items, DONE])
+            self._closed = True
+            self._lock.notify_all()
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:
+            pass
+
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _sharded(run: JobRun) -> Iterator[Event]:
+    """The job as ``run.shards`` shards in worker processes here, merged into one stream (synapse_cli.shards)."""
+    from synapse_cli.backends.local import LocalBackend
+    from synapse_cli.config import registry
+    from synapse_cli.shards import job_events
+
+    defaults = {key: setting.default for key, setting in registry().items() if key.startswith("shards.")}
+    settings = {**defaults, "shards.count": run.shards, "modal.max_retries": 0}
+    return job_events(run.kind, run.spec, LocalBackend(), settings)
 
 
 def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Thread:
@@ -329,21 +428,25 @@ def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Threa
     from synapse_cli.jobs import load_job
 
     def work() -> None:
+        run.native_id = threading.get_native_id()
         gen: Iterator[Event] | None = None
         ok = False
         try:
-            gen = load_job(run.kind)(run.spec)
+            gen = load_job(run.kind)(run.spec) if run.shards <= 1 else _sharded(run)
             finished = False
             for event in gen:
                 channel.put(event)
                 finished = finished or isinstance(event, Finished)
             ok = finished
         except _Cancelled:
-            log.info("job %s cancelled: the client went away", run.job_id)
+            if channel.stalled:
+                run.cancel("the client stopped reading")
+            log.info("job %s cancelled: %s", run.job_id, run.cancel_reason or "the client went away")
         except BaseException as exc:  # noqa: BLE001 - every failure becomes the stream's last line
             if not isinstance(exc, SynapseError):  # a job's own errors are the client's business; bugs are ours
                 log.warning("job %s failed", run.job_id, exc_info=True)
-            channel.put(failed(exc), final=True)
+            if run.cancel_reason is None:
+                channel.put(failed(exc), final=True)
         finally:
             if gen is not None:
                 try:
@@ -356,12 +459,15 @@ def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Threa
                 channel.put(DONE, final=True)
 
     thread = threading.Thread(target=work, name=f"synapse-job-{run.job_id[:8]}", daemon=True)
+    run.thread, run.channel = thread, channel
     thread.start()
     return thread
 
 
 def finish(run: JobRun, ok: bool) -> None:
     """After the job: inputs go; outputs stay for download only if it succeeded."""
+    kill_children(run.native_id)  # whatever the job left running
+    (run.dir / ".alive").unlink(missing_ok=True)
     if not ok:
         remove_tree(run.dir)
         return

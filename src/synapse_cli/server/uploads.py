@@ -24,12 +24,21 @@ MAX_DIR_MEMBERS = 10_000
 
 
 class BadUpload(Exception):
-    """A request the server refuses; ``status`` is the HTTP status (400, 413, 415, 422)."""
+    """A request the server refuses; ``status`` is the HTTP status (400, 408, 413, 415, 422)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def installed_upload_refused(kind: str, names: list[str]) -> BadUpload:
+    """The refusal of an upload for an ``INSTALLED`` field (a model: a file that is code)."""
+    return BadUpload(
+        400,
+        f"{kind} {', '.join(names)} cannot be uploaded: a model file is code, so the server only loads models its owner "
+        "installed; send the model's name instead",
+    )
 
 
 def safe_filename(name: str) -> str:
@@ -68,17 +77,42 @@ def _spec_from_json(raw: bytes) -> dict[str, Any]:
     return data
 
 
+async def _with_idle_timeout(stream: AsyncIterator[bytes], timeout_s: float | None) -> AsyncIterator[bytes]:
+    """``stream``, but a client that sends nothing for ``timeout_s`` gets a 408 (uvicorn has no body timeout)."""
+    import asyncio
+
+    it = stream.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(it.__anext__(), timeout_s) if timeout_s else await it.__anext__()
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise BadUpload(408, f"the client sent nothing for {timeout_s:g} s during the upload (serve.body_timeout_s)") from None
+        yield chunk
+
+
 async def read_body(
-    content_type: str, stream: AsyncIterator[bytes], in_dir: Path, max_bytes: int
+    content_type: str,
+    stream: AsyncIterator[bytes],
+    in_dir: Path,
+    max_bytes: int,
+    inputs: tuple[str, ...] | None = None,
+    idle_timeout_s: float | None = None,
+    kind: str = "this job",
+    installed: tuple[str, ...] = (),
 ) -> Body:
     """Parse a job request: ``application/json`` (the spec alone) or ``multipart/form-data``
     (a ``spec`` field holding JSON, plus one file part per input, named after its spec field).
 
-    Files go to ``in_dir/<n>/<filename>``. Raises ``BadUpload``; the caller removes ``in_dir``.
+    Files go to ``in_dir/<n>/<filename>``. A part that is neither ``spec`` nor one of ``inputs``
+    (when given) is refused as soon as its headers arrive. Raises ``BadUpload``; the caller
+    removes ``in_dir``.
     """
+    stream = _with_idle_timeout(stream, idle_timeout_s)
     mime = content_type.split(";", 1)[0].strip().lower()
     if mime == "multipart/form-data":
-        return await _read_multipart(content_type, stream, in_dir, max_bytes)
+        return await _read_multipart(content_type, stream, in_dir, max_bytes, inputs, kind, installed)
     if mime not in ("application/json", "application/x-www-form-urlencoded"):
         raise BadUpload(415, f"expected multipart/form-data or application/json, got {mime or 'no content type'!r}")
     raw = bytearray()
@@ -98,7 +132,7 @@ async def read_body(
     return Body(_spec_from_json(form["spec"][0].encode("latin-1")))
 
 
-async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_dir: Path, max_bytes: int) -> Body:
+async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_dir: Path, max_bytes: int, inputs: tuple[str, ...] | None, kind: str, installed: tuple[str, ...] = ()) -> Body:
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -132,6 +166,10 @@ async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_di
         name = options[b"name"].decode("utf-8", "replace")
         state["name"] = name
         if b"filename" in options:
+            if name in installed:
+                raise installed_upload_refused(kind, [name])
+            if inputs is not None and name not in inputs:  # refused now, not after buffering the whole body
+                raise BadUpload(400, f"file part(s) {name!r} are not inputs of {kind} (inputs: {', '.join(inputs) or 'none'})")
             filename = safe_filename(options[b"filename"].decode("utf-8", "replace"))
             if len(uploads) >= MAX_FILES:
                 raise BadUpload(400, f"more than {MAX_FILES} files")
@@ -144,6 +182,8 @@ async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_di
             state["upload"] = upload
             uploads.append(upload)
         else:
+            if name != "spec":
+                raise BadUpload(400, f"unexpected form field {name!r} (expected 'spec' and file parts)")
             if name in fields:
                 raise BadUpload(400, f"form field {name!r} given twice")
             fields[name] = bytearray()
@@ -189,9 +229,6 @@ async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_di
     finally:
         if state["file"] is not None:
             state["file"].close()
-    unknown = sorted(set(fields) - {"spec"})
-    if unknown:
-        raise BadUpload(400, f"unexpected form field(s): {', '.join(unknown)} (expected 'spec' and file parts)")
     if "spec" not in fields:
         raise BadUpload(400, "the multipart body has no 'spec' field")
     spec = _spec_from_json(bytes(fields["spec"]))
@@ -199,39 +236,54 @@ async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_di
         if upload.is_dir:
             import anyio
 
-            await anyio.to_thread.run_sync(_unpack_dir, upload)
+            await anyio.to_thread.run_sync(_unpack_dir, upload, max_bytes)
     return Body(spec, uploads)
 
 
-def _unpack_dir(upload: Upload) -> None:
-    """Unpack a directory input's tar into ``upload.path``: plain files and folders only, every name checked."""
+def _unpack_dir(upload: Upload, max_bytes: int) -> None:
+    """Unpack a directory input's tar into ``upload.path``: plain files and folders only, every name checked.
+
+    Members are counted as they are read (``getmembers()`` would first hold every header in
+    memory), sparse members are refused (a few KB of PAX ``GNU.sparse.*`` headers can declare a
+    terabyte of zeros), and the bytes written are capped at ``max_bytes`` in all.
+    """
     import tarfile
 
     archive = upload.path.with_name(f".{upload.filename}.tar")
     dest = upload.path
+    written = 0
     try:
         with tarfile.open(archive, mode="r:") as tar:
-            members = tar.getmembers()
-            if len(members) > MAX_DIR_MEMBERS:
-                raise BadUpload(400, f"directory upload {upload.filename!r} has more than {MAX_DIR_MEMBERS} entries")
             dest.mkdir()
-            for member in members:
+            for count, member in enumerate(tar, 1):
+                if count > MAX_DIR_MEMBERS:
+                    raise BadUpload(400, f"directory upload {upload.filename!r} has more than {MAX_DIR_MEMBERS} entries")
                 parts = [p for p in member.name.split("/") if p not in ("", ".")]
                 for part in parts:
                     safe_filename(part)
+                if member.issparse():
+                    raise BadUpload(400, f"directory upload {upload.filename!r}: {member.name!r} is a sparse file (refused)")
                 if not (member.isfile() or member.isdir()):
                     raise BadUpload(400, f"directory upload {upload.filename!r}: {member.name!r} is not a plain file or folder")
                 target = dest.joinpath(*parts)
                 if member.isdir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
+                if written + member.size > max_bytes:
+                    raise BadUpload(413, f"directory upload {upload.filename!r} unpacks to more than the server's limit of {max_bytes // (1024 * 1024)} MB")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source = tar.extractfile(member)
                 assert source is not None
                 with source, open(target, "xb") as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
+                    while chunk := source.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:  # a header that lied about its size
+                            raise BadUpload(413, f"directory upload {upload.filename!r} unpacks to more than the server's limit of {max_bytes // (1024 * 1024)} MB")
+                        out.write(chunk)
     except (tarfile.TarError, FileExistsError) as exc:
         raise BadUpload(400, f"directory upload {upload.filename!r} is not a valid tar: {exc}") from None
+    except OSError as exc:  # a name the file system refuses, a full disk: the upload's fault or not, never a 500
+        raise BadUpload(400, f"directory upload {upload.filename!r} could not be unpacked: {exc.strerror or exc}") from None
     finally:
         archive.unlink(missing_ok=True)
 

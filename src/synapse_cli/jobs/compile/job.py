@@ -46,6 +46,7 @@ class CompileSpec:
 
     INPUTS: ClassVar[tuple[str, ...]] = ("inputs", "check")
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output_dir",)
+    SERVER_CAPS: ClassVar[dict[str, float]] = {"workers": 8, "engine_timeout_s": 120}  # synapse serve refuses more (422)
 
 
 def engine_versions() -> dict[str, str]:

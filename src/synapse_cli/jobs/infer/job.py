@@ -43,6 +43,7 @@ class InferSpec:
     # A model file is code (a pickle): it is never uploaded. On a server or in a Modal
     # container, ``model`` names one of the models the machine's owner installed.
     INSTALLED: ClassVar[tuple[str, ...]] = ("model",)
+    SERVER_CAPS: ClassVar[dict[str, float]] = {"threads": 64}  # synapse serve refuses more (422)
 
     source: str
     output: str | None = None  # default: <stem>.<task>.json beside the source

@@ -151,7 +151,7 @@ _CORE: dict[str, _Setting] = {
     "modal.mode": _Setting("deployed", _choice("deployed", "ephemeral"), "deployed: look functions up by name; ephemeral: run the app for this call"),
     "modal.gpu": _Setting("T4", _str, "GPU for inference functions"),
     "modal.timeout_s": _Setting(3600, _int(1, 86400), "per-call timeout"),
-    "modal.connect_timeout_s": _Setting(20.0, _float(), "give up reaching Modal after this long (the client alone retries ~60 s)"),
+    "modal.connect_timeout_s": _Setting(20.0, _float(), "the whole budget for reaching Modal: the connection, the lookups and the first calls (the client alone retries ~60 s)"),
     "modal.max_retries": _Setting(2, _int(0, 10), "retries for transient failures"),
     "modal.initial_backoff_ms": _Setting(1000, _int(0, 600_000), "first retry delay"),
     "modal.volume": _Setting("synapse-data", _str, "Volume for inputs and outputs"),

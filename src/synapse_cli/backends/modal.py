@@ -2,8 +2,11 @@
 
 Files never travel as call arguments (Modal inlines at most 2 MiB): inputs are
 uploaded to the shared Volume under a content-hash key (skipped when the key
-exists), the job reads and writes ``vol:`` paths, and outputs are downloaded to
-a temporary file beside the requested one and renamed into place.
+exists), the job reads and writes ``vol:`` paths, and each output is downloaded
+to a temporary file beside the requested one as its ``artifact`` arrives; all are
+renamed into place when ``finished`` arrives, or none (``_remote.collect_outputs``).
+Reaching Modal (connection, Volume and function lookups) has one budget,
+``connect_timeout_s``; a call is retried (stamina) only before its first event.
 
 This is the only module of synapse_cli that imports modal, and it does so
 lazily: ``synapse --help`` never pays for it. Modal's exceptions are mapped to

@@ -103,3 +103,19 @@ def test_modal_detach_without_credentials_leaves_no_pending_row(cli, db, tiny, t
     run = cli("export", tiny, "-o", tmp_path / "d.mp4", "--use-modal", "--detach", *SMALL)
     assert run.exit_code == 3, run.stderr
     assert [r[1] for r in rows(db)] == ["failed"]
+
+
+def test_secrets_an_older_synapse_stored_are_scrubbed_from_the_file(cli, db, tiny, tmp_path):
+    assert cli("export", tiny, "-o", tmp_path / "a.mp4", *SMALL).exit_code == 0
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE jobs SET flags = ?", (json.dumps({"api_key": KEY, "backend": "local"}),))
+    conn.execute("ALTER TABLE jobs DROP COLUMN pid_start")
+    conn.execute("PRAGMA user_version = 1")  # as synapse with schema 1 left it
+    conn.commit()
+    conn.close()
+    listed = cli("jobs", "list", "--json")
+    assert listed.exit_code == 0 and json.loads(listed.stdout)["jobs"][0]["flags"] == {"backend": "local"}
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert KEY not in conn.execute("SELECT flags FROM jobs").fetchone()[0]
+    conn.close()

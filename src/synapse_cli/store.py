@@ -193,6 +193,10 @@ class JobStore:
                     version = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have just done it
                     if version == 1:
                         db.execute("ALTER TABLE jobs ADD COLUMN pid_start INTEGER")
+                        for row in db.execute("SELECT id, flags FROM jobs WHERE flags IS NOT NULL").fetchall():  # an older synapse kept --api-key
+                            kept = without_secrets(json.loads(row["flags"]))
+                            if kept != json.loads(row["flags"]):
+                                db.execute("UPDATE jobs SET flags = ? WHERE id = ?", (json.dumps(kept), row["id"]))
                     if version < SCHEMA_VERSION:
                         for statement in filter(str.strip, _SCHEMA.split(";")):
                             db.execute(statement)

@@ -13,7 +13,7 @@ import typer
 
 from synapse_cli.cli._options import Common
 from synapse_cli.config import Settings, load_settings
-from synapse_cli.errors import UsageError, SynapseError
+from synapse_cli.errors import SynapseError, UsageError
 from synapse_cli.events import failed
 
 
@@ -152,15 +152,30 @@ def detach(kind: str, spec: Any, backend: Any, store: Any, flags: dict[str, Any]
     """Start the job where it survives this terminal and print its id."""
     import json
 
+    from synapse_cli.backends.base import Backend
+    from synapse_cli.config import env_name, registry
+    from synapse_cli.result_cache import cache_key
+
+    if type(backend).detach is Backend.detach:  # refused before a row exists
+        raise UsageError(f"--detach is not supported with the {backend.name} backend")
     if flags.get("shards.count") not in (None, "auto", "1", 1) and not backend.detaches_shards:
         raise UsageError(f"--detach with --shards runs on the local backend; the {backend.name} backend detaches one call")
-    job = store.create(kind, asdict(spec), backend.name, detached=True, flags={k: v for k, v in flags.items() if v is not None})
-    env = {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    key = cache_key(kind, spec) if common.cache else None  # an identical later job reuses this one's result
+    job = store.create(kind, asdict(spec), backend.name, cache_key=key, detached=True, flags=given)  # secrets are not stored
+    env = {env_name(k): str(v) for k, v in given.items() if k in registry() and registry()[k].secret}  # they reach the worker this way
     if common.config:
         env["SYNAPSE_CONFIG"] = str(common.config.resolve())
     if common.profile:
         env["SYNAPSE_PROFILE"] = common.profile
-    backend.detach(kind, spec, job, store, env)
+    try:
+        backend.detach(kind, spec, job, store, env)
+    except BaseException as exc:  # it never started: no pending row is left behind
+        try:
+            store.finish(job.id, "failed", error_code=failed(exc).code, error_message=f"could not start: {failed(exc).message}")
+        except Exception:
+            pass  # the row then goes once this process has: reap() fails a pending job whose creator is gone
+        raise
     if common.json:
         typer.echo(json.dumps({"job_id": job.id, "status": "pending", "kind": kind, "backend": backend.name}))
     else:

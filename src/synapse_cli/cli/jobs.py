@@ -178,7 +178,9 @@ def worker(job_id: JOB_ID) -> None:
         settings = load_settings(job.flags or {})
         spec = spec_from_dict(job.kind, job.spec)
         backend = backend_for(settings, local_only=job.backend == "local")
-        store.start(job.id)
+        if not store.start(job.id):  # cancelled, or reaped, before this worker got to it
+            print(f"job {job.id} is already {store.get(job.id).status}: not running it", file=sys.stderr)
+            return
         from synapse_cli.shards import job_events
 
         with sigterm_as_interrupt():

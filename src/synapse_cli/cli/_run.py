@@ -6,7 +6,9 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import typer
@@ -14,7 +16,7 @@ import typer
 from synapse_cli.cli._options import Common
 from synapse_cli.config import Settings, load_settings
 from synapse_cli.errors import SynapseError
-from synapse_cli.events import failed
+from synapse_cli.events import Event, failed
 
 
 def _one_line(text: str) -> str:
@@ -103,6 +105,127 @@ def backend_for(settings: Settings, local_only: bool = False):
     return backend_named(settings["backend"], settings)
 
 
+def runner_for(job: Any, settings: Settings):
+    """Who follows or cancels a detached job: the remote backend that holds it (a spawned call),
+    else this machine (a local worker writing the job store)."""
+    return backend_named(job.backend if job.remote else "local", settings)
+
+
+@dataclass
+class JobRequest:
+    """What a job command asks the pipeline for: the kind, how to build its spec from the settings,
+    the common options, the command's own setting flags, and how to summarize the result."""
+
+    kind: str
+    build_spec: Callable[[Settings], Any]
+    common: Common
+    flags: dict[str, Any] = field(default_factory=dict)
+    summarize: Callable[[dict[str, Any]], str] | None = None
+
+
+@dataclass
+class Plan:
+    """A job ready to run: resolved settings, validated spec, the backend and the job store.
+
+    ``job_id`` is set once the job has a row in the store. ``close()`` releases the backend
+    and the store; it may be called more than once.
+    """
+
+    request: JobRequest
+    settings: Settings
+    spec: Any
+    backend: Any
+    store: Any
+    job_id: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.request.kind
+
+    def close(self) -> None:
+        backend, store, self.backend, self.store = self.backend, self.store, None, None
+        try:
+            if backend is not None:
+                backend.close()
+        finally:
+            if store is not None:
+                store.close()
+
+
+_CAPTURE: ContextVar[list[JobRequest] | None] = ContextVar("synapse_capture", default=None)
+
+
+@contextmanager
+def capture_requests() -> Iterator[list[JobRequest]]:
+    """Inside, ``run_job`` hands back what a command asked for instead of running it.
+
+    The Python API calls a command's own function this way, so its specs are built,
+    validated and defaulted by exactly the code the CLI runs.
+    """
+    requests: list[JobRequest] = []
+    token = _CAPTURE.set(requests)
+    try:
+        yield requests
+    finally:
+        _CAPTURE.reset(token)
+
+
+def plan_job(request: JobRequest) -> Plan:
+    """Settings (flag > env > file > default), then the spec, the backend and the job store."""
+    from synapse_cli.jobs import get_kind
+    from synapse_cli.store import JobStore
+
+    settings = settings_for(request.common, request.flags)
+    spec = request.build_spec(settings)
+    backend = backend_for(settings, local_only=not get_kind(request.kind).remote)
+    try:
+        store = JobStore.from_settings(settings)
+    except BaseException:
+        backend.close()
+        raise
+    return Plan(request, settings, spec, backend, store)
+
+
+def job_events(plan: Plan) -> Iterator[Event]:
+    """The job's events, recorded in the job store as they pass.
+
+    An identical completed job's result is reused, an identical running one followed
+    (unless the request turned the cache off). Closing this iterator early (or an
+    exception, Ctrl-C included, raised through it) cancels the job: the backend stops it
+    and removes partial outputs, and the store marks it cancelled.
+    """
+    from synapse_cli.result_cache import cache_key, follow, reusable, reuse
+    from synapse_cli.runs import record, step_summary
+    from synapse_cli.store import ACTIVE
+
+    kind, spec, store = plan.kind, plan.spec, plan.store
+    key = cache_key(kind, spec) if plan.request.common.cache else None
+    job, other = store.claim_or_find(kind, asdict(spec), plan.backend.name, key)
+    plan.job_id = job.id
+    if other is not None and reusable(other):
+        events = reuse(other, kind, spec)
+    elif other is not None and other.status in ACTIVE:
+        events = follow(store, other, kind, spec)
+    else:
+        events = plan.backend.run(kind, spec)
+    yield from record(store, job, events, on_end=step_summary)
+
+
+def start_detached(plan: Plan, env: dict[str, str] | None = None) -> Any:
+    """Start the job where it survives this process (a local worker, a spawned Modal call); return its store row."""
+    common = plan.request.common
+    flags = {**common.flags(), **plan.request.flags}
+    job = plan.store.create(plan.kind, asdict(plan.spec), plan.backend.name, detached=True, flags={k: v for k, v in flags.items() if v is not None})
+    plan.job_id = job.id
+    env = dict(env or {})
+    if common.config:
+        env["SYNAPSE_CONFIG"] = str(Path(common.config).resolve())
+    if common.profile:
+        env["SYNAPSE_PROFILE"] = common.profile
+    plan.backend.detach(plan.kind, plan.spec, job, plan.store, env)
+    return job
+
+
 def run_job(
     kind: str,
     build_spec: Callable[[Settings], Any],
@@ -111,55 +234,37 @@ def run_job(
     summarize: Callable[[dict[str, Any]], str] | None = None,
 ) -> dict[str, Any]:
     """Resolve settings, build and validate the spec, run it on the chosen backend, record and render its events."""
-    from synapse_cli.jobs import get_kind
+    request = JobRequest(kind, build_spec, common, dict(flags or {}), summarize)
+    captured = _CAPTURE.get()
+    if captured is not None:  # the Python API is building this job (capture_requests)
+        captured.append(request)
+        return {}
     from synapse_cli.render import choose_mode, default_summary, render
-    from synapse_cli.store import ACTIVE, JobStore
-    from synapse_cli.result_cache import cache_key, follow, reusable, reuse
-    from synapse_cli.runs import record, step_summary
 
     with exit_on_error(common.json):
-        all_flags = {**common.flags(), **(flags or {})}
-        settings = settings_for(common, flags)
-        spec = build_spec(settings)
-        backend = backend_for(settings, local_only=not get_kind(kind).remote)
-        store = JobStore.from_settings(settings)
+        plan = plan_job(request)
         try:
             if common.detach:
-                return detach(kind, spec, backend, store, all_flags, common)
-            key = cache_key(kind, spec) if common.cache else None
-            job, other = store.claim_or_find(kind, asdict(spec), backend.name, key)
-            if other is not None and reusable(other):
-                events = reuse(other, kind, spec)
-            elif other is not None and other.status in ACTIVE:
-                events = follow(store, other, kind, spec)
-            else:
-                events = backend.run(kind, spec)
-            stream = record(store, job, events, on_end=step_summary)
+                return detach(plan)
+            stream = job_events(plan)
             try:
                 with sigterm_as_interrupt():
                     return render(stream, choose_mode(common.json), summarize or default_summary)
             finally:
                 stream.close()  # on Ctrl-C this runs the job's cleanup (kill ffmpeg, remove temp files)
         finally:
-            backend.close()
-            store.close()
+            plan.close()
     return {}
 
 
-def detach(kind: str, spec: Any, backend: Any, store: Any, flags: dict[str, Any], common: Common) -> dict[str, Any]:
+def detach(plan: Plan) -> dict[str, Any]:
     """Start the job where it survives this terminal and print its id."""
     import json
 
-    job = store.create(kind, asdict(spec), backend.name, detached=True, flags={k: v for k, v in flags.items() if v is not None})
-    env = {}
-    if common.config:
-        env["SYNAPSE_CONFIG"] = str(common.config.resolve())
-    if common.profile:
-        env["SYNAPSE_PROFILE"] = common.profile
-    backend.detach(kind, spec, job, store, env)
-    if common.json:
-        typer.echo(json.dumps({"job_id": job.id, "status": "pending", "kind": kind, "backend": backend.name}))
+    job = start_detached(plan)
+    if plan.request.common.json:
+        typer.echo(json.dumps({"job_id": job.id, "status": "pending", "kind": plan.kind, "backend": plan.backend.name}))
     else:
         typer.echo(job.id)
-        print(f"{kind}: detached as job {job.id} (synapse jobs wait {job.id})", file=sys.stderr)
+        print(f"{plan.kind}: detached as job {job.id} (synapse jobs wait {job.id})", file=sys.stderr)
     return {"job_id": job.id}

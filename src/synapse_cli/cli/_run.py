@@ -35,6 +35,11 @@ def exit_on_error(json_output: bool = False) -> Iterator[None]:
             sys.stdout.write(encode(type(ev)(code=code, message=message, error=ev.error)) + "\n")
             sys.stdout.flush()
         print(f"{label}: {_one_line(message)}", file=sys.stderr, flush=True)
+        if not json_output:  # with --json the caller (e.g. python -m synapse_cli.ci) annotates from the error line
+            from synapse_cli.render.plain import error_annotation, in_github_actions
+
+            if in_github_actions():
+                print(error_annotation(f"synapse: {label}", message), file=sys.stderr, flush=True)
         raise typer.Exit(code)
 
     try:

@@ -216,12 +216,16 @@ def step_summary(job: Job, env: dict[str, str] | None = None) -> None:
     output = result.get("output") or result.get("output_dir") or ", ".join(_outputs(job)) or "-"
     wall = f"{job.wall_s:.1f} s" if job.wall_s is not None else "-"
     cost = f" (est. ${job.cost_usd:.4f})" if job.cost_usd else ""
-    line = f"| {job.kind} | {job.backend} | {job.status} | {wall}{cost} | `{output}` |\n"
+    mark = _STATUS_MARKS.get(job.status, "")
+    line = f"| {mark} | {job.kind} | {job.backend} | {job.status} | {wall}{cost} | `{output}` |\n"
     new = not Path(path).exists() or Path(path).stat().st_size == 0
     with open(path, "a", encoding="utf-8") as f:
         if new:
-            f.write("### synapse\n\n| job | backend | status | time | output |\n|---|---|---|---|---|\n")
+            f.write("### synapse\n\n| | job | backend | status | time | output |\n|---|---|---|---|---|---|\n")
         f.write(line)
+
+
+_STATUS_MARKS = {"completed": "\u2705", "failed": "\u274c", "cancelled": "\u23f9\ufe0f"}  # the step summary's status column
 
 
 def _outputs(job: Job) -> list[str]:

@@ -39,11 +39,9 @@ def _output(job) -> str:
 
 
 def _runner(job, settings):
-    """Who follows or cancels a running job: the remote backend that holds it (a spawned call),
-    else this machine (a local worker writing the job store)."""
-    from synapse_cli.cli._run import backend_named
+    from synapse_cli.cli._run import runner_for
 
-    return backend_named(job.backend if job.remote else "local", settings)
+    return runner_for(job, settings)
 
 
 @app.command("list")

@@ -257,6 +257,15 @@ class Settings(Mapping[str, Any]):
     def source(self, key: str) -> str:
         return self._values[RENAMED.get(key, key)].source
 
+    def report(self) -> dict[str, Any]:
+        """What ``config show --json`` prints: the file, then each key's value (secrets masked) and source."""
+        registry_ = registry()
+        rows = {
+            k: {"value": "***" if k in registry_ and registry_[k].secret and v.value else v.value, "source": v.source}
+            for k, v in self._values.items()
+        }
+        return {"config_file": str(self.config_path) if self.config_path else None, "settings": rows}
+
     def section(self, name: str) -> dict[str, Any]:
         """``section("modal")`` -> ``{"app_name": ..., ...}``."""
         return {k.split(".", 1)[1]: v.value for k, v in self._values.items() if k.startswith(name + ".")}

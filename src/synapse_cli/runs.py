@@ -1,7 +1,8 @@
 """Runs in the job store: recording a run's event stream, and re-attaching to a stored run.
 
 - ``record`` passes events through while storing them in the job store and
-  setting the job's final state from how the stream ends.
+  setting the job's final state from how the stream ends. Recording is
+  best-effort: a store that fails (locked, disk full) costs a warning, never the job.
 - ``store_events`` turns a stored job back into a live event stream (``jobs wait``).
 - ``step_summary`` appends a finished run to the GitHub Actions step summary.
 
@@ -11,14 +12,21 @@ Reusing the result of an identical run is ``synapse_cli.result_cache``.
 from __future__ import annotations
 
 import os
+import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from synapse_cli.errors import Interrupted, error_from_wire
-from synapse_cli.events import Event, Failed, Finished, Progress, failed, from_dict, to_dict
+from synapse_cli.errors import Interrupted, SynapseError, error_from_wire
+from synapse_cli.events import Event, Failed, Finished, Log, Progress, failed, from_dict, to_dict
 from synapse_cli.store import ACTIVE, HEARTBEAT_S, Job, JobStore
+
+RECORD_BUSY_S = 5.0  # while a job runs, a write waits this long for the store's lock, then the job goes on without it
+RETRY_AFTER_S = 10.0  # after a failed write, buffer events this long before trying the store again
+# what a store can fail with: sqlite's errors, the OS's (disk full, permissions), ours (JobStore cannot open it)
+STORE_ERRORS = (sqlite3.Error, OSError, SynapseError)
 
 def store_events(store: JobStore, job_id: str, poll_s: float = 0.2, after: int = 0, with_errors: bool = True) -> Iterator[Event]:
     """A stored job as a live stream: its events so far, then new ones as its worker writes them.
@@ -53,46 +61,107 @@ def store_events(store: JobStore, job_id: str, poll_s: float = 0.2, after: int =
 
 
 class _Heartbeat:
-    """Says "still alive" every few seconds, so a silent long step is not taken for a dead worker."""
+    """Says "still alive" every few seconds, so a silent long step is not taken for a dead worker.
 
-    def __init__(self, db_path: Path, job_id: str) -> None:
+    A failing beat (locked store, disk I/O error) is skipped, never fatal: the connection is
+    reopened on the next beat, and beating goes on until the job ends."""
+
+    def __init__(self, db_path: Path, job_id: str, busy_s: float = RECORD_BUSY_S, every_s: float = HEARTBEAT_S) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(db_path, job_id), daemon=True)
+        self.beats = 0  # successful ones
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, args=(db_path, job_id, busy_s, every_s), daemon=True)
         self._thread.start()
 
-    def _run(self, db_path: Path, job_id: str) -> None:
-        store = JobStore(db_path)  # its own connection: sqlite connections are not shared across threads
-        try:
-            while not self._stop.wait(HEARTBEAT_S):
+    def _run(self, db_path: Path, job_id: str, busy_s: float, every_s: float) -> None:
+        store: JobStore | None = None  # its own connection: sqlite connections are not shared across threads
+        while not self._stop.wait(every_s):
+            try:
+                if store is None:
+                    store = JobStore(db_path, busy_timeout_s=busy_s)
                 store.heartbeat(job_id)
-        finally:
-            store.close()
+                self.beats += 1
+            except STORE_ERRORS:
+                self.errors += 1
+                _close(store)
+                store = None
+        _close(store)
 
     def stop(self) -> None:
         self._stop.set()
 
 
+def _close(store: JobStore | None) -> None:
+    try:
+        if store is not None:
+            store.close()
+    except sqlite3.Error:
+        pass
+
+
 def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 0.5,
-           on_end: Callable[[Job], None] | None = None) -> Iterator[Event]:
-    """Pass ``events`` through, writing them to the store (batched) and the job's final state."""
+           on_end: Callable[[Job], None] | None = None, busy_s: float = RECORD_BUSY_S) -> Iterator[Event]:
+    """Pass ``events`` through, writing them to the store (batched) and the job's final state.
+
+    Best-effort: a write that fails (the store locked past ``busy_s``, a full disk) becomes one
+    warning ``Log`` event (or stderr line, once no event can follow); its events stay buffered for
+    a later write, and the job runs to its end either way: its output never depends on the store."""
     buffer: list[dict[str, Any]] = []
     progress: dict[str, Any] | None = None
     last_flush = time.monotonic()
+    retry_at = 0.0  # after a failed write the store is left alone until then
+    warned = False
+    warnings: list[Log] = []
 
-    def flush() -> None:
-        nonlocal buffer, progress, last_flush
+    def attempt(what: str, write: Callable[[], None], force: bool = False) -> bool:
+        nonlocal retry_at, warned
+        if not force and time.monotonic() < retry_at:
+            return False
+        try:
+            write()
+            return True
+        except STORE_ERRORS as exc:
+            retry_at = time.monotonic() + RETRY_AFTER_S
+            if not warned:
+                warned = True
+                warnings.append(Log(f"job store {store.path}: could not record {what} ({exc}); the job goes on, "
+                                    "but synapse jobs may show it incomplete", level="warning"))
+            return False
+
+    def write_events() -> None:
+        nonlocal buffer, progress
         if buffer or progress:
             store.append_events(job.id, buffer, progress)
-        buffer, progress, last_flush = [], None, time.monotonic()
+        buffer, progress = [], None
+
+    def flush() -> None:
+        nonlocal last_flush
+        attempt("its progress", write_events)
+        last_flush = time.monotonic()
+
+    def finish(status: str, **kwargs: Any) -> None:
+        """The final state, then what is left of the events: tried even while backing off (it is the last chance)."""
+        def write() -> None:
+            store.finish(job.id, status, **kwargs)
+            write_events()
+
+        if not attempt(f"its end ({status})", write, force=True) and job.status in ACTIVE:
+            job.status, job.finished_at = status, time.time()  # what on_end gets when the store cannot say
+            job.result, job.error_code, job.error_message = kwargs.get("result"), kwargs.get("error_code"), kwargs.get("error_message")
+
+    def warn_stderr() -> None:  # no event can follow: the warning goes to stderr itself
+        for w in warnings:
+            print(f"Warning: {w.message}", file=sys.stderr, flush=True)
+        warnings.clear()
 
     def end(exc: BaseException) -> None:
         ev = failed(exc)
         buffer.append(to_dict(ev))
-        flush()
-        status = "cancelled" if ev.code == 130 else "failed"
-        store.finish(job.id, status, error_code=ev.code, error_message=ev.message)
+        finish("cancelled" if ev.code == 130 else "failed", error_code=ev.code, error_message=ev.message)
+        warn_stderr()
 
-    heartbeat = _Heartbeat(store.path, job.id)
+    attempt("its start", lambda: store.set_busy_timeout(busy_s), force=True)
+    heartbeat = _Heartbeat(store.path, job.id, busy_s)
     completed = False
     try:
         for event in events:
@@ -101,16 +170,21 @@ def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 
                 progress = {"done": event.done, "total": event.total, "phase": event.phase}
             if isinstance(event, Finished):  # the state first: whoever sees the finished event sees a completed job
                 modal_info = event.result.get("modal") or {}
-                store.finish(job.id, "completed", result=event.result, gpu=modal_info.get("gpu"), cost_usd=modal_info.get("estimated_cost_usd"))
+                finish("completed", result=event.result, gpu=modal_info.get("gpu"), cost_usd=modal_info.get("estimated_cost_usd"))
                 completed = True
-            if not isinstance(event, Progress) or time.monotonic() - last_flush >= flush_s:
+            elif not isinstance(event, Progress) or time.monotonic() - last_flush >= flush_s:
                 flush()
+            yield from warnings
+            warnings.clear()
             yield event
         flush()
-        store.finish(job.id, "failed", error_code=1, error_message="the job ended without a result")  # no-op after "completed"
+        if not completed:
+            finish("failed", error_code=1, error_message="the job ended without a result")
+        warn_stderr()
     except GeneratorExit:
         if not completed:
             end(Interrupted("interrupted"))
+        warn_stderr()
         raise
     except (KeyboardInterrupt, Exception) as exc:
         end(exc)
@@ -118,7 +192,18 @@ def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 
     finally:
         heartbeat.stop()
         if on_end is not None:
-            on_end(store.get(job.id))
+            final = job
+            try:
+                final = store.get(job.id)
+                if final.status in ACTIVE and job.status not in ACTIVE:  # our final write was lost
+                    final = job
+            except STORE_ERRORS:
+                pass
+            on_end(final)
+        try:
+            store.set_busy_timeout(store.busy_timeout_s)
+        except STORE_ERRORS:
+            pass
 
 
 def step_summary(job: Job, env: dict[str, str] | None = None) -> None:
@@ -131,12 +216,16 @@ def step_summary(job: Job, env: dict[str, str] | None = None) -> None:
     output = result.get("output") or result.get("output_dir") or ", ".join(_outputs(job)) or "-"
     wall = f"{job.wall_s:.1f} s" if job.wall_s is not None else "-"
     cost = f" (est. ${job.cost_usd:.4f})" if job.cost_usd else ""
-    line = f"| {job.kind} | {job.backend} | {job.status} | {wall}{cost} | `{output}` |\n"
+    mark = _STATUS_MARKS.get(job.status, "")
+    line = f"| {mark} | {job.kind} | {job.backend} | {job.status} | {wall}{cost} | `{output}` |\n"
     new = not Path(path).exists() or Path(path).stat().st_size == 0
     with open(path, "a", encoding="utf-8") as f:
         if new:
-            f.write("### synapse\n\n| job | backend | status | time | output |\n|---|---|---|---|---|\n")
+            f.write("### synapse\n\n| | job | backend | status | time | output |\n|---|---|---|---|---|---|\n")
         f.write(line)
+
+
+_STATUS_MARKS = {"completed": "\u2705", "failed": "\u274c", "cancelled": "\u23f9\ufe0f"}  # the step summary's status column
 
 
 def _outputs(job: Job) -> list[str]:

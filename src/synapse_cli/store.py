@@ -4,8 +4,11 @@ Every run is recorded, attached or detached. Several synapse processes write at
 once (CI runs exports in parallel), so the database is in WAL mode, every write
 is a short ``BEGIN IMMEDIATE`` transaction, and connections wait on a busy
 lock rather than failing. A job whose worker died (SIGKILL, a lost machine) is
-found by its process id or its stale heartbeat and marked ``failed`` the next
-time anyone reads the table.
+found by its process id (checked with its start time, so a reused pid is not
+taken for it) or, where that cannot be checked, by its stale heartbeat, and
+marked ``failed`` the next time anyone reads the table. A live local worker is
+never reaped. The file is private (0600): it holds paths and parameters, never
+secrets (settings the config registry marks ``secret`` are dropped).
 
 States: pending → processing → completed | failed | cancelled.
 """
@@ -25,11 +28,15 @@ from typing import Any, Iterator
 
 from synapse_cli.errors import UsageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATES = ("pending", "processing", "completed", "failed", "cancelled")
 ACTIVE = ("pending", "processing")
 HEARTBEAT_S = 2.0
 STALE_AFTER_S = 30.0
+PENDING_GRACE_S = 120.0  # a pending row nobody can vouch for (no local pid) gets this long to start
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for the lock by default
+REAPED = "the worker stopped without finishing (killed or lost; stale heartbeat)"
+NEVER_STARTED = "the worker never started (killed or lost before it began)"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -46,6 +53,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat_at REAL,
     host TEXT,
     pid INTEGER,
+    pid_start INTEGER,
     done REAL,
     total REAL,
     phase TEXT,
@@ -59,6 +67,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_cache ON jobs(cache_key, status);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -94,6 +103,7 @@ class Job:
     heartbeat_at: float | None = None
     host: str | None = None
     pid: int | None = None
+    pid_start: int | None = None  # the pid's start time (/proc/<pid>/stat field 22): tells it from a reused pid
     done: float | None = None
     total: float | None = None
     phase: str | None = None
@@ -131,19 +141,43 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     for col in _JSON_COLUMNS:
         data[col] = json.loads(data[col]) if data[col] else None
     data["detached"] = bool(data["detached"])
+    data["flags"] = without_secrets(data["flags"])  # rows written before secrets were dropped on write
     return Job(**data)
+
+
+def without_secrets(flags: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``flags`` less every setting the config registry marks secret (an API key is never stored)."""
+    if not flags:
+        return flags
+    from synapse_cli.config import registry
+
+    reg = registry()
+    return {k: v for k, v in flags.items() if not (k in reg and reg[k].secret)}
+
+
+def _private(path: Path) -> None:
+    """Create ``path`` owner-only, or make it so: SQLite gives its -wal/-shm files the database's mode."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+            if p.exists() and p.stat().st_mode & 0o077 and p.stat().st_uid == os.geteuid():
+                os.chmod(p, 0o600)
+    except OSError:  # not ours, or read-only: SQLite says what it can and cannot do
+        pass
 
 
 class JobStore:
     """A handle on the SQLite job store. Cheap to open; one connection per process."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
+            _private(self.path)
+            self.db = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA busy_timeout = 30000")
+            self.busy_timeout_s = busy_timeout_s
+            self.set_busy_timeout(busy_timeout_s)
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise UsageError(
@@ -156,9 +190,17 @@ class JobStore:
             self.db.execute("PRAGMA synchronous = NORMAL")
             if version < SCHEMA_VERSION:
                 with self.transaction() as db:  # executescript would commit on its own: one statement at a time
-                    for statement in filter(str.strip, _SCHEMA.split(";")):
-                        db.execute(statement)
-                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    version = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have just done it
+                    if version == 1:
+                        db.execute("ALTER TABLE jobs ADD COLUMN pid_start INTEGER")
+                        for row in db.execute("SELECT id, flags FROM jobs WHERE flags IS NOT NULL").fetchall():  # an older synapse kept --api-key
+                            kept = without_secrets(json.loads(row["flags"]))
+                            if kept != json.loads(row["flags"]):
+                                db.execute("UPDATE jobs SET flags = ? WHERE id = ?", (json.dumps(kept), row["id"]))
+                    if version < SCHEMA_VERSION:
+                        for statement in filter(str.strip, _SCHEMA.split(";")):
+                            db.execute(statement)
+                        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise UsageError(
                 f"job store {self.path} cannot be used ({exc}): move it aside, or set [jobs] db / SYNAPSE_JOBS_DB to another file"
@@ -184,6 +226,10 @@ class JobStore:
     def close(self) -> None:
         self.db.close()
 
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long a write waits for another process's lock before it fails with "database is locked"."""
+        self.db.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE``: take the write lock up front, so check-then-write is atomic across processes."""
@@ -199,17 +245,20 @@ class JobStore:
 
     def create(self, kind: str, spec: dict[str, Any], backend: str, cache_key: str | None = None, detached: bool = False,
                status: str = "pending", flags: dict[str, Any] | None = None) -> Job:
+        """A new row. Until a worker takes it (``set_pid``/``start``), this process answers for it:
+        while it lives the row is never reaped; once it is gone, a ``pending`` row is."""
         job = Job(id=new_job_id(), kind=kind, status=status, backend=backend, spec=spec, cache_key=cache_key, detached=detached,
-                  created_at=time.time(), flags=flags)
+                  created_at=time.time(), flags=without_secrets(flags), pid=os.getpid(), pid_start=pid_start_time(os.getpid()))
         with self.transaction() as db:
             self._insert(db, job)
         return job
 
     def _insert(self, db: sqlite3.Connection, job: Job) -> None:
         db.execute(
-            "INSERT INTO jobs (id, kind, status, backend, spec, cache_key, detached, created_at, host, flags) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO jobs (id, kind, status, backend, spec, cache_key, detached, created_at, host, flags, pid, pid_start) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (job.id, job.kind, job.status, job.backend, json.dumps(job.spec), job.cache_key, int(job.detached), job.created_at,
-             socket.gethostname(), json.dumps(job.flags) if job.flags is not None else None),
+             socket.gethostname(), json.dumps(without_secrets(job.flags)) if job.flags is not None else None, job.pid, job.pid_start),
         )
 
     def claim_or_find(self, kind: str, spec: dict[str, Any], backend: str, cache_key: str | None) -> tuple[Job, Job | None]:
@@ -227,21 +276,27 @@ class JobStore:
                     (cache_key,),
                 ).fetchone()
                 other = _row_to_job(row) if row else None
-            job = Job(id=new_job_id(), kind=kind, status="processing", backend=backend, spec=spec, cache_key=cache_key, created_at=time.time())
+            job = Job(id=new_job_id(), kind=kind, status="processing", backend=backend, spec=spec, cache_key=cache_key, created_at=time.time(),
+                      pid=os.getpid(), pid_start=pid_start_time(os.getpid()))
             self._insert(db, job)
             now = time.time()
-            db.execute("UPDATE jobs SET started_at = ?, heartbeat_at = ?, pid = ? WHERE id = ?", (now, now, os.getpid(), job.id))
+            db.execute("UPDATE jobs SET started_at = ?, heartbeat_at = ? WHERE id = ?", (now, now, job.id))
             job.started_at = job.heartbeat_at = now
-            job.pid = os.getpid()
         return job, other
 
-    def start(self, job_id: str, pid: int | None = None) -> None:
+    def start(self, job_id: str, pid: int | None = None) -> bool:
+        """The worker takes a ``pending`` job: ``processing``, with its pid and the pid's start time.
+
+        False when the job is no longer pending (cancelled or reaped first): the worker must not run it."""
         now = time.time()
+        pid = pid or os.getpid()
         with self.transaction() as db:
-            db.execute(
-                "UPDATE jobs SET status = 'processing', started_at = COALESCE(started_at, ?), heartbeat_at = ?, pid = ?, host = ? WHERE id = ?",
-                (now, now, pid or os.getpid(), socket.gethostname(), job_id),
+            cur = db.execute(
+                "UPDATE jobs SET status = 'processing', started_at = COALESCE(started_at, ?), heartbeat_at = ?, pid = ?, pid_start = ?, "
+                "host = ? WHERE id = ? AND status IN ('pending', 'processing')",
+                (now, now, pid, pid_start_time(pid), socket.gethostname(), job_id),
             )
+            return cur.rowcount == 1
 
     def append_events(self, job_id: str, events: list[dict[str, Any]], progress: dict[str, Any] | None = None) -> None:
         now = time.time()
@@ -267,10 +322,13 @@ class JobStore:
                error_message: str | None = None, gpu: str | None = None, cost_usd: float | None = None) -> None:
         assert status in ("completed", "failed", "cancelled")
         with self.transaction() as db:
+            # a job reaped by mistake (its host silent past STALE_AFTER_S) that completes after all keeps its result
             db.execute(
                 "UPDATE jobs SET status = ?, finished_at = ?, result = ?, error_code = ?, error_message = ?, "
-                "gpu = COALESCE(?, gpu), cost_usd = COALESCE(?, cost_usd) WHERE id = ? AND status IN ('pending','processing')",
-                (status, time.time(), json.dumps(result) if result is not None else None, error_code, error_message, gpu, cost_usd, job_id),
+                "gpu = COALESCE(?, gpu), cost_usd = COALESCE(?, cost_usd) WHERE id = ? AND "
+                "(status IN ('pending','processing') OR (? = 'completed' AND status = 'failed' AND error_message = ?))",
+                (status, time.time(), json.dumps(result) if result is not None else None, error_code, error_message, gpu, cost_usd, job_id,
+                 status, REAPED),
             )
 
     def set_remote(self, job_id: str, remote: dict[str, Any], gpu: str | None = None) -> None:
@@ -278,8 +336,9 @@ class JobStore:
             db.execute("UPDATE jobs SET remote = ?, gpu = COALESCE(?, gpu) WHERE id = ?", (json.dumps(remote), gpu, job_id))
 
     def set_pid(self, job_id: str, pid: int) -> None:
+        """The worker process of a ``pending`` job, with its start time (so a later reuse of the pid is told apart)."""
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET pid = ? WHERE id = ?", (pid, job_id))
+            db.execute("UPDATE jobs SET pid = ?, pid_start = ?, host = ? WHERE id = ?", (pid, pid_start_time(pid), socket.gethostname(), job_id))
 
     def prune(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
@@ -312,32 +371,75 @@ class JobStore:
         return [(r["seq"], json.loads(r["event"])) for r in rows]
 
     def reap(self) -> list[str]:
-        """Mark ``failed`` every local ``processing`` job whose worker is gone or silent."""
+        """Mark ``failed`` every job whose worker is gone; return their ids.
+
+        - A worker on this host (its pid recorded) is judged by its pid alone: alive (same pid, same
+          start time) means never reaped, however stale its heartbeat (a long lock, a suspended laptop);
+          gone means reaped at once.
+        - Otherwise (another host, no pid yet): a ``processing`` job whose heartbeat is older than
+          ``STALE_AFTER_S``, a ``pending`` one older than ``PENDING_GRACE_S``.
+        - A Modal call (``remote``) is its backend's to judge, never ours.
+
+        Each reap is one conditional ``UPDATE``: a heartbeat or a start that lands meanwhile wins.
+        """
         now, host = time.time(), socket.gethostname()
-        rows = self.db.execute("SELECT id, pid, host, heartbeat_at, remote FROM jobs WHERE status = 'processing'").fetchall()
-        dead = []
+        rows = self.db.execute(
+            "SELECT id, status, pid, pid_start, host FROM jobs WHERE status IN ('pending','processing') AND remote IS NULL"
+        ).fetchall()
+        reaped = []
         for r in rows:
-            if r["remote"]:  # a Modal call: its worker is not ours to judge
-                continue
-            gone = r["host"] == host and r["pid"] is not None and not _alive(r["pid"])
-            silent = (r["heartbeat_at"] or 0) < now - STALE_AFTER_S
-            if gone or silent:
-                dead.append(r["id"])
-        for job_id in dead:
-            self.finish(job_id, "failed", error_code=1, error_message="the worker stopped without finishing (killed or lost; stale heartbeat)")
-        return dead
+            if r["host"] == host and r["pid"] is not None:
+                if _alive(r["pid"], r["pid_start"]):
+                    continue  # a live worker of ours
+                # its pid is gone: the row is reaped unless a worker (another pid) has taken it meanwhile
+                where, args = "status = ? AND pid = ? AND host = ?", (r["status"], r["pid"], host)
+            elif r["status"] == "processing":
+                where, args = "status = 'processing' AND COALESCE(heartbeat_at, started_at, created_at) < ?", (now - STALE_AFTER_S,)
+            else:
+                where, args = "status = 'pending' AND pid IS NULL AND remote IS NULL AND created_at < ?", (now - PENDING_GRACE_S,)
+                if r["pid"] is not None:  # another host's worker that never started
+                    where = where.replace("pid IS NULL", "pid = ?")
+                    args = (r["pid"], *args)
+            message = REAPED if r["status"] == "processing" else NEVER_STARTED
+            with self.transaction() as db:
+                cur = db.execute(
+                    f"UPDATE jobs SET status = 'failed', finished_at = ?, error_code = 1, error_message = ? WHERE id = ? AND {where}",
+                    (now, message, r["id"], *args),
+                )
+            if cur.rowcount:
+                reaped.append(r["id"])
+        return reaped
 
 
-def _alive(pid: int) -> bool:
+def pid_start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # field 2 (the command) is in parentheses and may hold spaces: count from the last ')', which ends field 2
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int, start: int | None = None) -> bool:
+    """Process ``pid`` runs (not a zombie) and, when ``start`` is known, is the same process that started then."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     # a zombie child still answers kill(0): look at its state where /proc exists
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return True
+        return True  # no /proc (macOS): kill(0) is all we know
+    if fields[0] in ("Z", "X"):
+        return False
+    return start is None or int(fields[19]) == start
+
+
+def alive(job: Job) -> bool:
+    """The job's recorded worker runs on this host (the same process: a reused pid is not it)."""
+    return job.pid is not None and job.host == socket.gethostname() and _alive(job.pid, job.pid_start)

@@ -44,8 +44,16 @@ class LocalBackend(Backend):
         return store_events(store, job.id)
 
     def cancel(self, job: Any, store: Any) -> None:
-        if not job.pid:
-            store.finish(job.id, "cancelled", error_code=130, error_message="cancelled before it started")
+        import socket
+
+        from synapse_cli.errors import UsageError
+        from synapse_cli.store import alive
+
+        if job.pid and job.host and job.host != socket.gethostname():
+            raise UsageError(f"job {job.id} runs on {job.host}: cancel it there")
+        # only the process that started as the worker is signalled, never whatever holds its pid now
+        if not job.pid or not alive(job):
+            store.finish(job.id, "cancelled", error_code=130, error_message="cancelled; its worker was not running")
             return
         try:
             os.kill(job.pid, signal.SIGTERM)  # the worker treats it as Ctrl-C: cleanup, then "cancelled"

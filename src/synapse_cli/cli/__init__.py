@@ -17,7 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,  # plain click help: rich stays out of start-up
     pretty_exceptions_enable=False,  # no locals (tokens) in tracebacks
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (typer loads its completion code only when asked)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -55,4 +55,4 @@ _register()
 
 
 def main() -> None:
-    app()
+    app(prog_name="synapse")  # `python -m synapse_cli` completes and reads as `synapse` too

@@ -20,18 +20,18 @@ JSON = Annotated[bool, typer.Option("--json", help="Print NDJSON events on stdou
 OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 CONFIG = Annotated[
     Optional[Path],
-    typer.Option("--config", help="Config file (default: .synapse.toml from here upward; env SYNAPSE_CONFIG).", dir_okay=False),
+    typer.Option("--config", metavar="FILE.toml", help="Config file (default: .synapse.toml from here upward; env SYNAPSE_CONFIG).", dir_okay=False),
 ]
 PROFILE = Annotated[
-    Optional[str], typer.Option("--profile", help="[profile.NAME] table of the config file to apply (env SYNAPSE_PROFILE).")
+    Optional[str], typer.Option("--profile", metavar="NAME", help="[profile.NAME] table of the config file to apply (env SYNAPSE_PROFILE).")
 ]
 ENDPOINT = Annotated[
     Optional[str],
-    typer.Option("--endpoint", help="Run on a synapse HTTP endpoint (env SYNAPSE_ENDPOINT, [http] endpoint).", show_default=False),
+    typer.Option("--endpoint", metavar="URL", help="Run on a synapse HTTP endpoint (env SYNAPSE_ENDPOINT, [http] endpoint).", show_default=False),
 ]
 API_KEY = Annotated[
     Optional[str],
-    typer.Option("--api-key", help="API key for --endpoint (prefer env SYNAPSE_API_KEY: flags show up in process lists).", show_default=False),
+    typer.Option("--api-key", metavar="KEY", help="API key for --endpoint (prefer env SYNAPSE_API_KEY: flags show up in process lists).", show_default=False),
 ]
 DETACH = Annotated[bool, typer.Option("--detach", help="Start the job in the background, print its id and return (see synapse jobs).")]
 SHARDS = Annotated[

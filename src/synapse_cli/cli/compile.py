@@ -37,9 +37,9 @@ def _summary(result: dict[str, Any]) -> str:
 @with_common(no_cache_help="Compile again: neither read nor write the compile cache, nor reuse an identical earlier job.")
 def compile_command(
     inputs: Annotated[List[str], typer.Argument(metavar="INPUT", help="JSON Schema files, constraint sets, .jsonl files or directories.", show_default=False)],
-    output_dir: Annotated[Optional[Path], typer.Option("-o", "--output-dir", help="Where artefacts go (default: ./compiled, setting compile.output_dir).", file_okay=False)] = None,
-    engine: Annotated[Optional[str], typer.Option("--engine", help="Comma-separated engines: llguidance,xgrammar,outlines,llama.cpp (default: all; setting compile.engines).")] = None,
-    check: Annotated[Optional[Path], typer.Option("--check", help="JSONL of labelled instances {\"data\", \"valid\"} to verify every artefact against.", dir_okay=False)] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("-o", "--output-dir", metavar="DIR", help="Where artefacts go (default: ./compiled, setting compile.output_dir).", file_okay=False)] = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", metavar="ENGINE,...", help="Comma-separated engines: llguidance,xgrammar,outlines,llama.cpp (default: all; setting compile.engines).")] = None,
+    check: Annotated[Optional[Path], typer.Option("--check", metavar="FILE.jsonl", help="JSONL of labelled instances {\"data\", \"valid\"} to verify every artefact against.", dir_okay=False)] = None,
     *,
     common: Common,
 ) -> None:

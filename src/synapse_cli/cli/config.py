@@ -1,19 +1,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import typer
 
 from synapse_cli.cli._options import CONFIG, JSON, PROFILE, Common
 from synapse_cli.cli._run import exit_on_error, settings_for
-from synapse_cli.config import REGISTRY
 
 app = typer.Typer(help="Inspect configuration.", no_args_is_help=True, rich_markup_mode=None)
-
-
-def _shown(key: str, value: Any) -> Any:
-    return "***" if REGISTRY[key].secret and value else value
 
 
 @app.command("show")
@@ -24,9 +18,9 @@ def show(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = No
     """
     with exit_on_error(json_output):
         settings = settings_for(Common(config=config, profile=profile))
-        rows = {k: {"value": _shown(k, settings[k]), "source": settings.source(k)} for k in settings}
+        payload = settings.report()  # the Python API's synapse.settings() returns the same
+        rows = payload["settings"]
         if json_output:
-            payload = {"config_file": str(settings.config_path) if settings.config_path else None, "settings": rows}
             typer.echo(json.dumps(payload, indent=None, default=str))
             return
         typer.echo(f"config file: {settings.config_path or '(none found)'}")

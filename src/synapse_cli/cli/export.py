@@ -46,10 +46,10 @@ def default_output(src: Path, suffix: str, output_dir: Optional[str]) -> Path:
 @with_common()
 def export(
     input: Annotated[Path, typer.Argument(help="Input video.", show_default=False)],
-    job: Annotated[Optional[str], typer.Option("--job", help="framing | overlay | annotate (default: export.default_job).")] = None,
-    params_file: Annotated[Optional[Path], typer.Option("--params", help="Job params as a JSON file.", dir_okay=False)] = None,
-    sets: Annotated[List[str], typer.Option("--set", help="Set one param: KEY=VALUE (VALUE may be JSON). Repeatable.")] = [],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output .mp4 (default: <stem>.<job>.mp4 beside the input).")] = None,
+    job: Annotated[Optional[str], typer.Option("--job", metavar="JOB", help="framing | overlay | annotate (default: export.default_job).")] = None,
+    params_file: Annotated[Optional[Path], typer.Option("--params", metavar="FILE.json", help="Job params as a JSON file.", dir_okay=False)] = None,
+    sets: Annotated[List[str], typer.Option("--set", metavar="KEY=VALUE", help="Set one param: KEY=VALUE (VALUE may be JSON). Repeatable.")] = [],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE.mp4", help="Output .mp4 (default: <stem>.<job>.mp4 beside the input).")] = None,
     *,
     common: Common,
 ) -> None:

@@ -38,35 +38,36 @@ def _summary(result: dict[str, Any]) -> str:
 def infer(
     source: Annotated[Path, typer.Argument(help="A video file, an image, or a directory of images.", show_default=False)],
     task: Annotated[
-        Optional[str], typer.Option("--task", help="detect | pose | track (pose + persistent ids). Default: pose ([infer] task).")
+        Optional[str], typer.Option("--task", metavar="TASK", help="detect | pose | track (pose + persistent ids). Default: pose ([infer] task).")
     ] = None,
     model: Annotated[
         Optional[str],
-        typer.Option("--model", help="Weights file (.pt/.onnx). Default: the bundled yolo11n-pose.pt. Never downloaded."),
+        typer.Option("--model", metavar="FILE", help="Weights file (.pt/.onnx). Default: the bundled yolo11n-pose.pt. Never downloaded."),
     ] = None,
     output: Annotated[
         Optional[Path],
-        typer.Option("-o", "--output", help="Results file, .json or .jsonl (streamed). Default: <stem>.<task>.json beside SOURCE.", dir_okay=False),
+        typer.Option("-o", "--output", metavar="FILE.json", help="Results file, .json or .jsonl (streamed). Default: <stem>.<task>.json beside SOURCE.", dir_okay=False),
     ] = None,
     annotated: Annotated[
         Optional[Path],
-        typer.Option("--annotated", help="Also write OUT.mp4: boxes, skeletons and track ids drawn, H.264, source audio kept.", dir_okay=False),
+        typer.Option("--annotated", metavar="OUT.mp4", help="Also write OUT.mp4: boxes, skeletons and track ids drawn, H.264, source audio kept.", dir_okay=False),
     ] = None,
-    imgsz: Annotated[Optional[int], typer.Option("--imgsz", help="Inference size in pixels. Default: 640.")] = None,
-    conf: Annotated[Optional[float], typer.Option("--conf", help="Confidence threshold. Default: 0.25.")] = None,
-    classes: Annotated[Optional[str], typer.Option("--classes", help="Keep only these classes: NAME,... (names from the model).")] = None,
-    every: Annotated[int, typer.Option("--every", help="Run the model on every Nth frame.")] = 1,
+    imgsz: Annotated[Optional[int], typer.Option("--imgsz", metavar="PIXELS", help="Inference size in pixels. Default: 640.")] = None,
+    conf: Annotated[Optional[float], typer.Option("--conf", metavar="0-1", help="Confidence threshold. Default: 0.25.")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", metavar="NAME,...", help="Keep only these classes: NAME,... (names from the model).")] = None,
+    every: Annotated[int, typer.Option("--every", metavar="N", help="Run the model on every Nth frame.")] = 1,
     court: Annotated[
         Optional[str],
         typer.Option(
             "--court",
+            metavar="X1,Y1,...,X4,Y4",
             help="Court corners X1,Y1,...,X4,Y4 in pixels, in order round the court starting with one end of the far baseline. "
             "Drops detections whose feet are outside; adds position_m and speed_m_s.",
         ),
     ] = None,
     batch: Annotated[
         Optional[str],
-        typer.Option("--batch", help="Frames per model call: auto (1 per CPU worker; on a GPU the largest of 8/16/32/64 that fits) or 1-256."),
+        typer.Option("--batch", metavar="auto|N", help="Frames per model call: auto (1 per CPU worker; on a GPU the largest of 8/16/32/64 that fits) or 1-256."),
     ] = None,
     half: Annotated[
         Optional[bool], typer.Option("--half/--no-half", help="fp16 inference. Default: on for CUDA, off elsewhere ([infer] half).")

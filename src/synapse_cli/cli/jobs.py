@@ -39,11 +39,9 @@ def _output(job) -> str:
 
 
 def _runner(job, settings):
-    """Who follows or cancels a running job: the remote backend that holds it (a spawned call),
-    else this machine (a local worker writing the job store)."""
-    from synapse_cli.cli._run import backend_named
+    from synapse_cli.cli._run import runner_for
 
-    return backend_named(job.backend if job.remote else "local", settings)
+    return runner_for(job, settings)
 
 
 @app.command("list")
@@ -178,7 +176,9 @@ def worker(job_id: JOB_ID) -> None:
         settings = load_settings(job.flags or {})
         spec = spec_from_dict(job.kind, job.spec)
         backend = backend_for(settings, local_only=job.backend == "local")
-        store.start(job.id)
+        if not store.start(job.id):  # cancelled, or reaped, before this worker got to it
+            print(f"job {job.id} is already {store.get(job.id).status}: not running it", file=sys.stderr)
+            return
         from synapse_cli.shards import job_events
 
         with sigterm_as_interrupt():

@@ -14,8 +14,8 @@ from synapse_cli.errors import UsageError
 @with_common(local=True)
 def sample(
     output: Annotated[Path, typer.Argument(help="Where to write the clip (.mp4).", show_default=False)] = Path("sample.mp4"),
-    seconds: Annotated[float, typer.Option("--seconds", help="Length in seconds.")] = 10.0,
-    size: Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT.")] = "1280x720",
+    seconds: Annotated[float, typer.Option("--seconds", metavar="SECONDS", help="Length in seconds.")] = 10.0,
+    size: Annotated[str, typer.Option("--size", metavar="WxH", help="WIDTHxHEIGHT.")] = "1280x720",
     audio: Annotated[bool, typer.Option("--audio/--no-audio", help="Add a tone track.")] = True,
     *,
     common: Common,

@@ -1,0 +1,461 @@
+"""The Python API: the CLI's jobs, called from code.
+
+Every function goes through the CLI's own pipeline (``synapse_cli.cli._run``): the same
+settings resolution (keyword > ``SYNAPSE_*`` env > ``.synapse.toml`` > default), the same
+spec building and validation (the command's own code, called through ``capture_requests``),
+the same backends, job store and result cache. Nothing is rendered: you get the events.
+
+- ``stream(kind, ...)`` / ``export(...)``, ``compile(...)``, ``infer(...)``, ``sample(...)``:
+  a ``JobStream`` of the typed events (``Started``, ``Progress``, ``Log``, ``Artifact``,
+  ``Finished``). Closing it early (``break``, ``close()``, leaving a ``with`` block, a
+  ``KeyboardInterrupt``) cancels the job, as Ctrl-C does in the CLI.
+- ``run(kind, ...)``: blocks, returns the ``Finished`` result or raises the CLI's exceptions
+  (``UsageError``, ``JobError``, ``BackendError``, ``Interrupted``), each with its ``exit_code``.
+- ``submit(kind, ...)``: a detached ``Job`` (``wait()``, ``cancel()``, ``events()``), as ``--detach``.
+- ``stream_async``/``export_async``/...: the same events as an async iterator; the job runs in a
+  thread of its own, so the event loop is never blocked.
+- ``settings(...)``: the resolved settings and where each came from, as ``config show --json``.
+
+Options are the command's own parameters, by their Python names (``synapse export --job
+framing -o out.mp4`` is ``export("clip.mp4", job="framing", output="out.mp4")``), plus the
+common ones: ``use_modal``, ``overwrite``, ``config``, ``profile``, ``endpoint``, ``api_key``,
+``cache``; ``params={...}`` for a command that takes ``--set KEY=VALUE``; and
+``settings={"ffmpeg.preset": "veryfast"}`` (or nested TOML-style tables) for any config key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import threading
+import typing
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Mapping, Union
+
+from synapse_cli.errors import UsageError
+from synapse_cli.events import Event, Finished
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = [
+    "Job",
+    "JobStream",
+    "compile",
+    "compile_async",
+    "export",
+    "export_async",
+    "infer",
+    "infer_async",
+    "run",
+    "run_async",
+    "sample",
+    "sample_async",
+    "settings",
+    "stream",
+    "stream_async",
+    "submit",
+]
+
+# The options every job takes besides its command's own (see cli/_options.py ``Common``).
+_COMMON_OPTIONS = ("use_modal", "overwrite", "config", "profile", "endpoint", "api_key", "cache")
+
+
+# -- building a job request with the command's own code ------------------------------------
+
+
+def _base_type(annotation: Any) -> Any:
+    """``Annotated[Optional[Path], ...]`` -> ``Path``."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is Union:
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(rest) == 1:
+            annotation = rest[0]
+    return annotation
+
+
+def _convert(name: str, value: Any, annotation: Any) -> Any:
+    """A Python value into what the command's parameter takes (typer would have parsed a string)."""
+    if value is None:
+        return None
+    base = _base_type(annotation)
+    if base is Path and isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    if typing.get_origin(base) is list:
+        items = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+        return [os.fspath(v) if isinstance(v, os.PathLike) else v for v in items]
+    if base is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (list, tuple)):  # e.g. engine=["llguidance", "outlines"], court=[x1, y1, ...]
+            return ",".join(str(v) for v in value)
+    return value
+
+
+def _command(kind: str) -> Any:
+    from synapse_cli.jobs import _load, get_kind
+
+    try:
+        record = get_kind(kind)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not record.command:
+        raise UsageError(f"job kind {kind!r} declares no command, so the API cannot build its spec")
+    return inspect.unwrap(_load(record.command))  # the body: the command's own parameters plus ``common``
+
+
+def _flat_settings(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    from synapse_cli.config import _flatten
+
+    return {k: v for k, v in _flatten(dict(values or {})).items() if v is not None}
+
+
+def _request(kind: str, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+    """The ``JobRequest`` the CLI command would make for these arguments."""
+    from synapse_cli.cli._options import Common
+    from synapse_cli.cli._run import capture_requests
+
+    func = _command(kind)
+    options = dict(options)
+    overrides = _flat_settings(options.pop("settings", None))
+    common_given = {name: options.pop(name) for name in _COMMON_OPTIONS if name in options}
+    common = Common(
+        use_modal=common_given.get("use_modal"),
+        overwrite=bool(common_given.get("overwrite", False)),
+        config=Path(common_given["config"]) if common_given.get("config") is not None else None,
+        profile=common_given.get("profile"),
+        endpoint=common_given.get("endpoint"),
+        api_key=common_given.get("api_key"),
+        cache=bool(common_given.get("cache", True)),
+    )
+    signature = inspect.signature(func)
+    params = {n: p for n, p in signature.parameters.items() if n != "common"}
+    if "params" in options and "params" not in params and "sets" in params:  # params={...}: each key as --set KEY=VALUE
+        given = options.pop("params")
+        if isinstance(given, Mapping):
+            options["sets"] = [*options.get("sets", []), *(f"{k}={json.dumps(v)}" for k, v in given.items())]
+        elif given is not None:
+            options["params_file"] = given
+    try:
+        bound = signature.replace(parameters=list(params.values())).bind(*args, **options)
+    except TypeError as exc:
+        accepted = ", ".join([*params, *_COMMON_OPTIONS, "settings"])
+        raise UsageError(f"{kind}: {exc} (accepted: {accepted})") from None
+    hints = typing.get_type_hints(func, include_extras=True)
+    call = {name: _convert(name, value, hints.get(name)) for name, value in bound.arguments.items()}
+    with capture_requests() as requests:
+        func(**call, common=common)
+    if len(requests) != 1:
+        raise UsageError(f"the {kind} command did not ask for one job")
+    request = requests[0]
+    request.flags = {**overrides, **{k: v for k, v in request.flags.items() if v is not None}}
+    return request
+
+
+# -- streams ---------------------------------------------------------------------------------
+
+
+class JobStream(Iterator[Event]):
+    """The events of one running job. Iterate it; ``close()`` it (or leave its ``with`` block,
+    or ``break`` out of the loop) to cancel the job.
+
+    Errors surface from ``next()`` as ``synapse_cli.errors`` exceptions with the CLI's exit codes.
+    ``job_id`` is the job's id in the job store (``synapse jobs show``), set from the first event on.
+    """
+
+    def __init__(self, plan: Any) -> None:
+        from synapse_cli.cli._run import job_events
+
+        self._plan = plan
+        self._events: Iterator[Event] | None = job_events(plan)
+
+    @property
+    def kind(self) -> str:
+        return self._plan.kind
+
+    @property
+    def spec(self) -> Any:
+        """The validated spec the job runs on (a dataclass: ``ExportSpec``, ``CompileSpec``...)."""
+        return self._plan.spec
+
+    @property
+    def job_id(self) -> str | None:
+        return self._plan.job_id
+
+    def __iter__(self) -> "JobStream":
+        return self
+
+    def __next__(self) -> Event:
+        if self._events is None:
+            raise StopIteration
+        try:
+            return next(self._events)
+        except BaseException:  # the end, an error, or Ctrl-C: the job's own cleanup has run; release the rest
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Cancel the job if it is still running (kill ffmpeg, remove partial outputs) and release the store and backend."""
+        events, self._events = self._events, None
+        try:
+            if events is not None:
+                events.close()  # type: ignore[attr-defined]
+        finally:
+            self._plan.close()
+
+    def __enter__(self) -> "JobStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # ``for ev in stream: break`` drops the last reference: cancel as Ctrl-C would
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def stream(kind: str, /, *args: Any, **options: Any) -> JobStream:
+    """Start job ``kind`` and return its events. Settings and spec are checked here: a bad option raises now."""
+    from synapse_cli.cli._run import plan_job
+
+    return JobStream(plan_job(_request(kind, args, options)))
+
+
+def export(input: PathLike, /, **options: Any) -> JobStream:
+    """``synapse export``: ``export("clip.mp4", job="framing", params={...}, output="reel.mp4", use_modal=True)``."""
+    return stream("export", input, **options)
+
+
+def compile(inputs: Union[PathLike, list[PathLike]], /, **options: Any) -> JobStream:  # noqa: A001 (synapse.compile)
+    """``synapse compile``: ``compile(["schemas/"], output_dir="out", engine="llguidance,outlines", check="cases.jsonl")``."""
+    return stream("compile", inputs, **options)
+
+
+def infer(source: PathLike, /, **options: Any) -> JobStream:
+    """``synapse infer``: ``infer("match.mp4", task="track", output="match.json", annotated="match.tracked.mp4")``."""
+    return stream("infer", source, **options)
+
+
+def sample(output: PathLike = "sample.mp4", /, **options: Any) -> JobStream:
+    """``synapse sample``: ``sample("demo.mp4", seconds=2, size="640x360")``."""
+    return stream("sample", output, **options)
+
+
+def _drain(events: Iterator[Event]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for event in events:
+        if isinstance(event, Finished):
+            result = event.result
+    return result
+
+
+def run(kind: str, /, *args: Any, **options: Any) -> dict[str, Any]:
+    """Run job ``kind`` to the end and return its result (the ``finished`` event's ``result``).
+
+    ``run("compile", inputs=["schemas/"], output_dir="out")``. Raises ``UsageError`` (exit code 2),
+    ``JobError`` (1), ``BackendError`` (3) or ``Interrupted`` (130), as the CLI exits.
+    """
+    with stream(kind, *args, **options) as events:
+        return _drain(events)
+
+
+# -- detached jobs ---------------------------------------------------------------------------
+
+
+class Job:
+    """A detached job (``submit``): it runs in a worker process or a spawned Modal call, and
+    outlives this process. ``Job(id)`` re-attaches to one started elsewhere (``--detach``)."""
+
+    def __init__(self, id: str, *, config: PathLike | None = None, profile: str | None = None,
+                 settings: Mapping[str, Any] | None = None, _resolved: Any = None) -> None:
+        self.id = id
+        self._resolved = _resolved if _resolved is not None else _settings_object(config, profile, settings)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def _store(self) -> Any:
+        from synapse_cli.store import JobStore
+
+        return JobStore.from_settings(self._resolved)
+
+    def info(self) -> dict[str, Any]:
+        """The job's row in the store, as ``synapse jobs show --json`` prints it."""
+        store = self._store()
+        try:
+            return store.get(self.id).to_dict()
+        finally:
+            store.close()
+
+    @property
+    def status(self) -> str:
+        """pending | processing | completed | failed | cancelled"""
+        return self.info()["status"]
+
+    def events(self) -> Iterator[Event]:
+        """Its events from the start, then live until it ends (as ``synapse jobs wait``); a failure raises its error.
+        Closing this iterator stops following; it does not cancel the job (``cancel()`` does)."""
+        from synapse_cli.cli._run import runner_for
+        from synapse_cli.runs import store_events
+        from synapse_cli.store import ACTIVE
+
+        store = self._store()
+        runner = None
+        try:
+            row = store.get(self.id)
+            if row.status in ACTIVE:
+                runner = runner_for(row, self._resolved)
+                yield from runner.follow(row, store)
+            else:
+                yield from store_events(store, row.id)
+        finally:
+            if runner is not None:
+                runner.close()
+            store.close()
+
+    def wait(self) -> dict[str, Any]:
+        """Block until the job ends; return its result or raise its error (with the job's exit code)."""
+        events = self.events()
+        try:
+            return _drain(events)
+        finally:
+            events.close()  # type: ignore[attr-defined]
+
+    def cancel(self) -> bool:
+        """Cancel it (a local worker is stopped with its ffmpeg; a Modal call is cancelled). False if it had already ended."""
+        from synapse_cli.cli._run import runner_for
+        from synapse_cli.store import ACTIVE
+
+        store = self._store()
+        try:
+            row = store.get(self.id)
+            if row.status not in ACTIVE:
+                return False
+            runner = runner_for(row, self._resolved)
+            try:
+                runner.cancel(row, store)
+            finally:
+                runner.close()
+            return True
+        finally:
+            store.close()
+
+
+def submit(kind: str, /, *args: Any, **options: Any) -> Job:
+    """Start job ``kind`` detached (as ``--detach``) and return its handle at once.
+
+    ``job = submit("infer", "match.mp4", task="track")``; then ``job.wait()``, ``job.cancel()``, ``job.events()``.
+    """
+    from synapse_cli.cli._run import plan_job, start_detached
+
+    plan = plan_job(_request(kind, args, options))
+    try:
+        row = start_detached(plan)
+        return Job(row.id, _resolved=plan.settings)
+    finally:
+        plan.close()
+
+
+# -- async -----------------------------------------------------------------------------------
+
+_END = object()
+
+
+async def stream_async(kind: str, /, *args: Any, **options: Any) -> AsyncIterator[Event]:
+    """``stream`` for asyncio: ``async for event in stream_async("export", "clip.mp4", job="framing")``.
+
+    The job runs in a thread of its own (its job store connection lives there too), so the
+    event loop never waits on it. Leaving the loop early (``break``, task cancellation) cancels
+    the job at its next event; use ``contextlib.aclosing`` to have that happen at once.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item: Any, exc: BaseException | None = None) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (item, exc))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            stop.set()
+
+    def produce() -> None:
+        try:
+            with stream(kind, *args, **options) as events:
+                for event in events:
+                    put(event)
+                    if stop.is_set():
+                        break  # leaving the with block cancels the job
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
+            put(None, exc)
+        else:
+            put(_END)
+
+    worker = threading.Thread(target=produce, name=f"synapse-{kind}", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        await asyncio.shield(asyncio.to_thread(worker.join))
+
+
+def export_async(input: PathLike, /, **options: Any) -> AsyncIterator[Event]:
+    """``async for event in export_async("clip.mp4", job="framing")``."""
+    return stream_async("export", input, **options)
+
+
+def compile_async(inputs: Union[PathLike, list[PathLike]], /, **options: Any) -> AsyncIterator[Event]:
+    return stream_async("compile", inputs, **options)
+
+
+def infer_async(source: PathLike, /, **options: Any) -> AsyncIterator[Event]:
+    return stream_async("infer", source, **options)
+
+
+def sample_async(output: PathLike = "sample.mp4", /, **options: Any) -> AsyncIterator[Event]:
+    return stream_async("sample", output, **options)
+
+
+async def run_async(kind: str, /, *args: Any, **options: Any) -> dict[str, Any]:
+    """``run`` for asyncio: ``result = await run_async("compile", ["schemas/"], output_dir="out")``."""
+    result: dict[str, Any] = {}
+    async for event in stream_async(kind, *args, **options):
+        if isinstance(event, Finished):
+            result = event.result
+    return result
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def _settings_object(config: PathLike | None, profile: str | None, values: Mapping[str, Any] | None, **common: Any) -> Any:
+    from synapse_cli.cli._options import Common
+    from synapse_cli.cli._run import settings_for
+
+    c = Common(config=Path(config) if config is not None else None, profile=profile, **common)
+    return settings_for(c, _flat_settings(values))
+
+
+def settings(
+    *,
+    config: PathLike | None = None,
+    profile: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    use_modal: bool | None = None,
+    endpoint: str | None = None,
+    api_key: str | None = None,
+) -> dict[str, Any]:
+    """Every setting, its value and its source, as ``synapse config show --json`` prints them:
+    ``{"config_file": ..., "settings": {"ffmpeg.preset": {"value": "fast", "source": "default"}, ...}}``."""
+    resolved = _settings_object(config, profile, settings, use_modal=use_modal, endpoint=endpoint, api_key=api_key)
+    return resolved.report()

@@ -337,9 +337,10 @@ def test_http_a_failed_download_of_a_directory_output_commits_none_of_it(dirtest
 # for, which would hold up the next test's calls. Imports are done before the clock starts.
 UNREACHABLE = """
 import json, sys, time
-import modal
+import av, modal, modal.exception, modal.volume
 from typer.testing import CliRunner
 from synapse_cli.cli import app
+import synapse_cli.backends.modal, synapse_cli.jobs.export.job, synapse_cli.render.plain, synapse_cli.runs
 start = time.monotonic()
 result = CliRunner().invoke(app, sys.argv[1:], catch_exceptions=False)
 print(json.dumps({"exit_code": result.exit_code, "stderr": result.stderr, "seconds": time.monotonic() - start}))

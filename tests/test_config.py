@@ -148,3 +148,24 @@ def test_config_and_profile_flags_beat_their_environment_variables(cli, tmp_path
 def test_env_names():
     assert env_name("ffmpeg.preset") == "SYNAPSE_FFMPEG_PRESET"
     assert env_name("modal.initial_backoff_ms") == "SYNAPSE_MODAL_INITIAL_BACKOFF_MS"
+
+
+@pytest.mark.parametrize(
+    "flags, env, file_data, value, source, warning",
+    [
+        ({}, {"SYNAPSE_ENDPOINT": "http://e"}, {}, "http://e", "env:SYNAPSE_ENDPOINT", None),
+        ({}, {"SYNAPSE_HTTP_ENDPOINT": "http://e"}, {}, "http://e", "env:SYNAPSE_HTTP_ENDPOINT", None),
+        ({}, {}, {"http.endpoint": "http://f"}, "http://f", f"file:{F}", None),
+        ({}, {}, {"modal.endpoint": "http://f"}, "http://f", f"file:{F}", f"warning: modal.endpoint is deprecated in {F}; use http.endpoint ([http] endpoint)"),
+        ({}, {}, {"modal.endpoint": "http://old", "http.endpoint": "http://new"}, "http://new", f"file:{F}", f"warning: modal.endpoint is deprecated in {F}; use http.endpoint ([http] endpoint)"),
+        ({}, {"SYNAPSE_MODAL_ENDPOINT": "http://e"}, {}, "http://e", "env:SYNAPSE_MODAL_ENDPOINT", "warning: SYNAPSE_MODAL_ENDPOINT is deprecated; use SYNAPSE_HTTP_ENDPOINT"),
+        ({"modal.endpoint": "http://x"}, {}, {}, "http://x", "flag", "warning: modal.endpoint is deprecated; use http.endpoint ([http] endpoint)"),
+        ({"http.endpoint": None}, {}, {}, None, "default", None),
+    ],
+)
+def test_http_endpoint_and_its_old_name(flags, env, file_data, value, source, warning):
+    settings = resolve(flags, env, file_data, F)
+    assert settings["http.endpoint"] == value and settings.source("http.endpoint") == source
+    assert settings["modal.endpoint"] == value  # the old name still reads the setting
+    assert list(settings.warnings) == ([warning] if warning else [])
+    assert "modal.endpoint" not in settings and "endpoint" not in settings.section("modal")

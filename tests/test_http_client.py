@@ -225,8 +225,11 @@ def test_an_answer_that_is_not_ndjson_is_not_a_synapse_endpoint(spec):
 
 
 @pytest.mark.parametrize("name", ["../escape.txt", "/etc/passwd", "a/../../b"])
-def test_an_unsafe_artifact_name_is_refused(tmp_path, name):
-    from tests.http_fixtures import TestDirSpec
+def test_an_unsafe_artifact_name_is_refused(tmp_path, name, monkeypatch):
+    from synapse_cli.jobs import JOBS
+    from tests.http_fixtures import DIRTEST_JOB, TestDirSpec
+
+    monkeypatch.setitem(JOBS, "dirtest", DIRTEST_JOB)
 
     src = tmp_path / "in.txt"
     src.write_text("x")
@@ -268,7 +271,7 @@ def test_a_bad_endpoint_url_is_a_usage_error():
 def test_from_settings_reads_the_http_keys():
     from synapse_cli.config import resolve
 
-    settings = resolve({"modal.endpoint": "https://x.example/prefix/", "api_key": "s3cret"}, {"SYNAPSE_HTTP_MAX_RETRIES": "5", "SYNAPSE_HTTP_TIMEOUT_S": "7"})
+    settings = resolve({"http.endpoint": "https://x.example/prefix/", "api_key": "s3cret"}, {"SYNAPSE_HTTP_MAX_RETRIES": "5", "SYNAPSE_HTTP_TIMEOUT_S": "7"})
     b = HttpBackend.from_settings(settings)
     try:
         assert (b.endpoint, b.max_retries, b.timeout_s, b.backoff_s) == ("https://x.example/prefix", 5, 7.0, 0.5)

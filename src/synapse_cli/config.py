@@ -13,6 +13,7 @@ parts with ``_`` (``SYNAPSE_FFMPEG_PRESET``).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -150,13 +151,13 @@ _CORE: dict[str, _Setting] = {
     "modal.mode": _Setting("deployed", _choice("deployed", "ephemeral"), "deployed: look functions up by name; ephemeral: run the app for this call"),
     "modal.gpu": _Setting("T4", _str, "GPU for inference functions"),
     "modal.timeout_s": _Setting(3600, _int(1, 86400), "per-call timeout"),
-    "modal.connect_timeout_s": _Setting(20.0, _float(), "give up reaching Modal after this long (the client alone retries ~60 s)"),
+    "modal.connect_timeout_s": _Setting(20.0, _float(), "the whole budget for reaching Modal: the connection, the lookups and the first calls (the client alone retries ~60 s)"),
     "modal.max_retries": _Setting(2, _int(0, 10), "retries for transient failures"),
     "modal.initial_backoff_ms": _Setting(1000, _int(0, 600_000), "first retry delay"),
     "modal.volume": _Setting("synapse-data", _str, "Volume for inputs and outputs"),
     "modal.secrets": _Setting([], _list, "Modal secret names attached to the functions"),
-    "modal.endpoint": _Setting(None, _opt_str, "HTTP endpoint; when set, remote jobs go there", ("SYNAPSE_ENDPOINT",)),
-    # HTTP client
+    # [http]: the HTTP client
+    "http.endpoint": _Setting(None, _opt_str, "HTTP endpoint; when set, remote jobs go there", ("SYNAPSE_ENDPOINT",)),
     "http.timeout_s": _Setting(60.0, _float(), "HTTP connect/read timeout"),
     "http.max_retries": _Setting(3, _int(0, 10), "retries before the stream starts"),
     "http.initial_backoff_ms": _Setting(500, _int(0, 600_000), "first retry delay"),
@@ -189,6 +190,24 @@ Setting, text, optional_text, boolean, integer, number, choice, string_list = _S
 optional_boolean, batch_size = _opt_bool, _batch
 
 
+# Keys that were renamed: the old name still works, with a one-line warning on stderr naming the new one.
+RENAMED = {"modal.endpoint": "http.endpoint"}
+
+
+def _renamed_in(layer: Mapping[str, Any], where: str, notes: list[str]) -> dict[str, Any]:
+    """``layer`` with renamed keys under their new names (the new name wins where both are given)."""
+    out = dict(layer)
+    for old, new in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            if value is None:  # a flag not given
+                continue
+            notes.append(f"warning: {old} is deprecated{where}; use {new} ([{new.split('.')[0]}] {new.split('.', 1)[1]})")
+            if out.get(new) is None:
+                out[new] = value
+    return out
+
+
 def registry() -> dict[str, _Setting]:
     """Every setting: synapse's own, then each job kind's ``[<kind>]`` section (from its ``JobKind`` record)."""
     from synapse_cli.jobs import JOBS
@@ -218,12 +237,16 @@ class Value:
 class Settings(Mapping[str, Any]):
     """Resolved settings: ``settings["ffmpeg.crf"]``; ``settings.source(key)`` says where it came from."""
 
-    def __init__(self, values: dict[str, Value], config_path: Path | None = None) -> None:
+    def __init__(self, values: dict[str, Value], config_path: Path | None = None, warnings: tuple[str, ...] = ()) -> None:
         self._values = values
         self.config_path = config_path
+        self.warnings = warnings  # deprecated keys given; load_settings prints them
 
     def __getitem__(self, key: str) -> Any:
-        return self._values[key].value
+        return self._values[RENAMED.get(key, key)].value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values  # an old name reads its setting, but is not one
 
     def __iter__(self):
         return iter(self._values)
@@ -232,7 +255,7 @@ class Settings(Mapping[str, Any]):
         return len(self._values)
 
     def source(self, key: str) -> str:
-        return self._values[key].source
+        return self._values[RENAMED.get(key, key)].source
 
     def report(self) -> dict[str, Any]:
         """What ``config show --json`` prints: the file, then each key's value (secrets masked) and source."""
@@ -255,7 +278,10 @@ def resolve(
     file_path: Path | str | None = None,
 ) -> Settings:
     """Merge the four layers. ``flags`` values of None mean "not given". Bad values raise UsageError."""
-    flags, env, file_data = flags or {}, env or {}, file_data or {}
+    notes: list[str] = []
+    flags = _renamed_in(flags or {}, "", notes)
+    file_data = _renamed_in(file_data or {}, f" in {file_path}" if file_path else "", notes)
+    env = env or {}
     registry_ = registry()
     unknown = [k for k in list(flags) + list(file_data) if k not in registry_]
     if unknown:
@@ -263,8 +289,11 @@ def resolve(
         raise UsageError(f"unknown config key {unknown[0]!r}{where}")
     values: dict[str, Value] = {}
     for key, setting in registry_.items():
-        names = (env_name(key),) + setting.env_aliases
+        old_names = tuple(env_name(old) for old, new in RENAMED.items() if new == key)
+        names = (env_name(key),) + setting.env_aliases + old_names
         env_hit = next((n for n in names if env.get(n) not in (None, "")), None)
+        if env_hit in old_names and flags.get(key) is None:
+            notes.append(f"warning: {env_hit} is deprecated; use {env_name(key)}")
         if flags.get(key) is not None:
             raw, source = flags[key], "flag"
         elif env_hit:
@@ -280,7 +309,7 @@ def resolve(
             values[key] = Value(setting.transform(raw), source)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"bad value for {key}: {raw!r} (from {source}): {exc}") from None
-    return Settings(values, Path(file_path) if file_path else None)
+    return Settings(values, Path(file_path) if file_path else None, tuple(notes))
 
 
 # -- the file --------------------------------------------------------------------
@@ -349,4 +378,7 @@ def load_settings(
     if profile and not path:
         raise UsageError(f"profile {profile!r} given but no {CONFIG_FILENAME} found")
     data = load_file(path, profile) if path else {}
-    return resolve(flags, env, data, path)
+    settings = resolve(flags, env, data, path)
+    for note in settings.warnings:
+        print(note, file=sys.stderr)
+    return settings

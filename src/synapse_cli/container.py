@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from synapse_cli.events import Artifact, Finished, to_dict
-from synapse_cli.jobs import get_kind, load_job, select_installed, spec_from_dict
+from synapse_cli.backends._remote import PathField, stage_paths
+from synapse_cli.jobs import load_job, select_installed, spec_from_dict
 
 VOL = "vol:"
 DEFAULT_MOUNT = "/data"
@@ -26,26 +27,16 @@ def volume_root() -> Path:
     return Path(os.environ.get("SYNAPSE_VOLUME_ROOT", DEFAULT_MOUNT))
 
 
-def _map(value: Any, fn) -> Any:
-    if isinstance(value, str):
-        return fn(value)
-    if isinstance(value, list):
-        return [fn(v) if isinstance(v, str) else v for v in value]
-    return value
-
-
 def to_container(kind: str, spec: dict[str, Any], root: Path) -> dict[str, Any]:
     """``vol:x`` → ``<root>/x`` in every path field; output folders are created."""
-    record = get_kind(kind)
-    inputs, outputs = record.inputs, record.outputs
-    out = dict(spec)
-    for name in inputs + outputs:
-        out[name] = _map(out.get(name), lambda v: str(root / v[len(VOL):]) if v.startswith(VOL) else v)
-    for name in outputs:
-        value = out.get(name)
-        if isinstance(value, str):
-            Path(value).parent.mkdir(parents=True, exist_ok=True)
-    return out
+
+    def place(path: PathField) -> str:
+        local = str(root / path.value[len(VOL) :]) if path.value.startswith(VOL) else path.value
+        if path.output:
+            Path(local).parent.mkdir(parents=True, exist_ok=True)
+        return local
+
+    return stage_paths(kind, spec, place)
 
 
 def from_container(value: Any, root: Path) -> Any:

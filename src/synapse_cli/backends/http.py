@@ -4,7 +4,8 @@ One job is one ``POST /v1/jobs/{kind}``: the spec as JSON plus the INPUTS files 
 multipart upload. The response is the job's NDJSON event stream, decoded line by line
 as it arrives. Outputs come back as ``artifact`` events naming ``/v1/artifacts/{id}``
 downloads; after ``finished`` each is downloaded to a temporary file beside its local
-output and renamed into place, so a broken stream or download leaves no partial output.
+output and all are renamed into place (``_remote.collect_outputs``), so a broken stream
+or download leaves no partial output.
 
 Retries (``stamina``: exponential backoff with jitter) cover connect errors, 429 (its
 ``Retry-After`` is honoured) and 5xx *before* the stream starts. A 4xx is never retried,
@@ -15,10 +16,7 @@ and a job whose stream started is never replayed. httpx is imported here only, s
 from __future__ import annotations
 
 import json
-import logging
-import shutil
 import time
-import uuid
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
@@ -27,15 +25,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from synapse_cli import __version__
+from synapse_cli.backends._remote import ErrorMap, Outputs, collect_outputs, map_errors, one_line, path_fields, retry_until_first_event
 from synapse_cli.backends.base import Backend
 from synapse_cli.errors import BackendError, UsageError, error_from_wire
-from synapse_cli.events import Artifact, Event, Failed, Finished, Log, from_dict
-from synapse_cli.jobs import path_values, spec_to_dict
-from synapse_cli.jobs._files import commit, temp_path_for
-
-# stamina logs each scheduled retry at WARNING; with no logging configured Python would print
-# the bare "stamina.retry_scheduled" on stderr. We report retries ourselves, as Log events.
-logging.getLogger("stamina").addHandler(logging.NullHandler())
+from synapse_cli.events import Artifact, Event, Finished, Log, from_dict
+from synapse_cli.jobs import spec_to_dict
 
 MAX_RETRY_AFTER_S = 60.0
 DIR_TAR = "application/x-synapse-dir+tar"  # how a directory input travels (synapse_cli.server.uploads)
@@ -82,9 +76,24 @@ def _should_retry_download(exc: Exception) -> bool | float:
     return _should_retry(exc)
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+# Foreign exceptions -> ours, per phase of a job; ``{url}``, ``{attempts}`` and ``{timeout}`` come from the call.
+_START_ERRORS: ErrorMap = {
+    _Retryable: (BackendError, "{url} answered {detail} ({attempts})"),
+    httpx.ConnectTimeout: (BackendError, "cannot reach {url}: timed out connecting ({attempts})"),
+    httpx.ConnectError: (BackendError, "cannot reach {url}: {detail} ({attempts})"),
+    httpx.TimeoutException: (BackendError, "no answer from {url} within {timeout:g} s (http.timeout_s)"),
+}
+_STREAM_ERRORS: ErrorMap = {
+    httpx.TimeoutException: (BackendError, "no event from {url} for {timeout:g} s (http.timeout_s); nothing was saved"),
+    httpx.TransportError: (BackendError, "the stream from {url} broke before the job finished ({detail}); nothing was saved"),
+    httpx.StreamError: (BackendError, "the stream from {url} broke before the job finished ({detail}); nothing was saved"),
+    httpx.DecodingError: (BackendError, "the stream from {url} broke before the job finished ({detail}); nothing was saved"),
+}
+_DOWNLOAD_ERRORS: ErrorMap = {
+    _Retryable: (BackendError, "downloading {url}: {detail}"),
+    httpx.HTTPError: (BackendError, "downloading {url} failed: {detail}"),
+    OSError: (UsageError, "cannot write {folder}: {detail}"),
+}
 
 
 class HttpBackend(Backend):
@@ -105,10 +114,6 @@ class HttpBackend(Backend):
         parts = urlsplit(endpoint or "")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise UsageError(f"bad endpoint URL {endpoint!r}: expected http(s)://host[:port][/prefix]")
-        try:
-            import stamina  # noqa: F401 - the retry policy; imported here to fail early and clearly
-        except ImportError:
-            raise UsageError("the HTTP backend needs stamina: pip install 'synapse-cli[serve]'") from None
         self.endpoint = endpoint.rstrip("/")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -121,7 +126,7 @@ class HttpBackend(Backend):
 
     @classmethod
     def from_settings(cls, settings: Any) -> "HttpBackend":
-        endpoint, key = settings["modal.endpoint"], settings["api_key"]
+        endpoint, key = settings["http.endpoint"], settings["api_key"]
         parts = urlsplit(endpoint or "")
         if not key and parts.scheme == "http" and parts.hostname:
             # a local `synapse serve` without SYNAPSE_API_KEY generated one and left it for us
@@ -147,80 +152,43 @@ class HttpBackend(Backend):
         """The job split by the server across ``shards`` of its worker processes (``?shards=N``)."""
         return self.run(kind, spec, shards=shards)
 
-    def run(self, job: str, spec: Any, shards: int = 1) -> Iterator[Event]:
+    def run(self, kind: str, spec: Any, shards: int = 1) -> Iterator[Event]:
         """Upload, stream the events as they arrive, then download the outputs and rename them into place."""
-        cls = type(spec)
         data = spec_to_dict(spec)
-        uploads = _inputs(cls, data)
-        targets = _outputs(cls, data)
+        paths = path_fields(kind, data)
+        uploads = [(p.field, Path(p.value)) for p in paths if not p.output]
+        targets = {(p.field, p.index): p.value for p in paths if p.output}
         overwrite = bool(data.get("overwrite", False))
+        _check_inputs(uploads)
         _check_targets(targets, overwrite)
-        url = f"{self.endpoint}/v1/jobs/{job}" + (f"?shards={int(shards)}" if shards > 1 else "")
+        url = f"{self.endpoint}/v1/jobs/{kind}" + (f"?shards={int(shards)}" if shards > 1 else "")
         response = yield from self._open(url, data, uploads)
-        pending: list[Artifact] = []
-        finished: Finished | None = None
         try:
-            for line in response.iter_lines():
-                if not line.strip():
-                    continue
-                event = _decode(line, url)
-                if isinstance(event, Failed):
-                    raise error_from_wire(event.error, event.code, event.message)
-                if isinstance(event, Artifact):
-                    pending.append(event)  # reported once downloaded and renamed into place
-                    continue
-                if isinstance(event, Finished):
-                    finished = event
-                    break
-                yield event
-        except httpx.TimeoutException:
-            raise BackendError(f"no event from {url} for {self.timeout_s:g} s (http.timeout_s); nothing was saved") from None
-        except (httpx.TransportError, httpx.StreamError, httpx.DecodingError) as exc:
-            raise BackendError(f"the stream from {url} broke before the job finished ({_one_line(str(exc)) or type(exc).__name__}); nothing was saved") from None
+            yield from collect_outputs(self._events(url, response), lambda e, out: self._fetch(e, targets, out), overwrite, url, defer=True)
         finally:
             response.close()  # on an early close this cancels the job on the server
-        if finished is None:
-            raise BackendError(f"the stream from {url} ended before the job finished; nothing was saved")
-        yield from self._download_all(pending, targets, overwrite)
-        yield finished
+
+    def _events(self, url: str, response: httpx.Response) -> Iterator[Event]:
+        """The response's NDJSON lines as events, up to ``finished``."""
+        with map_errors(_STREAM_ERRORS, url=url, timeout=self.timeout_s):
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue  # a keep-alive line
+                event = _decode(line, url)
+                yield event
+                if isinstance(event, Finished):
+                    return
 
     def _open(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]]) -> Iterator[Event]:
         """POST the job, retrying what is safe to retry; returns the open streaming response (yields retry logs)."""
-        import stamina
-
-        last = ""
         attempts = self.max_retries + 1
-        try:
-            for attempt in stamina.retry_context(
-                on=_should_retry,
-                attempts=attempts,
-                timeout=None,
-                wait_initial=self.backoff_s,
-                wait_max=max(30.0, self.backoff_s),
-                wait_jitter=self.backoff_s,
-            ):
-                if last:
-                    yield Log(f"{url}: {last}; retry {attempt.num - 1} of {self.max_retries}", level="warning")
-                with attempt:
-                    try:
-                        return self._post(url, data, uploads)
-                    except _Retryable as exc:
-                        last = f"HTTP {exc.status}"
-                        raise
-                    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                        last = _one_line(str(exc)) or type(exc).__name__
-                        raise
-        except _Retryable as exc:
-            raise BackendError(f"{url} answered HTTP {exc.status} ({attempts} attempt{'s' * (attempts > 1)})") from None
-        except httpx.ConnectTimeout:
-            raise BackendError(f"cannot reach {url}: timed out connecting ({attempts} attempt{'s' * (attempts > 1)})") from None
-        except httpx.ConnectError as exc:
-            raise BackendError(f"cannot reach {url}: {_one_line(str(exc))} ({attempts} attempt{'s' * (attempts > 1)})") from None
-        except httpx.TimeoutException:
-            raise BackendError(f"no answer from {url} within {self.timeout_s:g} s (http.timeout_s)") from None
-        except httpx.TransportError as exc:
-            raise self._diagnose(url, uploads, exc) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        with map_errors(_START_ERRORS, url=url, timeout=self.timeout_s, attempts=f"{attempts} attempt{'s' * (attempts > 1)}"):
+            try:
+                return (yield from retry_until_first_event(lambda: self._post(url, data, uploads), _should_retry, self.max_retries, self.backoff_s, url))
+            except (httpx.ConnectError, httpx.TimeoutException):
+                raise
+            except httpx.TransportError as exc:
+                raise self._diagnose(url, uploads, exc) from exc
 
     def _post(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]]) -> httpx.Response:
         with ExitStack() as files:
@@ -259,40 +227,17 @@ class HttpBackend(Backend):
             total = sum(f.stat().st_size for _, path in uploads for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
             if isinstance(limit, (int, float)) and total > limit * 1024 * 1024:
                 return UsageError(f"the upload ({total / 1048576:.1f} MB) is larger than the endpoint's limit of {limit:g} MB (serve.max_upload_mb)")
-        return BackendError(f"the connection to {url} broke before the job started ({_one_line(str(exc)) or type(exc).__name__})")
+        return BackendError(f"the connection to {url} broke before the job started ({one_line(str(exc)) or type(exc).__name__})")
 
     # -- outputs ------------------------------------------------------------------
 
-    def _download_all(self, pending: list[Artifact], targets: dict[tuple[str, int | None], str], overwrite: bool) -> Iterator[Event]:
-        planned: list[tuple[Path, Path, int]] = []  # (temp file, destination, bytes)
-        notes: list[Event] = []
-        staging: dict[Path, Path] = {}  # directory output -> its temporary sibling folder
-        try:
-            for event in pending:
-                url, dest, in_dir = self._place(event, targets)
-                if dest is None:
-                    notes.append(Log(f"artifact {event.path} matches no output of the spec and was not downloaded", level="warning"))
-                    continue
-                if in_dir is not None:
-                    stage = staging.setdefault(in_dir, in_dir.with_name(f".{in_dir.name}.{uuid.uuid4().hex[:8]}.part"))
-                    tmp = stage / dest.relative_to(in_dir)
-                    tmp.parent.mkdir(parents=True, exist_ok=True)
-                else:
-                    tmp = temp_path_for(dest)
-                planned.append((tmp, dest, event.bytes))
-                self._download(url, tmp, event.bytes)
-            done: list[Event] = []
-            for tmp, dest, size in planned:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                commit(tmp, dest, overwrite)
-                done.append(Artifact(path=str(dest), bytes=size))
-        finally:
-            for tmp, _, _ in planned:
-                tmp.unlink(missing_ok=True)
-            for stage in staging.values():
-                shutil.rmtree(stage, ignore_errors=True)
-        yield from notes
-        yield from done
+    def _fetch(self, event: Artifact, targets: dict[tuple[str, int | None], str], outputs: Outputs) -> Event:
+        """``collect_outputs``'s callback: download one artifact into a temporary sibling of its output."""
+        url, dest, _ = self._place(event, targets)
+        if dest is None:
+            return Log(f"artifact {event.path} matches no output of the spec and was not downloaded", level="warning")
+        outputs.receive(dest, lambda tmp: self._download(url, tmp, event.bytes))
+        return Artifact(path=str(dest), bytes=event.bytes)
 
     def _place(self, event: Artifact, targets: dict[tuple[str, int | None], str]) -> tuple[str, Path | None, Path | None]:
         """The download URL, the local destination, and (for a file of a directory output) that directory."""
@@ -315,53 +260,33 @@ class HttpBackend(Backend):
         return url, base.joinpath(*rel.parts), base
 
     def _download(self, url: str, tmp: Path, expected: int) -> None:
-        import stamina
+        def get() -> None:
+            with self._client.stream("GET", url, headers=self._headers) as response:
+                if response.status_code in (401, 403):
+                    raise BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url})")
+                if response.status_code == 429 or response.status_code >= 500:
+                    raise _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
+                if response.status_code != 200:
+                    raise BackendError(f"downloading {url}: HTTP {response.status_code}")
+                written = 0
+                with open(tmp, "wb") as f:
+                    for chunk in response.iter_bytes(1 << 20):
+                        written += f.write(chunk)
+                if written != expected:
+                    raise BackendError(f"downloading {url}: got {written} of {expected} bytes")
 
-        try:
-            for attempt in stamina.retry_context(
-                on=_should_retry_download,
-                attempts=self.max_retries + 1,
-                timeout=None,
-                wait_initial=self.backoff_s,
-                wait_max=max(30.0, self.backoff_s),
-                wait_jitter=self.backoff_s,
-            ):
-                with attempt:
-                    with self._client.stream("GET", url, headers=self._headers) as response:
-                        if response.status_code in (401, 403):
-                            raise BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url})")
-                        if response.status_code == 429 or response.status_code >= 500:
-                            raise _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
-                        if response.status_code != 200:
-                            raise BackendError(f"downloading {url}: HTTP {response.status_code}")
-                        written = 0
-                        with open(tmp, "wb") as f:
-                            for chunk in response.iter_bytes(1 << 20):
-                                f.write(chunk)
-                                written += len(chunk)
-                        if written != expected:
-                            raise BackendError(f"downloading {url}: got {written} of {expected} bytes")
-        except _Retryable as exc:
-            raise BackendError(f"downloading {url}: HTTP {exc.status}") from None
-        except httpx.HTTPError as exc:
-            raise BackendError(f"downloading {url} failed: {_one_line(str(exc)) or type(exc).__name__}") from None
-        except OSError as exc:
-            raise UsageError(f"cannot write {tmp.parent}: {exc.strerror}") from None
+        with map_errors(_DOWNLOAD_ERRORS, url=url, folder=tmp.parent):
+            for _ in retry_until_first_event(get, _should_retry_download, self.max_retries, self.backoff_s, url):
+                pass  # a download's retries are not reported: the job already finished
 
 
 # -- spec helpers --------------------------------------------------------------------
 
 
-def _inputs(cls: type, data: dict[str, Any]) -> list[tuple[str, Path]]:
-    """(spec field, local file or folder) for every INPUTS path, checked before any request."""
-    uploads = []
-    for name in getattr(cls, "INPUTS", ()):
-        for _, value in path_values(data.get(name), "input", name):
-            path = Path(value)
-            if not path.exists():
-                raise UsageError(f"input not found: {path}")
-            uploads.append((name, path))
-    return uploads
+def _check_inputs(uploads: list[tuple[str, Path]]) -> None:
+    for _, path in uploads:
+        if not path.exists():
+            raise UsageError(f"input not found: {path}")
 
 
 def _part(path: Path, files: ExitStack) -> tuple[str, Any, str]:
@@ -378,11 +303,6 @@ def _part(path: Path, files: ExitStack) -> tuple[str, Any, str]:
                 tar.add(f, arcname=f.relative_to(path).as_posix(), recursive=False)
     archive.seek(0)
     return (path.resolve().name or "input", archive, DIR_TAR)
-
-
-def _outputs(cls: type, data: dict[str, Any]) -> dict[tuple[str, int | None], str]:
-    """(spec field, list index or None) -> the local output path."""
-    return {(name, index): value for name in getattr(cls, "OUTPUTS", ()) for index, value in path_values(data.get(name), "output", name)}
 
 
 def _check_targets(targets: dict[tuple[str, int | None], str], overwrite: bool) -> None:
@@ -412,4 +332,4 @@ def _error_from_body(url: str, status: int, body: bytes) -> Exception:
         data = None
     if isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("message"), str):
         return error_from_wire(data.get("error"), data.get("code"), data["message"])
-    return BackendError(f"{url} answered HTTP {status}: {_one_line(body.decode('utf-8', 'replace')) or 'no body'}")
+    return BackendError(f"{url} answered HTTP {status}: {one_line(body.decode('utf-8', 'replace')) or 'no body'}")

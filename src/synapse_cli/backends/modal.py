@@ -2,8 +2,11 @@
 
 Files never travel as call arguments (Modal inlines at most 2 MiB): inputs are
 uploaded to the shared Volume under a content-hash key (skipped when the key
-exists), the job reads and writes ``vol:`` paths, and outputs are downloaded to
-a temporary file beside the requested one and renamed into place.
+exists), the job reads and writes ``vol:`` paths, and each output is downloaded
+to a temporary file beside the requested one as its ``artifact`` arrives; all are
+renamed into place when ``finished`` arrives, or none (``_remote.collect_outputs``).
+Reaching Modal (connection, Volume and function lookups) has one budget,
+``connect_timeout_s``; a call is retried (stamina) only before its first event.
 
 This is the only module of synapse_cli that imports modal, and it does so
 lazily: ``synapse --help`` never pays for it. Modal's exceptions are mapped to
@@ -12,23 +15,23 @@ ours here, at the edge.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-import random
 import threading
 import time
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from synapse_cli.backends._remote import ErrorMap, Outputs, PathField, collect_outputs, map_errors, retry_until_first_event, stage_paths
 from synapse_cli.backends.base import Backend
-from synapse_cli.errors import BackendError, JobError, SynapseError, UsageError, error_from_wire
-from synapse_cli.events import Artifact, Event, Failed, Finished, from_dict
-from synapse_cli.hashing import sha256_file, sha256_tree
-from synapse_cli.jobs._files import commit, temp_path_for
 from synapse_cli.container import VOL
+from synapse_cli.errors import BackendError, JobError, UsageError
+from synapse_cli.events import Artifact, Event, Finished, from_dict
+from synapse_cli.hashing import sha256_file, sha256_tree
 from synapse_cli.jobs import get_kind
 
 PROGRESS_DICT = "synapse-progress"  # keep in sync with modal_functions.app
@@ -76,57 +79,70 @@ def require_credentials(env: Mapping[str, str] | None = None) -> str:
 # -- errors -----------------------------------------------------------------------------
 
 
-@contextmanager
-def map_modal_errors(app_name: str, environment: str | None) -> Iterator[None]:
-    """Translate modal's exceptions into ours. We want the most specific mapping we can find."""
+@functools.lru_cache(maxsize=1)
+def _modal_errors() -> ErrorMap:
+    """modal's exceptions -> ours (built on first use: importing modal costs ~0.5 s)."""
     import modal.exception as mx
 
-    try:
-        yield
-    except SynapseError:
-        raise  # our own errors, pickled back from the container, keep their exit codes
-    except mx.AuthError as exc:
-        raise BackendError(f"Modal rejected the credentials: {exc}") from None
-    except mx.NotFoundError as exc:
-        where = f" in environment {environment!r}" if environment else ""
-        raise BackendError(f"Modal app {app_name!r} not found{where} ({exc}): run `synapse deploy` first") from None
-    except mx.FunctionTimeoutError as exc:
-        raise JobError(f"the Modal function timed out: {exc}") from None
-    except mx.ConnectionError as exc:
-        raise BackendError(f"cannot reach Modal: {exc}") from None
-    except mx.RemoteError as exc:
-        raise JobError(f"the job failed on Modal: {exc}") from None
-    except (mx.ExecutionError, mx.InternalFailure, mx.InternalError, mx.ServiceError) as exc:
-        raise BackendError(f"Modal could not run the job: {type(exc).__name__}: {exc}") from None
-    except mx.Error as exc:
-        raise BackendError(f"Modal error: {type(exc).__name__}: {exc}") from None
+    return {
+        mx.AuthError: (BackendError, "Modal rejected the credentials: {detail}"),
+        mx.NotFoundError: (BackendError, "Modal app {app_name!r} not found{where} ({detail}): run `synapse deploy` first"),
+        mx.FunctionTimeoutError: (JobError, "the Modal function timed out: {detail}"),
+        mx.ConnectionError: (BackendError, "cannot reach Modal: {detail}"),
+        mx.RemoteError: (JobError, "the job failed on Modal: {detail}"),
+        mx.ExecutionError: (BackendError, "Modal could not run the job: {name}: {detail}"),
+        mx.InternalFailure: (BackendError, "Modal could not run the job: {name}: {detail}"),
+        mx.InternalError: (BackendError, "Modal could not run the job: {name}: {detail}"),
+        mx.ServiceError: (BackendError, "Modal could not run the job: {name}: {detail}"),
+        mx.Error: (BackendError, "Modal error: {name}: {detail}"),
+    }
 
 
-def _transient() -> tuple[type[BaseException], ...]:
+def map_modal_errors(app_name: str, environment: str | None) -> Any:
+    """``with map_modal_errors(app, env):`` translates modal's exceptions into ours (``_modal_errors``)."""
+    where = f" in environment {environment!r}" if environment else ""
+    return map_errors(_modal_errors, app_name=app_name, where=where)
+
+
+def _transient(exc: Exception) -> bool:
+    """What is worth starting a call again for: Modal lost the worker, or was briefly unavailable."""
     import modal.exception as mx
 
-    return (mx.ConnectionError, mx.InternalFailure, mx.InternalError, mx.ServiceError, mx.ResourceExhaustedError)
+    return isinstance(exc, (mx.ConnectionError, mx.InternalFailure, mx.InternalError, mx.ServiceError, mx.ResourceExhaustedError))
 
 
-def _bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Run ``fn`` with a deadline: the modal client retries a dead connection for about a minute."""
-    box: dict[str, Any] = {}
+def _server() -> str:
+    return os.environ.get("MODAL_SERVER_URL", "https://api.modal.com")
 
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = exc
 
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        server = os.environ.get("MODAL_SERVER_URL", "https://api.modal.com")
-        raise BackendError(f"cannot reach Modal at {server}: no answer to {what} within {timeout_s:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+class _Deadline:
+    """One budget for reaching Modal, shared by the connection, the lookups and the first RPCs.
+
+    The modal client alone retries a dead connection for about a minute, so each step runs in
+    a helper thread that we stop waiting for (and leave behind) when the budget is spent.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def run(self, fn: Callable[[], Any], what: str) -> Any:
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = exc
+
+        worker = threading.Thread(target=target, daemon=True)
+        worker.start()
+        worker.join(max(self.at - time.monotonic(), 0.0))
+        if worker.is_alive():
+            raise BackendError(f"cannot reach Modal at {_server()}: no answer to {what} within {self.seconds:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
 
 
 # -- the Volume: content-addressed inputs, per-job outputs -------------------------------------
@@ -143,13 +159,16 @@ class _Uploads:
 class _Files:
     """Maps a spec's local paths to Volume paths and back, uploading and downloading as needed."""
 
-    def __init__(self, volume: Any, job_id: str, overwrite: bool, uploads: "_Uploads | None" = None) -> None:
+    def __init__(self, volume: Any, job_id: str, uploads: "_Uploads | None" = None) -> None:
         self.uploads = uploads or _Uploads()
         self.volume = volume
         self.job_id = job_id
-        self.overwrite = overwrite
         self.local_of: dict[str, Path] = {}  # "vol:..." -> local path
         self.output_dirs: dict[str, Path] = {}  # "vol:outputs/<id>/<dir>" -> local dir
+
+    def place(self, path: PathField) -> str:
+        """``stage_paths``'s callback: an input uploaded, an output pointed into the job's folder."""
+        return self.output(path) if path.output else self.upload(path.value)
 
     def _exists(self, remote: str) -> bool:
         import modal.exception
@@ -184,12 +203,14 @@ class _Files:
                     batch.put_file(str(path), f"/{key}")
         return VOL + key
 
-    def output(self, local: str, is_dir: bool) -> str:
-        path = Path(local)
-        remote = f"{VOL}outputs/{self.job_id}/{path.name}"
-        self.local_of[remote] = path
-        if is_dir:
-            self.output_dirs[remote] = path
+    def output(self, path: PathField) -> str:
+        # one folder per field (and list index), so two outputs with the same file name cannot meet
+        local = Path(path.value)
+        slot = path.field if path.index is None else f"{path.field}/{path.index}"
+        remote = f"{VOL}outputs/{self.job_id}/{slot}/{local.name}"
+        self.local_of[remote] = local
+        if path.is_dir:
+            self.output_dirs[remote] = local
         return remote
 
     def local_path(self, remote: str) -> Path | None:
@@ -200,21 +221,21 @@ class _Files:
                 return folder / remote[len(prefix) + 1 :]
         return None
 
-    def download(self, remote: str) -> Path:
-        """Fetch ``vol:...`` into its local place: a temp sibling renamed when complete."""
-        dest = self.local_path(remote)
+    def fetch(self, event: Artifact, outputs: Outputs) -> Event:
+        """``collect_outputs``'s callback: download ``vol:...`` into a temporary sibling of its local place."""
+        dest = self.local_path(event.path)
         if dest is None:
-            raise BackendError(f"the job reported an unexpected output {remote}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path_for(dest)
-        try:
+            raise BackendError(f"the job reported an unexpected output {event.path}")
+        written = 0
+
+        def write(tmp: Path) -> None:
+            nonlocal written
             with tmp.open("wb") as f:
-                for chunk in self.volume.read_file(remote[len(VOL) :]):
-                    f.write(chunk)
-            commit(tmp, dest, self.overwrite)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return dest
+                for chunk in self.volume.read_file(event.path[len(VOL) :]):
+                    written += f.write(chunk)
+
+        outputs.receive(dest, write)
+        return Artifact(path=str(dest), bytes=written)
 
     def localize(self, value: Any) -> Any:
         if isinstance(value, str) and value.startswith(VOL):
@@ -252,13 +273,11 @@ class ModalBackend(Backend):
         lookup: Callable[[str], Any] | None = None,
         volume: Any | None = None,
         env: Mapping[str, str] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.config = dict(config)
         self._lookup = lookup
         self._volume = volume
         self._env = env
-        self._sleep = sleep
         self._stack = ExitStack()
         self._connect_lock = threading.Lock()
         self._uploads = _Uploads()
@@ -268,8 +287,6 @@ class ModalBackend(Backend):
         return cls({**settings.section("modal"), "prices": settings["jobs.gpu_prices_usd_per_hour"]})
 
     def gpu_for(self, kind: str) -> str | None:
-        from synapse_cli.jobs import get_kind
-
         return self.config["gpu"] if get_kind(kind).gpu else None
 
     def cost_info(self, kind: str, seconds: float) -> dict[str, Any]:
@@ -279,8 +296,20 @@ class ModalBackend(Backend):
         cost = None if price is None else round(seconds * price / 3600, 6)
         return {"gpu": gpu, "seconds": round(seconds, 3), "estimated_cost_usd": cost}
 
-    def _errors(self):
+    def _errors(self) -> Any:
         return map_modal_errors(self.config["app_name"], self.config.get("environment"))
+
+    def _deadline(self) -> _Deadline:
+        return _Deadline(float(self.config["connect_timeout_s"]))
+
+    def _reach(self, deadline: _Deadline) -> _Deadline:
+        """Connect (``import modal`` included) and look the Volume up within ``deadline``, which is
+        returned for the function lookups that follow."""
+        deadline.run(self._connect, "the connection")
+        hydrate = getattr(self._volume, "hydrate", None)
+        if hydrate is not None:  # the first RPC: Volume.from_name is lazy
+            deadline.run(hydrate, f"the lookup of Volume {self.config['volume']!r}")
+        return deadline
 
     def _connect(self) -> None:
         with self._connect_lock:  # shards call at once; connect (and enter an ephemeral app) once
@@ -302,7 +331,7 @@ class ModalBackend(Backend):
         if self._volume is None:
             self._volume = modal.Volume.from_name(self.config["volume"], create_if_missing=True, environment_name=env_name)
 
-    def function(self, kind: str) -> Any:
+    def function(self, kind: str, deadline: _Deadline) -> Any:
         from synapse_cli.jobs import JOBS
 
         if kind not in JOBS or not JOBS[kind].remote:
@@ -310,37 +339,27 @@ class ModalBackend(Backend):
         fn = self._lookup(kind)  # type: ignore[misc]
         hydrate = getattr(fn, "hydrate", None)
         if hydrate is not None:
-            _bounded(hydrate, float(self.config["connect_timeout_s"]), f"the lookup of {kind!r}")
+            deadline.run(hydrate, f"the lookup of {kind!r}")
         return fn
 
     def stage(self, kind: str, spec: Any, files: _Files) -> dict[str, Any]:
         """The spec as the container sees it: inputs uploaded, outputs pointed at the job's Volume folder."""
-        data = asdict(spec)
         record = get_kind(kind)
-        inputs, outputs = record.inputs, record.outputs
-        for name in inputs:
-            value = data.get(name)
-            if isinstance(value, str):
-                data[name] = files.upload(value)
-            elif isinstance(value, list):
-                data[name] = [files.upload(v) for v in value]
-        for name in outputs:
-            if isinstance(data.get(name), str):
-                data[name] = files.output(data[name], is_dir=name.endswith("_dir"))  # e.g. compile's output_dir
+        data = stage_paths(kind, asdict(spec), files.place)
         for name in record.host_fields:
-            if name not in inputs + outputs:
+            if name not in record.inputs + record.outputs:
                 data.pop(name, None)  # a local binary or cache path means nothing in the container
         return data
 
-    def run(self, job: str, spec: Any) -> Iterator[Event]:
+    def run(self, kind: str, spec: Any) -> Iterator[Event]:
         require_credentials(self._env)
+        deadline = self._deadline()
         with self._errors():
-            _bounded(self._connect, float(self.config["connect_timeout_s"]), "the connection")
-            files = _Files(self._volume, uuid.uuid4().hex, bool(getattr(spec, "overwrite", False)), self._uploads)
-            remote_spec = self.stage(job, spec, files)
-            fn = self.function(job)
+            fn = self.function(kind, self._reach(deadline))
+            files = _Files(self._volume, uuid.uuid4().hex, self._uploads)
+            remote_spec = self.stage(kind, spec, files)
             try:
-                yield from self._localized(job, files, self._stream(fn, remote_spec), time.time())
+                yield from self._localized(kind, files, self._stream(kind, fn, remote_spec), time.time(), bool(getattr(spec, "overwrite", False)))
             finally:
                 self._remove_outputs(files.job_id)
 
@@ -355,21 +374,19 @@ class ModalBackend(Backend):
                 pass
 
         try:
-            _bounded(remove, 10.0, "the clean-up")
+            _Deadline(10.0).run(remove, "the clean-up")
         except BackendError:
             pass
 
-    def _localized(self, kind: str, files: "_Files", events: Iterator[Event], started: float) -> Iterator[Event]:
-        # started: wall-clock (epoch) seconds when the call was made, for the cost estimate
-        """Remote events as local ones: artifacts downloaded, ``vol:`` paths mapped, cost added."""
-        for event in events:
-            if isinstance(event, Artifact):
-                local = files.download(event.path)
-                event = Artifact(path=str(local), bytes=local.stat().st_size)
-            elif isinstance(event, Finished):
-                result = {**files.localize(event.result), "modal": self.cost_info(kind, time.time() - started)}
-                event = Finished(result=result, elapsed_s=event.elapsed_s)
-            yield event
+    def _localized(self, kind: str, files: _Files, events: Iterator[Event], started: float, overwrite: bool) -> Iterator[Event]:
+        """Remote events as local ones: outputs downloaded and committed on ``finished``, ``vol:`` paths
+        mapped, cost added. ``started``: wall-clock (epoch) seconds when the call was made."""
+
+        def finish(event: Finished) -> Finished:
+            result = {**files.localize(event.result), "modal": self.cost_info(kind, time.time() - started)}
+            return Finished(result=result, elapsed_s=event.elapsed_s)
+
+        return collect_outputs(events, files.fetch, overwrite, f"Modal function {kind!r}", finish)
 
     # -- detached: .spawn() a wrapper that publishes events to a Dict -------------------------
 
@@ -378,21 +395,21 @@ class ModalBackend(Backend):
         import modal
 
         require_credentials(self._env)
+        if self.config.get("mode") == "ephemeral":
+            raise UsageError("--detach needs a deployed app ([modal] mode = \"deployed\"): an ephemeral app ends with this process")
+        deadline = self._deadline()
         with self._errors():
-            _bounded(self._connect, float(self.config["connect_timeout_s"]), "the connection")
-            files = _Files(self._volume, job_id, bool(getattr(spec, "overwrite", False)))
+            self._reach(deadline)
+            fn = modal.Function.from_name(self.config["app_name"], f"{kind}_detached", environment_name=self.config.get("environment"))
+            deadline.run(fn.hydrate, f"the lookup of {kind}_detached")
+            files = _Files(self._volume, job_id)
             remote_spec = self.stage(kind, spec, files)
-            env_name = self.config.get("environment")
-            if self.config.get("mode") == "ephemeral":
-                raise UsageError("--detach needs a deployed app ([modal] mode = \"deployed\"): an ephemeral app ends with this process")
-            fn = modal.Function.from_name(self.config["app_name"], f"{kind}_detached", environment_name=env_name)
-            _bounded(fn.hydrate, float(self.config["connect_timeout_s"]), f"the lookup of {kind}_detached")
             call = fn.spawn(remote_spec, job_id)
         return {
             "call_id": call.object_id,
             "local_of": {k: str(v) for k, v in files.local_of.items()},
             "output_dirs": {k: str(v) for k, v in files.output_dirs.items()},
-            "overwrite": files.overwrite,
+            "overwrite": bool(getattr(spec, "overwrite", False)),
             "started": time.time(),
         }
 
@@ -411,13 +428,14 @@ class ModalBackend(Backend):
         store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel")
 
     def follow_call(self, kind: str, job_id: str, remote: dict[str, Any], poll_s: float = 0.5) -> Iterator[Event]:
-        """The events a detached call publishes, as they come; artifacts are downloaded on the way."""
+        """The events a detached call publishes, as they come; outputs are downloaded on the way and committed on ``finished``."""
         import modal
 
         require_credentials(self._env)
+        deadline = self._deadline()
         with self._errors():
-            _bounded(self._connect, float(self.config["connect_timeout_s"]), "the connection")
-            files = _Files(self._volume, job_id, bool(remote.get("overwrite")))
+            self._reach(deadline)
+            files = _Files(self._volume, job_id)
             files.local_of = {k: Path(v) for k, v in remote["local_of"].items()}
             files.output_dirs = {k: Path(v) for k, v in remote["output_dirs"].items()}
             progress = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True, environment_name=self.config.get("environment"))
@@ -441,58 +459,57 @@ class ModalBackend(Backend):
                         yield from_dict(last)
                         return
 
-            for event in self._localized(kind, files, published(), remote["started"]):
-                if isinstance(event, Failed):
-                    raise error_from_wire(event.error, event.code, event.message)
-                yield event
+            yield from self._localized(kind, files, published(), remote["started"], bool(remote.get("overwrite")))
 
     def cancel_call(self, remote: dict[str, Any]) -> None:
         import modal
 
         require_credentials(self._env)
         with self._errors():
-            _bounded(lambda: modal.FunctionCall.from_id(remote["call_id"]).cancel(), float(self.config["connect_timeout_s"]), "the cancellation")
+            self._deadline().run(lambda: modal.FunctionCall.from_id(remote["call_id"]).cancel(), "the cancellation")
 
-    def _stream(self, fn: Any, remote_spec: dict[str, Any]) -> Iterator[Event]:
+    def _stream(self, kind: str, fn: Any, remote_spec: dict[str, Any]) -> Iterator[Event]:
         """``remote_gen`` with retries for transient failures before the first event; never after it."""
-        transient = _transient()
-        retries = int(self.config.get("max_retries", 0))
-        delay = int(self.config.get("initial_backoff_ms", 1000)) / 1000
-        attempt = 0
-        while True:
+
+        def start() -> tuple[Any, Any]:
             gen = fn.remote_gen(remote_spec)
             try:
-                first = next(gen)
+                return gen, next(gen)
             except StopIteration:
-                return
-            except transient:
+                return gen, None
+            except BaseException:
                 gen.close()
-                if attempt >= retries:
-                    raise
-                self._sleep(delay * (2**attempt) * (0.5 + random.random()))
-                attempt += 1
-                continue
-            call_id = None
-            finished = False
-            try:
-                for item in itertools.chain([first], gen):
-                    if item.get("type") == CALL_EVENT:
-                        call_id = item["function_call_id"]
-                        continue
-                    event = from_dict(item)
-                    finished = isinstance(event, Finished)
-                    yield event
-            finally:
-                gen.close()
-                if call_id and not finished:  # Ctrl-C, or the consumer stopped: the call must not run on
-                    self._cancel(call_id)
+                raise
+
+        gen, first = yield from retry_until_first_event(
+            start,
+            _transient,
+            int(self.config.get("max_retries", 0)),
+            int(self.config.get("initial_backoff_ms", 1000)) / 1000,
+            f"{kind} on Modal",
+        )
+        if first is None:
             return
+        call_id = None
+        finished = False
+        try:
+            for item in itertools.chain([first], gen):
+                if item.get("type") == CALL_EVENT:
+                    call_id = item["function_call_id"]
+                    continue
+                event = from_dict(item)
+                finished = isinstance(event, Finished)
+                yield event
+        finally:
+            gen.close()
+            if call_id and not finished:  # Ctrl-C, or the consumer stopped: the call must not run on
+                self._cancel(call_id)
 
     def _cancel(self, call_id: str) -> None:
         import modal
 
         try:
-            _bounded(lambda: modal.FunctionCall.from_id(call_id).cancel(), 10.0, "the cancellation")
+            _Deadline(10.0).run(lambda: modal.FunctionCall.from_id(call_id).cancel(), "the cancellation")
         except Exception:  # noqa: BLE001 - best effort while already failing or interrupted
             pass
 

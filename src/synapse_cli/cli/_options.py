@@ -27,7 +27,7 @@ PROFILE = Annotated[
 ]
 ENDPOINT = Annotated[
     Optional[str],
-    typer.Option("--endpoint", metavar="URL", help="Run on a synapse HTTP endpoint (env SYNAPSE_ENDPOINT, [modal] endpoint).", show_default=False),
+    typer.Option("--endpoint", metavar="URL", help="Run on a synapse HTTP endpoint (env SYNAPSE_ENDPOINT, [http] endpoint).", show_default=False),
 ]
 API_KEY = Annotated[
     Optional[str],
@@ -58,7 +58,7 @@ class Common:
 
     def flags(self) -> dict:
         backend = None if self.use_modal is None else ("modal" if self.use_modal else "local")
-        return {"backend": backend, "modal.endpoint": self.endpoint, "api_key": self.api_key, "shards.count": self.shards}
+        return {"backend": backend, "http.endpoint": self.endpoint, "api_key": self.api_key, "shards.count": self.shards}
 
 
 # The common options of a job command, declared once: (parameter, annotation, default, remote only).

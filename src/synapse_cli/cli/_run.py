@@ -102,10 +102,10 @@ def backend_for(settings: Settings, local_only: bool = False):
     and an endpoint configured, the endpoint is used, as teams that front Modal with a web
     endpoint expect. ``--endpoint`` given on the command line selects it by itself.
     """
-    endpoint = settings["modal.endpoint"]
+    endpoint = settings["http.endpoint"]
     if local_only:  # e.g. synapse sample: nothing to gain from running it remotely
         return backend_named("local", settings)
-    if endpoint and (settings["backend"] == "modal" or settings.source("modal.endpoint") == "flag"):
+    if endpoint and (settings["backend"] == "modal" or settings.source("http.endpoint") == "flag"):
         return backend_named("http", settings)
     return backend_named(settings["backend"], settings)
 

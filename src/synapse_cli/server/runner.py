@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlencode
 
-from synapse_cli.errors import SynapseError
+from synapse_cli.backends._remote import PathField, path_fields, stage_paths
+from synapse_cli.errors import SynapseError, UsageError
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
 from synapse_cli.jobs import get_kind, select_installed
 from synapse_cli.server.uploads import BadUpload, Body, installed_upload_refused, is_within, remove_tree, safe_filename
@@ -271,51 +272,40 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
     if stray:
         raise BadUpload(400, f"file part(s) {', '.join(map(repr, stray))} are not inputs of {kind} (inputs: {', '.join(inputs) or 'none'})")
 
-    replacements: list[tuple[str, str]] = []
-    for name in inputs:
-        value = data.get(name)
+    try:
+        paths = path_fields(kind, data)
+    except UsageError as exc:
+        raise BadUpload(422, f"{kind} {exc}") from None
+    for name in inputs:  # each input path has its file part, in order
         parts = [u for u in body.files if u.field == name]
-        if value is None:
-            if parts:
-                raise BadUpload(422, f"a file was uploaded for {name!r} but the spec's {name} is null")
-            continue
-        if isinstance(value, str):
-            if len(parts) != 1:
-                raise BadUpload(422, f"{kind} input {name!r} needs exactly one file part named {name!r} (got {len(parts)})")
-            data[name] = str(parts[0].path)
-            replacements.append((str(parts[0].path), value))
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            if len(parts) != len(value):
-                raise BadUpload(422, f"{kind} input {name!r} lists {len(value)} path(s) but {len(parts)} file part(s) came")
-            data[name] = [str(u.path) for u in parts]
-            replacements.extend((str(u.path), v) for u, v in zip(parts, value, strict=True))
-        else:
-            raise BadUpload(422, f"{kind} input {name!r} must be a path or a list of paths")
+        listed = [p for p in paths if p.field == name]
+        if data.get(name) is None and parts:
+            raise BadUpload(422, f"a file was uploaded for {name!r} but the spec's {name} is null")
+        if isinstance(data.get(name), str) and len(parts) != 1:
+            raise BadUpload(422, f"{kind} input {name!r} needs exactly one file part named {name!r} (got {len(parts)})")
+        if isinstance(data.get(name), list) and len(parts) != len(listed):
+            raise BadUpload(422, f"{kind} input {name!r} lists {len(listed)} path(s) but {len(parts)} file part(s) came")
 
+    replacements: list[tuple[str, str]] = []
     outs: list[Output] = []
-    for name in outputs:
-        value = data.get(name)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            items: list[tuple[int | None, str]] = [(None, value)]
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            items = list(enumerate(value))
+
+    def place(path: PathField) -> str:
+        """An input: its uploaded file; an output: a file (or folder) of its own under ``out/``."""
+        if not path.output:
+            server = str([u for u in body.files if u.field == path.field][path.index or 0].path)
         else:
-            raise BadUpload(422, f"{kind} output {name!r} must be a path or a list of paths")
-        server_values = []
-        for index, client in items:
             folder = job_dir / "out" / str(len(outs))
             folder.mkdir(parents=True)
             try:
-                base = safe_filename(Path(client).name)
+                base = safe_filename(Path(path.value).name)
             except BadUpload:
-                base = "output" + Path(client).suffix
-            out = Output(name, index, folder / base, client)
-            outs.append(out)
-            server_values.append(str(out.server_path))
-            replacements.append((str(out.server_path), client))
-        data[name] = server_values[0] if isinstance(value, str) else server_values
+                base = "output" + Path(path.value).suffix
+            outs.append(Output(path.field, path.index, folder / base, path.value))
+            server = str(outs[-1].server_path)
+        replacements.append((server, path.value))
+        return server
+
+    data = stage_paths(kind, data, place)
 
     # host fields (a binary, a cache dir) mean nothing here, and obeying them would let a
     # client pick a binary or a folder on the server: the spec's default applies

@@ -1,0 +1,239 @@
+"""Remote plumbing: what the Modal and HTTP backends (and the container and server sides) share.
+
+- ``stage_paths``: the one walk over a spec's ``INPUTS`` and ``OUTPUTS`` (``jobs.path_values``
+  is the rule for a bad value), replacing each path with what the other side should see.
+- ``Outputs``/``collect_outputs``: the one outputs policy. Each output is fetched into a temporary
+  sibling of its destination (``jobs._files.atomic_output``); all are committed when the job's
+  ``finished`` arrives, or none: an error, a broken stream or Ctrl-C leaves no output behind.
+- ``retry_until_first_event``: stamina's backoff around starting a job, a warning ``Log`` per
+  retry; once the first event came the job is never replayed.
+- ``map_errors``: a table from foreign exception classes to ours, the most specific match
+  wins (httpx's ``map_httpcore_exceptions``), the foreign one kept as ``__cause__``.
+
+No typer, rich, httpx or modal here: the container imports ``stage_paths``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, TypeVar
+
+from synapse_cli.errors import BackendError, SynapseError, error_from_wire
+from synapse_cli.events import Artifact, Event, Failed, Finished, Log
+from synapse_cli.jobs import get_kind, path_values
+from synapse_cli.jobs._files import atomic_output
+
+# stamina logs each scheduled retry at WARNING; with no logging configured Python would print
+# the bare "stamina.retry_scheduled" on stderr. We report retries ourselves, as Log events.
+logging.getLogger("stamina").addHandler(logging.NullHandler())
+
+T = TypeVar("T")
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- paths ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathField:
+    """One path of a spec: its field, its list index (None for a plain path) and its value."""
+
+    field: str
+    index: int | None
+    value: str
+    output: bool
+
+    @property
+    def is_dir(self) -> bool:
+        """A directory output (a field named ``*_dir``, e.g. compile's ``output_dir``)."""
+        return self.output and self.field.endswith("_dir")
+
+
+def stage_paths(kind: str, data: Mapping[str, Any], place: Callable[[PathField], str]) -> dict[str, Any]:
+    """A copy of spec dict ``data`` with every input and output path replaced by ``place(path)``.
+
+    Inputs come first, then outputs, each in field order; a list stays a list.
+    """
+    record = get_kind(kind)
+    out = dict(data)
+    for names, output in ((record.inputs, False), (record.outputs, True)):
+        for name in names:
+            placed = [(i, place(PathField(name, i, v, output))) for i, v in path_values(data.get(name), "output" if output else "input", name)]
+            if placed:
+                out[name] = placed[0][1] if placed[0][0] is None else [v for _, v in placed]
+    return out
+
+
+def path_fields(kind: str, data: Mapping[str, Any]) -> list[PathField]:
+    """Every input and output path of ``data``, in ``stage_paths`` order."""
+    found: list[PathField] = []
+    stage_paths(kind, data, lambda p: found.append(p) or p.value)
+    return found
+
+
+# -- outputs: all on finished, or none --------------------------------------------------------
+
+
+class Outputs:
+    """Outputs waiting in temporary siblings of their destinations until ``commit()``.
+
+    ``with Outputs(overwrite) as outputs:`` — leaving the block without ``commit()`` removes
+    every temporary file and any folder made for them.
+    """
+
+    def __init__(self, overwrite: bool) -> None:
+        self.overwrite = overwrite
+        self._stack = ExitStack()
+        self._made: list[Path] = []  # folders created for a destination, removed if nothing is committed
+        self._committed = False
+
+    def receive(self, dest: Path, write: Callable[[Path], None]) -> None:
+        """Fetch one output now: ``write(tmp)`` fills a temporary sibling of ``dest``."""
+        missing = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._made.extend(reversed(missing))
+        write(self._stack.enter_context(atomic_output(dest, self.overwrite)))
+
+    def commit(self) -> None:
+        """Rename every fetched output into place."""
+        self._committed = True
+        self._stack.close()
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._committed:
+            return
+        try:
+            self._stack.__exit__(BackendError, BackendError("not committed"), None)  # unlink, do not commit
+        finally:
+            for folder in reversed(self._made):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: something else lives there
+                    pass
+
+
+def collect_outputs(
+    events: Iterable[Event],
+    fetch: Callable[[Artifact, Outputs], Event],
+    overwrite: bool,
+    where: str,
+    finish: Callable[[Finished], Finished] = lambda e: e,
+    defer: bool = False,
+) -> Iterator[Event]:
+    """The remote events as local ones, under the one outputs policy.
+
+    ``fetch(artifact, outputs)`` calls ``outputs.receive`` for the artifact's local destination
+    and returns the event to report once committed (the local ``Artifact``, or a warning ``Log``).
+    Fetching happens as each artifact arrives, or with ``defer`` once ``finished`` came (an
+    HTTP endpoint serves a finished job's files). Artifacts are reported just before
+    ``finished``, after every output was committed; an ``error`` event raises its own class.
+    """
+    finished = False
+    with Outputs(overwrite) as outputs:
+        pending: list[Artifact] = []
+        reports: list[Event] = []
+        for event in events:  # read to the end, so that the call ends as it should after ``finished``
+            if finished:
+                continue
+            if isinstance(event, Failed):
+                raise error_from_wire(event.error, event.code, event.message)
+            if isinstance(event, Artifact):
+                if defer:
+                    pending.append(event)
+                else:
+                    reports.append(fetch(event, outputs))
+                continue
+            if isinstance(event, Finished):
+                reports.extend(fetch(e, outputs) for e in pending)
+                outputs.commit()
+                finished = True
+                yield from sorted(reports, key=lambda e: isinstance(e, Artifact))  # warnings first
+                yield finish(event)
+                continue
+            yield event
+    if not finished:
+        raise BackendError(f"the stream from {where} ended before the job finished; nothing was saved")
+
+
+# -- retries before the first event -------------------------------------------------------------
+
+
+def retry_until_first_event(
+    start: Callable[[], T],
+    on: Callable[[Exception], bool | float],
+    retries: int,
+    backoff_s: float,
+    what: str,
+    describe: Callable[[Exception], str] = lambda exc: one_line(str(exc)) or type(exc).__name__,
+) -> Generator[Log, None, T]:
+    """``start()`` until it returns, retrying what ``on`` allows (stamina: exponential backoff with
+    jitter; a float from ``on`` is the exact wait, e.g. Retry-After). Yields a warning ``Log``
+    before each retry and returns ``start()``'s value: ``x = yield from retry_until_first_event(...)``.
+    The last failure propagates as it is.
+    """
+    import stamina
+
+    last: Exception | None = None
+    for attempt in stamina.retry_context(
+        on=on, attempts=retries + 1, timeout=None, wait_initial=backoff_s, wait_max=max(30.0, backoff_s), wait_jitter=backoff_s
+    ):
+        if last is not None:
+            yield Log(f"{what}: {describe(last)}; retry {attempt.num - 1} of {retries}", level="warning")
+        with attempt:
+            try:
+                return start()
+            except Exception as exc:
+                last = exc
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+ErrorMap = Mapping[type, "tuple[type[SynapseError], str]"]
+
+
+def mapped_error(exc: BaseException, table: ErrorMap | Callable[[], ErrorMap], **context: Any) -> SynapseError | None:
+    """Our error for ``exc`` by ``table`` (the most specific class that matches), or None.
+
+    ``table`` may be a function that builds it, called only now: modal's exception classes
+    cost an ``import modal`` (~0.5 s), which a run that goes well pays later, inside its deadline.
+    """
+    table = table() if callable(table) else table
+    best: type | None = None
+    for cls in table:
+        if isinstance(exc, cls) and (best is None or issubclass(cls, best)):
+            best = cls
+    if best is None:
+        return None
+    ours, template = table[best]
+    detail = one_line(str(exc)) or type(exc).__name__
+    return ours(template.format(detail=detail, name=type(exc).__name__, **context))
+
+
+@contextmanager
+def map_errors(table: ErrorMap | Callable[[], ErrorMap], **context: Any) -> Iterator[None]:
+    """Translate foreign exceptions at the backend's edge: ``with map_errors(TABLE, url=url):``.
+
+    A template sees ``{detail}`` (the exception's text on one line), ``{name}`` (its class)
+    and ``context``. Our own errors pass untouched; the foreign one stays as ``__cause__``.
+    """
+    try:
+        yield
+    except SynapseError:
+        raise
+    except Exception as exc:
+        ours = mapped_error(exc, table, **context)
+        if ours is None:
+            raise
+        raise ours from exc

@@ -151,7 +151,7 @@ def test_a_key_lets_serve_bind_a_public_address(tmp_path):
     pytest.importorskip("fastapi", reason="the serve extra is not installed")
     proc = subprocess.Popen(
         [*synapse_cmd(), "serve", "--host", "0.0.0.0", "--port", "0", "--work-dir", str(tmp_path / "srv")],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "SYNAPSE_API_KEY": "k-public"}, start_new_session=True,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "SYNAPSE_API_KEY": "k-public-0123456789abcdef"}, start_new_session=True,
     )
     try:
         line = proc.stderr.readline()
@@ -160,7 +160,7 @@ def test_a_key_lets_serve_bind_a_public_address(tmp_path):
         job = {"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio": False}
         url = f"http://127.0.0.1:{port}/v1/jobs/sample"
         assert httpx.post(url, json=job, timeout=30).status_code == 401
-        assert httpx.post(url, json=job, headers={"Authorization": "Bearer k-public"}, timeout=60).status_code == 200
+        assert httpx.post(url, json=job, headers={"Authorization": "Bearer k-public-0123456789abcdef"}, timeout=60).status_code == 200
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -132,7 +132,7 @@ def test_no_unreported_wrong_accept_on_json_schema_test_suite(tmp_path):
     _no_unexplained(JSTS, tmp_path, timeout_s=10)
 
 
-@pytest.mark.slow
+@pytest.mark.full_slice
 def test_no_unreported_wrong_accept_on_maskbench_dev(tmp_path):
     """Every labelled instance of the JSONSchemaBench dev slice through every engine's artefact.
 

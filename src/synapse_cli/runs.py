@@ -112,6 +112,7 @@ def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 
     retry_at = 0.0  # after a failed write the store is left alone until then
     warned = False
     warnings: list[Log] = []
+    unwritten: Callable[[], None] | None = None  # the final state, when the store refused it
 
     def attempt(what: str, write: Callable[[], None], force: bool = False) -> bool:
         nonlocal retry_at, warned
@@ -145,9 +146,17 @@ def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 
             store.finish(job.id, status, **kwargs)
             write_events()
 
-        if not attempt(f"its end ({status})", write, force=True) and job.status in ACTIVE:
-            job.status, job.finished_at = status, time.time()  # what on_end gets when the store cannot say
-            job.result, job.error_code, job.error_message = kwargs.get("result"), kwargs.get("error_code"), kwargs.get("error_message")
+        nonlocal unwritten
+        unwritten = None
+        if not attempt(f"its end ({status})", write, force=True):
+            unwritten = write  # tried once more when the stream ends
+            if job.status in ACTIVE:
+                job.status, job.finished_at = status, time.time()  # what on_end gets when the store cannot say
+                job.result, job.error_code, job.error_message = kwargs.get("result"), kwargs.get("error_code"), kwargs.get("error_message")
+
+    def last_chance() -> None:
+        if unwritten is not None:
+            attempt("its end", unwritten, force=True)
 
     def warn_stderr() -> None:  # no event can follow: the warning goes to stderr itself
         for w in warnings:
@@ -180,10 +189,12 @@ def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 
         flush()
         if not completed:
             finish("failed", error_code=1, error_message="the job ended without a result")
+        last_chance()
         warn_stderr()
     except GeneratorExit:
         if not completed:
             end(Interrupted("interrupted"))
+        last_chance()
         warn_stderr()
         raise
     except (KeyboardInterrupt, Exception) as exc:

@@ -158,7 +158,13 @@ def without_secrets(flags: dict[str, Any] | None) -> dict[str, Any] | None:
 def _private(path: Path) -> None:
     """Create ``path`` owner-only, or make it so: SQLite gives its -wal/-shm files the database's mode."""
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        if not path.exists():
+            # only a new file is opened here: closing any descriptor of a file drops every POSIX lock this
+            # process holds on it, the locks of our other SQLite connections to it included
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        pass
+    try:
         for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
             if p.exists() and p.stat().st_mode & 0o077 and p.stat().st_uid == os.geteuid():
                 os.chmod(p, 0o600)
@@ -236,10 +242,11 @@ class JobStore:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # a failed COMMIT too: never leave the connection inside a transaction
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # -- writes -------------------------------------------------------------------
 

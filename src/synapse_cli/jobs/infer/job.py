@@ -219,9 +219,9 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
 
         ffmpeg = find_ffmpeg(spec.ffmpeg_path)
 
-    first, stop = (int(spec.part[0]), int(spec.part[1])) if spec.part is not None and info.kind == "video" else (0, None)
-    read_from = max(0, first - int(spec.lead_in))
-    own_total = (stop - first) if stop is not None else info.frames
+    own_first, stop = (int(spec.part[0]), int(spec.part[1])) if spec.part is not None and info.kind == "video" else (0, None)
+    read_from = max(0, own_first - int(spec.lead_in))
+    own_total = (stop - own_first) if stop is not None else info.frames
     # a video that probes but won't decode fails here
     frames = open_frames(info, every, need_all=annotate_video, start=read_from, stop=stop)
     with ExitStack() as stack:
@@ -298,7 +298,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
             if not pending:
                 break
             frame, future = pending.popleft()
-            lead_in = frame.index < first  # before a shard's own frames: seen by the tracker, marked for the merge
+            lead_in = frame.index < own_first  # before a shard's own frames: seen by the tracker, marked for the merge
             decoded += not lead_in
             if frame.error:
                 yield Log(frame.error, level="warning")

@@ -15,6 +15,7 @@ the Modal GPU image) nothing is patched.
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 
@@ -48,6 +49,10 @@ def ensure_torchvision() -> bool:
     stub = types.ModuleType("torchvision")
     stub.__doc__ = "synapse stand-in: torchvision failed to load (CUDA build on CPU torch); NMS from ultralytics."
     stub.ops = ops  # type: ignore[attr-defined]
+    # a spec, so that importlib.util.find_spec("torchvision") (asked by other libraries in this
+    # process, e.g. a compile job's engines) answers instead of raising "__spec__ is None"
+    stub.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+    ops.__spec__ = importlib.machinery.ModuleSpec("torchvision.ops", None)
     setattr(stub, _MARKER, True)
     sys.modules["torchvision"] = stub
     sys.modules["torchvision.ops"] = ops

@@ -54,6 +54,24 @@ def make_clip(path: Path, *, size: str = "640x360", seconds: float = 2.0, fps: i
     return path
 
 
+@pytest.fixture
+def db(tmp_path, monkeypatch) -> Path:
+    """A job store of this test's own."""
+    path = tmp_path / "jobs.sqlite3"
+    monkeypatch.setenv("SYNAPSE_JOBS_DB", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("tiny") / "tiny.mp4", size="160x90", seconds=0.5)
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("long") / "long.mp4", size="1280x720", seconds=20)
+
+
 @pytest.fixture(scope="session")
 def clips(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("clips")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_clip
 
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
@@ -31,18 +30,6 @@ EXPR = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
 @pytest.fixture(scope="module")
 def action() -> dict:
     return yaml.safe_load((ROOT / "action.yml").read_text())
-
-
-@pytest.fixture
-def db(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "jobs.sqlite3"
-    monkeypatch.setenv("SYNAPSE_JOBS_DB", str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_clip(tmp_path_factory.mktemp("tiny") / "tiny.mp4", size="160x90", seconds=0.5)
 
 
 def validate(data: dict) -> list[str]:

@@ -12,24 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_clip, probe, synapse_cmd
-
-
-@pytest.fixture
-def db(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "jobs.sqlite3"
-    monkeypatch.setenv("SYNAPSE_JOBS_DB", str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_clip(tmp_path_factory.mktemp("tiny") / "tiny.mp4", size="160x90", seconds=0.5)
-
-
-@pytest.fixture(scope="module")
-def long_clip(tmp_path_factory) -> Path:
-    return make_clip(tmp_path_factory.mktemp("long") / "long.mp4", size="1280x720", seconds=20)
+from tests.conftest import probe, synapse_cmd
 
 
 SMALL = ["--set", "output_width=90", "--set", "output_height=160"]

@@ -7,21 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_clip
 
 SMALL = ["--set", "output_width=90", "--set", "output_height=160"]
-
-
-@pytest.fixture
-def db(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "jobs.sqlite3"
-    monkeypatch.setenv("SYNAPSE_JOBS_DB", str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_clip(tmp_path_factory.mktemp("tiny") / "tiny.mp4", size="160x90", seconds=0.5)
 
 
 def test_an_identical_job_after_a_detached_one_reuses_its_result(cli, db, tiny, tmp_path):

@@ -15,13 +15,6 @@ from synapse_cli.store import PENDING_GRACE_S, STALE_AFTER_S, JobStore
 
 
 @pytest.fixture
-def db(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "jobs.sqlite3"
-    monkeypatch.setenv("SYNAPSE_JOBS_DB", str(path))
-    return path
-
-
-@pytest.fixture
 def store(db):
     s = JobStore(db)
     yield s

@@ -78,9 +78,16 @@ def test_an_existing_world_readable_database_is_made_private(cli, db):
 
 
 def test_detach_refused_by_the_backend_leaves_no_row(cli, db, tiny, tmp_path):
-    run = cli("export", tiny, "-o", tmp_path / "d.mp4", "--detach", "--endpoint", "http://127.0.0.1:9", *SMALL)
-    assert run.exit_code == 2 and "--detach is not supported with the http backend" in run.stderr
+    run = cli("export", tiny, "-o", tmp_path / "d.mp4", "--detach", "--use-modal", "--shards", "2", *SMALL)
+    assert run.exit_code == 2 and "the modal backend detaches one call" in run.stderr
     assert not db.exists() or rows(db) == []
+
+
+def test_an_endpoint_detach_that_cannot_reach_it_leaves_no_pending_row(cli, db, tiny, tmp_path):
+    run = cli("export", tiny, "-o", tmp_path / "d.mp4", "--detach", "--endpoint", "http://127.0.0.1:9", *SMALL,
+              env={"SYNAPSE_HTTP_MAX_RETRIES": "0"})  # fmt: skip
+    assert run.exit_code == 3 and "cannot reach http://127.0.0.1:9" in run.stderr
+    assert [r[1] for r in rows(db)] == ["failed"]
 
 
 def test_detach_that_fails_to_start_leaves_no_pending_row(cli, db, tiny, tmp_path):

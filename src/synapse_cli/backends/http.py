@@ -16,11 +16,12 @@ and a job whose stream started is never replayed. httpx is imported here only, s
 from __future__ import annotations
 
 import json
+import re
 import time
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Callable, Generator, Iterator, Mapping, TypeVar
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
@@ -28,12 +29,17 @@ from synapse_cli import __version__
 from synapse_cli.backends._remote import ErrorMap, Outputs, collect_outputs, map_errors, one_line, path_fields, retry_until_first_event
 from synapse_cli.backends.base import Backend
 from synapse_cli.errors import BackendError, UsageError, error_from_wire
-from synapse_cli.events import Artifact, Event, Finished, Log, from_dict
-from synapse_cli.jobs import spec_to_dict
+from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, from_dict
+from synapse_cli.jobs import get_kind, spec_to_dict
 
 MAX_RETRY_AFTER_S = 60.0
 DIR_TAR = "application/x-synapse-dir+tar"  # how a directory input travels (synapse_cli.server.uploads)
 KEY_REJECTED = "endpoint rejected the API key"
+# following a detached job's /events: attempts per outage (backoff from http.initial_backoff_ms up to 30 s
+# apart, about 2.5 minutes with the default 500 ms); every connection that answers renews them
+EVENTS_RETRIES = 10
+_REMOTE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # an endpoint's job id, as it goes into URLs
+T = TypeVar("T")
 
 
 class _Retryable(Exception):
@@ -69,6 +75,17 @@ def _should_retry(exc: Exception) -> bool | float:
     return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
 
 
+def _should_retry_events(exc: Exception) -> bool | float:
+    # GET /events is idempotent: any transport failure (refused, reset, timed out) is worth another try
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return _should_retry(exc)
+
+
+class _NoJob(Exception):
+    """A 404 for a detached job."""
+
+
 def _should_retry_download(exc: Exception) -> bool | float:
     # a download is idempotent: a connection that broke half-way can be tried again too
     if isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout)):
@@ -89,6 +106,13 @@ _STREAM_ERRORS: ErrorMap = {
     httpx.StreamError: (BackendError, "the stream from {url} broke before the job finished ({detail}); nothing was saved"),
     httpx.DecodingError: (BackendError, "the stream from {url} broke before the job finished ({detail}); nothing was saved"),
 }
+_REQUEST_ERRORS: ErrorMap = {
+    _Retryable: (BackendError, "{url} answered {detail} ({attempts})"),
+    httpx.ConnectTimeout: (BackendError, "cannot reach {url}: timed out connecting ({attempts})"),
+    httpx.ConnectError: (BackendError, "cannot reach {url}: {detail} ({attempts})"),
+    httpx.TimeoutException: (BackendError, "no answer from {url} within {timeout:g} s (http.timeout_s; {attempts})"),
+    httpx.TransportError: (BackendError, "lost {url}: {detail} ({attempts})"),
+}
 _DOWNLOAD_ERRORS: ErrorMap = {
     _Retryable: (BackendError, "downloading {url}: {detail}"),
     httpx.HTTPError: (BackendError, "downloading {url} failed: {detail}"),
@@ -100,6 +124,7 @@ class HttpBackend(Backend):
     """Runs jobs on a synapse endpoint. ``client`` is the seam for tests (``httpx.MockTransport``)."""
 
     name = "http"
+    detaches_shards = True  # ?detach=true&shards=N: the server splits a detached job as it does a streamed one
     run_shard = None  # type: ignore[assignment]  # the server shards a job itself: see run_sharded
 
     def __init__(
@@ -125,8 +150,9 @@ class HttpBackend(Backend):
         )
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "HttpBackend":
-        endpoint, key = settings["http.endpoint"], settings["api_key"]
+    def from_settings(cls, settings: Any, endpoint: str | None = None) -> "HttpBackend":
+        """From ``[http]`` and ``api_key``; ``endpoint`` (a detached job's own) replaces ``http.endpoint``."""
+        endpoint, key = endpoint or settings["http.endpoint"], settings["api_key"]
         parts = urlsplit(endpoint or "")
         if not key and parts.scheme == "http" and parts.hostname:
             # a local `synapse serve` without SYNAPSE_API_KEY generated one and left it for us
@@ -154,13 +180,7 @@ class HttpBackend(Backend):
 
     def run(self, kind: str, spec: Any, shards: int = 1) -> Iterator[Event]:
         """Upload, stream the events as they arrive, then download the outputs and rename them into place."""
-        data = spec_to_dict(spec)
-        paths = path_fields(kind, data)
-        uploads = [(p.field, Path(p.value)) for p in paths if not p.output]
-        targets = {(p.field, p.index): p.value for p in paths if p.output}
-        overwrite = bool(data.get("overwrite", False))
-        _check_inputs(uploads)
-        _check_targets(targets, overwrite)
+        data, uploads, targets, overwrite = _prepare(kind, spec)
         url = f"{self.endpoint}/v1/jobs/{kind}" + (f"?shards={int(shards)}" if shards > 1 else "")
         response = yield from self._open(url, data, uploads)
         try:
@@ -179,18 +199,19 @@ class HttpBackend(Backend):
                 if isinstance(event, Finished):
                     return
 
-    def _open(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]]) -> Iterator[Event]:
-        """POST the job, retrying what is safe to retry; returns the open streaming response (yields retry logs)."""
+    def _open(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]], detach: bool = False) -> Iterator[Event]:
+        """POST the job, retrying what is safe to retry; returns the open streaming response, or with
+        ``detach`` the server's 202 answer (yields retry logs)."""
         attempts = self.max_retries + 1
         with map_errors(_START_ERRORS, url=url, timeout=self.timeout_s, attempts=f"{attempts} attempt{'s' * (attempts > 1)}"):
             try:
-                return (yield from retry_until_first_event(lambda: self._post(url, data, uploads), _should_retry, self.max_retries, self.backoff_s, url))
+                return (yield from retry_until_first_event(lambda: self._post(url, data, uploads, detach), _should_retry, self.max_retries, self.backoff_s, url))
             except (httpx.ConnectError, httpx.TimeoutException):
                 raise
             except httpx.TransportError as exc:
                 raise self._diagnose(url, uploads, exc) from exc
 
-    def _post(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]]) -> httpx.Response:
+    def _post(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]], detach: bool = False) -> Any:
         with ExitStack() as files:
             if uploads:
                 parts = [(name, _part(path, files)) for name, path in uploads]
@@ -198,11 +219,19 @@ class HttpBackend(Backend):
             else:
                 request = self._client.build_request("POST", url, json=data, headers=self._headers)
             response = self._client.send(request, stream=True)
+        if response.status_code == 202 and detach:
+            try:
+                return _accepted(url, response.read())
+            finally:
+                response.close()
         if response.status_code == 200:
             ctype = response.headers.get("content-type", "").split(";")[0].strip()
             if ctype != "application/x-ndjson":
                 response.close()
                 raise BackendError(f"{url} is not a synapse endpoint (answered {ctype or 'no content type'} instead of an NDJSON stream)")
+            if detach:  # a server without detached jobs streams the job instead; closing the stream cancels it
+                response.close()
+                raise BackendError(f"{self.endpoint} does not keep detached jobs (an older synapse serve?): run without --detach")
             return response
         try:
             body = response.read()
@@ -228,6 +257,222 @@ class HttpBackend(Backend):
             if isinstance(limit, (int, float)) and total > limit * 1024 * 1024:
                 return UsageError(f"the upload ({total / 1048576:.1f} MB) is larger than the endpoint's limit of {limit:g} MB (serve.max_upload_mb)")
         return BackendError(f"the connection to {url} broke before the job started ({one_line(str(exc)) or type(exc).__name__})")
+
+    # -- detached jobs: POST ?detach=true, then GET /v1/jobs/{id}, its /events, DELETE ------------------
+
+    def detach(self, kind: str, spec: Any, job: Any, store: Any, env: Mapping[str, str]) -> None:
+        """Upload as ``run`` does and POST with ``?detach=true``: the server answers 202 with its job id
+        once the inputs are stored. The store keeps the endpoint, that id and where the outputs go (never the key)."""
+        data, uploads, targets, overwrite = _prepare(kind, spec)
+        query = {"detach": "true"}
+        shards = (job.flags or {}).get("shards.count")
+        if shards not in (None, "auto", 1, "1"):  # the server splits the job across its own workers
+            if not get_kind(kind).shardable:
+                raise UsageError(f"--shards: {kind} jobs do not shard")
+            query["shards"] = str(int(shards))
+        url = f"{self.endpoint}/v1/jobs/{kind}?{urlencode(query)}"
+        accepted = _returned(self._open(url, data, uploads, detach=True))
+        remote = {"endpoint": self.endpoint, "id": accepted["id"], "kind": kind, "overwrite": overwrite,
+                  "targets": [[name, index, value] for (name, index), value in targets.items()]}  # fmt: skip
+        try:
+            store.set_remote(job.id, remote)
+            store.start(job.id, pid=None)
+        except BaseException:  # nobody could ever follow it: it must not run on unseen
+            try:
+                self._request("DELETE", self._job_url(remote), retries=0)
+            except Exception:  # noqa: BLE001 - best effort while already failing
+                pass
+            raise
+
+    def follow(self, job: Any, store: Any) -> Iterator[Event]:
+        """Re-attach: the job's events from where the job store left off (``/events?after=N``),
+        reconnecting when the connection drops, then its outputs downloaded and renamed into place.
+
+        The server's events are copied into the store as they come (its event i is the store's
+        row i+1), so an interrupted ``jobs wait`` resumes without a gap or a duplicate. Closing
+        this iterator stops following; the job goes on on the server (``cancel`` stops it).
+        """
+        remote = job.remote or {}
+        job_url = self._job_url(remote)
+        targets = {(name, index): value for name, index, value in remote.get("targets", [])}
+        mirror = _Mirror(store, job.id)
+        events = self._remote_events(job, job_url, mirror)
+        local = collect_outputs(events, lambda e, out: self._fetch(e, targets, out), bool(remote.get("overwrite")), job_url, defer=True)
+        try:
+            for event in local:
+                if isinstance(event, Finished):  # every output is in place
+                    mirror.flush()
+                    _store_write(lambda: store.finish(job.id, "completed", result=event.result))
+                yield event
+        finally:
+            local.close()  # an early close removes what was downloaded so far
+            events.close()
+            mirror.flush()
+
+    def cancel(self, job: Any, store: Any) -> None:
+        """``DELETE /v1/jobs/{id}``: the server kills the job's processes and removes its outputs."""
+        url = self._job_url(job.remote or {})
+        response = self._request("DELETE", url)
+        if response.status_code == 200:
+            _store_write(lambda: store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel"))
+            return
+        if response.status_code == 404:
+            raise self._gone(job, store)
+        if response.status_code == 409:  # it ended first
+            record = self.refresh(job, store)
+            status = record.get("status", "finished")
+            hint = f": synapse jobs wait {job.id} downloads its outputs" if status == "completed" else ""
+            raise UsageError(f"job {job.id} already {status} on {self.endpoint}{hint}")
+        raise _error_from_body(url, response.status_code, response.content)
+
+    def refresh(self, job: Any, store: Any, timeout_s: float | None = None, retries: int | None = None) -> dict[str, Any]:
+        """The server's record of the job (``GET /v1/jobs/{id}``); its progress, and a failure or
+        cancellation, are written to the job store. A completed job stays active in the store
+        until ``follow`` has its outputs in place."""
+        url = self._job_url(job.remote or {})
+        response = self._request("GET", url, timeout_s=timeout_s, retries=retries)
+        if response.status_code == 404:
+            raise self._gone(job, store)
+        if response.status_code != 200:
+            raise _error_from_body(url, response.status_code, response.content)
+        record = _json_object(url, response.content)
+        progress = record.get("progress") if isinstance(record.get("progress"), dict) else {}
+        done, total = progress.get("done"), progress.get("total")
+        if isinstance(done, (int, float)) and done is not True:
+            _store_write(lambda: store.append_events(job.id, [], {"done": done, "total": total, "phase": job.phase}))
+        status = record.get("status")
+        if status in ("failed", "cancelled"):
+            error = record.get("error") if isinstance(record.get("error"), dict) else {}
+            code = error.get("code") if isinstance(error.get("code"), int) else (130 if status == "cancelled" else 1)
+            _store_write(lambda: store.finish(job.id, status, error_code=code, error_message=str(error.get("message") or f"{status} on {self.endpoint}")))
+        return record
+
+    def _job_url(self, remote: Mapping[str, Any]) -> str:
+        job_id = remote.get("id")
+        if not isinstance(job_id, str) or not _REMOTE_ID.fullmatch(job_id):
+            raise UsageError(f"this job has no endpoint job id (its record: {dict(remote)!r:.120})")
+        return f"{self.endpoint}/v1/jobs/{job_id}"
+
+    def _gone(self, job: Any, store: Any) -> BackendError:
+        """A 404 for the job: the server no longer has it, so it can never finish here."""
+        message = f"{self.endpoint} has no job {(job.remote or {}).get('id')} (its record expired, or the server lost it)"
+        _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=message))
+        return BackendError(message)
+
+    def _request(self, method: str, url: str, timeout_s: float | None = None, retries: int | None = None) -> httpx.Response:
+        """One GET or DELETE (both idempotent): connect errors, 429 and 5xx are retried; 401/403 is a BackendError."""
+        retries = self.max_retries if retries is None else retries
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+
+        def once() -> httpx.Response:
+            response = self._client.request(method, url, headers=self._headers, timeout=timeout)
+            if response.status_code in (401, 403):
+                raise BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url}; set SYNAPSE_API_KEY or --api-key)")
+            if response.status_code == 429 or response.status_code >= 500:
+                raise _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
+            return response
+
+        attempts = retries + 1
+        with map_errors(_REQUEST_ERRORS, url=url, timeout=timeout, attempts=f"{attempts} attempt{'s' * (attempts > 1)}"):
+            return _returned(retry_until_first_event(once, _should_retry, retries, self.backoff_s, url))
+
+    def _remote_events(self, job: Any, job_url: str, mirror: "_Mirror") -> Iterator[Event]:
+        """What an earlier ``jobs wait`` recorded, then ``/events?after=N`` live up to the job's last event.
+
+        A dropped connection, a 5xx or a silence past ``http.timeout_s`` (the server sends a keep-alive
+        every 15 s) reconnects with backoff from the last event received; each connection that answers
+        renews the budget of ``EVENTS_RETRIES`` attempts, so only a server that stays unreachable ends
+        the wait (exit 3; the job goes on there and ``jobs wait`` resumes)."""
+        for data in mirror.recorded:
+            event = _decode_data(data, job_url)
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+        url = f"{job_url}/events"
+        what = f"following {url}"
+        while True:
+            response = yield from self._connect_events(job, url, mirror, what)
+            try:
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    data = _json_object(url, line)
+                    if data.get("type") == "keepalive":
+                        continue
+                    index = data.pop("index", None)
+                    if not isinstance(index, int) or isinstance(index, bool):
+                        raise BackendError(f"{url} sent an event without its index: {line!r:.120}")
+                    if index < mirror.after:
+                        continue  # already recorded
+                    if index > mirror.after:
+                        raise BackendError(f"{url} skipped events {mirror.after} to {index - 1}")
+                    event = _decode_data(data, url)
+                    mirror.add(data, event)
+                    if isinstance(event, Failed):
+                        self._ended(job, mirror, event)
+                    yield event
+                    if isinstance(event, (Finished, Failed)):
+                        return
+                # the server ended the stream before the job's last event (it restarts, or has no more)
+                last = self._last_word(job, mirror)
+                if last is not None:
+                    yield last
+                    return
+                yield Log(f"{url}: the stream ended before the job did; resuming from event {mirror.after}", level="warning")
+            except (httpx.TransportError, httpx.StreamError) as exc:  # dropped, or silent past http.timeout_s
+                yield Log(f"{url}: {one_line(str(exc)) or type(exc).__name__}; resuming from event {mirror.after}", level="warning")
+            finally:
+                response.close()
+            time.sleep(self.backoff_s)  # a server that ends streams at once is not hammered
+
+    def _connect_events(self, job: Any, url: str, mirror: "_Mirror", what: str) -> Iterator[Event]:
+        """``GET /events?after=N`` until it answers 200 (yields retry logs); returns the open response."""
+
+        def connect() -> httpx.Response:
+            request = self._client.build_request("GET", url, params={"after": mirror.after}, headers={**self._headers, "Accept": "application/x-ndjson"})
+            response = self._client.send(request, stream=True)
+            if response.status_code == 200:
+                return response
+            try:
+                body = response.read()
+            finally:
+                response.close()
+            if response.status_code in (401, 403):
+                raise BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url}; set SYNAPSE_API_KEY or --api-key)")
+            if response.status_code == 404:
+                raise _NoJob()
+            if response.status_code == 429 or response.status_code >= 500:
+                raise _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
+            raise _error_from_body(url, response.status_code, body)
+
+        attempts = EVENTS_RETRIES + 1
+        try:
+            with map_errors(_REQUEST_ERRORS, url=url, timeout=self.timeout_s, attempts=f"{attempts} attempts; the job goes on there, and synapse jobs wait resumes"):
+                return (yield from retry_until_first_event(connect, _should_retry_events, EVENTS_RETRIES, self.backoff_s, what))
+        except _NoJob:
+            raise self._gone(job, mirror.store) from None
+
+    def _ended(self, job: Any, mirror: "_Mirror", event: Failed) -> None:
+        mirror.flush()
+        status = "cancelled" if event.code == 130 else "failed"
+        _store_write(lambda: mirror.store.finish(job.id, status, error_code=event.code, error_message=event.message))
+
+    def _last_word(self, job: Any, mirror: "_Mirror") -> Event | None:
+        """The stream ended without the job's last event: the record says whether the job ended (and how)."""
+        try:
+            record = self.refresh(job, mirror.store, retries=0)
+        except BackendError as exc:
+            if "has no job" in str(exc):
+                raise
+            return None  # unreachable for now: reconnecting will tell
+        status = record.get("status")
+        if status in ("failed", "cancelled"):
+            error = record.get("error") if isinstance(record.get("error"), dict) else {}
+            code = error.get("code") if isinstance(error.get("code"), int) else (130 if status == "cancelled" else 1)
+            return Failed(code=code, message=str(error.get("message") or f"job {status} on {self.endpoint}"), error=str(error.get("error") or "JobError"))
+        if status == "completed" and isinstance(record.get("result"), dict):
+            return Finished(result=record["result"])
+        return None
 
     # -- outputs ------------------------------------------------------------------
 
@@ -283,6 +528,19 @@ class HttpBackend(Backend):
 # -- spec helpers --------------------------------------------------------------------
 
 
+def _prepare(kind: str, spec: Any) -> tuple[dict[str, Any], list[tuple[str, Path]], dict[tuple[str, int | None], str], bool]:
+    """The spec as JSON, the files to upload, where each output goes and ``overwrite``; what
+    could not be saved afterwards is refused now, before anything is uploaded."""
+    data = spec_to_dict(spec)
+    paths = path_fields(kind, data)
+    uploads = [(p.field, Path(p.value)) for p in paths if not p.output]
+    targets = {(p.field, p.index): p.value for p in paths if p.output}
+    overwrite = bool(data.get("overwrite", False))
+    _check_inputs(uploads)
+    _check_targets(targets, overwrite)
+    return data, uploads, targets, overwrite
+
+
 def _check_inputs(uploads: list[tuple[str, Path]]) -> None:
     for _, path in uploads:
         if not path.exists():
@@ -322,6 +580,91 @@ def _decode(line: str, url: str) -> Event:
         return from_dict(json.loads(line))
     except (ValueError, TypeError):
         raise BackendError(f"{url} sent a line that is not a synapse event: {line!r:.120}") from None
+
+
+def _decode_data(data: dict[str, Any], url: str) -> Event:
+    try:
+        return from_dict(data)
+    except (ValueError, TypeError):
+        raise BackendError(f"{url} sent a line that is not a synapse event: {json.dumps(data)!r:.120}") from None
+
+
+def _json_object(url: str, body: str | bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        raise BackendError(f"{url} answered something that is not a JSON object: {one_line(text)!r:.120}")
+    return data
+
+
+def _accepted(url: str, body: bytes) -> dict[str, Any]:
+    """The 202 answer to ``?detach=true``: ``{"id", "status", "links"}``."""
+    data = _json_object(url, body)
+    if not isinstance(data.get("id"), str) or not _REMOTE_ID.fullmatch(data["id"]):
+        raise BackendError(f"{url} accepted the job without a usable id: {json.dumps(data)!r:.120}")
+    return data
+
+
+def _returned(steps: Generator[Any, None, T]) -> T:
+    """Run a ``retry_until_first_event`` generator where no one renders its retry logs; its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _store_write(write: Callable[[], None]) -> None:
+    """A write to the job store on the way: best effort, as ``runs.record`` does (the job is the server's)."""
+    from synapse_cli.runs import STORE_ERRORS
+
+    try:
+        write()
+    except STORE_ERRORS:
+        pass
+
+
+class _Mirror:
+    """A detached job's events, copied into the local job store as they come.
+
+    The server's event ``i`` is the store's row ``i + 1``, so the store says where to resume
+    (``after``). Writes are batched (every ``flush_s``, and at once for any event but progress);
+    a batch the store refuses stays buffered for the next try, and rows another ``jobs wait`` of
+    the same job wrote first are not written twice.
+    """
+
+    def __init__(self, store: Any, job_id: str, flush_s: float = 0.5) -> None:
+        self.store, self.job_id, self.flush_s = store, job_id, flush_s
+        self.recorded = [data for _, data in store.events(job_id)]
+        self.after = len(self.recorded)  # the next index to ask for
+        self._start = self.after  # the index of _buffer[0]
+        self._buffer: list[dict[str, Any]] = []
+        self._progress: dict[str, Any] | None = None
+        self._last = time.monotonic()
+
+    def add(self, data: dict[str, Any], event: Event) -> None:
+        self._buffer.append(data)
+        self.after += 1
+        if isinstance(event, Progress):
+            self._progress = {"done": event.done, "total": event.total, "phase": event.phase}
+        if not isinstance(event, Progress) or time.monotonic() - self._last >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer and not self._progress:
+            return
+        self._last = time.monotonic()
+
+        def write() -> None:
+            have = self._start + len(self.store.events(self.job_id, self._start))  # rows are contiguous from 1
+            self.store.append_events(self.job_id, self._buffer[max(have - self._start, 0):], self._progress)
+            self._start += len(self._buffer)
+            self._buffer, self._progress = [], None
+
+        _store_write(write)
 
 
 def _error_from_body(url: str, status: int, body: bytes) -> Exception:

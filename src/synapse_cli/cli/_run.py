@@ -113,6 +113,10 @@ def backend_for(settings: Settings, local_only: bool = False):
 def runner_for(job: Any, settings: Settings):
     """Who follows or cancels a detached job: the remote backend that holds it (a spawned call),
     else this machine (a local worker writing the job store)."""
+    if job.remote and job.backend == "http":  # the endpoint the job was sent to, with today's key (the store keeps none)
+        from synapse_cli.backends.http import HttpBackend
+
+        return HttpBackend.from_settings(settings, endpoint=job.remote.get("endpoint"))
     return backend_named(job.backend if job.remote else "local", settings)
 
 

@@ -10,9 +10,9 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
-from synapse_cli.cli._options import CONFIG, JSON, PROFILE, Common
+from synapse_cli.cli._options import API_KEY, CONFIG, JSON, PROFILE, Common
 from synapse_cli.cli._run import exit_on_error, settings_for, sigterm_as_interrupt
-from synapse_cli.errors import UsageError
+from synapse_cli.errors import SynapseError, UsageError
 
 app = typer.Typer(help="Jobs that outlive the terminal: list, show, wait, cancel, prune.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -20,10 +20,10 @@ STATUS = Annotated[Optional[str], typer.Option("--status", help="pending | proce
 JOB_ID = Annotated[str, typer.Argument(help="Job id (a unique prefix is enough).", show_default=False)]
 
 
-def _store(config, profile):
+def _store(config, profile, api_key=None):
     from synapse_cli.store import JobStore
 
-    settings = settings_for(Common(config=config, profile=profile))
+    settings = settings_for(Common(config=config, profile=profile, api_key=api_key))
     return settings, JobStore.from_settings(settings)
 
 
@@ -44,9 +44,43 @@ def _runner(job, settings):
     return runner_for(job, settings)
 
 
+def _ask_endpoint(job, store, settings, timeout_s: Optional[float] = None, retries: Optional[int] = None) -> Optional[dict]:
+    """A running job sent to an endpoint (``--endpoint --detach``): the server's record of it, whose
+    progress and any failure the backend writes to the store. None for other jobs, or (with a
+    warning) when the endpoint cannot say: the local record still answers."""
+    from synapse_cli.store import ACTIVE
+
+    if not (job.remote and job.backend == "http" and job.status in ACTIVE):
+        return None
+    runner = _runner(job, settings)
+    try:
+        return runner.refresh(job, store, timeout_s=timeout_s, retries=retries)
+    except SynapseError as exc:
+        print(f"Warning: job {job.id}: {_one_line(str(exc))}", file=sys.stderr)
+        return None
+    finally:
+        runner.close()
+
+
+def _endpoint_view(job, record: Optional[dict]) -> dict:
+    """What ``list``/``show`` say of an endpoint job: the server's status, and whether its outputs are here yet."""
+    if not record:
+        return {}
+    view = {"status": record.get("status") or job.status, "endpoint": f"{job.remote.get('endpoint')} (job {job.remote.get('id')})"}
+    if view["status"] == "completed":
+        view["outputs"] = f"not downloaded yet: synapse jobs wait {job.id}"
+    return view
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 @app.command("list")
-def list_jobs(status: STATUS = None, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
+def list_jobs(status: STATUS = None, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None, api_key: API_KEY = None) -> None:
     """Recent jobs, newest first, with their wall time and (for Modal) estimated cost, and the totals.
+
+    A running job sent to an endpoint shows the endpoint's status and progress.
 
     Example: synapse jobs list --status processing
     """
@@ -55,28 +89,37 @@ def list_jobs(status: STATUS = None, json_output: JSON = False, config: CONFIG =
     with exit_on_error(json_output):
         if status and status not in STATES:
             raise UsageError(f"--status {status!r}: expected one of {', '.join(STATES)}")
-        _, store = _store(config, profile)
-        jobs = store.list(status)
+        settings, store = _store(config, profile, api_key)
+        views = {j.id: _endpoint_view(j, _ask_endpoint(j, store, settings, timeout_s=5.0, retries=0)) for j in store.list(status)}
+        jobs = store.list(status)  # again: an endpoint may have ended some
         total_wall = sum(j.wall_s or 0 for j in jobs)
         total_cost = sum(j.cost_usd or 0 for j in jobs)
         if json_output:
-            typer.echo(json.dumps({"jobs": [j.to_dict() for j in jobs], "total_wall_s": round(total_wall, 3), "total_cost_usd": round(total_cost, 6)}))
+            rows = [{**j.to_dict(), **views.get(j.id, {})} for j in jobs]
+            typer.echo(json.dumps({"jobs": rows, "total_wall_s": round(total_wall, 3), "total_cost_usd": round(total_cost, 6)}))
             return
         typer.echo(f"{'ID':<14} {'KIND':<8} {'STATUS':<10} {'PROGRESS':<12} {'BACKEND':<7} {'TIME':>7} {'COST':>9}  OUTPUT")
         for j in jobs:
             progress = f"{j.done:g}/{j.total:g}" if j.done is not None and j.total else "-"
             cost = f"${j.cost_usd:.4f}" if j.cost_usd else "-"
-            typer.echo(f"{j.id:<14} {j.kind:<8} {j.status:<10} {progress:<12} {j.backend:<7} {_fmt_s(j.wall_s):>7} {cost:>9}  {_output(j)}")
+            view = views.get(j.id, {})
+            output = f"({view['outputs']})" if "outputs" in view else _output(j)
+            typer.echo(f"{j.id:<14} {j.kind:<8} {view.get('status', j.status):<10} {progress:<12} {j.backend:<7} {_fmt_s(j.wall_s):>7} {cost:>9}  {output}")
         typer.echo(f"{len(jobs)} job(s), {_fmt_s(total_wall)} wall time, est. cost ${total_cost:.4f}", err=True)
 
 
 @app.command("show")
-def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
-    """Status, progress, backend, params, timings, output path and error of one job."""
+def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None, api_key: API_KEY = None) -> None:
+    """Status, progress, backend, params, timings, output path and error of one job.
+
+    A running job sent to an endpoint is asked there for its status and progress.
+    """
     with exit_on_error(json_output):
-        _, store = _store(config, profile)
+        settings, store = _store(config, profile, api_key)
         job = store.get(job_id)
-        data = job.to_dict()
+        record = _ask_endpoint(job, store, settings)
+        job = store.get(job.id)  # with the endpoint's progress, or its end
+        data = {**job.to_dict(), **_endpoint_view(job, record)}
         shards = _shard_states(store, job.id, job.status)
         if shards:
             data["shards"] = shards
@@ -85,7 +128,7 @@ def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
             return
         if shards:
             typer.echo(f"{'shards':<14} " + ", ".join(f"{s['shard']} {s['state']}" for s in shards))
-        for key in ("id", "kind", "status", "backend", "progress", "phase", "wall_s", "gpu", "cost_usd", "error_code", "error_message"):
+        for key in ("id", "kind", "status", "backend", "endpoint", "progress", "phase", "wall_s", "gpu", "cost_usd", "error_code", "error_message", "outputs"):
             if data.get(key) is not None:
                 typer.echo(f"{key:<14} {data[key]}")
         for key in ("created_at", "started_at", "finished_at"):
@@ -110,13 +153,16 @@ def _shard_states(store: Any, job_id: str, status: str) -> list[dict[str, str]]:
 
 
 @app.command("wait")
-def wait(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
-    """Re-attach to a job: render its progress live until it ends, and exit with the job's exit code."""
+def wait(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None, api_key: API_KEY = None) -> None:
+    """Re-attach to a job: render its progress live until it ends, and exit with the job's exit code.
+
+    A job sent to an endpoint is followed from where the last wait left off, then its outputs are downloaded.
+    """
     from synapse_cli.render import choose_mode, default_summary, render
     from synapse_cli.runs import store_events
 
     with exit_on_error(json_output):
-        settings, store = _store(config, profile)
+        settings, store = _store(config, profile, api_key)
         job = store.get(job_id)
         if job.status in ("pending", "processing"):  # still running: follow it where it runs
             events = _runner(job, settings).follow(job, store)
@@ -127,10 +173,11 @@ def wait(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
 
 
 @app.command("cancel")
-def cancel(job_id: JOB_ID, config: CONFIG = None, profile: PROFILE = None) -> None:
-    """Cancel a running job: a local worker is stopped (and its ffmpeg with it); a Modal call is cancelled."""
+def cancel(job_id: JOB_ID, config: CONFIG = None, profile: PROFILE = None, api_key: API_KEY = None) -> None:
+    """Cancel a running job: a local worker is stopped (and its ffmpeg with it); a Modal call is cancelled;
+    an endpoint is asked to cancel its job (DELETE)."""
     with exit_on_error():
-        settings, store = _store(config, profile)
+        settings, store = _store(config, profile, api_key)
         job = store.get(job_id)
         if job.status not in ("pending", "processing"):
             raise UsageError(f"job {job.id} is already {job.status}")

@@ -1,0 +1,320 @@
+"""Issue #15, the client side: `--endpoint --detach`, then `synapse jobs list/show/wait/cancel` on the
+endpoint's job, through a real `synapse serve` process on loopback and the real CLI in processes of
+its own. The one thing between them that is not ours is a small TCP relay (``Relay``) that a test
+cuts and restarts while `jobs wait` follows the job's events."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed (fastapi, uvicorn)")
+
+from synapse_cli.store import JobStore
+from tests.conftest import probe, synapse_cmd
+from tests.http_fixtures import API_KEY, kill_processes_mentioning
+
+SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[str]:
+    """One `synapse serve` process for the module (key ``API_KEY``); yields its URL."""
+    work = tmp_path_factory.mktemp("server")
+    env = {**os.environ, "SYNAPSE_API_KEY": API_KEY}
+    proc = subprocess.Popen([*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(work)],
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        line = proc.stderr.readline()
+        assert "listening on " in line, line + proc.stderr.read()
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        yield line.split("listening on ")[1].split()[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_processes_mentioning(str(work))
+
+
+def synapse(*args: object, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own."""
+    return subprocess.run([*synapse_cmd(), *map(str, args)], capture_output=True, text=True, env={**os.environ, **env}, timeout=timeout)
+
+
+def client_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"SYNAPSE_JOBS_DB": str(tmp_path / "jobs.db"), "SYNAPSE_API_KEY": API_KEY, "SYNAPSE_HTTP_INITIAL_BACKOFF_MS": "50", **extra}
+
+
+def detach(src: Path, out: Path, endpoint: str, env: dict[str, str], *extra: str) -> str:
+    run = synapse("export", src, "-o", out, "--endpoint", endpoint, "--detach", "--json", *extra, env=env)
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    assert answer["status"] == "pending" and answer["backend"] == "http"
+    return answer["job_id"]
+
+
+def events(run: subprocess.CompletedProcess) -> list[dict]:
+    return [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+
+
+def stored(db: Path, job_id: str) -> list[dict]:
+    store = JobStore(db)
+    try:
+        return [data for _, data in store.events(job_id)]
+    finally:
+        store.close()
+
+
+def row(db: Path, job_id: str):
+    store = JobStore(db)
+    try:
+        return store.get(job_id)
+    finally:
+        store.close()
+
+
+def server_events(server: str, remote_id: str) -> list[dict]:
+    r = httpx.get(f"{server}/v1/jobs/{remote_id}/events", params={"after": 0}, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    return [e for e in map(json.loads, filter(str.strip, r.text.splitlines())) if e.get("type") != "keepalive"]
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not any(".part" in p.name for p in folder.iterdir())
+
+
+def until(predicate, timeout_s: float, every_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    return predicate()
+
+
+# -- submit, then wait from a second process ---------------------------------------------------------
+
+
+def test_detach_prints_the_id_and_jobs_wait_from_another_process_downloads_the_output(server, tiny, tmp_path):
+    env = client_env(tmp_path)
+    out = tmp_path / "out.mp4"
+    job_id = detach(tiny, out, server, env, *SMALL)
+    job = row(tmp_path / "jobs.db", job_id)
+    assert job.backend == "http" and job.status == "processing"
+    assert job.remote["endpoint"] == server and job.remote["id"]
+    assert API_KEY.encode() not in (tmp_path / "jobs.db").read_bytes()  # the store keeps no key
+    # the job runs on the server with nobody connected
+    assert until(lambda: httpx.get(f"{server}/v1/jobs/{job.remote['id']}", headers=AUTH).json()["status"] == "completed", 60)
+    assert not out.exists()
+
+    waited = synapse("jobs", "wait", job_id, "--json", env=env)
+    assert waited.returncode == 0, waited.stderr
+    lines = events(waited)
+    assert lines[0]["type"] == "started" and lines[-1]["type"] == "finished"
+    assert [e["path"] for e in lines if e["type"] == "artifact"] == [str(out)]
+    assert lines[-1]["result"]["output"] == str(out)
+    assert probe(out).width == 270 and no_temp_files(tmp_path)
+    assert row(tmp_path / "jobs.db", job_id).status == "completed"
+    # the store mirrors the server's events one for one
+    assert stored(tmp_path / "jobs.db", job_id) == [{k: v for k, v in e.items() if k != "index"} for e in server_events(server, job.remote["id"])]
+
+    again = synapse("jobs", "wait", job_id, env=env)  # a finished job: its stored events, exit 0
+    assert again.returncode == 0, again.stderr
+
+
+def test_an_output_that_appeared_meanwhile_is_not_clobbered_and_a_later_wait_still_downloads(server, tiny, tmp_path):
+    env = client_env(tmp_path)
+    out = tmp_path / "out.mp4"
+    job_id = detach(tiny, out, server, env, *SMALL)
+    out.write_bytes(b"someone else's file")
+    refused = synapse("jobs", "wait", job_id, env=env)
+    assert refused.returncode == 2 and "already exists" in refused.stderr, refused.stderr
+    assert out.read_bytes() == b"someone else's file" and no_temp_files(tmp_path)
+    assert row(tmp_path / "jobs.db", job_id).status == "processing"  # its outputs are still to come
+
+    out.unlink()
+    waited = synapse("jobs", "wait", job_id, env=env)  # every event is stored: nothing to follow, only the download
+    assert waited.returncode == 0, waited.stderr
+    assert probe(out).width == 270 and row(tmp_path / "jobs.db", job_id).status == "completed"
+
+
+def test_an_existing_output_is_refused_before_anything_is_sent(server, tiny, tmp_path):
+    env = client_env(tmp_path)
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"keep me")
+    before = httpx.get(f"{server}/v1/jobs", headers=AUTH).json()["jobs"]
+    run = synapse("export", tiny, "-o", out, "--endpoint", server, "--detach", *SMALL, env=env)
+    assert run.returncode == 2 and "already exists" in run.stderr
+    assert httpx.get(f"{server}/v1/jobs", headers=AUTH).json()["jobs"] == before
+    assert out.read_bytes() == b"keep me"
+
+
+# -- show, list and cancel a running job ----------------------------------------------------------
+
+
+def test_show_and_list_ask_the_endpoint_for_progress_and_cancel_stops_the_job(cli, server, long_clip, tmp_path):
+    env = client_env(tmp_path)
+    out = tmp_path / "out.mp4"
+    job_id = detach(long_clip, out, server, env)  # a full-size encode: a minute on two cores
+
+    def progress():
+        shown = cli("jobs", "show", job_id, "--json", env=env)
+        assert shown.exit_code == 0, shown.stderr
+        data = json.loads(shown.stdout)
+        return data if data["status"] == "processing" and data["progress"] else None
+
+    data = until(progress, 60, every_s=0.3)
+    assert data, "jobs show never showed the endpoint's progress"
+    done, total = map(float, data["progress"].split("/"))
+    assert 0 < done < total and data["endpoint"].startswith(server)
+    listed = cli("jobs", "list", env=env)
+    assert listed.exit_code == 0
+    (line,) = [l for l in listed.stdout.splitlines() if l.startswith(job_id)]
+    assert " processing " in line and "/" in line.split()[3]
+
+    cancelled = cli("jobs", "cancel", job_id, env=env)
+    assert cancelled.exit_code == 0, cancelled.stderr
+    remote_id = row(tmp_path / "jobs.db", job_id).remote["id"]
+    assert httpx.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] == "cancelled"
+    assert json.loads(cli("jobs", "show", job_id, "--json", env=env).stdout)["status"] == "cancelled"
+    waited = synapse("jobs", "wait", job_id, env=env)
+    assert waited.returncode == 130, waited.stderr
+    assert not out.exists() and no_temp_files(tmp_path)
+    again = cli("jobs", "cancel", job_id, env=env)
+    assert again.exit_code == 2 and "already cancelled" in again.stderr
+
+
+def test_a_job_the_server_does_not_have_is_exit_3_and_failed(cli, server, tiny, tmp_path):
+    env = client_env(tmp_path)
+    job_id = detach(tiny, tmp_path / "out.mp4", server, env, *SMALL)
+    store = JobStore(tmp_path / "jobs.db")
+    store.set_remote(job_id, {**store.get(job_id).remote, "id": "jnosuchjob000"})
+    store.close()
+    waited = synapse("jobs", "wait", job_id, env=env)
+    assert waited.returncode == 3 and "has no job jnosuchjob000" in waited.stderr, waited.stderr
+    assert row(tmp_path / "jobs.db", job_id).status == "failed"
+
+
+def test_a_wrong_key_is_exit_3_and_the_job_stays_waitable(server, tiny, tmp_path):
+    env = client_env(tmp_path)
+    out = tmp_path / "out.mp4"
+    job_id = detach(tiny, out, server, env, *SMALL)
+    refused = synapse("jobs", "wait", job_id, env={**env, "SYNAPSE_API_KEY": "not-the-key-0123456789"})
+    assert refused.returncode == 3 and "endpoint rejected the API key" in refused.stderr
+    assert row(tmp_path / "jobs.db", job_id).status == "processing"
+    assert synapse("jobs", "wait", job_id, env=env).returncode == 0 and out.exists()
+
+
+# -- a connection that drops mid-stream ------------------------------------------------------------
+
+
+class Relay:
+    """A TCP relay on a loopback port to ``target``, that ``cut()`` closes (every connection, and the
+    port) and ``restart()`` opens again on the same port."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit("//", 1)[1].split(":")
+        self.target = (host, int(port))
+        self.port = 0
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.restart()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restart(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        self.listener.close()
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_a_connection_cut_mid_events_resumes_with_no_gap_and_no_duplicate(server, long_clip, tmp_path):
+    relay = Relay(server)
+    env = client_env(tmp_path)
+    db, out = tmp_path / "jobs.db", tmp_path / "out.mp4"
+    try:
+        job_id = detach(long_clip, out, relay.url, env, *SMALL)
+        waiting = subprocess.Popen([*synapse_cmd(), "jobs", "wait", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env={**os.environ, **env})  # fmt: skip
+        try:
+            assert until(lambda: len(stored(db, job_id)) >= 3, 60), "jobs wait recorded no events"
+            relay.cut()
+            cut_at = len(stored(db, job_id))
+            time.sleep(1.0)  # connections are refused meanwhile: jobs wait retries with backoff
+            relay.restart()
+            stdout, stderr = waiting.communicate(timeout=180)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+        assert waiting.returncode == 0, stderr
+    finally:
+        relay.cut()
+    lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    resumed = [e["message"] for e in lines if e["type"] == "log" and "resuming from event" in e["message"]]
+    assert resumed, "the connection was not cut mid-stream"
+    assert int(resumed[0].rsplit(" ", 1)[1]) >= cut_at
+    remote = server_events(server, row(db, job_id).remote["id"])
+    assert remote[-1]["type"] == "finished" and len(remote) > cut_at  # events came after the cut
+    assert [e["index"] for e in remote] == list(range(len(remote)))
+    # the store holds each of the server's events once, in order; so does what jobs wait printed
+    assert stored(db, job_id) == [{k: v for k, v in e.items() if k != "index"} for e in remote]
+    printed = [e for e in lines if e["type"] in ("started", "progress")]
+    assert printed == [{k: v for k, v in e.items() if k != "index"} for e in remote if e["type"] in ("started", "progress")]
+    assert probe(out).width == 270 and no_temp_files(tmp_path)

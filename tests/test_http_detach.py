@@ -151,6 +151,8 @@ def test_an_output_that_appeared_meanwhile_is_not_clobbered_and_a_later_wait_sti
     waited = synapse("jobs", "wait", job_id, env=env)  # every event is stored: nothing to follow, only the download
     assert waited.returncode == 0, waited.stderr
     assert probe(out).width == 270 and row(tmp_path / "jobs.db", job_id).status == "completed"
+    remote = server_events(server, row(tmp_path / "jobs.db", job_id).remote["id"])
+    assert stored(tmp_path / "jobs.db", job_id) == [{k: v for k, v in e.items() if k != "index"} for e in remote]  # none twice
 
 
 def test_an_existing_output_is_refused_before_anything_is_sent(server, tiny, tmp_path):
@@ -318,3 +320,33 @@ def test_a_connection_cut_mid_events_resumes_with_no_gap_and_no_duplicate(server
     printed = [e for e in lines if e["type"] in ("started", "progress")]
     assert printed == [{k: v for k, v in e.items() if k != "index"} for e in remote if e["type"] in ("started", "progress")]
     assert probe(out).width == 270 and no_temp_files(tmp_path)
+
+
+def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_from_the_store(server, long_clip, tmp_path):
+    env = client_env(tmp_path)
+    db, out = tmp_path / "jobs.db", tmp_path / "out.mp4"
+    job_id = detach(long_clip, out, server, env, *SMALL)
+    first = subprocess.Popen([*synapse_cmd(), "jobs", "wait", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, **env})  # fmt: skip
+    try:
+        assert until(lambda: len(stored(db, job_id)) >= 3, 60), "jobs wait recorded no events"
+        first.send_signal(signal.SIGINT)  # Ctrl-C: stop waiting, not the job
+        _, stderr = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, stderr
+    kept = len(stored(db, job_id))
+    remote_id = row(db, job_id).remote["id"]
+    assert row(db, job_id).status == "processing"
+    assert httpx.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] in ("processing", "completed")
+    assert not out.exists() and no_temp_files(tmp_path)
+
+    second = synapse("jobs", "wait", job_id, "--json", env=env)
+    assert second.returncode == 0, second.stderr
+    remote = server_events(server, remote_id)
+    assert len(remote) > kept
+    assert stored(db, job_id) == [{k: v for k, v in e.items() if k != "index"} for e in remote]  # no gap, none twice
+    shown = [e for e in events(second) if e["type"] in ("started", "progress")]  # the stored events, then the live ones
+    assert shown == [{k: v for k, v in e.items() if k != "index"} for e in remote if e["type"] in ("started", "progress")]
+    assert probe(out).width == 270 and row(db, job_id).status == "completed"

@@ -38,7 +38,7 @@ KEY_REJECTED = "endpoint rejected the API key"
 # following a detached job's /events: attempts per outage (backoff from http.initial_backoff_ms up to 30 s
 # apart, about 2.5 minutes with the default 500 ms); every connection that answers renews them
 EVENTS_RETRIES = 10
-_REMOTE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # an endpoint's job id, as it goes into URLs
+_REMOTE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # an endpoint's job id, as it goes into URLs
 T = TypeVar("T")
 
 

@@ -16,6 +16,7 @@ and a job whose stream started is never replayed. httpx is imported here only, s
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from contextlib import ExitStack
@@ -264,6 +265,7 @@ class HttpBackend(Backend):
         """Upload as ``run`` does and POST with ``?detach=true``: the server answers 202 with its job id
         once the inputs are stored. The store keeps the endpoint, that id and where the outputs go (never the key)."""
         data, uploads, targets, overwrite = _prepare(kind, spec)
+        store.set_pid(job.id, os.getpid())  # this process vouches for the row while it uploads (no reaping a long upload)
         query = {"detach": "true"}
         shards = (job.flags or {}).get("shards.count")
         if shards not in (None, "auto", 1, "1"):  # the server splits the job across its own workers

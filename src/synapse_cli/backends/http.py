@@ -11,6 +11,12 @@ Retries (``stamina``: exponential backoff with jitter) cover connect errors, 429
 ``Retry-After`` is honoured) and 5xx *before* the stream starts. A 4xx is never retried,
 and a job whose stream started is never replayed. httpx is imported here only, so
 ``synapse --help`` never pays for it.
+
+Detached jobs (``--detach``, issue #15): the same upload with ``?detach=true``, answered 202 with
+the server's job id, which the job store keeps with the endpoint (never the key). ``follow``
+reads ``GET /v1/jobs/{id}/events?after=N`` and copies each event into the store (``_Mirror``),
+so a dropped connection or an interrupted ``jobs wait`` resumes at the next index; ``cancel``
+is ``DELETE /v1/jobs/{id}``; ``refresh`` is ``GET /v1/jobs/{id}`` for ``jobs show``/``list``.
 """
 
 from __future__ import annotations

@@ -350,3 +350,14 @@ def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_fr
     shown = [e for e in events(second) if e["type"] in ("started", "progress")]  # the stored events, then the live ones
     assert shown == [{k: v for k, v in e.items() if k != "index"} for e in remote if e["type"] in ("started", "progress")]
     assert probe(out).width == 270 and row(db, job_id).status == "completed"
+
+
+def test_the_python_api_submits_to_an_endpoint_and_waits(server, tiny, tmp_path, monkeypatch):
+    from synapse_cli import api
+
+    monkeypatch.setenv("SYNAPSE_JOBS_DB", str(tmp_path / "jobs.db"))
+    out = tmp_path / "out.mp4"
+    job = api.submit("export", str(tiny), output=str(out), endpoint=server, api_key=API_KEY)
+    assert row(tmp_path / "jobs.db", job.id).remote["endpoint"] == server
+    assert job.wait()["output"] == str(out)
+    assert probe(out).duration > 0 and job.status == "completed"

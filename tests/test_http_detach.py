@@ -26,6 +26,7 @@ from tests.conftest import probe, synapse_cmd
 from tests.http_fixtures import API_KEY, kill_processes_mentioning
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
+MEDIUM = ["--set", "output_width=540", "--set", "output_height=960"]  # long_clip: about 20 s, 30 progress events
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -235,6 +236,7 @@ class Relay:
         self.port = 0
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
+        self.generation = 0  # which listener is the open one: a connection accepted just before a cut is closed too
         self.restart()
 
     @property
@@ -247,11 +249,14 @@ class Relay:
         self.listener.bind(("127.0.0.1", self.port))
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+        with self.lock:
+            self.generation += 1
+        threading.Thread(target=self._accept, args=(self.listener, self.generation), daemon=True).start()
 
     def cut(self) -> None:
         self.listener.close()
         with self.lock:
+            self.generation += 1
             conns, self.conns = self.conns, []
         for c in conns:
             try:
@@ -260,7 +265,7 @@ class Relay:
                 pass
             c.close()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, generation: int) -> None:
         while True:
             try:
                 client, _ = listener.accept()
@@ -268,6 +273,10 @@ class Relay:
                 return
             upstream = socket.create_connection(self.target)
             with self.lock:
+                if generation != self.generation:  # cut meanwhile
+                    client.close()
+                    upstream.close()
+                    return
                 self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
@@ -292,13 +301,14 @@ def test_a_connection_cut_mid_events_resumes_with_no_gap_and_no_duplicate(server
     env = client_env(tmp_path)
     db, out = tmp_path / "jobs.db", tmp_path / "out.mp4"
     try:
-        job_id = detach(long_clip, out, relay.url, env, *SMALL)
+        job_id = detach(long_clip, out, relay.url, env, *MEDIUM)
         waiting = subprocess.Popen([*synapse_cmd(), "jobs", "wait", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, env={**os.environ, **env})  # fmt: skip
         try:
             assert until(lambda: len(stored(db, job_id)) >= 3, 60), "jobs wait recorded no events"
             relay.cut()
             cut_at = len(stored(db, job_id))
+            assert stored(db, job_id)[-1]["type"] in ("started", "progress"), "the job ended before the cut"
             time.sleep(1.0)  # connections are refused meanwhile: jobs wait retries with backoff
             relay.restart()
             stdout, stderr = waiting.communicate(timeout=180)
@@ -319,13 +329,13 @@ def test_a_connection_cut_mid_events_resumes_with_no_gap_and_no_duplicate(server
     assert stored(db, job_id) == [{k: v for k, v in e.items() if k != "index"} for e in remote]
     printed = [e for e in lines if e["type"] in ("started", "progress")]
     assert printed == [{k: v for k, v in e.items() if k != "index"} for e in remote if e["type"] in ("started", "progress")]
-    assert probe(out).width == 270 and no_temp_files(tmp_path)
+    assert probe(out).width == 540 and no_temp_files(tmp_path)
 
 
 def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_from_the_store(server, long_clip, tmp_path):
     env = client_env(tmp_path)
     db, out = tmp_path / "jobs.db", tmp_path / "out.mp4"
-    job_id = detach(long_clip, out, server, env, *SMALL)
+    job_id = detach(long_clip, out, server, env, *MEDIUM)
     first = subprocess.Popen([*synapse_cmd(), "jobs", "wait", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env={**os.environ, **env})  # fmt: skip
     try:
@@ -349,7 +359,7 @@ def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_fr
     assert stored(db, job_id) == [{k: v for k, v in e.items() if k != "index"} for e in remote]  # no gap, none twice
     shown = [e for e in events(second) if e["type"] in ("started", "progress")]  # the stored events, then the live ones
     assert shown == [{k: v for k, v in e.items() if k != "index"} for e in remote if e["type"] in ("started", "progress")]
-    assert probe(out).width == 270 and row(db, job_id).status == "completed"
+    assert probe(out).width == 540 and row(db, job_id).status == "completed"
 
 
 def test_the_python_api_submits_to_an_endpoint_and_waits(server, tiny, tmp_path, monkeypatch):

@@ -230,3 +230,29 @@ def test_unreachable_modal_exits_3_within_connect_timeout_when_detached(clip, db
     assert [r[0] for r in conn.execute("SELECT status FROM jobs")] == ["failed"]  # no pending row left behind
     conn.close()
     assert not any(p.name.startswith(".synapse-shards") for p in tmp_path.iterdir())
+
+
+def test_detached_sharded_compile_fills_the_one_output_folder(cli, deployed, db, tmp_path):
+    pytest.importorskip("llguidance", reason="the compile extra is not installed")
+    from tests.conftest import ROOT
+    from tests.test_shards import _files
+
+    data = ROOT / "tests" / "data" / "compile"
+    inputs = [data / "person.json", data / "guardrails.json", data / "line.json"]  # no $ref across files: each is uploaded alone
+    whole = cli("compile", *inputs, "-o", tmp_path / "whole", "--engine", "llguidance", "--no-cache", "--no-modal", "--json")
+    assert whole.exit_code == 0, whole.stderr
+    run = cli("compile", *inputs, "-o", tmp_path / "out", "--engine", "llguidance", "--use-modal", "--detach", "--shards", "2")
+    assert run.exit_code == 0, run.stderr
+    job_id = run.stdout.strip()
+    assert [c.function_name for c in deployed.function_calls] == ["compile_detached"] * 2
+    waited = cli("jobs", "wait", job_id, "--json")
+    assert waited.exit_code == 0, waited.stderr
+    result = waited.events()[-1]["result"]
+    assert len(result["shards"]) == 2 and result["total"] == whole.events()[-1]["result"]["total"]
+    got, expected = _files(tmp_path / "out"), _files(tmp_path / "whole")
+    assert sorted(got) == sorted(expected) and len(got) > 5  # each shard's folder merged into the one
+    # the artefacts byte for byte (a report names its source: on Modal, the input's Volume path)
+    assert {k: v for k, v in got.items() if not k.name.endswith(".report.json")} == {
+        k: v for k, v in expected.items() if not k.name.endswith(".report.json")
+    }
+    nothing_left_on_modal(deployed, job_id)

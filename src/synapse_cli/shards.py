@@ -19,6 +19,10 @@ events of all of them become one stream, as if one job ran:
 - the merge's ``Artifact`` and ``Finished``, with ``shards: [{index, seconds, attempts}]``
   and the Modal seconds and cost summed over the shards.
 
+A detached job on a backend that spawns its shards (Modal) is split when it starts
+(``split_detached``) and merged by whoever waits for it (``follow_detached``: ``run_sharded``
+over shards that already run).
+
 Nothing here imports typer, rich or modal.
 """
 

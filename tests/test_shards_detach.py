@@ -153,6 +153,8 @@ def test_a_job_error_in_one_shard_fails_the_job_and_cancels_the_others(cli, depl
     run = cli("export", cut, "-o", out, "--use-modal", "--detach", "--shards", "2", env={"SYNAPSE_FFMPEG_PRESET": "medium"})
     assert run.exit_code == 0, run.stderr
     job_id = run.stdout.strip()
+    wait_for(lambda: any(c.outcome == "ok" and c.args[1].endswith("/1") for c in detached_calls(deployed)))
+    assert [s["state"] for s in show(cli, job_id)["shards"]] == ["running", "failed"]  # the second returned its error
 
     waited = cli("jobs", "wait", job_id)
     assert waited.exit_code == 1, waited.stderr

@@ -585,8 +585,10 @@ class ModalBackend(Backend):
                         _apply(state, modal.FunctionCall.from_id(shard["call_id"]).get(timeout=0))
                     except TimeoutError:
                         pass  # still running (or waiting for a container)
-                    except modal.exception.Error:
-                        state["state"] = "failed"  # crashed, timed out or cancelled without a word
+                    except modal.exception.ConnectionError:
+                        raise  # Modal unreachable: says nothing about the shard
+                    except Exception:  # noqa: BLE001 - crashed, timed out or cancelled without a word (a body's own exception comes back as itself)
+                        state["state"] = "failed"
                 states.append(state)
             return states
 

@@ -412,6 +412,7 @@ class ModalBackend(Backend):
         deadline = self._deadline()
         started = time.time()
         calls: list[str] = []
+        keys: list[str] = []
         with self._errors():
             self._reach(deadline)  # ``import modal`` included: an unreachable Modal costs connect_timeout_s, no more
             import modal
@@ -436,6 +437,7 @@ class ModalBackend(Backend):
                 for index, part in enumerate(parts):
                     key = f"{job_id}/{index}"  # its Dict key, and its folder inside the job's Volume folder
                     calls.append(fn.spawn(self.stage(kind, part, _Files(self._volume, key, uploads)), key).object_id)
+                    keys.append(key)
                     shards.append({"call_id": calls[-1], "key": key})
                 return {
                     "shards": shards,
@@ -445,7 +447,7 @@ class ModalBackend(Backend):
                     "started": started,
                 }
             except BaseException:
-                self._abandon(job_id, calls)
+                self._abandon(job_id, calls, keys)
                 raise
 
     def detach(self, kind: str, spec: Any, job: Any, store: Any, env: Mapping[str, str]) -> None:
@@ -545,19 +547,37 @@ class ModalBackend(Backend):
             # the cost counts the job's own seconds: `jobs wait` may come long after the call ended
             yield from self._localized(kind, files, published(), None, overwrite)
 
-    def cancel_calls(self, call_ids: list[str]) -> None:
-        """Cancel spawned calls (and so the jobs they run); a BackendError if Modal cannot be reached in time."""
+    def cancel_calls(self, call_ids: list[str], settle_s: float = 10.0) -> None:
+        """Cancel spawned calls (and so the jobs they run); a BackendError if Modal cannot be reached in time.
+
+        Then wait (``settle_s`` at most) until each has ended, so that what is removed next (the job's
+        Volume folder, its Dict entries) is not written again by a container still stopping."""
         require_credentials(self._env)
         deadline = self._deadline()
 
-        def cancel() -> None:
+        def cancel() -> list[Any]:
             import modal
 
-            for call_id in call_ids:
-                modal.FunctionCall.from_id(call_id).cancel()
+            calls = [modal.FunctionCall.from_id(call_id) for call_id in call_ids]
+            for call in calls:
+                call.cancel()
+            return calls
 
         with self._errors():
-            deadline.run(cancel, "the cancellation")  # ``import modal`` included
+            calls = deadline.run(cancel, "the cancellation")  # ``import modal`` included
+
+        def settle() -> None:
+            until = time.monotonic() + settle_s
+            for call in calls:
+                try:
+                    call.get(timeout=max(0.0, until - time.monotonic()))
+                except Exception:  # noqa: BLE001 - a cancelled call raises; ended is all we wait for
+                    pass
+
+        try:
+            _Deadline(settle_s + 1.0).run(settle, "the cancelled calls' end")
+        except BackendError:
+            pass  # still stopping: what they write now may outlive the clean-up
 
     def shard_states(self, job: Any) -> list[dict[str, Any]] | None:
         """Each shard's state of a detached sharded job, read from what its call published (and, when

@@ -3,7 +3,9 @@
 1. Equality on the device: for pose, detect and track, batch 1 in fp32 is the reference. Against it,
    batch auto in fp32 (boxes/keypoints within 1 px, confidences within 0.01) and batch auto in fp16
    (within 2 px / 0.02). Reports, per run, the frames whose class lists differ, the worst pixel and
-   confidence differences over the frames that match, and whether the track summaries are equal.
+   confidence differences over the frames that match (boxes and visible keypoints; keypoints neither run
+   sees apart), where the worst one is, and whether the track summaries are equal. On a GPU, ultralytics'
+   own predict in fp16 against fp32 is measured the same way, as the yardstick for fp16.
 2. Memory: `run_yolo` on 300 and on 3,000 frames, each in a child process: the child's peak RSS
    (ru_maxrss) and torch's peak GPU memory. Target: within ±10 % from 300 to 3,000 frames.
 
@@ -46,10 +48,16 @@ print(json.dumps({{"frames": result["processed_frames"], "wall_s": round(wall, 3
 """
 
 
-def compare(ref: dict, other: dict) -> dict:
-    """How far ``other`` is from ``ref``: frames whose class lists differ, worst px/conf over the frames that agree."""
+def compare(ref: dict, other: dict, visible: float = 0.5) -> dict:
+    """How far ``other`` is from ``ref``, detection by detection in order, over the frames whose class lists agree.
+
+    Boxes and keypoints are reported apart: ``worst_px`` covers boxes and the keypoints both runs see
+    (conf ≥ ``visible`` in either), ``worst_hidden_kp_px`` the keypoints neither sees, whose position the
+    model only guesses. ``worst_at`` says where the worst difference is.
+    """
     frames = differing = 0
-    worst_px = worst_conf = 0.0
+    worst_px = worst_conf = worst_hidden = 0.0
+    worst_at: dict = {}
     ids_equal = True
     for fa, fb in zip(ref["frames"], other["frames"]):
         frames += 1
@@ -58,14 +66,40 @@ def compare(ref: dict, other: dict) -> dict:
             differing += 1
             continue
         ids_equal &= [d.get("track_id") for d in da] == [d.get("track_id") for d in db]
-        for x, y in zip(da, db):
-            worst_px = max(worst_px, *(abs(p - q) for p, q in zip(x["box"], y["box"])))
+        for i, (x, y) in enumerate(zip(da, db)):
+            for p, q in zip(x["box"], y["box"]):
+                if abs(p - q) > worst_px:
+                    worst_px, worst_at = abs(p - q), {"frame": fa["frame"], "detection": i, "box": [x["box"], y["box"]]}
             worst_conf = max(worst_conf, abs(x["confidence"] - y["confidence"]))
             for kx, ky in zip(x.get("keypoints", []), y.get("keypoints", [])):
-                worst_px = max(worst_px, abs(kx["x"] - ky["x"]), abs(kx["y"] - ky["y"]))
+                d = max(abs(kx["x"] - ky["x"]), abs(kx["y"] - ky["y"]))
+                if max(kx["conf"] or 0, ky["conf"] or 0) >= visible:
+                    if d > worst_px:
+                        worst_px, worst_at = d, {"frame": fa["frame"], "detection": i, "keypoint": [kx, ky]}
+                else:
+                    worst_hidden = max(worst_hidden, d)
     return {"frames": frames, "frames_equal_count": len(ref["frames"]) == len(other["frames"]), "frames_with_other_classes": differing,
-            "worst_px": round(worst_px, 3), "worst_conf": round(worst_conf, 4), "track_ids_equal": ids_equal,
-            "tracks_equal": ref.get("tracks") == other.get("tracks")}  # fmt: skip
+            "worst_px": round(worst_px, 3), "worst_conf": round(worst_conf, 4), "worst_hidden_kp_px": round(worst_hidden, 3),
+            "worst_at": worst_at, "track_ids_equal": ids_equal, "tracks_equal": ref.get("tracks") == other.get("tracks")}  # fmt: skip
+
+
+def ultralytics_fp16_vs_fp32(clip: Path, imgsz: int, device: str) -> dict:
+    """The same comparison for ultralytics' own ``model.predict``, batch 1, half=True against half=False:
+    how far fp16 moves this model's outputs whoever runs it."""
+    from synapse_cli.jobs.infer.results import detections_from
+    from synapse_cli.jobs.infer.runtime import import_yolo
+    from synapse_cli.jobs.infer.weights import default_weights
+
+    from infer_gpu import decode_all
+
+    frames = decode_all(clip)
+    out = {}
+    for half in (False, True):
+        model = import_yolo()(str(default_weights()))
+        names = {int(k): str(v) for k, v in model.names.items()}
+        out[half] = {"frames": [{"frame": i, "detections": detections_from(model.predict(f, imgsz=imgsz, device=device, half=half, verbose=False)[0], names, True)}
+                                for i, f in enumerate(frames)]}  # fmt: skip
+    return compare(out[False], out[True])
 
 
 def main() -> int:
@@ -112,6 +146,9 @@ def main() -> int:
             diff["tolerance"] = {"px": px, "conf": conf}
             row[name] = {**info, **diff}
         report["equality"][task] = row
+        if task == "pose" and half_ok:
+            report["equality"]["ultralytics_fp16_vs_fp32_pose"] = ultralytics_fp16_vs_fp32(clip, args.imgsz, "cuda:0")
+            print(f"ultralytics' own fp16 vs fp32: {json.dumps(report['equality']['ultralytics_fp16_vs_fp32_pose'])}", flush=True)
         print(f"equality {task}: {json.dumps(row)}", flush=True)
 
     if not args.skip_memory:

@@ -2,7 +2,7 @@
 # Every measurement that needs the lent CUDA machine, in one run (see docs/infer.md, docs/scale.md).
 # The machine has torch, opencv, numpy, typer, rich, httpx; the rest travels as py3.12 wheels in .whl/
 # (bench/device-wheels.txt lists them; `carry: [".whl"]`). Figures and logs go to $OUT.
-#   run: bash bench/device.sh        (CPU dry run here: OUT=/tmp/out DEVICE=cpu bash bench/device.sh)
+#   run: bash bench/device.sh [profile]       (CPU dry run here: OUT=/tmp/out DEVICE=cpu bash bench/device.sh)
 set -uo pipefail
 OUT=${OUT:-/tmp/synapse-device-out}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-0}
@@ -24,9 +24,16 @@ say "machine"
 
 if [ "$DEVICE" = cpu ]; then
   small=(--device cpu --seconds 1 --width 320 --height 180 --imgsz 160 --batch 4 --runs 1)
+  prof=(--device cpu --seconds 1 --width 320 --height 180 --imgsz 160)
   checks=(--device cpu --seconds 1 --width 320 --height 180 --imgsz 160 --memory-frames 20 60 --memory-size 160x96)
 else
-  small=(); checks=()
+  small=(); checks=(); prof=()
+fi
+
+if [ "${1:-}" = profile ]; then  # only the thread-by-thread profile of a batched run
+  say "bench/infer_gpu_profile.py"
+  timeout 200 $PY bench/infer_gpu_profile.py "${prof[@]}" --out "$OUT/profile.txt" 2>&1 | tail -5 | tee -a "$log"
+  exit
 fi
 
 say "bench/infer_gpu.py"

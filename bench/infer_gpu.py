@@ -162,15 +162,6 @@ def main() -> int:
         wall = time.perf_counter() - start
         return {"fps": round(n / wall, 2), "wall_s": round(wall, 3), "gpu_peak_mib": gpu.peak_mib(), "batch": args.batch, "half": half_ok}
 
-    def synapse_gil_default() -> dict:
-        import synapse_cli.jobs.infer.job as job_module
-
-        saved, job_module.GIL_SWITCH_S = job_module.GIL_SWITCH_S, 0  # the interpreter's own 5 ms switch interval
-        try:
-            return synapse_run()
-        finally:
-            job_module.GIL_SWITCH_S = saved
-
     def decode_run() -> dict:
         from synapse_cli.jobs.infer.sources import inspect_source, open_frames
 
@@ -191,7 +182,6 @@ def main() -> int:
     runs = {
         "decode_only": decode_run,
         "synapse": synapse_run,
-        "synapse_gil_default": synapse_gil_default,
         "yolo_predict_default": lambda: predict_run(),
         "yolo_predict_best": lambda: predict_run(half=half_ok, batch=args.batch),
         "ceiling": ceiling_run,

@@ -14,7 +14,6 @@ the model (and to the annotated video's FFmpeg) as they are, without copies.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -31,11 +30,6 @@ RESULT_SUFFIXES = (".json", ".jsonl")
 ANNOTATED_VIDEO_SUFFIXES = (".mp4",)
 ANNOTATED_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PROGRESS_EVERY_S = 0.25
-# The batched path's threads (decode, letterbox, model, this job's) hand the GIL to each other for every
-# frame. At CPython's default 5 ms switch interval a thread that gave the GIL up for a C call can wait a
-# whole interval to get it back while another runs Python (the convoy effect); a shorter one while the job
-# runs keeps the decoder and the model fed. 0: leave the interpreter's setting alone.
-GIL_SWITCH_S = 0.0005
 DEFAULT_MODEL_NAME = "yolo11n-pose.pt"
 MAX_BATCH = 256  # frames per model call; bigger gains nothing on any GPU we know and pins GBs of host memory
 
@@ -277,11 +271,9 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 batch = 1
             elif batch == 0:
                 batch = first.auto_batch((height, width, 3))
+            if device.startswith("cuda"):
+                first.pad_to = batch
             prep = max(1, min(4, threads // 2))
-            previous = sys.getswitchinterval()
-            if 0 < GIL_SWITCH_S < previous:
-                sys.setswitchinterval(GIL_SWITCH_S)
-                stack.callback(sys.setswitchinterval, previous)
             pool = stack.enter_context(BatchedPool(first, more, batch, workers, prep, per_worker))
             engines.append(first)
             batches.append(pool)

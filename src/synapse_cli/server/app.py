@@ -4,7 +4,9 @@ Routes (see docs/http.md):
 
 - ``GET  /v1/health``                -> JSON: status, version, job kinds, upload limit, auth mode.
 - ``POST /v1/jobs/{kind}``           -> the job's events as NDJSON (``application/x-ndjson``), as they happen.
-- ``GET  /v1/artifacts/{id}``        -> an output file of a finished job.
+- ``POST /v1/jobs/{kind}?detach=true`` -> 202 and the job's id; it runs in the server (``detached``).
+- ``GET  /v1/jobs``, ``GET/DELETE /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` -> detached jobs' records and events.
+- ``GET  /v1/artifacts/{id}``        -> an output file of a finished job (410 once expired, for a recorded job).
 
 Errors before the stream starts are JSON bodies shaped like the stream's last
 line: ``{"type": "error", "code": 2, "message": "...", "error": "UsageError"}``.

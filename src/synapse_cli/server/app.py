@@ -7,6 +7,7 @@ Routes (see docs/http.md):
 - ``POST /v1/jobs/{kind}?detach=true`` -> 202 and the job's id; it runs in the server (``detached``).
 - ``GET  /v1/jobs``, ``GET/DELETE /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` -> detached jobs' records and events.
 - ``GET  /v1/artifacts/{id}``        -> an output file of a finished job (410 once expired, for a recorded job).
+- ``GET  /v1/openapi.json``         -> the OpenAPI document of all of the above (behind the key; ``/openapi.json`` and ``/docs`` stay off).
 
 Errors before the stream starts are JSON bodies shaped like the stream's last
 line: ``{"type": "error", "code": 2, "message": "...", "error": "UsageError"}``.
@@ -429,6 +430,20 @@ def create_app(
             media_type="text/event-stream" if sse else NDJSON,
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
+
+    described: dict[str, Any] = {}
+
+    @app.get("/v1/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Any:
+        """The whole API (``server/openapi.py``); behind the key, like everything but /v1/health."""
+        refused = gate(request)
+        if refused is not None:
+            return await _refuse(request, refused, opts)
+        if "doc" not in described:
+            from synapse_cli.server.openapi import build
+
+            described["doc"] = await anyio.to_thread.run_sync(build, app)
+        return JSONResponse(described["doc"])
 
     @app.get("/v1/artifacts/{artifact_id}")
     async def artifact(artifact_id: str, request: Request) -> Any:

@@ -29,7 +29,7 @@ MAX_BODY_BYTES = 4096  # POST /v1/session: {"key": ...} and nothing large
 COOKIE_PATHS = ("/v1/jobs", "/v1/artifacts/")
 
 # POST /v1/session in the OpenAPI document (the route reads its body by hand, with a size limit)
-OPENAPI = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+OPENAPI = {"security": [], "requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["key"], "additionalProperties": True, "properties": {"key": {"type": "string", "description": "the server's API key"}}}}}}}
 _ERROR = {"content": {"application/json": {"schema": {"type": "object", "properties": {
     "type": {"const": "error"}, "code": {"type": "integer"}, "message": {"type": "string"}, "error": {"type": "string"}}}}}}

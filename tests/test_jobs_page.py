@@ -86,7 +86,11 @@ def test_a_session_cookie_is_an_opaque_httponly_strict_token_that_stands_in_for_
         r = httpx.get(ep.url + artifact["path"], cookies=forged)
         assert r.status_code == 401 and r.json()["error"] == "BackendError"
         assert httpx.post(f"{ep.url}/v1/jobs/sample", json=SAMPLE, cookies={"synapse_session": API_KEY}).status_code == 401
-        assert client.get(ep.url + "/v1/openapi.json", headers={"Origin": ep.url}).status_code in (401, 403)
+        assert client.get(ep.url + "/v1/openapi.json", headers={"Origin": ep.url}).status_code == 403
+        assert client.get(ep.url + "/v1/openapi.json").status_code == 401
+        described = httpx.get(ep.url + "/v1/openapi.json", headers=AUTH).json()["paths"]["/v1/session"]["post"]
+        assert described["security"] == [] and {"204", "401", "429"} <= set(described["responses"])
+        assert described["requestBody"]["content"]["application/json"]["schema"]["required"] == ["key"]
 
 
 def test_a_wrong_key_posted_for_a_session_is_refused_and_counted_like_any_wrong_key(tmp_path):

@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -265,7 +265,7 @@ def create_app(
             return _error(403, "requests from another site's page are refused", code=3, error="BackendError", close=True)
         return None if sessions.valid(request.cookies.get(session.COOKIE)) else unauthorized()
 
-    @app.get("/", include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, openapi_extra={"security": []}, responses={200: {"description": "the jobs page (no data in it)"}})
     async def jobs_page() -> Response:
         html, headers = session.page()  # the page holds no data: no key needed
         return Response(html, media_type="text/html; charset=utf-8", headers=headers)

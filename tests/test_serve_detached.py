@@ -383,6 +383,29 @@ def test_a_restarted_server_keeps_finished_jobs_and_fails_running_ones(tmp_path)
         kill_processes_mentioning(str(work))
 
 
+def test_sigterm_stops_detached_jobs_and_fails_the_queued_ones(tmp_path):
+    """A graceful stop: the running job's ffmpeg is gone when the server has exited, the running job is
+    failed ("shutting down"), the one waiting for a slot too; the next server lists both so."""
+    work = tmp_path / "srv"
+    try:
+        with serve_process(work, SYNAPSE_SERVE_MAX_CONCURRENT_JOBS="1") as (url, server):
+            running = submit(url, spec=LONG)
+            queued = submit(url)
+            wait_status(url, running, ("processing",))
+            assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
+            assert record(url, queued)["status"] == "pending"
+            server.send_signal(signal.SIGTERM)
+            server.wait(20)
+            assert kill_processes_mentioning(str(work)) == [], "ffmpeg outlived the server"
+        with serve_process(work) as (url, server):
+            jobs = {j["id"]: j for j in httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
+            assert jobs[running]["status"] == jobs[queued]["status"] == "failed"
+            assert "shutting down" in jobs[running]["error"]["message"] and "had not started" in jobs[queued]["error"]["message"]
+            assert not (work / "jobs" / running).exists() and not (work / "jobs" / queued).exists()
+    finally:
+        kill_processes_mentioning(str(work))
+
+
 def test_expired_artifacts_leave_the_record_and_answer_410(tmp_path):
     with serve_app(tmp_path / "srv", artifact_ttl_s=0) as ep:
         job_id = submit(ep)

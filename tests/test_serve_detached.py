@@ -383,6 +383,29 @@ def test_a_restarted_server_keeps_finished_jobs_and_fails_running_ones(tmp_path)
         kill_processes_mentioning(str(work))
 
 
+def test_sigterm_stops_detached_jobs_and_fails_the_queued_ones(tmp_path):
+    """A graceful stop: the running job's ffmpeg is gone when the server has exited, the running job is
+    failed ("shutting down"), the one waiting for a slot too; the next server lists both so."""
+    work = tmp_path / "srv"
+    try:
+        with serve_process(work, SYNAPSE_SERVE_MAX_CONCURRENT_JOBS="1") as (url, server):
+            running = submit(url, spec=LONG)
+            queued = submit(url)
+            wait_status(url, running, ("processing",))
+            assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
+            assert record(url, queued)["status"] == "pending"
+            server.send_signal(signal.SIGTERM)
+            server.wait(20)
+            assert kill_processes_mentioning(str(work)) == [], "ffmpeg outlived the server"
+        with serve_process(work) as (url, server):
+            jobs = {j["id"]: j for j in httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
+            assert jobs[running]["status"] == jobs[queued]["status"] == "failed"
+            assert "shutting down" in jobs[running]["error"]["message"] and "had not started" in jobs[queued]["error"]["message"]
+            assert not (work / "jobs" / running).exists() and not (work / "jobs" / queued).exists()
+    finally:
+        kill_processes_mentioning(str(work))
+
+
 def test_expired_artifacts_leave_the_record_and_answer_410(tmp_path):
     with serve_app(tmp_path / "srv", artifact_ttl_s=0) as ep:
         job_id = submit(ep)
@@ -441,3 +464,78 @@ def test_detached_jobs_past_the_queue_limit_get_429(tmp_path):
         assert httpx.post(f"{ep.url}/v1/jobs/sample", json=TINY, headers=AUTH).status_code == 429
         httpx.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH)
         assert wait_status(ep.url, queued, ("completed",))["artifacts"]
+
+
+# -- the OpenAPI document -------------------------------------------------------------------------
+
+
+def openapi_doc(ep: Endpoint) -> dict:
+    r = httpx.get(f"{ep.url}/v1/openapi.json", headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    return r.json()
+
+
+def test_the_openapi_document_is_behind_the_key_and_describes_every_route(tmp_path):
+    from fastapi.routing import APIRoute
+
+    from synapse_cli.jobs import JOBS
+
+    with serve_app(tmp_path / "srv") as ep:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert httpx.get(ep.url + path, headers=AUTH).status_code == 404, path
+        assert httpx.get(f"{ep.url}/v1/openapi.json").status_code == 401
+        doc = openapi_doc(ep)
+        assert doc["openapi"].startswith("3.1") and doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        paths = doc["paths"]
+        from synapse_cli.server import create_app
+
+        app = create_app(work_dir=tmp_path / "other", api_key=API_KEY)
+        for route in app.routes:
+            if not isinstance(route, APIRoute):
+                continue
+            for method in route.methods - {"HEAD"}:
+                if route.path == "/v1/jobs/{kind}":
+                    assert all("post" in paths[f"/v1/jobs/{kind}"] for kind in JOBS), "a kind without its POST"
+                else:
+                    assert method.lower() in paths.get(route.path, {}), f"{method} {route.path} is not described"
+        schemas = doc["components"]["schemas"]
+        # multipart bodies from each kind's spec: the spec part (JSON) and one file part per input
+        export = paths["/v1/jobs/export"]["post"]
+        body = export["requestBody"]["content"]["multipart/form-data"]
+        assert body["encoding"]["spec"]["contentType"] == "application/json"
+        assert body["schema"]["properties"]["input"]["format"] == "binary" and body["schema"]["required"] == ["spec", "input"]
+        assert schemas["ExportSpec"]["properties"]["crf"]["type"] == "integer" and "output" in schemas["ExportSpec"]["required"]
+        compile_ = paths["/v1/jobs/compile"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert compile_["properties"]["inputs"]["type"] == "array" and compile_["properties"]["inputs"]["items"]["format"] == "binary"
+        assert paths["/v1/jobs/sample"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SampleSpec"}
+        assert paths["/v1/jobs/dirtest"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["input"]["format"] == "binary"
+        assert {p["name"] for p in export["parameters"]} == {"detach", "shards"}
+        assert set(export["responses"]) >= {"200", "202", "401", "413", "422", "429"}
+        assert "application/x-ndjson" in export["responses"]["200"]["content"]
+        assert export["responses"]["413"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+        events = paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+        assert set(events) == {"application/x-ndjson", "text/event-stream"}
+        assert paths["/v1/jobs/{job_id}"]["delete"]["responses"]["409"]
+        # the schemas describe what the server really sends
+        import jsonschema
+
+        job_id = submit(ep)
+        record_ = wait_status(ep.url, job_id, ("completed",))
+        resolver = {"components": doc["components"]}
+
+        def check(value: Any, name: str) -> None:
+            jsonschema.validate(value, {**resolver, "$ref": f"#/components/schemas/{name}"}, cls=jsonschema.Draft202012Validator)
+
+        check(record_, "JobRecord")
+        check(httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json(), "JobList")
+        for event in ndjson_events(ep.url, job_id):
+            check(event, "IndexedEvent")
+        check(httpx.get(f"{ep.url}/v1/jobs/nosuch", headers=AUTH).json(), "Error")
+        with pytest.raises(jsonschema.ValidationError):
+            check({**record_, "status": "done"}, "JobRecord")
+
+
+def test_the_openapi_document_passes_openapi_spec_validator(tmp_path):
+    validator = pytest.importorskip("openapi_spec_validator")
+    with serve_app(tmp_path / "srv") as ep:
+        validator.validate(openapi_doc(ep))

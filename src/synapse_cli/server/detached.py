@@ -99,16 +99,22 @@ class StoreChannel:
     """``runner.Channel``'s part for a detached job: each event is translated to what the client
     sees, stored, and its followers woken. Never blocks the job on a reader (there may be none).
 
+    Events are stored in batches: a burst (a job logging thousands of lines) costs one transaction
+    per ``FLUSH_S`` instead of one per event; ``started`` and the last event are stored at once.
     After the job's last event (``finished``/``error``) later events are dropped; after ``end``
     (a cancel) the job's next event raises ``runner._Cancelled``, which stops it."""
 
     stalled = False
+    FLUSH_S = 0.05
+    MAX_BATCH = 1000
 
     def __init__(self, jobs: "DetachedJobs", run: runner.JobRun) -> None:
         self.jobs = jobs
         self.run = run
         self._lock = threading.Lock()
         self._closed = False
+        self._buffer: list[Event] = []
+        self._flushed_at = time.monotonic()
         self.last: str | None = None  # the status the job's last event gave it
 
     @property
@@ -125,14 +131,30 @@ class StoreChannel:
                 raise runner._Cancelled()
             if self.last is not None:
                 return
-            self.last = self.jobs.record(self.run.job_id, self.run.translate(item))
+            self._buffer.extend(self.run.translate(item))
+            now = time.monotonic()
+            if isinstance(item, (Started, Finished, Failed)) or len(self._buffer) >= self.MAX_BATCH or now - self._flushed_at >= self.FLUSH_S:
+                self._flush()
+            else:
+                self.jobs.flush_later(self)
+
+    def _flush(self) -> None:
+        batch, self._buffer = self._buffer, []
+        self._flushed_at = time.monotonic()
+        if batch:
+            self.last = self.jobs.record(self.run.job_id, batch)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush()
 
     def end(self, items: list[Any]) -> None:
         with self._lock:
             if self._closed or self.last is not None:
                 return
             self._closed = True
-            self.last = self.jobs.record(self.run.job_id, [self.run.translate(i)[0] for i in items])
+            self._buffer.extend(self.run.translate(i)[0] for i in items)
+            self._flush()
 
     def close(self) -> None:
         with self._lock:
@@ -150,7 +172,34 @@ class DetachedJobs:
         self.channels: dict[str, StoreChannel] = {}
         self._waiters: dict[str, set[tuple[Any, Any]]] = {}
         self._waiters_lock = threading.Lock()
+        self._dirty: set[StoreChannel] = set()
+        self._dirty_cond = threading.Condition()
+        self._flusher: threading.Thread | None = None
         self.recover()
+
+    def flush_later(self, channel: StoreChannel) -> None:
+        """Store ``channel``'s buffered events within ``FLUSH_S``, even if the job says nothing more."""
+        with self._dirty_cond:
+            self._dirty.add(channel)
+            if self._flusher is None or not self._flusher.is_alive():
+                self._flusher = threading.Thread(target=self._flush_loop, name="synapse-flush", daemon=True)
+                self._flusher.start()
+            self._dirty_cond.notify()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._dirty_cond:
+                if not self._dirty and not self._dirty_cond.wait(30.0) and not self._dirty:
+                    self._flusher = None
+                    return  # idle: the next burst starts another
+            time.sleep(StoreChannel.FLUSH_S)
+            with self._dirty_cond:
+                dirty, self._dirty = self._dirty, set()
+            for channel in dirty:
+                try:
+                    channel.flush()
+                except Exception:  # noqa: BLE001 - a store error must not stop the other jobs' flushes
+                    log.warning("job %s: cannot store its events", channel.run.job_id, exc_info=True)
 
     # -- the record ------------------------------------------------------------------------
 

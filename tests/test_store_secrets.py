@@ -77,12 +77,6 @@ def test_an_existing_world_readable_database_is_made_private(cli, db):
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
 
 
-def test_detach_refused_by_the_backend_leaves_no_row(cli, db, tiny, tmp_path):
-    run = cli("export", tiny, "-o", tmp_path / "d.mp4", "--detach", "--use-modal", "--shards", "2", *SMALL)
-    assert run.exit_code == 2 and "the modal backend detaches one call" in run.stderr
-    assert not db.exists() or rows(db) == []
-
-
 def test_an_endpoint_detach_that_cannot_reach_it_leaves_no_pending_row(cli, db, tiny, tmp_path):
     run = cli("export", tiny, "-o", tmp_path / "d.mp4", "--detach", "--endpoint", "http://127.0.0.1:9", *SMALL,
               env={"SYNAPSE_HTTP_MAX_RETRIES": "0"})  # fmt: skip

@@ -371,3 +371,13 @@ def test_the_python_api_submits_to_an_endpoint_and_waits(server, tiny, tmp_path,
     assert row(tmp_path / "jobs.db", job.id).remote["endpoint"] == server
     assert job.wait()["output"] == str(out)
     assert probe(out).duration > 0 and job.status == "completed"
+
+
+def test_detach_with_shards_is_split_by_the_server(server, long_clip, tmp_path):
+    env = client_env(tmp_path)
+    out = tmp_path / "out.mp4"
+    job_id = detach(long_clip, out, server, env, *SMALL, "--shards", "2")
+    waited = synapse("jobs", "wait", job_id, "--json", env=env)
+    assert waited.returncode == 0, waited.stderr
+    assert len(events(waited)[-1]["result"]["shards"]) == 2
+    assert abs(probe(out).duration - 20.0) < 0.2

@@ -10,9 +10,11 @@ import typer
 from typing_extensions import Annotated
 
 from synapse_cli import __version__
+from synapse_cli.cli._options import Command, Group
 
 app = typer.Typer(
     name="synapse",
+    cls=Group,  # options coerced without a pydantic TypeAdapter each (see _options.plain_coercion)
     help="Run media and model jobs in-process or on Modal, with the same command.",
     no_args_is_help=True,
     rich_markup_mode=None,  # plain click help: rich stays out of start-up
@@ -46,7 +48,7 @@ def _register() -> None:
     for kind in JOBS.values():  # one command per kind that declares one, named after the kind
         if kind.command:
             module, _, attr = kind.command.partition(":")
-            app.command(kind.name)(getattr(importlib.import_module(module), attr))
+            app.command(kind.name, cls=Command)(getattr(importlib.import_module(module), attr))
     for module in (jobs, deploy, serve, config, doctor):
         module.register(app)
 

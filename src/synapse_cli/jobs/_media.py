@@ -42,12 +42,40 @@ def find_ffmpeg(configured: str | None = None) -> str:
     on_path = shutil.which("ffmpeg")
     if on_path:
         return on_path
+    bundled = _bundled_ffmpeg()
+    if bundled:
+        return bundled
     try:
         import imageio_ffmpeg
 
         return imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError) as exc:
         raise UsageError(f"no ffmpeg found: install ffmpeg or imageio-ffmpeg, or set SYNAPSE_FFMPEG ({exc})") from None
+
+
+def _bundled_ffmpeg() -> str | None:
+    """The imageio-ffmpeg wheel's binary, found without importing the package or running the binary.
+
+    ``imageio_ffmpeg.get_ffmpeg_exe()`` checks its binary by running ``ffmpeg -version``,
+    a process start that delays every job's own ffmpeg. The wheel holds one binary for its
+    platform; anything else (none, several, IMAGEIO_FFMPEG_EXE set) is left to it.
+    """
+    import importlib.util
+
+    if os.environ.get("IMAGEIO_FFMPEG_EXE"):
+        return None
+    try:
+        spec = importlib.util.find_spec("imageio_ffmpeg")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "binaries"
+    try:
+        found = [p for p in folder.iterdir() if p.name.startswith("ffmpeg-") and p.is_file() and os.access(p, os.X_OK)]
+    except OSError:
+        return None
+    return str(found[0]) if len(found) == 1 else None
 
 
 @dataclass(frozen=True)

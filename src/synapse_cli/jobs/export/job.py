@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Optional, Union
 
-from annotated_types import Ge, Gt, Le, MaxLen, MinLen
 
 from synapse_cli.errors import UsageError
 from synapse_cli.events import Artifact, Event, Finished, Log, Started
@@ -53,15 +52,34 @@ class ExportSpec:
 
 # -- params ----------------------------------------------------------------------
 #
-# Each job's params are a plain dataclass. Constraints are annotated_types' (Ge, Gt, Le,
-# MinLen, MaxLen), a field's own rule is a _Check, and a class's is its ``check`` method.
-# That one declaration has two readers:
+# Each job's params are a plain dataclass. A field's constraints are a _Bound (pydantic's
+# own names: ge, gt, le, min_length, max_length, pattern), its own rule a _Check, and a
+# class's rule its ``check`` method. That one declaration has two readers:
 # - _read, in pure Python, for params a command line or a JSON file plainly gets right (JSON
 #   numbers, strings, lists and objects with known keys, within bounds). Importing pydantic
 #   would be most of a short export's start-up.
 # - pydantic, for everything else (_model builds its models from the same declaration, once
 #   needed): it words the error, naming the field, or applies its lax coercions ("810" for
 #   810), and _read then builds the dataclass from what it returns.
+
+
+class _Bound:
+    """Constraints of one field, as pydantic-core's schema keys: pydantic checks and words them itself."""
+
+    def __init__(self, **constraints: Any) -> None:
+        self.constraints = constraints
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        return {**handler(source), **self.constraints}
+
+    def admits(self, value: Any) -> bool:
+        c = self.constraints
+        if "ge" in c and not value >= c["ge"] or "gt" in c and not value > c["gt"] or "le" in c and not value <= c["le"]:
+            return False
+        if "min_length" in c and len(value) < c["min_length"] or "max_length" in c and len(value) > c["max_length"]:
+            return False
+        # pydantic matches a pattern anywhere (anchor it); Python's $ would also match before a last newline
+        return "pattern" not in c or ("\n" not in value and re.search(c["pattern"], value) is not None)
 
 
 class _Check:
@@ -74,16 +92,6 @@ class _Check:
         from pydantic_core import core_schema
 
         return core_schema.no_info_after_validator_function(self.func, handler(source))
-
-
-class _Pattern:
-    """A string field's regular expression (pydantic's ``pattern``: matched anywhere, so anchor it)."""
-
-    def __init__(self, pattern: str) -> None:
-        self.pattern = pattern
-
-    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
-        return {**handler(source), "pattern": self.pattern}
 
 
 def _interp(value: str) -> str:
@@ -100,23 +108,23 @@ def _even(v: int) -> int:
 
 
 Interpolation = Annotated[str, _Check(_interp)]
-OutputSide = Annotated[int, Ge(16), Le(7680), _Check(_even)]
+OutputSide = Annotated[int, _Bound(ge=16, le=7680), _Check(_even)]
 
 
 @dataclass
 class CropKeyframe:
-    time: Annotated[float, Ge(0)]
+    time: Annotated[float, _Bound(ge=0)]
     x: float
     y: float
-    width: Annotated[float, Gt(0)]
-    height: Annotated[float, Gt(0)]
+    width: Annotated[float, _Bound(gt=0)]
+    height: Annotated[float, _Bound(gt=0)]
 
 
 @dataclass
 class Segment:
-    start: Annotated[float, Ge(0)]
-    end: Annotated[float, Gt(0)]
-    speed: Annotated[float, Ge(0.1), Le(10)] = 1.0
+    start: Annotated[float, _Bound(ge=0)]
+    end: Annotated[float, _Bound(gt=0)]
+    speed: Annotated[float, _Bound(ge=0.1, le=10)] = 1.0
 
     def check(self) -> None:
         if self.end <= self.start:
@@ -135,11 +143,11 @@ class FramingParams:
 
 @dataclass
 class EllipseKeyframe:
-    time: Annotated[float, Ge(0)]
+    time: Annotated[float, _Bound(ge=0)]
     x: float
     y: float
-    radius_x: Annotated[float, Gt(0)]
-    radius_y: Annotated[float, Gt(0)]
+    radius_x: Annotated[float, _Bound(gt=0)]
+    radius_y: Annotated[float, _Bound(gt=0)]
 
 
 _COLOR = r"^(#?[0-9a-fA-F]{6}|[A-Za-z]+)(@(0(\.\d+)?|1(\.0+)?))?$"
@@ -147,17 +155,17 @@ _COLOR = r"^(#?[0-9a-fA-F]{6}|[A-Za-z]+)(@(0(\.\d+)?|1(\.0+)?))?$"
 
 @dataclass
 class OverlayParams:
-    keyframes: Annotated[list[EllipseKeyframe], MinLen(1)]
+    keyframes: Annotated[list[EllipseKeyframe], _Bound(min_length=1)]
     effect: Literal["dark_overlay", "brightness_boost", "original"] = "dark_overlay"
     interpolation: Interpolation = "linear"
-    start: Optional[Annotated[float, Ge(0)]] = None
-    end: Optional[Annotated[float, Gt(0)]] = None
-    fade_s: Annotated[float, Ge(0), Le(5)] = 0.25
-    dim: Annotated[float, Ge(0), Le(1)] = 0.6
-    boost: Annotated[float, Ge(0), Le(2)] = 0.35
-    stroke_color: Annotated[str, _Pattern(_COLOR)] = "white"
-    stroke_width: Annotated[float, Ge(0), Le(100)] = 4.0
-    text: Optional[Annotated[str, MaxLen(500)]] = None
+    start: Optional[Annotated[float, _Bound(ge=0)]] = None
+    end: Optional[Annotated[float, _Bound(gt=0)]] = None
+    fade_s: Annotated[float, _Bound(ge=0, le=5)] = 0.25
+    dim: Annotated[float, _Bound(ge=0, le=1)] = 0.6
+    boost: Annotated[float, _Bound(ge=0, le=2)] = 0.35
+    stroke_color: Annotated[str, _Bound(pattern=_COLOR)] = "white"
+    stroke_width: Annotated[float, _Bound(ge=0, le=100)] = 4.0
+    text: Optional[Annotated[str, _Bound(max_length=500)]] = None
 
 
 RATING_COLORS = {"!!": "0x1baca6", "!": "0x5c8bb0", "!?": "0xe6c229", "?": "0xe58f2a", "??": "0xca3431"}
@@ -165,10 +173,10 @@ RATING_COLORS = {"!!": "0x1baca6", "!": "0x5c8bb0", "!?": "0xe6c229", "?": "0xe5
 
 @dataclass
 class Clip:
-    start: Annotated[float, Ge(0)]
-    end: Annotated[float, Gt(0)]
-    title: Annotated[str, MaxLen(200)] = ""
-    notes: Annotated[str, MaxLen(1000)] = ""
+    start: Annotated[float, _Bound(ge=0)]
+    end: Annotated[float, _Bound(gt=0)]
+    title: Annotated[str, _Bound(max_length=200)] = ""
+    notes: Annotated[str, _Bound(max_length=1000)] = ""
     rating: Optional[Literal["!!", "!", "!?", "?", "??"]] = None
 
     def check(self) -> None:
@@ -178,8 +186,8 @@ class Clip:
 
 @dataclass
 class AnnotateParams:
-    clips: Annotated[list[Clip], MinLen(1)]
-    border: Annotated[int, Ge(0), Le(200)] = 12
+    clips: Annotated[list[Clip], _Bound(min_length=1)]
+    border: Annotated[int, _Bound(ge=0, le=200)] = 12
 
 
 PARAMS: dict[str, type] = {"framing": FramingParams, "overlay": OverlayParams, "annotate": AnnotateParams}
@@ -235,26 +243,9 @@ def _read(tp: Any, value: Any, check: bool = True) -> Any:
                 out = m.func(out)
             except ValueError:
                 raise _Doubt from None
-        elif isinstance(m, _Pattern):
-            if "\n" in out or not re.search(m.pattern, out):
-                raise _Doubt
-        elif not _within(m, out):
+        elif not (isinstance(m, _Bound) and m.admits(out)):
             raise _Doubt
     return out
-
-
-def _within(m: Any, value: Any) -> bool:
-    if isinstance(m, Ge):
-        return value >= m.ge
-    if isinstance(m, Gt):
-        return value > m.gt
-    if isinstance(m, Le):
-        return value <= m.le
-    if isinstance(m, MinLen):
-        return len(value) >= m.min_length
-    if isinstance(m, MaxLen):
-        return len(value) <= m.max_length
-    return False  # a constraint _read does not know: pydantic's
 
 
 def _read_object(cls: type, value: Any, check: bool) -> Any:

@@ -18,7 +18,7 @@ import pytest
 from synapse_cli.errors import UsageError
 from tests.conftest import make_clip
 
-NOT_ON_THE_PATH = ("av", "numpy", "pydantic", "pydantic_core", "annotated_types", "torch", "ultralytics", "modal", "rich", "httpx")
+NOT_ON_THE_PATH = ("av", "numpy", "pydantic", "pydantic_core", "annotated_types", "typing_extensions", "torch", "ultralytics", "modal", "rich", "httpx")
 
 _RUN_AND_LIST_MODULES = """
 import atexit, sys

@@ -4,10 +4,9 @@ and calls ``run_job``; nothing heavy (rich, modal, torch) is imported here, so
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from synapse_cli import __version__
 from synapse_cli.cli._options import Command, Group

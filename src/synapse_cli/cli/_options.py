@@ -7,11 +7,10 @@ import inspect
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Annotated, Any, Callable, List, Optional
 
 import typer
 import typer.core
-from typing_extensions import Annotated
 
 USE_MODAL = Annotated[
     Optional[bool],

@@ -80,6 +80,7 @@ def _export_command():
     [
         ("input", "clip.mp4"),
         ("input", "some/where/else.mov"),
+        ("input", Path("given/as/a/path.mp4")),
         ("params_file", "."),  # a directory where a file is wanted: typer's own message
         ("params_file", "params.json"),
         ("job", "framing"),

@@ -149,10 +149,11 @@ class _PlainCoercion:
             return value
         if self.kind == "strs" and isinstance(value, (list, tuple)) and all(type(v) is str for v in value):
             return list(value)
-        if self.kind == "path" and type(value) is str and value:
+        if self.kind == "path" and (type(value) is str and value or isinstance(value, Path)):
             from typer._param_types import coerce_cli_path
 
-            return coerce_cli_path(Path(value), self.descriptor.parameter_info, path_type=Path, param=param, ctx=ctx)
+            path = value if isinstance(value, Path) else Path(value)  # what pydantic's Path validation makes of a str
+            return coerce_cli_path(path, self.descriptor.parameter_info, path_type=Path, param=param, ctx=ctx)
         if self._typer is None:
             from typer._coercion import build_runtime_param
 

@@ -135,7 +135,7 @@ def _read_track(data: bytes, start: int, end: int, track: Track) -> None:
             _read_sample_entry(data, a + 8, b, track)
         elif kind == b"stts":
             (count,) = struct.unpack_from(">I", data, a + 4)
-            track.stts = tuple(struct.unpack_from(">II", data, a + 8 + 8 * i) for i in range(count))
+            track.stts = tuple(struct.iter_unpack(">II", data[a + 8 : a + 8 + 8 * count]))
         elif kind == b"stsz":
             track.samples = struct.unpack_from(">I", data, a + 8)[0]
         elif kind == b"stz2":

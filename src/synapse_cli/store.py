@@ -251,10 +251,12 @@ class JobStore:
     # -- writes -------------------------------------------------------------------
 
     def create(self, kind: str, spec: dict[str, Any], backend: str, cache_key: str | None = None, detached: bool = False,
-               status: str = "pending", flags: dict[str, Any] | None = None) -> Job:
+               status: str = "pending", flags: dict[str, Any] | None = None, job_id: str | None = None) -> Job:
         """A new row. Until a worker takes it (``set_pid``/``start``), this process answers for it:
-        while it lives the row is never reaped; once it is gone, a ``pending`` row is."""
-        job = Job(id=new_job_id(), kind=kind, status=status, backend=backend, spec=spec, cache_key=cache_key, detached=detached,
+        while it lives the row is never reaped; once it is gone, a ``pending`` row is.
+
+        ``job_id``: the id to use (``synapse serve`` names a row after the job's folder), else a new one."""
+        job = Job(id=job_id or new_job_id(), kind=kind, status=status, backend=backend, spec=spec, cache_key=cache_key, detached=detached,
                   created_at=time.time(), flags=without_secrets(flags), pid=os.getpid(), pid_start=pid_start_time(os.getpid()))
         with self.transaction() as db:
             self._insert(db, job)
@@ -365,17 +367,37 @@ class JobStore:
             row = rows[0]
         return _row_to_job(row)
 
-    def list(self, status: str | None = None, limit: int = 200) -> list[Job]:
-        self.reap()
+    def find(self, job_id: str) -> Job | None:
+        """The job with exactly this id, or None (no prefix matching, no reaping: the server's lookups)."""
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row_to_job(row) if row else None
+
+    def list(self, status: str | None = None, limit: int = 200, reap: bool = True) -> list[Job]:
+        if reap:
+            self.reap()
         if status:
             rows = self.db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY created_at DESC LIMIT ?", (status, limit))
         else:
             rows = self.db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
         return [_row_to_job(r) for r in rows.fetchall()]
 
-    def events(self, job_id: str, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
-        rows = self.db.execute("SELECT seq, event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)).fetchall()
+    def events(self, job_id: str, after: int = 0, limit: int | None = None, type: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """The job's events with ``seq > after`` (seq counts from 1), oldest first; at most ``limit``;
+        only those whose ``type`` is ``type`` when given."""
+        sql, args = "SELECT seq, event FROM events WHERE job_id = ? AND seq > ?", [job_id, after]
+        if type is not None:
+            sql += " AND json_extract(event, '$.type') = ?"
+            args.append(type)
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        rows = self.db.execute(sql, args).fetchall()
         return [(r["seq"], json.loads(r["event"])) for r in rows]
+
+    def last_event(self, job_id: str) -> tuple[int, dict[str, Any]] | None:
+        row = self.db.execute("SELECT seq, event FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
+        return (row["seq"], json.loads(row["event"])) if row else None
 
     def reap(self) -> list[str]:
         """Mark ``failed`` every job whose worker is gone; return their ids.

@@ -4,7 +4,11 @@ Routes (see docs/http.md):
 
 - ``GET  /v1/health``                -> JSON: status, version, job kinds, upload limit, auth mode.
 - ``POST /v1/jobs/{kind}``           -> the job's events as NDJSON (``application/x-ndjson``), as they happen.
-- ``GET  /v1/artifacts/{id}``        -> an output file of a finished job.
+- ``POST /v1/jobs/{kind}?detach=true`` -> 202 and the job's id; it runs in the server (``detached``).
+- ``GET  /v1/jobs``, ``GET/DELETE /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` -> detached jobs' records and events.
+- ``GET  /v1/artifacts/{id}``        -> an output file of a finished job (410 once expired, for a recorded job).
+- ``GET  /v1/openapi.json``         -> the OpenAPI document of all of the above (behind the key; ``/openapi.json`` and ``/docs`` stay off).
+- ``GET  /`` and ``POST /v1/session`` -> the jobs page and its cookie (server/session.py).
 
 Errors before the stream starts are JSON bodies shaped like the stream's last
 line: ``{"type": "error", "code": 2, "message": "...", "error": "UsageError"}``.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -27,16 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from synapse_cli import __version__
 from synapse_cli.events import Failed
 from synapse_cli.render.ndjson import encode
-from synapse_cli.server import runner
+from synapse_cli.server import runner, session
+from synapse_cli.server.detached import DetachedJobs, parse_index, parse_list_params
 from synapse_cli.server.keyfile import is_loopback_host
 from synapse_cli.server.uploads import BadUpload, read_body, remove_tree
 
@@ -64,8 +71,12 @@ class ServerOptions:
     body_timeout_s: float = 60.0
     keepalive_s: float = 15.0
     max_key_failures: int = 10  # per address, per KEY_FAILURE_WINDOW_S
+    max_queued_jobs: int = 100  # detached jobs waiting for a slot (uploads included); past it, 429
     on_job_end: Callable[[], None] | None = None  # e.g. Modal: commit the Volume
-    live: dict[str, Path] = field(default_factory=dict)  # this process's jobs (uploading or running) -> folder
+    live: dict[str, Path] = field(default_factory=dict)  # this process's jobs (uploading, queued or running) -> folder
+    waiting: set[str] = field(default_factory=set)  # detached jobs in ``live`` that hold no slot (uploading or queued)
+    slot_lock: threading.Lock = field(default_factory=threading.Lock)
+    detached: "DetachedJobs | None" = None
     runs: dict[str, runner.JobRun] = field(default_factory=dict)
     key_failures: dict[str, deque] = field(default_factory=dict)
     last_sweep: float = 0.0
@@ -85,9 +96,16 @@ class ServerOptions:
     def job_slots(self) -> int:
         return self.max_concurrent_jobs or os.cpu_count() or 1
 
+    def slots_used(self) -> int:
+        """Jobs holding a slot: running (streamed or detached) and streamed uploads."""
+        return len(self.live) - len(self.waiting)
+
     def cancel_all(self, reason: str = "the server is shutting down") -> None:
-        """Stop every running job now: its stream ends with an error line, its processes are killed."""
+        """Stop every running job now: its stream ends with an error line, its processes are killed;
+        detached jobs still waiting for a slot fail."""
         self.closing = True
+        if self.detached is not None:
+            self.detached.cancel_queued(reason)
         for run in list(self.runs.values()):
             run.cancel(reason, Failed(3, f"{reason}; the job was stopped (nothing was saved)", "BackendError"))
 
@@ -175,6 +193,7 @@ def create_app(
         Path(models_dir).expanduser().resolve() if models_dir else None, **limits,
     )  # fmt: skip
     opts.jobs_dir.mkdir(parents=True, exist_ok=True)
+    opts.detached = DetachedJobs(opts)  # opens <work dir>/jobs.db; jobs a dead server left running are marked failed
 
     app = FastAPI(title="synapse", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.synapse = opts
@@ -204,22 +223,13 @@ def create_app(
         """
         header = request.headers.get("authorization")
         if header is not None and opts.api_key is not None:
-            address = client_of(request)
-            wait = throttled(address)
-            if wait > 0:
-                return _error(429, "too many wrong API keys from this address; try again later", code=3, error="BackendError",
-                              close=True, headers={"Retry-After": str(max(1, int(wait + 0.999)))})
             scheme, _, token = header.partition(" ")
-            token = token.strip() if scheme.lower() == "bearer" else ""
-            if hmac.compare_digest(_digest(token), _digest(opts.api_key)):
-                return None
-            opts.key_failures.setdefault(address, deque()).append(time.monotonic())
-            if len(opts.key_failures) > 10_000:  # bounded memory: forget the oldest addresses
-                for old in list(opts.key_failures)[:5_000]:
-                    opts.key_failures.pop(old, None)
-            if need_key:
-                return unauthorized()
+            refused = key_refusal(client_of(request), token.strip() if scheme.lower() == "bearer" else "")
+            if refused is None or need_key or refused.status_code == 429:
+                return refused
             # /v1/health answers a wrong key exactly as it answers no key
+        elif header is None and opts.api_key is not None and session.COOKIE in request.cookies and session.uses_cookie(request.url.path):
+            return cookie_refusal(request)
         if "origin" in request.headers or not is_loopback_host(_host_of(request.headers.get("host", ""))):
             return _error(403, "requests from a web page (Origin header) or for a non-loopback Host need the API key", code=3, error="BackendError", close=True)
         if need_key and opts.api_key is not None:
@@ -228,6 +238,66 @@ def create_app(
 
     def unauthorized() -> JSONResponse:
         return _error(401, "missing or wrong API key", code=3, error="BackendError", close=True, headers={"WWW-Authenticate": "Bearer"})
+
+    def key_refusal(address: str, key: str) -> JSONResponse | None:
+        """None for the right key; else 401, counted against ``address`` (429 once it has too many)."""
+        assert opts.api_key is not None
+        wait = throttled(address)
+        if wait > 0:
+            return _error(429, "too many wrong API keys from this address; try again later", code=3, error="BackendError",
+                          close=True, headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        if hmac.compare_digest(_digest(key), _digest(opts.api_key)):
+            return None
+        opts.key_failures.setdefault(address, deque()).append(time.monotonic())
+        if len(opts.key_failures) > 10_000:  # bounded memory: forget the oldest addresses
+            for old in list(opts.key_failures)[:5_000]:
+                opts.key_failures.pop(old, None)
+        return unauthorized()
+
+    # -- the jobs page (server/session.py): GET / and its cookie, POST /v1/session ---------------
+    sessions = app.state.sessions = session.Sessions()
+
+    def cookie_refusal(request: Request) -> JSONResponse | None:
+        """The page's cookie instead of the key: refused (403) from another origin's page, and 401 when
+        the token is unknown or expired (not counted as a wrong key: a restarted server forgets its
+        tokens, and the 256-bit token cannot be guessed)."""
+        if session.foreign_origin(request.url.scheme, request.headers):
+            return _error(403, "requests from another site's page are refused", code=3, error="BackendError", close=True)
+        return None if sessions.valid(request.cookies.get(session.COOKIE)) else unauthorized()
+
+    @app.get("/", response_class=HTMLResponse, openapi_extra={"security": []}, responses={200: {"description": "the jobs page (no data in it)"}})
+    async def jobs_page() -> Response:
+        html, headers = session.page()  # the page holds no data: no key needed
+        return Response(html, media_type="text/html; charset=utf-8", headers=headers)
+
+    @app.post("/v1/session", status_code=204, openapi_extra=session.OPENAPI, responses=session.OPENAPI_RESPONSES)
+    async def new_session(request: Request) -> Response:
+        """``{"key": KEY}`` -> 204 and the ``synapse_session`` cookie; a wrong key is 401, counted like any other."""
+        if opts.api_key is None:
+            return await _refuse(request, _error(404, "this server has no API key, so no sessions (the jobs page needs a key)"), opts)
+        if session.foreign_origin(request.url.scheme, request.headers):
+            return await _refuse(request, _error(403, "requests from another site's page are refused", code=3, error="BackendError", close=True), opts)
+        import anyio
+
+        body = b""
+        try:
+            with anyio.fail_after(opts.body_timeout_s or None):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > session.MAX_BODY_BYTES:
+                        return _error(413, f"the body is larger than {session.MAX_BODY_BYTES} bytes", close=True)
+        except (TimeoutError, ClientDisconnect):
+            return _error(408, "the request body did not arrive in time", close=True)
+        try:
+            key = json.loads(body)["key"]
+            key.encode("utf-8")  # a lone surrogate from JSON is a bad body, not a 500
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _error(422, 'expected a JSON body {"key": "<the API key>"}')
+        refused = key_refusal(client_of(request), key)
+        if refused is not None:
+            return refused
+        cookie = session.cookie_header(sessions.issue(), sessions.ttl_s, secure=request.url.scheme == "https")
+        return Response(status_code=204, headers={"Set-Cookie": cookie, "Cache-Control": "no-store"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -266,8 +336,15 @@ def create_app(
         shards, shards_error = _shards_param(request.query_params.get("shards"))
         if shards_error:
             return await _refuse(request, _error(422, shards_error, close=True), opts)
-        if len(opts.live) >= opts.job_slots:
-            return await _refuse(request, _error(429, f"the server is running {len(opts.live)} jobs, its limit (serve.max_concurrent_jobs); try again shortly",
+        detach = request.query_params.get("detach", "false").lower()
+        if detach not in ("true", "false", "1", "0"):
+            return await _refuse(request, _error(422, f"detach: expected true or false, got {detach[:20]!r}", close=True), opts)
+        detach_ = detach in ("true", "1")
+        if detach_ and len(opts.waiting) >= opts.max_queued_jobs:
+            return await _refuse(request, _error(429, f"the server has {len(opts.waiting)} detached jobs waiting, its limit (max_queued_jobs); try again shortly",
+                          code=3, error="BackendError", close=True, headers={"Retry-After": "5"}), opts)
+        if not detach_ and opts.slots_used() >= opts.job_slots:
+            return await _refuse(request, _error(429, f"the server is running {opts.slots_used()} jobs, its limit (serve.max_concurrent_jobs); try again shortly",
                           code=3, error="BackendError", close=True, headers={"Retry-After": "5"}), opts)
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > opts.max_bytes:
@@ -288,6 +365,8 @@ def create_app(
         job_dir = opts.jobs_dir / job_id
         job_dir.mkdir()
         (job_dir / ".alive").touch()
+        if detach_:
+            opts.waiting.add(job_id)  # before ``live``: an upload of a detached job never holds a slot
         opts.live[job_id] = job_dir
         _start_heartbeat(opts)
         received_all = False
@@ -328,11 +407,96 @@ def create_app(
             _forget(opts, job_id)
             remove_tree(job_dir)
             raise
+        if detach_:
+            assert opts.detached is not None
+            try:
+                answer = await anyio.to_thread.run_sync(opts.detached.submit, run, body.spec)
+            except BaseException:
+                _forget(opts, job_id)
+                remove_tree(job_dir)
+                raise
+            return JSONResponse(answer, status_code=202, headers={"Location": answer["links"]["self"], "Cache-Control": "no-store"})
         return StreamingResponse(
             _stream(run, opts),
             media_type=NDJSON,
             headers={"X-Synapse-Job": job_id, "Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
+
+    jobs = opts.detached
+
+    def not_found(job_id: str) -> JSONResponse:
+        return _error(404, f"no job {job_id[:64]!r} on this server")
+
+    @app.get("/v1/jobs")
+    async def list_jobs(request: Request) -> Any:
+        refused = gate(request)
+        if refused is not None:
+            return await _refuse(request, refused, opts)
+        status, limit, problem = parse_list_params(request.query_params.get("status"), request.query_params.get("limit"))
+        if problem:
+            return _error(422, problem)
+        records = await anyio.to_thread.run_sync(jobs.list_records, status, limit)
+        return JSONResponse({"jobs": records}, headers={"Cache-Control": "no-store"})
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, request: Request) -> Any:
+        refused = gate(request)
+        if refused is not None:
+            return await _refuse(request, refused, opts)
+        record = await anyio.to_thread.run_sync(jobs.get_record, job_id)
+        if record is None:
+            return not_found(job_id)
+        return JSONResponse(record, headers={"Cache-Control": "no-store"})
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str, request: Request) -> Any:
+        refused = gate(request)
+        if refused is not None:
+            return await _refuse(request, refused, opts)
+        outcome = await anyio.to_thread.run_sync(jobs.cancel, job_id)
+        if outcome == "unknown":
+            return not_found(job_id)
+        record = await anyio.to_thread.run_sync(jobs.get_record, job_id)
+        if outcome == "finished":
+            return _error(409, f"job {job_id} has already ended ({record['status'] if record else 'gone'}); nothing to cancel")
+        if outcome == "elsewhere":
+            return _error(409, f"job {job_id} runs in another server process sharing this work dir; cancel it there", code=3, error="BackendError")
+        return JSONResponse(record, headers={"Cache-Control": "no-store"})
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request) -> Any:
+        refused = gate(request)
+        if refused is not None:
+            return await _refuse(request, refused, opts)
+        after, problem = parse_index(request.query_params.get("after"), "after")
+        if problem:
+            return _error(422, problem)
+        last_id, problem = parse_index(request.headers.get("last-event-id"), "Last-Event-ID")
+        if problem:
+            return _error(422, problem)
+        if await anyio.to_thread.run_sync(jobs.find, job_id) is None:
+            return not_found(job_id)
+        sse = "text/event-stream" in request.headers.get("accept", "").lower()
+        start = last_id + 1 if last_id is not None else (after or 0)  # an EventSource reconnecting keeps the URL: its header wins
+        return StreamingResponse(
+            jobs.follow(job_id, start, sse, opts.keepalive_s),
+            media_type="text/event-stream" if sse else NDJSON,
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    described: dict[str, Any] = {}
+
+    @app.get("/v1/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Any:
+        """The whole API (``server/openapi.py``); behind the key, like everything but /v1/health."""
+        refused = gate(request)
+        if refused is not None:
+            return await _refuse(request, refused, opts)
+        if "doc" not in described:
+            from synapse_cli.server.openapi import build
+
+            described["doc"] = await anyio.to_thread.run_sync(build, app)
+        return JSONResponse(described["doc"])
 
     @app.get("/v1/artifacts/{artifact_id}")
     async def artifact(artifact_id: str, request: Request) -> Any:
@@ -342,6 +506,8 @@ def create_app(
         match = _ARTIFACT_ID.fullmatch(artifact_id)
         path = runner.artifact_path(opts.jobs_dir, match[1], match[2]) if match else None
         if path is None:
+            if match and await anyio.to_thread.run_sync(jobs.find, match[1]) is not None:
+                return _error(410, f"artifact {artifact_id!r} has expired (outputs are kept {opts.artifact_ttl_s:g} s after their job ends)")
             return await _refuse(request, _error(404, f"no artifact {artifact_id!r} (expired, or never existed)"), opts)
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
@@ -436,9 +602,13 @@ async def _drain(request: Request, timeout_s: float | None) -> bool:
 
 
 def _forget(opts: ServerOptions, job_id: str) -> None:
+    """The job no longer needs its folder kept alive nor its slot: a queued detached job may start."""
     opts.live.pop(job_id, None)
+    opts.waiting.discard(job_id)
     if not opts.live:
         opts.idle.set()  # the heartbeat thread ends now, not in _HEARTBEAT_S
+    if opts.detached is not None:
+        opts.detached.dispatch()
 
 
 def _start_heartbeat(opts: ServerOptions) -> None:

@@ -1,0 +1,495 @@
+"""Detached jobs: ``POST /v1/jobs/{kind}?detach=true`` and the ``/v1/jobs`` routes that follow them.
+
+A detached job runs in the server whatever its client does. It is a ``runner.JobRun`` like a
+streamed one (its own thread, its processes killed at once on cancel), but its events go to the
+server's job store (``<work dir>/jobs.db``, a ``synapse_cli.store.JobStore``) instead of a
+connection: the store is the record, so any request, or a restarted server, can read them back.
+Followers of ``/events`` are woken by an in-process notification per job and read the new rows;
+a job run by another process sharing the work dir is polled once a second instead.
+
+- Concurrency: a detached job takes one of ``max_concurrent_jobs`` slots while it runs, as a
+  streamed job does. Past the limit it waits as ``pending``, first in first out; at most
+  ``max_queued_jobs`` wait (uploads in progress included), and past that ``POST`` answers 429.
+- A job's record: its row (status, progress, times, result, error code and message) and its events
+  (``seq`` = index + 1). The row goes final in the same locked step that stores the job's last event
+  (``finished``, or an ``error``), so a follower that saw the end and then reads the record sees it final.
+- Restart: rows left ``pending``/``processing`` by a server that died (its pid is gone) are marked
+  ``failed`` ("the server stopped while this job was running") with an ``error`` event, and their
+  folders removed, when the next server starts on the work dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, AsyncIterator
+from urllib.parse import parse_qs, urlsplit
+
+from synapse_cli.events import Event, Failed, Finished, Progress, Started, to_dict
+from synapse_cli.server import runner
+from synapse_cli.server.uploads import remove_tree
+from synapse_cli.store import ACTIVE, STATES, JobStore, alive
+
+if TYPE_CHECKING:
+    from synapse_cli.server.app import ServerOptions
+    from synapse_cli.store import Job
+
+log = logging.getLogger("synapse.server")
+
+SERVER_STOPPED = "the server stopped while this job was running"
+TERMINAL = ("finished", "error")
+MAX_LIST = 500
+DEFAULT_LIST = 50
+_READ_BATCH = 1000  # events per store read while following
+_POLL_OTHER_S = 1.0  # a job of another process sharing the work dir: no notification reaches us
+_ERROR_NAMES = {1: "JobError", 2: "UsageError", 3: "BackendError", 130: "Interrupted"}
+
+
+def cancelled_event(job_id: str) -> Failed:
+    """The last event of a job cancelled with ``DELETE``: code 130, like an interrupted local run."""
+    return Failed(130, f"the job was cancelled (DELETE /v1/jobs/{job_id}); its outputs were removed", "Interrupted")
+
+
+def iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def wire(event: dict[str, Any], index: int) -> dict[str, Any]:
+    """A stored event as ``/events`` sends it: the streamed event's JSON plus its ``index``."""
+    return {**event, "index": index}
+
+
+def ndjson_line(event: dict[str, Any]) -> bytes:
+    return (json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode("utf-8")
+
+
+def sse_message(event: dict[str, Any]) -> bytes:
+    data = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+    return f"id: {event['index']}\nevent: {event['type']}\ndata: {data}\n\n".encode("utf-8")
+
+
+def client_path(spec: dict[str, Any], url: str) -> str | None:
+    """Where the client saves the artifact at ``url``: its output field's path in the spec as sent,
+    joined with ``name`` for a file inside a directory output (the streaming client's rule)."""
+    query = parse_qs(urlsplit(url).query)
+    name = query.get("name", [None])[0]
+    field = query.get("output", [None])[0]
+    if field is None:
+        return name
+    value = spec.get(field)
+    index = query.get("index", [None])[0]
+    if index is not None:
+        try:
+            value = value[int(index)] if isinstance(value, list) else None
+        except (ValueError, IndexError):
+            value = None
+    if not isinstance(value, str):
+        return name
+    return f"{value.rstrip('/')}/{name}" if name else value
+
+
+class StoreChannel:
+    """``runner.Channel``'s part for a detached job: each event is translated to what the client
+    sees, stored, and its followers woken. Never blocks the job on a reader (there may be none).
+
+    Events are stored in batches: a burst (a job logging thousands of lines) costs one transaction
+    per ``FLUSH_S`` instead of one per event; ``started`` and the last event are stored at once.
+    After the job's last event (``finished``/``error``) later events are dropped; after ``end``
+    (a cancel) the job's next event raises ``runner._Cancelled``, which stops it."""
+
+    stalled = False
+    FLUSH_S = 0.05
+    MAX_BATCH = 1000
+
+    def __init__(self, jobs: "DetachedJobs", run: runner.JobRun) -> None:
+        self.jobs = jobs
+        self.run = run
+        self._lock = threading.Lock()
+        self._closed = False
+        self._buffer: list[Event] = []
+        self._flushed_at = time.monotonic()
+        self.last: str | None = None  # the status the job's last event gave it
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, item: Any, final: bool = False) -> None:
+        if item is runner.DONE:
+            return
+        with self._lock:
+            if self._closed:
+                if final:
+                    return
+                raise runner._Cancelled()
+            if self.last is not None:
+                return
+            self._buffer.extend(self.run.translate(item))
+            now = time.monotonic()
+            if isinstance(item, (Started, Finished, Failed)) or len(self._buffer) >= self.MAX_BATCH or now - self._flushed_at >= self.FLUSH_S:
+                self._flush()
+            else:
+                self.jobs.flush_later(self)
+
+    def _flush(self) -> None:
+        batch, self._buffer = self._buffer, []
+        self._flushed_at = time.monotonic()
+        if batch:
+            self.last = self.jobs.record(self.run.job_id, batch)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def end(self, items: list[Any]) -> None:
+        with self._lock:
+            if self._closed or self.last is not None:
+                return
+            self._closed = True
+            self._buffer.extend(self.run.translate(i)[0] for i in items)
+            self._flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+
+class DetachedJobs:
+    """The server's detached jobs: the store, the queue, the followers' notifications."""
+
+    def __init__(self, opts: "ServerOptions") -> None:
+        self.opts = opts
+        self.store = JobStore(opts.work_dir / "jobs.db")
+        self.lock = threading.RLock()  # the store's one connection, shared by the workers and the routes
+        self.queue: deque[runner.JobRun] = deque()
+        self.channels: dict[str, StoreChannel] = {}
+        self._waiters: dict[str, set[tuple[Any, Any]]] = {}
+        self._waiters_lock = threading.Lock()
+        self._dirty: set[StoreChannel] = set()
+        self._dirty_cond = threading.Condition()
+        self._flusher: threading.Thread | None = None
+        self.recover()
+
+    def flush_later(self, channel: StoreChannel) -> None:
+        """Store ``channel``'s buffered events within ``FLUSH_S``, even if the job says nothing more."""
+        with self._dirty_cond:
+            self._dirty.add(channel)
+            if self._flusher is None or not self._flusher.is_alive():
+                self._flusher = threading.Thread(target=self._flush_loop, name="synapse-flush", daemon=True)
+                self._flusher.start()
+            self._dirty_cond.notify()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._dirty_cond:
+                if not self._dirty and not self._dirty_cond.wait(30.0) and not self._dirty:
+                    self._flusher = None
+                    return  # idle: the next burst starts another
+            time.sleep(StoreChannel.FLUSH_S)
+            with self._dirty_cond:
+                dirty, self._dirty = self._dirty, set()
+            for channel in dirty:
+                try:
+                    channel.flush()
+                except Exception:  # noqa: BLE001 - a store error must not stop the other jobs' flushes
+                    log.warning("job %s: cannot store its events", channel.run.job_id, exc_info=True)
+
+    # -- the record ------------------------------------------------------------------------
+
+    def record(self, job_id: str, events: list[Event]) -> str | None:
+        """Store ``events`` (already translated); returns the final status they give the job, if any."""
+        if not events:
+            return None
+        dicts = [to_dict(e) for e in events]
+        progress = None
+        for e in events:
+            if isinstance(e, Progress):
+                progress = {"done": e.done, "total": e.total, "phase": e.phase}
+            elif isinstance(e, Started) and e.total is not None:
+                progress = {"done": 0, "total": e.total, "phase": None}
+        status = None
+        last = events[-1]
+        with self.lock:
+            self.store.append_events(job_id, dicts, progress)
+            if isinstance(last, Finished):
+                status = "completed"
+                self.store.finish(job_id, status, result=last.result)
+            elif isinstance(last, Failed):
+                status = "cancelled" if last.code == 130 else "failed"
+                self.store.finish(job_id, status, error_code=last.code, error_message=last.message)
+        self.notify(job_id)
+        return status
+
+    def job_record(self, job: "Job") -> dict[str, Any]:
+        """The JSON record of ``GET /v1/jobs/{id}``."""
+        with self.lock:
+            arts = self.store.events(job.id, type="artifact")
+            last = self.store.last_event(job.id) if job.status in ("failed", "cancelled") else None
+        artifacts = []
+        for _, ev in arts:
+            url = str(ev.get("path", ""))
+            number = url.split("?", 1)[0].rpartition(".")[2]
+            if runner.artifact_path(self.opts.jobs_dir, job.id, number) is None:
+                continue  # expired (swept after artifact_ttl_s), or the job's folder is gone
+            artifacts.append({"path": client_path(job.spec, url), "bytes": ev.get("bytes"), "url": url})
+        error = None
+        if job.status in ("failed", "cancelled"):
+            name = last[1].get("error") if last and last[1].get("type") == "error" else None
+            code = job.error_code if job.error_code is not None else 1
+            error = {"code": code, "message": job.error_message or "", "error": name or _ERROR_NAMES.get(code, "JobError")}
+        return {
+            "id": job.id,
+            "kind": job.kind,
+            "status": job.status,
+            "progress": {"done": job.done, "total": job.total},
+            "created_at": iso(job.created_at),
+            "started_at": iso(job.started_at),
+            "finished_at": iso(job.finished_at),
+            "result": job.result if job.status == "completed" else None,
+            "error": error,
+            "artifacts": artifacts,
+        }
+
+    def find(self, job_id: str) -> "Job | None":
+        with self.lock:
+            self._reap_others()
+            return self.store.find(job_id)
+
+    def get_record(self, job_id: str) -> dict[str, Any] | None:
+        job = self.find(job_id)
+        return None if job is None else self.job_record(job)
+
+    def list_records(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        with self.lock:
+            self._reap_others()
+            jobs = self.store.list(status, limit, reap=False)
+        return [self.job_record(j) for j in jobs]
+
+    def recover(self) -> list[str]:
+        """At start: rows of a server that died while they were pending or running are ``failed``."""
+        with self.lock:
+            failed = self._reap_others()
+        if failed:
+            log.warning("%d job(s) were marked failed: %s", len(failed), SERVER_STOPPED)
+        return failed
+
+    def _reap_others(self) -> list[str]:
+        """Mark ``failed`` the active rows whose server process is gone (its pid, checked with its start
+        time). A row of a live process (this one, or another server on the same work dir) is left alone."""
+        failed = []
+        host = socket.gethostname()
+        for job in self.store.list("pending", MAX_LIST * 10, reap=False) + self.store.list("processing", MAX_LIST * 10, reap=False):
+            if job.host != host or alive(job):
+                continue  # alive; or another machine's (a shared volume): only its pid could tell, and we cannot see it
+            event = Failed(3, SERVER_STOPPED, "BackendError")
+            # a conditional update: only if it is still that dead server's active row
+            with self.store.transaction() as db:
+                cur = db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error_code = ?, error_message = ? "
+                                 "WHERE id = ? AND status IN ('pending','processing') AND pid IS ?", (time.time(), 3, SERVER_STOPPED, job.id, job.pid))
+            if cur.rowcount:
+                self.store.append_events(job.id, [to_dict(event)])
+                remove_tree(self.opts.jobs_dir / job.id)
+                failed.append(job.id)
+                self.notify(job.id)
+        return failed
+
+    # -- notifications ---------------------------------------------------------------------
+
+    def notify(self, job_id: str) -> None:
+        with self._waiters_lock:
+            waiters = list(self._waiters.get(job_id, ()))
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that follower's loop is closed
+                pass
+
+    # -- running ---------------------------------------------------------------------------
+
+    def submit(self, run: runner.JobRun, spec: dict[str, Any]) -> dict[str, Any]:
+        """Record the job ``pending``, queue it, and start what the free slots allow."""
+        with self.lock:
+            self.store.create(run.kind, spec, "serve", detached=True, job_id=run.job_id,
+                              flags={"shards": run.shards} if run.shards > 1 else None)
+        with self.opts.slot_lock:
+            self.queue.append(run)
+        self.dispatch()
+        return {"id": run.job_id, "status": "pending",
+                "links": {"self": f"/v1/jobs/{run.job_id}", "events": f"/v1/jobs/{run.job_id}/events", "cancel": f"/v1/jobs/{run.job_id}"}}
+
+    def dispatch(self) -> None:
+        """Start queued jobs while slots are free (a slot: a running job, detached or streamed, or a streamed upload)."""
+        while True:
+            with self.opts.slot_lock:
+                if self.opts.closing or not self.queue or self.opts.slots_used() >= self.opts.job_slots:
+                    return
+                run = self.queue.popleft()
+                self.opts.waiting.discard(run.job_id)
+            self._start(run)
+
+    def _start(self, run: runner.JobRun) -> None:
+        opts = self.opts
+        with self.lock:
+            started = run.cancel_reason is None and self.store.start(run.job_id)
+        if not started:  # cancelled meanwhile
+            self._forget(run.job_id)
+            remove_tree(run.dir)
+            return
+        self.notify(run.job_id)
+        channel = StoreChannel(self, run)
+        self.channels[run.job_id] = channel
+        opts.runs[run.job_id] = run
+        timer: threading.Timer | None = None
+
+        def on_end(r: runner.JobRun, ok: bool) -> None:
+            ok = ok or channel.last == "completed"
+            try:
+                runner.finish(r, ok)
+                if ok and opts.on_job_end is not None:
+                    opts.on_job_end()
+            except Exception:  # noqa: BLE001 - the job is over either way
+                log.warning("job %s: error after the job", r.job_id, exc_info=True)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                # a job that ended without a last event (a generator that returned early) still gets one
+                channel.end([Failed(1, "the job ended without a result", "JobError")])
+                self.channels.pop(r.job_id, None)
+                opts.runs.pop(r.job_id, None)
+                self._forget(r.job_id)
+
+        if opts.job_timeout_s:
+            limit = opts.job_timeout_s
+            timer = threading.Timer(limit, run.cancel, (
+                "time limit", Failed(1, f"the job ran longer than this server's limit of {limit:g} s (serve.job_timeout_s) and was stopped", "JobError")))
+            timer.daemon = True
+        runner.run_in_thread(run, channel, on_end)  # type: ignore[arg-type]  # StoreChannel has Channel's worker side
+        if timer is not None:
+            timer.start()
+        if opts.closing:
+            run.cancel("the server is shutting down", Failed(3, "the server is shutting down; the job was stopped (nothing was saved)", "BackendError"))
+
+    def _forget(self, job_id: str) -> None:
+        from synapse_cli.server.app import _forget
+
+        _forget(self.opts, job_id)
+
+    def cancel(self, job_id: str) -> str:
+        """``DELETE``: "cancelled", "finished" (too late), "elsewhere" (another process runs it) or "unknown"."""
+        with self.opts.slot_lock:
+            queued = next((r for r in self.queue if r.job_id == job_id), None)
+            if queued is not None:
+                self.queue.remove(queued)
+        if queued is not None:
+            self.record(job_id, [cancelled_event(job_id)])
+            remove_tree(queued.dir)
+            self._forget(job_id)
+            return "cancelled"
+        run = self.opts.runs.get(job_id)
+        if run is not None and job_id in self.channels:
+            run.cancel("cancelled by DELETE", cancelled_event(job_id))
+            if run.thread is not None:
+                run.thread.join(5.0)  # its processes are killed at once; its folder goes when its thread ends
+            job = self.find(job_id)
+            return "cancelled" if job is not None and job.status == "cancelled" else "finished"  # else it ended first
+        job = self.find(job_id)
+        if job is None:
+            return "unknown"
+        return "finished" if job.status not in ACTIVE else "elsewhere"
+
+    def cancel_queued(self, reason: str) -> None:
+        """Shutdown: the jobs still waiting fail now, rather than at the next start."""
+        with self.opts.slot_lock:
+            queued = list(self.queue)
+            self.queue.clear()
+        for run in queued:
+            self.record(run.job_id, [Failed(3, f"{reason}; the job had not started (nothing was saved)", "BackendError")])
+            remove_tree(run.dir)
+            self._forget(run.job_id)
+
+    # -- following -------------------------------------------------------------------------
+
+    async def follow(self, job_id: str, after: int, sse: bool, keepalive_s: float) -> AsyncIterator[bytes]:
+        """The job's events from index ``after``, then live until its last event."""
+        import asyncio
+
+        import anyio
+
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        waiter = (loop, wake)
+        with self._waiters_lock:
+            self._waiters.setdefault(job_id, set()).add(waiter)
+
+        def read(after_seq: int) -> tuple[list[tuple[int, dict[str, Any]]], "Job | None"]:
+            with self.lock:  # the row first: if it is final, its last event is already stored
+                job = self.store.find(job_id)
+                return self.store.events(job_id, after_seq, limit=_READ_BATCH), job
+
+        index = after
+        last_sent = time.monotonic()
+        try:
+            while True:
+                wake.clear()  # before reading: a notification that lands during the read wakes the next wait
+                rows, job = await anyio.to_thread.run_sync(read, index)
+                chunk = []
+                ended = False
+                for seq, ev in rows:
+                    index = seq  # the next index to send is seq (index = seq - 1)
+                    chunk.append(sse_message(wire(ev, seq - 1)) if sse else ndjson_line(wire(ev, seq - 1)))
+                    if ev.get("type") in TERMINAL:
+                        ended = True
+                        break
+                if chunk:
+                    yield b"".join(chunk)
+                    last_sent = time.monotonic()
+                if ended or job is None or (job.status not in ACTIVE and not rows):
+                    return
+                if len(rows) == _READ_BATCH:
+                    continue
+                ours = job_id in self.opts.runs or any(r.job_id == job_id for r in list(self.queue))
+                wait = max(0.0, keepalive_s - (time.monotonic() - last_sent))
+                if not ours:
+                    wait = min(wait, _POLL_OTHER_S)
+                try:
+                    await asyncio.wait_for(wake.wait(), wait)
+                except asyncio.TimeoutError:
+                    if time.monotonic() - last_sent >= keepalive_s:
+                        yield b": keepalive\n\n" if sse else b'{"type":"keepalive"}\n'
+                        last_sent = time.monotonic()
+        finally:
+            with self._waiters_lock:
+                waiters = self._waiters.get(job_id)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._waiters[job_id]
+
+
+def parse_list_params(status: str | None, limit: str | None) -> tuple[str | None, int, str | None]:
+    """``?status=&limit=`` of ``GET /v1/jobs``: (status, limit, error message or None)."""
+    if status in (None, ""):
+        status = None
+    elif status not in STATES:
+        return None, 0, f"status: expected one of {', '.join(STATES)}, got {status!r}"
+    if limit in (None, ""):
+        return status, DEFAULT_LIST, None
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST:
+        return None, 0, f"limit: expected 1..{MAX_LIST}, got {limit!r}"
+    return status, int(limit), None
+
+
+def parse_index(value: str | None, what: str) -> tuple[int | None, str | None]:
+    if value is None or value == "":
+        return None, None
+    value = value.strip()
+    if not value.isdigit() or len(value) > 18:
+        return None, f"{what}: expected an event index (0, 1, 2, ...), got {value[:40]!r}"
+    return int(value), None

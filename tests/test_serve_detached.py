@@ -1,0 +1,541 @@
+"""Detached jobs over HTTP (issue #15, the server side): ``POST /v1/jobs/{kind}?detach=true`` and
+``GET/DELETE /v1/jobs/{id}``, ``/v1/jobs/{id}/events`` (NDJSON and SSE), ``GET /v1/jobs``.
+
+Every test talks to a real server on loopback: the app under uvicorn in a thread (``serve_app``), or
+``synapse serve`` as a process where the test kills and restarts it. Jobs are real: ``sample`` runs
+ffmpeg; ``dirtest`` (tests/http_fixtures.py) gives an exact number of events and a silent child."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import synapse_cmd
+from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, kill_processes_mentioning, serve_app
+from tests.test_serve_jobs import sleepers, wait_for
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+TINY = {"output": "s.mp4", "seconds": 0.2, "width": 32, "height": 32, "audio": False}
+LONG = {"output": "long.mp4", "seconds": 300, "width": 1280, "height": 720}
+
+
+@pytest.fixture(autouse=True)
+def dirtest(monkeypatch):
+    from synapse_cli.jobs import JOBS
+
+    monkeypatch.setitem(JOBS, "dirtest", DIRTEST_JOB)
+
+
+def submit(ep: Endpoint | str, kind: str = "sample", spec: dict | None = None, **files: bytes) -> str:
+    url = ep if isinstance(ep, str) else ep.url
+    if files:
+        r = httpx.post(f"{url}/v1/jobs/{kind}?detach=true", data={"spec": json.dumps(spec)},
+                       files=[(name, (f"{name}.txt", data)) for name, data in files.items()], headers=AUTH, timeout=30)
+    else:
+        r = httpx.post(f"{url}/v1/jobs/{kind}?detach=true", json=spec or TINY, headers=AUTH, timeout=30)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def record(url: str, job_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{url}/v1/jobs/{job_id}", headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_status(url: str, job_id: str, statuses: tuple[str, ...], timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rec = record(url, job_id)
+        if rec["status"] in statuses or time.monotonic() > deadline:
+            assert rec["status"] in statuses, rec
+            return rec
+        time.sleep(0.05)
+
+
+def ndjson_events(url: str, job_id: str, after: int | None = None, limit: int | None = None) -> list[dict]:
+    """The /events lines (keep-alives dropped); stop after ``limit`` events, closing the connection."""
+    out: list[dict] = []
+    params = {} if after is None else {"after": after}
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", params=params, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        for line in r.iter_lines():
+            event = json.loads(line)
+            if event["type"] == "keepalive":
+                continue
+            out.append(event)
+            if limit is not None and len(out) == limit:
+                break
+    return out
+
+
+def sse_events(url: str, job_id: str, last_event_id: int | None = None, limit: int | None = None, raw: list[str] | None = None) -> list[dict]:
+    """Parse the SSE stream: each message's id, event and data; stop after ``limit`` messages."""
+    headers = {**AUTH, "Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    out: list[dict] = []
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=headers, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        message: dict[str, str] = {}
+        for line in r.iter_lines():
+            if raw is not None:
+                raw.append(line)
+            if line.startswith(":"):
+                continue
+            if line == "":
+                if message:
+                    data = json.loads(message["data"])
+                    assert int(message["id"]) == data["index"] and message["event"] == data["type"]
+                    out.append(data)
+                    message = {}
+                    if limit is not None and len(out) == limit:
+                        break
+                continue
+            name, _, value = line.partition(": ")
+            message[name] = value
+    return out
+
+
+def ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+@contextmanager
+def serve_process(work: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``synapse serve --port 0 --work-dir work`` as a process of its own session; yields (url, process)."""
+    server = subprocess.Popen([*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(work)], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "SYNAPSE_API_KEY": API_KEY, **env}, start_new_session=True)
+    try:
+        seen = []
+        while "listening on " not in (line := server.stderr.readline()) and line and len(seen) < 50:
+            seen.append(line)
+        assert "listening on " in line, "".join(seen)
+        url = line.split("listening on ")[1].split()[0]
+        threading.Thread(target=server.stderr.read, daemon=True).start()
+        yield url, server
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+
+
+# -- submit, poll, complete ---------------------------------------------------------------------
+
+
+def test_a_detached_job_is_answered_202_at_once_and_polled_to_completion(tmp_path):
+    with serve_app(tmp_path / "srv") as ep:
+        started = time.monotonic()
+        r = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "seconds": 4, "width": 320, "height": 240}, headers=AUTH)
+        assert r.status_code == 202 and time.monotonic() - started < 2
+        body = r.json()
+        job_id = body["id"]
+        assert body == {"id": job_id, "status": "pending",
+                        "links": {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events", "cancel": f"/v1/jobs/{job_id}"}}
+        assert r.headers["location"] == f"/v1/jobs/{job_id}"
+        seen = set()
+        deadline = time.monotonic() + 60
+        while (rec := record(ep.url, job_id))["status"] not in ("completed", "failed") and time.monotonic() < deadline:
+            seen.add(rec["status"])
+            time.sleep(0.02)
+        assert rec["status"] == "completed", rec
+        assert seen <= {"pending", "processing"} and "processing" in seen
+        assert set(rec) == {"id", "kind", "status", "progress", "created_at", "started_at", "finished_at", "result", "error", "artifacts"}
+        assert rec["kind"] == "sample" and rec["error"] is None
+        assert rec["progress"]["done"] == rec["progress"]["total"] == 120
+        assert ts(rec["created_at"]) <= ts(rec["started_at"]) <= ts(rec["finished_at"]) and rec["finished_at"].endswith("Z")
+        assert rec["result"]["output"] == "s.mp4" and rec["result"]["duration_s"] == 4
+        [art] = rec["artifacts"]
+        assert art["path"] == "s.mp4" and art["url"].startswith(f"/v1/artifacts/{job_id}.0")
+        data = httpx.get(ep.url + art["url"], headers=AUTH).content
+        assert len(data) == art["bytes"] == rec["result"]["bytes"] and data[4:8] == b"ftyp"
+        listed = httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"]
+        assert [j["id"] for j in listed] == [job_id] and listed[0] == rec
+        # the events end with the finished event, which carries the record's result
+        events = ndjson_events(ep.url, job_id)
+        assert events[0]["type"] == "started" and events[-1]["type"] == "finished" and events[-1]["result"] == rec["result"]
+        assert [e["index"] for e in events] == list(range(len(events)))
+
+
+def test_a_directory_outputs_artifacts_are_named_as_the_client_saves_them(tmp_path):
+    with serve_app(tmp_path / "srv") as ep:
+        job_id = submit(ep, "dirtest", {"input": "a.txt", "output_dir": "outdir"}, input=b"hello world")
+        rec = wait_status(ep.url, job_id, ("completed",))
+        assert sorted(a["path"] for a in rec["artifacts"]) == ["outdir/head.txt", "outdir/sub/size.txt"]
+        for a in rec["artifacts"]:
+            assert httpx.get(ep.url + a["url"], headers=AUTH).content == (b"hello world" if a["path"].endswith("head.txt") else b"11")
+
+
+def test_a_failing_detached_job_records_its_error(tmp_path):
+    with serve_app(tmp_path / "srv") as ep:
+        job_id = submit(ep, "dirtest", {"input": "a.txt", "output_dir": "o", "fail": True}, input=b"x")
+        rec = wait_status(ep.url, job_id, ("failed",))
+        assert rec["error"] == {"code": 1, "message": "cannot use a.txt: told to fail", "error": "JobError"}
+        assert rec["result"] is None and rec["artifacts"] == [] and rec["finished_at"]
+        assert ndjson_events(ep.url, job_id)[-1] == {"type": "error", "code": 1, "message": "cannot use a.txt: told to fail", "error": "JobError", "index": 1}
+        assert wait_for(lambda: not (ep.work_dir / "jobs" / job_id).exists(), 5)
+
+
+def test_job_routes_need_the_key_and_answer_404_for_unknown_ids(tmp_path):
+    with serve_app(tmp_path / "srv") as ep:
+        job_id = submit(ep)
+        for method, path in [("GET", "/v1/jobs"), ("GET", f"/v1/jobs/{job_id}"), ("GET", f"/v1/jobs/{job_id}/events"),
+                             ("DELETE", f"/v1/jobs/{job_id}")]:
+            r = httpx.request(method, ep.url + path)
+            assert r.status_code == 401 and r.json()["code"] == 3, (method, path)
+        assert httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json=TINY).status_code == 401
+        for method, path in [("GET", "/v1/jobs/nosuchjob"), ("GET", "/v1/jobs/nosuchjob/events"), ("DELETE", "/v1/jobs/nosuchjob")]:
+            r = httpx.request(method, ep.url + path, headers=AUTH)
+            assert r.status_code == 404 and r.json()["type"] == "error", (method, path)
+        for query in ("detach=maybe", "detach=true&shards=0"):
+            assert httpx.post(f"{ep.url}/v1/jobs/sample?{query}", json=TINY, headers=AUTH).status_code == 422
+        for query in ("status=done", "limit=0", "limit=501", "limit=x"):
+            assert httpx.get(f"{ep.url}/v1/jobs?{query}", headers=AUTH).status_code == 422, query
+        assert httpx.get(f"{ep.url}/v1/jobs/{job_id}/events?after=-1", headers=AUTH).status_code == 422
+        assert httpx.get(f"{ep.url}/v1/jobs/{job_id}/events", headers={**AUTH, "Last-Event-ID": "x"}).status_code == 422
+        # a bad spec is refused before anything is recorded
+        assert httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "bogus": 1}, headers=AUTH).status_code == 422
+        wait_status(ep.url, job_id, ("completed",))
+        assert [j["id"] for j in httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"]] == [job_id]
+
+
+def test_the_list_filters_by_status_and_limits_newest_first(tmp_path):
+    with serve_app(tmp_path / "srv") as ep:
+        ids = [submit(ep) for _ in range(3)]
+        failing = submit(ep, "dirtest", {"input": "a.txt", "output_dir": "o", "fail": True}, input=b"x")
+        for job_id in ids:
+            wait_status(ep.url, job_id, ("completed",))
+        wait_status(ep.url, failing, ("failed",))
+        jobs = httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"]
+        assert [j["id"] for j in jobs] == [failing, *reversed(ids)]
+        assert [j["id"] for j in httpx.get(f"{ep.url}/v1/jobs?status=completed&limit=2", headers=AUTH).json()["jobs"]] == [ids[2], ids[1]]
+        assert [j["id"] for j in httpx.get(f"{ep.url}/v1/jobs?status=failed", headers=AUTH).json()["jobs"]] == [failing]
+
+
+# -- the job outlives its client ------------------------------------------------------------------
+
+
+def test_the_job_survives_its_client_going_away(tmp_path):
+    """A client process submits, follows /events, and is SIGKILLed mid-job: the job completes anyway."""
+    with serve_app(tmp_path / "srv") as ep:
+        client = subprocess.Popen([sys.executable, "-c", """
+import httpx, json, sys
+url, key = sys.argv[1], sys.argv[2]
+auth = {"Authorization": "Bearer " + key}
+spec = {"output": "s.mp4", "seconds": 5, "width": 1280, "height": 720}
+job = httpx.post(url + "/v1/jobs/sample?detach=true", json=spec, headers=auth).json()["id"]
+print(job, flush=True)
+with httpx.stream("GET", url + "/v1/jobs/" + job + "/events", headers=auth, timeout=60) as r:
+    for line in r.iter_lines():
+        print(line, flush=True)
+""", ep.url, API_KEY], stdout=subprocess.PIPE, text=True)
+        job_id = client.stdout.readline().strip()
+        assert json.loads(client.stdout.readline())["type"] == "started"
+        client.kill()
+        client.wait(10)
+        assert record(ep.url, job_id)["status"] == "processing"
+        rec = wait_status(ep.url, job_id, ("completed", "failed"), 120)
+        assert rec["status"] == "completed" and rec["artifacts"]
+
+
+# -- following: resume exactly, NDJSON and SSE --------------------------------------------------------
+
+
+def test_events_after_n_resume_exactly_without_gap_or_duplicate(tmp_path):
+    """A job with a known, long event list (dirtest: 1 s silent, then 40 logs): read a few live, drop
+    the connection, resume with ?after=N, and so on; the pieces join to exactly the full list."""
+    with serve_app(tmp_path / "srv") as ep:
+        job_id = submit(ep, "dirtest", {"input": "a.txt", "output_dir": "o", "sleep_s": 1.0, "spam": 40}, input=b"hello")
+        pieces: list[dict] = []
+        while not pieces or pieces[-1]["type"] != "finished":
+            pieces += ndjson_events(ep.url, job_id, after=len(pieces), limit=7)
+        full = ndjson_events(ep.url, job_id)
+        assert len(full) == 1 + 40 + 2 + 2 + 1  # started, logs, progress x2, an artifact per file of the output dir, finished
+        assert pieces == full and [e["index"] for e in full] == list(range(len(full)))
+        for n in (0, 1, 20, len(full) - 1):
+            assert ndjson_events(ep.url, job_id, after=n) == full[n:]
+        assert ndjson_events(ep.url, job_id, after=len(full)) == []  # past the end of a finished job: nothing, and the stream ends
+        # the stored events are the streamed route's events (plus index)
+        with httpx.stream("POST", f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "a.txt", "output_dir": "o", "spam": 40})},
+                          files=[("input", ("a.txt", b"hello"))], headers=AUTH) as r:
+            streamed = [json.loads(line) for line in r.iter_lines() if line]
+        strip = lambda e: {k: v for k, v in e.items() if k not in ("index", "path", "elapsed_s")}  # noqa: E731
+        assert [strip(e) for e in full] == [strip(e) for e in streamed]
+
+
+def test_sse_resumes_at_last_event_id_plus_one(tmp_path):
+    with serve_app(tmp_path / "srv", keepalive_s=0.2) as ep:
+        job_id = submit(ep, "dirtest", {"input": "a.txt", "output_dir": "o", "sleep_s": 1.0, "spam": 30}, input=b"hello")
+        raw: list[str] = []
+        first = sse_events(ep.url, job_id, limit=1, raw=raw)  # `started`, then the job is silent for 1 s
+        assert first[0]["type"] == "started" and first[0]["index"] == 0
+        pieces = first
+        while pieces[-1]["type"] != "finished":
+            pieces += sse_events(ep.url, job_id, last_event_id=pieces[-1]["index"], limit=5, raw=raw)
+        full = ndjson_events(ep.url, job_id)
+        assert pieces == full
+        assert raw[:3] == ["id: 0", "event: started", f"data: {json.dumps(full[0], separators=(',', ':'))}"]
+        # keep-alives while the job was silent: SSE comments
+        live = []
+        job2 = submit(ep, "dirtest", {"input": "a.txt", "output_dir": "o", "sleep_s": 1.0}, input=b"hello")
+        sse_events(ep.url, job2, raw=live)
+        assert ": keepalive" in live
+        lines = []
+        job3 = submit(ep, "dirtest", {"input": "a.txt", "output_dir": "o", "sleep_s": 1.0}, input=b"hello")
+        with httpx.stream("GET", f"{ep.url}/v1/jobs/{job3}/events", headers=AUTH, timeout=0.5) as r:
+            lines = [json.loads(line) for line in r.iter_lines()]
+        assert {"type": "keepalive"} in lines and lines[-1]["type"] == "finished"
+        # the Last-Event-ID header wins over ?after= (an EventSource reconnects to its first URL)
+        assert sse_events(ep.url + "", job_id, last_event_id=len(full) - 2)[0]["index"] == len(full) - 1
+
+
+# -- cancel ---------------------------------------------------------------------------------------
+
+
+def ffmpeg_of(job_dir: Path) -> list[int]:
+    return [pid for pid in sleepers(str(job_dir)) if "ffmpeg" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+
+
+def test_delete_kills_ffmpeg_within_2_s_and_leaves_nothing(tmp_path):
+    with serve_app(tmp_path / "srv") as ep:
+        job_id = submit(ep, spec=LONG)
+        job_dir = ep.work_dir / "jobs" / job_id
+        assert wait_for(lambda: ffmpeg_of(job_dir), 20), "ffmpeg never started"
+        [pid] = ffmpeg_of(job_dir)
+        follower: list[dict] = []
+        reader = threading.Thread(target=lambda: follower.extend(ndjson_events(ep.url, job_id)))
+        reader.start()
+        asked = time.monotonic()
+        r = httpx.delete(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH, timeout=30)
+        assert r.status_code == 200, r.text
+        rec = r.json()
+        assert rec["status"] == "cancelled" and rec["error"]["code"] == 130 and rec["error"]["error"] == "Interrupted" and rec["artifacts"] == []
+        assert wait_for(lambda: not Path(f"/proc/{pid}").exists() or " Z " in Path(f"/proc/{pid}/stat").read_text(), 2 - (time.monotonic() - asked))
+        assert time.monotonic() - asked < 2
+        assert wait_for(lambda: not job_dir.exists(), 2)
+        reader.join(10)
+        assert follower[-1]["type"] == "error" and follower[-1]["code"] == 130  # a follower's stream ends with the cancel
+        again = httpx.delete(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH)
+        assert again.status_code == 409 and again.json()["type"] == "error"
+        assert record(ep.url, job_id)["status"] == "cancelled"
+
+
+def test_delete_of_a_queued_job_and_of_a_finished_one(tmp_path):
+    with serve_app(tmp_path / "srv", max_concurrent_jobs=1) as ep:
+        running = submit(ep, spec=LONG)
+        queued = submit(ep)
+        wait_status(ep.url, running, ("processing",))
+        assert record(ep.url, queued)["status"] == "pending"
+        r = httpx.delete(f"{ep.url}/v1/jobs/{queued}", headers=AUTH)
+        assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["started_at"] is None
+        assert not (ep.work_dir / "jobs" / queued).exists()
+        assert httpx.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
+        done = submit(ep)
+        wait_status(ep.url, done, ("completed",))
+        r = httpx.delete(f"{ep.url}/v1/jobs/{done}", headers=AUTH)
+        assert r.status_code == 409 and "already ended" in r.json()["message"]
+        rec = record(ep.url, done)
+        assert rec["status"] == "completed" and httpx.get(ep.url + rec["artifacts"][0]["url"], headers=AUTH).status_code == 200
+
+
+# -- restart ----------------------------------------------------------------------------------------
+
+
+def test_a_restarted_server_keeps_finished_jobs_and_fails_running_ones(tmp_path):
+    work = tmp_path / "srv"
+    try:
+        with serve_process(work) as (url, server):
+            done = submit(url)
+            rec = wait_status(url, done, ("completed",))
+            data = httpx.get(url + rec["artifacts"][0]["url"], headers=AUTH).content
+            running = submit(url, spec=LONG)
+            wait_status(url, running, ("processing",))
+            assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+        kill_processes_mentioning(str(work))  # ffmpeg runs in its own session: the orphan a dead server leaves
+        with serve_process(work) as (url, server):
+            jobs = {j["id"]: j for j in httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
+            assert set(jobs) == {done, running}
+            assert jobs[done]["status"] == "completed" and jobs[done]["artifacts"] == rec["artifacts"]
+            assert httpx.get(url + rec["artifacts"][0]["url"], headers=AUTH).content == data
+            failed = jobs[running]
+            assert failed["status"] == "failed" and failed["finished_at"]
+            assert failed["error"] == {"code": 3, "message": "the server stopped while this job was running", "error": "BackendError"}
+            assert not (work / "jobs" / running).exists()
+            events = ndjson_events(url, running)
+            assert events[0]["type"] == "started" and events[-1]["type"] == "error" and events[-1]["message"] == failed["error"]["message"]
+            # a new job on the restarted server runs as usual
+            assert wait_status(url, submit(url), ("completed",))["artifacts"]
+    finally:
+        kill_processes_mentioning(str(work))
+
+
+def test_sigterm_stops_detached_jobs_and_fails_the_queued_ones(tmp_path):
+    """A graceful stop: the running job's ffmpeg is gone when the server has exited, the running job is
+    failed ("shutting down"), the one waiting for a slot too; the next server lists both so."""
+    work = tmp_path / "srv"
+    try:
+        with serve_process(work, SYNAPSE_SERVE_MAX_CONCURRENT_JOBS="1") as (url, server):
+            running = submit(url, spec=LONG)
+            queued = submit(url)
+            wait_status(url, running, ("processing",))
+            assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
+            assert record(url, queued)["status"] == "pending"
+            server.send_signal(signal.SIGTERM)
+            server.wait(20)
+            assert kill_processes_mentioning(str(work)) == [], "ffmpeg outlived the server"
+        with serve_process(work) as (url, server):
+            jobs = {j["id"]: j for j in httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
+            assert jobs[running]["status"] == jobs[queued]["status"] == "failed"
+            assert "shutting down" in jobs[running]["error"]["message"] and "had not started" in jobs[queued]["error"]["message"]
+            assert not (work / "jobs" / running).exists() and not (work / "jobs" / queued).exists()
+    finally:
+        kill_processes_mentioning(str(work))
+
+
+def test_expired_artifacts_leave_the_record_and_answer_410(tmp_path):
+    with serve_app(tmp_path / "srv", artifact_ttl_s=0) as ep:
+        job_id = submit(ep)
+        rec = wait_status(ep.url, job_id, ("completed",))
+        assert rec["artifacts"]
+        time.sleep(0.05)
+        submit(ep)  # a new job sweeps the expired folder
+        assert wait_for(lambda: not (ep.work_dir / "jobs" / job_id).exists(), 5)
+        after = record(ep.url, job_id)
+        assert after["status"] == "completed" and after["result"] == rec["result"] and after["artifacts"] == []
+        r = httpx.get(ep.url + rec["artifacts"][0]["url"], headers=AUTH)
+        assert r.status_code == 410 and r.json()["type"] == "error"
+        assert httpx.get(f"{ep.url}/v1/artifacts/{'x' * 22}.0", headers=AUTH).status_code == 404
+
+
+# -- many at once -----------------------------------------------------------------------------------
+
+
+def test_twenty_detached_jobs_at_once_none_lost_and_the_limit_held(tmp_path):
+    with serve_app(tmp_path / "srv", max_concurrent_jobs=2) as ep:
+        ids: list[str] = []
+        barrier = threading.Barrier(20)
+
+        def post() -> None:
+            barrier.wait()
+            ids.append(submit(ep))
+
+        threads = [threading.Thread(target=post) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(set(ids)) == 20
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            jobs = httpx.get(f"{ep.url}/v1/jobs?limit=500", headers=AUTH).json()["jobs"]
+            if all(j["status"] == "completed" for j in jobs):
+                break
+            assert sum(j["status"] == "processing" for j in jobs) <= 2
+            time.sleep(0.05)
+        assert sorted(j["id"] for j in jobs) == sorted(ids) and all(j["status"] == "completed" and j["artifacts"] for j in jobs)
+        spans = [(ts(j["started_at"]), ts(j["finished_at"])) for j in jobs]
+        most = max(sum(s <= start < f for s, f in spans) for start, _ in spans)
+        assert most <= 2, f"{most} jobs ran at once"
+        assert most == 2  # and the slots were used
+
+
+def test_detached_jobs_past_the_queue_limit_get_429(tmp_path):
+    with serve_app(tmp_path / "srv", max_concurrent_jobs=1, max_queued_jobs=1) as ep:
+        running = submit(ep, spec=LONG)
+        wait_status(ep.url, running, ("processing",))
+        queued = submit(ep)
+        r = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json=TINY, headers=AUTH)
+        assert r.status_code == 429 and r.headers["retry-after"] and "max_queued_jobs" in r.json()["message"]
+        # a streamed job gets 429 too while the slot is taken
+        assert httpx.post(f"{ep.url}/v1/jobs/sample", json=TINY, headers=AUTH).status_code == 429
+        httpx.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH)
+        assert wait_status(ep.url, queued, ("completed",))["artifacts"]
+
+
+# -- the OpenAPI document -------------------------------------------------------------------------
+
+
+def openapi_doc(ep: Endpoint) -> dict:
+    r = httpx.get(f"{ep.url}/v1/openapi.json", headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    return r.json()
+
+
+def test_the_openapi_document_is_behind_the_key_and_describes_every_route(tmp_path):
+    from fastapi.routing import APIRoute
+
+    from synapse_cli.jobs import JOBS
+
+    with serve_app(tmp_path / "srv") as ep:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert httpx.get(ep.url + path, headers=AUTH).status_code == 404, path
+        assert httpx.get(f"{ep.url}/v1/openapi.json").status_code == 401
+        doc = openapi_doc(ep)
+        assert doc["openapi"].startswith("3.1") and doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        paths = doc["paths"]
+        from synapse_cli.server import create_app
+
+        app = create_app(work_dir=tmp_path / "other", api_key=API_KEY)
+        for route in app.routes:
+            if not isinstance(route, APIRoute):
+                continue
+            for method in route.methods - {"HEAD"}:
+                if route.path == "/v1/jobs/{kind}":
+                    assert all("post" in paths[f"/v1/jobs/{kind}"] for kind in JOBS), "a kind without its POST"
+                else:
+                    assert method.lower() in paths.get(route.path, {}), f"{method} {route.path} is not described"
+        schemas = doc["components"]["schemas"]
+        # multipart bodies from each kind's spec: the spec part (JSON) and one file part per input
+        export = paths["/v1/jobs/export"]["post"]
+        body = export["requestBody"]["content"]["multipart/form-data"]
+        assert body["encoding"]["spec"]["contentType"] == "application/json"
+        assert body["schema"]["properties"]["input"]["format"] == "binary" and body["schema"]["required"] == ["spec", "input"]
+        assert schemas["ExportSpec"]["properties"]["crf"]["type"] == "integer" and "output" in schemas["ExportSpec"]["required"]
+        compile_ = paths["/v1/jobs/compile"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert compile_["properties"]["inputs"]["type"] == "array" and compile_["properties"]["inputs"]["items"]["format"] == "binary"
+        assert paths["/v1/jobs/sample"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SampleSpec"}
+        assert paths["/v1/jobs/dirtest"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["input"]["format"] == "binary"
+        assert {p["name"] for p in export["parameters"]} == {"detach", "shards"}
+        assert set(export["responses"]) >= {"200", "202", "401", "413", "422", "429"}
+        assert "application/x-ndjson" in export["responses"]["200"]["content"]
+        assert export["responses"]["413"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+        events = paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+        assert set(events) == {"application/x-ndjson", "text/event-stream"}
+        assert paths["/v1/jobs/{job_id}"]["delete"]["responses"]["409"]
+        # the schemas describe what the server really sends
+        import jsonschema
+
+        job_id = submit(ep)
+        record_ = wait_status(ep.url, job_id, ("completed",))
+        resolver = {"components": doc["components"]}
+
+        def check(value: Any, name: str) -> None:
+            jsonschema.validate(value, {**resolver, "$ref": f"#/components/schemas/{name}"}, cls=jsonschema.Draft202012Validator)
+
+        check(record_, "JobRecord")
+        check(httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json(), "JobList")
+        for event in ndjson_events(ep.url, job_id):
+            check(event, "IndexedEvent")
+        check(httpx.get(f"{ep.url}/v1/jobs/nosuch", headers=AUTH).json(), "Error")
+        with pytest.raises(jsonschema.ValidationError):
+            check({**record_, "status": "done"}, "JobRecord")
+
+
+def test_the_openapi_document_passes_openapi_spec_validator(tmp_path):
+    validator = pytest.importorskip("openapi_spec_validator")
+    with serve_app(tmp_path / "srv") as ep:
+        validator.validate(openapi_doc(ep))

@@ -137,6 +137,42 @@ def test_probe_reports_what_a_player_shows(matrix, name):
         assert (info.coded_width, info.coded_height) == (CODED_W, CODED_H)
 
 
+# MP4/MOV inputs are probed from their header alone (no PyAV, no decoded frame); the rest through PyAV
+FROM_HEADER = {"plain", "rot90", "rot180", "rot270", "hevc10", "prores_pcm", "vfr", "surround", "odd", "short"}
+
+
+@pytest.mark.parametrize("name", INPUTS)
+def test_header_probe_reads_what_pyav_reads(matrix, name):
+    """The header reader and PyAV (its first decoded frame's display matrix included) agree on every field."""
+    from synapse_cli.jobs._media import _probe_av
+    from synapse_cli.jobs._mp4 import read_header
+
+    with open(matrix[name], "rb") as f:
+        assert (read_header(f) is not None) is (name in FROM_HEADER)
+    assert probe(matrix[name]) == _probe_av(matrix[name])
+
+
+@pytest.mark.parametrize("name", ["rot90_hflip", "hflip", "rot30"])
+def test_header_probe_reads_mirrored_and_odd_matrices(turned, name):
+    from synapse_cli.jobs._media import _probe_av
+
+    assert probe(turned[name]) == _probe_av(turned[name]) and probe(turned[name]).transform
+
+
+def test_header_probe_leaves_edit_lists_it_does_not_model_to_pyav(matrix, tmp_path):
+    """A stream-copied cut (an edit that ends before the media does) and an offset (an empty edit): PyAV reads them."""
+    from synapse_cli.jobs._media import _probe_av
+    from synapse_cli.jobs._mp4 import read_header
+
+    cut, offset = tmp_path / "cut.mp4", tmp_path / "offset.mp4"
+    _ffmpeg("-ss", "0.3", "-i", str(matrix["plain"]), "-c", "copy", str(cut))
+    _ffmpeg("-i", str(matrix["plain"]), "-c", "copy", "-output_ts_offset", "2", str(offset))
+    for path in (cut, offset):
+        with open(path, "rb") as f:
+            assert read_header(f) is None
+        assert probe(path) == _probe_av(path)
+
+
 @pytest.mark.parametrize("job", ["framing", "overlay", "annotate"])
 @pytest.mark.parametrize("name", INPUTS)
 def test_every_export_job_on_every_input(matrix, tmp_path, name, job):

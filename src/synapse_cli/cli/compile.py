@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from synapse_cli.cli._options import Common, with_common
 from synapse_cli.cli._run import run_job

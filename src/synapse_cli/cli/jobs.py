@@ -5,10 +5,9 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from synapse_cli.cli._options import API_KEY, CONFIG, JSON, PROFILE, Common
 from synapse_cli.cli._run import exit_on_error, settings_for, sigterm_as_interrupt

@@ -7,10 +7,9 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from synapse_cli.cli._options import CONFIG, PROFILE
 from synapse_cli.errors import UsageError

@@ -2,9 +2,11 @@
 
 - ``find_ffmpeg``: configured path, else ``ffmpeg`` on PATH, else the static
   binary from the imageio-ffmpeg wheel.
-- ``probe``: stream facts through PyAV (the static build has no ffprobe), in
-  displayed pixels: a phone video's display rotation is read from its first
-  frame and applied to the size, as ffmpeg's autorotate applies it to frames.
+- ``probe``: stream facts in displayed pixels: a phone video's display rotation
+  is applied to the size, as ffmpeg's autorotate applies it to frames. An
+  MP4/MOV is read from its header (``_mp4``: no import of PyAV, nothing
+  decoded); anything else through PyAV (the static build has no ffprobe),
+  whose first decoded frame carries the display matrix.
 - ``display_transform``: the steps ffmpeg's autorotate takes for a display
   matrix, so a decoder of our own (infer) turns frames exactly as ffmpeg does.
 - ``run_ffmpeg``: runs a command with ``-progress pipe:1``, drains stderr in a
@@ -40,12 +42,40 @@ def find_ffmpeg(configured: str | None = None) -> str:
     on_path = shutil.which("ffmpeg")
     if on_path:
         return on_path
+    bundled = _bundled_ffmpeg()
+    if bundled:
+        return bundled
     try:
         import imageio_ffmpeg
 
         return imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError) as exc:
         raise UsageError(f"no ffmpeg found: install ffmpeg or imageio-ffmpeg, or set SYNAPSE_FFMPEG ({exc})") from None
+
+
+def _bundled_ffmpeg() -> str | None:
+    """The imageio-ffmpeg wheel's binary, found without importing the package or running the binary.
+
+    ``imageio_ffmpeg.get_ffmpeg_exe()`` checks its binary by running ``ffmpeg -version``,
+    a process start that delays every job's own ffmpeg. The wheel holds one binary for its
+    platform; anything else (none, several, IMAGEIO_FFMPEG_EXE set) is left to it.
+    """
+    import importlib.util
+
+    if os.environ.get("IMAGEIO_FFMPEG_EXE"):
+        return None
+    try:
+        spec = importlib.util.find_spec("imageio_ffmpeg")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "binaries"
+    try:
+        found = [p for p in folder.iterdir() if p.name.startswith("ffmpeg-") and p.is_file() and os.access(p, os.X_OK)]
+    except OSError:
+        return None
+    return str(found[0]) if len(found) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -111,12 +141,45 @@ def swaps_axes(transform: Sequence[str]) -> bool:
 
 
 def probe(path: str | os.PathLike) -> MediaInfo:
-    """Describe a video or image file. Missing or unreadable media is a UsageError (rejected before the job)."""
+    """Describe a video or image file. Missing or unreadable media is a UsageError (rejected before the job).
+
+    An MP4/MOV is read from its header alone, which is what keeps a short export's start-up
+    short; its media is checked by the ffmpeg that reads it (a corrupt one fails the job).
+    """
     p = Path(path)
     if not p.exists():
         raise UsageError(f"input not found: {p}")
     if not p.is_file():
         raise UsageError(f"input is not a file: {p}")
+    from synapse_cli.jobs._mp4 import read_header
+
+    try:
+        with open(p, "rb") as f:
+            header = read_header(f)
+    except (OSError, ValueError, IndexError, struct.error):
+        header = None  # PyAV says what is wrong with it
+    if header is None:
+        return _probe_av(p)
+    transform = display_transform(header.matrix)
+    shown = (header.height, header.width) if swaps_axes(transform) else (header.width, header.height)
+    return MediaInfo(
+        path=str(p),
+        width=shown[0],
+        height=shown[1],
+        fps=float(header.fps),
+        duration=header.duration,
+        frames=max(header.frames, 1),
+        has_audio=header.has_audio,
+        video_codec=header.video_codec,
+        audio_codec=header.audio_codec,
+        transform=transform,
+        coded_width=header.width,
+        coded_height=header.height,
+    )
+
+
+def _probe_av(p: Path) -> MediaInfo:
+    """``probe`` through PyAV: any container and codec it knows."""
     import av
 
     try:

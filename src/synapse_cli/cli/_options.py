@@ -174,9 +174,22 @@ def _coercion_kind(descriptor: Any) -> str | None:
     return None
 
 
+def _typer_hooks() -> bool:
+    """Does this typer have the (private) pieces ``_PlainCoercion`` calls? Checked once, without importing them."""
+    global _HOOKS
+    if _HOOKS is None:
+        import importlib.util
+
+        _HOOKS = all(importlib.util.find_spec(m) is not None for m in ("typer._coercion", "typer._param_types"))
+    return _HOOKS
+
+
+_HOOKS: bool | None = None
+
+
 def _install(param: Any) -> None:
     descriptor = getattr(param, "type_descriptor", None)
-    if descriptor is not None and getattr(param, "_runtime_param", False) is None:
+    if descriptor is not None and getattr(param, "_runtime_param", False) is None and _typer_hooks():
         param._runtime_param = _PlainCoercion(_coercion_kind(descriptor), descriptor)
 
 

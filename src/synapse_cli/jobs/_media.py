@@ -227,6 +227,13 @@ def _probe_av(p: Path) -> MediaInfo:
         raise UsageError(f"{p} is not readable media: {exc}") from None
 
 
+def concat_list(listing: Path, pieces: Sequence[str | os.PathLike]) -> Path:
+    """Write the concat demuxer's list of ``pieces`` (absolute paths, quotes escaped) to ``listing``; read it
+    with ``-f concat -safe 0``. Sharded export and infer join their pieces this way, by stream copy."""
+    listing.write_text("".join("file '{}'\n".format(str(Path(p).resolve()).replace("'", "'\\''")) for p in pieces))
+    return listing
+
+
 def _kill(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return

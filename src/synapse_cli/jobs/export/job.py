@@ -24,7 +24,7 @@ from synapse_cli.errors import UsageError
 from synapse_cli.events import Artifact, Event, Finished, Log, Started
 from synapse_cli.jobs._files import atomic_output, check_output
 from synapse_cli.jobs.export._keyframes import interpolate
-from synapse_cli.jobs._media import MediaInfo, find_ffmpeg, probe, run_ffmpeg
+from synapse_cli.jobs._media import MediaInfo, concat_list, find_ffmpeg, probe, run_ffmpeg
 
 EXPORT_JOBS = ("framing", "overlay", "annotate")
 
@@ -751,8 +751,7 @@ def merge_export(spec: ExportSpec, parts: list[ExportSpec], results: list[dict[s
     out = Path(spec.output)
     exe = find_ffmpeg(spec.ffmpeg)
     frames = int(sum(r.get("frames", 0) for r in results))
-    listing = workdir / "parts.txt"
-    listing.write_text("".join("file '{}'\n".format(str(Path(p.output).resolve()).replace("'", "'\\''")) for p in parts))
+    listing = concat_list(workdir / "parts.txt", [p.output for p in parts])
     audio_file = None
     if info.has_audio:
         audio_file = workdir / "audio.m4a"

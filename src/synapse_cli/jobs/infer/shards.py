@@ -221,14 +221,13 @@ def merge_infer(spec: Any, parts: list[Any], results: list[dict[str, Any]], work
 def _join_annotated(spec: Any, parts: list[Any], results: list[dict[str, Any]]) -> Iterator[Event]:
     """The annotated pieces joined by stream copy, with the source's audio added once, then faststart."""
     from synapse_cli.jobs._files import atomic_output
-    from synapse_cli.jobs._media import find_ffmpeg, run_ffmpeg
+    from synapse_cli.jobs._media import concat_list, find_ffmpeg, run_ffmpeg
     from synapse_cli.jobs.infer.encode import _MP4_AUDIO
     from synapse_cli.jobs.infer.sources import inspect_source
 
     info = inspect_source(spec.source)
     out = Path(spec.annotated)
-    listing = Path(parts[0].output).parent / "annotated.txt"
-    listing.write_text("".join("file '{}'\n".format(str(Path(p.annotated).resolve()).replace("'", "'\\''")) for p in parts))
+    listing = concat_list(Path(parts[0].output).parent / "annotated.txt", [p.annotated for p in parts])
     exe = find_ffmpeg(spec.ffmpeg_path)
     with atomic_output(out, spec.overwrite) as tmp:
         args = [exe, "-f", "concat", "-safe", "0", "-i", str(listing)]

@@ -224,6 +224,19 @@ def test_the_list_filters_by_status_and_limits_newest_first(tmp_path):
         assert [j["id"] for j in httpx.get(f"{ep.url}/v1/jobs?status=failed", headers=AUTH).json()["jobs"]] == [failing]
 
 
+def test_shards_combine_with_detach(tmp_path):
+    from tests.conftest import make_clip
+
+    clip = make_clip(tmp_path / "c.mp4", size="320x180", seconds=4)
+    with serve_app(tmp_path / "srv") as ep:
+        r = httpx.post(f"{ep.url}/v1/jobs/export?detach=true&shards=2", data={"spec": json.dumps({"input": "c.mp4", "output": "o.mp4", "preset": "ultrafast"})},
+                       files=[("input", ("c.mp4", clip.read_bytes()))], headers=AUTH)
+        assert r.status_code == 202, r.text
+        rec = wait_status(ep.url, r.json()["id"], ("completed",), 120)
+        assert [s["index"] for s in rec["result"]["shards"]] == [0, 1] and rec["artifacts"][0]["path"] == "o.mp4"
+        assert {e.get("shard") for e in ndjson_events(ep.url, rec["id"]) if e["type"] == "log"} >= {"1/2", "2/2"}
+
+
 # -- the job outlives its client ------------------------------------------------------------------
 
 

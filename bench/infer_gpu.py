@@ -162,7 +162,25 @@ def main() -> int:
         wall = time.perf_counter() - start
         return {"fps": round(n / wall, 2), "wall_s": round(wall, 3), "gpu_peak_mib": gpu.peak_mib(), "batch": args.batch, "half": half_ok}
 
+    def decode_run() -> dict:
+        from synapse_cli.jobs.infer.sources import inspect_source, open_frames
+
+        out = {}
+        for interval in (0.005, 0.0005):
+            saved = sys.getswitchinterval()
+            sys.setswitchinterval(interval)
+            try:
+                frames_in = open_frames(inspect_source(str(clip)))
+                start = time.perf_counter()
+                count = sum(1 for _ in frames_in)
+                frames_in.close()
+                out[f"switch_{interval}"] = round(count / (time.perf_counter() - start), 1)
+            finally:
+                sys.setswitchinterval(saved)
+        return {"fps": max(out.values()), **out}
+
     runs = {
+        "decode_only": decode_run,
         "synapse": synapse_run,
         "yolo_predict_default": lambda: predict_run(),
         "yolo_predict_best": lambda: predict_run(half=half_ok, batch=args.batch),

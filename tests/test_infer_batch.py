@@ -91,6 +91,37 @@ def test_batch_4_equals_batch_1(task, pan, tmp_path):
         assert one["tracks"] == four["tracks"]  # ByteTrack saw the same frames in the same order
 
 
+
+@needs_model
+def test_a_padded_partial_batch_gives_the_unpadded_results():
+    """CUDA pads the last, partial batch with blank frames (the plans' shape); the results are trimmed back."""
+    import cv2
+
+    from synapse_cli.jobs.infer.batching import yolo_engines
+    from synapse_cli.jobs.infer.runtime import load_model
+    from synapse_cli.jobs.infer.weights import default_weights
+    from synapse_cli.jobs.infer.results import detections_from
+
+    bus = cv2.imread(str(_assets() / "bus.jpg"))
+    frames = [bus, cv2.flip(bus, 1), bus[:, ::-1].copy()]
+    weights = default_weights()
+    args = {"imgsz": IMGSZ, "conf": 0.25, "classes": None, "verbose": False, "save": False}
+    engine, _more = yolo_engines(load_model(weights), weights, "cpu", False, args, bus.shape)
+    import numpy as np
+
+    boxed = [engine.letterbox(f) for f in frames]
+    stacked = engine.buffer((len(boxed), *boxed[0].shape))
+    np.stack(boxed, out=np.asarray(stacked))
+    plain = engine.run(stacked, frames)
+    engine.pad_to = 5
+    padded = engine.run(stacked, frames)
+    names = engine.predictor.model.names
+    assert len(padded) == len(plain) == 3
+    assert [detections_from(r, names, True) for r in padded] == [detections_from(r, names, True) for r in plain]
+    assert sum(len(r.boxes) for r in plain) >= 3
+    engine.release()  # after running out of memory: no more padding
+    assert engine.pad_to == 0
+
 @needs_model
 def test_batches_split_where_the_letterboxed_shape_changes(tmp_path):
     """A folder of mixed sizes (portrait, landscape, portrait) in one batch of 4: three frames, in order, as batch 1."""
@@ -211,6 +242,9 @@ def test_auto_batch_is_the_largest_that_fits():
     assert choose_batch((8, 16, 32, 64), lambda b: b <= 32) == 32
     assert choose_batch((8, 16, 32, 64), lambda b: True) == 64
     assert choose_batch((8, 16, 32, 64), lambda b: False) == 1
+    tried: list[int] = []
+    assert choose_batch((8, 16, 32, 64), lambda b: tried.append(b) or True) == 64
+    assert tried == [64]  # one probe when the largest fits: its shape is every full batch's (cuDNN plans)
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))

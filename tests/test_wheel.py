@@ -28,7 +28,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("modal_functions/__init__.py", "modal_functions/app.py", "synapse_cli/__init__.py", "synapse_cli/api.py",
-                 "synapse_cli/ci.py", "synapse_cli/jobs/export/job.py"):
+                 "synapse_cli/ci.py", "synapse_cli/jobs/export/job.py", "synapse_cli/server/jobs.html"):
         assert name in names, name
     assert not any(n.startswith("tests/") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

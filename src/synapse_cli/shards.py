@@ -19,6 +19,10 @@ events of all of them become one stream, as if one job ran:
 - the merge's ``Artifact`` and ``Finished``, with ``shards: [{index, seconds, attempts}]``
   and the Modal seconds and cost summed over the shards.
 
+A detached job on a backend that spawns its shards (Modal) is split when it starts
+(``split_detached``) and merged by whoever waits for it (``follow_detached``: ``run_sharded``
+over shards that already run).
+
 Nothing here imports typer, rich or modal.
 """
 
@@ -237,25 +241,98 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
 
     record = get_kind(kind)
     requested = settings["shards.count"]
-    if not record.shardable:
-        if requested not in ("auto", 1):
-            raise UsageError(f"--shards: {kind} jobs do not shard")
-        return backend.run(kind, spec)
     sharded_remotely = getattr(backend, "run_sharded", None)
-    if sharded_remotely is not None:  # an endpoint splits the job across its own workers (auto: its choice)
+    if record.shardable and sharded_remotely is not None:  # an endpoint splits the job across its own workers (auto: its choice)
         return sharded_remotely(kind, spec, int(requested)) if requested not in ("auto", 1) else backend.run(kind, spec)
-    scales_out = bool(getattr(backend, "scales_out", False))
-    size = record.hook("size")(spec) if requested == "auto" and scales_out else None
-    count = shard_count(requested, scales_out, size, float(settings[f"shards.{record.shard_by}"]), int(settings["shards.max"]))
+    count = _count(kind, spec, backend, settings)
     if count <= 1:
         return backend.run(kind, spec)
     start = getattr(backend, "run_shard", None)
     if start is None:
         raise UsageError(f"--shards is not supported with the {backend.name} backend")
     retries = int(getattr(backend, "shard_retries", 0))
-    outputs = [getattr(spec, name) for name in record.outputs if isinstance(getattr(spec, name, None), str)]
-    workdir = Path(outputs[0]).resolve().parent if outputs else None
     return run_sharded(
         kind, spec, count, lambda part: start(kind, part), record.hook("split"), record.hook("merge"),
-        retries=retries, workdir=workdir, settings=settings,
+        retries=retries, workdir=_workdir(kind, spec), settings=settings,
+    )  # fmt: skip
+
+
+def _count(kind: str, spec: Any, backend: Any, settings: Any) -> int:
+    """How many shards ``spec`` runs as on ``backend`` (``[shards]`` settings; 1 for a kind that does not shard)."""
+    from synapse_cli.errors import UsageError
+    from synapse_cli.jobs import get_kind
+
+    record = get_kind(kind)
+    requested = settings["shards.count"]
+    if not record.shardable:
+        if requested not in ("auto", 1):
+            raise UsageError(f"--shards: {kind} jobs do not shard")
+        return 1
+    scales_out = bool(getattr(backend, "scales_out", False))
+    size = record.hook("size")(spec) if requested == "auto" and scales_out else None
+    return shard_count(requested, scales_out, size, float(settings[f"shards.{record.shard_by}"]), int(settings["shards.max"]))
+
+
+def _workdir(kind: str, spec: Any) -> Path | None:
+    """Where a sharded job's pieces go: beside its first output (one filesystem: the merge renames), else a temp folder."""
+    from synapse_cli.jobs import get_kind
+
+    outputs = [getattr(spec, name) for name in get_kind(kind).outputs if isinstance(getattr(spec, name, None), str)]
+    return Path(outputs[0]).resolve().parent if outputs else None
+
+
+# -- detached: the shards start now, their pieces are fetched and merged by ``jobs wait`` ----------------
+
+
+def split_detached(kind: str, spec: Any, backend: Any, settings: Any) -> tuple[list[Any], Path]:
+    """The shard specs of a detached job (one spec: it runs whole) and the folder named in their outputs.
+
+    That folder is gone when this returns (splitting writes nothing in it); ``follow_detached``
+    puts the pieces in a fresh one of its own when ``jobs wait`` fetches them.
+    """
+    from synapse_cli.jobs import get_kind
+
+    count = _count(kind, spec, backend, settings)
+    parent = _workdir(kind, spec) or Path(tempfile.gettempdir())
+    if count <= 1:
+        return [spec], parent
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".synapse-shards-", dir=parent))
+    try:
+        parts = list(get_kind(kind).hook("split")(spec, count, work, settings))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return (parts, work) if len(parts) > 1 else ([spec], parent)  # too small to split: one call
+
+
+def follow_detached(
+    kind: str, spec: Any, parts: list[Any], split_in: Path, start: Callable[[int, Any], Iterator[Event]], retries: int = 0
+) -> Iterator[Event]:
+    """A detached job's shards as one stream, then the kind's merge: ``run_sharded``, with shards that already run.
+
+    ``parts`` are the shard specs ``split_detached`` made in ``split_in``; each is moved into this
+    run's own folder, and ``start(index, part)`` follows shard ``index`` (its piece fetched to the
+    part's outputs; a ``BackendError`` follows it again, up to ``retries`` times). A shard's
+    failure, or closing this stream, stops following the others (``terminate()``): cancelling
+    their calls is the backend's part.
+    """
+    from dataclasses import asdict
+
+    from synapse_cli.backends._remote import stage_paths
+    from synapse_cli.jobs import get_kind, spec_from_dict
+
+    index: dict[int, int] = {}
+
+    def moved(_spec: Any, _n: int, work: Path, _settings: Any) -> list[Any]:
+        def place(path: Any) -> str:
+            value = Path(path.value)
+            return str(work / value.relative_to(split_in)) if path.output and value.is_relative_to(split_in) else path.value
+
+        out = [spec_from_dict(kind, stage_paths(kind, asdict(part), place)) for part in parts]
+        index.update({id(part): i for i, part in enumerate(out)})
+        return out
+
+    return run_sharded(
+        kind, spec, len(parts), lambda part: start(index[id(part)], part), moved, get_kind(kind).hook("merge"),
+        retries=retries, workdir=split_in.parent,
     )  # fmt: skip

@@ -262,6 +262,7 @@ class ModalBackend(Backend):
 
     name = "modal"
     scales_out = True  # each remote_gen call runs in its own container
+    detaches_shards = True  # one spawned call per shard; ``jobs wait`` merges them
 
     @property
     def shard_retries(self) -> int:
@@ -273,8 +274,10 @@ class ModalBackend(Backend):
         lookup: Callable[[str], Any] | None = None,
         volume: Any | None = None,
         env: Mapping[str, str] | None = None,
+        settings: Any = None,
     ) -> None:
         self.config = dict(config)
+        self.settings = settings  # the [shards] settings a detached job is split by (None: it runs whole)
         self._lookup = lookup
         self._volume = volume
         self._env = env
@@ -284,7 +287,7 @@ class ModalBackend(Backend):
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ModalBackend":
-        return cls({**settings.section("modal"), "prices": settings["jobs.gpu_prices_usd_per_hour"]})
+        return cls({**settings.section("modal"), "prices": settings["jobs.gpu_prices_usd_per_hour"]}, settings=settings)
 
     def gpu_for(self, kind: str) -> str | None:
         return self.config["gpu"] if get_kind(kind).gpu else None
@@ -378,73 +381,155 @@ class ModalBackend(Backend):
         except BackendError:
             pass
 
-    def _localized(self, kind: str, files: _Files, events: Iterator[Event], started: float, overwrite: bool) -> Iterator[Event]:
+    def _localized(self, kind: str, files: _Files, events: Iterator[Event], started: float | None, overwrite: bool) -> Iterator[Event]:
         """Remote events as local ones: outputs downloaded and committed on ``finished``, ``vol:`` paths
-        mapped, cost added. ``started``: wall-clock (epoch) seconds when the call was made."""
+        mapped, cost added. ``started``: wall-clock (epoch) seconds when the call was made; None: the
+        cost counts the job's own ``elapsed_s``."""
 
         def finish(event: Finished) -> Finished:
-            result = {**files.localize(event.result), "modal": self.cost_info(kind, time.time() - started)}
+            seconds = event.elapsed_s if started is None else time.time() - started
+            result = {**files.localize(event.result), "modal": self.cost_info(kind, seconds)}
             return Finished(result=result, elapsed_s=event.elapsed_s)
 
         return collect_outputs(events, files.fetch, overwrite, f"Modal function {kind!r}", finish)
 
     # -- detached: .spawn() a wrapper that publishes events to a Dict -------------------------
+    #
+    # One call, or with shards one call per shard over the one upload. The job store's ``remote``
+    # record holds what ``follow``/``cancel``/``shard_states`` need later: for one call its id and
+    # where its outputs go; for shards each call's id and Dict key, the shard specs, and the folder
+    # they were split in (``shards.split_detached``). The merge happens where ``jobs wait`` runs.
 
-    def spawn(self, kind: str, spec: Any, job_id: str) -> dict[str, Any]:
-        """Start ``kind`` on Modal and return at once; what ``follow``/``cancel`` need is returned for the job store."""
-        import modal
-
+    def _check_detach(self) -> None:
         require_credentials(self._env)
         if self.config.get("mode") == "ephemeral":
             raise UsageError("--detach needs a deployed app ([modal] mode = \"deployed\"): an ephemeral app ends with this process")
+
+    def spawn(self, kind: str, spec: Any, job_id: str, parts: list[Any] | None = None, split_in: Path | None = None) -> dict[str, Any]:
+        """Start ``kind`` on Modal and return at once: one call, or one per shard spec in ``parts``.
+        Returns the record for the job store. If a call cannot be started, none runs on."""
+        self._check_detach()
         deadline = self._deadline()
+        started = time.time()
+        calls: list[str] = []
+        keys: list[str] = []
         with self._errors():
-            self._reach(deadline)
-            fn = modal.Function.from_name(self.config["app_name"], f"{kind}_detached", environment_name=self.config.get("environment"))
-            deadline.run(fn.hydrate, f"the lookup of {kind}_detached")
-            files = _Files(self._volume, job_id)
-            remote_spec = self.stage(kind, spec, files)
-            call = fn.spawn(remote_spec, job_id)
-        return {
-            "call_id": call.object_id,
-            "local_of": {k: str(v) for k, v in files.local_of.items()},
-            "output_dirs": {k: str(v) for k, v in files.output_dirs.items()},
-            "overwrite": bool(getattr(spec, "overwrite", False)),
-            "started": time.time(),
-        }
+            self._reach(deadline)  # ``import modal`` included: an unreachable Modal costs connect_timeout_s, no more
+            import modal
+
+            name = f"{kind}_detached"
+            fn = modal.Function.from_name(self.config["app_name"], name, environment_name=self.config.get("environment"))
+            deadline.run(fn.hydrate, f"the lookup of {name}")
+            overwrite = bool(getattr(spec, "overwrite", False))
+            try:
+                if not parts:
+                    files = _Files(self._volume, job_id)
+                    calls.append(fn.spawn(self.stage(kind, spec, files), job_id).object_id)
+                    return {
+                        "call_id": calls[0],
+                        "local_of": {k: str(v) for k, v in files.local_of.items()},
+                        "output_dirs": {k: str(v) for k, v in files.output_dirs.items()},
+                        "overwrite": overwrite,
+                        "started": started,
+                    }
+                uploads = _Uploads()  # the input goes up once; every shard reads it from the Volume
+                shards = []
+                for index, part in enumerate(parts):
+                    key = f"{job_id}/{index}"  # its Dict key, and its folder inside the job's Volume folder
+                    calls.append(fn.spawn(self.stage(kind, part, _Files(self._volume, key, uploads)), key).object_id)
+                    keys.append(key)
+                    shards.append({"call_id": calls[-1], "key": key})
+                return {
+                    "shards": shards,
+                    "parts": [asdict(part) for part in parts],
+                    "split_in": str(split_in),
+                    "overwrite": overwrite,
+                    "started": started,
+                }
+            except BaseException:
+                self._abandon(job_id, calls, keys)
+                raise
 
     def detach(self, kind: str, spec: Any, job: Any, store: Any, env: Mapping[str, str]) -> None:
-        remote = self.spawn(kind, spec, job.id)
-        store.set_remote(job.id, remote, gpu=self.gpu_for(kind))
-        store.start(job.id, pid=None)
+        self._check_detach()  # before the input is probed for --shards auto
+        parts: list[Any] = [spec]
+        split_in = None
+        if self.settings is not None:
+            from synapse_cli.shards import split_detached
+
+            parts, split_in = split_detached(kind, spec, self, self.settings)
+        remote = self.spawn(kind, spec, job.id, parts if len(parts) > 1 else None, split_in)
+        try:
+            store.set_remote(job.id, remote, gpu=self.gpu_for(kind))
+            store.start(job.id, pid=None)
+        except BaseException:  # the row will say "could not start": its calls must not run on unseen
+            self._abandon(job.id, _call_ids(remote), [s["key"] for s in remote.get("shards", [])])
+            raise
 
     def follow(self, job: Any, store: Any) -> Iterator[Event]:
         from synapse_cli.runs import record
 
-        return record(store, job, self.follow_call(job.kind, job.id, job.remote))
+        remote = job.remote or {}
+        if remote.get("shards"):
+            events = self._follow_shards(job.kind, job.id, job.spec, remote)
+        else:
+            files = _Files(None, job.id)
+            files.local_of = {k: Path(v) for k, v in remote["local_of"].items()}
+            files.output_dirs = {k: Path(v) for k, v in remote["output_dirs"].items()}
+            events = self.follow_call(job.kind, job.id, remote["call_id"], files, bool(remote.get("overwrite")))
+        return record(store, job, events)
 
     def cancel(self, job: Any, store: Any) -> None:
-        self.cancel_call(job.remote)
+        remote = job.remote or {}
+        self.cancel_calls(_call_ids(remote))
+        if remote.get("shards"):  # nobody will merge them: their pieces go
+            self._forget(job.id, [s["key"] for s in remote["shards"]])
         store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel")
 
-    def follow_call(self, kind: str, job_id: str, remote: dict[str, Any], poll_s: float = 0.5) -> Iterator[Event]:
-        """The events a detached call publishes, as they come; outputs are downloaded on the way and committed on ``finished``."""
-        import modal
+    def _follow_shards(self, kind: str, job_id: str, spec_data: dict[str, Any], remote: dict[str, Any]) -> Iterator[Event]:
+        """``jobs wait`` on a sharded job: each shard's events followed and its piece fetched, merged
+        here into one stream and one output (``shards.follow_detached``, as an attached sharded run).
+        Unless it ends with the merged ``finished``, every shard's call is cancelled; the job's
+        Volume folder and Dict entries go either way."""
+        from synapse_cli.jobs import spec_from_dict
+        from synapse_cli.shards import follow_detached
 
+        shards = remote["shards"]
+        spec = spec_from_dict(kind, spec_data)
+        parts = [spec_from_dict(kind, data) for data in remote["parts"]]
+        finished = False
+        try:
+            for event in follow_detached(
+                kind, spec, parts, Path(remote["split_in"]), lambda i, part: _ShardFollower(self, kind, shards[i], part), self.shard_retries
+            ):
+                finished = finished or isinstance(event, Finished)
+                yield event
+        finally:
+            if not finished:
+                self._abandon(job_id, [s["call_id"] for s in shards], [s["key"] for s in shards])
+            else:
+                self._forget(job_id, [s["key"] for s in shards])
+
+    def follow_call(
+        self, kind: str, key: str, call_id: str, files: _Files, overwrite: bool, stop: threading.Event | None = None, poll_s: float = 0.5
+    ) -> Iterator[Event]:
+        """The events a detached call publishes under Dict ``key``, as they come; outputs are downloaded
+        on the way (``files`` maps them) and committed on ``finished``. ``stop`` (set from any thread)
+        ends the stream within ``poll_s``, before its ``finished``."""
         require_credentials(self._env)
         deadline = self._deadline()
         with self._errors():
-            self._reach(deadline)
-            files = _Files(self._volume, job_id)
-            files.local_of = {k: Path(v) for k, v in remote["local_of"].items()}
-            files.output_dirs = {k: Path(v) for k, v in remote["output_dirs"].items()}
+            self._reach(deadline)  # ``import modal`` included
+            import modal
+
+            files.volume = self._volume
             progress = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True, environment_name=self.config.get("environment"))
-            call = modal.FunctionCall.from_id(remote["call_id"])
+            call = modal.FunctionCall.from_id(call_id)
 
             def published() -> Iterator[Event]:
                 seen = 0
-                while True:
-                    items = progress.get(job_id) or []
+                while stop is None or not stop.is_set():
+                    items = progress.get(key) or []
                     for item in items[seen:]:
                         yield from_dict(item)
                         if item.get("type") in ("finished", "error"):
@@ -454,19 +539,108 @@ class ModalBackend(Backend):
                         last = call.get(timeout=poll_s)
                     except TimeoutError:
                         continue
-                    items = progress.get(job_id) or []
+                    items = progress.get(key) or []
                     if len(items) <= seen:
                         yield from_dict(last)
                         return
 
-            yield from self._localized(kind, files, published(), remote["started"], bool(remote.get("overwrite")))
+            # the cost counts the job's own seconds: `jobs wait` may come long after the call ended
+            yield from self._localized(kind, files, published(), None, overwrite)
 
-    def cancel_call(self, remote: dict[str, Any]) -> None:
-        import modal
+    def cancel_calls(self, call_ids: list[str], settle_s: float = 10.0) -> None:
+        """Cancel spawned calls (and so the jobs they run); a BackendError if Modal cannot be reached in time.
 
+        Then wait (``settle_s`` at most) until each has ended, so that what is removed next (the job's
+        Volume folder, its Dict entries) is not written again by a container still stopping."""
         require_credentials(self._env)
+        deadline = self._deadline()
+
+        def cancel() -> list[Any]:
+            import modal
+
+            calls = [modal.FunctionCall.from_id(call_id) for call_id in call_ids]
+            for call in calls:
+                call.cancel()
+            return calls
+
         with self._errors():
-            self._deadline().run(lambda: modal.FunctionCall.from_id(remote["call_id"]).cancel(), "the cancellation")
+            calls = deadline.run(cancel, "the cancellation")  # ``import modal`` included
+
+        def settle() -> None:
+            until = time.monotonic() + settle_s
+            for call in calls:
+                try:
+                    call.get(timeout=max(0.0, until - time.monotonic()))
+                except Exception:  # noqa: BLE001 - a cancelled call raises; ended is all we wait for
+                    pass
+
+        try:
+            _Deadline(settle_s + 1.0).run(settle, "the cancelled calls' end")
+        except BackendError:
+            pass  # still stopping: what they write now may outlive the clean-up
+
+    def shard_states(self, job: Any) -> list[dict[str, Any]] | None:
+        """Each shard's state of a detached sharded job, read from what its call published (and, when
+        that says nothing final, from the call itself): ``{shard, state, done, total}`` with state
+        ``pending``, ``running``, ``finished``, ``failed`` or ``cancelled``. None for a job without shards."""
+        shards = (job.remote or {}).get("shards")
+        if not shards:
+            return None
+        require_credentials(self._env)
+        deadline = self._deadline()
+        with self._errors():
+            deadline.run(self._connect, "the connection")  # ``import modal`` included
+            import modal
+            import modal.exception
+
+            progress = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True, environment_name=self.config.get("environment"))
+            deadline.run(progress.hydrate, f"the lookup of Dict {PROGRESS_DICT!r}")
+            states = []
+            for index, shard in enumerate(shards):
+                state: dict[str, Any] = {"shard": f"{index + 1}/{len(shards)}", "state": "pending", "done": None, "total": None}
+                for item in progress.get(shard["key"]) or []:
+                    _apply(state, item)
+                if state["state"] in ("pending", "running"):
+                    try:
+                        _apply(state, modal.FunctionCall.from_id(shard["call_id"]).get(timeout=0))
+                    except TimeoutError:
+                        pass  # still running (or waiting for a container)
+                    except modal.exception.ConnectionError:
+                        raise  # Modal unreachable: says nothing about the shard
+                    except Exception:  # noqa: BLE001 - crashed, timed out or cancelled without a word (a body's own exception comes back as itself)
+                        state["state"] = "failed"
+                states.append(state)
+            return states
+
+    def _forget(self, job_id: str, keys: list[str]) -> None:
+        """Best effort, once nothing more will be read: the job's Volume folder and its Dict entries go."""
+        try:
+            self._reach(_Deadline(10.0))
+        except Exception:  # noqa: BLE001 - Modal unreachable: nothing can be removed
+            return
+        self._remove_outputs(job_id)
+
+        def pop() -> None:
+            import modal
+
+            progress = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True, environment_name=self.config.get("environment"))
+            for key in keys:
+                progress.pop(key, None)
+
+        if keys:
+            try:
+                _Deadline(10.0).run(pop, "the clean-up")
+            except Exception:  # noqa: BLE001 - a stale entry costs nothing but space
+                pass
+
+    def _abandon(self, job_id: str, call_ids: list[str], keys: list[str] | None = None) -> None:
+        """Best effort, while already failing: cancel the calls, then forget the job's traces on Modal."""
+        if call_ids:
+            try:
+                self.cancel_calls(call_ids)
+            except Exception:  # noqa: BLE001 - the original failure is what the caller reports
+                pass
+        self._forget(job_id, keys or [])
 
     def _stream(self, kind: str, fn: Any, remote_spec: dict[str, Any]) -> Iterator[Event]:
         """``remote_gen`` with retries for transient failures before the first event; never after it."""
@@ -515,3 +689,51 @@ class ModalBackend(Backend):
 
     def close(self) -> None:
         self._stack.close()
+
+
+# -- detached shards: following one, and its state --------------------------------------------
+
+
+class _ShardFollower:
+    """``jobs wait``'s handle on one shard's spawned call (``shards.follow_detached`` runs one per
+    thread): iterate for its events, its piece fetched into the shard spec's outputs. ``terminate()``,
+    from any thread, stops following within a poll; cancelling the call is ``_follow_shards``' part."""
+
+    def __init__(self, backend: ModalBackend, kind: str, shard: dict[str, Any], part: Any) -> None:
+        self.backend, self.kind, self.shard, self.part = backend, kind, shard, part
+        self.stop = threading.Event()
+        self._events: Any = None
+
+    def __iter__(self) -> Iterator[Event]:
+        files = _Files(None, self.shard["key"])  # the Volume paths the shard was staged with, mapped to this run's folder
+        stage_paths(self.kind, asdict(self.part), lambda p: files.output(p) if p.output else p.value)
+        self._events = self.backend.follow_call(self.kind, self.shard["key"], self.shard["call_id"], files, True, stop=self.stop)
+        return self._events
+
+    def terminate(self) -> None:
+        self.stop.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._events is not None:
+            self._events.close()
+
+
+def _call_ids(remote: Mapping[str, Any]) -> list[str]:
+    """Every call a detached job's record names: its one call, or one per shard."""
+    if remote.get("shards"):
+        return [s["call_id"] for s in remote["shards"]]
+    return [remote["call_id"]] if remote.get("call_id") else []
+
+
+def _apply(state: dict[str, Any], item: Mapping[str, Any] | None) -> None:
+    """One published event (or a call's returned last event) applied to a shard's state."""
+    kind = (item or {}).get("type")
+    if kind == "started":
+        state.update(state="running", total=item.get("total"))  # type: ignore[union-attr]
+    elif kind == "progress":
+        state.update(state="running", done=item.get("done"), total=item.get("total") or state["total"])  # type: ignore[union-attr]
+    elif kind == "finished":
+        state.update(state="finished", done=state["total"] if state["total"] is not None else state["done"])
+    elif kind == "error":
+        state["state"] = "cancelled" if item.get("code") == 130 else "failed"  # type: ignore[union-attr]

@@ -12,7 +12,7 @@ from typing_extensions import Annotated
 
 from synapse_cli.cli._options import CONFIG, JSON, PROFILE, Common
 from synapse_cli.cli._run import exit_on_error, settings_for, sigterm_as_interrupt
-from synapse_cli.errors import UsageError
+from synapse_cli.errors import BackendError, UsageError
 
 app = typer.Typer(help="Jobs that outlive the terminal: list, show, wait, cancel, prune.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -74,17 +74,22 @@ def list_jobs(status: STATUS = None, json_output: JSON = False, config: CONFIG =
 def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
     """Status, progress, backend, params, timings, output path and error of one job."""
     with exit_on_error(json_output):
-        _, store = _store(config, profile)
+        settings, store = _store(config, profile)
         job = store.get(job_id)
         data = job.to_dict()
         shards = _shard_states(store, job.id, job.status)
+        if job.status in ("pending", "processing") and (job.remote or {}).get("shards"):  # spawned shards: ask where they run
+            try:
+                shards = _runner(job, settings).shard_states(job)
+            except BackendError as exc:
+                print(f"Warning: {exc}; the shards' states are the job store's", file=sys.stderr)
         if shards:
             data["shards"] = shards
         if json_output:
             typer.echo(json.dumps(data, default=str))
             return
         if shards:
-            typer.echo(f"{'shards':<14} " + ", ".join(f"{s['shard']} {s['state']}" for s in shards))
+            typer.echo(f"{'shards':<14} " + ", ".join(f"{s['shard']} {s['state']}" + _shard_progress(s) for s in shards))
         for key in ("id", "kind", "status", "backend", "progress", "phase", "wall_s", "gpu", "cost_usd", "error_code", "error_message"):
             if data.get(key) is not None:
                 typer.echo(f"{key:<14} {data[key]}")
@@ -94,6 +99,11 @@ def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
         if _output(job):
             typer.echo(f"{'output':<14} {_output(job)}")
         typer.echo(f"{'spec':<14} {json.dumps(job.spec)}")
+
+
+def _shard_progress(state: dict[str, Any]) -> str:
+    done, total = state.get("done"), state.get("total")
+    return f" {done or 0:g}/{total:g}" if total else ""
 
 
 def _shard_states(store: Any, job_id: str, status: str) -> list[dict[str, str]]:

@@ -8,6 +8,7 @@ Routes (see docs/http.md):
 - ``GET  /v1/jobs``, ``GET/DELETE /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` -> detached jobs' records and events.
 - ``GET  /v1/artifacts/{id}``        -> an output file of a finished job (410 once expired, for a recorded job).
 - ``GET  /v1/openapi.json``         -> the OpenAPI document of all of the above (behind the key; ``/openapi.json`` and ``/docs`` stay off).
+- ``GET  /`` and ``POST /v1/session`` -> the jobs page and its cookie (server/session.py).
 
 Errors before the stream starts are JSON bodies shaped like the stream's last
 line: ``{"type": "error", "code": 2, "message": "...", "error": "UsageError"}``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -33,14 +35,14 @@ from typing import Any, AsyncIterator, Callable, Mapping
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from synapse_cli import __version__
 from synapse_cli.events import Failed
 from synapse_cli.render.ndjson import encode
-from synapse_cli.server import runner
+from synapse_cli.server import runner, session
 from synapse_cli.server.detached import DetachedJobs, parse_index, parse_list_params
 from synapse_cli.server.keyfile import is_loopback_host
 from synapse_cli.server.uploads import BadUpload, read_body, remove_tree
@@ -221,22 +223,13 @@ def create_app(
         """
         header = request.headers.get("authorization")
         if header is not None and opts.api_key is not None:
-            address = client_of(request)
-            wait = throttled(address)
-            if wait > 0:
-                return _error(429, "too many wrong API keys from this address; try again later", code=3, error="BackendError",
-                              close=True, headers={"Retry-After": str(max(1, int(wait + 0.999)))})
             scheme, _, token = header.partition(" ")
-            token = token.strip() if scheme.lower() == "bearer" else ""
-            if hmac.compare_digest(_digest(token), _digest(opts.api_key)):
-                return None
-            opts.key_failures.setdefault(address, deque()).append(time.monotonic())
-            if len(opts.key_failures) > 10_000:  # bounded memory: forget the oldest addresses
-                for old in list(opts.key_failures)[:5_000]:
-                    opts.key_failures.pop(old, None)
-            if need_key:
-                return unauthorized()
+            refused = key_refusal(client_of(request), token.strip() if scheme.lower() == "bearer" else "")
+            if refused is None or need_key or refused.status_code == 429:
+                return refused
             # /v1/health answers a wrong key exactly as it answers no key
+        elif header is None and opts.api_key is not None and session.COOKIE in request.cookies and session.uses_cookie(request.url.path):
+            return cookie_refusal(request)
         if "origin" in request.headers or not is_loopback_host(_host_of(request.headers.get("host", ""))):
             return _error(403, "requests from a web page (Origin header) or for a non-loopback Host need the API key", code=3, error="BackendError", close=True)
         if need_key and opts.api_key is not None:
@@ -245,6 +238,66 @@ def create_app(
 
     def unauthorized() -> JSONResponse:
         return _error(401, "missing or wrong API key", code=3, error="BackendError", close=True, headers={"WWW-Authenticate": "Bearer"})
+
+    def key_refusal(address: str, key: str) -> JSONResponse | None:
+        """None for the right key; else 401, counted against ``address`` (429 once it has too many)."""
+        assert opts.api_key is not None
+        wait = throttled(address)
+        if wait > 0:
+            return _error(429, "too many wrong API keys from this address; try again later", code=3, error="BackendError",
+                          close=True, headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        if hmac.compare_digest(_digest(key), _digest(opts.api_key)):
+            return None
+        opts.key_failures.setdefault(address, deque()).append(time.monotonic())
+        if len(opts.key_failures) > 10_000:  # bounded memory: forget the oldest addresses
+            for old in list(opts.key_failures)[:5_000]:
+                opts.key_failures.pop(old, None)
+        return unauthorized()
+
+    # -- the jobs page (server/session.py): GET / and its cookie, POST /v1/session ---------------
+    sessions = app.state.sessions = session.Sessions()
+
+    def cookie_refusal(request: Request) -> JSONResponse | None:
+        """The page's cookie instead of the key: refused (403) from another origin's page, and 401 when
+        the token is unknown or expired (not counted as a wrong key: a restarted server forgets its
+        tokens, and the 256-bit token cannot be guessed)."""
+        if session.foreign_origin(request.url.scheme, request.headers):
+            return _error(403, "requests from another site's page are refused", code=3, error="BackendError", close=True)
+        return None if sessions.valid(request.cookies.get(session.COOKIE)) else unauthorized()
+
+    @app.get("/", response_class=HTMLResponse, openapi_extra={"security": []}, responses={200: {"description": "the jobs page (no data in it)"}})
+    async def jobs_page() -> Response:
+        html, headers = session.page()  # the page holds no data: no key needed
+        return Response(html, media_type="text/html; charset=utf-8", headers=headers)
+
+    @app.post("/v1/session", status_code=204, openapi_extra=session.OPENAPI, responses=session.OPENAPI_RESPONSES)
+    async def new_session(request: Request) -> Response:
+        """``{"key": KEY}`` -> 204 and the ``synapse_session`` cookie; a wrong key is 401, counted like any other."""
+        if opts.api_key is None:
+            return await _refuse(request, _error(404, "this server has no API key, so no sessions (the jobs page needs a key)"), opts)
+        if session.foreign_origin(request.url.scheme, request.headers):
+            return await _refuse(request, _error(403, "requests from another site's page are refused", code=3, error="BackendError", close=True), opts)
+        import anyio
+
+        body = b""
+        try:
+            with anyio.fail_after(opts.body_timeout_s or None):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > session.MAX_BODY_BYTES:
+                        return _error(413, f"the body is larger than {session.MAX_BODY_BYTES} bytes", close=True)
+        except (TimeoutError, ClientDisconnect):
+            return _error(408, "the request body did not arrive in time", close=True)
+        try:
+            key = json.loads(body)["key"]
+            key.encode("utf-8")  # a lone surrogate from JSON is a bad body, not a 500
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _error(422, 'expected a JSON body {"key": "<the API key>"}')
+        refused = key_refusal(client_of(request), key)
+        if refused is not None:
+            return refused
+        cookie = session.cookie_header(sessions.issue(), sessions.ttl_s, secure=request.url.scheme == "https")
+        return Response(status_code=204, headers={"Set-Cookie": cookie, "Cache-Control": "no-store"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -9,13 +9,18 @@ waits for frames and memory does not grow with the video:
                  in pinned host memory on CUDA
     model:       copy to the device (``non_blocking`` from pinned memory),
                  BHWC→BCHW, BGR→RGB, fp16/fp32, /255, forward, NMS, results
-                 back on the host; one thread per model replica
+                 back on the host; one thread per model replica (on CUDA it hands
+                 each call to the device's own long-lived thread: ``gpu_thread``)
 
 Every step after the letterbox is what ultralytics' own ``preprocess``,
 ``inference`` and ``postprocess`` do for a list of frames, so a batch gives
 the batch-1 detections (up to floating-point noise). ``submit`` returns one
 future per frame; the job waits on them in frame order, so results and
 tracking stay in order whatever the batch size.
+
+On CUDA a partial batch (the video's last) is padded with blank frames to the
+full batch, so it runs with the plans already built for that shape, and
+``--batch auto`` probes the largest candidate first.
 
 A batch that runs out of memory is split in half and retried, and later
 batches use the smaller size (a warning says so); batch 1 out of memory is a
@@ -50,13 +55,15 @@ def pick_device() -> str:
 
 
 def choose_batch(candidates: Sequence[int], fits: Callable[[int], bool]) -> int:
-    """The largest of ``candidates`` (ascending) for which ``fits`` holds, stopping at the first that does not; 1 if none."""
-    chosen = 1
-    for b in candidates:
-        if not fits(b):
-            break
-        chosen = b
-    return chosen
+    """The largest of ``candidates`` (ascending) for which ``fits`` holds, trying the largest first; 1 if none.
+
+    Largest first: on a GPU with room (the usual case) one probe settles it, and that probe's input shape is
+    the one every full batch has, so the cuDNN plans it builds are the ones the job uses (see ``gpu_thread``).
+    """
+    for b in sorted(candidates, reverse=True):
+        if fits(b):
+            return b
+    return 1
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -79,6 +86,26 @@ class Engine(Protocol):
     def release(self) -> None: ...
 
 
+_GPU_THREADS: dict[str, ThreadPoolExecutor] = {}
+_GPU_THREADS_LOCK = threading.Lock()
+
+
+def gpu_thread(device: str) -> ThreadPoolExecutor:
+    """The one long-lived thread that makes every model call on ``device`` (CUDA), for every job in this process.
+
+    PyTorch caches cuDNN execution plans per thread (``thread_local`` in ATen's ``Conv_v8.cpp``): a plan built
+    for an input shape on one thread is built again on the next. Profiled on an H200 (docs/infer.md), a fresh
+    model thread spent ~1.5 s per new batch shape doing that (yolo11n-pose has about 100 convolutions), which
+    is most of a 20 s clip's time on the GPU. On one thread per device, the set-up, the batch probe and every
+    batch of every job share their plans.
+    """
+    with _GPU_THREADS_LOCK:
+        executor = _GPU_THREADS.get(device)
+        if executor is None:
+            executor = _GPU_THREADS[device] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synapse-gpu-{device}")
+        return executor
+
+
 class YoloEngine:
     """An ultralytics predictor driven one batch at a time (its ``preprocess`` split so the letterbox runs elsewhere)."""
 
@@ -88,8 +115,10 @@ class YoloEngine:
 
         self.device = device
         self._torch = torch
+        self._gpu = gpu_thread(device) if device.startswith("cuda") else None
+        self.pad_to = 0  # CUDA: partial batches are padded to this size, the shape whose plans are built
         # One real predict sets the predictor up exactly as batch 1 would (imgsz, conf, classes, fp16, warm-up).
-        model.predict(np.zeros(probe_shape, dtype=np.uint8), **predict_args, device=device, half=half)
+        self._on_device(lambda: model.predict(np.zeros(probe_shape, dtype=np.uint8), **predict_args, device=device, half=half))
         self.predictor = model.predictor
         backend = self.predictor.model
         self.half = bool(getattr(backend, "fp16", False))
@@ -108,22 +137,35 @@ class YoloEngine:
         """
         return self._torch.empty(shape, dtype=self._torch.uint8, pin_memory=self._pin)
 
+    def _on_device(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the device's own thread (CUDA), or here."""
+        return fn() if self._gpu is None else self._gpu.submit(fn).result()
+
     def run(self, stacked: Any, images: list[Any]) -> list[Any]:
+        return self._on_device(lambda: self._run(stacked, images))
+
+    def _run(self, stacked: Any, images: list[Any]) -> list[Any]:
         torch, p = self._torch, self.predictor
+        n = len(images)
         with torch.inference_mode():
             im = stacked.to(self._torch_device, non_blocking=self._pin)
+            if self.pad_to > n:  # the last, partial batch: blank frames up to the shape the plans were built for
+                im = torch.cat([im, im.new_zeros((self.pad_to - n, *im.shape[1:]))])
+                images = images + [images[-1]] * (self.pad_to - n)
             im = im.permute(0, 3, 1, 2).contiguous()  # the same steps as BasePredictor.preprocess
             if im.shape[1] == 3:
                 im = im.flip(1)
             im = (im.half() if p.model.fp16 else im.float()).div_(255)
             preds = p.inference(im)
             p.batch = ([f"image{i}.jpg" for i in range(len(images))], images, [""] * len(images))
-            results = p.postprocess(preds, im, images)
+            results = p.postprocess(preds, im, images)[:n]
         if self.device != "cpu":
             results = [r.cpu() for r in results]  # off the GPU here, not in the job thread, one result at a time
         return results
 
     def release(self) -> None:
+        """After running out of memory (or the probe): give cached blocks back, and stop padding partial batches."""
+        self.pad_to = 0
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
 
@@ -142,7 +184,7 @@ class YoloEngine:
         budget = MEMORY_HEADROOM * (free + torch.cuda.memory_reserved(dev))
         try:
             self.run(torch.zeros((batch, h, w, c), dtype=torch.uint8), [np.zeros(shape, dtype=np.uint8)] * batch)
-            torch.cuda.synchronize(dev)
+            self._on_device(lambda: torch.cuda.synchronize(dev))
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise

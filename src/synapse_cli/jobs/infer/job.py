@@ -271,6 +271,8 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 batch = 1
             elif batch == 0:
                 batch = first.auto_batch((height, width, 3))
+            if device.startswith("cuda"):
+                first.pad_to = batch
             prep = max(1, min(4, threads // 2))
             pool = stack.enter_context(BatchedPool(first, more, batch, workers, prep, per_worker))
             engines.append(first)

@@ -1,0 +1,260 @@
+"""``--detach --shards N`` on Modal, through the fake control plane: one spawned call per shard.
+
+``jobs show`` asks Modal for each shard's state, ``jobs wait`` follows every shard and merges
+them here into the output an unsharded run makes (frame count, timestamps, PSNR, audio: as
+``tests/test_shards.py`` compares), ``jobs cancel`` cancels every call; whatever happens,
+nothing is left on the Volume, in the progress Dict or beside the output. Also: an unreachable
+Modal costs a detached run ``[modal] connect_timeout_s`` and no more, ``import modal`` included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_clip
+from tests.test_shards import OVERLAY, SMALL, _params_file, assert_same_video, export
+
+VOLUME = "synapse-data"
+DICT = "synapse-progress"
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("detach") / "rally.mp4", size="640x360", seconds=3.0)
+
+
+@pytest.fixture
+def deployed(modal_fake, db):
+    import importlib
+
+    from modal_functions import app as modal_app
+
+    importlib.reload(modal_app).app.deploy(name="synapse")
+    return modal_fake
+
+
+def wait_for(predicate, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def detached_calls(fake) -> list:
+    return [c for c in fake.function_calls if c.function_name.endswith("_detached")]
+
+
+def status(db: Path, job_id: str) -> str:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def nothing_left_on_modal(fake, job_id: str) -> None:
+    left = [p for p in fake.volume_files(VOLUME) if p.startswith("outputs/")]
+    assert left == []  # the shards' pieces are gone
+    try:
+        published = fake.dict_contents(DICT)
+    except KeyError:  # no call got to publish anything
+        published = {}
+    assert [k for k in published if str(k).startswith(job_id)] == []  # and what they published
+
+
+def show(cli, job_id: str) -> dict:
+    run = cli("jobs", "show", job_id, "--json")
+    assert run.exit_code == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_detach_with_shards_then_show_and_wait(cli, deployed, db, clip, tmp_path):
+    out = tmp_path / "d.mp4"
+    spawned_at = time.monotonic()
+    run = cli("export", clip, "--job", "overlay", "--params", _params_file(out, OVERLAY), "-o", out,
+              "--use-modal", "--detach", "--shards", "2", "--json", env={"SYNAPSE_FFMPEG_PRESET": "ultrafast"})  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    job_id = json.loads(run.stdout)["job_id"]
+    assert [c.function_name for c in deployed.function_calls] == ["export_detached"] * 2
+    assert len([c for c in deployed.calls if c.startswith("VolumePutFiles")]) == 1  # the input went up once
+    assert not any(p.name.startswith(".synapse-shards") for p in tmp_path.iterdir())  # nothing local until jobs wait
+
+    shown = show(cli, job_id)
+    assert shown["status"] == "processing" and [s["shard"] for s in shown["shards"]] == ["1/2", "2/2"]
+    assert {s["state"] for s in shown["shards"]} <= {"pending", "running", "finished"}
+    wait_for(lambda: all(c.outcome == "ok" for c in detached_calls(deployed)))
+    ran_s = time.monotonic() - spawned_at  # each call ran for less than this
+    shown = show(cli, job_id)  # both calls ended, nobody merged yet: the job runs on, its shards are done
+    assert shown["status"] == "processing"
+    assert [s["state"] for s in shown["shards"]] == ["finished", "finished"]
+    assert all(s["total"] and s["done"] == s["total"] for s in shown["shards"])
+    plain = cli("jobs", "show", job_id)
+    assert plain.stdout.splitlines()[0].startswith("shards") and "1/2 finished" in plain.stdout
+
+    time.sleep(2)  # a wait long after the calls ended costs nothing more
+    waited = cli("jobs", "wait", job_id, "--json")
+    assert waited.exit_code == 0, waited.stderr
+    events = waited.events()
+    whole = export(cli, clip, tmp_path / "whole.mp4", "overlay", OVERLAY, "--no-modal")
+    assert_same_video(out, tmp_path / "whole.mp4")
+    # one job's stream, exactly as an attached sharded run: summed progress, never backwards
+    assert events[0]["type"] == "started" and events[0]["total"] == whole[0]["total"]
+    done = [e["done"] for e in events if e["type"] == "progress"]
+    assert done == sorted(done) and done[-1] == events[0]["total"]
+    assert {e["shard"] for e in events if e["type"] == "log" and e.get("shard")} == {"1/2", "2/2"}
+    assert [e["type"] for e in events].count("artifact") == 1
+    result = events[-1]["result"]
+    assert [s["index"] for s in result["shards"]] == [0, 1] and result["frames"] == whole[-1]["result"]["frames"]
+    assert result["output"] == str(out) and result["modal"]["calls"] == 2 and result["modal"]["seconds"] > 0
+    assert result["modal"]["seconds"] < 2 * ran_s  # the jobs' own seconds, summed; not the time since they were spawned
+
+    nothing_left_on_modal(deployed, job_id)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "modal-fake" and not p.name.startswith("jobs.sqlite3")) == [
+        "d.mp4", "d.params.json", "whole.mp4", "whole.params.json"
+    ]  # fmt: skip
+    shown = show(cli, job_id)
+    assert shown["status"] == "completed"
+    assert shown["shards"] == [{"shard": "1/2", "state": "finished"}, {"shard": "2/2", "state": "finished"}]
+
+
+def test_cancel_stops_every_shard(cli, deployed, db, long_clip, tmp_path):
+    out = tmp_path / "o.mp4"
+    run = cli("export", long_clip, "-o", out, "--use-modal", "--detach", "--shards", "2", env={"SYNAPSE_FFMPEG_PRESET": "medium"})
+    assert run.exit_code == 0, run.stderr
+    job_id = run.stdout.strip()
+    wait_for(lambda: len(detached_calls(deployed)) == 2 and all(c.outcome == "running" for c in detached_calls(deployed)))
+    wait_for(lambda: all(s["state"] == "running" for s in show(cli, job_id)["shards"]))
+
+    cancelled = cli("jobs", "cancel", job_id)
+    assert cancelled.exit_code == 0, cancelled.stderr
+    wait_for(lambda: all(c.outcome == "cancelled" for c in detached_calls(deployed)), timeout=15)
+    assert status(db, job_id) == "cancelled"
+    assert cli("jobs", "wait", job_id).exit_code == 130
+    nothing_left_on_modal(deployed, job_id)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == ["modal-fake"]
+
+
+def test_a_job_error_in_one_shard_fails_the_job_and_cancels_the_others(cli, deployed, db, long_clip, tmp_path):
+    cut = tmp_path / "cut.mp4"
+    data = long_clip.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.6)])  # the index says 20 s; the last 8 s of frames are gone
+    out = tmp_path / "o.mp4"
+    run = cli("export", cut, "-o", out, "--use-modal", "--detach", "--shards", "2", env={"SYNAPSE_FFMPEG_PRESET": "medium"})
+    assert run.exit_code == 0, run.stderr
+    job_id = run.stdout.strip()
+    wait_for(lambda: any(c.outcome == "ok" and c.args[1].endswith("/1") for c in detached_calls(deployed)))
+    assert [s["state"] for s in show(cli, job_id)["shards"]] == ["running", "failed"]  # the second returned its error
+
+    waited = cli("jobs", "wait", job_id)
+    assert waited.exit_code == 1, waited.stderr
+    assert waited.stderr.strip().splitlines()[-1].startswith("JobError")
+    first, second = sorted(detached_calls(deployed), key=lambda c: c.args[1])  # by Dict key: shard 1, shard 2
+    assert second.outcome == "ok" and second.args[1].endswith("/1")  # it returned its job's error event
+    wait_for(lambda: first.outcome != "running", timeout=15)
+    assert first.outcome == "cancelled"  # still encoding its (intact) half when the other failed
+    assert status(db, job_id) == "failed"
+    nothing_left_on_modal(deployed, job_id)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == ["cut.mp4", "modal-fake"]
+
+
+def test_a_shard_that_cannot_be_spawned_leaves_no_call_running_and_no_pending_row(cli, deployed, db, clip, tmp_path):
+    from grpclib import GRPCError, Status
+
+    # the first shard's call starts (its first attempt fails; Modal retries it a second later); the second's is refused
+    deployed.fail_next_calls("export_detached", 1, ConnectionError("fake modal: lost the worker"))
+    deployed.fail_next_calls("export_detached", 1, GRPCError(Status.INVALID_ARGUMENT, "refused"))
+    run = cli("export", clip, "-o", tmp_path / "o.mp4", "--use-modal", "--detach", "--shards", "2", *SMALL)
+    assert run.exit_code != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    (job_id, state), = sqlite3.connect(db).execute("SELECT id, status FROM jobs").fetchall()
+    assert state == "failed"
+    assert show(cli, job_id)["error_message"].startswith("could not start")
+    calls = list(deployed.servicer.calls.values())
+    assert len(calls) == 1 and calls[0].cancelled
+    wait_for(lambda: all(c.outcome != "running" for c in detached_calls(deployed)), timeout=15)
+    nothing_left_on_modal(deployed, job_id)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == ["modal-fake"]
+
+
+# -- an unreachable Modal: the detached twin of test_remote's test ---------------------------------
+
+# A fresh process (the modal client goes on retrying in the thread we stopped waiting for). Everything
+# but modal is imported before the clock starts; ``import modal`` is made 3 s slow (a cold disk, a
+# network home), so an import outside the connect deadline shows: 3 s + the deadline.
+UNREACHABLE = """
+import importlib.abc, json, sys, time
+import av, typer
+from typer.testing import CliRunner
+from synapse_cli.cli import app
+import synapse_cli.backends.modal, synapse_cli.jobs.export.job, synapse_cli.render.plain, synapse_cli.runs, synapse_cli.shards
+
+class SlowModal(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "modal":
+            time.sleep(3)
+        return None
+
+sys.meta_path.insert(0, SlowModal())
+start = time.monotonic()
+result = CliRunner().invoke(app, sys.argv[1:], catch_exceptions=False)
+print(json.dumps({"exit_code": result.exit_code, "stderr": result.stderr, "seconds": time.monotonic() - start}))
+"""
+
+
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_unreachable_modal_exits_3_within_connect_timeout_when_detached(clip, db, tmp_path, shards):
+    pytest.importorskip("modal", reason="modal is not installed")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MODAL_SERVER_URL": f"http://127.0.0.1:{port}", "MODAL_TOKEN_ID": "ak-x", "MODAL_TOKEN_SECRET": "as-x",
+           "SYNAPSE_MODAL_CONNECT_TIMEOUT_S": "2"}  # fmt: skip
+    args = ["export", str(clip), "--use-modal", "--detach", "--shards", shards, "-o", str(tmp_path / "o.mp4"), *SMALL]
+    proc = subprocess.run([sys.executable, "-c", UNREACHABLE, *args], env=env, capture_output=True, text=True, timeout=60)
+    run = json.loads(proc.stdout.splitlines()[-1])
+    assert run["exit_code"] == 3, run
+    assert run["seconds"] < 3.0, run
+    lines = run["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"BackendError: cannot reach Modal at http://127.0.0.1:{port}: "), lines
+    assert "within 2 s" in lines[0] and not (tmp_path / "o.mp4").exists()
+    conn = sqlite3.connect(db)
+    assert [r[0] for r in conn.execute("SELECT status FROM jobs")] == ["failed"]  # no pending row left behind
+    conn.close()
+    assert not any(p.name.startswith(".synapse-shards") for p in tmp_path.iterdir())
+
+
+def test_detached_sharded_compile_fills_the_one_output_folder(cli, deployed, db, tmp_path):
+    pytest.importorskip("llguidance", reason="the compile extra is not installed")
+    from tests.conftest import ROOT
+    from tests.test_shards import _files
+
+    data = ROOT / "tests" / "data" / "compile"
+    inputs = [data / "person.json", data / "guardrails.json", data / "line.json"]  # no $ref across files: each is uploaded alone
+    whole = cli("compile", *inputs, "-o", tmp_path / "whole", "--engine", "llguidance", "--no-cache", "--no-modal", "--json")
+    assert whole.exit_code == 0, whole.stderr
+    run = cli("compile", *inputs, "-o", tmp_path / "out", "--engine", "llguidance", "--use-modal", "--detach", "--shards", "2")
+    assert run.exit_code == 0, run.stderr
+    job_id = run.stdout.strip()
+    assert [c.function_name for c in deployed.function_calls] == ["compile_detached"] * 2
+    waited = cli("jobs", "wait", job_id, "--json")
+    assert waited.exit_code == 0, waited.stderr
+    result = waited.events()[-1]["result"]
+    assert len(result["shards"]) == 2 and result["total"] == whole.events()[-1]["result"]["total"]
+    got, expected = _files(tmp_path / "out"), _files(tmp_path / "whole")
+    assert sorted(got) == sorted(expected) and len(got) > 5  # each shard's folder merged into the one
+    # the artefacts byte for byte (a report names its source: on Modal, the input's Volume path)
+    assert {k: v for k, v in got.items() if not k.name.endswith(".report.json")} == {
+        k: v for k, v in expected.items() if not k.name.endswith(".report.json")
+    }
+    nothing_left_on_modal(deployed, job_id)

@@ -7,6 +7,9 @@
   with the size limit and filename checks.
 - ``runner``: a job's folder, its spec rewritten to that folder, the worker thread,
   the event stream and the artifacts it serves.
+- ``detached``: jobs submitted with ``?detach=true``: the server's job store (``<work dir>/jobs.db``),
+  the queue for a free slot, the ``/v1/jobs`` records and the followers of ``/events``.
+- ``openapi``: the document of ``GET /v1/openapi.json``.
 - ``keyfile``: where ``synapse serve`` writes a generated API key (the client reads it).
 
 Importing this package reads nothing and starts nothing; only ``create_app`` touches

@@ -359,8 +359,10 @@ class DetachedJobs:
             finally:
                 if timer is not None:
                     timer.cancel()
-                # a job that ended without a last event (a generator that returned early) still gets one
-                channel.end([Failed(1, "the job ended without a result", "JobError")])
+                try:  # a job that ended without a last event (a generator that returned early) still gets one
+                    channel.end([Failed(1, "the job ended without a result", "JobError")])
+                except Exception:  # noqa: BLE001 - the store failed (a full disk): the slot is freed all the same
+                    log.warning("job %s: cannot record its end", r.job_id, exc_info=True)
                 self.channels.pop(r.job_id, None)
                 opts.runs.pop(r.job_id, None)
                 self._forget(r.job_id)

@@ -168,6 +168,7 @@ _CORE: dict[str, _Setting] = {
     "serve.max_upload_mb": _Setting(2048, _int(1), "largest accepted upload"),
     "serve.work_dir": _Setting(None, _opt_str, "server work dir; default: a temp dir"),
     "serve.max_concurrent_jobs": _Setting(0, _int(0, 10_000), "jobs running (or uploading) at once, more get 429; 0 = one per core"),
+    "serve.max_queued_jobs": _Setting(100, _int(0, 100_000), "detached jobs waiting for a slot (uploads included); more get 429"),
     "serve.job_timeout_s": _Setting(14400.0, _float(0.0, strict=False), "a job running longer is stopped; 0 = no limit"),
     "serve.min_free_mb": _Setting(1024, _int(0), "free disk the work dir must keep after an upload (else 507)"),
     "serve.stall_timeout_s": _Setting(60.0, _float(), "a client that stops reading the stream this long cancels its job"),

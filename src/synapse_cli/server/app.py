@@ -183,7 +183,7 @@ def create_app(
     unknown = sorted(set(limits) - known)
     if unknown:
         raise TypeError(f"create_app got unexpected keyword argument(s): {', '.join(unknown)}")
-    for name in ("max_concurrent_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s"):
+    for name in ("max_concurrent_jobs", "max_queued_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s"):
         if name not in limits and f"serve.{name}" in settings:
             limits[name] = settings[f"serve.{name}"]
     models_dir = models_dir if models_dir is not None else settings.get("serve.models_dir")
@@ -341,7 +341,7 @@ def create_app(
             return await _refuse(request, _error(422, f"detach: expected true or false, got {detach[:20]!r}", close=True), opts)
         detach_ = detach in ("true", "1")
         if detach_ and len(opts.waiting) >= opts.max_queued_jobs:
-            return await _refuse(request, _error(429, f"the server has {len(opts.waiting)} detached jobs waiting, its limit (max_queued_jobs); try again shortly",
+            return await _refuse(request, _error(429, f"the server has {len(opts.waiting)} detached jobs waiting, its limit (serve.max_queued_jobs); try again shortly",
                           code=3, error="BackendError", close=True, headers={"Retry-After": "5"}), opts)
         if not detach_ and opts.slots_used() >= opts.job_slots:
             return await _refuse(request, _error(429, f"the server is running {opts.slots_used()} jobs, its limit (serve.max_concurrent_jobs); try again shortly",

@@ -25,3 +25,26 @@ def test_a_detached_no_cache_job_has_no_key(cli, db, tiny, tmp_path):
     job_id = cli("export", tiny, "-o", tmp_path / "d.mp4", "--detach", "--no-cache", *SMALL).stdout.strip()
     assert cli("jobs", "wait", job_id).exit_code == 0
     assert json.loads(cli("jobs", "show", job_id, "--json").stdout)["cache_key"] is None
+
+
+def test_an_identical_job_runs_rather_than_wait_on_a_detached_remote_one(cli, db, tiny, tmp_path):
+    """A detached Modal or endpoint job's events reach this store only while `synapse jobs wait` runs, so an
+    identical job must not follow it (it waited for ever): it runs itself."""
+    import sqlite3
+    import subprocess
+    import time
+
+    from tests.conftest import synapse_cmd
+
+    assert cli("export", tiny, "-o", tmp_path / "a.mp4", *SMALL).exit_code == 0
+    with sqlite3.connect(db) as conn:  # that job, as if it were detached to an endpoint and still running there
+        (count,) = conn.execute(
+            "UPDATE jobs SET status = 'processing', detached = 1, backend = 'http', pid = NULL, heartbeat_at = ?, "
+            "remote = '{\"endpoint\": \"http://127.0.0.1:9\", \"id\": \"x\"}' RETURNING 1", (time.time(),)
+        ).fetchone()
+    proc = subprocess.run([*synapse_cmd(), "export", str(tiny), "-o", str(tmp_path / "b.mp4"), "--json", *SMALL],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert not any("already running the same job" in e.get("message", "") for e in events)
+    assert any(e["type"] == "progress" for e in events) and (tmp_path / "b.mp4").stat().st_size > 0

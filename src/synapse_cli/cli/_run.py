@@ -213,7 +213,8 @@ def job_events(plan: Plan) -> Iterator[Event]:
     plan.job_id = job.id
     if other is not None and reusable(other):
         events = reuse(other, kind, spec)
-    elif other is not None and other.status in ACTIVE:
+    elif other is not None and other.status in ACTIVE and not (other.detached and other.backend != "local"):
+        # (a detached Modal or endpoint job's events reach this store only while `jobs wait` runs: not followed)
         events = follow(store, other, kind, spec)
     else:
         from synapse_cli.shards import job_events as run_events  # one call, or shards merged into one stream

@@ -240,15 +240,7 @@ class HttpBackend(Backend):
                 response.close()
                 raise BackendError(f"{self.endpoint} does not keep detached jobs (an older synapse serve?): run without --detach")
             return response
-        try:
-            body = response.read()
-        finally:
-            response.close()
-        if response.status_code in (401, 403):
-            raise BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url}; set SYNAPSE_API_KEY or --api-key)")
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
-        raise _error_from_body(url, response.status_code, body)
+        raise _refusal(response, url)
 
     def _diagnose(self, url: str, uploads: list[tuple[str, Path]], exc: Exception) -> Exception:
         """The connection broke during the upload: ask /v1/health why (a wrong key, or a file over the limit)."""
@@ -441,17 +433,10 @@ class HttpBackend(Backend):
             response = self._client.send(request, stream=True)
             if response.status_code == 200:
                 return response
-            try:
-                body = response.read()
-            finally:
-                response.close()
-            if response.status_code in (401, 403):
-                raise BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url}; set SYNAPSE_API_KEY or --api-key)")
             if response.status_code == 404:
+                response.close()
                 raise _NoJob()
-            if response.status_code == 429 or response.status_code >= 500:
-                raise _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
-            raise _error_from_body(url, response.status_code, body)
+            raise _refusal(response, url)
 
         attempts = EVENTS_RETRIES + 1
         try:
@@ -673,6 +658,19 @@ class _Mirror:
             self._buffer, self._progress = [], None
 
         _store_write(write)
+
+
+def _refusal(response: httpx.Response, url: str) -> Exception:
+    """What a streamed request that did not get its 200 raises: a wrong key, a retryable 429/5xx, or the server's own error."""
+    try:
+        body = response.read()
+    finally:
+        response.close()
+    if response.status_code in (401, 403):
+        return BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url}; set SYNAPSE_API_KEY or --api-key)")
+    if response.status_code == 429 or response.status_code >= 500:
+        return _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
+    return _error_from_body(url, response.status_code, body)
 
 
 def _error_from_body(url: str, status: int, body: bytes) -> Exception:

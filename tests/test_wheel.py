@@ -63,15 +63,17 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path, modal_fake):
     deploy = run("deploy", "--json")  # the real modal client against the fake control plane
     assert deploy.returncode == 0, deploy.stderr
     assert "export" in json.loads(deploy.stdout)["functions"]
-    completion = run("--show-completion", "bash")
+    completion = subprocess.run(["bash", "-c", '"$@"; exit $?', "bash", str(synapse), "--show-completion"], cwd=work, env=env,
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
     assert completion.returncode == 0 and "_SYNAPSE_COMPLETE" in completion.stdout
 
 
 def test_shell_completion_and_metavars(cli):
     from tests.conftest import synapse_cmd
 
-    shown = subprocess.run([*synapse_cmd(), "--show-completion", "bash"], capture_output=True, text=True,
-                           env={**os.environ, "SHELL": "/bin/bash"})
+    # typer's --show-completion takes no value: it names the shell it runs under (shellingham reads the process
+    # tree), so the command runs as a child of bash, whatever runs the tests
+    shown = subprocess.run(["bash", "-c", '"$@"; exit $?', "bash", *synapse_cmd(), "--show-completion"], capture_output=True, text=True)
     assert shown.returncode == 0 and "_SYNAPSE_COMPLETE=complete_bash" in shown.stdout, shown.stderr
     completed = subprocess.run(synapse_cmd(), capture_output=True, text=True,
                                env={**os.environ, "_SYNAPSE_COMPLETE": "complete_bash", "COMP_WORDS": "synapse exp", "COMP_CWORD": "1"})

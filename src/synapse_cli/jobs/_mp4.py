@@ -84,11 +84,14 @@ def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]
 
 
 def _find_moov(f: BinaryIO) -> bytes | None:
-    """The ``moov`` payload, wherever it is in the file (before or after the media); None if this is not an MP4/MOV."""
+    """The ``moov`` payload, wherever it is in the file (before or after the media); None if this is not an
+    MP4/MOV, or if any top-level box runs past the end of the file (a truncated download or copy: PyAV, which
+    decodes a frame, judges it)."""
     f.seek(0, 2)
     size = f.tell()
     at = 0
     first = True
+    moov = None
     while at + 8 <= size:
         f.seek(at)
         head = f.read(16)
@@ -103,14 +106,14 @@ def _find_moov(f: BinaryIO) -> bytes | None:
         if first and kind not in _TOP_LEVEL:
             return None
         first = False
-        if length < header:
+        if length < header or at + length > size:
             return None
         if kind == b"moov":
-            if length - header > _MAX_MOOV or at + length > size:
+            if length - header > _MAX_MOOV:
                 return None
-            return f.read(length - header) if header == 16 else head[8:] + f.read(length - header - 8)
+            moov = f.read(length - header) if header == 16 else head[8:] + f.read(length - header - 8)
         at += length
-    return None
+    return moov if at == size else None
 
 
 def _full(data: bytes, at: int) -> int:

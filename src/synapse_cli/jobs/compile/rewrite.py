@@ -270,3 +270,189 @@ def outlines_dropped(schema: Any) -> set[str]:
                 consumed.add("format")
         dropped |= keys - consumed
     return dropped
+
+
+# -- the text outlines-core embeds between quotes ----------------------------------------------
+#
+# outlines-core writes a string's ``pattern`` (``^``/``$`` stripped) and the regexes of its ``uri`` and
+# ``email`` formats between the two quotes of a JSON string as they are: a class such as ``[^\s]`` or ``.``
+# also matches ``"``, so the string can run past its closing quote and swallow the rest of the object
+# (measured: ``"pattern": "^[^:\\s]+:[^:\\s]+(:[^\\s]+)?$"`` beside ``additionalProperties: false``
+# accepted ``{"browserTarget": "a:b:c", "extra": "x"}``). Property names go in regex-escaped but not
+# JSON-escaped. ``for_outlines_regex`` hands outlines-core text that already is what it embeds: each
+# pattern translated to the JSON-escaped form of the strings it matches (search semantics, as JSON
+# Schema means it), and property names written as they appear in JSON text.
+
+# formats whose outlines-core regex can match a quote or a backslash: their shape, as a pattern
+_QUOTE_UNSAFE_FORMATS = ("uri", "email")
+
+
+class _EncodedRegex:
+    """A JSON Schema ``pattern`` -> a regex over the JSON-escaped text of the strings it matches.
+
+    Written in the syntax Python's ``re`` and Rust's ``regex`` (outlines-core) read alike: non-capturing
+    groups, classes of ``\\uXXXX``/``\\UXXXXXXXX`` escapes, counted repeats. Raises ``gbnf.Unsupported``
+    for what it cannot translate (flags, look-around, back-references, anchors inside the pattern).
+    """
+
+    def convert(self, pattern: str) -> str:
+        from synapse_cli.jobs.compile import gbnf
+
+        try:
+            tree = gbnf._p.parse(pattern)
+        except Exception as exc:  # re.error: \p{..} classes, ECMAScript-only syntax
+            raise gbnf.Unsupported(f"cannot parse regex: {exc}") from None
+        flags = tree.state.flags if hasattr(tree, "state") else 0
+        if flags & (gbnf._c.SRE_FLAG_IGNORECASE | gbnf._c.SRE_FLAG_MULTILINE | gbnf._c.SRE_FLAG_VERBOSE | gbnf._c.SRE_FLAG_DOTALL):
+            raise gbnf.Unsupported("regex flags are not supported")
+        items = list(tree)
+        if len(items) == 1 and items[0][0] is gbnf._c.BRANCH:
+            branches = [list(b) for b in items[0][1][1]]
+        else:
+            branches = [items]
+        return "(?:" + "|".join(self._anchored(b) for b in branches) + ")"
+
+    def _anchored(self, items: list) -> str:
+        from synapse_cli.jobs.compile import gbnf
+
+        c = gbnf._c
+        start = bool(items) and items[0][0] is c.AT and items[0][1] in (c.AT_BEGINNING, c.AT_BEGINNING_STRING)
+        if start:
+            items = items[1:]
+        end = bool(items) and items[-1][0] is c.AT and items[-1][1] in (c.AT_END, c.AT_END_STRING)
+        if end:
+            items = items[:-1]
+        anything = self._chars([(0, gbnf.MAX_CP)]) + "*"
+        return ("" if start else anything) + self._seq(items) + ("" if end else anything)
+
+    def _seq(self, items: Any) -> str:
+        return "".join(self._node(op, av) for op, av in items)
+
+    def _chars(self, ranges: list[tuple[int, int]]) -> str:
+        """One character of a JSON string whose decoded value lies in ``ranges``, as ``json.dumps`` writes it."""
+        from synapse_cli.jobs.compile import gbnf
+
+        ranges = gbnf._norm_ranges(ranges)
+        alts = []
+        plain = gbnf._subtract(ranges, gbnf._JSON_SPECIAL + [(0xD800, 0xDFFF)])
+        if plain:
+            alts.append("[" + "".join(_cls(lo) if lo == hi else f"{_cls(lo)}-{_cls(hi)}" for lo, hi in plain) + "]")
+        short, coded = [], {}  # \" \\ \n ... and \u00XX, grouped by the first hex digit
+        for lo, hi in ranges:
+            for spec_lo, spec_hi in gbnf._JSON_SPECIAL:
+                for cp in range(max(lo, spec_lo), min(hi, spec_hi) + 1):
+                    escaped = gbnf._json_escape(cp)
+                    if len(escaped) == 2:
+                        short.append(escaped[1])
+                    else:
+                        coded.setdefault(escaped[4], []).append(escaped[5])
+        if short:
+            alts.append("\\\\" + ("[" + "".join(_cls(ord(ch)) for ch in short) + "]" if len(short) > 1 else _text(short[0])))
+        if coded:
+            tails = [hi_digit + ("[" + "".join(lo_digits) + "]" if len(lo_digits) > 1 else lo_digits[0]) for hi_digit, lo_digits in coded.items()]
+            alts.append("\\\\u00" + (tails[0] if len(tails) == 1 else "(?:" + "|".join(tails) + ")"))
+        if not alts:
+            raise gbnf.Unsupported("empty character class")
+        return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+
+    def _node(self, op: Any, av: Any) -> str:
+        from synapse_cli.jobs.compile import gbnf
+
+        c = gbnf._c
+        if op is c.LITERAL:
+            return _text(gbnf._json_escape(av)) if av not in range(0xD800, 0xE000) else self._chars([])
+        if op is c.NOT_LITERAL:
+            return self._chars(gbnf._complement([(av, av)]))
+        if op is c.ANY:
+            return self._chars(gbnf._complement([(0x0A, 0x0A)]))
+        if op is c.IN:
+            return self._chars(gbnf.RegexToGbnf(json_string=True, char_rule="char")._in_ranges(av))
+        if op is c.BRANCH:
+            return "(?:" + "|".join(self._seq(b) for b in av[1]) + ")"
+        if op is c.SUBPATTERN:
+            _group, add_flags, del_flags, sub = av
+            if add_flags or del_flags:
+                raise gbnf.Unsupported("inline regex flags are not supported")
+            return "(?:" + self._seq(sub) + ")"
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT):  # lazy or greedy: the same language
+            lo, hi, sub = av
+            if hi == 0:
+                return ""
+            inner = "(?:" + self._seq(sub) + ")"
+            if hi is c.MAXREPEAT or hi == c.MAXREPEAT:
+                return f"{inner}*" if lo == 0 else f"{inner}+" if lo == 1 else f"{inner}{{{lo},}}"
+            if (lo, hi) == (0, 1):
+                return f"{inner}?"
+            return f"{inner}{{{lo},{hi}}}" if lo != hi else f"{inner}{{{lo}}}"
+        name = getattr(op, "name", str(op))
+        raise gbnf.Unsupported(f"regex construct {name} is not supported")
+
+
+_RUST_META = set("\\.+*?()|[]{}^$#&-~")
+
+
+def _text(s: str) -> str:
+    """A regex matching ``s`` exactly (only what both Python's ``re`` and Rust's ``regex`` treat as special is escaped)."""
+    return "".join("\\" + ch if ch in _RUST_META else ch if 0x20 <= ord(ch) < 0x7F else _esc(ord(ch)) for ch in s)
+
+
+def _cls(cp: int) -> str:
+    ch = chr(cp)
+    if ch in "\\]^-[&~|" :
+        return "\\" + ch
+    return ch if 0x20 < cp < 0x7F else _esc(cp)
+
+
+def _esc(cp: int) -> str:
+    return f"\\u{cp:04X}" if cp <= 0xFFFF else f"\\U{cp:08X}"
+
+
+def _format_shape(fmt: str) -> str | None:
+    """outlines-core's own regex for ``format``, as a pattern over the decoded string (None: not known)."""
+    from outlines_core.json_schema import build_regex_from_schema
+
+    try:
+        text = build_regex_from_schema(json.dumps({"type": "string", "format": fmt}), None)
+    except BaseException as exc:  # pyo3 panics are BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        return None
+    return "^(?:" + text[1:-1] + ")$" if text.startswith('"') and text.endswith('"') else None
+
+
+def for_outlines_regex(schema: Any) -> tuple[Any, set[str]]:
+    """``(schema, ignored)``: the (rewritten) schema as outlines-core must receive it to embed its pieces
+    in JSON text correctly; ``ignored`` names what had to be taken out (a pattern we cannot translate).
+
+    Only the text outlines-core embeds changes: ``pattern`` (to the JSON-escaped form), ``format: uri``
+    and ``email`` where outlines reads them (replaced by their own shape, translated the same way), and
+    property names that JSON escapes (with the ``required`` entries that name them).
+    """
+    if not isinstance(schema, dict):
+        return schema, set()
+    ignored: set[str] = set()
+    out = copy.deepcopy(schema)
+    for _, node in walk(out):
+        pattern = node.get("pattern")
+        fmt = node.get("format")
+        if not isinstance(pattern, str) and fmt in _QUOTE_UNSAFE_FORMATS and not ({"minLength", "maxLength"} & set(node)):
+            shape = _format_shape(fmt)
+            if shape is not None:
+                pattern = shape
+            del node["format"]  # reported ignored all the same: checked by shape only
+        if isinstance(pattern, str):
+            try:
+                node["pattern"] = _EncodedRegex().convert(pattern)
+            except Exception:  # gbnf.Unsupported, or a pattern past what the translation reads
+                del node["pattern"]
+                ignored.add("pattern")
+        props = node.get("properties")
+        if isinstance(props, dict) and any(_json_name(n) != n for n in props):
+            node["properties"] = {_json_name(n): s for n, s in props.items()}
+            if isinstance(node.get("required"), list):
+                node["required"] = [_json_name(r) if isinstance(r, str) else r for r in node["required"]]
+    return out, ignored
+
+
+def _json_name(name: str) -> str:
+    return json.dumps(name, ensure_ascii=False)[1:-1]

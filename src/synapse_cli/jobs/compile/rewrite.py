@@ -310,23 +310,17 @@ class _EncodedRegex:
             branches = [list(b) for b in items[0][1][1]]
         else:
             branches = [items]
-        return "(?:" + "|".join(self._anchored(b) for b in branches) + ")"
-
-    def _anchored(self, items: list) -> str:
-        from synapse_cli.jobs.compile import gbnf
-
-        c = gbnf._c
-        start = bool(items) and items[0][0] is c.AT and items[0][1] in (c.AT_BEGINNING, c.AT_BEGINNING_STRING)
-        if start:
-            items = items[1:]
-        end = bool(items) and items[-1][0] is c.AT and items[-1][1] in (c.AT_END, c.AT_END_STRING)
-        if end:
-            items = items[:-1]
         anything = self._chars([(0, gbnf.MAX_CP)]) + "*"
-        return ("" if start else anything) + self._seq(items) + ("" if end else anything)
+        alts = []
+        for branch in branches:
+            start, end = _anchored(branch, 0), _anchored(branch, -1)
+            alts.append(("" if start else anything) + self._seq(branch, start, end) + ("" if end else anything))
+        return "(?:" + "|".join(alts) + ")"
 
-    def _seq(self, items: Any) -> str:
-        return "".join(self._node(op, av) for op, av in items)
+    def _seq(self, items: Any, first: bool = False, last: bool = False) -> str:
+        """``first``/``last``: the sequence starts/ends the string, so a ``^``/``$`` there is already satisfied."""
+        n = len(items)
+        return "".join(self._node(op, av, first and i == 0, last and i == n - 1) for i, (op, av) in enumerate(items))
 
     def _chars(self, ranges: list[tuple[int, int]]) -> str:
         """One character of a JSON string whose decoded value lies in ``ranges``, as ``json.dumps`` writes it."""
@@ -355,10 +349,12 @@ class _EncodedRegex:
             raise gbnf.Unsupported("empty character class")
         return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
 
-    def _node(self, op: Any, av: Any) -> str:
+    def _node(self, op: Any, av: Any, first: bool = False, last: bool = False) -> str:
         from synapse_cli.jobs.compile import gbnf
 
         c = gbnf._c
+        if op is c.AT and ((first and av in _BEGIN) or (last and av in _END)):
+            return ""
         if op is c.LITERAL:
             return _text(gbnf._json_escape(av)) if av not in range(0xD800, 0xE000) else self._chars([])
         if op is c.NOT_LITERAL:
@@ -368,12 +364,12 @@ class _EncodedRegex:
         if op is c.IN:
             return self._chars(gbnf.RegexToGbnf(json_string=True, char_rule="char")._in_ranges(av))
         if op is c.BRANCH:
-            return "(?:" + "|".join(self._seq(b) for b in av[1]) + ")"
+            return "(?:" + "|".join(self._seq(b, first, last) for b in av[1]) + ")"
         if op is c.SUBPATTERN:
             _group, add_flags, del_flags, sub = av
             if add_flags or del_flags:
                 raise gbnf.Unsupported("inline regex flags are not supported")
-            return "(?:" + self._seq(sub) + ")"
+            return "(?:" + self._seq(sub, first, last) + ")"
         if op in (c.MAX_REPEAT, c.MIN_REPEAT):  # lazy or greedy: the same language
             lo, hi, sub = av
             if hi == 0:
@@ -388,6 +384,34 @@ class _EncodedRegex:
         raise gbnf.Unsupported(f"regex construct {name} is not supported")
 
 
+def _anchored(items: list, edge: int) -> bool:
+    """Does the sequence begin (edge 0) or end (edge -1) with ``^``/``$`` on every path? Raises when only some paths do."""
+    from synapse_cli.jobs.compile import gbnf
+
+    c = gbnf._c
+    if not items:
+        return False
+    op, av = items[edge]
+    if op is c.AT:
+        return av in (_BEGIN if edge == 0 else _END)
+    if op is c.BRANCH:
+        found = {_anchored(list(b), edge) for b in av[1]}
+        if len(found) > 1:
+            raise gbnf.Unsupported("an anchor on some alternatives only")
+        return found.pop()
+    if op is c.SUBPATTERN:
+        return _anchored(list(av[3]), edge)
+    return False
+
+
+def _at(*names: str) -> frozenset:
+    from synapse_cli.jobs.compile import gbnf
+
+    return frozenset(getattr(gbnf._c, n) for n in names)
+
+
+_BEGIN = _at("AT_BEGINNING", "AT_BEGINNING_STRING")
+_END = _at("AT_END", "AT_END_STRING")
 _RUST_META = set("\\.+*?()|[]{}^$#&-~")
 
 

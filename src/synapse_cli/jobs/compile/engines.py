@@ -178,16 +178,17 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
             from outlines_core.json_schema import build_regex_from_schema
 
             from synapse_cli.jobs.compile.normalize import keywords_used
-            from synapse_cli.jobs.compile.rewrite import for_outlines, outlines_dropped
+            from synapse_cli.jobs.compile.rewrite import for_outlines, for_outlines_regex, outlines_dropped
 
             prepared = for_outlines(payload)  # same meaning, in the shapes outlines reads fully
+            embedded, untranslated = for_outlines_regex(prepared)  # patterns and names as JSON text
             try:
-                artefact = build_regex_from_schema(json.dumps(prepared), None)
+                artefact = build_regex_from_schema(json.dumps(embedded), None)
             except BaseException as exc:  # pyo3 panics are BaseException
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
                 raise EngineFailure(_one_line(exc)) from None
-            dropped = outlines_dropped(prepared)
+            dropped = outlines_dropped(prepared) | untranslated
             ignored = sorted(_ignored_by(sorted(keywords_used(prepared)), OUTLINES_ENFORCED, prepared, OUTLINES_FORMATS) | dropped)
         else:
             artefact = payload

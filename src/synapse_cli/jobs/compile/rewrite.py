@@ -270,3 +270,227 @@ def outlines_dropped(schema: Any) -> set[str]:
                 consumed.add("format")
         dropped |= keys - consumed
     return dropped
+
+
+# -- the text outlines-core embeds between quotes ----------------------------------------------
+#
+# outlines-core writes a string's ``pattern`` (``^``/``$`` stripped) and the regexes of its ``uri`` and
+# ``email`` formats between the two quotes of a JSON string as they are: a class such as ``[^\s]`` or ``.``
+# also matches ``"``, so the string can run past its closing quote and swallow the rest of the object
+# (measured: ``"pattern": "^[^:\\s]+:[^:\\s]+(:[^\\s]+)?$"`` beside ``additionalProperties: false``
+# accepted ``{"browserTarget": "a:b:c", "extra": "x"}``). Property names go in regex-escaped but not
+# JSON-escaped. ``for_outlines_regex`` hands outlines-core text that already is what it embeds: each
+# pattern translated to the JSON-escaped form of the strings it matches (search semantics, as JSON
+# Schema means it), and property names written as they appear in JSON text.
+
+# formats whose outlines-core regex can match a quote or a backslash: their shape, as a pattern
+_QUOTE_UNSAFE_FORMATS = ("uri", "email")
+
+
+class _EncodedRegex:
+    """A JSON Schema ``pattern`` -> a regex over the JSON-escaped text of the strings it matches.
+
+    Written in the syntax Python's ``re`` and Rust's ``regex`` (outlines-core) read alike: non-capturing
+    groups, classes of ``\\uXXXX``/``\\UXXXXXXXX`` escapes, counted repeats. Raises ``gbnf.Unsupported``
+    for what it cannot translate (flags, look-around, back-references, anchors inside the pattern).
+    """
+
+    def __init__(self, plain: bool = False) -> None:
+        # inside a counted repeat ({m,n}) a character is matched only where JSON writes it as itself:
+        # outlines-core's index grows exponentially with counted copies of "\"-escape alternatives at
+        # the start of a regex (measured: "([^"\\]|\\["\\/bfnrt]){1,20}", outlines' own string regex
+        # with a length, as a whole schema, runs for minutes; behind "{" it takes 4 ms)
+        self.plain = plain
+
+    def convert(self, pattern: str) -> str:
+        from synapse_cli.jobs.compile import gbnf
+
+        try:
+            tree = gbnf._p.parse(pattern)
+        except Exception as exc:  # re.error: \p{..} classes, ECMAScript-only syntax
+            raise gbnf.Unsupported(f"cannot parse regex: {exc}") from None
+        flags = tree.state.flags if hasattr(tree, "state") else 0
+        if flags & (gbnf._c.SRE_FLAG_IGNORECASE | gbnf._c.SRE_FLAG_MULTILINE | gbnf._c.SRE_FLAG_VERBOSE | gbnf._c.SRE_FLAG_DOTALL):
+            raise gbnf.Unsupported("regex flags are not supported")
+        items = list(tree)
+        if len(items) == 1 and items[0][0] is gbnf._c.BRANCH:
+            branches = [list(b) for b in items[0][1][1]]
+        else:
+            branches = [items]
+        anything = self._chars([(0, gbnf.MAX_CP)]) + "*"
+        alts = []
+        for branch in branches:
+            start, end = _anchored(branch, 0), _anchored(branch, -1)
+            alts.append(("" if start else anything) + self._seq(branch, start, end) + ("" if end else anything))
+        return "(?:" + "|".join(alts) + ")"
+
+    def _seq(self, items: Any, first: bool = False, last: bool = False) -> str:
+        """``first``/``last``: the sequence starts/ends the string, so a ``^``/``$`` there is already satisfied."""
+        n = len(items)
+        return "".join(self._node(op, av, first and i == 0, last and i == n - 1) for i, (op, av) in enumerate(items))
+
+    def _chars(self, ranges: list[tuple[int, int]]) -> str:
+        """One character of a JSON string whose decoded value lies in ``ranges``, as ``json.dumps`` writes it."""
+        from synapse_cli.jobs.compile import gbnf
+
+        ranges = gbnf._norm_ranges(ranges)
+        alts = []
+        plain = gbnf._subtract(ranges, gbnf._JSON_SPECIAL + [(0xD800, 0xDFFF)])
+        if plain:
+            alts.append("[" + "".join(_cls(lo) if lo == hi else f"{_cls(lo)}-{_cls(hi)}" for lo, hi in plain) + "]")
+        short, coded = [], {}  # \" \\ \n ... and \u00XX, grouped by the first hex digit
+        for lo, hi in [] if self.plain else ranges:
+            for spec_lo, spec_hi in gbnf._JSON_SPECIAL:
+                for cp in range(max(lo, spec_lo), min(hi, spec_hi) + 1):
+                    escaped = gbnf._json_escape(cp)
+                    if len(escaped) == 2:
+                        short.append(escaped[1])
+                    else:
+                        coded.setdefault(escaped[4], []).append(escaped[5])
+        if short:
+            alts.append("\\\\" + ("[" + "".join(_cls(ord(ch)) for ch in short) + "]" if len(short) > 1 else _text(short[0])))
+        if coded:
+            tails = [hi_digit + ("[" + "".join(lo_digits) + "]" if len(lo_digits) > 1 else lo_digits[0]) for hi_digit, lo_digits in coded.items()]
+            alts.append("\\\\u00" + (tails[0] if len(tails) == 1 else "(?:" + "|".join(tails) + ")"))
+        if not alts:
+            raise gbnf.Unsupported("empty character class")
+        return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+
+    def _node(self, op: Any, av: Any, first: bool = False, last: bool = False) -> str:
+        from synapse_cli.jobs.compile import gbnf
+
+        c = gbnf._c
+        if op is c.AT and ((first and av in _BEGIN) or (last and av in _END)):
+            return ""
+        if op is c.LITERAL:
+            return _text(gbnf._json_escape(av)) if av not in range(0xD800, 0xE000) else self._chars([])
+        if op is c.NOT_LITERAL:
+            return self._chars(gbnf._complement([(av, av)]))
+        if op is c.ANY:
+            return self._chars(gbnf._complement([(0x0A, 0x0A)]))
+        if op is c.IN:
+            return self._chars(gbnf.RegexToGbnf(json_string=True, char_rule="char")._in_ranges(av))
+        if op is c.BRANCH:
+            return "(?:" + "|".join(self._seq(b, first, last) for b in av[1]) + ")"
+        if op is c.SUBPATTERN:
+            _group, add_flags, del_flags, sub = av
+            if add_flags or del_flags:
+                raise gbnf.Unsupported("inline regex flags are not supported")
+            return "(?:" + self._seq(sub, first, last) + ")"
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT):  # lazy or greedy: the same language
+            lo, hi, sub = av
+            if hi == 0:
+                return ""
+            counted = (lo, hi) not in ((0, 1), (0, c.MAXREPEAT), (1, c.MAXREPEAT))
+            outer, self.plain = self.plain, self.plain or counted
+            try:
+                inner = "(?:" + self._seq(sub) + ")"
+            finally:
+                self.plain = outer
+            if hi is c.MAXREPEAT or hi == c.MAXREPEAT:
+                return f"{inner}*" if lo == 0 else f"{inner}+" if lo == 1 else f"{inner}{{{lo},}}"
+            if (lo, hi) == (0, 1):
+                return f"{inner}?"
+            return f"{inner}{{{lo},{hi}}}" if lo != hi else f"{inner}{{{lo}}}"
+        name = getattr(op, "name", str(op))
+        raise gbnf.Unsupported(f"regex construct {name} is not supported")
+
+
+def _anchored(items: list, edge: int) -> bool:
+    """Does the sequence begin (edge 0) or end (edge -1) with ``^``/``$`` on every path? Raises when only some paths do."""
+    from synapse_cli.jobs.compile import gbnf
+
+    c = gbnf._c
+    if not items:
+        return False
+    op, av = items[edge]
+    if op is c.AT:
+        return av in (_BEGIN if edge == 0 else _END)
+    if op is c.BRANCH:
+        found = {_anchored(list(b), edge) for b in av[1]}
+        if len(found) > 1:
+            raise gbnf.Unsupported("an anchor on some alternatives only")
+        return found.pop()
+    if op is c.SUBPATTERN:
+        return _anchored(list(av[3]), edge)
+    return False
+
+
+def _at(*names: str) -> frozenset:
+    from synapse_cli.jobs.compile import gbnf
+
+    return frozenset(getattr(gbnf._c, n) for n in names)
+
+
+_BEGIN = _at("AT_BEGINNING", "AT_BEGINNING_STRING")
+_END = _at("AT_END", "AT_END_STRING")
+_RUST_META = set("\\.+*?()|[]{}^$#&-~")
+
+
+def _text(s: str) -> str:
+    """A regex matching ``s`` exactly (only what both Python's ``re`` and Rust's ``regex`` treat as special is escaped)."""
+    return "".join("\\" + ch if ch in _RUST_META else ch if 0x20 <= ord(ch) < 0x7F else _esc(ord(ch)) for ch in s)
+
+
+def _cls(cp: int) -> str:
+    ch = chr(cp)
+    if ch in "\\]^-[&~|":
+        return "\\" + ch
+    return ch if 0x20 < cp < 0x7F else _esc(cp)
+
+
+def _esc(cp: int) -> str:
+    return f"\\u{cp:04X}" if cp <= 0xFFFF else f"\\U{cp:08X}"
+
+
+def _format_shape(fmt: str) -> str | None:
+    """outlines-core's own regex for ``format``, as a pattern over the decoded string (None: not known)."""
+    from outlines_core.json_schema import build_regex_from_schema
+
+    try:
+        text = build_regex_from_schema(json.dumps({"type": "string", "format": fmt}), None)
+    except BaseException as exc:  # pyo3 panics are BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        return None
+    return "^(?:" + text[1:-1] + ")$" if text.startswith('"') and text.endswith('"') else None
+
+
+def for_outlines_regex(schema: Any) -> tuple[Any, set[str]]:
+    """``(schema, ignored)``: the (rewritten) schema as outlines-core must receive it to embed its pieces
+    in JSON text correctly; ``ignored`` names what had to be taken out (a pattern we cannot translate).
+
+    Only the text outlines-core embeds changes: ``pattern`` (to the JSON-escaped form), ``format: uri``
+    and ``email`` where outlines reads them (replaced by their own shape, translated the same way), and
+    property names that JSON escapes (with the ``required`` entries that name them).
+    """
+    if not isinstance(schema, dict):
+        return schema, set()
+    ignored: set[str] = set()
+    out = copy.deepcopy(schema)
+    for _, node in walk(out):
+        pattern = node.get("pattern")
+        fmt = node.get("format")
+        shape = False
+        if not isinstance(pattern, str) and fmt in _QUOTE_UNSAFE_FORMATS and not ({"minLength", "maxLength"} & set(node)):
+            # no URI has a quote, backslash or control character, and matching their escapes makes the
+            # index far slower (measured for uri: 2.4 s against 0.03 s): the shape without them
+            pattern, shape = _format_shape(fmt), True
+            del node["format"]  # reported ignored all the same: checked by shape only
+        if isinstance(pattern, str):
+            try:
+                node["pattern"] = _EncodedRegex(plain=shape).convert(pattern)
+            except Exception:  # gbnf.Unsupported, or a pattern past what the translation reads
+                node.pop("pattern", None)
+                if not shape:
+                    ignored.add("pattern")
+        props = node.get("properties")
+        if isinstance(props, dict) and any(_json_name(n) != n for n in props):
+            node["properties"] = {_json_name(n): s for n, s in props.items()}
+            if isinstance(node.get("required"), list):
+                node["required"] = [_json_name(r) if isinstance(r, str) else r for r in node["required"]]
+    return out, ignored
+
+
+def _json_name(name: str) -> str:
+    return json.dumps(name, ensure_ascii=False)[1:-1]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import sqlite3
 import time
@@ -85,7 +84,7 @@ def default_db_path() -> Path:
 
 
 def new_job_id() -> str:
-    return "j" + secrets.token_hex(6)
+    return "j" + os.urandom(6).hex()  # what secrets.token_hex(6) does, without importing secrets (7 ms)
 
 
 @dataclass

@@ -382,3 +382,25 @@ def test_detach_with_shards_is_split_by_the_server(server, long_clip, tmp_path):
     assert waited.returncode == 0, waited.stderr
     assert len(events(waited)[-1]["result"]["shards"]) == 2
     assert abs(probe(out).duration - 20.0) < 0.2
+
+
+def test_outputs_that_expired_on_the_server_fail_the_job_with_one_line(tiny, tmp_path):
+    """`jobs wait` after the server's artifacts expired: exit 3 with one line, and the local row is `failed`
+    (it stayed `processing` for ever), with nothing written where the output would go."""
+    from tests.http_fixtures import serve_app
+
+    env = client_env(tmp_path)
+    out = tmp_path / "out.mp4"
+    with serve_app(tmp_path / "srv", artifact_ttl_s=0) as ep:
+        job_id = detach(tiny, out, ep.url, env, "--set", "output_width=90", "--set", "output_height=160")
+        remote = JobStore(tmp_path / "jobs.db").get(job_id).remote["id"]
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        assert until(lambda: httpx.get(f"{ep.url}/v1/jobs/{remote}", headers=auth).json()["status"] == "completed", 60)
+        time.sleep(0.05)
+        detach(tiny, tmp_path / "other.mp4", ep.url, env, "--no-cache")  # a new job sweeps the expired folder
+        assert until(lambda: not (ep.work_dir / "jobs" / remote).exists(), 10)
+        waited = synapse("jobs", "wait", job_id, env=env)
+    assert waited.returncode == 3, waited.stderr
+    assert "no longer has it (HTTP 410)" in waited.stderr.strip().splitlines()[-1]
+    assert JobStore(tmp_path / "jobs.db").get(job_id).status == "failed"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.mp4")]

@@ -93,6 +93,10 @@ class _NoJob(Exception):
     """A 404 for a detached job."""
 
 
+class _ArtifactGone(BackendError):
+    """A finished job's output is no longer on the server (its artifacts expired): it can never be downloaded."""
+
+
 def _should_retry_download(exc: Exception) -> bool | float:
     # a download is idempotent: a connection that broke half-way can be tried again too
     if isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout)):
@@ -304,6 +308,9 @@ class HttpBackend(Backend):
                     mirror.flush()
                     _store_write(lambda: store.finish(job.id, "completed", result=event.result))
                 yield event
+        except _ArtifactGone as exc:  # the job can never complete here: say so in the store, not `processing` for ever
+            _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=str(exc)))
+            raise
         finally:
             local.close()  # an early close removes what was downloaded so far
             events.close()
@@ -504,6 +511,9 @@ class HttpBackend(Backend):
                     raise BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url})")
                 if response.status_code == 429 or response.status_code >= 500:
                     raise _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
+                if response.status_code in (404, 410):
+                    raise _ArtifactGone(f"downloading {url}: the server no longer has it (HTTP {response.status_code}): a finished job's "
+                                        "outputs are kept for the server's artifact lifetime; run the job again")
                 if response.status_code != 200:
                     raise BackendError(f"downloading {url}: HTTP {response.status_code}")
                 written = 0

@@ -164,6 +164,8 @@ class StoreChannel:
 class DetachedJobs:
     """The server's detached jobs: the store, the queue, the followers' notifications."""
 
+    FLUSHER_IDLE_S = 1.0  # the flush thread ends after this long without events
+
     def __init__(self, opts: "ServerOptions") -> None:
         self.opts = opts
         self.store = JobStore(opts.work_dir / "jobs.db")
@@ -189,9 +191,9 @@ class DetachedJobs:
     def _flush_loop(self) -> None:
         while True:
             with self._dirty_cond:
-                if not self._dirty and not self._dirty_cond.wait(30.0) and not self._dirty:
+                if not self._dirty and not self._dirty_cond.wait(self.FLUSHER_IDLE_S) and not self._dirty:
                     self._flusher = None
-                    return  # idle: the next burst starts another
+                    return  # idle: the next burst starts another (no thread outlives a quiet server by long)
             time.sleep(StoreChannel.FLUSH_S)
             with self._dirty_cond:
                 dirty, self._dirty = self._dirty, set()

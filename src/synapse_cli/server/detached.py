@@ -353,11 +353,7 @@ class DetachedJobs:
         def on_end(r: runner.JobRun, ok: bool) -> None:
             ok = ok or channel.last == "completed"
             try:
-                runner.finish(r, ok)
-                if ok and opts.on_job_end is not None:
-                    opts.on_job_end()
-            except Exception:  # noqa: BLE001 - the job is over either way
-                log.warning("job %s: error after the job", r.job_id, exc_info=True)
+                runner.conclude(r, ok, opts.on_job_end)
             finally:
                 if timer is not None:
                     timer.cancel()

@@ -464,6 +464,17 @@ def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Threa
     return thread
 
 
+def conclude(run: JobRun, ok: bool, on_job_end: Any) -> None:
+    """``finish``, then the owner's hook when the job succeeded (Modal: commit the Volume). An error here is
+    logged, not raised: the job is over either way."""
+    try:
+        finish(run, ok)
+        if ok and on_job_end is not None:
+            on_job_end()
+    except Exception:  # noqa: BLE001 - the job is over either way
+        log.warning("job %s: error after the job", run.job_id, exc_info=True)
+
+
 def finish(run: JobRun, ok: bool) -> None:
     """After the job: inputs go; outputs stay for download only if it succeeded."""
     kill_children(run.native_id)  # whatever the job left running

@@ -55,6 +55,16 @@ _FORMATS["date-time"] = _FORMATS["date"] + " [Tt] " + _FORMATS["time"]
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 
+def quantified(inner: str, lo: int, hi: int) -> str:
+    """``inner`` repeated ``lo`` to ``hi`` times (``hi`` ``sre_constants.MAXREPEAT``: unbounded), in the
+    quantifier syntax GBNF, Lark, Python's ``re`` and Rust's ``regex`` share."""
+    if hi == _c.MAXREPEAT:
+        return f"{inner}*" if lo == 0 else f"{inner}+" if lo == 1 else f"{inner}{{{lo},}}"
+    if (lo, hi) == (0, 1):
+        return f"{inner}?"
+    return f"{inner}{{{lo},{hi}}}" if lo != hi else f"{inner}{{{lo}}}"
+
+
 class Unsupported(Exception):
     """The converter cannot produce a grammar at all (not merely ignore a keyword)."""
 
@@ -246,11 +256,7 @@ class RegexToGbnf:
             # llguidance's GBNF reader drops the parentheses of a group that holds one quantified
             # item, and "x+?" is not Lark: a trailing "" keeps the group a group
             inner = "(" + body + (' ""' if re.search(r'[*+?}]\)*$', body.rstrip()) else "") + ")"
-            if hi is _c.MAXREPEAT or hi == _c.MAXREPEAT:
-                return f"{inner}*" if lo == 0 else f"{inner}+" if lo == 1 else f"{inner}{{{lo},}}"
-            if (lo, hi) == (0, 1):
-                return f"{inner}?"
-            return f"{inner}{{{lo},{hi}}}" if lo != hi else f"{inner}{{{lo}}}"
+            return quantified(inner, lo, hi)
         name = getattr(op, "name", str(op))
         raise Unsupported(f"regex construct {name} is not supported")
 

@@ -387,11 +387,7 @@ class _EncodedRegex:
                 inner = "(?:" + self._seq(sub) + ")"
             finally:
                 self.plain = outer
-            if hi is c.MAXREPEAT or hi == c.MAXREPEAT:
-                return f"{inner}*" if lo == 0 else f"{inner}+" if lo == 1 else f"{inner}{{{lo},}}"
-            if (lo, hi) == (0, 1):
-                return f"{inner}?"
-            return f"{inner}{{{lo},{hi}}}" if lo != hi else f"{inner}{{{lo}}}"
+            return gbnf.quantified(inner, lo, hi)
         name = getattr(op, "name", str(op))
         raise gbnf.Unsupported(f"regex construct {name} is not supported")
 

@@ -144,7 +144,7 @@ _CORE: dict[str, _Setting] = {
     "ffmpeg.path": _Setting(None, _opt_str, "ffmpeg binary; default: ffmpeg on PATH, else the imageio-ffmpeg one", ("SYNAPSE_FFMPEG",)),
     "ffmpeg.preset": _Setting("fast", _choice(*X264_PRESETS), "libx264 preset"),
     "ffmpeg.crf": _Setting(23, _int(0, 51), "libx264 constant rate factor (0-51, lower is better)"),
-    "ffmpeg.threads": _Setting(0, _int(0, 256), "libx264 threads per encode (per shard); 0 = ffmpeg's choice"),
+    "ffmpeg.threads": _Setting(0, _int(0, 256), "threads per ffmpeg decoder, filter graph and libx264 encode (per shard); 0 = ffmpeg's choice"),
     # [modal]
     "modal.app_name": _Setting("synapse", _str, "Modal app name"),
     "modal.environment": _Setting(None, _opt_str, "Modal environment; default: the profile's"),

@@ -19,6 +19,11 @@ events of all of them become one stream, as if one job ran:
 - the merge's ``Artifact`` and ``Finished``, with ``shards: [{index, seconds, attempts}]``
   and the Modal seconds and cost summed over the shards.
 
+A kind may also have a ``beside(spec, workdir)`` hook: work on the whole job that the merge
+needs and the shards do not (export's audio). It runs in a thread of this process while the
+shards run, so on Modal it costs no wall-clock time and locally it fills the gaps (a worker
+starting, the first shard done before the last); its failure fails the job like a shard's.
+
 A detached job on a backend that spawns its shards (Modal) is split when it starts
 (``split_detached``) and merged by whoever waits for it (``follow_detached``: ``run_sharded``
 over shards that already run).
@@ -42,6 +47,7 @@ from synapse_cli.errors import BackendError, SynapseError
 from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
 
 _DONE = object()
+_BESIDE = -1  # the index of the beside hook's failure on the events queue
 
 
 def shard_count(requested: Any, scales_out: bool, size: float | None, per_shard: float, most: int) -> int:
@@ -111,6 +117,19 @@ def _work(run: _Run, shard: _Shard, start: Callable[[Any], Iterator[Event]], ret
             gen.close()  # a cancelled shard stops here: its ffmpeg is killed, its Modal call cancelled
 
 
+def _beside(run: _Run, work: Iterator[Event], failed: list[BaseException]) -> None:
+    """The beside hook's thread: run it to its end (its events are its own), unless the job is cancelled."""
+    try:
+        for _event in work:
+            if run.cancel.is_set():
+                return
+    except BaseException as exc:  # noqa: BLE001 - raised by the merging thread, now or before the merge
+        failed.append(exc)
+        run.events.put((_BESIDE, exc))
+    finally:
+        work.close()  # a cancelled job stops here: its ffmpeg is killed
+
+
 def run_sharded(
     kind: str,
     spec: Any,
@@ -121,8 +140,13 @@ def run_sharded(
     retries: int = 0,
     workdir: Path | None = None,
     settings: Any = None,
+    beside: Callable[[Any, Path], Iterator[Event]] | None = None,
 ) -> Iterator[Event]:
-    """Run ``spec`` as ``count`` shards through ``start`` (``backend.run`` for this kind) and merge them."""
+    """Run ``spec`` as ``count`` shards through ``start`` (``backend.run`` for this kind) and merge them.
+
+    ``beside(spec, workdir)``, if given, runs in a thread of its own meanwhile; the merge starts
+    once both it and the shards are done.
+    """
     parent = workdir or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".synapse-shards-", dir=parent))
@@ -140,7 +164,17 @@ def run_sharded(
             thread = threading.Thread(target=_work, args=(run, shard, start, retries), name=f"synapse-shard-{shard.index}", daemon=True)
             thread.start()
             threads.append(thread)
+        failed: list[BaseException] = []
+        if beside is not None:
+            aside = threading.Thread(target=_beside, args=(run, beside(spec, work), failed), name="synapse-beside", daemon=True)
+            aside.start()
+            threads.append(aside)
         yield from _merged_events(kind, run, n)
+        for thread in threads[n:]:
+            while thread.is_alive():
+                thread.join(timeout=0.2)  # short waits: Ctrl-C still reaches this thread
+        if failed:
+            raise failed[0]
         yield Log(f"merging {n} shard{'s' if n != 1 else ''}")
         results = [s.result or {} for s in run.shards]
         for event in merge(spec, parts, results, work):
@@ -170,10 +204,10 @@ def _merged_events(kind: str, run: _Run, n: int) -> Iterator[Event]:
     last_done = -1.0
     while finished < n:
         index, item = run.events.get()
-        shard = run.shards[index]
-        tag = f"{index + 1}/{n}"
         if isinstance(item, BaseException):
             raise item
+        shard = run.shards[index]
+        tag = f"{index + 1}/{n}"
         out: list[Event] = []
         if item is _DONE:
             if shard.result is None:
@@ -253,8 +287,12 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
     retries = int(getattr(backend, "shard_retries", 0))
     return run_sharded(
         kind, spec, count, lambda part: start(kind, part), record.hook("split"), record.hook("merge"),
-        retries=retries, workdir=_workdir(kind, spec), settings=settings,
+        retries=retries, workdir=_workdir(kind, spec), settings=settings, beside=_beside_hook(record),
     )  # fmt: skip
+
+
+def _beside_hook(record: Any) -> Callable[[Any, Path], Iterator[Event]] | None:
+    return record.hook("beside") if record.beside else None
 
 
 def _count(kind: str, spec: Any, backend: Any, settings: Any) -> int:
@@ -334,5 +372,5 @@ def follow_detached(
 
     return run_sharded(
         kind, spec, len(parts), lambda part: start(index[id(part)], part), moved, get_kind(kind).hook("merge"),
-        retries=retries, workdir=split_in.parent,
+        retries=retries, workdir=split_in.parent, beside=_beside_hook(get_kind(kind)),
     )  # fmt: skip

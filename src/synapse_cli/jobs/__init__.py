@@ -51,6 +51,9 @@ class JobKind:
       workdir)`` is a generator that joins the pieces into the real outputs and ends with the
       job's ``Finished``; ``size(spec)`` is what ``--shards auto`` divides by the ``[shards]``
       setting named in ``shard_by`` (``seconds`` of media, or ``units``: inputs).
+      ``beside(spec, workdir)`` (optional) is a generator for work the merge needs but the
+      shards do not (export: the audio, encoded once over the whole timeline): it runs in
+      this process while the shards run, writing into ``workdir``, so the merge only joins.
     """
 
     name: str
@@ -65,6 +68,7 @@ class JobKind:
     split: str | None = None
     merge: str | None = None
     size: str | None = None
+    beside: str | None = None
     shard_by: str = "seconds"
 
     @property
@@ -72,7 +76,7 @@ class JobKind:
         return self.split is not None and self.merge is not None
 
     def hook(self, name: str) -> Callable[..., Any]:
-        """The ``split``, ``merge`` or ``size`` function, loaded on first use."""
+        """The ``split``, ``merge``, ``size`` or ``beside`` function, loaded on first use."""
         ref = getattr(self, name)
         if ref is None:
             raise ValueError(f"job kind {self.name!r} has no {name} hook")

@@ -20,5 +20,6 @@ KIND = JobKind(
     split="synapse_cli.jobs.export.job:split_export",
     merge="synapse_cli.jobs.export.job:merge_export",
     size="synapse_cli.jobs.export.job:export_seconds",
+    beside="synapse_cli.jobs.export.job:encode_audio",
     shard_by="seconds",
 )

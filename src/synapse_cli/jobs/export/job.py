@@ -41,7 +41,7 @@ class ExportSpec:
     crf: int = 23
     ffmpeg: Optional[str] = None  # configured binary; None = find one where the job runs
     overwrite: bool = False
-    threads: int = 0  # x264 threads; 0: ffmpeg's choice (all cores)
+    threads: int = 0  # threads per decoder, filter graph and x264; 0: ffmpeg's choice (all cores)
     # A shard: encode only output seconds [start, end), video only (see split_export / merge_export)
     part: Optional[list[float]] = None
 
@@ -741,24 +741,65 @@ def _audio_graph(pieces: list[tuple[int, float, float, float]], info: MediaInfo)
     return ffmpeg.concat(*parts, n=len(parts), v=0, a=1)
 
 
+AUDIO_PIECE = "audio.m4a"
+
+
+def encode_audio(spec: ExportSpec, workdir: Path) -> Iterator[Event]:
+    """The sharded output's audio, encoded once over the whole timeline into ``workdir/audio.m4a``.
+
+    The kind's ``beside`` hook: it runs while the shards encode their video-only pieces, so
+    the merge only joins. Written to a temporary name and renamed, so the merge never takes a
+    half-written file for a finished one. Nothing is written for an input without audio.
+    """
+    import ffmpeg
+
+    params = validate_params(spec.job, spec.params)
+    info = probe(spec.input)
+    if not info.has_audio:
+        return
+    pieces = _output_pieces(spec.job, params, info)
+    duration = sum((e - s) / v for _, s, e, v in pieces)
+    partial = workdir / f".{AUDIO_PIECE}.partial.m4a"
+    args = ffmpeg.output(_audio_graph(pieces, info), str(partial), acodec="aac", audio_bitrate="160k")
+    yield from run_ffmpeg(_threaded(args.compile(cmd=find_ffmpeg(spec.ffmpeg), overwrite_output=True), spec.threads),
+                          max(1, int(duration * info.fps)), info.fps, phase="audio")  # fmt: skip
+    partial.replace(workdir / AUDIO_PIECE)
+
+
+def _threaded(args: list[str], threads: int) -> list[str]:
+    """``args`` with ``[ffmpeg] threads`` applied to every decoder and to the filter graph, not only the encoder.
+
+    One ffmpeg still runs its demuxer, decoders, filters, encoders and muxer on threads of their
+    own; this keeps each of them from starting a pool as large as the machine, which is what
+    several shards on one machine (``threads = 1`` each) would otherwise do at once.
+    """
+    if not threads:
+        return list(args)
+    out = [args[0], "-filter_threads", str(threads)]
+    for arg in args[1:]:
+        if arg == "-i":
+            out += ["-threads", str(threads)]
+        out.append(arg)
+    return out
+
+
 def merge_export(spec: ExportSpec, parts: list[ExportSpec], results: list[dict[str, Any]], workdir: Path) -> Iterator[Event]:
-    """Join the shards' pieces with stream copy (concat demuxer), add the audio encoded once over the whole timeline, faststart."""
+    """Join the shards' pieces with stream copy (concat demuxer), add the audio encoded once over the whole timeline, faststart.
+
+    The audio is normally there already (``encode_audio`` ran beside the shards); a merge
+    without it (called on its own) encodes it first.
+    """
     import ffmpeg
 
     started = time.monotonic()
-    params = validate_params(spec.job, spec.params)
     info = probe(spec.input)
     out = Path(spec.output)
     exe = find_ffmpeg(spec.ffmpeg)
     frames = int(sum(r.get("frames", 0) for r in results))
     listing = concat_list(workdir / "parts.txt", [p.output for p in parts])
-    audio_file = None
-    if info.has_audio:
-        audio_file = workdir / "audio.m4a"
-        graph = _audio_graph(_output_pieces(spec.job, params, info), info)
-        args = ffmpeg.output(graph, str(audio_file), acodec="aac", audio_bitrate="160k").compile(cmd=exe, overwrite_output=True)
-        duration = sum((e - s) / v for _, s, e, v in _output_pieces(spec.job, params, info))
-        yield from run_ffmpeg(args, max(1, int(duration * info.fps)), info.fps, phase="audio")
+    audio_file = workdir / AUDIO_PIECE if info.has_audio else None
+    if audio_file is not None and not audio_file.exists():
+        yield from encode_audio(spec, workdir)
     with atomic_output(out, spec.overwrite) as tmp:
         joined = ffmpeg.input(str(listing), format="concat", safe=0)
         streams = [joined.video] + ([ffmpeg.input(str(audio_file)).audio] if audio_file else [])
@@ -820,7 +861,7 @@ def export_video(spec: ExportSpec) -> Iterator[Event]:
                 encode["threads"] = int(spec.threads)
             if plan.audio is not None:
                 encode.update(acodec="aac", audio_bitrate="160k")
-            args = ffmpeg.output(*streams, str(tmp), **encode).compile(cmd=exe, overwrite_output=True)
+            args = _threaded(ffmpeg.output(*streams, str(tmp), **encode).compile(cmd=exe, overwrite_output=True), spec.threads)
             yield from run_ffmpeg(args, total, info.fps, phase="encode", feed=plan.feed)
     size = out.stat().st_size
     yield Artifact(path=str(out), bytes=size)

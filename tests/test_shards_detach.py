@@ -2,9 +2,11 @@
 
 ``jobs show`` asks Modal for each shard's state, ``jobs wait`` follows every shard and merges
 them here into the output an unsharded run makes (frame count, timestamps, PSNR, audio: as
-``tests/test_shards.py`` compares), ``jobs cancel`` cancels every call; whatever happens,
-nothing is left on the Volume, in the progress Dict or beside the output. Also: an unreachable
-Modal costs a detached run ``[modal] connect_timeout_s`` and no more, ``import modal`` included.
+``tests/test_shards.py`` compares; for infer, an unsharded local run's results, pose frame for
+frame, track by distinct ids, ``--annotated`` by frame count), ``jobs cancel`` cancels every
+call; whatever happens, nothing is left on the Volume, in the progress Dict or beside the
+output. Also: an unreachable Modal costs a detached run ``[modal] connect_timeout_s`` and no
+more, ``import modal`` included.
 """
 
 from __future__ import annotations
@@ -331,6 +333,8 @@ def test_detached_sharded_track_keeps_one_id_per_person(cli, deployed, db, peopl
     whole_infer(cli, people, tmp_path / "whole.json", "--task", "track")
     whole, sharded = json.loads((tmp_path / "whole.json").read_text()), json.loads((tmp_path / "sharded.json").read_text())
     assert len(track_ids(whole)) >= 2 and len(track_ids(sharded)) == len(track_ids(whole))
+    header = lambda doc: {k: v for k, v in doc.items() if k not in ("frames", "tracks")}  # noqa: E731
+    assert header(sharded) == header(whole)
     assert set(sharded["tracks"]) == {str(i) for i in track_ids(sharded)} and events[-1]["result"]["tracks"] == len(track_ids(sharded))
     assert [f["frame"] for f in sharded["frames"]] == list(range(24)) and not any(f.get("lead_in") for f in sharded["frames"])
     # a person seen on both sides of the boundary (frame 12) keeps one id on both sides

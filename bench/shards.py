@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,28 +49,42 @@ def export_cmd(clip: Path, out: Path, params: Path, *extra: str) -> list[str]:
                             "--overwrite", "--no-cache", "--json", *extra]  # fmt: skip
 
 
-def shard_seconds(cmd: list[str], env: dict[str, str]) -> tuple[float, list[float]]:
-    """Wall time of the command, and each shard's own seconds from the finished result."""
+def shard_seconds(cmd: list[str], env: dict[str, str]) -> tuple[float, list[float], float]:
+    """Wall time of the command, each shard's own seconds from the finished result, and the CPU
+    seconds (user + system) of the command and every process under it (workers, ffmpeg)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     last = json.loads(proc.stdout.strip().splitlines()[-1])
-    return wall, [s["seconds"] for s in last["result"].get("shards", [])]
+    return wall, [s["seconds"] for s in last["result"].get("shards", [])], cpu
 
 
 def compare(label: str, clip: Path, work: Path, params: Path, env: dict[str, str], runs: int, *extra: str) -> None:
-    one, two, per_shard = [], [], []
+    one, two, per_shard, cpu1, cpu2 = [], [], [], [], []
     for _ in range(runs):
-        one.append(shard_seconds(export_cmd(clip, work / "one.mp4", params, "--shards", "1", *extra), env)[0])
-        wall, shards = shard_seconds(export_cmd(clip, work / "two.mp4", params, "--shards", "2", *extra), env)
+        wall, _, cpu = shard_seconds(export_cmd(clip, work / "one.mp4", params, "--shards", "1", *extra), env)
+        one.append(wall)
+        cpu1.append(cpu)
+        wall, shards, cpu = shard_seconds(export_cmd(clip, work / "two.mp4", params, "--shards", "2", *extra), env)
         two.append(wall)
+        cpu2.append(cpu)
         per_shard.append(max(shards) if shards else wall)
     m1, m2 = statistics.median(one), statistics.median(two)
+    c1, c2 = statistics.median(cpu1), statistics.median(cpu2)
     merge = statistics.median(t - s for t, s in zip(two, per_shard))
-    print(f"{label}: 1 shard median {m1:6.2f} s ({', '.join(f'{t:.2f}' for t in one)})")
-    print(f"{label}: 2 shards median {m2:6.2f} s ({', '.join(f'{t:.2f}' for t in two)}); slowest shard {statistics.median(per_shard):.2f} s,"
+    cores = os.cpu_count() or 1
+    print(f"{label}: 1 shard median {m1:6.2f} s ({', '.join(f'{t:.2f}' for t in one)}), CPU {c1:.1f} s: {c1 / m1:.2f} cores busy on average")
+    print(f"{label}: 2 shards median {m2:6.2f} s ({', '.join(f'{t:.2f}' for t in two)}), CPU {c2:.1f} s; slowest shard {statistics.median(per_shard):.2f} s,"
           f" so split + merge + start-up ≈ {merge:.2f} s")
     print(f"{label}: ratio 2/1 {m2 / m1:6.3f}   (target <= 0.60: {'ok' if m2 / m1 <= 0.60 else 'MISSED'})")
+    # ffmpeg runs its demuxer, decoders, filters and encoders on threads of their own, so one shard with
+    # threads = 1 still keeps more than one core busy: the 2-shard run's CPU seconds over this machine's
+    # cores are as fast as it could possibly go here
+    print(f"{label}: CPU-bound floor on {cores} cores: {c2 / cores:.2f} s, ratio {c2 / cores / m1:.3f}; "
+          f"the 2-shard run reached {c2 / cores / m2:.0%} of it")
 
 
 def main() -> None:

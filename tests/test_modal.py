@@ -279,11 +279,25 @@ def test_compile_use_modal_writes_the_artefacts_locally(cli, deployed, tmp_path)
     assert artifacts and all(p.startswith(str(out)) for p in artifacts)  # local paths, not vol:
 
 
-@pytest.mark.slow
-def test_infer_use_modal_matches_local(cli, deployed, tmp_path):
+@pytest.fixture
+def bus(tmp_path) -> Path:
+    """ultralytics' bus.jpg (4 people), copied to a path of the test's own: the path the results must name."""
+    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
     import importlib.util
+    import shutil
 
-    bus = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
+    src = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
+    (tmp_path / "in").mkdir()
+    return Path(shutil.copyfile(src, tmp_path / "in" / "bus.jpg"))
+
+
+def results_header(path: Path) -> dict:
+    """A results file but its frames: the header (source, model, task, sizes) and the tail."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "frames"}
+
+
+@pytest.mark.slow
+def test_infer_use_modal_matches_local(cli, deployed, bus, tmp_path):
     remote = cli("infer", bus, "--use-modal", "-o", tmp_path / "remote.json", "--json")
     assert remote.exit_code == 0, remote.stderr
     local = cli("infer", bus, "--no-modal", "--no-cache", "-o", tmp_path / "local.json", "--json")
@@ -292,3 +306,22 @@ def test_infer_use_modal_matches_local(cli, deployed, tmp_path):
     r, l = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("remote", "local"))
     assert len(r["frames"][0]["detections"]) == len(l["frames"][0]["detections"]) >= 4
     assert remote.events()[-1]["result"]["modal"]["gpu"] == "T4"
+    # the header names the user's path, as a local run's does: not the container's copy on the Volume
+    assert r["source"] == str(bus)
+    assert results_header(tmp_path / "remote.json") == results_header(tmp_path / "local.json")
+
+
+@pytest.mark.slow
+def test_infer_detached_on_modal_names_the_users_source(cli, deployed, bus, tmp_path):
+    """``--detach`` spawns ``infer_detached``; ``jobs wait`` downloads a results file whose header is a local run's."""
+    out = tmp_path / "detached.json"
+    run = cli("infer", bus, "--use-modal", "--detach", "-o", out)
+    assert run.exit_code == 0, run.stderr
+    assert [c.function_name for c in deployed.function_calls] == ["infer_detached"]
+    waited = cli("jobs", "wait", run.stdout.strip(), "--json")
+    assert waited.exit_code == 0, waited.stderr
+    assert waited.events()[-1]["result"]["output"] == str(out)
+    local = cli("infer", bus, "--no-modal", "--no-cache", "-o", tmp_path / "local.json")
+    assert local.exit_code == 0, local.stderr
+    assert json.loads(out.read_text())["source"] == str(bus)
+    assert results_header(out) == results_header(tmp_path / "local.json")

@@ -136,3 +136,18 @@ def frame_at(path: Path, t: float):
             if frame.time is not None and frame.time >= t:
                 break
         return best.to_ndarray(format="rgb24")
+
+
+def bus_image(dest: Path) -> Path:
+    """ultralytics' bus.jpg (4 people) copied to ``dest``: a path of the test's own, which infer's results must name."""
+    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    import importlib.util
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg", dest))
+
+
+def results_header(path: Path) -> dict:
+    """An infer results file but its frames: the header (source, model, task, sizes) and the tail."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "frames"}

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
 
 from synapse_cli.backends.modal import ModalBackend, credentials_source
-from tests.conftest import probe
+from tests.conftest import bus_image, probe, results_header
 
 
 @pytest.fixture(scope="module")
@@ -281,19 +281,7 @@ def test_compile_use_modal_writes_the_artefacts_locally(cli, deployed, tmp_path)
 
 @pytest.fixture
 def bus(tmp_path) -> Path:
-    """ultralytics' bus.jpg (4 people), copied to a path of the test's own: the path the results must name."""
-    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
-    import importlib.util
-    import shutil
-
-    src = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
-    (tmp_path / "in").mkdir()
-    return Path(shutil.copyfile(src, tmp_path / "in" / "bus.jpg"))
-
-
-def results_header(path: Path) -> dict:
-    """A results file but its frames: the header (source, model, task, sizes) and the tail."""
-    return {k: v for k, v in json.loads(path.read_text()).items() if k != "frames"}
+    return bus_image(tmp_path / "in" / "bus.jpg")
 
 
 @pytest.mark.slow

@@ -90,6 +90,20 @@ def test_infer_through_the_endpoint_names_the_clients_source_in_the_results(cli,
     assert results_header(tmp_path / "remote.json") == results_header(tmp_path / "local.json")
 
 
+def test_compile_through_the_endpoint_reports_name_the_clients_files(cli, tmp_path, endpoint):
+    """A folder input is unpacked in the server's upload folder; the report files (served as written) name the client's paths."""
+    import shutil
+
+    folder = tmp_path / "schemas"
+    folder.mkdir()
+    shutil.copyfile(Path(__file__).parent / "data" / "compile" / "person.json", folder / "person.json")
+    out = tmp_path / "compiled"
+    run = cli("compile", folder, "-o", out, "--engine", "llguidance", "--json", "--endpoint", endpoint.url, env=client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY))
+    assert run.exit_code == 0, run.stderr
+    assert json.loads((out / "person.report.json").read_text())["source"] == str(folder / "person.json")
+    assert [row["source"] for row in run.events()[-1]["result"]["inputs"]] == [str(folder / "person.json")]
+
+
 def test_progress_events_arrive_while_the_job_runs(clips, tmp_path, endpoint):
     """Each event's arrival time at the client: progress comes well before the job ends,
     and when the first one arrives the server is still encoding (its temp file exists)."""

@@ -277,6 +277,21 @@ def test_compile_use_modal_writes_the_artefacts_locally(cli, deployed, tmp_path)
     assert report["engines"]["llguidance"]["supported"] is True
     artifacts = [e["path"] for e in run.events() if e["type"] == "artifact"]
     assert artifacts and all(p.startswith(str(out)) for p in artifacts)  # local paths, not vol:
+    assert report["source"] == str(schema)  # the user's path, not the container's copy on the Volume
+
+
+def test_compile_use_modal_reports_name_the_users_files_in_a_folder(cli, deployed, tmp_path):
+    """A folder input is staged as a Volume copy; the reports and the result name its files by the user's path."""
+    import shutil
+
+    folder = tmp_path / "schemas"
+    folder.mkdir()
+    shutil.copyfile(Path(__file__).parent / "data" / "compile" / "person.json", folder / "person.json")
+    out = tmp_path / "compiled"
+    run = cli("compile", folder, "--use-modal", "--json", "-o", out, "--engine", "llguidance")
+    assert run.exit_code == 0, run.stderr
+    assert json.loads((out / "person.report.json").read_text())["source"] == str(folder / "person.json")
+    assert [row["source"] for row in run.events()[-1]["result"]["inputs"]] == [str(folder / "person.json")]
 
 
 @pytest.fixture

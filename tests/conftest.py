@@ -149,3 +149,18 @@ def people(tmp_path_factory) -> Path:
     from tests.test_infer_batch import _pan
 
     return _pan(tmp_path_factory.mktemp("people") / "pan.mp4", 24)
+
+
+def bus_image(dest: Path) -> Path:
+    """ultralytics' bus.jpg (4 people) copied to ``dest``: a path of the test's own, which infer's results must name."""
+    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    import importlib.util
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg", dest))
+
+
+def results_header(path: Path) -> dict:
+    """An infer results file but its frames: the header (source, model, task, sizes) and the tail."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "frames"}

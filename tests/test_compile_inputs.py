@@ -152,7 +152,8 @@ def test_jsonl_records_are_units_named_by_id_and_directories_expand(tmp_path):
     (tmp_path / "a.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "b.schema.json").write_text("true")
-    assert [p.name for p in expand([str(tmp_path)])] == ["a.json", "b.schema.json"]
+    assert [(p.name, label) for p, label in expand([str(tmp_path)])] == [("a.json", str(tmp_path / "a.json")), ("b.schema.json", str(tmp_path / "b.schema.json"))]
+    assert [label for _, label in expand([str(tmp_path)], ["given"])] == ["given/a.json", "given/b.schema.json"]  # a staged copy, named as the user named it
     assert one(tmp_path / "b.schema.json").name == "b"
 
 

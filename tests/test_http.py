@@ -28,7 +28,7 @@ from synapse_cli.errors import JobError
 from synapse_cli.events import Artifact, Finished, Progress, Started
 from synapse_cli.jobs.export.job import ExportSpec
 from synapse_cli.jobs.sample import SampleSpec
-from tests.conftest import probe, synapse_cmd
+from tests.conftest import bus_image, probe, results_header, synapse_cmd
 from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, TestDirSpec, kill_processes_mentioning, serve_app, uvicorn_thread
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
@@ -75,6 +75,33 @@ def test_export_through_the_endpoint_equals_the_local_result(cli, clips, tmp_pat
     assert endpoint.url not in remote.stdout and "/v1/" not in remote.stdout
     job_dir = endpoint.job_dirs()[-1]
     assert not (job_dir / "in").exists()  # uploads go when the job ends; the output waits for download
+
+
+@pytest.mark.slow
+def test_infer_through_the_endpoint_names_the_clients_source_in_the_results(cli, tmp_path, endpoint):
+    """The results file is served as the job wrote it: its header names the client's path, not the upload folder."""
+    bus = bus_image(tmp_path / "in" / "bus.jpg")
+    local = cli("infer", bus, "-o", tmp_path / "local.json", "--no-modal", env=client_env(tmp_path, "a"))
+    remote = cli("infer", bus, "-o", tmp_path / "remote.json", "--json", "--endpoint", endpoint.url, env=client_env(tmp_path, "b", SYNAPSE_API_KEY=API_KEY))
+    assert local.exit_code == 0, local.stderr
+    assert remote.exit_code == 0, remote.stderr
+    assert remote.events()[-1]["result"]["output"] == str(tmp_path / "remote.json")
+    assert json.loads((tmp_path / "remote.json").read_text())["source"] == str(bus)
+    assert results_header(tmp_path / "remote.json") == results_header(tmp_path / "local.json")
+
+
+def test_compile_through_the_endpoint_reports_name_the_clients_files(cli, tmp_path, endpoint):
+    """A folder input is unpacked in the server's upload folder; the report files (served as written) name the client's paths."""
+    import shutil
+
+    folder = tmp_path / "schemas"
+    folder.mkdir()
+    shutil.copyfile(Path(__file__).parent / "data" / "compile" / "person.json", folder / "person.json")
+    out = tmp_path / "compiled"
+    run = cli("compile", folder, "-o", out, "--engine", "llguidance", "--json", "--endpoint", endpoint.url, env=client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY))
+    assert run.exit_code == 0, run.stderr
+    assert json.loads((out / "person.report.json").read_text())["source"] == str(folder / "person.json")
+    assert [row["source"] for row in run.events()[-1]["result"]["inputs"]] == [str(folder / "person.json")]
 
 
 def test_progress_events_arrive_while_the_job_runs(clips, tmp_path, endpoint):

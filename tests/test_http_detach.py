@@ -22,7 +22,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (fastapi
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (fastapi, uvicorn)")
 
 from synapse_cli.store import JobStore
-from tests.conftest import probe, synapse_cmd
+from tests.conftest import bus_image, probe, results_header, synapse_cmd
 from tests.http_fixtures import API_KEY, kill_processes_mentioning
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
@@ -136,6 +136,22 @@ def test_detach_prints_the_id_and_jobs_wait_from_another_process_downloads_the_o
 
     again = synapse("jobs", "wait", job_id, env=env)  # a finished job: its stored events, exit 0
     assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.slow
+def test_a_detached_infer_results_file_names_the_clients_source(server, tmp_path):
+    """`infer --endpoint --detach`, then `jobs wait`: the downloaded results' header is a local run's, the client's path in it."""
+    env = client_env(tmp_path)
+    bus, out = bus_image(tmp_path / "in" / "bus.jpg"), tmp_path / "detached.json"
+    run = synapse("infer", bus, "-o", out, "--endpoint", server, "--detach", "--json", env=env)
+    assert run.returncode == 0, run.stderr
+    waited = synapse("jobs", "wait", json.loads(run.stdout)["job_id"], "--json", env=env)
+    assert waited.returncode == 0, waited.stderr
+    assert events(waited)[-1]["result"]["output"] == str(out)
+    local = synapse("infer", bus, "-o", tmp_path / "local.json", "--no-modal", "--no-cache", env=env)
+    assert local.returncode == 0, local.stderr
+    assert json.loads(out.read_text())["source"] == str(bus)
+    assert results_header(out) == results_header(tmp_path / "local.json")
 
 
 def test_an_output_that_appeared_meanwhile_is_not_clobbered_and_a_later_wait_still_downloads(server, tiny, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
 
 from synapse_cli.backends.modal import ModalBackend, credentials_source
-from tests.conftest import probe
+from tests.conftest import bus_image, probe, results_header
 
 
 @pytest.fixture(scope="module")
@@ -277,13 +277,30 @@ def test_compile_use_modal_writes_the_artefacts_locally(cli, deployed, tmp_path)
     assert report["engines"]["llguidance"]["supported"] is True
     artifacts = [e["path"] for e in run.events() if e["type"] == "artifact"]
     assert artifacts and all(p.startswith(str(out)) for p in artifacts)  # local paths, not vol:
+    assert report["source"] == str(schema)  # the user's path, not the container's copy on the Volume
+
+
+def test_compile_use_modal_reports_name_the_users_files_in_a_folder(cli, deployed, tmp_path):
+    """A folder input is staged as a Volume copy; the reports and the result name its files by the user's path."""
+    import shutil
+
+    folder = tmp_path / "schemas"
+    folder.mkdir()
+    shutil.copyfile(Path(__file__).parent / "data" / "compile" / "person.json", folder / "person.json")
+    out = tmp_path / "compiled"
+    run = cli("compile", folder, "--use-modal", "--json", "-o", out, "--engine", "llguidance")
+    assert run.exit_code == 0, run.stderr
+    assert json.loads((out / "person.report.json").read_text())["source"] == str(folder / "person.json")
+    assert [row["source"] for row in run.events()[-1]["result"]["inputs"]] == [str(folder / "person.json")]
+
+
+@pytest.fixture
+def bus(tmp_path) -> Path:
+    return bus_image(tmp_path / "in" / "bus.jpg")
 
 
 @pytest.mark.slow
-def test_infer_use_modal_matches_local(cli, deployed, tmp_path):
-    import importlib.util
-
-    bus = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
+def test_infer_use_modal_matches_local(cli, deployed, bus, tmp_path):
     remote = cli("infer", bus, "--use-modal", "-o", tmp_path / "remote.json", "--json")
     assert remote.exit_code == 0, remote.stderr
     local = cli("infer", bus, "--no-modal", "--no-cache", "-o", tmp_path / "local.json", "--json")
@@ -292,3 +309,22 @@ def test_infer_use_modal_matches_local(cli, deployed, tmp_path):
     r, l = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("remote", "local"))
     assert len(r["frames"][0]["detections"]) == len(l["frames"][0]["detections"]) >= 4
     assert remote.events()[-1]["result"]["modal"]["gpu"] == "T4"
+    # the header names the user's path, as a local run's does: not the container's copy on the Volume
+    assert r["source"] == str(bus)
+    assert results_header(tmp_path / "remote.json") == results_header(tmp_path / "local.json")
+
+
+@pytest.mark.slow
+def test_infer_detached_on_modal_names_the_users_source(cli, deployed, bus, tmp_path):
+    """``--detach`` spawns ``infer_detached``; ``jobs wait`` downloads a results file whose header is a local run's."""
+    out = tmp_path / "detached.json"
+    run = cli("infer", bus, "--use-modal", "--detach", "-o", out)
+    assert run.exit_code == 0, run.stderr
+    assert [c.function_name for c in deployed.function_calls] == ["infer_detached"]
+    waited = cli("jobs", "wait", run.stdout.strip(), "--json")
+    assert waited.exit_code == 0, waited.stderr
+    assert waited.events()[-1]["result"]["output"] == str(out)
+    local = cli("infer", bus, "--no-modal", "--no-cache", "-o", tmp_path / "local.json")
+    assert local.exit_code == 0, local.stderr
+    assert json.loads(out.read_text())["source"] == str(bus)
+    assert results_header(out) == results_header(tmp_path / "local.json")

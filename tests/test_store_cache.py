@@ -48,3 +48,21 @@ def test_an_identical_job_runs_rather_than_wait_on_a_detached_remote_one(cli, db
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert not any("already running the same job" in e.get("message", "") for e in events)
     assert any(e["type"] == "progress" for e in events) and (tmp_path / "b.mp4").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_copy_under_another_name_runs_rather_than_reuse_results_naming_the_first(cli, db, tmp_path):
+    """infer's results name their source: the same bytes under another path must not be answered with
+    a file naming the other path. Under the same path, the result is reused as before."""
+    from tests.conftest import bus_image
+
+    first, copy = bus_image(tmp_path / "a" / "bus.jpg"), bus_image(tmp_path / "b" / "bus.jpg")
+    assert cli("infer", first, "-o", tmp_path / "first.json").exit_code == 0
+    run = cli("infer", copy, "-o", tmp_path / "copy.json", "--json")
+    assert run.exit_code == 0, run.stderr
+    assert not any("reusing the result" in e.get("message", "") for e in run.events())
+    assert json.loads((tmp_path / "copy.json").read_text())["source"] == str(copy)
+    again = cli("infer", copy, "-o", tmp_path / "again.json", "--json")
+    assert again.exit_code == 0, again.stderr
+    assert any("reusing the result" in e.get("message", "") for e in again.events())
+    assert (tmp_path / "again.json").read_bytes() == (tmp_path / "copy.json").read_bytes()

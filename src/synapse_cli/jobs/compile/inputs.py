@@ -56,15 +56,17 @@ def content_hash(kind: str, payload: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def expand(paths: list[str]) -> list[Path]:
-    """Files named, and the ``*.json``/``*.jsonl`` files of directories named, in order."""
-    out: list[Path] = []
-    for raw in paths:
+def expand(paths: list[str], names: list[str] | None = None) -> list[tuple[Path, str]]:
+    """Files named, and the ``*.json``/``*.jsonl`` files of directories named, in order, each with
+    its label: the path under the name the user gave its input (``names[i]`` for ``paths[i]``;
+    default: the path itself). A remote run reads staged copies and still reports the user's paths."""
+    out: list[tuple[Path, str]] = []
+    for raw, name in zip(paths, names if names is not None else paths):
         p = Path(raw)
         if p.is_dir():
-            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".json", ".jsonl")))
+            out.extend((f, str(Path(name) / f.name)) for f in sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".json", ".jsonl")))
         else:
-            out.append(p)
+            out.append((p, str(Path(name))))
     return out
 
 
@@ -81,9 +83,10 @@ def _stem(path: Path) -> str:
 Memo = Any
 
 
-def load(path: Path, memo: Memo = None) -> Iterator[Unit | BadInput]:
-    """The units of one input file (several for a constraint set or a JSONL file)."""
-    label = str(path)
+def load(path: Path, memo: Memo = None, label: str | None = None) -> Iterator[Unit | BadInput]:
+    """The units of one input file (several for a constraint set or a JSONL file); ``label`` (default:
+    the path) is what their ``source`` and messages call the file."""
+    label = str(path) if label is None else label
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

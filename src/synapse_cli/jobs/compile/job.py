@@ -43,6 +43,15 @@ class CompileSpec:
     workers: int = 0  # engine worker processes; 0: one per core, at most 4
     # A shard: only the inputs [start, end) of the expanded list (every .json, and every line of a .jsonl)
     part: list[int] | None = None
+    # What the reports and the result call each input: the paths as the user gave them (None:
+    # ``inputs``, filled in when the spec is made). A remote run's staging rewrites ``inputs``
+    # (Volume copies, upload folders) and leaves this alone, so a report's ``source`` is a local
+    # run's wherever it ran; and the result cache keys on it, so a cached report never names another path.
+    input_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_names is None:
+            self.input_names = [str(p) for p in self.inputs]
 
     INPUTS: ClassVar[tuple[str, ...]] = ("inputs", "check")
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output_dir",)
@@ -204,8 +213,8 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
 
     cache = _cache.Cache(Path(spec.cache_dir) if spec.cache_dir else _cache.default_dir()) if spec.use_cache else _cache.Cache(None)
     items: list[Unit | BadInput] = []
-    for path in expand(spec.inputs):
-        items.extend(load(path, cache if spec.use_cache else None))
+    for path, label in _expand(spec):
+        items.extend(load(path, cache if spec.use_cache else None, label))
     if not items:
         raise UsageError("no inputs: the directories given hold no .json or .jsonl files")
     single = len(spec.inputs) == 1 and not Path(spec.inputs[0]).is_dir() and len(items) == 1
@@ -329,9 +338,16 @@ def compile_constraints(spec: CompileSpec) -> Iterator[Event]:
 def _items(spec: CompileSpec) -> list[Unit | BadInput]:
     cache = _cache.Cache(Path(spec.cache_dir) if spec.cache_dir else _cache.default_dir()) if spec.use_cache else None
     items: list[Unit | BadInput] = []
-    for path in expand(spec.inputs):
-        items.extend(load(path, cache))
+    for path, label in _expand(spec):
+        items.extend(load(path, cache, label))
     return items
+
+
+def _expand(spec: CompileSpec) -> list[tuple[Path, str]]:
+    names = spec.input_names
+    if names is not None and len(names) != len(spec.inputs):
+        raise UsageError(f"input_names lists {len(names)} name(s) for {len(spec.inputs)} input(s)")
+    return expand(spec.inputs, names)
 
 
 def compile_units(spec: CompileSpec) -> float:

@@ -68,6 +68,15 @@ class InferSpec:
     # before start are run too (so the tracker knows who is there) and marked, for stitching ids
     part: list[int] | None = None
     lead_in: int = 0
+    # What the results file names as its source: the path as the user gave it (None: ``source``,
+    # filled in when the spec is made). A remote run's staging rewrites ``source`` (a Volume copy,
+    # an upload folder) and leaves this alone, so every backend writes a local run's header; and
+    # the result cache keys on it, so a cached result never names another path than its run's.
+    source_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source_name is None:
+            self.source_name = self.source
 
     @staticmethod
     def select_installed(field_name: str, value: Any, models_dir: str | Path | None) -> str:
@@ -228,7 +237,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
         stack.callback(frames.close)
         width, height = getattr(frames, "width", info.width), getattr(frames, "height", info.height)
         header = {
-            "source": spec.source,
+            "source": spec.source_name,
             "model": DEFAULT_MODEL_NAME if spec.model is None else Path(spec.model).name,
             "task": spec.task,
             "duration": round(info.duration, 3) if info.duration is not None else None,

@@ -151,7 +151,7 @@ def merge_infer(spec: Any, parts: list[Any], results: list[dict[str, Any]], work
     processed = detections = 0
     with atomic_output(output, spec.overwrite) as tmp:
         header, _, _ = _read(parts[0].output)
-        header["source"] = spec.source  # a piece made on Modal names the container's copy of the input
+        header["source"] = spec.source_name  # the job's own name for its input (each piece says the same)
         writer = ResultsWriter(tmp, header, jsonl=output.suffix.lower() == ".jsonl")
         recent: dict[int, list[dict[str, Any]]] = {}  # the previous shard's last frames (ids already global), by frame
         next_id = 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -164,3 +165,13 @@ def bus_image(dest: Path) -> Path:
 def results_header(path: Path) -> dict:
     """An infer results file but its frames: the header (source, model, task, sizes) and the tail."""
     return {k: v for k, v in json.loads(path.read_text()).items() if k != "frames"}
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+INTERRUPTIBLE = {"preexec_fn": _default_sigint}
+"""``subprocess.Popen(..., **INTERRUPTIBLE)``: a child that Ctrl-C (SIGINT) reaches even when this test
+run was started with SIGINT ignored (a background job of a shell without job control, ``nohup``),
+which its children inherit and Python then leaves alone, as it should."""

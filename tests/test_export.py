@@ -13,7 +13,7 @@ import pytest
 
 from synapse_cli.events import Artifact, Finished, Log, Progress, Started
 from synapse_cli.jobs.export.job import ExportSpec, export_video
-from tests.conftest import frame_at, probe, synapse_cmd
+from tests.conftest import INTERRUPTIBLE, frame_at, probe, synapse_cmd
 
 
 def run_job(spec: ExportSpec) -> list:
@@ -293,6 +293,7 @@ def test_ctrl_c_kills_ffmpeg_and_leaves_nothing(clips, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "SYNAPSE_FFMPEG_PRESET": "medium"},
+        **INTERRUPTIBLE,
     )
     for line in proc.stdout:  # wait for real progress, so ffmpeg is running
         if json.loads(line)["type"] == "progress":

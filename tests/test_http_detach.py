@@ -22,7 +22,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (fastapi
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (fastapi, uvicorn)")
 
 from synapse_cli.store import JobStore
-from tests.conftest import bus_image, probe, results_header, synapse_cmd
+from tests.conftest import INTERRUPTIBLE, bus_image, probe, results_header, synapse_cmd
 from tests.http_fixtures import API_KEY, kill_processes_mentioning
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
@@ -354,7 +354,7 @@ def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_fr
     db, out = tmp_path / "jobs.db", tmp_path / "out.mp4"
     job_id = detach(long_clip, out, server, env, *MEDIUM)
     first = subprocess.Popen([*synapse_cmd(), "jobs", "wait", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, **env})  # fmt: skip
+                             text=True, env={**os.environ, **env}, **INTERRUPTIBLE)  # fmt: skip
     try:
         assert until(lambda: len(stored(db, job_id)) >= 3, 60), "jobs wait recorded no events"
         first.send_signal(signal.SIGINT)  # Ctrl-C: stop waiting, not the job

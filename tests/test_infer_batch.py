@@ -24,7 +24,7 @@ from synapse_cli.errors import JobError
 from synapse_cli.events import Finished, Progress
 from synapse_cli.jobs.infer.batching import BatchedPool, choose_batch, is_out_of_memory
 from synapse_cli.jobs.infer.job import InferSpec, run_yolo
-from tests.conftest import ROOT, ffmpeg_exe, synapse_cmd
+from tests.conftest import INTERRUPTIBLE, ROOT, ffmpeg_exe, synapse_cmd
 
 FRAMES = 6
 IMGSZ = 320
@@ -304,6 +304,7 @@ def test_ctrl_c_mid_batch_exits_130_and_leaves_nothing(tmp_path):
         [*synapse_cmd(), "infer", str(long), "-o", str(out), "--batch", "4", "--imgsz", str(IMGSZ), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])},  # this checkout's code
+        **INTERRUPTIBLE,
     )  # fmt: skip
     for line in proc.stdout:  # the first frame is out: the rest of its batch, and the next, are in flight
         if json.loads(line)["type"] == "progress":

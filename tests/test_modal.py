@@ -217,14 +217,14 @@ def test_ctrl_c_cancels_the_remote_call(deployed, tmp_path):
     import signal
     import subprocess
 
-    from tests.conftest import make_clip, synapse_cmd
+    from tests.conftest import INTERRUPTIBLE, make_clip, synapse_cmd
 
     src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=15)
     out = tmp_path / "o.mp4"
     proc = subprocess.Popen(
         [*synapse_cmd(), "export", str(src), "--use-modal", "--json", "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "SYNAPSE_FFMPEG_PRESET": "medium"},
+        env={**os.environ, "SYNAPSE_FFMPEG_PRESET": "medium"}, **INTERRUPTIBLE,
     )
     for line in proc.stdout:
         if json.loads(line)["type"] == "progress":

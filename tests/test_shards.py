@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from synapse_cli.shards import shard_count
-from tests.conftest import make_clip, synapse_cmd
+from tests.conftest import INTERRUPTIBLE, make_clip, synapse_cmd
 
 SMALL = ["--set", "output_width=180", "--set", "output_height=320"]
 
@@ -168,7 +168,7 @@ def test_ctrl_c_stops_every_shard(tmp_path):
     proc = subprocess.Popen(
         [*synapse_cmd(), "export", str(src), "--shards", "2", "--json", "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "SYNAPSE_FFMPEG_PRESET": "medium", "SYNAPSE_JOBS_DB": str(tmp_path / "jobs.db")},
+        env={**os.environ, "SYNAPSE_FFMPEG_PRESET": "medium", "SYNAPSE_JOBS_DB": str(tmp_path / "jobs.db")}, **INTERRUPTIBLE,
     )  # fmt: skip
     for line in proc.stdout:  # type: ignore[union-attr]
         if json.loads(line)["type"] == "progress":

@@ -478,6 +478,23 @@ def test_jobs_that_ended_keep_jobs_days_ago_are_pruned_by_the_sweep_running_and_
         wait_status(ep.url, last, ("completed",))
 
 
+def test_a_job_running_on_another_server_sharing_the_work_dir_is_never_pruned(tmp_path):
+    """Server b prunes the store it shares with server a: a's running and waiting jobs, older than b's
+    keep_jobs_days, are not b's to protect by id; their status alone keeps them."""
+    work, keep_s = tmp_path / "srv", 1.0
+    with serve_app(work, max_concurrent_jobs=1) as a, serve_app(work, artifact_ttl_s=0, keep_jobs_days=keep_s / 86400) as b:
+        running = submit(a, "dirtest", {"input": "a.txt", "output_dir": "o", "sleep_s": 120}, input=b"x")
+        wait_status(a.url, running, ("processing",))
+        pending = submit(a)
+        time.sleep(keep_s + 0.3)
+        trigger = submit(b)  # b's sweep
+        assert record(b.url, running)["status"] == "processing" and record(b.url, pending)["status"] == "pending"
+        assert listed(b.url) == {running, pending, trigger}
+        assert httpx.delete(f"{a.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
+        for url, job_id in ((a.url, pending), (b.url, trigger)):
+            wait_status(url, job_id, ("completed",))
+
+
 def test_keep_jobs_days_0_keeps_every_job(tmp_path):
     with serve_app(tmp_path / "srv", artifact_ttl_s=0, keep_jobs_days=0) as ep:
         done = submit(ep)

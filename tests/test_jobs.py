@@ -226,7 +226,7 @@ def test_prune_and_list_totals(cli, db, tiny, tmp_path):
     cli("export", tiny, "-o", tmp_path / "a.mp4", *SMALL)
     assert cli("jobs", "prune", "--older-than", "1h").stdout.strip() == "pruned 0 job(s)"
     conn = sqlite3.connect(db)
-    conn.execute("UPDATE jobs SET created_at = created_at - 8 * 86400")
+    conn.execute("UPDATE jobs SET created_at = created_at - 691200, started_at = started_at - 691200, finished_at = finished_at - 691200")  # ran 8 days ago
     conn.commit()
     listed = jobs(cli)
     assert listed["total_wall_s"] > 0 and listed["total_cost_usd"] == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -417,6 +418,149 @@ def test_sigterm_stops_detached_jobs_and_fails_the_queued_ones(tmp_path):
             assert not (work / "jobs" / running).exists() and not (work / "jobs" / queued).exists()
     finally:
         kill_processes_mentioning(str(work))
+
+
+# -- pruning (serve.keep_jobs_days) -------------------------------------------------------------------
+
+KEEP_S = 3.0  # keep_jobs_days is a float: a few seconds make "ended long ago" real, no clock faked
+FAIL = {"input": "a.txt", "output_dir": "o", "fail": True}
+
+
+def status_of(url: str, job_id: str) -> int:
+    return httpx.get(f"{url}/v1/jobs/{job_id}", headers=AUTH, timeout=30).status_code
+
+
+def listed(url: str) -> set[str]:
+    return {j["id"] for j in httpx.get(f"{url}/v1/jobs", headers=AUTH, timeout=30).json()["jobs"]}
+
+
+def sleep_past(url: str, job_ids: list[str], seconds: float) -> None:
+    """Until every one of ``job_ids`` ended more than ``seconds`` ago (by the server's ``finished_at``)."""
+    last_end = max(ts(record(url, j)["finished_at"]) for j in job_ids)
+    time.sleep(max(0.0, last_end + seconds + 0.2 - time.time()))
+
+
+def test_jobs_that_ended_keep_jobs_days_ago_are_pruned_by_the_sweep_running_and_recent_ones_stay(tmp_path):
+    # artifact_ttl_s=0: every POST sweeps (the sweep runs at most every min(60 s, artifact_ttl_s))
+    with serve_app(tmp_path / "srv", max_concurrent_jobs=1, artifact_ttl_s=0, keep_jobs_days=KEEP_S / 86400) as ep:
+        done = submit(ep)
+        art = wait_status(ep.url, done, ("completed",))["artifacts"][0]["url"]
+        failed = submit(ep, "dirtest", FAIL, input=b"x")
+        wait_status(ep.url, failed, ("failed",))
+        running = submit(ep, "dirtest", {"input": "a.txt", "output_dir": "o", "sleep_s": 120}, input=b"x")
+        wait_status(ep.url, running, ("processing",))
+        pending = submit(ep)  # the one slot is taken: it waits
+        cancelled = submit(ep)
+        assert httpx.delete(f"{ep.url}/v1/jobs/{cancelled}", headers=AUTH).json()["status"] == "cancelled"
+        ended = [done, failed, cancelled]
+        sleep_past(ep.url, ended, KEEP_S)
+        assert httpx.get(ep.url + art, headers=AUTH).status_code == 410  # expired, still recorded
+        trigger = submit(ep)  # its POST sweeps, and prunes what ended KEEP_S ago
+        for job_id in ended:
+            assert status_of(ep.url, job_id) == 404, job_id
+            r = httpx.get(f"{ep.url}/v1/jobs/{job_id}/events", headers=AUTH)
+            assert r.status_code == 404 and r.json()["type"] == "error"
+        assert httpx.get(ep.url + art, headers=AUTH).status_code == 404  # no record left to say "expired"
+        # running and pending for longer than KEEP_S, but not ended: never pruned
+        assert listed(ep.url) == {running, pending, trigger}
+        assert record(ep.url, running)["status"] == "processing" and record(ep.url, pending)["status"] == "pending"
+        # a job that ended just now stays through a sweep
+        assert httpx.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
+        again = submit(ep)
+        assert record(ep.url, running)["status"] == "cancelled"
+        for job_id in (pending, trigger, again):
+            wait_status(ep.url, job_id, ("completed",))
+        assert listed(ep.url) == {running, pending, trigger, again}
+        # and once they too ended KEEP_S ago, the next sweep takes them
+        sleep_past(ep.url, [running, pending, trigger, again], KEEP_S)
+        last = submit(ep)
+        assert listed(ep.url) == {last}
+        wait_status(ep.url, last, ("completed",))
+
+
+def test_a_job_running_on_another_server_sharing_the_work_dir_is_never_pruned(tmp_path):
+    """Server b prunes the store it shares with server a: a's running and waiting jobs, older than b's
+    keep_jobs_days, are not b's to protect by id; their status alone keeps them."""
+    work, keep_s = tmp_path / "srv", 1.0
+    with serve_app(work, max_concurrent_jobs=1) as a, serve_app(work, artifact_ttl_s=0, keep_jobs_days=keep_s / 86400) as b:
+        running = submit(a, "dirtest", {"input": "a.txt", "output_dir": "o", "sleep_s": 120}, input=b"x")
+        wait_status(a.url, running, ("processing",))
+        pending = submit(a)
+        time.sleep(keep_s + 0.3)
+        trigger = submit(b)  # b's sweep
+        assert record(b.url, running)["status"] == "processing" and record(b.url, pending)["status"] == "pending"
+        assert listed(b.url) == {running, pending, trigger}
+        assert httpx.delete(f"{a.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
+        for url, job_id in ((a.url, pending), (b.url, trigger)):
+            wait_status(url, job_id, ("completed",))
+
+
+def test_keep_jobs_days_0_keeps_every_job(tmp_path):
+    with serve_app(tmp_path / "srv", artifact_ttl_s=0, keep_jobs_days=0) as ep:
+        done = submit(ep)
+        wait_status(ep.url, done, ("completed",))
+        failed = submit(ep, "dirtest", FAIL, input=b"x")
+        wait_status(ep.url, failed, ("failed",))
+        time.sleep(0.2)
+        trigger = submit(ep)  # sweeps
+        wait_status(ep.url, trigger, ("completed",))
+        assert listed(ep.url) == {done, failed, trigger}
+        assert record(ep.url, done)["status"] == "completed" and record(ep.url, failed)["status"] == "failed"
+
+
+def test_a_restarted_server_prunes_at_start_the_jobs_and_folders_that_ended_keep_jobs_days_ago(tmp_path):
+    """The setting as ``synapse serve`` reads it (SYNAPSE_SERVE_KEEP_JOBS_DAYS), applied when it starts:
+    the completed job goes with its folder (its outputs had an hour to live); the job that this start
+    marks failed ended just now, and stays."""
+    work = tmp_path / "srv"
+    try:
+        with serve_process(work) as (url, server):
+            done = submit(url)
+            rec = wait_status(url, done, ("completed",))
+            running = submit(url, spec=LONG)
+            wait_status(url, running, ("processing",))
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+        kill_processes_mentioning(str(work))
+        assert (work / "jobs" / done).is_dir()
+        time.sleep(max(0.0, ts(rec["finished_at"]) + 1.2 - time.time()))
+        with serve_process(work, SYNAPSE_SERVE_KEEP_JOBS_DAYS=str(1 / 86400)) as (url, server):
+            assert status_of(url, done) == 404
+            assert not (work / "jobs" / done).exists()
+            assert listed(url) == {running} and record(url, running)["status"] == "failed"
+        db = sqlite3.connect(work / "jobs.db")
+        assert db.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (done,)).fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (running,)).fetchone()[0] > 0
+        db.close()
+    finally:
+        kill_processes_mentioning(str(work))
+
+
+def test_the_job_store_stops_growing_across_prune_cycles(tmp_path):
+    """Each cycle stores ~1 MB of events; each POST prunes the previous cycle's job. jobs.db is measured
+    after a checkpoint (the -wal file folded in), so its size is what the rows take."""
+    keep_s = 0.5
+    with serve_app(tmp_path / "srv", artifact_ttl_s=0, keep_jobs_days=keep_s / 86400) as ep:
+        path = ep.work_dir / "jobs.db"
+
+        def size() -> int:
+            db = sqlite3.connect(path, timeout=30)
+            try:
+                assert wait_for(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0, 10)  # 1: a reader was in the way
+                return path.stat().st_size
+            finally:
+                db.close()
+
+        sizes = []
+        for _ in range(6):
+            job = submit(ep, "dirtest", {"input": "a.txt", "output_dir": "o", "spam": 1000}, input=b"x")
+            wait_status(ep.url, job, ("completed",))
+            sizes.append(size())
+            sleep_past(ep.url, [job], keep_s)
+        assert sizes[0] > 1_000_000
+        assert max(sizes[1:]) <= sizes[0] * 1.2, sizes  # without pruning: ~1 MB more each cycle
+        wait_status(ep.url, submit(ep), ("completed",))  # prunes the last big job: its pages go back to the file system
+        assert size() < sizes[0] / 4, (size(), sizes)
 
 
 def test_expired_artifacts_leave_the_record_and_answer_410(tmp_path):

@@ -10,7 +10,8 @@ marked ``failed`` the next time anyone reads the table. A live local worker is
 never reaped. The file is private (0600): it holds paths and parameters, never
 secrets (settings the config registry marks ``secret`` are dropped).
 
-States: pending → processing → completed | failed | cancelled.
+States: pending → processing → completed | failed | cancelled. Ended jobs are deleted, events and
+all, by ``prune_ended`` (``synapse jobs prune``; ``synapse serve`` after ``[serve] keep_jobs_days``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 from synapse_cli.errors import UsageError
 
@@ -34,6 +35,7 @@ HEARTBEAT_S = 2.0
 STALE_AFTER_S = 30.0
 PENDING_GRACE_S = 120.0  # a pending row nobody can vouch for (no local pid) gets this long to start
 BUSY_TIMEOUT_S = 30.0  # how long a write waits for the lock by default
+WAL_LIMIT_BYTES = 16 * 1024 * 1024  # after a checkpoint, the -wal file is cut back to this
 REAPED = "the worker stopped without finishing (killed or lost; stale heartbeat)"
 NEVER_STARTED = "the worker never started (killed or lost before it began)"
 
@@ -189,10 +191,16 @@ class JobStore:
                     f"job store {self.path} has schema {version}, newer than this synapse understands ({SCHEMA_VERSION}): "
                     "upgrade synapse, or set [jobs] db / SYNAPSE_JOBS_DB to another file"
                 )
+            if version == 0:
+                # a new file: freed pages can go back to the file system (prune_ended). Only possible before the
+                # first table, and before WAL (switching to WAL writes the header, and the setting is ignored after)
+                self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             self._use_wal()
             self.db.execute("PRAGMA foreign_keys = ON")
             # WAL + NORMAL: no fsync per progress write (a crash can lose the last events, never corrupt the file)
             self.db.execute("PRAGMA synchronous = NORMAL")
+            # the WAL file keeps the size of its largest burst (a prune deleting a million events) unless told otherwise
+            self.db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
             if version < SCHEMA_VERSION:
                 with self.transaction() as db:  # executescript would commit on its own: one statement at a time
                     version = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have just done it
@@ -349,10 +357,30 @@ class JobStore:
             db.execute("UPDATE jobs SET pid = ?, pid_start = ?, host = ? WHERE id = ?", (pid, pid_start_time(pid), socket.gethostname(), job_id))
 
     def prune(self, older_than_s: float) -> int:
+        """``prune_ended``, counted (``synapse jobs prune``)."""
+        return len(self.prune_ended(older_than_s))
+
+    def prune_ended(self, older_than_s: float, keep: Collection[str] = ()) -> list[str]:
+        """Delete the jobs that ended (completed, failed, cancelled) more than ``older_than_s`` ago,
+        their events with them, in one transaction; return their ids. A pending or processing job is
+        never deleted, however old, nor one whose id is in ``keep`` (a job its server still winds up).
+
+        The freed pages go back to the file system (``incremental_vacuum``; a store created before
+        ``auto_vacuum`` was set keeps them on its free list, where new rows reuse them), so a store
+        pruned regularly stops growing."""
         cutoff = time.time() - older_than_s
         with self.transaction() as db:
-            cur = db.execute("DELETE FROM jobs WHERE status NOT IN ('pending','processing') AND created_at < ?", (cutoff,))
-            return cur.rowcount
+            rows = db.execute(
+                "SELECT id FROM jobs WHERE status NOT IN ('pending','processing') AND COALESCE(finished_at, created_at) < ?", (cutoff,)
+            ).fetchall()
+            ids = [r["id"] for r in rows if r["id"] not in keep]
+            # events explicitly, not by ON DELETE CASCADE alone: that needs foreign_keys on in the connection that deletes
+            db.executemany("DELETE FROM events WHERE job_id = ?", [(i,) for i in ids])
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+        if ids:
+            # executescript steps the pragma to its end: execute() frees a single page per call
+            self.db.executescript("PRAGMA incremental_vacuum")
+        return ids
 
     # -- reads --------------------------------------------------------------------
 

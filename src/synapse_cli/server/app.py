@@ -72,6 +72,7 @@ class ServerOptions:
     keepalive_s: float = 15.0
     max_key_failures: int = 10  # per address, per KEY_FAILURE_WINDOW_S
     max_queued_jobs: int = 100  # detached jobs waiting for a slot (uploads included); past it, 429
+    keep_jobs_days: float = 30.0  # detached jobs that ended longer ago leave jobs.db (record, events, folder); 0: kept for ever
     on_job_end: Callable[[], None] | None = None  # e.g. Modal: commit the Volume
     live: dict[str, Path] = field(default_factory=dict)  # this process's jobs (uploading, queued or running) -> folder
     waiting: set[str] = field(default_factory=set)  # detached jobs in ``live`` that hold no slot (uploading or queued)
@@ -183,7 +184,7 @@ def create_app(
     unknown = sorted(set(limits) - known)
     if unknown:
         raise TypeError(f"create_app got unexpected keyword argument(s): {', '.join(unknown)}")
-    for name in ("max_concurrent_jobs", "max_queued_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s"):
+    for name in ("max_concurrent_jobs", "max_queued_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s", "keep_jobs_days"):
         if name not in limits and f"serve.{name}" in settings:
             limits[name] = settings[f"serve.{name}"]
     models_dir = models_dir if models_dir is not None else settings.get("serve.models_dir")
@@ -193,7 +194,7 @@ def create_app(
         Path(models_dir).expanduser().resolve() if models_dir else None, **limits,
     )  # fmt: skip
     opts.jobs_dir.mkdir(parents=True, exist_ok=True)
-    opts.detached = DetachedJobs(opts)  # opens <work dir>/jobs.db; jobs a dead server left running are marked failed
+    opts.detached = DetachedJobs(opts)  # opens <work dir>/jobs.db; jobs a dead server left running are marked failed, old ones pruned
 
     app = FastAPI(title="synapse", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.synapse = opts
@@ -640,7 +641,8 @@ def _shards_param(value: str | None) -> tuple[int, str | None]:
 
 
 async def _sweep(opts: ServerOptions) -> None:
-    """Remove job folders whose artifacts expired, and those of jobs whose process died.
+    """Remove job folders whose artifacts expired, and those of jobs whose process died; and the
+    detached jobs that ended more than ``keep_jobs_days`` ago (``DetachedJobs.prune``).
 
     A finished job's age is its ``.done``; a job still uploading or running (here or in another
     process sharing the work dir) keeps a fresh ``.alive`` and is never removed, however long it runs."""
@@ -650,6 +652,8 @@ async def _sweep(opts: ServerOptions) -> None:
     opts.last_sweep = now
 
     def sweep() -> None:
+        if opts.detached is not None:
+            opts.detached.prune()
         for job_dir in opts.jobs_dir.iterdir():
             if job_dir.name in opts.live:
                 continue

@@ -16,6 +16,9 @@ a job run by another process sharing the work dir is polled once a second instea
 - Restart: rows left ``pending``/``processing`` by a server that died (its pid is gone) are marked
   ``failed`` ("the server stopped while this job was running") with an ``error`` event, and their
   folders removed, when the next server starts on the work dir.
+- Pruning: jobs that ended more than ``keep_jobs_days`` ago (0: never) are deleted, row, events and
+  folder, at start and then by the server's periodic sweep; ``GET`` then answers 404 as for an
+  unknown id. A pending or running job is never pruned.
 """
 
 from __future__ import annotations
@@ -178,6 +181,7 @@ class DetachedJobs:
         self._dirty_cond = threading.Condition()
         self._flusher: threading.Thread | None = None
         self.recover()
+        self.prune()
 
     def flush_later(self, channel: StoreChannel) -> None:
         """Store ``channel``'s buffered events within ``FLUSH_S``, even if the job says nothing more."""
@@ -281,6 +285,27 @@ class DetachedJobs:
         if failed:
             log.warning("%d job(s) were marked failed: %s", len(failed), SERVER_STOPPED)
         return failed
+
+    def prune(self) -> list[str]:
+        """Delete the jobs that ended more than ``keep_jobs_days`` ago: record, events and any folder
+        left on disk. Jobs of this process that are still winding up are kept. Never raises: a store
+        that cannot be pruned now (locked past its timeout) is pruned at the next sweep."""
+        days = self.opts.keep_jobs_days
+        if not days:
+            return []
+        try:
+            with self.lock:
+                ours = {*self.opts.live, *self.opts.runs}  # uploading, queued, running or concluding here
+                pruned = self.store.prune_ended(days * 86400.0, keep=ours)
+        except Exception:  # noqa: BLE001 - a sweep must not fail the request that triggered it
+            log.warning("cannot prune the job store %s", self.store.path, exc_info=True)
+            return []
+        for job_id in pruned:
+            if job_id and "/" not in job_id and job_id not in (".", ".."):  # ids are folder names: never a path out of jobs/
+                remove_tree(self.opts.jobs_dir / job_id)
+        if pruned:
+            log.info("pruned %d job(s) that ended more than %g day(s) ago (serve.keep_jobs_days)", len(pruned), days)
+        return pruned
 
     def _reap_others(self) -> list[str]:
         """Mark ``failed`` the active rows whose server process is gone (its pid, checked with its start

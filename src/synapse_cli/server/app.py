@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -308,6 +308,18 @@ def create_app(
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, f"bad request: {exc.errors()[0].get('msg', 'invalid')}")
 
+    async def keyed(request: Request) -> None:
+        """Every route but the page, the session and /v1/health: ``gate`` first, before any body is read."""
+        refused = gate(request)
+        if refused is not None:
+            raise _Refused(await _refuse(request, refused, opts))
+
+    @app.exception_handler(_Refused)
+    async def _refused(request: Request, exc: _Refused) -> JSONResponse:
+        return exc.response
+
+    key = [Depends(keyed)]
+
     @app.get("/v1/health")
     async def health(request: Request) -> Any:
         from synapse_cli.jobs import JOBS
@@ -323,13 +335,10 @@ def create_app(
             "auth": "none" if opts.api_key is None else "bearer",
         }
 
-    @app.post("/v1/jobs/{kind}")
+    @app.post("/v1/jobs/{kind}", dependencies=key)
     async def run_job(kind: str, request: Request) -> Any:
         from synapse_cli.jobs import JOBS, spec_class
 
-        refused = gate(request)
-        if refused is not None:
-            return await _refuse(request, refused, opts)
         if kind not in JOBS:
             return await _refuse(request, _error(404, f"unknown job kind {kind!r}; expected one of {', '.join(JOBS)}", close=True), opts)
         if opts.closing:
@@ -428,32 +437,23 @@ def create_app(
     def not_found(job_id: str) -> JSONResponse:
         return _error(404, f"no job {job_id[:64]!r} on this server")
 
-    @app.get("/v1/jobs")
+    @app.get("/v1/jobs", dependencies=key)
     async def list_jobs(request: Request) -> Any:
-        refused = gate(request)
-        if refused is not None:
-            return await _refuse(request, refused, opts)
         status, limit, problem = parse_list_params(request.query_params.get("status"), request.query_params.get("limit"))
         if problem:
             return _error(422, problem)
         records = await anyio.to_thread.run_sync(jobs.list_records, status, limit)
         return JSONResponse({"jobs": records}, headers={"Cache-Control": "no-store"})
 
-    @app.get("/v1/jobs/{job_id}")
+    @app.get("/v1/jobs/{job_id}", dependencies=key)
     async def get_job(job_id: str, request: Request) -> Any:
-        refused = gate(request)
-        if refused is not None:
-            return await _refuse(request, refused, opts)
         record = await anyio.to_thread.run_sync(jobs.get_record, job_id)
         if record is None:
             return not_found(job_id)
         return JSONResponse(record, headers={"Cache-Control": "no-store"})
 
-    @app.delete("/v1/jobs/{job_id}")
+    @app.delete("/v1/jobs/{job_id}", dependencies=key)
     async def cancel_job(job_id: str, request: Request) -> Any:
-        refused = gate(request)
-        if refused is not None:
-            return await _refuse(request, refused, opts)
         outcome = await anyio.to_thread.run_sync(jobs.cancel, job_id)
         if outcome == "unknown":
             return not_found(job_id)
@@ -464,11 +464,8 @@ def create_app(
             return _error(409, f"job {job_id} runs in another server process sharing this work dir; cancel it there", code=3, error="BackendError")
         return JSONResponse(record, headers={"Cache-Control": "no-store"})
 
-    @app.get("/v1/jobs/{job_id}/events")
+    @app.get("/v1/jobs/{job_id}/events", dependencies=key)
     async def job_events(job_id: str, request: Request) -> Any:
-        refused = gate(request)
-        if refused is not None:
-            return await _refuse(request, refused, opts)
         after, problem = parse_index(request.query_params.get("after"), "after")
         if problem:
             return _error(422, problem)
@@ -487,23 +484,17 @@ def create_app(
 
     described: dict[str, Any] = {}
 
-    @app.get("/v1/openapi.json", include_in_schema=False)
+    @app.get("/v1/openapi.json", include_in_schema=False, dependencies=key)
     async def openapi(request: Request) -> Any:
         """The whole API (``server/openapi.py``); behind the key, like everything but /v1/health."""
-        refused = gate(request)
-        if refused is not None:
-            return await _refuse(request, refused, opts)
         if "doc" not in described:
             from synapse_cli.server.openapi import build
 
             described["doc"] = await anyio.to_thread.run_sync(build, app)
         return JSONResponse(described["doc"])
 
-    @app.get("/v1/artifacts/{artifact_id}")
+    @app.get("/v1/artifacts/{artifact_id}", dependencies=key)
     async def artifact(artifact_id: str, request: Request) -> Any:
-        refused = gate(request)
-        if refused is not None:
-            return await _refuse(request, refused, opts)
         match = _ARTIFACT_ID.fullmatch(artifact_id)
         path = runner.artifact_path(opts.jobs_dir, match[1], match[2]) if match else None
         if path is None:
@@ -571,6 +562,13 @@ async def _stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[byte
 
 
 _DRAIN_MAX_BYTES = 1024 * 1024
+
+
+class _Refused(Exception):
+    """Raised by the ``keyed`` dependency: ``response`` is the refusal, ready to send."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
 
 
 async def _refuse(request: Request, response: JSONResponse, opts: ServerOptions) -> JSONResponse:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,3 +176,14 @@ INTERRUPTIBLE = {"preexec_fn": _default_sigint}
 """``subprocess.Popen(..., **INTERRUPTIBLE)``: a child that Ctrl-C (SIGINT) reaches even when this test
 run was started with SIGINT ignored (a background job of a shell without job control, ``nohup``),
 which its children inherit and Python then leaves alone, as it should."""
+
+
+def wait_for(predicate, timeout: float = 15.0):
+    """``predicate()``'s first true value, polled every 50 ms; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")

@@ -97,23 +97,31 @@ def test_what_outlines_still_drops_is_reported():
     assert not outlines_dropped({"type": "string", "enum": ["a", "b"]})
 
 
-def _no_unexplained(data: Path, tmp_path: Path, timeout_s: float) -> dict[str, int]:
+def finished_result(spec) -> dict:
+    """The compile job's ``finished`` result; it still comes when some inputs fail (the job then raises JobError)."""
     from synapse_cli.errors import JobError
     from synapse_cli.events import Finished
-    from synapse_cli.jobs.compile.job import CompileSpec, compile_constraints
+    from synapse_cli.jobs.compile.job import compile_constraints
 
-    if not data.is_file():
-        pytest.skip(f"no data at {data}")
-    spec = CompileSpec(inputs=[str(data)], output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
-                       engine_timeout_s=timeout_s, overwrite=True)
     result = None
     try:
         for ev in compile_constraints(spec):
             if isinstance(ev, Finished):
                 result = ev.result
     except JobError:
-        pass  # inputs that fail for other reasons (rejected valid instances) are not this test's subject
+        pass
     assert result is not None
+    return result
+
+
+def _no_unexplained(data: Path, tmp_path: Path, timeout_s: float) -> dict[str, int]:
+    from synapse_cli.jobs.compile.job import CompileSpec
+
+    if not data.is_file():
+        pytest.skip(f"no data at {data}")
+    spec = CompileSpec(inputs=[str(data)], output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
+                       engine_timeout_s=timeout_s, overwrite=True)
+    result = finished_result(spec)  # inputs that fail for other reasons (rejected valid instances) are not this test's subject
     lies: list[str] = []
     wrong: dict[str, int] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -183,23 +191,14 @@ O58445_TESTS = [
 
 def _report(tmp_path: Path, schema: dict, tests: list, engines: list[str]) -> dict:
     """The compile report's engines for one schema with its labelled instances (the real job, no cache)."""
-    from synapse_cli.errors import JobError
-    from synapse_cli.events import Finished
-    from synapse_cli.jobs.compile.job import CompileSpec, compile_constraints
+    from synapse_cli.jobs.compile.job import CompileSpec
 
     src = tmp_path / "in.jsonl"
     row = {"id": "one", "schema": schema, "tests": [{"description": f"#{i}", "valid": v, "data": d} for i, (v, d) in enumerate(tests)]}
     src.write_text(json.dumps(row) + "\n", encoding="utf-8")
     spec = CompileSpec(inputs=[str(src)], output_dir=str(tmp_path / "out"), engines=engines, use_cache=False,
                        overwrite=True, workers=1)
-    result = None
-    try:
-        for ev in compile_constraints(spec):
-            if isinstance(ev, Finished):
-                result = ev.result
-    except JobError:
-        pass  # the report is the subject; a failed status is asserted on below
-    assert result is not None
+    result = finished_result(spec)  # the report is the subject; a failed status is asserted on below
     return result["inputs"][0]["engines"]
 
 

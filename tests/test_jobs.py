@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import probe, synapse_cmd
+from tests.conftest import probe, synapse_cmd, wait_for
 
 
 SMALL = ["--set", "output_width=90", "--set", "output_height=160"]
@@ -22,16 +22,6 @@ def jobs(cli, *args) -> dict:
     run = cli("jobs", "list", "--json", *args)
     assert run.exit_code == 0, run.stderr
     return json.loads(run.stdout)
-
-
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def pids_of(pattern: str) -> list[str]:

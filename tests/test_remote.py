@@ -347,8 +347,10 @@ print(json.dumps({"exit_code": result.exit_code, "stderr": result.stderr, "secon
 """
 
 
-def test_unreachable_modal_exits_3_within_connect_timeout(clips, tmp_path):
-    pytest.importorskip("modal", reason="modal is not installed")
+def assert_unreachable_exits_3(script: str, args: list[str], out: Path) -> None:
+    """``synapse *args`` run by ``script`` (a fresh process printing its exit code, stderr and seconds)
+    against a Modal URL nobody listens on, with a 2 s connect deadline: exit 3 within the deadline,
+    one line naming the URL, and no ``out``."""
     import json
     import os
     import socket
@@ -359,14 +361,18 @@ def test_unreachable_modal_exits_3_within_connect_timeout(clips, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MODAL_SERVER_URL": f"http://127.0.0.1:{port}", "MODAL_TOKEN_ID": "ak-x", "MODAL_TOKEN_SECRET": "as-x", "SYNAPSE_MODAL_CONNECT_TIMEOUT_S": "2"}
-    args = ["export", str(clips["silent"]), "--use-modal", "-o", str(tmp_path / "o.mp4")]
-    proc = subprocess.run([sys.executable, "-c", UNREACHABLE, *args], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script, *args, "-o", str(out)], env=env, capture_output=True, text=True, timeout=60)
     run = json.loads(proc.stdout.splitlines()[-1])
     assert run["exit_code"] == 3, run
     assert run["seconds"] < 3.0, run
     lines = run["stderr"].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"BackendError: cannot reach Modal at http://127.0.0.1:{port}: "), lines
-    assert "within 2 s" in lines[0] and not (tmp_path / "o.mp4").exists()
+    assert "within 2 s" in lines[0] and not out.exists()
+
+
+def test_unreachable_modal_exits_3_within_connect_timeout(clips, tmp_path):
+    pytest.importorskip("modal", reason="modal is not installed")
+    assert_unreachable_exits_3(UNREACHABLE, ["export", str(clips["silent"]), "--use-modal"], tmp_path / "o.mp4")
 
 
 def test_a_mapped_modal_error_keeps_its_cause_for_synapse_traceback(cli, modal_fake, clips, tmp_path):

@@ -12,17 +12,14 @@ more, ``import modal`` included.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_clip
+from tests.conftest import make_clip, wait_for
+from tests.test_remote import assert_unreachable_exits_3
 from tests.test_shards import OVERLAY, SMALL, _params_file, assert_same_video, export
 
 VOLUME = "synapse-data"
@@ -42,16 +39,6 @@ def deployed(modal_fake, db):
 
     importlib.reload(modal_app).app.deploy(name="synapse")
     return modal_fake
-
-
-def wait_for(predicate, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def detached_calls(fake) -> list:
@@ -96,7 +83,7 @@ def test_detach_with_shards_then_show_and_wait(cli, deployed, db, clip, tmp_path
     shown = show(cli, job_id)
     assert shown["status"] == "processing" and [s["shard"] for s in shown["shards"]] == ["1/2", "2/2"]
     assert {s["state"] for s in shown["shards"]} <= {"pending", "running", "finished"}
-    wait_for(lambda: all(c.outcome == "ok" for c in detached_calls(deployed)))
+    wait_for(lambda: all(c.outcome == "ok" for c in detached_calls(deployed)), timeout=60)
     ran_s = time.monotonic() - spawned_at  # each call ran for less than this
     shown = show(cli, job_id)  # both calls ended, nobody merged yet: the job runs on, its shards are done
     assert shown["status"] == "processing"
@@ -136,8 +123,8 @@ def test_cancel_stops_every_shard(cli, deployed, db, long_clip, tmp_path):
     run = cli("export", long_clip, "-o", out, "--use-modal", "--detach", "--shards", "2", env={"SYNAPSE_FFMPEG_PRESET": "medium"})
     assert run.exit_code == 0, run.stderr
     job_id = run.stdout.strip()
-    wait_for(lambda: len(detached_calls(deployed)) == 2 and all(c.outcome == "running" for c in detached_calls(deployed)))
-    wait_for(lambda: all(s["state"] == "running" for s in show(cli, job_id)["shards"]))
+    wait_for(lambda: len(detached_calls(deployed)) == 2 and all(c.outcome == "running" for c in detached_calls(deployed)), timeout=60)
+    wait_for(lambda: all(s["state"] == "running" for s in show(cli, job_id)["shards"]), timeout=60)
 
     cancelled = cli("jobs", "cancel", job_id)
     assert cancelled.exit_code == 0, cancelled.stderr
@@ -156,7 +143,7 @@ def test_a_job_error_in_one_shard_fails_the_job_and_cancels_the_others(cli, depl
     run = cli("export", cut, "-o", out, "--use-modal", "--detach", "--shards", "2", env={"SYNAPSE_FFMPEG_PRESET": "medium"})
     assert run.exit_code == 0, run.stderr
     job_id = run.stdout.strip()
-    wait_for(lambda: any(c.outcome == "ok" and c.args[1].endswith("/1") for c in detached_calls(deployed)))
+    wait_for(lambda: any(c.outcome == "ok" and c.args[1].endswith("/1") for c in detached_calls(deployed)), timeout=60)
     assert [s["state"] for s in show(cli, job_id)["shards"]] == ["running", "failed"]  # the second returned its error
 
     waited = cli("jobs", "wait", job_id)
@@ -217,19 +204,7 @@ print(json.dumps({"exit_code": result.exit_code, "stderr": result.stderr, "secon
 @pytest.mark.parametrize("shards", ["1", "2"])
 def test_unreachable_modal_exits_3_within_connect_timeout_when_detached(clip, db, tmp_path, shards):
     pytest.importorskip("modal", reason="modal is not installed")
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MODAL_SERVER_URL": f"http://127.0.0.1:{port}", "MODAL_TOKEN_ID": "ak-x", "MODAL_TOKEN_SECRET": "as-x",
-           "SYNAPSE_MODAL_CONNECT_TIMEOUT_S": "2"}  # fmt: skip
-    args = ["export", str(clip), "--use-modal", "--detach", "--shards", shards, "-o", str(tmp_path / "o.mp4"), *SMALL]
-    proc = subprocess.run([sys.executable, "-c", UNREACHABLE, *args], env=env, capture_output=True, text=True, timeout=60)
-    run = json.loads(proc.stdout.splitlines()[-1])
-    assert run["exit_code"] == 3, run
-    assert run["seconds"] < 3.0, run
-    lines = run["stderr"].strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"BackendError: cannot reach Modal at http://127.0.0.1:{port}: "), lines
-    assert "within 2 s" in lines[0] and not (tmp_path / "o.mp4").exists()
+    assert_unreachable_exits_3(UNREACHABLE, ["export", str(clip), "--use-modal", "--detach", "--shards", shards, *SMALL], tmp_path / "o.mp4")
     conn = sqlite3.connect(db)
     assert [r[0] for r in conn.execute("SELECT status FROM jobs")] == ["failed"]  # no pending row left behind
     conn.close()

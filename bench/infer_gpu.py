@@ -94,25 +94,35 @@ class Gpu:
         return self.torch.cuda.get_device_name(0) if self.cuda else "cpu"
 
 
+def clip_arguments(ap: argparse.ArgumentParser, seconds: float) -> None:
+    """The options every GPU bench shares: the device, the made clip's length and size, the model's input size."""
+    ap.add_argument("--device", default="0", help="0 (the first CUDA GPU) or cpu")
+    ap.add_argument("--seconds", type=float, default=seconds)
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--height", type=int, default=720)
+    ap.add_argument("--imgsz", type=int, default=640)
+
+
+def parse_gpu_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """``ap.parse_args()``; with ``--device cpu`` the GPU is hidden, from synapse too (it picks its device itself)."""
+    args = ap.parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return args
+
+
 def best(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: r["fps"])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="0", help="0 (the first CUDA GPU) or cpu")
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--width", type=int, default=1280)
-    ap.add_argument("--height", type=int, default=720)
-    ap.add_argument("--imgsz", type=int, default=640)
+    clip_arguments(ap, seconds=20.0)
     ap.add_argument("--batch", type=int, default=32, help="the batch of `yolo predict half=True` and of the ceiling")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--clip", type=Path, help="use this clip instead of making one")
     ap.add_argument("--out", type=Path, required=True, help="write every figure here as JSON")
-    args = ap.parse_args()
-
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # synapse picks its device itself: hide the GPU from it too
+    args = parse_gpu_args(ap)
     sys.path.insert(0, str(ROOT / "src"))
     from synapse_cli.jobs.infer.runtime import import_yolo
     from synapse_cli.jobs.infer.weights import default_weights

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from infer_gpu import make_clip  # noqa: E402
+from infer_gpu import clip_arguments, make_clip, parse_gpu_args  # noqa: E402
 
 CHILD = """\
 import json, resource, sys, time
@@ -104,18 +104,12 @@ def ultralytics_fp16_vs_fp32(clip: Path, imgsz: int, device: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="0", help="0 (the first CUDA GPU) or cpu")
-    ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--width", type=int, default=1280)
-    ap.add_argument("--height", type=int, default=720)
-    ap.add_argument("--imgsz", type=int, default=640)
+    clip_arguments(ap, seconds=8.0)
     ap.add_argument("--memory-frames", type=int, nargs=2, default=[300, 3000])
     ap.add_argument("--memory-size", default="640x360")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    args = parse_gpu_args(ap)
 
     from synapse_cli.jobs.infer.job import InferSpec, run_yolo
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import resource
 import sys
 import tempfile
@@ -22,21 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from infer_gpu import make_clip  # noqa: E402
+from infer_gpu import clip_arguments, make_clip, parse_gpu_args  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="0")
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--width", type=int, default=1280)
-    ap.add_argument("--height", type=int, default=720)
-    ap.add_argument("--imgsz", type=int, default=640)
+    clip_arguments(ap, seconds=20.0)
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    args = parse_gpu_args(ap)
     import yappi
 
     from synapse_cli.jobs.infer.job import InferSpec, run_yolo

@@ -81,10 +81,11 @@ def main() -> None:
         params.write_text(json.dumps({"keyframes": [key]}))
         ours = synapse_exe() + ["export", str(clip), "--job", "framing", "--params", str(params), "--no-modal",
                                 "-o", str(work / "ours.mp4"), "--overwrite", "--no-cache"]  # every run encodes
+        # the same work as synapse: the audio a framing leaves as it is is copied, not encoded
         plain = [ffmpeg, "-v", "error", "-y", "-i", str(clip), "-vf",
                  f"crop={key['width']}:{key['height']}:{key['x']}:{key['y']},scale=810:1440:flags=bicubic,setsar=1",
                  "-c:v", "libx264", "-preset", "fast", "-crf", "23", "-pix_fmt", "yuv420p",
-                 "-c:a", "aac", "-b:a", "160k", "-movflags", "+faststart", str(work / "plain.mp4")]  # fmt: skip
+                 "-c:a", "copy", "-movflags", "+faststart", str(work / "plain.mp4")]  # fmt: skip
         base_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         base_env.update(SYNAPSE_FFMPEG=ffmpeg, SYNAPSE_JOBS_DB=str(work / "jobs.sqlite3"))
         trees = {"synapse export": SRC} | ({"baseline": args.baseline.resolve()} if args.baseline else {})

@@ -117,10 +117,11 @@ def main() -> None:
 
         short = make_clip(ffmpeg, work / "short.mp4", 6)
         ours = export_cmd(short, work / "ours.mp4", params)
+        # the same work as synapse: the audio a framing leaves as it is is copied, not encoded
         plain = [ffmpeg, "-v", "error", "-y", "-i", str(short), "-vf",
                  f"crop={KEY['width']}:{KEY['height']}:{KEY['x']}:{KEY['y']},scale=810:1440:flags=bicubic,setsar=1",
                  "-c:v", "libx264", "-preset", "fast", "-crf", "23", "-pix_fmt", "yuv420p",
-                 "-c:a", "aac", "-b:a", "160k", "-movflags", "+faststart", str(work / "plain.mp4")]  # fmt: skip
+                 "-c:a", "copy", "-movflags", "+faststart", str(work / "plain.mp4")]  # fmt: skip
         senv = {**env, "SYNAPSE_FFMPEG_THREADS": "0"}
         t_ours, t_plain = [], []
         for _ in range(max(args.runs, 5)):

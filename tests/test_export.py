@@ -121,6 +121,42 @@ def test_silent_input_gives_silent_output(clips, tmp_path):
         assert not probe(out).has_audio
 
 
+def audio_packets(path: Path) -> list[str]:
+    """The audio stream's packets as ffmpeg reads them, uncoded: (timestamp, size, hash) per packet."""
+    from tests.conftest import ffmpeg_exe
+
+    out = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:a", "-c", "copy", "-f", "framemd5", "-"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return [line for line in out.splitlines() if line and not line.startswith("#")]
+
+
+OVERLAY = {"keyframes": [{"time": 0, "x": 100, "y": 100, "radius_x": 50, "radius_y": 50}]}
+
+
+@pytest.mark.parametrize("job,params", [("framing", {}), ("overlay", OVERLAY)])
+@pytest.mark.parametrize("shards", [1, 2])
+def test_audio_the_job_leaves_untouched_is_copied_packet_for_packet(cli, clips, tmp_path, job, params, shards):
+    """framing without segments and overlay keep the input's timeline: its AAC is copied, not re-encoded (no loss, no encode)."""
+    src = clips["landscape"]
+    out = tmp_path / "copied.mp4"
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    run = cli("export", src, "--job", job, "--params", tmp_path / "params.json", "-o", out, "--shards", shards, "--no-cache",
+              "--json", env={"SYNAPSE_FFMPEG_PRESET": "ultrafast"})  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    assert run.events()[-1]["result"]["audio"] is True
+    packets = audio_packets(src)
+    assert len(packets) > 50 and audio_packets(out) == packets
+
+
+def test_audio_a_segment_re_times_is_encoded_not_copied(clips, tmp_path):
+    out = tmp_path / "fast.mp4"
+    params = {"segments": [{"start": 0.0, "end": 2.0, "speed": 2.0}]}
+    run_job(ExportSpec(input=str(clips["landscape"]), output=str(out), job="framing", params=params, preset="ultrafast"))
+    source, packets = audio_packets(clips["landscape"]), audio_packets(out)
+    assert probe(out).audio_codec == "aac"
+    assert abs(len(packets) - len(source) / 2) <= 3  # half the samples (2x speed): encoded, since a copy keeps every packet
+
+
 def test_overlay_dims_outside_the_ellipse(clips, tmp_path):
     out = tmp_path / "overlay.mp4"
     params = {

@@ -189,6 +189,7 @@ def test_every_export_job_on_every_input(matrix, tmp_path, name, job):
     info = probe(out)
     assert (info.width, info.height) == size == (result["width"], result["height"])
     assert info.video_codec == "h264" and info.has_audio is audio
+    assert info.audio_codec == ("aac" if audio else None)  # copied when it was AAC and left as it was, else encoded to AAC
     want = {"framing": duration, "overlay": duration, "annotate": min(duration, 0.5) + max(0.0, duration - 0.1)}[job]
     assert info.duration == pytest.approx(want, abs=0.12)
     assert _leftovers(tmp_path) == []

@@ -124,6 +124,7 @@ def test_the_merge_waits_for_the_beside_hook(tmp_path):
 
     events = list(run_sharded("test", None, 3, shards.start, shards.split, shards.merge, workdir=tmp_path, beside=beside))
     assert events[-1].result["beside"] == "done" and events[-1].result["parts"] == [0, 1, 2]
+    assert events[-1].elapsed_s >= 0.5  # the whole job's time, split to merge, not the merge's own
     assert list(tmp_path.iterdir()) == []  # the shards' folder is gone
 
 

@@ -726,12 +726,18 @@ def export_seconds(spec: ExportSpec) -> float:
     return sum((e - s) / v for _, s, e, v in _output_pieces(spec.job, params, info))
 
 
-def _audio_graph(pieces: list[tuple[int, float, float, float]], info: MediaInfo) -> Any:
-    """The output's audio alone: the pieces cut, re-timed and joined exactly as the whole export does."""
+def _keeps_timeline(job: str, params: Any) -> bool:
+    """Whether the job's output timeline is the input's, as it is: its planner passes the audio through."""
+    return job == "overlay" or (job == "framing" and not params.segments)
+
+
+def _audio_graph(pieces: list[tuple[int, float, float, float]], info: MediaInfo, whole: bool) -> Any:
+    """The output's audio alone: the pieces cut, re-timed and joined exactly as the whole export does
+    (``whole``: the input's audio as it is, as the planners of jobs that keep the timeline take it)."""
     import ffmpeg
 
     src = ffmpeg.input(info.path)
-    if len(pieces) == 1 and pieces[0][1] == 0.0 and pieces[0][2] >= info.duration and pieces[0][3] == 1.0:
+    if whole:
         return src.audio
     split = src.audio.filter_multi_output("asplit", len(pieces))
     parts = [
@@ -742,6 +748,22 @@ def _audio_graph(pieces: list[tuple[int, float, float, float]], info: MediaInfo)
 
 
 AUDIO_PIECE = "audio.m4a"
+COPYABLE_AUDIO = frozenset({"aac"})  # what an MP4 output carries as it is, in every player
+
+
+def audio_encoding(audio: Any, info: MediaInfo) -> dict[str, Any]:
+    """ffmpeg output options for the output's audio: copied when the job leaves it untouched, else AAC.
+
+    The audio is untouched when it comes straight from the input, with no filter between (no
+    segment cut or re-timed, no clips joined), and the input's codec is one an MP4 carries:
+    then its packets are copied, losing nothing and costing no encode (2.6 CPU seconds per
+    minute of stereo AAC), the same whether the export is sharded or not.
+    """
+    import ffmpeg
+
+    if isinstance(audio.node, ffmpeg.nodes.InputNode) and info.audio_codec in COPYABLE_AUDIO:
+        return {"acodec": "copy"}
+    return {"acodec": "aac", "audio_bitrate": "160k"}
 
 
 def encode_audio(spec: ExportSpec, workdir: Path) -> Iterator[Event]:
@@ -760,7 +782,8 @@ def encode_audio(spec: ExportSpec, workdir: Path) -> Iterator[Event]:
     pieces = _output_pieces(spec.job, params, info)
     duration = sum((e - s) / v for _, s, e, v in pieces)
     partial = workdir / f".{AUDIO_PIECE}.partial.m4a"
-    args = ffmpeg.output(_audio_graph(pieces, info), str(partial), acodec="aac", audio_bitrate="160k")
+    audio = _audio_graph(pieces, info, _keeps_timeline(spec.job, params))
+    args = ffmpeg.output(audio, str(partial), **audio_encoding(audio, info))
     yield from run_ffmpeg(_threaded(args.compile(cmd=find_ffmpeg(spec.ffmpeg), overwrite_output=True), spec.threads),
                           max(1, int(duration * info.fps)), info.fps, phase="audio")  # fmt: skip
     partial.replace(workdir / AUDIO_PIECE)
@@ -860,7 +883,7 @@ def export_video(spec: ExportSpec) -> Iterator[Event]:
             if spec.threads:
                 encode["threads"] = int(spec.threads)
             if plan.audio is not None:
-                encode.update(acodec="aac", audio_bitrate="160k")
+                encode.update(audio_encoding(plan.audio, info))
             args = _threaded(ffmpeg.output(*streams, str(tmp), **encode).compile(cmd=exe, overwrite_output=True), spec.threads)
             yield from run_ffmpeg(args, total, info.fps, phase="encode", feed=plan.feed)
     size = out.stat().st_size

@@ -8,7 +8,7 @@
 2. A 6 s 1280x720 clip: ``synapse export`` ÷ the same work as one raw ffmpeg command
    (target ≤ 1.08).
 
-Runs are interleaved and medians compared. Usage: python bench/shards.py [--runs 3] [--seconds 60] [--skip-modal]
+Runs are interleaved and medians compared. Usage: python bench/shards.py [--runs 3] [--seconds 60] [--skip-modal] [--ffmpeg PATH]
 """
 
 from __future__ import annotations
@@ -92,8 +92,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--skip-modal", action="store_true")
+    ap.add_argument("--ffmpeg", help="the ffmpeg to measure (default: the one synapse finds)")
     args = ap.parse_args()
-    ffmpeg = find_ffmpeg(None)
+    ffmpeg = args.ffmpeg or find_ffmpeg(None)
+    version = subprocess.run([ffmpeg, "-version"], capture_output=True, text=True, check=True).stdout.split("\n", 1)[0]
+    print(f"{version.split(' Copyright')[0]} ({ffmpeg})")
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         params = work / "params.json"

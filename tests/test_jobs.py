@@ -225,6 +225,15 @@ def test_prune_and_list_totals(cli, db, tiny, tmp_path):
     assert cli("jobs", "prune", "--older-than", "soon").exit_code == 2
 
 
+def test_the_prune_query_reads_an_index_not_the_whole_table(cli, db, tiny, tmp_path):
+    from synapse_cli.store import ENDED_BEFORE
+
+    cli("export", tiny, "-o", tmp_path / "a.mp4", *SMALL)  # makes the store, as any run does
+    conn = sqlite3.connect(db)
+    plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + ENDED_BEFORE, (time.time(),)))
+    assert "USING INDEX jobs_ended" in plan, plan
+
+
 def test_github_step_summary(cli, db, tiny, tmp_path):
     summary = tmp_path / "summary.md"
     run = cli("export", tiny, "-o", tmp_path / "a.mp4", *SMALL, env={"GITHUB_STEP_SUMMARY": str(summary)})

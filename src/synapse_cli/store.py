@@ -39,6 +39,9 @@ WAL_LIMIT_BYTES = 16 * 1024 * 1024  # after a checkpoint, the -wal file is cut b
 REAPED = "the worker stopped without finishing (killed or lost; stale heartbeat)"
 NEVER_STARTED = "the worker never started (killed or lost before it began)"
 
+# the jobs that ended before a time: matches the partial index jobs_ended in _SCHEMA exactly (expression and condition)
+ENDED_BEFORE = "SELECT id FROM jobs WHERE status NOT IN ('pending','processing') AND COALESCE(finished_at, created_at) < ?"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -69,6 +72,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_cache ON jobs(cache_key, status);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+-- what prune_ended looks for (ENDED_BEFORE): a partial index on the same expression, so it never scans the table
+CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(COALESCE(finished_at, created_at)) WHERE status NOT IN ('pending','processing');
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -370,9 +375,7 @@ class JobStore:
         pruned regularly stops growing."""
         cutoff = time.time() - older_than_s
         with self.transaction() as db:
-            rows = db.execute(
-                "SELECT id FROM jobs WHERE status NOT IN ('pending','processing') AND COALESCE(finished_at, created_at) < ?", (cutoff,)
-            ).fetchall()
+            rows = db.execute(ENDED_BEFORE, (cutoff,)).fetchall()
             ids = [r["id"] for r in rows if r["id"] not in keep]
             # events explicitly, not by ON DELETE CASCADE alone: that needs foreign_keys on in the connection that deletes
             db.executemany("DELETE FROM events WHERE job_id = ?", [(i,) for i in ids])

@@ -39,8 +39,11 @@ WAL_LIMIT_BYTES = 16 * 1024 * 1024  # after a checkpoint, the -wal file is cut b
 REAPED = "the worker stopped without finishing (killed or lost; stale heartbeat)"
 NEVER_STARTED = "the worker never started (killed or lost before it began)"
 
-# the jobs that ended before a time: matches the partial index jobs_ended in _SCHEMA exactly (expression and condition)
+# the jobs that ended before a time: matches the partial index _ENDED_INDEX exactly (expression and condition)
 ENDED_BEFORE = "SELECT id FROM jobs WHERE status NOT IN ('pending','processing') AND COALESCE(finished_at, created_at) < ?"
+
+# what prune_ended looks for (ENDED_BEFORE): a partial index on the same expression, so it never scans the table
+_ENDED_INDEX = "CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(COALESCE(finished_at, created_at)) WHERE status NOT IN ('pending','processing')"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -72,8 +75,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_cache ON jobs(cache_key, status);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
--- what prune_ended looks for (ENDED_BEFORE): a partial index on the same expression, so it never scans the table
-CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(COALESCE(finished_at, created_at)) WHERE status NOT IN ('pending','processing');
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -219,6 +220,10 @@ class JobStore:
                         for statement in filter(str.strip, _SCHEMA.split(";")):
                             db.execute(statement)
                         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'jobs_ended'").fetchone() is None:
+                # added within schema 2 (an index changes nothing an older synapse reads): a store made before it gains it here
+                with self.transaction() as db:
+                    db.execute(_ENDED_INDEX)
         except sqlite3.DatabaseError as exc:
             raise UsageError(
                 f"job store {self.path} cannot be used ({exc}): move it aside, or set [jobs] db / SYNAPSE_JOBS_DB to another file"

@@ -1,4 +1,4 @@
-"""A real uvicorn server on a loopback port, in a thread, for the HTTP tests.
+"""Real servers on loopback ports for the HTTP tests: uvicorn in a thread, or `synapse serve` as a process.
 
 httpx's ASGITransport buffers the whole response body (encode/httpx#3059), so it cannot
 show events arriving while the job runs; a real server can (httpx's own tests/conftest.py
@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, NamedTuple
 
 API_KEY = "test-key-3f9c2a7e5b1d"
 
@@ -66,6 +67,70 @@ def serve_app(work_dir: Path, key: str | None = API_KEY, **kwargs: Any) -> Itera
     app = create_app(work_dir=work_dir, api_key=key, allow_anonymous=key is None, **kwargs)
     with uvicorn_thread(app) as url:
         yield Endpoint(url, work_dir, key)
+
+
+START_TIMEOUT_S = 60  # the first start on a busy two-core machine imports FastAPI, uvicorn and the job kinds
+LOG_TAIL = 40
+
+
+class Served(NamedTuple):
+    """What ``serve_process`` yields."""
+
+    url: str
+    process: subprocess.Popen
+    log: list[str]  # the server's stderr lines so far; a thread appends to it while the server runs
+
+
+@contextmanager
+def serve_process(work: Path, *, key: str | None = API_KEY, env: dict[str, str] | None = None, stop_timeout_s: float = 30) -> Iterator[Served]:
+    """``synapse serve --port 0 --work-dir work`` as a process of its own session, until the block ends.
+
+    ``key`` is its SYNAPSE_API_KEY (None: unset, so the server makes one and prints it after the
+    ``listening on`` line); ``env`` goes over this process's environment. A thread reads stderr into
+    ``log`` from the start, so the pipe never fills, and the log's tail is printed at the end, where
+    pytest shows it for a failed test. At the end a server still running gets SIGTERM (its graceful
+    stop, which stops its jobs), then SIGKILL after ``stop_timeout_s``; then the processes mentioning
+    ``work/jobs`` are killed (ffmpeg runs in a session of its own: a killed server leaves it running).
+    A test may signal or kill ``process`` itself; what it left is then only waited for and reaped."""
+    from tests.conftest import synapse_cmd
+
+    environ = {name: value for name, value in os.environ.items() if name != "SYNAPSE_API_KEY"}
+    if key is not None:
+        environ["SYNAPSE_API_KEY"] = key
+    environ.update(env or {})
+    process = subprocess.Popen([*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(work)],
+                               stderr=subprocess.PIPE, text=True, env=environ, start_new_session=True)  # fmt: skip
+    log: list[str] = []
+    listening = threading.Event()
+
+    def drain() -> None:
+        for line in process.stderr:
+            log.append(line)
+            if "listening on " in line:
+                listening.set()
+        listening.set()  # end of stderr: the server exited, listening or not
+
+    reader = threading.Thread(target=drain, name=f"serve-stderr-{process.pid}", daemon=True)
+    reader.start()
+    try:
+        listening.wait(START_TIMEOUT_S)
+        line = next((line for line in log if "listening on " in line), None)
+        assert line is not None, f"synapse serve did not start (exit status {process.poll()}):\n" + "".join(log)
+        yield Served(line.split("listening on ")[1].split()[0], process, log)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        kill_processes_mentioning(str(work / "jobs"))
+        reader.join(timeout=5)
+        if not reader.is_alive():
+            process.stderr.close()
+        print(f"-- synapse serve --work-dir {work}: exit status {process.returncode}; the last {LOG_TAIL} lines of its stderr --")
+        print("".join(log[-LOG_TAIL:]), end="")
 
 
 def kill_processes_mentioning(text: str) -> list[int]:

@@ -23,7 +23,7 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (fastapi
 
 from synapse_cli.store import JobStore
 from tests.conftest import INTERRUPTIBLE, bus_image, probe, results_header, synapse_cmd
-from tests.http_fixtures import API_KEY, kill_processes_mentioning
+from tests.http_fixtures import API_KEY, serve_process
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
 MEDIUM = ["--set", "output_width=540", "--set", "output_height=960"]  # long_clip: about 20 s, 30 progress events
@@ -33,22 +33,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
     """One `synapse serve` process for the module (key ``API_KEY``); yields its URL."""
-    work = tmp_path_factory.mktemp("server")
-    env = {**os.environ, "SYNAPSE_API_KEY": API_KEY}
-    proc = subprocess.Popen([*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(work)],
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
-    try:
-        line = proc.stderr.readline()
-        assert "listening on " in line, line + proc.stderr.read()
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
-        yield line.split("listening on ")[1].split()[0]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        kill_processes_mentioning(str(work))
+    with serve_process(tmp_path_factory.mktemp("server"), stop_timeout_s=20) as served:
+        yield served.url
 
 
 def synapse(*args: object, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:

@@ -13,9 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import threading
 import time
 from typing import Iterator
 
@@ -23,8 +20,7 @@ import httpx
 import pytest
 
 from synapse_cli.server import session
-from tests.conftest import synapse_cmd
-from tests.http_fixtures import API_KEY, serve_app
+from tests.http_fixtures import API_KEY, serve_app, serve_process
 
 SAMPLE = {"output": "s.mp4", "seconds": 0.2, "width": 64, "height": 64, "audio": False}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -142,24 +138,8 @@ def _chromium() -> tuple[str, str] | None:
 @pytest.fixture
 def served(tmp_path) -> Iterator[str]:
     """``synapse serve`` in its own process on a free loopback port, with ``API_KEY``; yields its URL."""
-    env = {**os.environ, "SYNAPSE_API_KEY": API_KEY, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
-    server = subprocess.Popen([*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(tmp_path / "srv")],
-                              stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    log: list[str] = []
-    try:
-        first = server.stderr.readline()
-        log.append(first)
-        assert "listening on " in first, first + server.stderr.read()
-        threading.Thread(target=lambda: log.extend(server.stderr), daemon=True).start()
-        yield first.split("listening on ")[1].split()[0]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        print("".join(log[-40:]))  # shown when the test fails
+    with serve_process(tmp_path / "srv", env={"XDG_RUNTIME_DIR": str(tmp_path / "run")}) as server:
+        yield server.url
 
 
 @pytest.fixture

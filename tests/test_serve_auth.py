@@ -6,17 +6,13 @@ browser would send (an ``Origin`` header, a foreign ``Host``)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import stat
-import subprocess
-import threading
 
 import httpx
 import pytest
 
-from tests.conftest import synapse_cmd
-from tests.http_fixtures import API_KEY, serve_app
+from tests.conftest import wait_for
+from tests.http_fixtures import API_KEY, serve_app, serve_process
 
 SAMPLE = {"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio": False}
 
@@ -24,17 +20,11 @@ SAMPLE = {"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio":
 def test_serve_without_a_key_generates_one_prints_it_once_and_the_client_finds_it(cli, clips, tmp_path):
     """`synapse serve` with no SYNAPSE_API_KEY: a per-start key, in a 0600 file; keyless requests are
     refused; the CLI on this machine reads the file; the file goes when the server stops."""
-    env = {k: v for k, v in os.environ.items() if k != "SYNAPSE_API_KEY"}
-    env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
-    server = subprocess.Popen([*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(tmp_path / "srv")],
-                              stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        first = server.stderr.readline()
-        second = server.stderr.readline()
-        url = first.split("listening on ")[1].split()[0]
+    with serve_process(tmp_path / "srv", key=None, env={"XDG_RUNTIME_DIR": str(tmp_path / "run")}, stop_timeout_s=20) as (url, server, log):
+        first, second = wait_for(lambda: log[:2] if len(log) >= 2 else None)
+        assert first.split("listening on ")[1].split()[0] == url
         port = int(url.rsplit(":", 1)[1])
         key = second.split("API key for this run: ")[1].split()[0]
-        threading.Thread(target=server.stderr.read, daemon=True).start()
         key_file = tmp_path / "run" / "synapse" / f"serve-{port}.key"
         assert key_file.read_text().strip() == key and len(key) >= 32
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -50,9 +40,7 @@ def test_serve_without_a_key_generates_one_prints_it_once_and_the_client_finds_i
                   env={"XDG_RUNTIME_DIR": str(tmp_path / "run"), "SYNAPSE_JOBS_DB": str(tmp_path / "j.db")})
         assert run.exit_code == 0, run.stderr
         assert (tmp_path / "c.mp4").stat().st_size > 0
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=20)
+    assert server.returncode == 0  # the end of the block sent SIGTERM, and it stopped in time: no SIGKILL
     assert not key_file.exists()
 
 

@@ -15,16 +15,14 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import synapse_cmd
-from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, kill_processes_mentioning, serve_app
+from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, kill_processes_mentioning, serve_app, serve_process
 from tests.test_serve_jobs import sleepers, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -112,25 +110,6 @@ def sse_events(url: str, job_id: str, last_event_id: int | None = None, limit: i
 
 def ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
-@contextmanager
-def serve_process(work: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``synapse serve --port 0 --work-dir work`` as a process of its own session; yields (url, process)."""
-    server = subprocess.Popen([*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(work)], stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "SYNAPSE_API_KEY": API_KEY, **env}, start_new_session=True)
-    try:
-        seen = []
-        while "listening on " not in (line := server.stderr.readline()) and line and len(seen) < 50:
-            seen.append(line)
-        assert "listening on " in line, "".join(seen)
-        url = line.split("listening on ")[1].split()[0]
-        threading.Thread(target=server.stderr.read, daemon=True).start()
-        yield url, server
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
 
 
 # -- submit, poll, complete ---------------------------------------------------------------------
@@ -369,55 +348,49 @@ def test_delete_of_a_queued_job_and_of_a_finished_one(tmp_path):
 
 def test_a_restarted_server_keeps_finished_jobs_and_fails_running_ones(tmp_path):
     work = tmp_path / "srv"
-    try:
-        with serve_process(work) as (url, server):
-            done = submit(url)
-            rec = wait_status(url, done, ("completed",))
-            data = httpx.get(url + rec["artifacts"][0]["url"], headers=AUTH).content
-            running = submit(url, spec=LONG)
-            wait_status(url, running, ("processing",))
-            assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
-        kill_processes_mentioning(str(work))  # ffmpeg runs in its own session: the orphan a dead server leaves
-        with serve_process(work) as (url, server):
-            jobs = {j["id"]: j for j in httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
-            assert set(jobs) == {done, running}
-            assert jobs[done]["status"] == "completed" and jobs[done]["artifacts"] == rec["artifacts"]
-            assert httpx.get(url + rec["artifacts"][0]["url"], headers=AUTH).content == data
-            failed = jobs[running]
-            assert failed["status"] == "failed" and failed["finished_at"]
-            assert failed["error"] == {"code": 3, "message": "the server stopped while this job was running", "error": "BackendError"}
-            assert not (work / "jobs" / running).exists()
-            events = ndjson_events(url, running)
-            assert events[0]["type"] == "started" and events[-1]["type"] == "error" and events[-1]["message"] == failed["error"]["message"]
-            # a new job on the restarted server runs as usual
-            assert wait_status(url, submit(url), ("completed",))["artifacts"]
-    finally:
-        kill_processes_mentioning(str(work))
+    with serve_process(work) as (url, server, _):
+        done = submit(url)
+        rec = wait_status(url, done, ("completed",))
+        data = httpx.get(url + rec["artifacts"][0]["url"], headers=AUTH).content
+        running = submit(url, spec=LONG)
+        wait_status(url, running, ("processing",))
+        assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+    kill_processes_mentioning(str(work))  # ffmpeg runs in its own session: the orphan a dead server leaves
+    with serve_process(work) as (url, server, _):
+        jobs = {j["id"]: j for j in httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
+        assert set(jobs) == {done, running}
+        assert jobs[done]["status"] == "completed" and jobs[done]["artifacts"] == rec["artifacts"]
+        assert httpx.get(url + rec["artifacts"][0]["url"], headers=AUTH).content == data
+        failed = jobs[running]
+        assert failed["status"] == "failed" and failed["finished_at"]
+        assert failed["error"] == {"code": 3, "message": "the server stopped while this job was running", "error": "BackendError"}
+        assert not (work / "jobs" / running).exists()
+        events = ndjson_events(url, running)
+        assert events[0]["type"] == "started" and events[-1]["type"] == "error" and events[-1]["message"] == failed["error"]["message"]
+        # a new job on the restarted server runs as usual
+        assert wait_status(url, submit(url), ("completed",))["artifacts"]
 
 
 def test_sigterm_stops_detached_jobs_and_fails_the_queued_ones(tmp_path):
     """A graceful stop: the running job's ffmpeg is gone when the server has exited, the running job is
     failed ("shutting down"), the one waiting for a slot too; the next server lists both so."""
     work = tmp_path / "srv"
-    try:
-        with serve_process(work, SYNAPSE_SERVE_MAX_CONCURRENT_JOBS="1") as (url, server):
-            running = submit(url, spec=LONG)
-            queued = submit(url)
-            wait_status(url, running, ("processing",))
-            assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
-            assert record(url, queued)["status"] == "pending"
-            server.send_signal(signal.SIGTERM)
-            server.wait(20)
-            assert kill_processes_mentioning(str(work)) == [], "ffmpeg outlived the server"
-        with serve_process(work) as (url, server):
-            jobs = {j["id"]: j for j in httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
-            assert jobs[running]["status"] == jobs[queued]["status"] == "failed"
-            assert "shutting down" in jobs[running]["error"]["message"] and "had not started" in jobs[queued]["error"]["message"]
-            assert not (work / "jobs" / running).exists() and not (work / "jobs" / queued).exists()
-    finally:
-        kill_processes_mentioning(str(work))
+    with serve_process(work, env={"SYNAPSE_SERVE_MAX_CONCURRENT_JOBS": "1"}) as (url, server, _):
+        running = submit(url, spec=LONG)
+        queued = submit(url)
+        wait_status(url, running, ("processing",))
+        assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
+        assert record(url, queued)["status"] == "pending"
+        server.send_signal(signal.SIGTERM)
+        server.wait(20)
+        assert kill_processes_mentioning(str(work)) == [], "ffmpeg outlived the server"
+    with serve_process(work) as (url, server, _):
+        jobs = {j["id"]: j for j in httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
+        assert jobs[running]["status"] == jobs[queued]["status"] == "failed"
+        assert "shutting down" in jobs[running]["error"]["message"] and "had not started" in jobs[queued]["error"]["message"]
+        assert not (work / "jobs" / running).exists() and not (work / "jobs" / queued).exists()
 
 
 # -- pruning (serve.keep_jobs_days) -------------------------------------------------------------------
@@ -513,27 +486,24 @@ def test_a_restarted_server_prunes_at_start_the_jobs_and_folders_that_ended_keep
     the completed job goes with its folder (its outputs had an hour to live); the job that this start
     marks failed ended just now, and stays."""
     work = tmp_path / "srv"
-    try:
-        with serve_process(work) as (url, server):
-            done = submit(url)
-            rec = wait_status(url, done, ("completed",))
-            running = submit(url, spec=LONG)
-            wait_status(url, running, ("processing",))
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
-        kill_processes_mentioning(str(work))
-        assert (work / "jobs" / done).is_dir()
-        time.sleep(max(0.0, ts(rec["finished_at"]) + 1.2 - time.time()))
-        with serve_process(work, SYNAPSE_SERVE_KEEP_JOBS_DAYS=str(1 / 86400)) as (url, server):
-            assert status_of(url, done) == 404
-            assert not (work / "jobs" / done).exists()
-            assert listed(url) == {running} and record(url, running)["status"] == "failed"
-        db = sqlite3.connect(work / "jobs.db")
-        assert db.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (done,)).fetchone()[0] == 0
-        assert db.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (running,)).fetchone()[0] > 0
-        db.close()
-    finally:
-        kill_processes_mentioning(str(work))
+    with serve_process(work) as (url, server, _):
+        done = submit(url)
+        rec = wait_status(url, done, ("completed",))
+        running = submit(url, spec=LONG)
+        wait_status(url, running, ("processing",))
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+    kill_processes_mentioning(str(work))
+    assert (work / "jobs" / done).is_dir()
+    time.sleep(max(0.0, ts(rec["finished_at"]) + 1.2 - time.time()))
+    with serve_process(work, env={"SYNAPSE_SERVE_KEEP_JOBS_DAYS": str(1 / 86400)}) as (url, server, _):
+        assert status_of(url, done) == 404
+        assert not (work / "jobs" / done).exists()
+        assert listed(url) == {running} and record(url, running)["status"] == "failed"
+    db = sqlite3.connect(work / "jobs.db")
+    assert db.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (done,)).fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (running,)).fetchone()[0] > 0
+    db.close()
 
 
 def test_the_job_store_stops_growing_across_prune_cycles(tmp_path):

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,8 +18,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.conftest import synapse_cmd
-from tests.http_fixtures import API_KEY, DIRTEST_JOB, kill_processes_mentioning, serve_app
+from tests.http_fixtures import API_KEY, DIRTEST_JOB, kill_processes_mentioning, serve_app, serve_process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -87,13 +85,8 @@ def test_sigterm_stops_the_jobs_processes_before_the_server_exits(tmp_path):
     """`synapse serve` with a job encoding (real ffmpeg, a long `sample`): SIGTERM, and when the server
     has exited no ffmpeg of its work dir is left; the client's stream ends with an error line."""
     work = tmp_path / "srv"
-    server = subprocess.Popen([*synapse_cmd(), "serve", "--port", "0", "--work-dir", str(work)],
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "SYNAPSE_API_KEY": API_KEY}, start_new_session=True)
     lines: list[str] = []
-    try:
-        url = server.stderr.readline().split("listening on ")[1].split()[0]
-        threading.Thread(target=server.stderr.read, daemon=True).start()
-
+    with serve_process(work) as (url, server, _):
         def run() -> None:
             spec = {"output": "s.mp4", "seconds": 300, "width": 1920, "height": 1080}
             with httpx.stream("POST", f"{url}/v1/jobs/sample", json=spec, headers=AUTH, timeout=60) as r:
@@ -107,10 +100,6 @@ def test_sigterm_stops_the_jobs_processes_before_the_server_exits(tmp_path):
         server.wait(timeout=20)
         survivors = kill_processes_mentioning(str(work))
         client.join(timeout=10)
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-        kill_processes_mentioning(str(work))
     assert survivors == [], "ffmpeg outlived the server"
     last = json.loads(lines[-1])
     assert last["type"] == "error" and "shutting down" in last["message"] and last["code"] == 3

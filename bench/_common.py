@@ -24,3 +24,14 @@ def timed(cmd: list[str], **kwargs) -> float:
 
 def median_of(cmd: list[str], runs: int, **kwargs) -> float:
     return statistics.median(timed(cmd, **kwargs) for _ in range(runs))
+
+
+def make_test_clip(ffmpeg: str, path: Path, seconds: float) -> Path:
+    """A 1280x720 30 fps test pattern with a 440 Hz tone (H.264 veryfast + AAC): the clip the export benches encode."""
+    subprocess.run(
+        [ffmpeg, "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
+         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:v", "libx264", "-preset", "veryfast",
+         "-c:a", "aac", "-shortest", str(path)],
+        check=True,
+    )  # fmt: skip
+    return path

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import synapse_exe, timed
+from _common import make_test_clip, synapse_exe, timed
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
@@ -69,13 +69,7 @@ def main() -> None:
     ffmpeg = find_ffmpeg(None)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        clip = work / "clip.mp4"
-        subprocess.run(
-            [ffmpeg, "-v", "error", "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
-             "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:v", "libx264", "-preset", "veryfast",
-             "-c:a", "aac", "-shortest", str(clip)],
-            check=True,
-        )  # fmt: skip
+        clip = make_test_clip(ffmpeg, work / "clip.mp4", seconds)
         key = {"time": 0, "x": 437, "y": 0, "width": 405, "height": 720}
         params = work / "params.json"
         params.write_text(json.dumps({"keyframes": [key]}))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterator
 
-from _common import synapse_exe, timed
+from _common import make_test_clip, synapse_exe, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -76,13 +76,7 @@ def bench_export(url: str, work: Path, runs: int, seconds: int) -> None:
     from synapse_cli.jobs._media import find_ffmpeg
 
     ffmpeg = find_ffmpeg(None)
-    clip = work / "clip.mp4"
-    subprocess.run(
-        [ffmpeg, "-v", "error", "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
-         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:v", "libx264", "-preset", "veryfast",
-         "-c:a", "aac", "-shortest", str(clip)],
-        check=True,
-    )
+    clip = make_test_clip(ffmpeg, work / "clip.mp4", seconds)
     common = ["export", str(clip), "--job", "framing", "--overwrite", "--no-cache"]
     local = synapse_exe() + common + ["--no-modal", "-o", str(work / "local.mp4")]
     remote = synapse_exe() + common + ["--endpoint", url, "-o", str(work / "remote.mp4")]

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import synapse_exe, timed
+from _common import make_test_clip, synapse_exe, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -32,16 +32,6 @@ sys.path.insert(0, str(ROOT))
 from synapse_cli.jobs._media import find_ffmpeg  # noqa: E402
 
 KEY = {"time": 0, "x": 437, "y": 0, "width": 405, "height": 720}
-
-
-def make_clip(ffmpeg: str, path: Path, seconds: int) -> Path:
-    subprocess.run(
-        [ffmpeg, "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
-         "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:v", "libx264", "-preset", "veryfast",
-         "-c:a", "aac", "-shortest", str(path)],
-        check=True,
-    )  # fmt: skip
-    return path
 
 
 def export_cmd(clip: Path, out: Path, params: Path, *extra: str) -> list[str]:
@@ -103,7 +93,7 @@ def main() -> None:
         params.write_text(json.dumps({"keyframes": [KEY]}))
         env = {**os.environ, "SYNAPSE_FFMPEG": ffmpeg, "SYNAPSE_JOBS_DB": str(work / "jobs.sqlite3"), "SYNAPSE_FFMPEG_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        clip = make_clip(ffmpeg, work / "long.mp4", args.seconds)
+        clip = make_test_clip(ffmpeg, work / "long.mp4", args.seconds)
         print(f"clip: {args.seconds} s 1280x720 + audio, framing to 810x1440, libx264 fast crf 23, [ffmpeg] threads = 1, {args.runs} runs each")
         compare("local", clip, work, params, env, args.runs)
         if not args.skip_modal:
@@ -118,7 +108,7 @@ def main() -> None:
             finally:
                 fake.stop()
 
-        short = make_clip(ffmpeg, work / "short.mp4", 6)
+        short = make_test_clip(ffmpeg, work / "short.mp4", 6)
         ours = export_cmd(short, work / "ours.mp4", params)
         # the same work as synapse: the audio a framing leaves as it is is copied, not encoded
         plain = [ffmpeg, "-v", "error", "-y", "-i", str(short), "-vf",

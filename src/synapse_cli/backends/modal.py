@@ -5,6 +5,8 @@ uploaded to the shared Volume under a content-hash key (skipped when the key
 exists), the job reads and writes ``vol:`` paths, and each output is downloaded
 to a temporary file beside the requested one as its ``artifact`` arrives; all are
 renamed into place when ``finished`` arrives, or none (``_remote.collect_outputs``).
+What the job says about its Volume copies (``/data/inputs/<sha256>/clip.mp4``) is said
+about the user's paths (``_remote.StagedNames``).
 Reaching Modal (connection, Volume and function lookups) has one budget,
 ``connect_timeout_s``; a call is retried (stamina) only before its first event.
 
@@ -26,16 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from synapse_cli.backends._remote import (
-    ErrorMap,
-    Outputs,
-    PathField,
-    StagedNames,
-    collect_outputs,
-    map_errors,
-    retry_until_first_event,
-    stage_paths,
-)
+from synapse_cli.backends._remote import ErrorMap, Outputs, PathField, StagedNames, collect_outputs, map_errors, retry_until_first_event, stage_paths
 from synapse_cli.backends.base import Backend
 from synapse_cli.container import VOL
 from synapse_cli.errors import BackendError, JobError, UsageError
@@ -407,8 +400,9 @@ class ModalBackend(Backend):
 
     def _localized(self, kind: str, files: _Files, events: Iterator[Event], started: float | None, overwrite: bool) -> Iterator[Event]:
         """Remote events as local ones: outputs downloaded and committed on ``finished``, ``vol:`` paths
-        mapped, messages naming the user's paths (``_Files.names``), cost added. ``started``: wall-clock (epoch) seconds when the call was made; None: the
-        cost counts the job's own ``elapsed_s``."""
+        mapped, messages (and the error that ends the stream) naming the user's paths instead of the
+        staged copies (``_Files.names``), cost added. ``started``: wall-clock (epoch) seconds when the
+        call was made; None: the cost counts the job's own ``elapsed_s``."""
 
         def finish(event: Finished) -> Finished:
             seconds = event.elapsed_s if started is None else time.time() - started

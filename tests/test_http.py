@@ -180,6 +180,42 @@ def test_a_job_error_keeps_its_exit_code_and_names_the_clients_path(cli, tmp_pat
     assert all((d / ".done").exists() for d in endpoint.job_dirs())
 
 
+def test_a_failing_export_names_the_clients_output_folder(cli, clips, tmp_path, endpoint):
+    """ffmpeg names the temporary sibling it could not write: in the client's folder, not under the server's out/<k>/."""
+    out = tmp_path / "o.xyz"  # no muxer for .xyz: ffmpeg stops at once, naming the file it was given
+    run = cli("export", clips["silent"], "-o", out, "--json", *SMALL, "--endpoint", endpoint.url, env=client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY))
+    assert run.exit_code == 1, run.stderr
+    last = run.events()[-1]
+    assert last["type"] == "error" and last["message"].startswith("ffmpeg exited")
+    assert f"'{tmp_path}/.o." in last["message"] and ".part.xyz'" in last["message"]
+    assert str(endpoint.work_dir) not in run.stdout + run.stderr
+    assert not out.exists()
+
+
+def test_a_job_error_reading_an_input_names_the_clients_file(cli, tmp_path, endpoint):
+    """compile reads --check from the server's upload folder; the error names the client's file."""
+    schema = Path(__file__).parent / "data" / "compile" / "person.json"
+    check = tmp_path / "check.jsonl"
+    check.write_text("{nope\n")
+    run = cli("compile", schema, "-o", tmp_path / "out", "--engine", "llguidance", "--check", check, "--json", "--endpoint", endpoint.url,
+              env=client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY))
+    assert run.exit_code == 2, run.stderr
+    assert run.events()[-1]["message"] == f"{check}:1: not JSON: Expecting property name enclosed in double quotes (column 2)"
+    assert str(endpoint.work_dir) not in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_log_lines_name_the_clients_files(cli, tmp_path, endpoint):
+    """infer skips an unreadable image of a folder with a warning: it names the client's file, not the unpacked upload."""
+    bus = bus_image(tmp_path / "in" / "bus.jpg")
+    broken = bus.parent / "broken.jpg"
+    broken.write_text("not an image")
+    run = cli("infer", bus.parent, "-o", tmp_path / "r.json", "--json", "--endpoint", endpoint.url, env=client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY))
+    assert run.exit_code == 0, run.stderr
+    assert [e for e in run.events() if e["type"] == "log"] == [{"type": "log", "message": f"{broken} is not a readable image; skipped", "level": "warning"}]
+    assert str(endpoint.work_dir) not in run.stdout + run.stderr
+
+
 # -- auth and bad requests ----------------------------------------------------------------
 
 

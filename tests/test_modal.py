@@ -328,3 +328,72 @@ def test_infer_detached_on_modal_names_the_users_source(cli, deployed, bus, tmp_
     assert local.exit_code == 0, local.stderr
     assert json.loads(out.read_text())["source"] == str(bus)
     assert results_header(out) == results_header(tmp_path / "local.json")
+
+
+# -- what the user reads names the user's files, never their staged copies on the Volume ----------
+
+
+def assert_names_no_staged_path(run, fake) -> None:
+    """Neither stream names the Volume (the fake keeps it under its root, as Modal mounts it at /data) nor a ``vol:`` key."""
+    text = run.stdout + run.stderr
+    assert str(fake.root) not in text and "vol:" not in text and "inputs/" not in text and "outputs/" not in text, text
+
+
+def test_a_failing_export_names_the_users_output_folder(cli, deployed, clips, tmp_path):
+    """ffmpeg names the temporary sibling it could not write: in the user's folder, as a local run says, not on the Volume."""
+    out = tmp_path / "o.xyz"  # no muxer for .xyz: ffmpeg stops at once, naming the file it was given
+    run = cli("export", clips["silent"], "--use-modal", "--json", "-o", out, "--set", "output_width=90", "--set", "output_height=160")
+    assert run.exit_code == 1, run.stderr
+    last = run.events()[-1]
+    assert last["type"] == "error" and last["message"].startswith("ffmpeg exited")
+    assert f"'{tmp_path}/.o." in last["message"] and ".part.xyz'" in last["message"]
+    assert run.stderr.strip().splitlines()[-1] == f"JobError: {last['message']}"
+    assert_names_no_staged_path(run, deployed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["modal-fake"]
+
+
+def schemas_and_a_bad_check(tmp_path: Path) -> tuple[Path, Path]:
+    import shutil
+
+    folder = tmp_path / "schemas"
+    folder.mkdir()
+    for name in ("a.json", "b.json"):  # two inputs: --shards 2 makes two calls
+        shutil.copyfile(Path(__file__).parent / "data" / "compile" / "person.json", folder / name)
+    check = tmp_path / "check.jsonl"
+    check.write_text("{nope\n")  # read on the Volume, inside the job
+    return folder, check
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_job_error_names_the_users_file(cli, deployed, tmp_path, shards):
+    """compile reads --check from its copy on the Volume; the error names the user's file, from one call or from a shard's."""
+    folder, check = schemas_and_a_bad_check(tmp_path)
+    run = cli("compile", folder, "--use-modal", "--json", "-o", tmp_path / "out", "--engine", "llguidance", "--check", check, "--shards", str(shards))
+    assert run.exit_code == 2, run.stderr
+    assert [c.function_name for c in deployed.function_calls] == ["compile"] * shards
+    assert run.events()[-1]["message"] == f"{check}:1: not JSON: Expecting property name enclosed in double quotes (column 2)"
+    assert_names_no_staged_path(run, deployed)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_detached_job_error_names_the_users_file(cli, deployed, tmp_path, shards):
+    """The same through ``--detach`` and ``jobs wait``: the job store keeps what each call staged."""
+    folder, check = schemas_and_a_bad_check(tmp_path)
+    run = cli("compile", folder, "--use-modal", "--detach", "-o", tmp_path / "out", "--engine", "llguidance", "--check", check, "--shards", str(shards))
+    assert run.exit_code == 0, run.stderr
+    assert [c.function_name for c in deployed.function_calls] == ["compile_detached"] * shards
+    waited = cli("jobs", "wait", run.stdout.strip(), "--json")
+    assert waited.exit_code == 2, waited.stderr
+    assert waited.events()[-1]["message"].startswith(f"{check}:1: not JSON")
+    assert_names_no_staged_path(waited, deployed)
+
+
+@pytest.mark.slow
+def test_log_lines_name_the_users_files(cli, deployed, bus, tmp_path):
+    """infer skips an unreadable image of a folder with a warning: it names the user's file, not the Volume copy of the folder."""
+    broken = bus.parent / "broken.jpg"
+    broken.write_text("not an image")
+    run = cli("infer", bus.parent, "--use-modal", "--json", "-o", tmp_path / "r.json")
+    assert run.exit_code == 0, run.stderr
+    assert [e for e in run.events() if e["type"] == "log"] == [{"type": "log", "message": f"{broken} is not a readable image; skipped", "level": "warning"}]
+    assert_names_no_staged_path(run, deployed)

@@ -9,6 +9,9 @@
   retry; once the first event came the job is never replayed.
 - ``map_errors``: a table from foreign exception classes to ours, the most specific match
   wins (httpx's ``map_httpcore_exceptions``), the foreign one kept as ``__cause__``.
+- ``StagedNames``: the other side's copies of the user's files -> the paths the user gave, in the
+  text that comes back (log lines, progress messages, errors), so that a remote run's messages
+  name what a local run's would.
 
 No typer, rich, httpx or modal here: the container imports ``stage_paths``.
 """
@@ -16,13 +19,14 @@ No typer, rich, httpx or modal here: the container imports ``stage_paths``.
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, TypeVar
 
 from synapse_cli.errors import BackendError, SynapseError, error_from_wire
-from synapse_cli.events import Artifact, Event, Failed, Finished, Log
+from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress
 from synapse_cli.jobs import get_kind, path_values
 from synapse_cli.jobs._files import atomic_output
 
@@ -76,6 +80,65 @@ def path_fields(kind: str, data: Mapping[str, Any]) -> list[PathField]:
     found: list[PathField] = []
     stage_paths(kind, data, lambda p: found.append(p) or p.value)
     return found
+
+
+class StagedNames:
+    """Staged copies' paths -> the user's paths, in the text of what a job says (a Modal container
+    reads ``/data/inputs/<sha256>/clip.mp4`` where the user typed ``clip.mp4``).
+
+    ``names`` maps a *key* to the user's path. A key is the part of a staged path that nothing
+    else contains (it holds a content hash or a job id), e.g. ``inputs/<sha256>/clip.mp4``: the
+    other side may write it under any folder (where its storage is mounted is its business) or
+    after one of ``schemes`` (``vol:``). A path below a staged folder keeps its relative part. A
+    key that ends in ``/`` is a folder whose files all map into the user's folder (``""`` for
+    the working directory): a job writes its output to a temporary sibling first.
+    """
+
+    def __init__(self, names: Mapping[str, str], schemes: Iterable[str] = ()) -> None:
+        self.names = dict(names)
+        keys = sorted(self.names, key=len, reverse=True)  # the most specific key wins
+        alternatives = "|".join(re.escape(k) + ("" if k.endswith("/") else r"(?![\w-])") for k in keys)
+        prefix = "|".join([*map(re.escape, schemes), r"(?:/[^/\s'\"]+)*/"])
+        self._pattern = re.compile(f"(?:{prefix})?({alternatives})") if keys else None
+
+    def text(self, text: str) -> str:
+        """``text`` with every staged path replaced by the user's."""
+        if self._pattern is None or not any(k in text for k in self.names):
+            return text
+        return self._pattern.sub(lambda m: self.names[m.group(1)], text)
+
+    def value(self, value: Any) -> Any:
+        """``text`` applied to every string of a JSON-like value (a ``finished`` result)."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self.value(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.value(v) for k, v in value.items()}
+        return value
+
+    def event(self, event: Event) -> Event:
+        """The event as the user should read it: its message (or result) named."""
+        if isinstance(event, (Log, Failed)) or (isinstance(event, Progress) and event.message):
+            return replace(event, message=self.text(event.message or ""))
+        if isinstance(event, Finished):
+            return replace(event, result=self.value(event.result))
+        return event
+
+    def stream(self, events: Iterator[Event]) -> Iterator[Event]:
+        """``events`` named, and the message of our error that ends them too (its class, cause and
+        traceback kept). Closing this closes ``events``."""
+        try:
+            for event in events:
+                yield self.event(event)
+        except SynapseError as exc:
+            if exc.args:
+                exc.args = (self.text(str(exc.args[0])), *exc.args[1:])
+            raise
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
 
 
 # -- outputs: all on finished, or none --------------------------------------------------------

@@ -5,6 +5,8 @@ uploaded to the shared Volume under a content-hash key (skipped when the key
 exists), the job reads and writes ``vol:`` paths, and each output is downloaded
 to a temporary file beside the requested one as its ``artifact`` arrives; all are
 renamed into place when ``finished`` arrives, or none (``_remote.collect_outputs``).
+What the job says about its Volume copies (``/data/inputs/<sha256>/clip.mp4``) is said
+about the user's paths (``_remote.StagedNames``).
 Reaching Modal (connection, Volume and function lookups) has one budget,
 ``connect_timeout_s``; a call is retried (stamina) only before its first event.
 
@@ -26,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from synapse_cli.backends._remote import ErrorMap, Outputs, PathField, collect_outputs, map_errors, retry_until_first_event, stage_paths
+from synapse_cli.backends._remote import ErrorMap, Outputs, PathField, StagedNames, collect_outputs, map_errors, retry_until_first_event, stage_paths
 from synapse_cli.backends.base import Backend
 from synapse_cli.container import VOL
 from synapse_cli.errors import BackendError, JobError, UsageError
@@ -165,6 +167,7 @@ class _Files:
         self.job_id = job_id
         self.local_of: dict[str, Path] = {}  # "vol:..." -> local path
         self.output_dirs: dict[str, Path] = {}  # "vol:outputs/<id>/<dir>" -> local dir
+        self.inputs: dict[str, Path] = {}  # "vol:inputs/<sha256>/<name>" -> local path (for messages only)
 
     def place(self, path: PathField) -> str:
         """``stage_paths``'s callback: an input uploaded, an output pointed into the job's folder."""
@@ -186,6 +189,7 @@ class _Files:
             remote = self.uploads.done.get(str(path.resolve())) or self._upload(path)
             self.uploads.done[str(path.resolve())] = remote
         self.local_of[remote] = path
+        self.inputs[remote] = path
         return remote
 
     def _upload(self, path: Path) -> str:
@@ -236,6 +240,19 @@ class _Files:
 
         outputs.receive(dest, write)
         return Artifact(path=str(dest), bytes=written)
+
+    def names(self) -> StagedNames:
+        """What the container calls the staged files (``/data/inputs/<sha256>/clip.mp4``, or its
+        ``vol:`` form) -> the user's paths, for the text of its messages. An output's Volume folder
+        maps to the output's own folder: the job writes a temporary sibling there first."""
+        names: dict[str, str] = {}
+        for remote, local in {**self.inputs, **self.local_of}.items():
+            key = remote[len(VOL) :]
+            names[key] = str(local)
+            if key.startswith("outputs/"):
+                parent = str(local.parent)
+                names[key.rsplit("/", 1)[0] + "/"] = "" if parent == "." else parent.rstrip("/") + "/"
+        return StagedNames(names, schemes=(VOL,))
 
     def localize(self, value: Any) -> Any:
         if isinstance(value, str) and value.startswith(VOL):
@@ -383,15 +400,21 @@ class ModalBackend(Backend):
 
     def _localized(self, kind: str, files: _Files, events: Iterator[Event], started: float | None, overwrite: bool) -> Iterator[Event]:
         """Remote events as local ones: outputs downloaded and committed on ``finished``, ``vol:`` paths
-        mapped, cost added. ``started``: wall-clock (epoch) seconds when the call was made; None: the
-        cost counts the job's own ``elapsed_s``."""
+        mapped, messages (and the error that ends the stream) naming the user's paths instead of the
+        staged copies (``_Files.names``), cost added. ``started``: wall-clock (epoch) seconds when the
+        call was made; None: the cost counts the job's own ``elapsed_s``."""
 
         def finish(event: Finished) -> Finished:
             seconds = event.elapsed_s if started is None else time.time() - started
             result = {**files.localize(event.result), "modal": self.cost_info(kind, seconds)}
             return Finished(result=result, elapsed_s=event.elapsed_s)
 
-        return collect_outputs(events, files.fetch, overwrite, f"Modal function {kind!r}", finish)
+        def ours() -> Iterator[Event]:  # modal's exceptions as ours already here, so that their text is named too
+            with self._errors():
+                yield from events
+
+        # the one place where what the container says about the staged files is said about the user's
+        return files.names().stream(collect_outputs(ours(), files.fetch, overwrite, f"Modal function {kind!r}", finish))
 
     # -- detached: .spawn() a wrapper that publishes events to a Dict -------------------------
     #
@@ -436,9 +459,11 @@ class ModalBackend(Backend):
                 shards = []
                 for index, part in enumerate(parts):
                     key = f"{job_id}/{index}"  # its Dict key, and its folder inside the job's Volume folder
-                    calls.append(fn.spawn(self.stage(kind, part, _Files(self._volume, key, uploads)), key).object_id)
+                    files = _Files(self._volume, key, uploads)
+                    calls.append(fn.spawn(self.stage(kind, part, files), key).object_id)
                     keys.append(key)
-                    shards.append({"call_id": calls[-1], "key": key})
+                    # its staged inputs, so that what `jobs wait` shows of the shard names the user's files
+                    shards.append({"call_id": calls[-1], "key": key, "inputs": {k: str(v) for k, v in files.inputs.items()}})
                 return {
                     "shards": shards,
                     "parts": [asdict(part) for part in parts],
@@ -707,6 +732,7 @@ class _ShardFollower:
     def __iter__(self) -> Iterator[Event]:
         files = _Files(None, self.shard["key"])  # the Volume paths the shard was staged with, mapped to this run's folder
         stage_paths(self.kind, asdict(self.part), lambda p: files.output(p) if p.output else p.value)
+        files.inputs = {k: Path(v) for k, v in self.shard.get("inputs", {}).items()}  # a record written before shards kept them has none
         self._events = self.backend.follow_call(self.kind, self.shard["key"], self.shard["call_id"], files, True, stop=self.stop)
         return self._events
 

@@ -302,6 +302,10 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
                 base = "output" + Path(path.value).suffix
             outs.append(Output(path.field, path.index, folder / base, path.value))
             server = str(outs[-1].server_path)
+            # the job writes a temporary sibling first (jobs._files.atomic_output): a message naming it
+            # names the client's folder, as a local run's would
+            parent = str(Path(path.value).parent)
+            replacements.append((f"{folder}/", "" if parent == "." else parent.rstrip("/") + "/"))
         replacements.append((server, path.value))
         return server
 

@@ -300,7 +300,12 @@ def test_detach_with_shards_then_wait(cli, clip, tmp_path, monkeypatch):
 def _infer(cli, source: Path, out: Path, *extra: str) -> dict:
     run = cli("infer", source, "-o", out, "--imgsz", "320", "--json", "--no-cache", *extra)
     assert run.exit_code == 0, run.stderr
-    return run.events()[-1]["result"]
+    events = run.events()
+    # one progress bar: the shards' totals add up to the video's frames, and done never passes them
+    (started,) = [e for e in events if e["type"] == "started"]
+    assert started["total"] == 24, started
+    assert all(e["total"] == 24 and e["done"] <= 24 for e in events if e["type"] == "progress")
+    return events[-1]["result"]
 
 
 @pytest.mark.slow

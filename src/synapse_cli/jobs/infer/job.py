@@ -230,7 +230,8 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
 
     own_first, stop = (int(spec.part[0]), int(spec.part[1])) if spec.part is not None and info.kind == "video" else (0, None)
     read_from = max(0, own_first - int(spec.lead_in))
-    own_total = (stop - own_first) if stop is not None else info.frames
+    # the last shard's stop is open-ended (it reads to the end): its total is what the probe counts from its first frame
+    own_total = max(0, min(stop, info.frames) - own_first) if stop is not None else info.frames
     # a video that probes but won't decode fails here
     frames = open_frames(info, every, need_all=annotate_video, start=read_from, stop=stop)
     with ExitStack() as stack:

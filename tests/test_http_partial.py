@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +24,7 @@ pytest.importorskip("llguidance")
 from synapse_cli.errors import BackendError, SynapseError
 from synapse_cli.events import Artifact, Finished
 from synapse_cli.render.ndjson import encode
+from synapse_cli.store import JobStore
 from tests.http_fixtures import API_KEY, Endpoint, serve_app
 
 DATA = Path(__file__).parent / "data" / "compile"
@@ -112,8 +114,6 @@ def test_a_detached_compile_with_one_broken_schema_saves_the_rest_and_jobs_wait_
     assert_like_local(waited, out, local_out, local_events, batch)
 
     # the server's record: failed with the job's error, its result kept, its outputs served
-    from synapse_cli.store import JobStore
-
     remote_id = JobStore(tmp_path / "remote.db").get(job_id).remote["id"]
     record = httpx.get(f"{endpoint.url}/v1/jobs/{remote_id}", headers=AUTH).json()
     assert record["status"] == "failed"
@@ -127,8 +127,6 @@ def test_a_detached_compile_with_one_broken_schema_saves_the_rest_and_jobs_wait_
     sent = cli(*compile_args(batch, again, "--endpoint", endpoint.url, "--detach", "--no-cache"), env=client)
     job_id = json.loads(sent.stdout)["job_id"]
     remote_id = JobStore(tmp_path / "remote.db").get(job_id).remote["id"]
-    import time
-
     deadline = time.monotonic() + 60
     while httpx.get(f"{endpoint.url}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] != "failed" and time.monotonic() < deadline:
         time.sleep(0.1)

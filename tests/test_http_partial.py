@@ -53,6 +53,14 @@ def env(tmp_path: Path, name: str, **extra: str) -> dict[str, str]:
     return {"SYNAPSE_JOBS_DB": str(tmp_path / f"{name}.db"), "SYNAPSE_HTTP_INITIAL_BACKOFF_MS": "1", "SYNAPSE_COMPILE_ENGINE_TIMEOUT_S": "120", **extra}
 
 
+def local_row(tmp_path: Path, job_id: str):
+    store = JobStore(tmp_path / "remote.db")
+    try:
+        return store.get(job_id)
+    finally:
+        store.close()
+
+
 def compile_args(batch: Path, out: Path, *extra: object) -> list[object]:
     return ["compile", batch, "-o", out, "--engine", "llguidance", "--json", *extra]
 
@@ -114,7 +122,7 @@ def test_a_detached_compile_with_one_broken_schema_saves_the_rest_and_jobs_wait_
     assert_like_local(waited, out, local_out, local_events, batch)
 
     # the server's record: failed with the job's error, its result kept, its outputs served
-    remote_id = JobStore(tmp_path / "remote.db").get(job_id).remote["id"]
+    remote_id = local_row(tmp_path, job_id).remote["id"]
     record = httpx.get(f"{endpoint.url}/v1/jobs/{remote_id}", headers=AUTH).json()
     assert record["status"] == "failed"
     assert record["error"]["code"] == 1 and record["error"]["error"] == "JobError" and record["error"]["message"].startswith("1 of 3 inputs failed")
@@ -126,12 +134,12 @@ def test_a_detached_compile_with_one_broken_schema_saves_the_rest_and_jobs_wait_
     again = tmp_path / "again"
     sent = cli(*compile_args(batch, again, "--endpoint", endpoint.url, "--detach", "--no-cache"), env=client)
     job_id = json.loads(sent.stdout)["job_id"]
-    remote_id = JobStore(tmp_path / "remote.db").get(job_id).remote["id"]
+    remote_id = local_row(tmp_path, job_id).remote["id"]
     deadline = time.monotonic() + 60
     while httpx.get(f"{endpoint.url}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] != "failed" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert cli("jobs", "show", job_id, env=client).exit_code == 0
-    assert JobStore(tmp_path / "remote.db").get(job_id).status == "processing"
+    assert local_row(tmp_path, job_id).status == "processing"
     waited = cli("jobs", "wait", job_id, "--json", env=client)
     assert_like_local(waited, again, local_out, local_events, batch)
 

@@ -403,6 +403,7 @@ def test_outputs_that_expired_on_the_server_fail_the_job_with_one_line(tiny, tmp
         assert until(lambda: not (ep.work_dir / "jobs" / remote).exists(), 10)
         waited = synapse("jobs", "wait", job_id, env=env)
     assert waited.returncode == 3, waited.stderr
-    assert "no longer has it (HTTP 410)" in waited.stderr.strip().splitlines()[-1]
+    last = waited.stderr.strip().splitlines()[-1]
+    assert last.startswith("BackendError: downloading ") and "no longer has it (HTTP 410)" in last  # a documented name, never a private class's
     assert JobStore(tmp_path / "jobs.db").get(job_id).status == "failed"
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.mp4")]

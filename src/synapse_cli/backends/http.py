@@ -93,8 +93,9 @@ class _NoJob(Exception):
     """A 404 for a detached job."""
 
 
-class _ArtifactGone(BackendError):
-    """A finished job's output is no longer on the server (its artifacts expired): it can never be downloaded."""
+class _ArtifactGone(Exception):
+    """A 404/410 for a finished job's output: it expired, so it can never be downloaded. Private, like
+    ``_Retryable``: it reaches the user as the BackendError it maps to (``_DOWNLOAD_ERRORS``), never by its name."""
 
 
 def _should_retry_download(exc: Exception) -> bool | float:
@@ -126,6 +127,7 @@ _REQUEST_ERRORS: ErrorMap = {
 }
 _DOWNLOAD_ERRORS: ErrorMap = {
     _Retryable: (BackendError, "downloading {url}: {detail}"),
+    _ArtifactGone: (BackendError, "{detail}"),
     httpx.HTTPError: (BackendError, "downloading {url} failed: {detail}"),
     OSError: (UsageError, "cannot write {folder}: {detail}"),
 }
@@ -195,20 +197,31 @@ class HttpBackend(Backend):
         url = f"{self.endpoint}/v1/jobs/{kind}" + (f"?shards={int(shards)}" if shards > 1 else "")
         response = yield from self._open(url, data, uploads)
         try:
-            yield from collect_outputs(self._events(url, response), lambda e, out: self._fetch(e, targets, out), overwrite, url, defer=True)
+            events = _failure_after_finished(self._events(url, response))
+            yield from collect_outputs(events, lambda e, out: self._fetch(e, targets, out), overwrite, url, defer=True)
         finally:
             response.close()  # on an early close this cancels the job on the server
 
     def _events(self, url: str, response: httpx.Response) -> Iterator[Event]:
-        """The response's NDJSON lines as events, up to ``finished``."""
+        """The response's NDJSON lines as events, to the end of the stream: after ``finished`` the
+        server sends the job's ``error`` if it failed after finishing (compile's inputs that failed)."""
+        lines = response.iter_lines()
         with map_errors(_STREAM_ERRORS, url=url, timeout=self.timeout_s):
-            for line in response.iter_lines():
+            for line in lines:
                 if not line.strip():
                     continue  # a keep-alive line
                 event = _decode(line, url)
                 yield event
                 if isinstance(event, Finished):
-                    return
+                    break
+            else:
+                return
+        try:  # the outputs are in place by now: a stream that breaks here loses nothing
+            for line in lines:
+                if line.strip():
+                    yield _decode(line, url)
+        except (httpx.TransportError, httpx.StreamError, httpx.DecodingError):
+            return
 
     def _open(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]], detach: bool = False) -> Iterator[Event]:
         """POST the job, retrying what is safe to retry; returns the open streaming response, or with
@@ -300,7 +313,7 @@ class HttpBackend(Backend):
         job_url = self._job_url(remote)
         targets = {(name, index): value for name, index, value in remote.get("targets", [])}
         mirror = _Mirror(store, job.id)
-        events = self._remote_events(job, job_url, mirror)
+        events = _failure_after_finished(self._remote_events(job, job_url, mirror))
         local = collect_outputs(events, lambda e, out: self._fetch(e, targets, out), bool(remote.get("overwrite")), job_url, defer=True)
         try:
             for event in local:
@@ -308,8 +321,9 @@ class HttpBackend(Backend):
                     mirror.flush()
                     _store_write(lambda: store.finish(job.id, "completed", result=event.result))
                 yield event
-        except _ArtifactGone as exc:  # the job can never complete here: say so in the store, not `processing` for ever
-            _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=str(exc)))
+        except BackendError as exc:
+            if isinstance(exc.__cause__, _ArtifactGone):  # it can never complete here: say so in the store, not `processing` for ever
+                _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=str(exc)))
             raise
         finally:
             local.close()  # an early close removes what was downloaded so far
@@ -334,8 +348,9 @@ class HttpBackend(Backend):
 
     def refresh(self, job: Any, store: Any, timeout_s: float | None = None, retries: int | None = None) -> dict[str, Any]:
         """The server's record of the job (``GET /v1/jobs/{id}``); its progress, and a failure or
-        cancellation, are written to the job store. A completed job stays active in the store
-        until ``follow`` has its outputs in place."""
+        cancellation, are written to the job store. A completed job, or one that failed after
+        finishing (it has a result: compile's inputs that failed), stays active in the store until
+        ``follow`` has its outputs in place."""
         url = self._job_url(job.remote or {})
         response = self._request("GET", url, timeout_s=timeout_s, retries=retries)
         if response.status_code == 404:
@@ -348,7 +363,7 @@ class HttpBackend(Backend):
         if isinstance(done, (int, float)) and done is not True:
             _store_write(lambda: store.append_events(job.id, [], {"done": done, "total": total, "phase": job.phase}))
         status = record.get("status")
-        if status in ("failed", "cancelled"):
+        if status in ("failed", "cancelled") and not _failed_after_finishing(record):
             error = record.get("error") if isinstance(record.get("error"), dict) else {}
             code = error.get("code") if isinstance(error.get("code"), int) else (130 if status == "cancelled" else 1)
             _store_write(lambda: store.finish(job.id, status, error_code=code, error_message=str(error.get("message") or f"{status} on {self.endpoint}")))
@@ -390,11 +405,13 @@ class HttpBackend(Backend):
         every 15 s) reconnects with backoff from the last event received; each connection that answers
         renews the budget of ``EVENTS_RETRIES`` attempts, so only a server that stays unreachable ends
         the wait (exit 3; the job goes on there and ``jobs wait`` resumes)."""
+        finished = False  # after ``finished`` only the job's ``error`` may follow (it failed after finishing)
         for data in mirror.recorded:
             event = _decode_data(data, job_url)
             yield event
-            if isinstance(event, (Finished, Failed)):
+            if isinstance(event, Failed):
                 return
+            finished = finished or isinstance(event, Finished)
         url = f"{job_url}/events"
         what = f"following {url}"
         while True:
@@ -418,8 +435,11 @@ class HttpBackend(Backend):
                     if isinstance(event, Failed):
                         self._ended(job, mirror, event)
                     yield event
-                    if isinstance(event, (Finished, Failed)):
+                    if isinstance(event, Failed):
                         return
+                    finished = finished or isinstance(event, Finished)
+                if finished:  # the stream ends after ``finished`` and the error that may follow it
+                    return
                 # the server ended the stream before the job's last event (it restarts, or has no more)
                 last = self._last_word(job, mirror)
                 if last is not None:
@@ -427,6 +447,8 @@ class HttpBackend(Backend):
                     return
                 yield Log(f"{url}: the stream ended before the job did; resuming from event {mirror.after}", level="warning")
             except (httpx.TransportError, httpx.StreamError) as exc:  # dropped, or silent past http.timeout_s
+                if finished:  # the outputs are in place: nothing is lost
+                    return
                 yield Log(f"{url}: {one_line(str(exc)) or type(exc).__name__}; resuming from event {mirror.after}", level="warning")
             finally:
                 response.close()
@@ -466,6 +488,8 @@ class HttpBackend(Backend):
                 raise
             return None  # unreachable for now: reconnecting will tell
         status = record.get("status")
+        if _failed_after_finishing(record):
+            return None  # its ``finished`` (and outputs) come first: reconnecting delivers them, then its error
         if status in ("failed", "cancelled"):
             error = record.get("error") if isinstance(record.get("error"), dict) else {}
             code = error.get("code") if isinstance(error.get("code"), int) else (130 if status == "cancelled" else 1)
@@ -609,6 +633,30 @@ def _accepted(url: str, body: bytes) -> dict[str, Any]:
     if not isinstance(data.get("id"), str) or not _REMOTE_ID.fullmatch(data["id"]):
         raise BackendError(f"{url} accepted the job without a usable id: {json.dumps(data)!r:.120}")
     return data
+
+
+def _failed_after_finishing(record: Mapping[str, Any]) -> bool:
+    """A job record (``GET /v1/jobs/{id}``) of a job that failed after its ``finished``: its outputs wait for download."""
+    return record.get("status") == "failed" and isinstance(record.get("result"), dict)
+
+
+def _failure_after_finished(events: Iterator[Event]) -> Iterator[Event]:
+    """The job's events up to ``finished``; an ``error`` after it raises its error, once the outputs are
+    in place (``collect_outputs`` reads on after ``finished``): a job that failed after finishing
+    (compile's inputs that failed) exits with its code, its finished outputs saved, as it does locally."""
+    finished = False
+    try:
+        for event in events:
+            if finished:
+                if isinstance(event, Failed):
+                    raise error_from_wire(event.error, event.code, event.message)
+                continue
+            finished = isinstance(event, Finished)
+            yield event
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
 
 
 def _returned(steps: Generator[Any, None, T]) -> T:

@@ -13,6 +13,8 @@ a job run by another process sharing the work dir is polled once a second instea
 - A job's record: its row (status, progress, times, result, error code and message) and its events
   (``seq`` = index + 1). The row goes final in the same locked step that stores the job's last event
   (``finished``, or an ``error``), so a follower that saw the end and then reads the record sees it final.
+  A job that fails after its ``finished`` (compile with inputs that failed) ends ``finished``, ``error``,
+  stored in one step: the row is ``failed`` with the error and keeps the result, and the outputs stay.
 - Restart: rows left ``pending``/``processing`` by a server that died (its pid is gone) are marked
   ``failed`` ("the server stopped while this job was running") with an ``error`` event, and their
   folders removed, when the next server starts on the work dir.
@@ -104,8 +106,13 @@ class StoreChannel:
 
     Events are stored in batches: a burst (a job logging thousands of lines) costs one transaction
     per ``FLUSH_S`` instead of one per event; ``started`` and the last event are stored at once.
-    After the job's last event (``finished``/``error``) later events are dropped; after ``end``
-    (a cancel) the job's next event raises ``runner._Cancelled``, which stops it."""
+
+    ``finished`` is held until the job's thread ends, because a job may still fail after it
+    (compile with inputs that failed): then ``finished`` and the ``error`` are stored together and
+    the job is ``failed``, its result and outputs kept; else ``finished`` alone (``last_word``), once
+    the outputs are in place, and the job is ``completed``. Either way a follower that sees
+    ``finished`` sees what follows it in the same read. Other events after ``finished`` are
+    dropped; after ``end`` (a cancel) the job's next event raises ``runner._Cancelled``, which stops it."""
 
     stalled = False
     FLUSH_S = 0.05
@@ -118,6 +125,7 @@ class StoreChannel:
         self._closed = False
         self._buffer: list[Event] = []
         self._flushed_at = time.monotonic()
+        self._held: list[Event] | None = None  # the job's ``finished``, until its thread ends
         self.last: str | None = None  # the status the job's last event gave it
 
     @property
@@ -133,6 +141,16 @@ class StoreChannel:
                     return
                 raise runner._Cancelled()
             if self.last is not None:
+                return
+            if self._held is not None:  # after ``finished``, only a failure counts: stored with it
+                if isinstance(item, Failed):
+                    self._buffer.extend([*self._held, *self.run.translate(item)])
+                    self._held = None
+                    self._flush()
+                return
+            if isinstance(item, Finished):
+                self._flush()  # what came before it
+                self._held = self.run.translate(item)
                 return
             self._buffer.extend(self.run.translate(item))
             now = time.monotonic()
@@ -152,11 +170,23 @@ class StoreChannel:
             self._flush()
 
     def end(self, items: list[Any]) -> None:
+        """A cancel (``DELETE``, the time limit, shutdown): ``items`` are the job's last events, a held ``finished`` is dropped."""
         with self._lock:
             if self._closed or self.last is not None:
                 return
             self._closed = True
+            self._held = None
             self._buffer.extend(self.run.translate(i)[0] for i in items)
+            self._flush()
+
+    def last_word(self, fallback: Failed) -> None:
+        """The job's thread ended: store its held ``finished`` (it completed), or ``fallback`` if it left no last event."""
+        with self._lock:
+            if self._closed or self.last is not None:
+                return
+            self._closed = True
+            self._buffer.extend(self._held if self._held is not None else self.run.translate(fallback))
+            self._held = None
             self._flush()
 
     def close(self) -> None:
@@ -222,6 +252,7 @@ class DetachedJobs:
                 progress = {"done": 0, "total": e.total, "phase": None}
         status = None
         last = events[-1]
+        result = next((e.result for e in events if isinstance(e, Finished)), None)  # a job that failed after finishing keeps it
         with self.lock:
             self.store.append_events(job_id, dicts, progress)
             if isinstance(last, Finished):
@@ -229,7 +260,7 @@ class DetachedJobs:
                 self.store.finish(job_id, status, result=last.result)
             elif isinstance(last, Failed):
                 status = "cancelled" if last.code == 130 else "failed"
-                self.store.finish(job_id, status, error_code=last.code, error_message=last.message)
+                self.store.finish(job_id, status, result=result, error_code=last.code, error_message=last.message)
         self.notify(job_id)
         return status
 
@@ -258,7 +289,7 @@ class DetachedJobs:
             "created_at": iso(job.created_at),
             "started_at": iso(job.started_at),
             "finished_at": iso(job.finished_at),
-            "result": job.result if job.status == "completed" else None,
+            "result": job.result,  # a failed job has one if it failed after finishing (inputs that failed)
             "error": error,
             "artifacts": artifacts,
         }
@@ -376,14 +407,13 @@ class DetachedJobs:
         timer: threading.Timer | None = None
 
         def on_end(r: runner.JobRun, ok: bool) -> None:
-            ok = ok or channel.last == "completed"
             try:
-                runner.conclude(r, ok, opts.on_job_end)
+                runner.conclude(r, ok, opts.on_job_end)  # the outputs in place before the record says completed
             finally:
                 if timer is not None:
                     timer.cancel()
                 try:  # a job that ended without a last event (a generator that returned early) still gets one
-                    channel.end([Failed(1, "the job ended without a result", "JobError")])
+                    channel.last_word(Failed(1, "the job ended without a result", "JobError"))
                 except Exception:  # noqa: BLE001 - the store failed (a full disk): the slot is freed all the same
                     log.warning("job %s: cannot record its end", r.job_id, exc_info=True)
                 self.channels.pop(r.job_id, None)
@@ -465,17 +495,21 @@ class DetachedJobs:
                 wake.clear()  # before reading: a notification that lands during the read wakes the next wait
                 rows, job = await anyio.to_thread.run_sync(read, index)
                 chunk = []
-                ended = False
+                ended = None
                 for seq, ev in rows:
                     index = seq  # the next index to send is seq (index = seq - 1)
                     chunk.append(sse_message(wire(ev, seq - 1)) if sse else ndjson_line(wire(ev, seq - 1)))
                     if ev.get("type") in TERMINAL:
-                        ended = True
-                        break
+                        ended = ev["type"]
+                        if ended == "error":
+                            break
+                        # ``finished``: an ``error`` may follow it (stored with it in one step: a job that failed after finishing)
                 if chunk:
                     yield b"".join(chunk)
                     last_sent = time.monotonic()
-                if ended or job is None or (job.status not in ACTIVE and not rows):
+                if ended == "error" or (ended == "finished" and len(rows) < _READ_BATCH):
+                    return
+                if job is None or (job.status not in ACTIVE and not rows):
                     return
                 if len(rows) == _READ_BATCH:
                     continue

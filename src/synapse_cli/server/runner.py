@@ -428,20 +428,22 @@ def _sharded(run: JobRun) -> Iterator[Event]:
 
 
 def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Thread:
-    """Start the job generator in a daemon thread feeding ``channel``; ``on_end(run, ok)`` cleans up."""
+    """Start the job generator in a daemon thread feeding ``channel``; ``on_end(run, ok)`` cleans up.
+
+    ``ok``: the job reached ``finished`` and was not cancelled. A job may still fail after its
+    ``finished`` (compile with inputs that failed): the stream then ends ``finished``, ``error``,
+    and the finished outputs are served all the same."""
     from synapse_cli.jobs import load_job
 
     def work() -> None:
         run.native_id = threading.get_native_id()
         gen: Iterator[Event] | None = None
-        ok = False
+        finished = False
         try:
             gen = load_job(run.kind)(run.spec) if run.shards <= 1 else _sharded(run)
-            finished = False
             for event in gen:
                 channel.put(event)
                 finished = finished or isinstance(event, Finished)
-            ok = finished
         except _Cancelled:
             if channel.stalled:
                 run.cancel("the client stopped reading")
@@ -458,7 +460,9 @@ def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Threa
                 except Exception:  # noqa: BLE001
                     log.warning("job %s: error while closing", run.job_id, exc_info=True)
             try:
-                on_end(run, ok)
+                # the outputs stay if the job reached ``finished``, even if it raised after it: compile reports
+                # the inputs that failed that way, and the others' outputs are good (the client downloads them)
+                on_end(run, finished and run.cancel_reason is None)
             finally:
                 channel.put(DONE, final=True)
 
@@ -469,7 +473,7 @@ def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Threa
 
 
 def conclude(run: JobRun, ok: bool, on_job_end: Any) -> None:
-    """``finish``, then the owner's hook when the job succeeded (Modal: commit the Volume). An error here is
+    """``finish``, then the owner's hook when the job reached ``finished`` (Modal: commit the Volume). An error here is
     logged, not raised: the job is over either way."""
     try:
         finish(run, ok)
@@ -480,7 +484,8 @@ def conclude(run: JobRun, ok: bool, on_job_end: Any) -> None:
 
 
 def finish(run: JobRun, ok: bool) -> None:
-    """After the job: inputs go; outputs stay for download only if it succeeded."""
+    """After the job: inputs go; outputs stay for download only if it reached ``finished`` (``ok``),
+    whether or not it reported a failure after that (a partial failure: some inputs failed)."""
     kill_children(run.native_id)  # whatever the job left running
     (run.dir / ".alive").unlink(missing_ok=True)
     if not ok:

@@ -302,21 +302,24 @@ class JobStore:
         self.reap()
         me, me_start, host = os.getpid(), pid_start_time(os.getpid()), socket.gethostname()
         with self.transaction() as db:
-            other = None
-            rows = db.execute(
-                "SELECT * FROM jobs WHERE cache_key = ? AND status IN ('completed','processing','pending') "
-                "ORDER BY (status = 'completed') DESC, created_at DESC",
-                (cache_key,),
-            ).fetchall() if cache_key else []  # fmt: skip
-            for row in rows:
-                candidate = _row_to_job(row)
-                if (candidate.status in ACTIVE and not candidate.detached and candidate.remote is None and candidate.host == host
-                        and candidate.pid == me and candidate.pid_start == me_start and candidate.id not in _RUNNING_HERE):
-                    db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error_code = 1, error_message = ? WHERE id = ?",
-                               (time.time(), ORPHANED, candidate.id))
-                    continue
-                other = candidate
-                break
+            other, orphans = None, []
+            if cache_key:
+                rows = db.execute(
+                    "SELECT * FROM jobs WHERE cache_key = ? AND status IN ('completed','processing','pending') "
+                    "ORDER BY (status = 'completed') DESC, created_at DESC",
+                    (cache_key,),
+                )
+                for row in rows:  # read one at a time: the first is nearly always the one
+                    candidate = _row_to_job(row)
+                    if (candidate.status in ACTIVE and not candidate.detached and candidate.remote is None and candidate.host == host
+                            and candidate.pid == me and candidate.pid_start == me_start and candidate.id not in _RUNNING_HERE):
+                        orphans.append(candidate.id)
+                        continue
+                    other = candidate
+                    break
+                rows.close()
+            db.executemany("UPDATE jobs SET status = 'failed', finished_at = ?, error_code = 1, error_message = ? WHERE id = ?",
+                           [(time.time(), ORPHANED, i) for i in orphans])
             job = Job(id=new_job_id(), kind=kind, status="processing", backend=backend, spec=spec, cache_key=cache_key, created_at=time.time(),
                       pid=me, pid_start=me_start)
             self._insert(db, job)

@@ -99,9 +99,15 @@ def _close(store: JobStore | None) -> None:
         pass
 
 
-def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 0.5,
+def record(store: JobStore, job: Job, events: Iterator[Event] | Callable[[], Iterator[Event]], flush_s: float = 0.5,
            on_end: Callable[[Job], None] | None = None, busy_s: float = RECORD_BUSY_S) -> Iterator[Event]:
     """Pass ``events`` through, writing them to the store (batched) and the job's final state.
+
+    ``events`` may be a function that starts the run and returns its events: whatever it raises
+    (a bad input found before the job starts, a refused option) ends the job ``failed`` with that
+    error's code and message, like an error raised by the events themselves. Give the function
+    whenever starting can fail: a row left ``processing`` by a live process is waited on by every
+    identical job of that process (the result cache follows it).
 
     Best-effort: a write that fails (the store locked past ``busy_s``, a full disk) becomes one
     warning ``Log`` event (or stderr line, once no event can follow); its events stay buffered for
@@ -173,6 +179,8 @@ def record(store: JobStore, job: Job, events: Iterator[Event], flush_s: float = 
     heartbeat = _Heartbeat(store.path, job.id, busy_s)
     completed = False
     try:
+        if callable(events):
+            events = events()
         for event in events:
             buffer.append(to_dict(event))
             if isinstance(event, Progress):

@@ -38,6 +38,11 @@ BUSY_TIMEOUT_S = 30.0  # how long a write waits for the lock by default
 WAL_LIMIT_BYTES = 16 * 1024 * 1024  # after a checkpoint, the -wal file is cut back to this
 REAPED = "the worker stopped without finishing (killed or lost; stale heartbeat)"
 NEVER_STARTED = "the worker never started (killed or lost before it began)"
+ORPHANED = "its run in this process ended without recording its end"
+
+# the attached runs (claim_or_find rows) this process is executing now: its own pid alone cannot tell
+# a row whose run ended without its final write (a locked store) from one a thread is still running
+_RUNNING_HERE: set[str] = set()
 
 # the jobs that ended before a time: matches the partial index _ENDED_INDEX exactly (expression and condition)
 ENDED_BEFORE = "SELECT id FROM jobs WHERE status NOT IN ('pending','processing') AND COALESCE(finished_at, created_at) < ?"
@@ -290,25 +295,43 @@ class JobStore:
     def claim_or_find(self, kind: str, spec: dict[str, Any], backend: str, cache_key: str | None) -> tuple[Job, Job | None]:
         """Atomically: the completed or running job with this cache key if there is one, else a new row of ours.
 
-        Returns (our job, the job whose result we can reuse or follow, or None).
+        Returns (our job, the job whose result we can reuse or follow, or None). Our job counts as
+        running in this process until ``release``; an attached job of this process that no longer
+        does is never returned to follow (nobody would end it while we waited): it is failed here.
         """
         self.reap()
+        me, me_start, host = os.getpid(), pid_start_time(os.getpid()), socket.gethostname()
         with self.transaction() as db:
-            other = None
+            other, orphans = None, []
             if cache_key:
-                row = db.execute(
+                rows = db.execute(
                     "SELECT * FROM jobs WHERE cache_key = ? AND status IN ('completed','processing','pending') "
-                    "ORDER BY (status = 'completed') DESC, created_at DESC LIMIT 1",
+                    "ORDER BY (status = 'completed') DESC, created_at DESC",
                     (cache_key,),
-                ).fetchone()
-                other = _row_to_job(row) if row else None
+                )
+                for row in rows:  # read one at a time: the first is nearly always the one
+                    candidate = _row_to_job(row)
+                    if (candidate.status in ACTIVE and not candidate.detached and candidate.remote is None and candidate.host == host
+                            and candidate.pid == me and candidate.pid_start == me_start and candidate.id not in _RUNNING_HERE):
+                        orphans.append(candidate.id)
+                        continue
+                    other = candidate
+                    break
+                rows.close()
+            db.executemany("UPDATE jobs SET status = 'failed', finished_at = ?, error_code = 1, error_message = ? WHERE id = ?",
+                           [(time.time(), ORPHANED, i) for i in orphans])
             job = Job(id=new_job_id(), kind=kind, status="processing", backend=backend, spec=spec, cache_key=cache_key, created_at=time.time(),
-                      pid=os.getpid(), pid_start=pid_start_time(os.getpid()))
+                      pid=me, pid_start=me_start)
             self._insert(db, job)
             now = time.time()
             db.execute("UPDATE jobs SET started_at = ?, heartbeat_at = ? WHERE id = ?", (now, now, job.id))
             job.started_at = job.heartbeat_at = now
+            _RUNNING_HERE.add(job.id)  # before the commit: another thread's claim cannot see the row without it
         return job, other
+
+    def release(self, job_id: str) -> None:
+        """The run of ``job_id`` (a ``claim_or_find`` row) in this process is over, its final state written or not."""
+        _RUNNING_HERE.discard(job_id)
 
     def start(self, job_id: str, pid: int | None = None) -> bool:
         """The worker takes a ``pending`` job: ``processing``, with its pid and the pid's start time.

@@ -201,7 +201,8 @@ def job_events(plan: Plan) -> Iterator[Event]:
     An identical completed job's result is reused, an identical running one followed
     (unless the request turned the cache off). Closing this iterator early (or an
     exception, Ctrl-C included, raised through it) cancels the job: the backend stops it
-    and removes partial outputs, and the store marks it cancelled.
+    and removes partial outputs, and the store marks it cancelled. Any error, before the
+    job starts (a bad input found by the backend) or after, ends its row ``failed``.
     """
     from synapse_cli.result_cache import cache_key, follow, reusable, reuse
     from synapse_cli.runs import record, step_summary
@@ -211,16 +212,21 @@ def job_events(plan: Plan) -> Iterator[Event]:
     key = cache_key(kind, spec) if plan.request.common.cache else None
     job, other = store.claim_or_find(kind, asdict(spec), plan.backend.name, key)
     plan.job_id = job.id
-    if other is not None and reusable(other):
-        events = reuse(other, kind, spec)
-    elif other is not None and other.status in ACTIVE and not (other.detached and other.backend != "local"):
-        # (a detached Modal or endpoint job's events reach this store only while `jobs wait` runs: not followed)
-        events = follow(store, other, kind, spec)
-    else:
+
+    def start() -> Iterator[Event]:  # called by record: what it raises is recorded as the job's end
+        if other is not None and reusable(other):
+            return reuse(other, kind, spec)
+        if other is not None and other.status in ACTIVE and not (other.detached and other.backend != "local"):
+            # (a detached Modal or endpoint job's events reach this store only while `jobs wait` runs: not followed)
+            return follow(store, other, kind, spec)
         from synapse_cli.shards import job_events as run_events  # one call, or shards merged into one stream
 
-        events = run_events(kind, spec, plan.backend, plan.settings)
-    yield from record(store, job, events, on_end=step_summary)
+        return run_events(kind, spec, plan.backend, plan.settings)  # may raise before its first event (--shards auto probes)
+
+    try:
+        yield from record(store, job, start, on_end=step_summary)
+    finally:
+        store.release(job.id)
 
 
 def start_detached(plan: Plan, env: dict[str, str] | None = None) -> Any:

@@ -238,7 +238,7 @@ def worker(job_id: JOB_ID) -> None:
         from synapse_cli.shards import job_events
 
         with sigterm_as_interrupt():
-            for _ in record(store, job, job_events(job.kind, spec, backend, settings), on_end=step_summary):
+            for _ in record(store, job, lambda: job_events(job.kind, spec, backend, settings), on_end=step_summary):  # an error starting it fails the row
                 pass
         print(f"job {job.id} done", file=sys.stderr)
 

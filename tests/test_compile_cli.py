@@ -105,6 +105,30 @@ def test_batch_with_one_broken_file_compiles_the_rest_and_exits_1(cli, data):
     assert "bad-ref" in run.stderr and "#/properties/a/$ref" in run.stderr
 
 
+def test_a_batch_that_failed_in_part_is_recorded_failed_and_never_answered_from_the_store(cli, data, db, tmp_path):
+    """compile reports failed inputs after its result: the store keeps the result but says failed,
+    so the same command runs again (and exits 1 again) and `jobs wait` on a detached one exits 1."""
+    batch = data / "batch"
+    batch.mkdir()
+    for name in ("person.json", "bad-ref.json"):
+        shutil.copy(data / name, batch / name)
+    first = cli("compile", batch, "-o", "out", "--engine", "llguidance", "--json")
+    again = cli("compile", batch, "-o", "out", "--engine", "llguidance", "--json", "--overwrite")
+    assert first.exit_code == again.exit_code == 1, again.stderr
+    assert not _find(again.events(), "finished")[0]["result"].get("cached_from")
+    listed = json.loads(cli("jobs", "list", "--json").stdout)["jobs"]
+    assert [j["status"] for j in listed] == ["failed", "failed"]
+    shown = json.loads(cli("jobs", "show", listed[0]["id"], "--json").stdout)
+    assert shown["result"]["failed"] == 1 and shown["result"]["compiled"] == 1 and shown["error_code"] == 1
+
+    job_id = cli("compile", batch, "-o", "detached", "--engine", "llguidance", "--detach").stdout.strip()
+    waited = cli("jobs", "wait", job_id, "--json")
+    assert waited.exit_code == 1, waited.stdout
+    assert [e["type"] for e in waited.events()][-2:] == ["finished", "error"] and "bad-ref" in waited.stderr
+    assert (Path("detached") / "person.lark").is_file()
+    assert json.loads(cli("jobs", "show", job_id, "--json").stdout)["status"] == "failed"
+
+
 def test_cache_hit_is_fast_and_no_cache_recompiles(cli, data):
     first = cli("compile", data / "person.json", "--engine", FAST, "--json", "-o", "out1")
     assert first.exit_code == 0 and _find(first.events(), "finished")[0]["result"]["cache_hits"] == 0

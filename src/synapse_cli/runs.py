@@ -32,8 +32,10 @@ def store_events(store: JobStore, job_id: str, poll_s: float = 0.2, after: int =
     """A stored job as a live stream: its events so far, then new ones as its worker writes them.
 
     Ends with the job: ``finished`` ends the stream, a failure raises its error (so ``jobs wait``
-    exits with the job's exit code).
+    exits with the job's exit code), and so does an error that follows ``finished`` (compile
+    reports the inputs that failed after its result; ``record`` writes both with the final state).
     """
+    finished = False
     while True:
         batch = store.events(job_id, after)
         for seq, data in batch:
@@ -44,13 +46,16 @@ def store_events(store: JobStore, job_id: str, poll_s: float = 0.2, after: int =
                     raise error_from_wire(event.error, event.code, event.message)
                 return
             yield event
-            if isinstance(event, Finished):
-                return
+            finished = finished or isinstance(event, Finished)
+        if finished and batch:
+            continue  # whatever landed with it (an error) is read before the stream ends
         if not batch:
             job = store.get(job_id)
             if job.status not in ACTIVE:
                 if store.events(job_id, after):
                     continue  # the last events landed with the final state
+                if finished:
+                    return
                 if job.status == "completed":
                     yield Finished(result=job.result or {}, elapsed_s=round(job.wall_s or 0, 3))
                     return
@@ -119,6 +124,7 @@ def record(store: JobStore, job: Job, events: Iterator[Event] | Callable[[], Ite
     warned = False
     warnings: list[Log] = []
     unwritten: Callable[[], None] | None = None  # the final state, when the store refused it
+    ended: dict[str, Any] = {}  # the finished event's result (and its Modal gpu and cost), once it came
 
     def attempt(what: str, write: Callable[[], None], force: bool = False) -> bool:
         nonlocal retry_at, warned
@@ -172,12 +178,12 @@ def record(store: JobStore, job: Job, events: Iterator[Event] | Callable[[], Ite
     def end(exc: BaseException) -> None:
         ev = failed(exc)
         buffer.append(to_dict(ev))
-        finish("cancelled" if ev.code == 130 else "failed", error_code=ev.code, error_message=ev.message)
+        kept = {"result": ended["result"]} if ended else {}  # a failure after the result (compile's failed inputs) keeps it
+        finish("cancelled" if ev.code == 130 else "failed", error_code=ev.code, error_message=ev.message, **kept)
         warn_stderr()
 
     attempt("its start", lambda: store.set_busy_timeout(busy_s), force=True)
     heartbeat = _Heartbeat(store.path, job.id, busy_s)
-    completed = False
     try:
         if callable(events):
             events = events()
@@ -185,22 +191,27 @@ def record(store: JobStore, job: Job, events: Iterator[Event] | Callable[[], Ite
             buffer.append(to_dict(event))
             if isinstance(event, Progress):
                 progress = {"done": event.done, "total": event.total, "phase": event.phase}
-            if isinstance(event, Finished):  # the state first: whoever sees the finished event sees a completed job
+            if isinstance(event, Finished):
+                # written with the final state when the stream ends (an error may follow it: compile's failed
+                # inputs), the state first: whoever reads the finished event reads a job that has ended
                 modal_info = event.result.get("modal") or {}
-                finish("completed", result=event.result, gpu=modal_info.get("gpu"), cost_usd=modal_info.get("estimated_cost_usd"))
-                completed = True
-            elif not isinstance(event, Progress) or time.monotonic() - last_flush >= flush_s:
+                ended.update(result=event.result, gpu=modal_info.get("gpu"), cost_usd=modal_info.get("estimated_cost_usd"))
+            elif not ended and (not isinstance(event, Progress) or time.monotonic() - last_flush >= flush_s):
                 flush()
             yield from warnings
             warnings.clear()
             yield event
-        flush()
-        if not completed:
+        if ended:
+            finish("completed", **ended)
+        else:
+            flush()
             finish("failed", error_code=1, error_message="the job ended without a result")
         last_chance()
         warn_stderr()
     except GeneratorExit:
-        if not completed:
+        if ended:  # the reader stopped at the result: the job did finish
+            finish("completed", **ended)
+        else:
             end(Interrupted("interrupted"))
         last_chance()
         warn_stderr()

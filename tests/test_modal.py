@@ -388,6 +388,23 @@ def test_a_detached_job_error_names_the_users_file(cli, deployed, tmp_path, shar
     assert_names_no_staged_path(waited, deployed)
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_detached_batch_that_failed_in_part_downloads_the_rest_and_exits_1(cli, deployed, tmp_path, shards):
+    """compile reports failed inputs after its result: ``jobs wait`` reads on past ``finished`` to that error, as an attached run does."""
+    import shutil
+
+    folder = tmp_path / "schemas"
+    folder.mkdir()
+    for name in ("person.json", "bad-ref.json"):
+        shutil.copyfile(Path(__file__).parent / "data" / "compile" / name, folder / name)
+    run = cli("compile", folder, "--use-modal", "--detach", "-o", tmp_path / "out", "--engine", "llguidance", "--shards", str(shards))
+    assert run.exit_code == 0, run.stderr
+    waited = cli("jobs", "wait", run.stdout.strip(), "--json")
+    assert waited.exit_code == 1, waited.stdout
+    assert [e["type"] for e in waited.events()][-2:] == ["finished", "error"] and "bad-ref" in waited.stderr
+    assert (tmp_path / "out" / "person.lark").is_file() and not (tmp_path / "out" / "bad-ref.lark").exists()
+
+
 @pytest.mark.slow
 def test_log_lines_name_the_users_files(cli, deployed, bus, tmp_path):
     """infer skips an unreadable image of a folder with a warning: it names the user's file, not the Volume copy of the folder."""

@@ -199,17 +199,18 @@ def collect_outputs(
     and returns the event to report once committed (the local ``Artifact``, or a warning ``Log``).
     Fetching happens as each artifact arrives, or with ``defer`` once ``finished`` came (an
     HTTP endpoint serves a finished job's files). Artifacts are reported just before
-    ``finished``, after every output was committed; an ``error`` event raises its own class.
+    ``finished``, after every output was committed; an ``error`` event raises its own class, after
+    ``finished`` too (the outputs committed stay).
     """
     finished = False
     with Outputs(overwrite) as outputs:
         pending: list[Artifact] = []
         reports: list[Event] = []
         for event in events:  # read to the end, so that the call ends as it should after ``finished``
+            if isinstance(event, Failed):  # after ``finished`` too (compile's failed inputs): the outputs stay, the exit code is its
+                raise error_from_wire(event.error, event.code, event.message)
             if finished:
                 continue
-            if isinstance(event, Failed):
-                raise error_from_wire(event.error, event.code, event.message)
             if isinstance(event, Artifact):
                 if defer:
                     pending.append(event)

@@ -552,21 +552,24 @@ class ModalBackend(Backend):
             call = modal.FunctionCall.from_id(call_id)
 
             def published() -> Iterator[Event]:
-                seen = 0
+                seen, finished = 0, False
                 while stop is None or not stop.is_set():
                     items = progress.get(key) or []
                     for item in items[seen:]:
                         yield from_dict(item)
-                        if item.get("type") in ("finished", "error"):
+                        if item.get("type") == "error":
                             return
+                        # finished ends the job only with the call: an error may follow it (compile's failed inputs)
+                        finished = finished or item.get("type") == "finished"
                     seen = len(items)
-                    try:  # the call's own outcome: a crash that published nothing more
+                    try:  # the call's own outcome: its last event, or a crash that published nothing more
                         last = call.get(timeout=poll_s)
                     except TimeoutError:
                         continue
                     items = progress.get(key) or []
                     if len(items) <= seen:
-                        yield from_dict(last)
+                        if not (finished and last.get("type") == "finished"):
+                            yield from_dict(last)
                         return
 
             # the cost counts the job's own seconds: `jobs wait` may come long after the call ended

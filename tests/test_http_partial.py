@@ -120,6 +120,10 @@ def test_a_detached_compile_with_one_broken_schema_saves_the_rest_and_jobs_wait_
 
     waited = cli("jobs", "wait", job_id, "--json", env=client)
     assert_like_local(waited, out, local_out, local_events, batch)
+    # the local job store says so too, as for a local run: failed, its result kept (never answered from the store)
+    row = local_row(tmp_path, job_id)
+    assert row.status == "failed" and row.error_code == 1 and row.result["failed"] == 1
+    assert cli("jobs", "wait", job_id, "--json", env=client).exit_code == 1  # again, from the store
 
     # the server's record: failed with the job's error, its result kept, its outputs served
     remote_id = local_row(tmp_path, job_id).remote["id"]

@@ -136,9 +136,7 @@ class StagedNames:
                 exc.args = (self.text(str(exc.args[0])), *exc.args[1:])
             raise
         finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
+            close(events)
 
 
 # -- outputs: all on finished, or none --------------------------------------------------------
@@ -203,30 +201,40 @@ def collect_outputs(
     ``finished`` too (the outputs committed stay).
     """
     finished = False
-    with Outputs(overwrite) as outputs:
-        pending: list[Artifact] = []
-        reports: list[Event] = []
-        for event in events:  # read to the end, so that the call ends as it should after ``finished``
-            if isinstance(event, Failed):  # after ``finished`` too (compile's failed inputs): the outputs stay, the exit code is its
-                raise error_from_wire(event.error, event.code, event.message)
-            if finished:
-                continue
-            if isinstance(event, Artifact):
-                if defer:
-                    pending.append(event)
-                else:
-                    reports.append(fetch(event, outputs))
-                continue
-            if isinstance(event, Finished):
-                reports.extend(fetch(e, outputs) for e in pending)
-                outputs.commit()
-                finished = True
-                yield from sorted(reports, key=lambda e: isinstance(e, Artifact))  # warnings first
-                yield finish(event)
-                continue
-            yield event
+    try:
+        with Outputs(overwrite) as outputs:
+            pending: list[Artifact] = []
+            reports: list[Event] = []
+            for event in events:  # read to the end, so that the call ends as it should after ``finished``
+                if isinstance(event, Failed):  # after ``finished`` too (compile's failed inputs): the outputs stay, the exit code is its
+                    raise error_from_wire(event.error, event.code, event.message)
+                if finished:
+                    continue
+                if isinstance(event, Artifact):
+                    if defer:
+                        pending.append(event)
+                    else:
+                        reports.append(fetch(event, outputs))
+                    continue
+                if isinstance(event, Finished):
+                    reports.extend(fetch(e, outputs) for e in pending)
+                    outputs.commit()
+                    finished = True
+                    yield from sorted(reports, key=lambda e: isinstance(e, Artifact))  # warnings first
+                    yield finish(event)
+                    continue
+                yield event
+    finally:
+        close(events)  # an early close (or a failure) ends the remote stream too
     if not finished:
         raise BackendError(f"the stream from {where} ended before the job finished; nothing was saved")
+
+
+def close(events: Iterable[Any]) -> None:
+    """Close an event stream if it can be closed (a generator: its ``finally`` ends the call behind it)."""
+    stop = getattr(events, "close", None)
+    if stop is not None:
+        stop()
 
 
 # -- retries before the first event -------------------------------------------------------------

@@ -197,8 +197,7 @@ class HttpBackend(Backend):
         url = f"{self.endpoint}/v1/jobs/{kind}" + (f"?shards={int(shards)}" if shards > 1 else "")
         response = yield from self._open(url, data, uploads)
         try:
-            events = _failure_after_finished(self._events(url, response))
-            yield from collect_outputs(events, lambda e, out: self._fetch(e, targets, out), overwrite, url, defer=True)
+            yield from collect_outputs(self._events(url, response), lambda e, out: self._fetch(e, targets, out), overwrite, url, defer=True)
         finally:
             response.close()  # on an early close this cancels the job on the server
 
@@ -313,22 +312,23 @@ class HttpBackend(Backend):
         job_url = self._job_url(remote)
         targets = {(name, index): value for name, index, value in remote.get("targets", [])}
         mirror = _Mirror(store, job.id)
-        events = _failure_after_finished(self._remote_events(job, job_url, mirror))
+        events = self._remote_events(job, job_url, mirror)
         local = collect_outputs(events, lambda e, out: self._fetch(e, targets, out), bool(remote.get("overwrite")), job_url, defer=True)
+        result: dict[str, Any] | None = None  # the finished result: every output is in place
         try:
             for event in local:
-                if isinstance(event, Finished):  # every output is in place
-                    mirror.flush()
-                    _store_write(lambda: store.finish(job.id, "completed", result=event.result))
+                if isinstance(event, Finished):
+                    result = event.result
                 yield event
         except BackendError as exc:
-            if isinstance(exc.__cause__, _ArtifactGone):  # it can never complete here: say so in the store, not `processing` for ever
+            if result is None and isinstance(exc.__cause__, _ArtifactGone):  # it can never complete here: not `processing` for ever
                 _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=str(exc)))
             raise
         finally:
             local.close()  # an early close removes what was downloaded so far
-            events.close()
             mirror.flush()
+            if result is not None:  # an error after it (compile's inputs that failed) was recorded first, with the result (_ended)
+                _store_write(lambda: store.finish(job.id, "completed", result=result))
 
     def cancel(self, job: Any, store: Any) -> None:
         """``DELETE /v1/jobs/{id}``: the server kills the job's processes and removes its outputs."""
@@ -405,13 +405,13 @@ class HttpBackend(Backend):
         every 15 s) reconnects with backoff from the last event received; each connection that answers
         renews the budget of ``EVENTS_RETRIES`` attempts, so only a server that stays unreachable ends
         the wait (exit 3; the job goes on there and ``jobs wait`` resumes)."""
-        finished = False  # after ``finished`` only the job's ``error`` may follow (it failed after finishing)
+        finished: Finished | None = None  # after it only the job's ``error`` may follow (it failed after finishing)
         for data in mirror.recorded:
             event = _decode_data(data, job_url)
             yield event
             if isinstance(event, Failed):
                 return
-            finished = finished or isinstance(event, Finished)
+            finished = event if isinstance(event, Finished) else finished
         url = f"{job_url}/events"
         what = f"following {url}"
         while True:
@@ -433,11 +433,11 @@ class HttpBackend(Backend):
                     event = _decode_data(data, url)
                     mirror.add(data, event)
                     if isinstance(event, Failed):
-                        self._ended(job, mirror, event)
+                        self._ended(job, mirror, event, finished.result if finished else None)
                     yield event
                     if isinstance(event, Failed):
                         return
-                    finished = finished or isinstance(event, Finished)
+                    finished = event if isinstance(event, Finished) else finished
                 if finished:  # the stream ends after ``finished`` and the error that may follow it
                     return
                 # the server ended the stream before the job's last event (it restarts, or has no more)
@@ -474,10 +474,11 @@ class HttpBackend(Backend):
         except _NoJob:
             raise self._gone(job, mirror.store) from None
 
-    def _ended(self, job: Any, mirror: "_Mirror", event: Failed) -> None:
+    def _ended(self, job: Any, mirror: "_Mirror", event: Failed, result: dict[str, Any] | None) -> None:
+        """The job's error: its final state in the store, with its result if it failed after finishing (compile's inputs that failed)."""
         mirror.flush()
         status = "cancelled" if event.code == 130 else "failed"
-        _store_write(lambda: mirror.store.finish(job.id, status, error_code=event.code, error_message=event.message))
+        _store_write(lambda: mirror.store.finish(job.id, status, result=result, error_code=event.code, error_message=event.message))
 
     def _last_word(self, job: Any, mirror: "_Mirror") -> Event | None:
         """The stream ended without the job's last event: the record says whether the job ended (and how)."""
@@ -638,25 +639,6 @@ def _accepted(url: str, body: bytes) -> dict[str, Any]:
 def _failed_after_finishing(record: Mapping[str, Any]) -> bool:
     """A job record (``GET /v1/jobs/{id}``) of a job that failed after its ``finished``: its outputs wait for download."""
     return record.get("status") == "failed" and isinstance(record.get("result"), dict)
-
-
-def _failure_after_finished(events: Iterator[Event]) -> Iterator[Event]:
-    """The job's events up to ``finished``; an ``error`` after it raises its error, once the outputs are
-    in place (``collect_outputs`` reads on after ``finished``): a job that failed after finishing
-    (compile's inputs that failed) exits with its code, its finished outputs saved, as it does locally."""
-    finished = False
-    try:
-        for event in events:
-            if finished:
-                if isinstance(event, Failed):
-                    raise error_from_wire(event.error, event.code, event.message)
-                continue
-            finished = isinstance(event, Finished)
-            yield event
-    finally:
-        close = getattr(events, "close", None)
-        if close is not None:
-            close()
 
 
 def _returned(steps: Generator[Any, None, T]) -> T:

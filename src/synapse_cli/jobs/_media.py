@@ -267,35 +267,35 @@ def run_ffmpeg(
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    tail: deque[str] = deque(maxlen=40)
-    drain = threading.Thread(
-        target=lambda: tail.extend(line.decode("utf-8", "replace").rstrip() for line in proc.stderr),  # type: ignore[union-attr]
-        daemon=True,
-    )
-    drain.start()
-    feeder_errors: list[BaseException] = []
-    feeder = None
-    if feed is not None:
+    try:  # from here on ffmpeg is killed whatever stops us, even a signal while the threads start
+        tail: deque[str] = deque(maxlen=40)
+        drain = threading.Thread(
+            target=lambda: tail.extend(line.decode("utf-8", "replace").rstrip() for line in proc.stderr),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        drain.start()
+        feeder_errors: list[BaseException] = []
+        feeder = None
+        if feed is not None:
 
-        def _feed() -> None:
-            try:
-                feed(proc)
-            except (BrokenPipeError, ValueError):
-                pass  # ffmpeg stopped reading: its exit status says why
-            except BaseException as exc:  # noqa: BLE001 - reported after ffmpeg exits
-                feeder_errors.append(exc)
-            finally:
+            def _feed() -> None:
                 try:
-                    proc.stdin.close()  # type: ignore[union-attr]
-                except OSError:
-                    pass
+                    feed(proc)
+                except (BrokenPipeError, ValueError):
+                    pass  # ffmpeg stopped reading: its exit status says why
+                except BaseException as exc:  # noqa: BLE001 - reported after ffmpeg exits
+                    feeder_errors.append(exc)
+                finally:
+                    try:
+                        proc.stdin.close()  # type: ignore[union-attr]
+                    except OSError:
+                        pass
 
-        feeder = threading.Thread(target=_feed, daemon=True)
-        feeder.start()
+            feeder = threading.Thread(target=_feed, daemon=True)
+            feeder.start()
 
-    done = 0.0
-    block: dict[str, str] = {}
-    try:
+        done = 0.0
+        block: dict[str, str] = {}
         for raw in proc.stdout:  # type: ignore[union-attr]
             key, _, value = raw.decode("utf-8", "replace").strip().partition("=")
             if key != "progress":

@@ -53,7 +53,7 @@ def shard_seconds(cmd: list[str], env: dict[str, str]) -> tuple[float, list[floa
 
 
 def compare(label: str, clip: Path, work: Path, params: Path, env: dict[str, str], runs: int, *extra: str) -> None:
-    one, two, per_shard, cpu1, cpu2 = [], [], [], [], []
+    one, two, per_shard, cpu1, cpu2, each = [], [], [], [], [], []
     for _ in range(runs):
         wall, _, cpu = shard_seconds(export_cmd(clip, work / "one.mp4", params, "--shards", "1", *extra), env)
         one.append(wall)
@@ -62,6 +62,7 @@ def compare(label: str, clip: Path, work: Path, params: Path, env: dict[str, str
         two.append(wall)
         cpu2.append(cpu)
         per_shard.append(max(shards) if shards else wall)
+        each.append(shards)
     m1, m2 = statistics.median(one), statistics.median(two)
     c1, c2 = statistics.median(cpu1), statistics.median(cpu2)
     merge = statistics.median(t - s for t, s in zip(two, per_shard))
@@ -69,6 +70,7 @@ def compare(label: str, clip: Path, work: Path, params: Path, env: dict[str, str
     print(f"{label}: 1 shard median {m1:6.2f} s ({', '.join(f'{t:.2f}' for t in one)}), CPU {c1:.1f} s: {c1 / m1:.2f} cores busy on average")
     print(f"{label}: 2 shards median {m2:6.2f} s ({', '.join(f'{t:.2f}' for t in two)}), CPU {c2:.1f} s; slowest shard {statistics.median(per_shard):.2f} s,"
           f" so split + merge + start-up ≈ {merge:.2f} s")
+    print(f"{label}: each shard's seconds, run by run: {'; '.join(', '.join(f'{t:.2f}' for t in run) for run in each)}")
     print(f"{label}: ratio 2/1 {m2 / m1:6.3f}   (target <= 0.60: {'ok' if m2 / m1 <= 0.60 else 'MISSED'})")
     # ffmpeg runs its demuxer, decoders, filters and encoders on threads of their own, so one shard with
     # threads = 1 still keeps more than one core busy: the 2-shard run's CPU seconds over this machine's

@@ -28,7 +28,3 @@ def show(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = No
         for key, row in rows.items():
             value = json.dumps(row["value"], default=str)
             typer.echo(f"{key:<{width}}  {value:<30}  {row['source']}")
-
-
-def register(root: typer.Typer) -> None:
-    root.add_typer(app, name="config")

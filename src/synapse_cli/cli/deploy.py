@@ -35,7 +35,3 @@ def deploy(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = 
             typer.echo(json.dumps({"app": modal_cfg["app_name"], "functions": names}))
         else:
             typer.echo(f"deployed app {modal_cfg['app_name']!r}: {', '.join(names)}")
-
-
-def register(root: typer.Typer) -> None:
-    root.command("deploy")(deploy)

@@ -67,7 +67,3 @@ def doctor(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = 
                 typer.echo(f"{mark:<7} {name:<18} {check['detail']}")
         if not checks["ffmpeg"]["ok"]:
             raise typer.Exit(1)
-
-
-def register(root: typer.Typer) -> None:
-    root.command("doctor")(doctor)

@@ -241,7 +241,3 @@ def worker(job_id: JOB_ID) -> None:
             for _ in record(store, job, lambda: job_events(job.kind, spec, backend, settings), on_end=step_summary):  # an error starting it fails the row
                 pass
         print(f"job {job.id} done", file=sys.stderr)
-
-
-def register(root: typer.Typer) -> None:
-    root.add_typer(app, name="jobs")

@@ -155,7 +155,3 @@ def _server_class() -> type:
 
 def _Server(config: Any, opts: Any) -> Any:
     return _server_class()(config, opts)
-
-
-def register(root: typer.Typer) -> None:
-    root.command("serve")(serve)

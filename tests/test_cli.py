@@ -180,3 +180,31 @@ def test_a_key_lets_serve_bind_a_public_address(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# -- stdout read by a pipeline that stops reading (`| head`) ----------------------------------------
+
+
+def _with_stdout_closed(args: list[str]) -> subprocess.CompletedProcess:
+    """Run synapse with stdout a pipe whose reader has already gone, as `synapse ... | head -1` becomes."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([*synapse_cmd(), *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+
+
+def test_a_reader_that_goes_away_ends_synapse_quietly(tmp_path, db):
+    """No 'Error: BrokenPipeError' line: exit 141 as a process ended by SIGPIPE, and a job's output is not left half-written."""
+    from tests.conftest import make_clip
+
+    listing = _with_stdout_closed(["config", "show"])
+    assert (listing.returncode, listing.stderr) == (141, "")
+    clip = make_clip(tmp_path / "in.mp4", size="320x180", seconds=1)
+    out = tmp_path / "out.mp4"
+    export = _with_stdout_closed(["export", str(clip), "--job", "framing", "--no-modal", "--json", "--no-cache", "-o", str(out)])
+    assert export.returncode == 141 and "Error" not in export.stderr, export.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -53,9 +53,27 @@ def exit_on_error(json_output: bool = False) -> Iterator[None]:
     except KeyboardInterrupt as exc:
         fail(exc, "Interrupted", "interrupted", 130)
     except Exception as exc:  # a bug of ours or an unmapped foreign error: still one line
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            # whoever read stdout went away (`synapse jobs list | head -3`), and the job's cleanup has run on
+            # the way here: stop quietly, with the code of a process that SIGPIPE ends, and give the
+            # interpreter's last flush somewhere to go
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         if os.environ.get("SYNAPSE_TRACEBACK") == "1":
             raise
         fail(exc, "Error", f"{type(exc).__name__}: {exc} (set SYNAPSE_TRACEBACK=1 for details)", 1)
+
+
+def _stdout_gone() -> bool:
+    """Is stdout a pipe whose reader has gone? (polling its write end then reports an error.)"""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout has no file descriptor (a test's capture)
+        return False
 
 
 @contextmanager

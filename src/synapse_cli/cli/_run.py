@@ -222,21 +222,27 @@ def job_events(plan: Plan) -> Iterator[Event]:
     and removes partial outputs, and the store marks it cancelled. Any error, before the
     job starts (a bad input found by the backend) or after, ends its row ``failed``.
     """
-    from synapse_cli.result_cache import cache_key, follow, reusable, reuse
     from synapse_cli.runs import record, step_summary
     from synapse_cli.store import ACTIVE
 
     kind, spec, store = plan.kind, plan.spec, plan.store
-    key = cache_key(kind, spec) if plan.request.common.cache else None
+    key = None
+    if plan.request.common.cache:  # (--no-cache: nothing to hash, and the cache's code stays unloaded)
+        from synapse_cli.result_cache import cache_key
+
+        key = cache_key(kind, spec)
     job, other = store.claim_or_find(kind, asdict(spec), plan.backend.name, key)
     plan.job_id = job.id
 
     def start() -> Iterator[Event]:  # called by record: what it raises is recorded as the job's end
-        if other is not None and reusable(other):
-            return reuse(other, kind, spec)
-        if other is not None and other.status in ACTIVE and not (other.detached and other.backend != "local"):
-            # (a detached Modal or endpoint job's events reach this store only while `jobs wait` runs: not followed)
-            return follow(store, other, kind, spec)
+        if other is not None:
+            from synapse_cli.result_cache import follow, reusable, reuse
+
+            if reusable(other):
+                return reuse(other, kind, spec)
+            if other.status in ACTIVE and not (other.detached and other.backend != "local"):
+                # (a detached Modal or endpoint job's events reach this store only while `jobs wait` runs: not followed)
+                return follow(store, other, kind, spec)
         from synapse_cli.shards import job_events as run_events  # one call, or shards merged into one stream
 
         return run_events(kind, spec, plan.backend, plan.settings)  # may raise before its first event (--shards auto probes)

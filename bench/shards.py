@@ -72,6 +72,9 @@ def compare(label: str, clip: Path, work: Path, params: Path, env: dict[str, str
           f" so split + merge + start-up ≈ {merge:.2f} s")
     print(f"{label}: each shard's seconds, run by run: {'; '.join(', '.join(f'{t:.2f}' for t in run) for run in each)}")
     print(f"{label}: ratio 2/1 {m2 / m1:6.3f}   (target <= 0.60: {'ok' if m2 / m1 <= 0.60 else 'MISSED'})")
+    # each 2-shard run against the 1-shard run just before it: what drifts over minutes on a shared machine cancels out
+    pairs = [b / a for a, b in zip(one, two)]
+    print(f"{label}: run by run {', '.join(f'{r:.3f}' for r in pairs)}; median {statistics.median(pairs):.3f}")
     # ffmpeg runs its demuxer, decoders, filters and encoders on threads of their own, so one shard with
     # threads = 1 still keeps more than one core busy: the 2-shard run's CPU seconds over this machine's
     # cores are as fast as it could possibly go here

@@ -32,7 +32,7 @@ def test_wheel_contents(wheel):
         assert name in names, name
     assert not any(n.startswith("tests/") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "synapse = synapse_cli.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "synapse = synapse_cli.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 @pytest.mark.slow

@@ -344,3 +344,30 @@ def test_ctrl_c_kills_ffmpeg_and_leaves_nothing(clips, tmp_path):
     time.sleep(0.2)
     ps = subprocess.run(["pgrep", "-f", str(out.parent)], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "ffmpeg child survived"
+
+
+def test_a_signal_while_ffmpeg_starts_is_held_until_ffmpeg_can_be_stopped():
+    """Ctrl-C, or the SIGTERM a shard's worker turns into one, landing inside ``subprocess.Popen`` would
+    lose the ffmpeg it had just started (it ran on, writing the job's files): run_ffmpeg holds both
+    signals for that instant, and they take effect once the process can be killed."""
+    from synapse_cli.jobs._media import interrupts_held
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            reached.append("the block ran to its end")
+    assert reached == ["the block ran to its end"]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+    came: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: came.append(signum))  # as a worker's handler
+    try:
+        with interrupts_held():
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+            assert came == []
+        assert came == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -44,12 +44,12 @@ class LocalBackend(Backend):
         return store_events(store, job.id)
 
     def cancel(self, job: Any, store: Any) -> None:
-        import socket
+        import platform
 
         from synapse_cli.errors import UsageError
         from synapse_cli.store import alive
 
-        if job.pid and job.host and job.host != socket.gethostname():
+        if job.pid and job.host and job.host != platform.node():  # the store's name for this machine
             raise UsageError(f"job {job.id} runs on {job.host}: cancel it there")
         # only the process that started as the worker is signalled, never whatever holds its pid now
         if not job.pid or not alive(job):

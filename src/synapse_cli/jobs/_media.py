@@ -23,6 +23,7 @@ import struct
 import subprocess
 import threading
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -260,14 +261,16 @@ def run_ffmpeg(
     stdin_flag = [] if feed else ["-nostdin"]
     # -xerror: a corrupt or truncated input is a failure, not a silently shorter output
     cmd = [args[0], "-hide_banner", "-xerror", *stdin_flag, "-progress", "pipe:1", "-nostats", *args[1:]]
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:  # from here on ffmpeg is killed whatever stops us, even a signal while the threads start
+    proc: subprocess.Popen | None = None
+    try:  # from the moment it starts, ffmpeg is killed whatever stops us
+        with interrupts_held():  # (Ctrl-C landing inside Popen would lose the ffmpeg it has just started)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
         tail: deque[str] = deque(maxlen=40)
         drain = threading.Thread(
             target=lambda: tail.extend(line.decode("utf-8", "replace").rstrip() for line in proc.stderr),  # type: ignore[union-attr]
@@ -318,7 +321,31 @@ def run_ffmpeg(
         if total_frames and done < total_frames:
             yield Progress(done=total_frames, total=total_frames, phase=phase)
     finally:
-        _kill(proc)
+        if proc is not None:
+            _kill(proc)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs; then handle them, in the order they came.
+
+    Python runs a signal's handler between two bytecodes of the main thread, so Ctrl-C (or the
+    SIGTERM that workers turn into ``KeyboardInterrupt``) can land inside ``subprocess.Popen``
+    after the child has started and before its object is returned, and nothing could then stop
+    that child. Signals reach only the main thread: elsewhere there is nothing to hold.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    saved = {signum: signal.signal(signum, lambda n, _frame: came.append(n)) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # (None: a handler set outside Python)
+        for signum in came:
+            signal.raise_signal(signum)  # to the handler it was meant for (KeyboardInterrupt, by default)
 
 
 _ERROR_WORDS = ("error", "invalid", "corrupt", "failed", "no such", "unable", "cannot", "not found", "does not")

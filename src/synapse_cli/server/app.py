@@ -159,16 +159,16 @@ def create_app(
     api_key: str | None = None,
     max_upload_mb: int | None = None,
     allow_anonymous: bool = False,
-    artifact_ttl_s: float = 3600.0,
+    artifact_ttl_s: float | None = None,
     models_dir: str | Path | None = None,
     **limits: Any,
 ) -> FastAPI:
     """The synapse HTTP app.
 
     ``settings`` (a resolved ``Settings``) supplies ``serve.work_dir``, ``api_key``,
-    ``serve.max_upload_mb`` and the other ``serve.*`` limits; keyword arguments override them
-    (``models_dir``: owner-installed models a client may name, default ``serve.models_dir``;
-    ``limits``: any ``ServerOptions`` field, e.g. ``job_timeout_s=60``). Without an API key the
+    ``serve.max_upload_mb``, ``serve.artifact_ttl_s`` and the other ``serve.*`` limits; keyword
+    arguments override them (``models_dir``: owner-installed models a client may name, default
+    ``serve.models_dir``; ``limits``: any ``ServerOptions`` field, e.g. ``job_timeout_s=60``). Without an API key the
     app refuses to be built unless ``allow_anonymous=True``; such a server still refuses requests
     that carry an ``Origin`` header or name a non-loopback ``Host`` (web pages, DNS rebinding).
     A key shorter than 16 characters is refused. Without a work dir, a fresh temporary folder is used.
@@ -177,6 +177,7 @@ def create_app(
     work_dir = work_dir or settings.get("serve.work_dir")
     api_key = api_key if api_key is not None else settings.get("api_key")
     max_upload_mb = max_upload_mb if max_upload_mb is not None else settings.get("serve.max_upload_mb", 2048)
+    artifact_ttl_s = artifact_ttl_s if artifact_ttl_s is not None else settings.get("serve.artifact_ttl_s", 3600.0)
     if not api_key and not allow_anonymous:
         raise ValueError("create_app needs an api_key (SYNAPSE_API_KEY), or allow_anonymous=True for a loopback-only server")
     check_key(api_key or None)

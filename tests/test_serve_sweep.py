@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
 
 import httpx
@@ -107,3 +108,26 @@ def test_sigterm_stops_a_server_whose_sweep_timer_runs_at_once(tmp_path):
     text = "".join(log)
     assert "Application shutdown complete" in text and "Traceback" not in text and "Error" not in text
 
+
+def test_a_locked_job_store_is_one_warning_line_and_does_not_hold_up_the_stop(tmp_path):
+    """Another process holds jobs.db's write lock: each sweep's prune gives up after a second with one
+    line (no traceback), the rest of the sweep goes on (an expired folder goes), and SIGTERM meanwhile
+    stops the server at once, not when the store's 30 s busy timeout runs out."""
+    work = tmp_path / "srv"
+    with serve_process(work, env={"SYNAPSE_SERVE_ARTIFACT_TTL_S": "1"}) as (url, server, log):
+        db = sqlite3.connect(work / "jobs.db", isolation_level=None, timeout=10)
+        db.execute("BEGIN EXCLUSIVE")
+        try:
+            assert wait_for(lambda: any("cannot prune" in line for line in log), 10), "no warning for a locked store"
+            folder = expired_folder(work)
+            assert wait_for(lambda: not folder.exists(), 10), "a locked store stopped the sweep"
+            server.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert server.wait(15) == 0
+            took = time.monotonic() - signalled
+        finally:
+            db.close()
+    assert took < 3, f"the server took {took:.1f} s to stop"
+    warnings = [line for line in log if "cannot prune" in line]
+    assert all("database is locked" in line and "next sweep" in line for line in warnings), warnings
+    assert "Traceback" not in "".join(log)

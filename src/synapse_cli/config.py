@@ -173,6 +173,7 @@ _CORE: dict[str, _Setting] = {
     "serve.min_free_mb": _Setting(1024, _int(0), "free disk the work dir must keep after an upload (else 507)"),
     "serve.stall_timeout_s": _Setting(60.0, _float(), "a client that stops reading the stream this long cancels its job"),
     "serve.body_timeout_s": _Setting(60.0, _float(), "an upload that sends nothing this long is refused (408)"),
+    "serve.artifact_ttl_s": _Setting(3600.0, _float(), "a job's outputs are deleted this long after it ended (the server sweeps every min(60 s, this))"),
     "serve.keep_jobs_days": _Setting(30.0, _float(0.0, strict=False), "detached jobs that ended longer ago are deleted from the server's job store (record, events, files; fractions allowed); 0 = keep for ever"),
     "serve.models_dir": _Setting(None, _opt_str, "models a client may name (infer model=NAME) besides the bundled default"),
     # [shards]

@@ -108,7 +108,7 @@ def serve(
             if generated:
                 print(f"synapse serve: API key for this run: {key} (also in {key_file}, readable by you only)", file=sys.stderr, flush=True)
             config = uvicorn.Config(
-                app, log_config=_log_config(), log_level="info", timeout_graceful_shutdown=5, lifespan="off",
+                app, log_config=_log_config(), log_level="info", timeout_graceful_shutdown=5, lifespan="on",
                 limit_concurrency=LIMIT_CONNECTIONS, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
             )
             # uvicorn re-raises SIGTERM once it has stopped, which would end the process before the

@@ -10,6 +10,9 @@ Routes (see docs/http.md):
 - ``GET  /v1/openapi.json``         -> the OpenAPI document of all of the above (behind the key; ``/openapi.json`` and ``/docs`` stay off).
 - ``GET  /`` and ``POST /v1/session`` -> the jobs page and its cookie (server/session.py).
 
+While the app runs (its lifespan: ``synapse serve`` and Modal run it), a timer sweeps expired outputs
+and old detached jobs every ``min(60 s, artifact_ttl_s)``, idle or not (``_sweep_timer``).
+
 Errors before the stream starts are JSON bodies shaped like the stream's last
 line: ``{"type": "error", "code": 2, "message": "...", "error": "UsageError"}``.
 """
@@ -28,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping
@@ -52,6 +56,7 @@ log = logging.getLogger("synapse.server")
 NDJSON = "application/x-ndjson"
 _ARTIFACT_ID = re.compile(r"([A-Za-z0-9_-]{16,64})\.([0-9]{1,6})")
 _SWEEP_EVERY_S = 60.0
+_SWEEP_TIMER_MIN_S = 1.0  # artifact_ttl_s=0 (each submit sweeps) must not make the timer spin
 
 
 @dataclass
@@ -81,6 +86,7 @@ class ServerOptions:
     runs: dict[str, runner.JobRun] = field(default_factory=dict)
     key_failures: dict[str, deque] = field(default_factory=dict)
     last_sweep: float = 0.0
+    sweeps_stop: threading.Event = field(default_factory=threading.Event)  # set when the app's lifespan ends: a sweep under way stops early
     heartbeat: threading.Thread | None = None
     idle: threading.Event = field(default_factory=threading.Event)  # set when the last live job ends
     closing: bool = False
@@ -159,16 +165,16 @@ def create_app(
     api_key: str | None = None,
     max_upload_mb: int | None = None,
     allow_anonymous: bool = False,
-    artifact_ttl_s: float = 3600.0,
+    artifact_ttl_s: float | None = None,
     models_dir: str | Path | None = None,
     **limits: Any,
 ) -> FastAPI:
     """The synapse HTTP app.
 
     ``settings`` (a resolved ``Settings``) supplies ``serve.work_dir``, ``api_key``,
-    ``serve.max_upload_mb`` and the other ``serve.*`` limits; keyword arguments override them
-    (``models_dir``: owner-installed models a client may name, default ``serve.models_dir``;
-    ``limits``: any ``ServerOptions`` field, e.g. ``job_timeout_s=60``). Without an API key the
+    ``serve.max_upload_mb``, ``serve.artifact_ttl_s`` and the other ``serve.*`` limits; keyword
+    arguments override them (``models_dir``: owner-installed models a client may name, default
+    ``serve.models_dir``; ``limits``: any ``ServerOptions`` field, e.g. ``job_timeout_s=60``). Without an API key the
     app refuses to be built unless ``allow_anonymous=True``; such a server still refuses requests
     that carry an ``Origin`` header or name a non-loopback ``Host`` (web pages, DNS rebinding).
     A key shorter than 16 characters is refused. Without a work dir, a fresh temporary folder is used.
@@ -177,6 +183,7 @@ def create_app(
     work_dir = work_dir or settings.get("serve.work_dir")
     api_key = api_key if api_key is not None else settings.get("api_key")
     max_upload_mb = max_upload_mb if max_upload_mb is not None else settings.get("serve.max_upload_mb", 2048)
+    artifact_ttl_s = artifact_ttl_s if artifact_ttl_s is not None else settings.get("serve.artifact_ttl_s", 3600.0)
     if not api_key and not allow_anonymous:
         raise ValueError("create_app needs an api_key (SYNAPSE_API_KEY), or allow_anonymous=True for a loopback-only server")
     check_key(api_key or None)
@@ -196,7 +203,22 @@ def create_app(
     opts.jobs_dir.mkdir(parents=True, exist_ok=True)
     opts.detached = DetachedJobs(opts)  # opens <work dir>/jobs.db; jobs a dead server left running are marked failed, old ones pruned
 
-    app = FastAPI(title="synapse", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        """The sweep's timer runs while the app does; stopping it waits for a sweep under way (its
+        thread is never left behind), which ends at its next folder."""
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_sweep_timer, opts)
+                try:
+                    yield
+                finally:
+                    opts.sweeps_stop.set()
+                    tasks.cancel_scope.cancel()
+        finally:
+            opts.sweeps_stop.clear()  # the timer is gone: a later request's sweep runs in full
+
+    app = FastAPI(title="synapse", version=__version__, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.synapse = opts
 
     def client_of(request: Request) -> str:
@@ -653,6 +675,8 @@ async def _sweep(opts: ServerOptions) -> None:
         if opts.detached is not None:
             opts.detached.prune()
         for job_dir in opts.jobs_dir.iterdir():
+            if opts.sweeps_stop.is_set():  # the server is stopping: the rest waits for the next sweep
+                return
             if job_dir.name in opts.live:
                 continue
             try:
@@ -668,6 +692,19 @@ async def _sweep(opts: ServerOptions) -> None:
             if expired:
                 remove_tree(job_dir)
 
-    import anyio
-
     await anyio.to_thread.run_sync(sweep)
+
+
+async def _sweep_timer(opts: ServerOptions) -> None:
+    """``_sweep`` every ``min(60 s, artifact_ttl_s)`` while the app runs, idle or not, from its start:
+    outputs expire and old jobs are pruned without waiting for the next job. A sweep a request ran
+    meanwhile counts (``last_sweep``); a sweep that fails is one warning line, and the next one is due
+    as usual. Runs in the app's lifespan, which cancels it."""
+    every = max(min(_SWEEP_EVERY_S, opts.artifact_ttl_s), _SWEEP_TIMER_MIN_S)
+    while not opts.sweeps_stop.is_set():
+        try:
+            await _sweep(opts)
+        except Exception as exc:  # noqa: BLE001 - e.g. the jobs folder gone, a locked store: try again later
+            log.warning("synapse serve: the sweep of %s failed (%s: %s); the next is in %g s", opts.jobs_dir, type(exc).__name__, exc, every)
+        # sleep until the next sweep is due; at least a little, should the clock say it is already
+        await anyio.sleep(max(opts.last_sweep + every - time.time(), 0.05))

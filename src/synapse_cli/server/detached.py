@@ -52,6 +52,7 @@ MAX_LIST = 500
 DEFAULT_LIST = 50
 _READ_BATCH = 1000  # events per store read while following
 _POLL_OTHER_S = 1.0  # a job of another process sharing the work dir: no notification reaches us
+_PRUNE_BUSY_TIMEOUT_S = 1.0  # a store locked longer is pruned at the next sweep: waiting would hold up the sweep and the server's stop
 _ERROR_NAMES = {1: "JobError", 2: "UsageError", 3: "BackendError", 130: "Interrupted"}
 
 
@@ -320,16 +321,21 @@ class DetachedJobs:
     def prune(self) -> list[str]:
         """Delete the jobs that ended more than ``keep_jobs_days`` ago: record, events and any folder
         left on disk. Jobs of this process that are still winding up are kept. Never raises: a store
-        that cannot be pruned now (locked past its timeout) is pruned at the next sweep."""
+        that cannot be pruned now (locked for more than a second) is pruned at the next sweep, and says
+        so in one warning line."""
         days = self.opts.keep_jobs_days
         if not days:
             return []
         try:
             with self.lock:
                 ours = {*self.opts.live, *self.opts.runs}  # uploading, queued, running or concluding here
-                pruned = self.store.prune_ended(days * 86400.0, keep=ours)
-        except Exception:  # noqa: BLE001 - a sweep must not fail the request that triggered it
-            log.warning("cannot prune the job store %s", self.store.path, exc_info=True)
+                self.store.set_busy_timeout(_PRUNE_BUSY_TIMEOUT_S)
+                try:
+                    pruned = self.store.prune_ended(days * 86400.0, keep=ours)
+                finally:
+                    self.store.set_busy_timeout(self.store.busy_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a sweep must not fail the request that triggered it
+            log.warning("synapse serve: cannot prune the job store %s now (%s: %s); the next sweep tries again", self.store.path, type(exc).__name__, exc)
             return []
         for job_id in pruned:
             if job_id and "/" not in job_id and job_id not in (".", ".."):  # ids are folder names: never a path out of jobs/

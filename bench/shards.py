@@ -8,7 +8,7 @@
 2. A 6 s 1280x720 clip: ``synapse export`` ÷ the same work as one raw ffmpeg command
    (target ≤ 1.08).
 
-Runs are interleaved and medians compared. Usage: python bench/shards.py [--runs 3] [--seconds 60] [--skip-modal] [--ffmpeg PATH]
+Runs are interleaved and medians compared. Usage: python bench/shards.py [--runs 3] [--seconds 60] [--skip-modal | --skip-local] [--ffmpeg PATH]
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--skip-modal", action="store_true")
+    ap.add_argument("--skip-local", action="store_true")
     ap.add_argument("--ffmpeg", help="the ffmpeg to measure (default: the one synapse finds)")
     args = ap.parse_args()
     ffmpeg = args.ffmpeg or find_ffmpeg(None)
@@ -100,7 +101,8 @@ def main() -> None:
                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
         clip = make_test_clip(ffmpeg, work / "long.mp4", args.seconds)
         print(f"clip: {args.seconds} s 1280x720 + audio, framing to 810x1440, libx264 fast crf 23, [ffmpeg] threads = 1, {args.runs} runs each")
-        compare("local", clip, work, params, env, args.runs)
+        if not args.skip_local:
+            compare("local", clip, work, params, env, args.runs)
         if not args.skip_modal:
             from tests.modal_fake.fixtures import FAKE_TOKEN_ID, FAKE_TOKEN_SECRET
             from tests.modal_fake.server import FakeModal

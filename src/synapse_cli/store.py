@@ -289,7 +289,7 @@ class JobStore:
             "INSERT INTO jobs (id, kind, status, backend, spec, cache_key, detached, created_at, host, flags, pid, pid_start) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (job.id, job.kind, job.status, job.backend, json.dumps(job.spec), job.cache_key, int(job.detached), job.created_at,
-             platform.node(), json.dumps(without_secrets(job.flags)) if job.flags is not None else None, job.pid, job.pid_start),
+             this_host(), json.dumps(without_secrets(job.flags)) if job.flags is not None else None, job.pid, job.pid_start),
         )
 
     def claim_or_find(self, kind: str, spec: dict[str, Any], backend: str, cache_key: str | None) -> tuple[Job, Job | None]:
@@ -300,7 +300,7 @@ class JobStore:
         does is never returned to follow (nobody would end it while we waited): it is failed here.
         """
         self.reap()
-        me, me_start, host = os.getpid(), pid_start_time(os.getpid()), platform.node()
+        me, me_start, host = os.getpid(), pid_start_time(os.getpid()), this_host()
         with self.transaction() as db:
             other, orphans = None, []
             if cache_key:
@@ -343,7 +343,7 @@ class JobStore:
             cur = db.execute(
                 "UPDATE jobs SET status = 'processing', started_at = COALESCE(started_at, ?), heartbeat_at = ?, pid = ?, pid_start = ?, "
                 "host = ? WHERE id = ? AND status IN ('pending', 'processing')",
-                (now, now, pid, pid_start_time(pid), platform.node(), job_id),
+                (now, now, pid, pid_start_time(pid), this_host(), job_id),
             )
             return cur.rowcount == 1
 
@@ -387,7 +387,7 @@ class JobStore:
     def set_pid(self, job_id: str, pid: int) -> None:
         """The worker process of a ``pending`` job, with its start time (so a later reuse of the pid is told apart)."""
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET pid = ?, pid_start = ?, host = ? WHERE id = ?", (pid, pid_start_time(pid), platform.node(), job_id))
+            db.execute("UPDATE jobs SET pid = ?, pid_start = ?, host = ? WHERE id = ?", (pid, pid_start_time(pid), this_host(), job_id))
 
     def prune(self, older_than_s: float) -> int:
         """``prune_ended``, counted (``synapse jobs prune``)."""
@@ -469,7 +469,7 @@ class JobStore:
 
         Each reap is one conditional ``UPDATE``: a heartbeat or a start that lands meanwhile wins.
         """
-        now, host = time.time(), platform.node()
+        now, host = time.time(), this_host()
         rows = self.db.execute(
             "SELECT id, status, pid, pid_start, host FROM jobs WHERE status IN ('pending','processing') AND remote IS NULL"
         ).fetchall()
@@ -496,6 +496,11 @@ class JobStore:
             if cur.rowcount:
                 reaped.append(r["id"])
         return reaped
+
+
+def this_host() -> str:
+    """This machine's name, as rows record it: a job's pid means something only on its own host."""
+    return platform.node()
 
 
 def pid_start_time(pid: int) -> int | None:
@@ -529,4 +534,4 @@ def _alive(pid: int, start: int | None = None) -> bool:
 
 def alive(job: Job) -> bool:
     """The job's recorded worker runs on this host (the same process: a reused pid is not it)."""
-    return job.pid is not None and job.host == platform.node() and _alive(job.pid, job.pid_start)
+    return job.pid is not None and job.host == this_host() and _alive(job.pid, job.pid_start)

@@ -44,12 +44,10 @@ class LocalBackend(Backend):
         return store_events(store, job.id)
 
     def cancel(self, job: Any, store: Any) -> None:
-        import platform
-
         from synapse_cli.errors import UsageError
-        from synapse_cli.store import alive
+        from synapse_cli.store import alive, this_host
 
-        if job.pid and job.host and job.host != platform.node():  # the store's name for this machine
+        if job.pid and job.host and job.host != this_host():
             raise UsageError(f"job {job.id} runs on {job.host}: cancel it there")
         # only the process that started as the worker is signalled, never whatever holds its pid now
         if not job.pid or not alive(job):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections import deque
@@ -38,7 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 from synapse_cli.events import Event, Failed, Finished, Progress, Started, to_dict
 from synapse_cli.server import runner
 from synapse_cli.server.uploads import remove_tree
-from synapse_cli.store import ACTIVE, STATES, JobStore, alive
+from synapse_cli.store import ACTIVE, STATES, JobStore, alive, this_host
 
 if TYPE_CHECKING:
     from synapse_cli.server.app import ServerOptions
@@ -348,7 +347,7 @@ class DetachedJobs:
         """Mark ``failed`` the active rows whose server process is gone (its pid, checked with its start
         time). A row of a live process (this one, or another server on the same work dir) is left alone."""
         failed = []
-        host = socket.gethostname()
+        host = this_host()
         for job in self.store.list("pending", MAX_LIST * 10, reap=False) + self.store.list("processing", MAX_LIST * 10, reap=False):
             if job.host != host or alive(job):
                 continue  # alive; or another machine's (a shared volume): only its pid could tell, and we cannot see it

@@ -236,6 +236,33 @@ def record(store: JobStore, job: Job, events: Iterator[Event] | Callable[[], Ite
             pass
 
 
+class DeliveryLog:
+    """``on_delivery`` for ``notify.Notifier``: each webhook's outcome into the job store, for ``synapse jobs show``.
+
+    Called from the notifier's thread, so it opens its own connection there (a connection is not
+    shared across threads mid-transaction). Best-effort, like all recording: a store that fails
+    costs the row, never the job."""
+
+    def __init__(self, db_path: Path, job_id: str, target: str, busy_s: float = RECORD_BUSY_S) -> None:
+        from synapse_cli.netguard import redact
+
+        self.db_path, self.job_id, self.target, self.busy_s = db_path, job_id, redact(target), busy_s
+        self._store: JobStore | None = None
+
+    def __call__(self, delivery: Any) -> None:
+        try:
+            if self._store is None:
+                self._store = JobStore(self.db_path, busy_timeout_s=self.busy_s)
+            self._store.add_delivery(self.job_id, delivery.to_dict(), self.target)
+        except STORE_ERRORS:
+            _close(self._store)
+            self._store = None
+
+    def close(self) -> None:
+        _close(self._store)
+        self._store = None
+
+
 def step_summary(job: Job, env: dict[str, str] | None = None) -> None:
     """In GitHub Actions, append a short Markdown summary of the job to the step summary."""
     env = os.environ if env is None else env  # type: ignore[assignment]

@@ -127,6 +127,9 @@ def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
                 print(f"Warning: {exc}; the shards' states are the job store's", file=sys.stderr)
         if shards:
             data["shards"] = shards
+        deliveries = store.deliveries(job.id)
+        if deliveries:
+            data["webhooks"] = deliveries
         if json_output:
             typer.echo(json.dumps(data, default=str))
             return
@@ -141,6 +144,10 @@ def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
         if _output(job):
             typer.echo(f"{'output':<14} {_output(job)}")
         typer.echo(f"{'spec':<14} {json.dumps(job.spec)}")
+        for d in deliveries:  # what became of each webhook (synapse_cli.notify)
+            status = f" HTTP {d['http_status']}" if d["http_status"] is not None else ""
+            detail = f": {d['detail']}" if d["detail"] and d["outcome"] != "delivered" else ""
+            typer.echo(f"{'webhook':<14} {d['event']} {d['outcome']}{status} after {d['attempts']} attempt(s) to {d['target']}{detail}")
 
 
 def _shard_progress(state: dict[str, Any]) -> str:

@@ -1,0 +1,351 @@
+"""Signed webhooks: a job's own events POSTed to a URL from where the job runs (Standard Webhooks 1.0).
+
+``notify_events(events, target, job_id, kind)`` passes a job's events through unchanged while a
+sender thread POSTs them to ``target.url``:
+
+- ``started``; ``progress``, coalesced to at most one every ``progress_interval_s`` (the newest
+  wins) and best-effort (one try); ``finished`` with the result and the outputs the job wrote;
+  ``error``; ``cancelled``. Each body is ``{"type", "timestamp", "job_id", "kind", "data"}``,
+  ``data`` being the event's own fields (``docs/webhooks.md``).
+- Every request is signed: ``webhook-id`` (one id per message, the same on each retry, so a
+  receiver can drop duplicates), ``webhook-timestamp`` (Unix seconds) and ``webhook-signature``
+  ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">`` with the ``whsec_`` secret.
+- A terminal event (``finished``, ``error``, ``cancelled``) is retried with backoff for
+  ``retry_for_s``: any answer but a 2xx is a failure (a redirect too: it is not followed), a
+  ``Retry-After`` is waited for, a ``410 Gone`` stops delivery for good.
+- A webhook never fails the job: what the receiver does is recorded (``on_delivery``, which the
+  job store keeps for ``synapse jobs show``) and at worst warned about. When the stream ends, the
+  caller waits for the terminal delivery (bounded by ``retry_for_s``), so a process that exits
+  right after its job still gets its last word out.
+
+The secret comes from ``SYNAPSE_NOTIFY_SECRET`` only (a ``secret`` setting: never in the file,
+a spec, an event, a log line, the job store or the cache). ``Target`` keeps it out of its repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import hashlib
+import hmac
+import json
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
+
+from synapse_cli.errors import UsageError
+from synapse_cli.events import Artifact, Event, Failed, Finished, Progress, Started, failed, to_dict
+
+log = logging.getLogger("synapse.notify")
+
+SECRET_PREFIX = "whsec_"
+TERMINAL = ("finished", "error", "cancelled")
+ATTEMPT_TIMEOUT_S = 10.0  # one POST, connection and answer
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 15.0
+MAX_ARTIFACTS = 1000  # outputs listed in a finished body
+
+
+def secret_key(secret: str) -> bytes:
+    """The signing key of a ``whsec_<base64>`` secret (UsageError naming the setting, never the value)."""
+    raw = secret[len(SECRET_PREFIX):] if secret.startswith(SECRET_PREFIX) else secret
+    try:
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) < 16:
+        raise UsageError(
+            "SYNAPSE_NOTIFY_SECRET is not a webhook secret: expected whsec_ and at least 16 bytes in base64 "
+            "(make one with: python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\")"
+        )
+    return key
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value: ``v1,`` and the base64 HMAC-SHA256 of ``id.timestamp.body``."""
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signed_headers(key: bytes, msg_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
+    timestamp = int(now if now is not None else time.time())
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(key, msg_id, timestamp, body),
+    }
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a job's webhooks go, and how hard to try. ``secret`` never appears in a repr."""
+
+    url: str
+    secret: str = field(repr=False)
+    progress_interval_s: float = 5.0
+    retry_for_s: float = 60.0
+    allow_http: bool = False
+
+    def __post_init__(self) -> None:
+        secret_key(self.secret)
+
+    @property
+    def key(self) -> bytes:
+        return secret_key(self.secret)
+
+    @classmethod
+    def from_settings(cls, settings: Any, url: str | None = None, local: bool = False) -> "Target | None":
+        """The target ``url`` (else ``[notify] url``) names, or None. ``local``: the job runs on this
+        machine, where plain ``http://`` is allowed (a receiver here or on the LAN during development)."""
+        url = url or settings["notify.url"]
+        if not url:
+            return None
+        secret = settings["notify.secret"]
+        if not secret:
+            raise UsageError("--notify needs a signing secret: set SYNAPSE_NOTIFY_SECRET (whsec_…, see docs/webhooks.md)")
+        target = cls(url, secret, settings["notify.progress_interval_s"], settings["notify.retry_for_s"],
+                     allow_http=local or settings["notify.allow_http"])
+        target.check()
+        return target
+
+    def check(self) -> None:
+        """The URL's form: ``https://`` (or ``http://`` where allowed) with a host. Where it may
+        connect is the transport's business (``synapse_cli.netguard`` on a server or in a container)."""
+        from urllib.parse import urlsplit
+
+        from synapse_cli.netguard import redact
+
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise UsageError(f"--notify {redact(self.url)} is not a valid URL") from None
+        allowed = ("https", "http") if self.allow_http else ("https",)
+        if parts.scheme not in allowed or not parts.hostname:
+            extra = "" if self.allow_http else " (plain http:// only on the local backend, or with [notify] allow_http)"
+            raise UsageError(f"--notify {redact(self.url)}: expected an https:// URL{extra}")
+
+
+@dataclass
+class Delivery:
+    """What became of one message: ``delivered``, ``failed`` (gave up), ``gone`` (410) or ``dropped`` (superseded)."""
+
+    event: str
+    webhook_id: str
+    outcome: str
+    attempts: int
+    http_status: int | None = None
+    detail: str | None = None
+    at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Notifier:
+    """The sender: a queue of messages and one thread that POSTs them in order.
+
+    ``client``: an ``httpx.Client`` (a ``netguard.Guard`` client on a server or in a container);
+    by default a plain one that follows no redirects. ``on_delivery(Delivery)`` is called from the
+    sender thread for every message's outcome. ``sleep`` and ``first_backoff_s`` are seams for tests."""
+
+    def __init__(self, target: Target, job_id: str, kind: str, client: Any = None,
+                 on_delivery: Callable[[Delivery], None] | None = None, warn: Callable[[str], None] | None = None,
+                 first_backoff_s: float = FIRST_BACKOFF_S) -> None:
+        import httpx
+
+        from synapse_cli.netguard import redact
+
+        self.target = target
+        self.job_id = job_id
+        self.kind = kind
+        self._key = target.key
+        self._own_client = client is None
+        self._client = client or httpx.Client(follow_redirects=False, trust_env=False, timeout=ATTEMPT_TIMEOUT_S)
+        self._on_delivery = on_delivery
+        self._warn = warn or log.warning
+        self._first_backoff_s = first_backoff_s
+        self._where = redact(target.url)
+        self._queue: deque[tuple[str, dict[str, Any]]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._seq = 0
+        self._last_progress = float("-inf")
+        self._gone = False
+        self.deliveries: list[Delivery] = []
+        self._thread = threading.Thread(target=self._run, name=f"synapse-notify-{job_id[:8]}", daemon=True)
+        self._thread.start()
+
+    # -- the job's side ----------------------------------------------------------------
+
+    def send(self, type_: str, data: dict[str, Any]) -> None:
+        """Queue one message. A progress message replaces one still queued, and is dropped within
+        ``progress_interval_s`` of the last one sent (the next one carries newer numbers anyway)."""
+        with self._cond:
+            if self._closing or self._gone:
+                return
+            if type_ == "progress":
+                if time.monotonic() - self._last_progress < self.target.progress_interval_s:
+                    return
+                if self._queue and self._queue[-1][0] == "progress":
+                    self._queue.pop()
+                self._last_progress = time.monotonic()
+            self._queue.append((type_, data))
+            self._cond.notify_all()
+
+    def close(self, wait: bool = True) -> None:
+        """No more messages: wait (bounded by ``retry_for_s`` and one attempt) until the queue is sent."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if wait:
+            self._thread.join(timeout=self.target.retry_for_s + ATTEMPT_TIMEOUT_S + 5)
+        if self._own_client:
+            try:
+                self._client.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    # -- the sender thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                type_, data = self._queue.popleft()
+            try:
+                self._deliver(type_, data)
+            except Exception as exc:  # noqa: BLE001 - a webhook never fails the job
+                self._warn(f"webhook to {self._where}: {type(exc).__name__}: {exc}")
+
+    def _deliver(self, type_: str, data: dict[str, Any]) -> None:
+        if self._gone:
+            return
+        self._seq += 1
+        msg_id = f"msg_{self.job_id}_{self._seq}"
+        terminal = type_ in TERMINAL
+        now = time.time()
+        payload = {"type": type_, "timestamp": _iso(now), "job_id": self.job_id, "kind": self.kind, "data": data}
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+        deadline = time.monotonic() + (self.target.retry_for_s if terminal else 0.0)
+        attempts, status, detail, backoff = 0, None, None, self._first_backoff_s
+        outcome = "failed"
+        while True:
+            attempts += 1
+            wait: float | None = None
+            try:
+                timeout = ATTEMPT_TIMEOUT_S if not terminal else max(1.0, min(ATTEMPT_TIMEOUT_S, deadline - time.monotonic()))
+                response = self._client.post(self.target.url, content=body, headers=signed_headers(self._key, msg_id, body), timeout=timeout)
+                status = response.status_code
+                response.close()
+                if 200 <= status < 300:
+                    outcome, detail = "delivered", None
+                    break
+                if status == 410:
+                    outcome, detail = "gone", "410 Gone: no more deliveries for this job"
+                    self._gone = True
+                    break
+                detail = f"HTTP {status}" + (" (a redirect: not followed)" if 300 <= status < 400 else "")
+                wait = _retry_after(response.headers.get("retry-after"))
+            except Exception as exc:  # noqa: BLE001 - refused by the guard, unreachable, timed out: a failed attempt
+                status, detail = None, f"{type(exc).__name__}: {exc}"
+                if type(exc).__name__ == "RefusedURL":
+                    break  # the address will not become allowed by waiting
+            if not terminal:
+                break
+            left = deadline - time.monotonic()
+            if wait is not None and wait > left:  # honoured: not sooner than asked, so not at all
+                detail = f"{detail}; Retry-After {wait:g} s is past the retry budget"
+                break
+            if left < 0.05:
+                break
+            # the last attempt comes at the deadline rather than never
+            time.sleep(min(left, wait if wait is not None else backoff * (0.8 + 0.4 * random.random())))
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+        delivery = Delivery(type_, msg_id, outcome, attempts, status, detail, time.time())
+        self.deliveries.append(delivery)
+        if outcome != "delivered" and terminal:
+            self._warn(f"webhook {type_} to {self._where}: {outcome} after {attempts} attempt(s): {detail}")
+        if self._on_delivery is not None:
+            try:
+                self._on_delivery(delivery)
+            except Exception as exc:  # noqa: BLE001 - recording is best-effort too
+                log.debug("recording a delivery failed: %s", exc)
+
+
+def _data(event: Event) -> dict[str, Any]:
+    data = to_dict(event)
+    data.pop("type", None)
+    return data
+
+
+def notify_events(events: Iterator[Event], target: Target, job_id: str, kind: str, client: Any = None,
+                  on_delivery: Callable[[Delivery], None] | None = None, warn: Callable[[str], None] | None = None,
+                  notifier: Notifier | None = None) -> Iterator[Event]:
+    """Pass ``events`` through unchanged, POSTing the job's own events to ``target`` on the way.
+
+    The terminal message follows from how the stream ends: ``finished`` (with the outputs the job
+    wrote), then ``error`` if the job still failed after it; ``error`` for a failure; ``cancelled``
+    for Ctrl-C, a cancel or a reader that stopped before the result. Before returning (or raising),
+    waits for the terminal delivery, bounded by ``target.retry_for_s``."""
+    sender = notifier or Notifier(target, job_id, kind, client=client, on_delivery=on_delivery, warn=warn)
+    artifacts: list[dict[str, Any]] = []
+    finished = ended = False
+    try:
+        for event in events:
+            if isinstance(event, Started):
+                sender.send("started", _data(event))
+            elif isinstance(event, Progress):
+                sender.send("progress", _data(event))
+            elif isinstance(event, Artifact):
+                if len(artifacts) < MAX_ARTIFACTS:
+                    artifacts.append({"path": event.path, "bytes": event.bytes})
+            elif isinstance(event, Finished):
+                finished = True
+                sender.send("finished", {**_data(event), "artifacts": artifacts})
+            elif isinstance(event, Failed):  # an event stream that carries its failure as data
+                ended = True
+                sender.send("cancelled" if event.code == 130 else "error", _data(event))
+            yield event
+        if not finished and not ended:
+            sender.send("error", {"code": 1, "message": "the job ended without a result", "error": "JobError"})
+    except GeneratorExit:
+        if not finished:
+            sender.send("cancelled", _data(failed(KeyboardInterrupt())))
+        raise
+    except BaseException as exc:
+        ev = failed(exc)
+        sender.send("cancelled" if ev.code == 130 else "error", _data(ev))
+        raise
+    finally:
+        sender.close()

@@ -309,6 +309,49 @@ def _data(event: Event) -> dict[str, Any]:
     return data
 
 
+class Feed:
+    """A job's events in, webhook messages out: what ``notify_events`` does for a stream, for callers
+    that see the events one at a time (the server, after translating them for the client).
+
+    ``feed`` each event; ``fail(exc)`` when the job raised, ``cancel()`` when it was stopped before
+    its result, ``close()`` when it is over (it waits for the terminal delivery unless ``wait=False``)."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.artifacts: list[dict[str, Any]] = []
+        self.finished = False
+        self.ended = False  # an error or a cancel was sent
+
+    def feed(self, event: Event) -> None:
+        if isinstance(event, Started):
+            self.notifier.send("started", _data(event))
+        elif isinstance(event, Progress):
+            self.notifier.send("progress", _data(event))
+        elif isinstance(event, Artifact):
+            if len(self.artifacts) < MAX_ARTIFACTS:
+                self.artifacts.append({"path": event.path, "bytes": event.bytes})
+        elif isinstance(event, Finished):
+            self.finished = True
+            self.notifier.send("finished", {**_data(event), "artifacts": list(self.artifacts)})
+        elif isinstance(event, Failed):  # a stream that carries its failure as data (the server's)
+            if not self.ended:
+                self.ended = True
+                self.notifier.send("cancelled" if event.code == 130 else "error", _data(event))
+
+    def fail(self, exc: BaseException) -> None:
+        self.feed(failed(exc))
+
+    def cancel(self) -> None:
+        """Stopped before the result (the reader went away): ``cancelled``; after it, nothing to add."""
+        if not self.finished:
+            self.feed(failed(KeyboardInterrupt()))
+
+    def close(self, wait: bool = True) -> None:
+        if not self.finished and not self.ended:
+            self.feed(Failed(1, "the job ended without a result", "JobError"))
+        self.notifier.close(wait)
+
+
 def notify_events(events: Iterator[Event], target: Target, job_id: str, kind: str, client: Any = None,
                   on_delivery: Callable[[Delivery], None] | None = None, warn: Callable[[str], None] | None = None,
                   notifier: Notifier | None = None) -> Iterator[Event]:
@@ -318,34 +361,16 @@ def notify_events(events: Iterator[Event], target: Target, job_id: str, kind: st
     wrote), then ``error`` if the job still failed after it; ``error`` for a failure; ``cancelled``
     for Ctrl-C, a cancel or a reader that stopped before the result. Before returning (or raising),
     waits for the terminal delivery, bounded by ``target.retry_for_s``."""
-    sender = notifier or Notifier(target, job_id, kind, client=client, on_delivery=on_delivery, warn=warn)
-    artifacts: list[dict[str, Any]] = []
-    finished = ended = False
+    feed = Feed(notifier or Notifier(target, job_id, kind, client=client, on_delivery=on_delivery, warn=warn))
     try:
         for event in events:
-            if isinstance(event, Started):
-                sender.send("started", _data(event))
-            elif isinstance(event, Progress):
-                sender.send("progress", _data(event))
-            elif isinstance(event, Artifact):
-                if len(artifacts) < MAX_ARTIFACTS:
-                    artifacts.append({"path": event.path, "bytes": event.bytes})
-            elif isinstance(event, Finished):
-                finished = True
-                sender.send("finished", {**_data(event), "artifacts": artifacts})
-            elif isinstance(event, Failed):  # an event stream that carries its failure as data
-                ended = True
-                sender.send("cancelled" if event.code == 130 else "error", _data(event))
+            feed.feed(event)
             yield event
-        if not finished and not ended:
-            sender.send("error", {"code": 1, "message": "the job ended without a result", "error": "JobError"})
     except GeneratorExit:
-        if not finished:
-            sender.send("cancelled", _data(failed(KeyboardInterrupt())))
+        feed.cancel()
         raise
     except BaseException as exc:
-        ev = failed(exc)
-        sender.send("cancelled" if ev.code == 130 else "error", _data(ev))
+        feed.fail(exc)
         raise
     finally:
-        sender.close()
+        feed.close()

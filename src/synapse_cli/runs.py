@@ -263,6 +263,30 @@ class DeliveryLog:
         self._store = None
 
 
+def with_webhooks(events: Iterator[Event], target: Any, job_id: str, kind: str, db_path: Path | None,
+                  client: Any = None, warn: Callable[[str], None] | None = None) -> Iterator[Event]:
+    """``events`` with the job's webhooks sent on the way (``notify.notify_events``), each delivery's
+    outcome kept in the job store at ``db_path``; just ``events`` when ``target`` is None.
+
+    ``warn``: where a terminal delivery that failed is said (by default one stderr line)."""
+    if target is None:
+        return events
+    from synapse_cli.notify import notify_events
+
+    def stderr(message: str) -> None:
+        print(f"Warning: {message}", file=sys.stderr, flush=True)
+
+    def run() -> Iterator[Event]:
+        deliveries = DeliveryLog(db_path, job_id, target.url) if db_path is not None else None
+        try:
+            yield from notify_events(events, target, job_id, kind, client=client, on_delivery=deliveries, warn=warn or stderr)
+        finally:
+            if deliveries is not None:
+                deliveries.close()
+
+    return run()
+
+
 def step_summary(job: Job, env: dict[str, str] | None = None) -> None:
     """In GitHub Actions, append a short Markdown summary of the job to the step summary."""
     env = os.environ if env is None else env  # type: ignore[assignment]

@@ -230,8 +230,9 @@ def worker(job_id: JOB_ID) -> None:
     from synapse_cli.cli._run import backend_for
     from synapse_cli.config import load_settings
     from synapse_cli.jobs import spec_from_dict
+    from synapse_cli.notify import Target
+    from synapse_cli.runs import record, step_summary, with_webhooks
     from synapse_cli.store import JobStore
-    from synapse_cli.runs import record, step_summary
 
     with exit_on_error():
         store = JobStore(os.environ["SYNAPSE_JOBS_DB"]) if os.environ.get("SYNAPSE_JOBS_DB") else JobStore.from_settings(load_settings({}))
@@ -239,12 +240,18 @@ def worker(job_id: JOB_ID) -> None:
         settings = load_settings(job.flags or {})
         spec = spec_from_dict(job.kind, job.spec)
         backend = backend_for(settings, local_only=job.backend == "local")
+        try:
+            target = Target.from_settings(settings, local=backend.name == "local")  # [notify] url / --notify: sent from here
+        except SynapseError as exc:  # the client checked it; a changed environment can still refuse it
+            store.finish(job.id, "failed", error_code=exc.exit_code, error_message=str(exc))
+            raise
         if not store.start(job.id):  # cancelled, or reaped, before this worker got to it
             print(f"job {job.id} is already {store.get(job.id).status}: not running it", file=sys.stderr)
             return
         from synapse_cli.shards import job_events
 
         with sigterm_as_interrupt():
-            for _ in record(store, job, lambda: job_events(job.kind, spec, backend, settings), on_end=step_summary):  # an error starting it fails the row
+            events = record(store, job, lambda: job_events(job.kind, spec, backend, settings), on_end=step_summary)  # an error starting it fails the row
+            for _ in with_webhooks(events, target, job.id, job.kind, store.path):  # the terminal delivery is waited for
                 pass
         print(f"job {job.id} done", file=sys.stderr)

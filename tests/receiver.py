@@ -42,6 +42,7 @@ class Receiver:
     def __init__(self, default: Reply | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.default = default or Reply()
         self.script: deque[Reply] = deque()
+        self.rule: Any = None  # (Request) -> Reply | None: asked before the script
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._got = threading.Condition(self._lock)
@@ -57,8 +58,11 @@ class Receiver:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 with receiver._lock:
-                    receiver.requests.append(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time()))
-                    reply = receiver.script.popleft() if receiver.script else receiver.default
+                    request = Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time())
+                    receiver.requests.append(request)
+                    reply = receiver.rule(request) if receiver.rule is not None else None
+                    if reply is None:
+                        reply = receiver.script.popleft() if receiver.script else receiver.default
                     receiver._got.notify_all()
                 if reply.delay_s:
                     time.sleep(reply.delay_s)

@@ -178,7 +178,7 @@ class Notifier:
 
     def __init__(self, target: Target, job_id: str, kind: str, client: Any = None,
                  on_delivery: Callable[[Delivery], None] | None = None, warn: Callable[[str], None] | None = None,
-                 first_backoff_s: float = FIRST_BACKOFF_S) -> None:
+                 first_backoff_s: float = FIRST_BACKOFF_S, close_client: bool | None = None) -> None:
         import httpx
 
         from synapse_cli.netguard import redact
@@ -187,7 +187,7 @@ class Notifier:
         self.job_id = job_id
         self.kind = kind
         self._key = target.key
-        self._own_client = client is None
+        self._own_client = client is None if close_client is None else close_client  # closed by the sender thread when it ends
         self._client = client or httpx.Client(follow_redirects=False, trust_env=False, timeout=ATTEMPT_TIMEOUT_S)
         self._on_delivery = on_delivery
         self._warn = warn or log.warning
@@ -221,32 +221,46 @@ class Notifier:
             self._cond.notify_all()
 
     def close(self, wait: bool = True) -> None:
-        """No more messages: wait (bounded by ``retry_for_s`` and one attempt) until the queue is sent."""
+        """No more messages: wait (bounded by ``retry_for_s`` and one attempt) until the queue is sent.
+        ``wait=False``: return at once; the sender goes on with what is queued, then ends."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if wait:
-            self._thread.join(timeout=self.target.retry_for_s + ATTEMPT_TIMEOUT_S + 5)
-        if self._own_client:
-            try:
-                self._client.close()
-            except Exception:  # noqa: BLE001
-                pass
+            self.join()
+
+    @property
+    def alive(self) -> bool:
+        """The sender is still at work (retrying, or waiting for more messages)."""
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the sender to end (at most ``timeout``, else its own bound); True when it has."""
+        bound = self.target.retry_for_s + ATTEMPT_TIMEOUT_S + 5
+        self._thread.join(timeout=bound if timeout is None else min(timeout, bound))
+        return not self._thread.is_alive()
 
     # -- the sender thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                type_, data = self._queue.popleft()
-            try:
-                self._deliver(type_, data)
-            except Exception as exc:  # noqa: BLE001 - a webhook never fails the job
-                self._warn(f"webhook to {self._where}: {type(exc).__name__}: {exc}")
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._closing:
+                        self._cond.wait()
+                    if not self._queue:
+                        return
+                    type_, data = self._queue.popleft()
+                try:
+                    self._deliver(type_, data)
+                except Exception as exc:  # noqa: BLE001 - a webhook never fails the job
+                    self._warn(f"webhook to {self._where}: {type(exc).__name__}: {exc}")
+        finally:
+            if self._own_client:
+                try:
+                    self._client.close()
+                except Exception:  # noqa: BLE001
+                    pass
 
     def _deliver(self, type_: str, data: dict[str, Any]) -> None:
         if self._gone:
@@ -316,8 +330,9 @@ class Feed:
     ``feed`` each event; ``fail(exc)`` when the job raised, ``cancel()`` when it was stopped before
     its result, ``close()`` when it is over (it waits for the terminal delivery unless ``wait=False``)."""
 
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(self, notifier: Notifier, url_base: str | None = None) -> None:
         self.notifier = notifier
+        self.url_base = url_base.rstrip("/") if url_base else None  # the server's own URL: artifact paths become URLs
         self.artifacts: list[dict[str, Any]] = []
         self.finished = False
         self.ended = False  # an error or a cancel was sent
@@ -329,7 +344,11 @@ class Feed:
             self.notifier.send("progress", _data(event))
         elif isinstance(event, Artifact):
             if len(self.artifacts) < MAX_ARTIFACTS:
-                self.artifacts.append({"path": event.path, "bytes": event.bytes})
+                path = event.path
+                if self.url_base and path.startswith("/v1/"):
+                    self.artifacts.append({"url": self.url_base + path, "bytes": event.bytes})
+                else:
+                    self.artifacts.append({"path": path, "bytes": event.bytes})
         elif isinstance(event, Finished):
             self.finished = True
             self.notifier.send("finished", {**_data(event), "artifacts": list(self.artifacts)})

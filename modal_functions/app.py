@@ -79,14 +79,15 @@ def _image(kind: JobKind) -> modal.Image:
 _common: dict[str, Any] = dict(timeout=CONFIG["timeout_s"], volumes={MOUNT: volume}, secrets=secrets)
 
 
-def _stream(kind: str, spec: dict[str, Any], announce: bool = True) -> Iterator[dict[str, Any]]:
+def _stream(kind: str, spec: dict[str, Any], announce: bool = True, notify: dict[str, Any] | None = None,
+            job_id: str | None = None) -> Iterator[dict[str, Any]]:
     call_id = modal.current_function_call_id()
     if announce and call_id:
         # remote_gen gives the caller no handle on the call: say which call this is, so that
         # Ctrl-C on the client can cancel it (the client consumes this item, renderers never see it)
         yield {"type": CALL_EVENT, "function_call_id": call_id}
     try:
-        yield from container_stream(kind, spec)
+        yield from container_stream(kind, spec, notify, job_id)
     finally:
         if not modal.is_local():
             volume.commit()  # outputs become visible to the client's read_file
@@ -99,8 +100,11 @@ _retries = modal.Retries(
 )
 
 
-def _detached(kind: str, spec: dict[str, Any], job_id: str) -> dict[str, Any]:
+def _detached(kind: str, spec: dict[str, Any], job_id: str, notify: dict[str, Any] | None = None) -> dict[str, Any]:
     """Consume a job generator inside the container and publish its events to a Dict (generators cannot be spawned).
+
+    ``notify``: the job's webhook target (``synapse_cli.notify.Target.for_call``, its secret with it):
+    sent from here, so the job tells its receiver with no client waiting.
 
     Returns the last event as a dict: ``finished``, or ``error`` for a deterministic failure.
     Anything else raises, and Modal retries it.
@@ -109,7 +113,7 @@ def _detached(kind: str, spec: dict[str, Any], job_id: str) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     last_publish = 0.0
     try:
-        for event in _stream(kind, spec, announce=False):
+        for event in _stream(kind, spec, announce=False, notify=notify, job_id=job_id):
             events.append(event)
             now = time.monotonic()
             if event["type"] != "progress" or now - last_publish > 0.5:
@@ -137,8 +141,8 @@ def _define(kind: JobKind) -> tuple[Any, Any]:
     def streaming(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _stream(name, spec)
 
-    def detached(spec: dict[str, Any], job_id: str) -> dict[str, Any]:
-        return _detached(name, spec, job_id)
+    def detached(spec: dict[str, Any], job_id: str, notify: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _detached(name, spec, job_id, notify)
 
     stream_fn = app.function(name=name, **options)(_global(streaming, name, f"The {name} job, streaming its events."))
     detached_fn = app.function(name=f"{name}_detached", retries=_retries, **options)(

@@ -115,6 +115,18 @@ class Target:
         target.check()
         return target
 
+    def for_call(self, allow_hosts: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+        """What a remote call needs to send the webhooks where it runs (a Modal container): this target,
+        its secret included, and the hosts the container's URL guard admits. A call argument, never
+        part of the spec (which the job store and the cache keep)."""
+        return {"url": self.url, "secret": self.secret, "progress_interval_s": self.progress_interval_s,
+                "retry_for_s": self.retry_for_s, "allow_http": self.allow_http, "allow_hosts": list(allow_hosts)}
+
+    @classmethod
+    def from_call(cls, data: dict[str, Any]) -> "Target":
+        return cls(str(data["url"]), str(data["secret"]), float(data.get("progress_interval_s", 5.0)), float(data.get("retry_for_s", 60.0)),
+                   allow_http=bool(data.get("allow_http")))
+
     def check(self) -> None:
         """The URL's form: ``https://`` (or ``http://`` where allowed) with a host. Where it may
         connect is the transport's business (``synapse_cli.netguard`` on a server or in a container)."""

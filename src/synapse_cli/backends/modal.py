@@ -428,9 +428,12 @@ class ModalBackend(Backend):
         if self.config.get("mode") == "ephemeral":
             raise UsageError("--detach needs a deployed app ([modal] mode = \"deployed\"): an ephemeral app ends with this process")
 
-    def spawn(self, kind: str, spec: Any, job_id: str, parts: list[Any] | None = None, split_in: Path | None = None) -> dict[str, Any]:
+    def spawn(self, kind: str, spec: Any, job_id: str, parts: list[Any] | None = None, split_in: Path | None = None,
+              notify: dict[str, Any] | None = None) -> dict[str, Any]:
         """Start ``kind`` on Modal and return at once: one call, or one per shard spec in ``parts``.
-        Returns the record for the job store. If a call cannot be started, none runs on."""
+        Returns the record for the job store. If a call cannot be started, none runs on.
+
+        ``notify`` (one call only): the webhook target the container sends the job's events to."""
         self._check_detach()
         deadline = self._deadline()
         started = time.time()
@@ -447,7 +450,8 @@ class ModalBackend(Backend):
             try:
                 if not parts:
                     files = _Files(self._volume, job_id)
-                    calls.append(fn.spawn(self.stage(kind, spec, files), job_id).object_id)
+                    extra = [notify] if notify else []  # an app deployed before webhooks takes two arguments: given only when used
+                    calls.append(fn.spawn(self.stage(kind, spec, files), job_id, *extra).object_id)
                     return {
                         "call_id": calls[0],
                         "local_of": {k: str(v) for k, v in files.local_of.items()},
@@ -483,13 +487,28 @@ class ModalBackend(Backend):
             from synapse_cli.shards import split_detached
 
             parts, split_in = split_detached(kind, spec, self, self.settings)
-        remote = self.spawn(kind, spec, job.id, parts if len(parts) > 1 else None, split_in)
+        notify = self._notify(len(parts))
+        remote = self.spawn(kind, spec, job.id, parts if len(parts) > 1 else None, split_in, notify)
         try:
             store.set_remote(job.id, remote, gpu=self.gpu_for(kind))
             store.start(job.id, pid=None)
         except BaseException:  # the row will say "could not start": its calls must not run on unseen
             self._abandon(job.id, _call_ids(remote), [s["key"] for s in remote.get("shards", [])])
             raise
+
+    def _notify(self, calls: int) -> dict[str, Any] | None:
+        """The webhook target a detached call sends to from its container ([notify] url, --notify), or None."""
+        if self.settings is None:
+            return None
+        from synapse_cli.notify import Target
+
+        target = Target.from_settings(self.settings)  # https:// (or [notify] allow_http), signed with SYNAPSE_NOTIFY_SECRET
+        if target is None:
+            return None
+        if calls > 1:
+            raise UsageError("--notify with --detach --shards on Modal is not supported yet: the shards are merged where "
+                             "`synapse jobs wait` runs, so no container has the finished result to send; run it attached, or unsharded")
+        return target.for_call(self.settings["serve.allow_hosts"])
 
     def follow(self, job: Any, store: Any) -> Iterator[Event]:
         from synapse_cli.runs import record

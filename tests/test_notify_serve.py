@@ -128,3 +128,19 @@ def test_a_dead_receiver_leaves_the_server_job_completed_and_says_so(tmp_path):
     assert rec["status"] == "completed"
     final = rec["webhooks"][-1]
     assert final["outcome"] == "failed" and final["attempts"] >= 2 and "ConnectError" in final["detail"]
+
+
+SMALL = ["--set", "output_width=90", "--set", "output_height=160"]
+
+
+def test_the_cli_through_an_endpoint_has_the_server_notify(cli, db, tiny, tmp_path):
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook")}  # no secret here: the server signs
+        run = cli("export", tiny, "-o", tmp_path / "remote.mp4", "--json", *SMALL, "--endpoint", ep.url, env=env)
+        assert run.exit_code == 0, run.stderr
+        wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=30)
+        bodies = hooks(r)
+        assert bodies[0]["type"] == "started" and bodies[-1]["data"]["result"]["output"] == str(tmp_path / "remote.mp4")
+        refused = cli("export", tiny, "-o", tmp_path / "r2.mp4", *SMALL, "--endpoint", ep.url, "--no-cache",
+                      env={**env, "SYNAPSE_NOTIFY_URL": f"http://127.0.0.1:{r.port}/hook"})
+        assert refused.exit_code == 2 and "bad notify" in refused.stderr and "loopback" in refused.stderr

@@ -1,9 +1,9 @@
 """The Python API: the CLI's jobs, called from code.
 
-Every function goes through the CLI's own pipeline (``synapse_cli.cli._run``): the same
+Every function goes through the pipeline the CLI uses (``synapse_cli.pipeline``): the same
 settings resolution (keyword > ``SYNAPSE_*`` env > ``.synapse.toml`` > default), the same
-spec building and validation (the command's own code, called through ``capture_requests``),
-the same backends, job store and result cache. Nothing is rendered: you get the events.
+spec building and validation (each kind's own builder), the same backends, job store and
+result cache. Nothing is rendered: you get the events.
 
 - ``stream(kind, ...)`` / ``export(...)``, ``compile(...)``, ``infer(...)``, ``sample(...)``:
   a ``JobStream`` of the typed events (``Started``, ``Progress``, ``Log``, ``Artifact``,
@@ -18,19 +18,16 @@ the same backends, job store and result cache. Nothing is rendered: you get the 
 
 Options are the command's own parameters, by their Python names (``synapse export --job
 framing -o out.mp4`` is ``export("clip.mp4", job="framing", output="out.mp4")``), plus the
-common ones: ``use_modal``, ``overwrite``, ``config``, ``profile``, ``endpoint``, ``api_key``,
-``cache``; ``params={...}`` for a command that takes ``--set KEY=VALUE``; and
+common ones (``RunOptions``): ``use_modal``, ``overwrite``, ``config``, ``profile``, ``endpoint``,
+``api_key``, ``cache``, ``shards`` (``submit`` is ``--detach``); ``params={...}`` for export's ``--set KEY=VALUE``; and
 ``settings={"ffmpeg.preset": "veryfast"}`` (or nested TOML-style tables) for any config key.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import json
 import os
 import threading
-import typing
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping, Union
 
@@ -58,100 +55,20 @@ __all__ = [
     "submit",
 ]
 
-# The options every job takes besides its command's own (see cli/_options.py ``Common``).
-_COMMON_OPTIONS = ("use_modal", "overwrite", "config", "profile", "endpoint", "api_key", "cache")
-
-
-# -- building a job request with the command's own code ------------------------------------
-
-
-def _base_type(annotation: Any) -> Any:
-    """``Annotated[Optional[Path], ...]`` -> ``Path``."""
-    if typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    if typing.get_origin(annotation) is Union:
-        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(rest) == 1:
-            annotation = rest[0]
-    return annotation
-
-
-def _convert(name: str, value: Any, annotation: Any) -> Any:
-    """A Python value into what the command's parameter takes (typer would have parsed a string)."""
-    if value is None:
-        return None
-    base = _base_type(annotation)
-    if base is Path and isinstance(value, (str, os.PathLike)):
-        return Path(value)
-    if typing.get_origin(base) is list:
-        items = [value] if isinstance(value, (str, os.PathLike)) else list(value)
-        return [os.fspath(v) if isinstance(v, os.PathLike) else v for v in items]
-    if base is str:
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        if isinstance(value, (list, tuple)):  # e.g. engine=["llguidance", "outlines"], court=[x1, y1, ...]
-            return ",".join(str(v) for v in value)
-    return value
-
-
-def _command(kind: str) -> Any:
-    from synapse_cli.jobs import _load, get_kind
-
-    try:
-        record = get_kind(kind)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if not record.command:
-        raise UsageError(f"job kind {kind!r} declares no command, so the API cannot build its spec")
-    return inspect.unwrap(_load(record.command))  # the body: the command's own parameters plus ``common``
-
-
 def _flat_settings(values: Mapping[str, Any] | None) -> dict[str, Any]:
     from synapse_cli.config import _flatten
 
     return {k: v for k, v in _flatten(dict(values or {})).items() if v is not None}
 
 
-def _request(kind: str, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
-    """The ``JobRequest`` the CLI command would make for these arguments."""
-    from synapse_cli.cli._options import Common
-    from synapse_cli.cli._run import capture_requests
+def _plan(kind: str, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+    """The pipeline's plan for these arguments: the same call ``synapse <kind>`` makes."""
+    from synapse_cli import pipeline
 
-    func = _command(kind)
     options = dict(options)
-    overrides = _flat_settings(options.pop("settings", None))
-    common_given = {name: options.pop(name) for name in _COMMON_OPTIONS if name in options}
-    common = Common(
-        use_modal=common_given.get("use_modal"),
-        overwrite=bool(common_given.get("overwrite", False)),
-        config=Path(common_given["config"]) if common_given.get("config") is not None else None,
-        profile=common_given.get("profile"),
-        endpoint=common_given.get("endpoint"),
-        api_key=common_given.get("api_key"),
-        cache=bool(common_given.get("cache", True)),
-    )
-    signature = inspect.signature(func)
-    params = {n: p for n, p in signature.parameters.items() if n != "common"}
-    if "params" in options and "params" not in params and "sets" in params:  # params={...}: each key as --set KEY=VALUE
-        given = options.pop("params")
-        if isinstance(given, Mapping):
-            options["sets"] = [*options.get("sets", []), *(f"{k}={json.dumps(v)}" for k, v in given.items())]
-        elif given is not None:
-            options["params_file"] = given
-    try:
-        bound = signature.replace(parameters=list(params.values())).bind(*args, **options)
-    except TypeError as exc:
-        accepted = ", ".join([*params, *_COMMON_OPTIONS, "settings"])
-        raise UsageError(f"{kind}: {exc} (accepted: {accepted})") from None
-    hints = typing.get_type_hints(func, include_extras=True)
-    call = {name: _convert(name, value, hints.get(name)) for name, value in bound.arguments.items()}
-    with capture_requests() as requests:
-        func(**call, common=common)
-    if len(requests) != 1:
-        raise UsageError(f"the {kind} command did not ask for one job")
-    request = requests[0]
-    request.flags = {**overrides, **{k: v for k, v in request.flags.items() if v is not None}}
-    return request
+    flags = _flat_settings(options.pop("settings", None))
+    common = pipeline.RunOptions.take(options)
+    return pipeline.plan(kind, common, *args, flags=flags, **options)
 
 
 # -- streams ---------------------------------------------------------------------------------
@@ -166,7 +83,7 @@ class JobStream(Iterator[Event]):
     """
 
     def __init__(self, plan: Any) -> None:
-        from synapse_cli.cli._run import job_events
+        from synapse_cli.pipeline import job_events
 
         self._plan = plan
         self._events: Iterator[Event] | None = job_events(plan)
@@ -220,9 +137,7 @@ class JobStream(Iterator[Event]):
 
 def stream(kind: str, /, *args: Any, **options: Any) -> JobStream:
     """Start job ``kind`` and return its events. Settings and spec are checked here: a bad option raises now."""
-    from synapse_cli.cli._run import plan_job
-
-    return JobStream(plan_job(_request(kind, args, options)))
+    return JobStream(_plan(kind, args, options))
 
 
 def export(input: PathLike, /, **options: Any) -> JobStream:
@@ -299,7 +214,7 @@ class Job:
     def events(self) -> Iterator[Event]:
         """Its events from the start, then live until it ends (as ``synapse jobs wait``); a failure raises its error.
         Closing this iterator stops following; it does not cancel the job (``cancel()`` does)."""
-        from synapse_cli.cli._run import runner_for
+        from synapse_cli.pipeline import runner_for
         from synapse_cli.runs import store_events
         from synapse_cli.store import ACTIVE
 
@@ -327,7 +242,7 @@ class Job:
 
     def cancel(self) -> bool:
         """Cancel it (a local worker is stopped with its ffmpeg; a Modal call is cancelled). False if it had already ended."""
-        from synapse_cli.cli._run import runner_for
+        from synapse_cli.pipeline import runner_for
         from synapse_cli.store import ACTIVE
 
         store = self._store()
@@ -350,9 +265,9 @@ def submit(kind: str, /, *args: Any, **options: Any) -> Job:
 
     ``job = submit("infer", "match.mp4", task="track")``; then ``job.wait()``, ``job.cancel()``, ``job.events()``.
     """
-    from synapse_cli.cli._run import plan_job, start_detached
+    from synapse_cli.pipeline import start_detached
 
-    plan = plan_job(_request(kind, args, options))
+    plan = _plan(kind, args, options)
     try:
         row = start_detached(plan)
         return Job(row.id, _resolved=plan.settings)
@@ -439,11 +354,10 @@ async def run_async(kind: str, /, *args: Any, **options: Any) -> dict[str, Any]:
 
 
 def _settings_object(config: PathLike | None, profile: str | None, values: Mapping[str, Any] | None, **common: Any) -> Any:
-    from synapse_cli.cli._options import Common
-    from synapse_cli.cli._run import settings_for
+    from synapse_cli.pipeline import RunOptions, settings_for
 
-    c = Common(config=Path(config) if config is not None else None, profile=profile, **common)
-    return settings_for(c, _flat_settings(values))
+    options = RunOptions(config=Path(config) if config is not None else None, profile=profile, **common)
+    return settings_for(options, _flat_settings(values))
 
 
 def settings(

@@ -38,6 +38,14 @@ class JobKind:
 
     - ``spec``/``run``: ``"module:attr"`` of the spec dataclass (with ``INPUTS``, ``OUTPUTS``,
       ``HOST_FIELDS``, ``INSTALLED`` class attributes) and of the generator.
+    - ``build``: ``"module:attr"`` of the spec builder, ``build(settings, *positional, overwrite,
+      cache, **options) -> spec``: the one place a kind's options become a validated spec, called
+      by its CLI command, by the Python API and by anything else that runs the kind from options
+      (``synapse_cli.pipeline``). Its positional-or-keyword parameters after ``settings`` are the
+      API's positional arguments (``export("clip.mp4", ...)``). None: the kind runs from specs only.
+    - ``options``: the kind's options that are settings, option name -> setting key
+      (``{"task": "infer.task"}``): given, they rank as flags (flag > env > file > default) and
+      the builder reads them from ``settings``.
     - ``command``: ``"module:attr"`` of the CLI command (a function declaring the kind's own
       options and a ``common`` parameter), or None for a kind reached only through a backend.
     - ``settings``: the kind's ``[<name>]`` section of the config, key -> ``config.Setting``.
@@ -59,6 +67,8 @@ class JobKind:
     name: str
     spec: str
     run: str
+    build: str | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
     command: str | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     remote: bool = True
@@ -76,7 +86,7 @@ class JobKind:
         return self.split is not None and self.merge is not None
 
     def hook(self, name: str) -> Callable[..., Any]:
-        """The ``split``, ``merge``, ``size`` or ``beside`` function, loaded on first use."""
+        """The ``build``, ``split``, ``merge``, ``size`` or ``beside`` function, loaded on first use."""
         ref = getattr(self, name)
         if ref is None:
             raise ValueError(f"job kind {self.name!r} has no {name} hook")

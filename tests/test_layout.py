@@ -121,3 +121,23 @@ KNOWN_CYCLES = [{"synapse_cli.server.app", "synapse_cli.server.detached"}]
 
 def test_no_new_import_cycle():
     assert [c for c in cycles(import_graph()) if c not in KNOWN_CYCLES] == []
+
+
+def test_what_a_backend_can_do_is_declared_not_probed():
+    """Every backend states its ``Capabilities``; the pipeline and the shard runner read them, never
+    ``getattr`` probes of a backend or identity checks against the base class (STYLE.md)."""
+    import re
+
+    from synapse_cli.backends.base import Backend, Capabilities
+    from synapse_cli.backends.http import HttpBackend
+    from synapse_cli.backends.local import LocalBackend
+    from synapse_cli.backends.modal import ModalBackend
+
+    assert LocalBackend.capabilities == Capabilities(detach=True, shards="local", detach_shards=True)
+    assert HttpBackend.capabilities.shards == "server"
+    modal = ModalBackend({"max_retries": 2})
+    assert (modal.capabilities.shards, modal.capabilities.scales_out, modal.capabilities.shard_retries) == ("remote", True, 2)
+    assert Backend.capabilities == Capabilities()
+    for path in (ROOT / "synapse_cli" / "shards.py", *(ROOT / "synapse_cli" / "pipeline").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"getattr\(backend|is Backend\.|run_shard = None", text), path

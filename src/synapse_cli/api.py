@@ -36,24 +36,9 @@ from synapse_cli.events import Event, Finished
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = [
-    "Job",
-    "JobStream",
-    "compile",
-    "compile_async",
-    "export",
-    "export_async",
-    "infer",
-    "infer_async",
-    "run",
-    "run_async",
-    "sample",
-    "sample_async",
-    "settings",
-    "stream",
-    "stream_async",
-    "submit",
-]
+# and, made from the kinds' records on first use (``__getattr__`` below): ``export``, ``compile``,
+# ``infer``, ``sample`` and their ``*_async`` twins, and the same for any kind a plugin adds
+__all__ = ["Job", "JobStream", "run", "run_async", "settings", "stream", "stream_async", "submit"]
 
 def _flat_settings(values: Mapping[str, Any] | None) -> dict[str, Any]:
     from synapse_cli.config import _flatten
@@ -139,25 +124,6 @@ def stream(kind: str, /, *args: Any, **options: Any) -> JobStream:
     """Start job ``kind`` and return its events. Settings and spec are checked here: a bad option raises now."""
     return JobStream(_plan(kind, args, options))
 
-
-def export(input: PathLike, /, **options: Any) -> JobStream:
-    """``synapse export``: ``export("clip.mp4", job="framing", params={...}, output="reel.mp4", use_modal=True)``."""
-    return stream("export", input, **options)
-
-
-def compile(inputs: Union[PathLike, list[PathLike]], /, **options: Any) -> JobStream:  # noqa: A001 (synapse.compile)
-    """``synapse compile``: ``compile(["schemas/"], output_dir="out", engine="llguidance,outlines", check="cases.jsonl")``."""
-    return stream("compile", inputs, **options)
-
-
-def infer(source: PathLike, /, **options: Any) -> JobStream:
-    """``synapse infer``: ``infer("match.mp4", task="track", output="match.json", annotated="match.tracked.mp4")``."""
-    return stream("infer", source, **options)
-
-
-def sample(output: PathLike = "sample.mp4", /, **options: Any) -> JobStream:
-    """``synapse sample``: ``sample("demo.mp4", seconds=2, size="640x360")``."""
-    return stream("sample", output, **options)
 
 
 def _drain(events: Iterator[Event]) -> dict[str, Any]:
@@ -324,22 +290,6 @@ async def stream_async(kind: str, /, *args: Any, **options: Any) -> AsyncIterato
         await asyncio.shield(asyncio.to_thread(worker.join))
 
 
-def export_async(input: PathLike, /, **options: Any) -> AsyncIterator[Event]:
-    """``async for event in export_async("clip.mp4", job="framing")``."""
-    return stream_async("export", input, **options)
-
-
-def compile_async(inputs: Union[PathLike, list[PathLike]], /, **options: Any) -> AsyncIterator[Event]:
-    return stream_async("compile", inputs, **options)
-
-
-def infer_async(source: PathLike, /, **options: Any) -> AsyncIterator[Event]:
-    return stream_async("infer", source, **options)
-
-
-def sample_async(output: PathLike = "sample.mp4", /, **options: Any) -> AsyncIterator[Event]:
-    return stream_async("sample", output, **options)
-
 
 async def run_async(kind: str, /, *args: Any, **options: Any) -> dict[str, Any]:
     """``run`` for asyncio: ``result = await run_async("compile", ["schemas/"], output_dir="out")``."""
@@ -348,6 +298,56 @@ async def run_async(kind: str, /, *args: Any, **options: Any) -> dict[str, Any]:
         if isinstance(event, Finished):
             result = event.result
     return result
+
+
+# -- one shortcut per kind, made from its record --------------------------------------------------
+
+
+def _shortcut(kind: str, asynchronous: bool) -> Any:
+    """``export(input, **options)`` for kind ``export`` (``export_async`` with ``asynchronous``):
+    ``stream(kind, ...)``/``stream_async(kind, ...)`` under the kind's name, with its builder's
+    parameters and docstring, so ``help(synapse.export)`` says what it takes."""
+    import inspect
+
+    from synapse_cli.pipeline import RunOptions
+    from synapse_cli.pipeline.plan import get_record
+
+    record = get_record(kind)
+    target = stream_async if asynchronous else stream
+
+    def shortcut(*args: Any, **options: Any) -> Any:
+        return target(kind, *args, **options)
+
+    name = f"{kind}_async" if asynchronous else kind
+    shortcut.__name__ = shortcut.__qualname__ = name
+    shortcut.__module__ = __name__
+    if record.build:
+        builder = record.hook("build")
+        params = [p for n, p in inspect.signature(builder).parameters.items() if n not in ("settings", "overwrite", "cache")]
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        params += [inspect.Parameter(n, keyword, default=None) for n in record.options]
+        params += [inspect.Parameter(n, keyword, default=d) for n, d, o in RunOptions.options() if o.api]
+        params.append(inspect.Parameter("settings", keyword, default=None))
+        shortcut.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        shortcut.__doc__ = f"``synapse {kind}`` from Python: {'an async iterator of' if asynchronous else 'a JobStream of'} its events. {builder.__doc__ or ''}".strip()
+    return shortcut
+
+
+def shortcut_kind(name: str) -> str | None:
+    """The kind that ``name`` is a shortcut of (``export``, ``export_async``), if one is registered."""
+    from synapse_cli.jobs import JOBS
+
+    kind = name[: -len("_async")] if name.endswith("_async") else name
+    return kind if kind in JOBS and JOBS[kind].build else None
+
+
+def __getattr__(name: str) -> Any:
+    kind = shortcut_kind(name)
+    if kind is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = _shortcut(kind, name.endswith("_async"))
+    globals()[name] = value
+    return value
 
 
 # -- settings --------------------------------------------------------------------------------

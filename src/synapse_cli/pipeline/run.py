@@ -53,15 +53,15 @@ def job_events(plan: Plan) -> Iterator[Event]:
 
 def start_detached(plan: Plan, env: dict[str, str] | None = None) -> Any:
     """Start the job where it survives this process (a local worker, a spawned Modal call); return its store row."""
-    from synapse_cli.backends.base import Backend
     from synapse_cli.config import env_name, registry
     from synapse_cli.result_cache import cache_key
 
     options, backend, kind, spec = plan.options, plan.backend, plan.kind, plan.spec
     flags = {**options.flags(), **plan.flags}
-    if type(backend).detach is Backend.detach:  # refused before a row exists
+    can = backend.capabilities
+    if not can.detach:  # refused before a row exists
         raise UsageError(f"--detach is not supported with the {backend.name} backend")
-    if flags.get("shards.count") not in (None, "auto", "1", 1) and not backend.detaches_shards:
+    if flags.get("shards.count") not in (None, "auto", "1", 1) and not can.detach_shards:
         raise UsageError(f"--detach with --shards runs on the local backend; the {backend.name} backend detaches one call")
     given = {k: v for k, v in flags.items() if v is not None}
     key = cache_key(kind, spec) if options.cache else None  # an identical later job reuses this one's result

@@ -24,6 +24,9 @@ def build_spec(
     overwrite: bool = False,
     cache: bool = True,
 ) -> Any:
+    """Compile INPUTS (JSON Schema files, constraint sets, .jsonl files or directories) into each engine's
+    artefact; ``check``: labelled instances to verify every artefact against. ``output_dir`` and
+    ``engine`` (a list, or ``"a,b"``) are settings (``compile.output_dir``, ``compile.engines``)."""
     from synapse_cli.jobs.compile.job import CompileSpec
 
     engines = settings["compile.engines"]

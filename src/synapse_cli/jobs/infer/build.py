@@ -33,6 +33,9 @@ def build_spec(
     overwrite: bool = False,
     cache: bool = True,
 ) -> Any:
+    """YOLO detect/pose/track on SOURCE (a video, an image or a folder of images) into per-frame JSON
+    (``output``), optionally an ``annotated`` video. ``task``, ``model``, ``imgsz``, ``conf``,
+    ``batch`` and ``half`` are settings (``infer.*``); ``court`` is eight numbers or ``"x1,y1,..."``."""
     from synapse_cli.jobs.infer.court import parse_corners
     from synapse_cli.jobs.infer.job import InferSpec, check_spec, default_output
 

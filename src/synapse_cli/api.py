@@ -31,7 +31,6 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping, Union
 
-from synapse_cli.errors import UsageError
 from synapse_cli.events import Event, Finished
 
 PathLike = Union[str, "os.PathLike[str]"]

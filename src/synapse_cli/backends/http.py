@@ -322,7 +322,8 @@ class HttpBackend(Backend):
                 yield event
         except BackendError as exc:
             if result is None and isinstance(exc.__cause__, _ArtifactGone):  # it can never complete here: not `processing` for ever
-                _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=str(exc)))
+                message = str(exc)
+                _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=message))
             raise
         finally:
             local.close()  # an early close removes what was downloaded so far

@@ -11,6 +11,7 @@ KIND = JobKind(
     name="export",
     spec="synapse_cli.jobs.export.job:ExportSpec",
     run="synapse_cli.jobs.export.job:export_video",
+    build="synapse_cli.jobs.export.build:build_spec",
     command="synapse_cli.cli.export:export",
     settings={
         "default_job": Setting("framing", choice("framing", "overlay", "annotate"), "job used when --job is not given"),

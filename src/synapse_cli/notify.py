@@ -37,6 +37,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Generator
 from typing import Any, Callable, Iterator
 
 from synapse_cli.errors import UsageError
@@ -398,6 +399,8 @@ def notify_events(events: Iterator[Event], target: Target, job_id: str, kind: st
             feed.feed(event)
             yield event
     except GeneratorExit:
+        if isinstance(events, Generator):
+            events.close()  # the job stops first (its cleanup runs, its record says how it ended), then it is told
         feed.cancel()
         raise
     except BaseException as exc:

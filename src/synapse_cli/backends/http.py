@@ -138,7 +138,7 @@ class HttpBackend(Backend):
 
     name = "http"
     # the server shards a job itself (run_sharded), detached too (?detach=true&shards=N)
-    capabilities = Capabilities(detach=True, shards="server", detach_shards=True)
+    capabilities = Capabilities(detach=True, shards="server", detach_shards=True, notifies=True)
 
     def __init__(
         self,

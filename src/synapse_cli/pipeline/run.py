@@ -20,7 +20,7 @@ def job_events(plan: Plan) -> Iterator[Event]:
     and removes partial outputs, and the store marks it cancelled. Any error, before the
     job starts (a bad input found by the backend) or after, ends its row ``failed``.
     """
-    from synapse_cli.runs import record, step_summary
+    from synapse_cli.runs import record, step_summary, with_webhooks
     from synapse_cli.store import ACTIVE
 
     kind, spec, store = plan.kind, plan.spec, plan.store
@@ -46,7 +46,8 @@ def job_events(plan: Plan) -> Iterator[Event]:
         return run_events(kind, spec, plan.backend, plan.settings)  # may raise before its first event (--shards auto probes)
 
     try:
-        yield from record(store, job, start, on_end=step_summary)
+        # the webhooks see what the store saw, the terminal delivery waited for (bounded by [notify] retry_for_s)
+        yield from with_webhooks(record(store, job, start, on_end=step_summary), plan.notify, job.id, kind, store.path)
     finally:
         store.release(job.id)
 

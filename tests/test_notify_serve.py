@@ -141,6 +141,9 @@ def test_the_cli_through_an_endpoint_has_the_server_notify(cli, db, tiny, tmp_pa
         wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=30)
         bodies = hooks(r)
         assert bodies[0]["type"] == "started" and bodies[-1]["data"]["result"]["output"] == str(tmp_path / "remote.mp4")
-        refused = cli("export", tiny, "-o", tmp_path / "r2.mp4", *SMALL, "--endpoint", ep.url, "--no-cache",
+        again = cli("export", tiny, "-o", tmp_path / "again.mp4", *SMALL, "--endpoint", ep.url, env=env)  # identical: not reused,
+        assert again.exit_code == 0, again.stderr  # since only the server can send its webhooks
+        wait_for(lambda: [b["type"] for b in hooks(r)].count("finished") == 2, timeout=30)
+        refused = cli("export", tiny, "-o", tmp_path / "r2.mp4", *SMALL, "--endpoint", ep.url,
                       env={**env, "SYNAPSE_NOTIFY_URL": f"http://127.0.0.1:{r.port}/hook"})
         assert refused.exit_code == 2 and "bad notify" in refused.stderr and "loopback" in refused.stderr

@@ -25,7 +25,9 @@ def job_events(plan: Plan) -> Iterator[Event]:
 
     kind, spec, store = plan.kind, plan.spec, plan.store
     key = None
-    if plan.options.cache:  # (--no-cache: nothing to hash, and the cache's code stays unloaded)
+    # a backend that sends the webhooks where it runs (an endpoint) must run the job to send them: no reuse then
+    notified_elsewhere = bool(plan.settings["notify.url"]) and plan.backend.capabilities.notifies
+    if plan.options.cache and not notified_elsewhere:  # (--no-cache: nothing to hash, and the cache's code stays unloaded)
         from synapse_cli.result_cache import cache_key
 
         key = cache_key(kind, spec)

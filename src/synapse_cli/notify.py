@@ -192,8 +192,6 @@ class Notifier:
     def __init__(self, target: Target, job_id: str, kind: str, client: Any = None,
                  on_delivery: Callable[[Delivery], None] | None = None, warn: Callable[[str], None] | None = None,
                  first_backoff_s: float = FIRST_BACKOFF_S, close_client: bool | None = None) -> None:
-        import httpx
-
         from synapse_cli.netguard import redact
 
         self.target = target
@@ -201,7 +199,7 @@ class Notifier:
         self.kind = kind
         self._key = target.key
         self._own_client = client is None if close_client is None else close_client  # closed by the sender thread when it ends
-        self._client = client or httpx.Client(follow_redirects=False, trust_env=False, timeout=ATTEMPT_TIMEOUT_S)
+        self._client = client  # by default made by the sender thread: httpx's import and TLS setup overlap the job
         self._on_delivery = on_delivery
         self._warn = warn or log.warning
         self._first_backoff_s = first_backoff_s
@@ -255,8 +253,17 @@ class Notifier:
 
     # -- the sender thread -------------------------------------------------------------------
 
+    def _default_client(self) -> Any:
+        import httpx
+
+        # a plain http:// target never uses TLS (and no redirect is followed to an https:// one): skip loading the CA bundle
+        verify: Any = True if not self.target.url.startswith("http://") else httpx.create_ssl_context(verify=False)
+        return httpx.Client(follow_redirects=False, trust_env=False, timeout=ATTEMPT_TIMEOUT_S, verify=verify)
+
     def _run(self) -> None:
         try:
+            if self._client is None:
+                self._client = self._default_client()
             while True:
                 with self._cond:
                     while not self._queue and not self._closing:
@@ -269,7 +276,7 @@ class Notifier:
                 except Exception as exc:  # noqa: BLE001 - a webhook never fails the job
                     self._warn(f"webhook to {self._where}: {type(exc).__name__}: {exc}")
         finally:
-            if self._own_client:
+            if self._own_client and self._client is not None:
                 try:
                     self._client.close()
                 except Exception:  # noqa: BLE001

@@ -147,3 +147,18 @@ def test_the_cli_through_an_endpoint_has_the_server_notify(cli, db, tiny, tmp_pa
         refused = cli("export", tiny, "-o", tmp_path / "r2.mp4", *SMALL, "--endpoint", ep.url,
                       env={**env, "SYNAPSE_NOTIFY_URL": f"http://127.0.0.1:{r.port}/hook"})
         assert refused.exit_code == 2 and "bad notify" in refused.stderr and "loopback" in refused.stderr
+
+
+def test_cancelled_jobs_say_so_queued_or_running(tmp_path):
+    long = {"output": "long.mp4", "seconds": 300, "width": 1280, "height": 720}
+    with Receiver() as r, serve_app(tmp_path / "srv", max_concurrent_jobs=1, **HOOKS) as ep:
+        hook = r.url_for("localhost", "/hook")
+        running = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**long, "notify": hook}, headers=AUTH).json()["id"]
+        queued = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "notify": hook}, headers=AUTH).json()["id"]
+        wait_for(lambda: any(b["job_id"] == running and b["type"] == "started" for b in hooks(r)), timeout=30)
+        assert httpx.delete(f"{ep.url}/v1/jobs/{queued}", headers=AUTH).json()["status"] == "cancelled"
+        assert httpx.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
+        wait_for(lambda: {b["job_id"] for b in hooks(r) if b["type"] == "cancelled"} == {running, queued}, timeout=30)
+        by_job = {j: [b["type"] for b in hooks(r) if b["job_id"] == j] for j in (running, queued)}
+    assert by_job[queued] == ["cancelled"]  # it never started
+    assert by_job[running][0] == "started" and by_job[running][-1] == "cancelled" and "finished" not in by_job[running]

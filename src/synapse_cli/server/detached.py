@@ -460,6 +460,7 @@ class DetachedJobs:
                 self.queue.remove(queued)
         if queued is not None:
             self.record(job_id, [cancelled_event(job_id)])
+            self._tell(queued, cancelled_event(job_id))
             remove_tree(queued.dir)
             self._forget(job_id)
             return "cancelled"
@@ -481,9 +482,20 @@ class DetachedJobs:
             queued = list(self.queue)
             self.queue.clear()
         for run in queued:
-            self.record(run.job_id, [Failed(3, f"{reason}; the job had not started (nothing was saved)", "BackendError")])
+            event = Failed(3, f"{reason}; the job had not started (nothing was saved)", "BackendError")
+            self.record(run.job_id, [event])
+            self._tell(run, event)
             remove_tree(run.dir)
             self._forget(run.job_id)
+
+    def _tell(self, run: runner.JobRun, event: Failed) -> None:
+        """A job that ends before it started still sends its last event to its webhook, if it has one."""
+        from synapse_cli.server import webhooks
+
+        feed = webhooks.start(self.opts, run, self.store.path)
+        if feed is not None:
+            feed.feed(event)
+            feed.close(wait=False)
 
     # -- following -------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ CONFIG: dict[str, Any] = _settings.section("modal")
 MOUNT = DEFAULT_MOUNT
 PROGRESS_DICT = "synapse-progress"
 CALL_EVENT = "_call"  # keep in sync with synapse_cli.backends.modal
+WEBHOOKS_SUFFIX = "/webhooks"  # a detached job's webhook deliveries, under its Dict key plus this (synapse_cli.backends.modal)
 
 app = modal.App(CONFIG["app_name"])
 volume = modal.Volume.from_name(CONFIG["volume"], create_if_missing=True, environment_name=CONFIG["environment"])
@@ -80,14 +81,14 @@ _common: dict[str, Any] = dict(timeout=CONFIG["timeout_s"], volumes={MOUNT: volu
 
 
 def _stream(kind: str, spec: dict[str, Any], announce: bool = True, notify: dict[str, Any] | None = None,
-            job_id: str | None = None) -> Iterator[dict[str, Any]]:
+            job_id: str | None = None, on_delivery: Any = None) -> Iterator[dict[str, Any]]:
     call_id = modal.current_function_call_id()
     if announce and call_id:
         # remote_gen gives the caller no handle on the call: say which call this is, so that
         # Ctrl-C on the client can cancel it (the client consumes this item, renderers never see it)
         yield {"type": CALL_EVENT, "function_call_id": call_id}
     try:
-        yield from container_stream(kind, spec, notify, job_id)
+        yield from container_stream(kind, spec, notify, job_id, on_delivery)
     finally:
         if not modal.is_local():
             volume.commit()  # outputs become visible to the client's read_file
@@ -111,9 +112,14 @@ def _detached(kind: str, spec: dict[str, Any], job_id: str, notify: dict[str, An
     """
     progress = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True, environment_name=CONFIG["environment"])
     events: list[dict[str, Any]] = []
+    deliveries: list[dict[str, Any]] = []  # what became of each webhook: `synapse jobs wait` keeps them for `jobs show`
+
+    def delivered(delivery: Any) -> None:
+        deliveries.append(delivery.to_dict())
+
     last_publish = 0.0
     try:
-        for event in _stream(kind, spec, announce=False, notify=notify, job_id=job_id):
+        for event in _stream(kind, spec, announce=False, notify=notify, job_id=job_id, on_delivery=delivered):
             events.append(event)
             now = time.monotonic()
             if event["type"] != "progress" or now - last_publish > 0.5:
@@ -121,6 +127,8 @@ def _detached(kind: str, spec: dict[str, Any], job_id: str, notify: dict[str, An
                 last_publish = now
     except SynapseError as exc:  # deterministic: report, don't retry
         events.append(to_dict(failed(exc)))
+    if deliveries:  # before the last events: a client that sees the call end finds them
+        progress[f"{job_id}{WEBHOOKS_SUFFIX}"] = deliveries
     progress[job_id] = events
     return events[-1] if events else to_dict(failed(SynapseError("job produced no events")))
 

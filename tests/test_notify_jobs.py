@@ -67,7 +67,14 @@ def test_a_detached_modal_job_notifies_from_its_container_with_the_client_gone(c
     assert [b["type"] for b in bodies][0] == "started" and bodies[-1]["type"] == "finished"
     assert {b["job_id"] for b in bodies} == {job_id}
     assert bodies[-1]["data"]["result"]["output"].startswith("vol:")  # where the output is: on the Volume until jobs wait fetches it
-    assert SECRET[6:] not in db.read_bytes().decode("latin-1")
+    waited = cli("jobs", "wait", job_id, "--json")  # later, a client: the container's deliveries come with the job
+    assert waited.exit_code == 0, waited.stderr
+    shown = json.loads(cli("jobs", "show", job_id, "--json").stdout)
+    assert [(w["event"], w["outcome"]) for w in shown["webhooks"]][-1] == ("finished", "delivered")
+    assert shown["webhooks"][-1]["target"] == r.url_for("localhost", "/hook")
+    for f in db.parent.rglob("*"):
+        if f.is_file():
+            assert SECRET[6:].encode() not in f.read_bytes(), f
 
 
 def test_a_detached_modal_job_refuses_a_loopback_target_in_its_container(cli, db, deployed, tiny, tmp_path):
@@ -79,6 +86,8 @@ def test_a_detached_modal_job_refuses_a_loopback_target_in_its_container(cli, db
         waited = cli("jobs", "wait", job_id, "--json")
         assert waited.exit_code == 0, waited.stderr  # the job completes: a refused webhook never fails it
         assert r.requests == []  # 127.0.0.1 from a container: refused by the guard
+    final = json.loads(cli("jobs", "show", job_id, "--json").stdout)["webhooks"][-1]
+    assert (final["event"], final["outcome"], final["attempts"]) == ("finished", "failed", 1) and "loopback" in final["detail"]
 
 
 def test_notify_with_detached_modal_shards_is_refused_in_one_line(cli, db, deployed, long_clip, tmp_path):

@@ -268,6 +268,27 @@ class _Files:
 # -- the backend ------------------------------------------------------------------------
 
 
+WEBHOOKS_SUFFIX = "/webhooks"  # keep in sync with modal_functions.app
+
+
+def _redact(url: str) -> str:
+    from synapse_cli.netguard import redact  # (httpx's import, only for a job with webhooks)
+
+    return redact(url)
+
+
+def _with_deliveries(events: Iterator[Event], store: Any, job_id: str, deliveries: list[dict[str, Any]], target: str | None) -> Iterator[Event]:
+    """``events``, then the webhook deliveries its container published, kept in the job store (``jobs show``)."""
+    try:
+        yield from events
+    finally:
+        for delivery in deliveries:
+            try:
+                store.add_delivery(job_id, delivery, target)
+            except Exception:  # noqa: BLE001 - recording is best-effort
+                break
+
+
 class ModalBackend(Backend):
     """Runs jobs on Modal through ``Function.remote_gen()``.
 
@@ -460,6 +481,7 @@ class ModalBackend(Backend):
                     calls.append(fn.spawn(self.stage(kind, spec, files), job_id, *extra).object_id)
                     return {
                         "call_id": calls[0],
+                        **({"notify_target": _redact(notify["url"])} if notify else {}),
                         "local_of": {k: str(v) for k, v in files.local_of.items()},
                         "output_dirs": {k: str(v) for k, v in files.output_dirs.items()},
                         "overwrite": overwrite,
@@ -526,7 +548,9 @@ class ModalBackend(Backend):
             files = _Files(None, job.id)
             files.local_of = {k: Path(v) for k, v in remote["local_of"].items()}
             files.output_dirs = {k: Path(v) for k, v in remote["output_dirs"].items()}
-            events = self.follow_call(job.kind, job.id, remote["call_id"], files, bool(remote.get("overwrite")))
+            deliveries: list[dict[str, Any]] = []
+            events = self.follow_call(job.kind, job.id, remote["call_id"], files, bool(remote.get("overwrite")), deliveries=deliveries)
+            return _with_deliveries(record(store, job, events), store, job.id, deliveries, remote.get("notify_target"))
         return record(store, job, events)
 
     def cancel(self, job: Any, store: Any) -> None:
@@ -561,11 +585,13 @@ class ModalBackend(Backend):
                 self._forget(job_id, [s["key"] for s in shards])
 
     def follow_call(
-        self, kind: str, key: str, call_id: str, files: _Files, overwrite: bool, stop: threading.Event | None = None, poll_s: float = 0.5
+        self, kind: str, key: str, call_id: str, files: _Files, overwrite: bool, stop: threading.Event | None = None, poll_s: float = 0.5,
+        deliveries: list[dict[str, Any]] | None = None,
     ) -> Iterator[Event]:
         """The events a detached call publishes under Dict ``key``, as they come; outputs are downloaded
         on the way (``files`` maps them) and committed on ``finished``. ``stop`` (set from any thread)
-        ends the stream within ``poll_s``, before its ``finished``."""
+        ends the stream within ``poll_s``, before its ``finished``. ``deliveries``: filled, once the
+        call has ended, with what became of its webhooks (published by the container)."""
         require_credentials(self._env)
         deadline = self._deadline()
         with self._errors():
@@ -593,6 +619,8 @@ class ModalBackend(Backend):
                         continue
                     items = progress.get(key) or []
                     if len(items) <= seen:
+                        if deliveries is not None:
+                            deliveries.extend(progress.get(key + WEBHOOKS_SUFFIX) or [])
                         if not (finished and last.get("type") == "finished"):
                             yield from_dict(last)
                         return

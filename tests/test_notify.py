@@ -45,12 +45,19 @@ def job(*extra) -> list:
             Finished(result={"output": "/out/reel.mp4"}, elapsed_s=1.5)]
 
 
+def paced(events: list, gap_s: float = 0.3) -> Iterator:
+    """``events`` as a job yields them: a little apart (the sender gets to each before the next)."""
+    for event in events:
+        yield event
+        time.sleep(gap_s)
+
+
 def test_every_delivery_is_signed_and_carries_the_jobs_events():
     with Receiver() as r:
-        passed, notifier = run(job(Log("hello")), target(r.url + "/hook"))
+        passed, notifier = run(paced(job(Log("hello"))), target(r.url + "/hook"))
         assert [type(e).__name__ for e in passed] == ["Started", "Progress", "Progress", "Artifact", "Log", "Finished"]  # unchanged
         bodies = verified(r)
-    assert [b["type"] for b in bodies] == ["started", "progress", "finished"]  # the second progress is within 5 s of the first
+    assert [b["type"] for b in bodies] == ["started", "progress", "finished"]  # the second progress was due 5 s after the first: finished came first
     assert {b["job_id"] for b in bodies} == {"jtest"} and {b["kind"] for b in bodies} == {"export"}
     assert bodies[0]["data"] == {"job": "export", "total": 10}
     assert bodies[1]["data"]["done"] == 1
@@ -88,9 +95,30 @@ def test_progress_is_coalesced_to_one_per_interval():
         bodies = verified(r)
     progress = [b for b in bodies if b["type"] == "progress"]
     assert 2 <= len(progress) <= int(elapsed / 0.3) + 1
-    assert progress[0]["data"]["done"] == 1
+    times = [req.at for req, b in zip(r.requests, bodies) if b["type"] == "progress"]
+    assert all(later - earlier >= 0.25 for earlier, later in zip(times, times[1:]))  # one per interval (0.3 s), at most
     done = [p["data"]["done"] for p in progress]
-    assert done == sorted(done)
+    assert done == sorted(done) and len(set(done)) == len(done)
+    assert bodies[-1]["type"] == "finished"
+
+
+def test_the_newest_progress_goes_out_when_its_interval_is_up():
+    """Coalescing keeps the newest progress and sends it once the interval has passed: the numbers
+    before a quiet spell arrive, and no more often than the interval."""
+    def quiet() -> Iterator:
+        yield Started(job="export", total=3)
+        yield Progress(1, 3)
+        yield Progress(2, 3)
+        yield Progress(3, 3)  # all at once: 1 goes out now, 3 (the newest) when the interval is up
+        time.sleep(1.0)  # a quiet spell (an encode's last phase)
+        yield Finished(result={})
+
+    with Receiver() as r:
+        run(quiet(), target(r.url, progress_interval_s=0.4))
+        bodies = verified(r)
+        progress = [req for req, b in zip(r.requests, bodies) if b["type"] == "progress"]
+    assert [b["data"]["done"] for b in bodies if b["type"] == "progress"][-1] == 3
+    assert len(progress) <= 2 and (len(progress) < 2 or progress[1].at - progress[0].at >= 0.35)
     assert bodies[-1]["type"] == "finished"
 
 
@@ -167,14 +195,14 @@ def test_a_dead_receiver_leaves_the_job_completed_and_the_outcome_recorded(tmp_p
     deliveries = DeliveryLog(path, row.id, tgt.url)
     t0 = time.monotonic()
     notifier = Notifier(tgt, row.id, "export", on_delivery=deliveries, first_backoff_s=0.1)
-    passed = list(notify_events(record(store, row, iter(job())), tgt, row.id, "export", notifier=notifier))
+    passed = list(notify_events(record(store, row, paced(job(), 0.1)), tgt, row.id, "export", notifier=notifier))
     elapsed = time.monotonic() - t0
     deliveries.close()
     assert isinstance(passed[-1], Finished)
     assert 1.0 <= elapsed < 4.0  # it waited for the terminal delivery, bounded by retry_for_s
     assert store.get(row.id).status == "completed"
     rows = store.deliveries(row.id)
-    assert [(d["event"], d["outcome"]) for d in rows] == [("started", "failed"), ("progress", "failed"), ("finished", "failed")]
+    assert rows[0]["event"] == "started" and rows[-1]["event"] == "finished" and {d["outcome"] for d in rows} == {"failed"}
     assert rows[-1]["attempts"] > 2 and "ConnectError" in rows[-1]["detail"]
     shown = cli("jobs", "show", row.id)
     assert shown.exit_code == 0, shown.stderr

@@ -208,7 +208,8 @@ class Notifier:
         self._cond = threading.Condition()
         self._closing = False
         self._seq = 0
-        self._last_progress = float("-inf")
+        self._last_progress = float("-inf")  # when the last progress was taken for sending
+        self._progress: dict[str, Any] | None = None  # the newest progress not sent yet
         self._gone = False
         self.deliveries: list[Delivery] = []
         self._thread = threading.Thread(target=self._run, name=f"synapse-notify-{job_id[:8]}", daemon=True)
@@ -217,18 +218,18 @@ class Notifier:
     # -- the job's side ----------------------------------------------------------------
 
     def send(self, type_: str, data: dict[str, Any]) -> None:
-        """Queue one message. A progress message replaces one still queued, and is dropped within
-        ``progress_interval_s`` of the last one sent (the next one carries newer numbers anyway)."""
+        """Queue one message. Progress is coalesced: the newest waits in one slot and goes out once
+        ``progress_interval_s`` has passed since the last progress sent (so the last numbers before
+        a quiet spell do arrive); a terminal message drops a progress still waiting."""
         with self._cond:
             if self._closing or self._gone:
                 return
             if type_ == "progress":
-                if time.monotonic() - self._last_progress < self.target.progress_interval_s:
-                    return
-                if self._queue and self._queue[-1][0] == "progress":
-                    self._queue.pop()
-                self._last_progress = time.monotonic()
-            self._queue.append((type_, data))
+                self._progress = data
+            else:
+                if type_ in TERMINAL:
+                    self._progress = None
+                self._queue.append((type_, data))
             self._cond.notify_all()
 
     def close(self, wait: bool = True) -> None:
@@ -266,11 +267,10 @@ class Notifier:
                 self._client = self._default_client()
             while True:
                 with self._cond:
-                    while not self._queue and not self._closing:
-                        self._cond.wait()
-                    if not self._queue:
+                    item = self._next()
+                    if item is None:
                         return
-                    type_, data = self._queue.popleft()
+                    type_, data = item
                 try:
                     self._deliver(type_, data)
                 except Exception as exc:  # noqa: BLE001 - a webhook never fails the job
@@ -281,6 +281,23 @@ class Notifier:
                     self._client.close()
                 except Exception:  # noqa: BLE001
                     pass
+
+    def _next(self) -> tuple[str, dict[str, Any]] | None:
+        """(Holding the lock) the next message to send, waiting for one; None once closed and sent."""
+        while True:
+            if self._queue:
+                return self._queue.popleft()
+            if self._progress is not None and not self._closing:
+                due = self._last_progress + self.target.progress_interval_s
+                now = time.monotonic()
+                if now >= due:
+                    data, self._progress, self._last_progress = self._progress, None, now
+                    return "progress", data
+                self._cond.wait(due - now)
+                continue
+            if self._closing:
+                return None  # (a progress still waiting when the stream ended: its terminal message says more)
+            self._cond.wait()
 
     def _deliver(self, type_: str, data: dict[str, Any]) -> None:
         if self._gone:

@@ -185,9 +185,13 @@ def serve() -> Any:
 
     # models_dir: the owner's models on the Volume (modal volume put), besides the bundled default;
     # on_job_end: commit after each job, so another container of this function can serve its artifacts
+    # webhooks: signed with SYNAPSE_NOTIFY_SECRET from a Modal secret (as the key); targets through the URL guard
     return create_app(
         work_dir=f"{MOUNT}/serve", api_key=os.environ.get("SYNAPSE_API_KEY") or None, max_upload_mb=_settings["serve.max_upload_mb"],
         models_dir=f"{MOUNT}/models", on_job_end=volume.commit,
+        notify_secret=os.environ.get("SYNAPSE_NOTIFY_SECRET") or None, allow_hosts=tuple(_settings["serve.allow_hosts"]),
+        notify_allow_http=_settings["notify.allow_http"], notify_retry_for_s=_settings["notify.retry_for_s"],
+        notify_progress_interval_s=_settings["notify.progress_interval_s"],
     )  # fmt: skip
 
 

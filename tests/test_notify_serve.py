@@ -162,3 +162,14 @@ def test_cancelled_jobs_say_so_queued_or_running(tmp_path):
         by_job = {j: [b["type"] for b in hooks(r) if b["job_id"] == j] for j in (running, queued)}
     assert by_job[queued] == ["cancelled"]  # it never started
     assert by_job[running][0] == "started" and by_job[running][-1] == "cancelled" and "finished" not in by_job[running]
+
+
+def test_the_servers_webhook_settings_come_from_its_settings():
+    from synapse_cli.config import resolve
+    from synapse_cli.server.app import create_app
+
+    settings = resolve(env={"SYNAPSE_NOTIFY_SECRET": SECRET, "SYNAPSE_SERVE_ALLOW_HOSTS": "hooks.lan, 10.0.0.7",
+                            "SYNAPSE_NOTIFY_RETRY_FOR_S": "9", "SYNAPSE_NOTIFY_ALLOW_HTTP": "true"})
+    opts = create_app(settings, allow_anonymous=True).state.synapse
+    assert (opts.notify_secret, opts.allow_hosts, opts.notify_retry_for_s, opts.notify_allow_http) == (SECRET, ("hooks.lan", "10.0.0.7"), 9.0, True)
+    assert SECRET not in repr(opts)

@@ -173,3 +173,14 @@ def test_the_servers_webhook_settings_come_from_its_settings():
     opts = create_app(settings, allow_anonymous=True).state.synapse
     assert (opts.notify_secret, opts.allow_hosts, opts.notify_retry_for_s, opts.notify_allow_http) == (SECRET, ("hooks.lan", "10.0.0.7"), 9.0, True)
     assert SECRET not in repr(opts)
+
+
+def test_a_detached_job_sent_through_an_endpoint_notifies_from_the_server(cli, db, tiny, tmp_path):
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook")}
+        run = cli("export", tiny, "-o", tmp_path / "det.mp4", *SMALL, "--endpoint", ep.url, "--detach", "--no-cache", env=env)
+        assert run.exit_code == 0, run.stderr  # the client returned: the server tells the receiver
+        wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=60)
+        server_id = hooks(r)[-1]["job_id"]
+        rec = httpx.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json()
+        assert rec["status"] == "completed" and hooks(r)[-1]["data"]["result"]["output"] == str(tmp_path / "det.mp4")

@@ -37,11 +37,6 @@ def parse_params(params_file: Optional[Path], sets: List[str]) -> dict[str, Any]
     return params
 
 
-def default_output(src: Path, suffix: str, output_dir: Optional[str]) -> Path:
-    name = f"{src.stem}.{suffix}"
-    return Path(output_dir) / name if output_dir else src.with_name(name)
-
-
 @with_common()
 def export(
     input: Annotated[Path, typer.Argument(help="Input video.", show_default=False)],
@@ -57,6 +52,7 @@ def export(
     Example: synapse export clip.mp4 --job framing --set 'keyframes=[{"time":0,"x":400,"y":0,"width":405,"height":720}]'
     """
     def build(settings: Settings):
+        from synapse_cli.jobs import settle_names
         from synapse_cli.jobs.export.job import EXPORT_JOBS, ExportSpec, validate_params
 
         kind = job or settings["export.default_job"]
@@ -66,7 +62,8 @@ def export(
         validate_params(kind, params)  # reject bad params before any upload or encode
         if not input.exists():
             raise UsageError(f"input not found: {input}")
-        out = output or default_output(input, f"{kind}.mp4", settings["export.output_dir"])
+        names = {"input": str(input), "job": kind, "output": str(output) if output else None}
+        out = Path(settle_names("export", names, settings["export.output_dir"])["output"])  # default output, name checked
         from synapse_cli.jobs._files import check_output
 
         check_output(out, common.overwrite)

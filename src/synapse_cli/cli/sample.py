@@ -26,6 +26,7 @@ def sample(
     """
 
     def build(settings: Settings):
+        from synapse_cli.jobs import settle_names
         from synapse_cli.jobs._files import check_output
         from synapse_cli.jobs.sample import SampleSpec
 
@@ -37,6 +38,7 @@ def sample(
             raise UsageError(f"--size {size}: width and height must be even and at least 16")
         if not 0 < seconds <= 3600:
             raise UsageError(f"--seconds must be in (0, 3600], got {seconds:g}")
+        settle_names("sample", {"output": str(output)})  # a name no muxer knows: exit 2 before anything runs
         check_output(output, common.overwrite)
         return SampleSpec(output=str(output), seconds=seconds, width=width, height=height, audio=audio, ffmpeg=settings["ffmpeg.path"], overwrite=common.overwrite)
 

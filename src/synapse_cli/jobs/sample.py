@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import ClassVar, Iterator, Optional
 
 from synapse_cli.events import Artifact, Event, Finished, Started
-from synapse_cli.jobs._files import atomic_output, check_output
+from synapse_cli.jobs._files import atomic_output, check_output, check_video_name
 from synapse_cli.jobs import JobKind
 from synapse_cli.jobs._media import find_ffmpeg, run_ffmpeg
 
 # runs in this process only from the CLI (nothing to gain remotely): no Modal functions
-KIND = JobKind(name="sample", spec="synapse_cli.jobs.sample:SampleSpec", run="synapse_cli.jobs.sample:make_sample", command="synapse_cli.cli.sample:sample", remote=False)
+KIND = JobKind(name="sample", spec="synapse_cli.jobs.sample:SampleSpec", run="synapse_cli.jobs.sample:make_sample", command="synapse_cli.cli.sample:sample", remote=False,
+               names="synapse_cli.jobs.sample:sample_names")
+DEFAULT_OUTPUT = "sample.mp4"  # what ``synapse sample`` writes when no name is given
 
 
 @dataclass
@@ -31,6 +33,15 @@ class SampleSpec:
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output",)
     HOST_FIELDS: ClassVar[tuple[str, ...]] = ("ffmpeg",)
     SERVER_CAPS: ClassVar[dict[str, float]] = {"seconds": 600, "width": 3840, "height": 2160, "fps": 60}  # synapse serve refuses more (422)
+
+
+def sample_names(data: dict, output_dir: Optional[str] = None) -> dict:
+    """The sample kind's ``names`` hook: ``output`` defaults to ``sample.mp4`` and must end in a video container's extension."""
+    if data.get("output") is None:
+        data["output"] = DEFAULT_OUTPUT
+    if isinstance(data["output"], str):
+        check_video_name(data["output"], "output")
+    return data
 
 
 def make_sample(spec: SampleSpec) -> Iterator[Event]:

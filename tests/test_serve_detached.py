@@ -697,7 +697,7 @@ def test_a_streamed_export_without_an_output_writes_the_clis_default_name(tmp_pa
 
 
 def test_a_detached_export_without_an_output_names_its_artifact_as_the_cli_would(tmp_path, small_clip):
-    from synapse_cli.jobs.export.job import default_output
+    from synapse_cli.jobs.export.build import default_output
 
     with serve_app(tmp_path / "srv") as ep:
         spec = {"input": "clips/in.mp4", "job": "overlay", "params": {"keyframes": [{"time": 0, "x": 40, "y": 40, "radius_x": 20, "radius_y": 10}]}}

@@ -34,7 +34,7 @@ import httpx
 
 from synapse_cli import __version__
 from synapse_cli.backends._remote import ErrorMap, Outputs, collect_outputs, map_errors, one_line, path_fields, retry_until_first_event
-from synapse_cli.backends.base import Backend
+from synapse_cli.backends.base import Backend, Capabilities
 from synapse_cli.errors import BackendError, UsageError, error_from_wire
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, from_dict
 from synapse_cli.jobs import get_kind, spec_to_dict
@@ -137,8 +137,8 @@ class HttpBackend(Backend):
     """Runs jobs on a synapse endpoint. ``client`` is the seam for tests (``httpx.MockTransport``)."""
 
     name = "http"
-    detaches_shards = True  # ?detach=true&shards=N: the server splits a detached job as it does a streamed one
-    run_shard = None  # type: ignore[assignment]  # the server shards a job itself: see run_sharded
+    # the server shards a job itself (run_sharded), detached too (?detach=true&shards=N)
+    capabilities = Capabilities(detach=True, shards="server", detach_shards=True)
 
     def __init__(
         self,
@@ -322,7 +322,8 @@ class HttpBackend(Backend):
                 yield event
         except BackendError as exc:
             if result is None and isinstance(exc.__cause__, _ArtifactGone):  # it can never complete here: not `processing` for ever
-                _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=str(exc)))
+                message = str(exc)
+                _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=message))
             raise
         finally:
             local.close()  # an early close removes what was downloaded so far

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional, Union
 
 from synapse_cli.events import Artifact, Event, Finished, Started
 from synapse_cli.jobs._files import atomic_output, check_output, check_video_name
@@ -13,8 +14,15 @@ from synapse_cli.jobs import JobKind
 from synapse_cli.jobs._media import find_ffmpeg, run_ffmpeg
 
 # runs in this process only from the CLI (nothing to gain remotely): no Modal functions
-KIND = JobKind(name="sample", spec="synapse_cli.jobs.sample:SampleSpec", run="synapse_cli.jobs.sample:make_sample", command="synapse_cli.cli.sample:sample", remote=False,
-               names="synapse_cli.jobs.sample:sample_names")
+KIND = JobKind(
+    name="sample",
+    spec="synapse_cli.jobs.sample:SampleSpec",
+    run="synapse_cli.jobs.sample:make_sample",
+    build="synapse_cli.jobs.sample:build_spec",
+    command="synapse_cli.cli.sample:sample",
+    remote=False,
+    names="synapse_cli.jobs.sample:sample_names",
+)
 DEFAULT_OUTPUT = "sample.mp4"  # what ``synapse sample`` writes when no name is given
 
 
@@ -42,6 +50,32 @@ def sample_names(data: dict, output_dir: Optional[str] = None) -> dict:
     if isinstance(data["output"], str):
         check_video_name(data["output"], "output")
     return data
+
+
+def build_spec(
+    settings: Any,
+    output: Union[str, "os.PathLike[str]"] = DEFAULT_OUTPUT,
+    *,
+    seconds: float = 10.0,
+    size: str = "1280x720",
+    audio: bool = True,
+    overwrite: bool = False,
+    cache: bool = True,
+) -> SampleSpec:
+    """The options of ``synapse sample`` (or ``sample(...)``) into a ``SampleSpec``."""
+    from synapse_cli.errors import UsageError
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size expects WIDTHxHEIGHT, got {size!r}") from None
+    if width < 16 or height < 16 or width % 2 or height % 2:
+        raise UsageError(f"--size {size}: width and height must be even and at least 16")
+    if not 0 < seconds <= 3600:
+        raise UsageError(f"--seconds must be in (0, 3600], got {seconds:g}")
+    sample_names({"output": os.fspath(output)})  # a name no muxer knows: exit 2 before anything runs
+    check_output(Path(output), overwrite)
+    return SampleSpec(output=os.fspath(output), seconds=seconds, width=width, height=height, audio=audio, ffmpeg=settings["ffmpeg.path"], overwrite=overwrite)
 
 
 def make_sample(spec: SampleSpec) -> Iterator[Event]:

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Option
 
 from synapse_cli.errors import UsageError
 from synapse_cli.events import Artifact, Event, Finished, Log, Started
-from synapse_cli.jobs._files import atomic_output, check_output, check_video_name
+from synapse_cli.jobs._files import atomic_output, check_output
 from synapse_cli.jobs.export._keyframes import interpolate
 from synapse_cli.jobs._media import MediaInfo, concat_list, find_ffmpeg, probe, run_ffmpeg
 
@@ -48,24 +48,6 @@ class ExportSpec:
     INPUTS: ClassVar[tuple[str, ...]] = ("input",)
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output",)
     HOST_FIELDS: ClassVar[tuple[str, ...]] = ("ffmpeg",)
-
-
-def default_output(src: str | Path, suffix: str, output_dir: Optional[str] = None) -> Path:
-    """``<stem>.<suffix>`` beside ``src`` (or in ``output_dir``): ``in.mp4`` -> ``in.framing.mp4``."""
-    src = Path(src)
-    name = f"{src.stem}.{suffix}"
-    return Path(output_dir) / name if output_dir else src.with_name(name)
-
-
-def export_names(data: dict[str, Any], output_dir: Optional[str] = None) -> dict[str, Any]:
-    """The export kind's ``names`` hook: ``output`` defaults to ``<input stem>.<job>.mp4`` (the CLI's
-    default, in ``output_dir`` when given), and must end in a video container's extension."""
-    if data.get("output") is None and isinstance(data.get("input"), str) and data["input"]:
-        job = data.get("job") or ExportSpec.job
-        data["output"] = str(default_output(data["input"], f"{job}.mp4", output_dir))
-    if isinstance(data.get("output"), str):
-        check_video_name(data["output"], "output")
-    return data
 
 
 # -- params ----------------------------------------------------------------------

@@ -22,7 +22,9 @@ KIND = JobKind(
     name="infer",
     spec="synapse_cli.jobs.infer.job:InferSpec",
     run="synapse_cli.jobs.infer.job:run_yolo",
+    build="synapse_cli.jobs.infer.build:build_spec",
     command="synapse_cli.cli.infer:infer",
+    options={"task": "infer.task", "model": "infer.model", "imgsz": "infer.imgsz", "conf": "infer.conf", "batch": "infer.batch", "half": "infer.half"},
     settings={
         "model": Setting(None, optional_text, "YOLO weights: a .pt/.onnx path, or an installed model's name remotely; default: bundled yolo11n-pose.pt"),
         "task": Setting("pose", choice("detect", "pose", "track"), "default task"),

@@ -489,11 +489,11 @@ def _plan_framing(p: FramingParams, info: MediaInfo, workdir: Path, window: Opti
         from synapse_cli.jobs.export._timeline import frame_rate, segments, slices
 
         if window is not None:
-            parts, first = list(window.slices), window.first
+            parts, first_frame = list(window.slices), window.first
         else:
             segs = segments(pieces, info.fps)
-            parts, first = slices(segs, 0, sum(s.frames for s in segs)), 0
-        video, audio = _concat_slices(video, audio, parts, info, first, [(s, e, v) for _, s, e, v in pieces] if window is None else [])
+            parts, first_frame = slices(segs, 0, sum(s.frames for s in segs)), 0
+        video, audio = _concat_slices(video, audio, parts, info, first_frame, [(s, e, v) for _, s, e, v in pieces] if window is None else [])
         duration = float(sum(sl.frames() for sl in parts) / frame_rate(info.fps))
     elif window is not None:
         duration = sum((e - s) / v for _, s, e, v in window.pieces)

@@ -40,6 +40,7 @@ KIND = JobKind(
     gpu=True,
     split="synapse_cli.jobs.infer.shards:split_infer",
     merge="synapse_cli.jobs.infer.shards:merge_infer",
+    names="synapse_cli.jobs.infer.job:infer_names",
     size="synapse_cli.jobs.infer.shards:infer_seconds",
     shard_by="seconds",
 )

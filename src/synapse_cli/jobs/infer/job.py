@@ -93,6 +93,22 @@ def default_output(source: str, task: str) -> str:
     return str(p.parent / f"{stem or 'results'}.{task}.json")
 
 
+def infer_names(data: dict[str, Any], output_dir: Any = None) -> dict[str, Any]:
+    """The infer kind's ``names`` hook: ``output`` defaults to ``<stem>.<task>.json`` beside the source
+    (``default_output``, as the CLI derives it) and must be .json or .jsonl; ``annotated``, when
+    given, must be a video (.mp4) or an image (.jpg, .png)."""
+    if data.get("output") is None and isinstance(data.get("source"), str) and data["source"]:
+        data["output"] = default_output(data["source"], data.get("task") or InferSpec.task)
+    output = data.get("output")
+    if isinstance(output, str) and Path(output).suffix.lower() not in RESULT_SUFFIXES:
+        raise UsageError(f"output: {Path(output).name!r}: a results file must end in {' or '.join(RESULT_SUFFIXES)}")
+    annotated = data.get("annotated")
+    allowed = ANNOTATED_VIDEO_SUFFIXES + ANNOTATED_IMAGE_SUFFIXES
+    if isinstance(annotated, str) and Path(annotated).suffix.lower() not in allowed:
+        raise UsageError(f"annotated: {Path(annotated).name!r} must end in one of {', '.join(allowed)}")
+    return data
+
+
 def check_spec(spec: InferSpec) -> Any:
     """Everything that can be rejected before loading the model; returns the source's ``SourceInfo``."""
     from synapse_cli.jobs._files import check_output

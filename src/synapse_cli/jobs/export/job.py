@@ -72,9 +72,14 @@ class _Bound:
     def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
         return {**handler(source), **self.constraints}
 
+    KNOWN = frozenset({"ge", "gt", "le", "lt", "min_length", "max_length", "pattern"})  # what admits() can check
+
     def admits(self, value: Any) -> bool:
+        """Does ``value`` meet every constraint? False for a constraint this reader does not know: pydantic then decides."""
         c = self.constraints
-        if "ge" in c and not value >= c["ge"] or "gt" in c and not value > c["gt"] or "le" in c and not value <= c["le"]:
+        if not c.keys() <= self.KNOWN:
+            return False
+        if "ge" in c and not value >= c["ge"] or "gt" in c and not value > c["gt"] or "le" in c and not value <= c["le"] or "lt" in c and not value < c["lt"]:
             return False
         if "min_length" in c and len(value) < c["min_length"] or "max_length" in c and len(value) > c["max_length"]:
             return False

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from synapse_cli.errors import JobError
+from synapse_cli.jobs.infer import postprocess
+from synapse_cli.jobs.infer.postprocess import batched_postprocess
 
 AUTO_BATCHES = (8, 16, 32, 64)  # what ``--batch auto`` tries on a GPU, smallest first
 MEMORY_HEADROOM = 0.8  # auto batch: the probe's peak must stay under this share of the GPU memory we may use
@@ -125,6 +127,8 @@ class YoloEngine:
         self.fixed_batch = backend.format != "pt" and not getattr(backend, "dynamic", False)
         self._pin = device.startswith("cuda")
         self._torch_device = self.predictor.device
+        # detect and pose: our batched postprocess (postprocess.py), the same detections as ultralytics' own
+        self.batched_post = postprocess.supported(self.predictor)
 
     def letterbox(self, image: Any) -> Any:
         return self.predictor.pre_transform([image])[0]
@@ -157,6 +161,9 @@ class YoloEngine:
                 im = im.flip(1)
             im = (im.half() if p.model.fp16 else im.float()).div_(255)
             preds = p.inference(im)
+            if self.batched_post:  # padding trimmed before NMS; one copy to the host for the batch
+                first = preds[0] if isinstance(preds, (list, tuple)) else preds
+                return batched_postprocess(p, first[:n], im[:n], images[:n])
             p.batch = ([f"image{i}.jpg" for i in range(len(images))], images, [""] * len(images))
             results = p.postprocess(preds, im, images)[:n]
         if self.device != "cpu":

@@ -514,8 +514,9 @@ class BatchedPool:
 def setup_batch(device: str, batch: int, frames: int, weights: Path) -> int:
     """The batch to set the predictor up at: the job's (``batch``), or for ``--batch auto`` (0) the largest that auto
     may choose (``auto_candidates``) on CUDA, ``MPS_AUTO_BATCH`` (capped alike) on MPS. An exported model (not .pt)
-    may have a fixed batch: set up at 1, as before."""
-    if weights.suffix.lower() != ".pt":
+    may have a fixed batch: set up at 1, as before. So does the CPU, which has no plans to build: a set-up at
+    batch 8 would only run 7 blank frames more."""
+    if weights.suffix.lower() != ".pt" or device == "cpu":
         return 1
     if batch:
         return batch

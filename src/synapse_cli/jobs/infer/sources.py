@@ -137,13 +137,18 @@ class BgrConverter:
     conversion is enough beside the decoder's own threads. The pixels are the same conversion's (the swscale
     call and its flags are unchanged), which ``tests/test_infer_decode.py`` checks against ``to_ndarray``.
     A PyAV without the ``threads`` keyword gets the reformatter alone.
+
+    ``threads`` 0 is swscale's own choice (a thread per core, kept with the context once it is reused). On the
+    shared 2-core machine a conversion-only loop ran faster with 0 than with 1 when cores were idle
+    (docs/infer.md); in the job the cores are the model's, and on a GPU machine ``bench/infer_decode.py``
+    measures 1 against 0 so the default can follow the card's figures.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 1) -> None:
         from av.video.reformatter import VideoReformatter
 
         self._reformatter = VideoReformatter()
-        self._kwargs: dict[str, Any] = {"format": "bgr24", "threads": 1}
+        self._kwargs: dict[str, Any] = {"format": "bgr24", "threads": int(threads)}
 
     def __call__(self, frame: Any) -> Any:
         try:

@@ -3,14 +3,16 @@
 The pipeline, each stage in its own threads and bounded, so the model never
 waits for frames and memory does not grow with the video:
 
-    job thread:  submit(frame) ──► open batch ──(full, or flush)──► bounded queue
-    prep pool:   letterbox every frame of a batch (the predictor's own
-                 ``pre_transform``) and stack them into one uint8 buffer,
-                 in pinned host memory on CUDA
+    job thread:  submit(frame) ──► open batch ──(full, flush, or the source ends)──► bounded queue
+    prep pool:   the batch's frames split across the prep threads, each letterboxed
+                 (ultralytics' ``LetterBox`` geometry) straight into its slice of one
+                 uint8 buffer, in pinned host memory on CUDA
     model:       copy to the device (``non_blocking`` from pinned memory),
-                 BHWC→BCHW, BGR→RGB, fp16/fp32, /255, forward, NMS, results
-                 back on the host; one thread per model replica (on CUDA it hands
-                 each call to the device's own long-lived thread: ``gpu_thread``)
+                 BHWC→BCHW, BGR→RGB, fp16/fp32, /255, forward, then the batched
+                 postprocess (``postprocess.py``: one candidate gather, NMS per
+                 image, scaling for the batch, one copy back to the host); one thread
+                 per model replica (on CUDA it hands each call to the device's own
+                 long-lived thread: ``gpu_thread``)
 
 Every step after the letterbox is what ultralytics' own ``preprocess``,
 ``inference`` and ``postprocess`` do for a list of frames, so a batch gives
@@ -18,9 +20,12 @@ the batch-1 detections (up to floating-point noise). ``submit`` returns one
 future per frame; the job waits on them in frame order, so results and
 tracking stay in order whatever the batch size.
 
-On CUDA a partial batch (the video's last) is padded with blank frames to the
-full batch, so it runs with the plans already built for that shape, and
-``--batch auto`` probes the largest candidate first.
+The predictor is set up at the job's batch shape (``setup_batch``), so the
+plans for that shape are built once, during the set-up, on the device's thread;
+with ``--batch auto`` on CUDA that set-up is also the memory probe, at the
+largest candidate a clip of this length can fill (``auto_candidates``). On
+CUDA a partial batch (the video's last) is padded with blank frames to the
+full batch, so it runs with those plans; the padding is dropped before NMS.
 
 A batch that runs out of memory is split in half and retried, and later
 batches use the smaller size (a warning says so); batch 1 out of memory is a

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synapse_cli.jobs.infer.batching import MPS_AUTO_BATCH, BatchedPool, auto_candidates, setup_batch
+from synapse_cli.jobs.infer.batching import MPS_AUTO_BATCH, BatchedPool, auto_candidates, batch_after_setup, setup_batch
 from tests.conftest import ffmpeg_exe
 from tests.test_infer_batch import FakeEngine, _assets, _frame, _pan, _run, assert_same_detections, needs_model
 
@@ -40,6 +40,21 @@ def test_setup_batch_is_the_jobs_batch_or_the_largest_auto_may_pick():
     assert setup_batch("cpu", 8, 500, pt) == 1  # no plans to build on the CPU: a bigger set-up only costs
     assert setup_batch("mps", 0, 500, pt) == MPS_AUTO_BATCH and setup_batch("mps", 0, 5, pt) == 8
     assert setup_batch("cuda:0", 0, 500, onnx) == 1  # an export may have a fixed batch
+
+
+def test_auto_batch_takes_the_setup_as_its_probe():
+    probed: list[int] = []
+
+    def fits(b: int) -> bool:
+        probed.append(b)
+        return b <= 16
+
+    assert batch_after_setup((8, 16, 32, 64), 64, True, fits) == 64 and probed == []  # the set-up was the probe
+    assert batch_after_setup((8, 16, 32, 64), 64, False, fits) == 16 and probed == [32, 16]  # 64 not probed again
+    probed.clear()
+    assert batch_after_setup((8, 16, 32), 32, False, fits) == 16 and probed == [16]  # a set-up that ran out of memory
+    probed.clear()
+    assert batch_after_setup((8, 16, 32, 64), 1, True, fits) == 16 and probed == [64, 32, 16]  # set up at 1: probe as before
 
 
 def test_early_flush_keeps_order():

@@ -86,6 +86,15 @@ def choose_batch(candidates: Sequence[int], fits: Callable[[int], bool]) -> int:
     return 1
 
 
+def batch_after_setup(candidates: Sequence[int], tried: int, tried_fits: bool, fits: Callable[[int], bool]) -> int:
+    """``--batch auto`` after a set-up at ``tried``: that batch if it is the largest candidate and its peak fitted
+    (the set-up was the probe), else the largest of the others that ``fits``, never probing ``tried`` again."""
+    if tried == candidates[-1] and tried_fits:
+        return tried
+    rest = [b for b in candidates if b < tried] if tried in candidates else list(candidates)
+    return choose_batch(rest, fits)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's ``OutOfMemoryError``, MPS's and the CPU allocator's ``RuntimeError``s."""
     if type(exc).__name__ == "OutOfMemoryError":
@@ -319,12 +328,7 @@ class YoloEngine:
         ran the largest one already (``yolo_engines``): when its peak fitted, that call was the probe."""
         candidates = auto_candidates(frames)
         if self.device.startswith("cuda"):
-            tried = self.setup_requested
-            if tried == candidates[-1] and self.setup_fits:
-                chosen = tried  # the set-up was the probe
-            else:  # probe what is left: below the set-up's batch if it was a candidate that did not fit
-                rest = [b for b in candidates if b < tried] if tried in candidates else list(candidates)
-                chosen = choose_batch(rest, lambda b: self.fits(b, shape))
+            chosen = batch_after_setup(candidates, self.setup_requested, self.setup_fits, lambda b: self.fits(b, shape))
             self.release()
             self._torch.cuda.reset_peak_memory_stats(self._torch_device)  # report the job's peak, not the probe's
             return chosen

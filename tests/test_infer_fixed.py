@@ -8,7 +8,6 @@ upright and a rotated clip of 11 frames: one full batch and a partial one, sent 
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import threading
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from synapse_cli.jobs.infer.batching import MPS_AUTO_BATCH, BatchedPool, auto_candidates, batch_after_setup, setup_batch
 from tests.conftest import ffmpeg_exe
-from tests.test_infer_batch import FakeEngine, _assets, _frame, _pan, _run, assert_same_detections, needs_model
+from tests.test_infer_batch import FakeEngine, _frame, _pan, _run, assert_same_detections, needs_model
 
 IMGSZ = 320
 

@@ -57,7 +57,7 @@ def _nms_kept(x: Any, nc: int, extra: int, conf: float, iou: float, classes: Any
     c = x[:, 5:6] * (0 if agnostic else max_wh)
     scores, boxes = x[:, 4], x[:, :4] + c
     if x.device.type != "xpu" and "torchvision" in sys.modules:
-        import torchvision
+        import torchvision  # type: ignore[import-untyped]
 
         i = torchvision.ops.nms(boxes, scores, iou)
     else:
@@ -113,7 +113,7 @@ def batched_postprocess(predictor: Any, preds: Any, img: Any, orig_imgs: list[An
             views = torch.split(allrows, [n for n in sizes if n])
             groups = list(zip([orig_imgs[i].shape for i in range(bs) if sizes[i]], views))
         for shape, part in groups:
-            part[:, :4] = ops.scale_boxes(in_shape, part[:, :4], shape)
+            ops.scale_boxes(in_shape, part[:, :4], shape)  # in place, as construct_result's assignment to itself
             if pose:
                 ops.scale_coords(in_shape, part[:, 6:].view(part.shape[0], *model.kpt_shape), shape)
         # 4. one copy to the host for the batch

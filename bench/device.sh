@@ -47,6 +47,7 @@ say "machine"
 
 steps=""
 for d in build/steps/*/; do [ -d "$d/src" ] && steps+="${steps:+,}$(basename "$d")=${d}src"; done
+steps+="${steps:+,}9-this-tree=src"  # the tree being run, measured the same way (a fresh process each)
 card=$($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' 2>/dev/null | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9-')
 stamp="$(date -u +%Y-%m-%d)-${card:-unknown}"
 
@@ -65,7 +66,7 @@ if [ "${1:-}" = profile ]; then  # only the thread-by-thread profile of a batche
 fi
 
 say "bench/infer_gpu.py, steps: ${steps:-none}"
-timeout 330 $PY bench/infer_gpu.py "${small[@]}" --steps "$steps" --out "$OUT/$stamp-infer_gpu.json" 2>&1 | tee -a "$log"
+timeout 280 $PY bench/infer_gpu.py "${small[@]}" --steps "$steps" --out "$OUT/$stamp-infer_gpu.json" 2>&1 | tee -a "$log"
 
 say "bench/infer_decode.py"
 timeout 40 $PY bench/infer_decode.py --runs 3 --out "$OUT/$stamp-infer_decode.json" 2>&1 | tail -12 | tee -a "$log"

@@ -24,8 +24,8 @@ if [ "${1:-}" = prepare ]; then
       --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .whl -r /dev/stdin || exit 1
   fi
-  du -sh build/steps .whl 2>/dev/null  # carry limit: 64 MiB together
-  exit
+  du -shc build/steps .whl 2>/dev/null | tail -1  # carry limit: 64 MiB together
+  exit 0
 fi
 OUT=${OUT:-/tmp/synapse-device-out}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-0}

@@ -222,7 +222,7 @@ class YoloEngine:
         """``pre_transform``'s letterbox, resized straight into ``out`` (a slice of the batch's pinned buffer).
 
         The geometry is ultralytics' own ``LetterBox.get_params``, built as ``pre_transform`` builds it for one
-        frame; the resize and the 114 padding are ``apply_image``'s. ``test_infer_letterbox`` checks the pixels
+        frame; the resize and the 114 padding are ``apply_image``'s. ``tests/test_infer_fixed.py`` checks the pixels
         equal to ``pre_transform``'s (and fails if ultralytics changes either). Anything but a 3-channel frame
         takes ``pre_transform`` and a copy.
         """

@@ -288,15 +288,18 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
             stack.callback(encoder.abort)  # a no-op once finish() succeeded
         pool: Any
         if batched:
-            from synapse_cli.jobs.infer.batching import BatchedPool, yolo_engines
+            from synapse_cli.jobs.infer.batching import BatchedPool, setup_batch, yolo_engines
 
-            first, more = yolo_engines(model, weights, device, half, predict_args, (height, width, 3))
+            # frames the model will run (lead-in included): a short clip caps --batch auto
+            to_run = -(-(own_total + own_first - read_from) // every) if info.kind == "video" else info.frames
+            at = setup_batch(device, batch, to_run, weights)
+            first, more = yolo_engines(model, weights, device, half, predict_args, (height, width, 3), at)
             half = first.half
             if first.fixed_batch and batch != 1:
                 yield Log(f"{weights.name} is a fixed-batch export: running batch 1", level="warning")
                 batch = 1
             elif batch == 0:
-                batch = first.auto_batch((height, width, 3))
+                batch = first.auto_batch((height, width, 3), to_run)
             if device.startswith("cuda"):
                 first.pad_to = batch
             prep = max(1, min(4, threads // 2))
@@ -319,6 +322,8 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 frame = next(upcoming, None)
                 if frame is None:
                     upcoming = None
+                    if batched:
+                        pool.flush()  # the source has ended: send the open, partial batch now, not when its turn comes
                     break
                 future = pool.submit(frame.image) if frame.process else None
                 in_flight += future is not None

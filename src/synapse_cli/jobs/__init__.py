@@ -62,6 +62,11 @@ class JobKind:
       ``beside(spec, workdir)`` (optional) is a generator for work the merge needs but the
       shards do not (export: the audio, encoded once over the whole timeline): it runs in
       this process while the shards run, writing into ``workdir``, so the merge only joins.
+    - ``names``: ``"module:attr"`` of ``names(data, output_dir=None) -> data``, the one place a kind's
+      output names are settled: it fills in each output a spec leaves out (None or absent) with the
+      name the CLI derives (from the inputs' names; ``output_dir``: the kind's output folder setting)
+      and refuses a name the job cannot write (``UsageError`` naming the field). The CLI, the Python
+      API (through the CLI's builder) and ``synapse serve`` all call it before a job starts.
     """
 
     name: str
@@ -80,13 +85,14 @@ class JobKind:
     size: str | None = None
     beside: str | None = None
     shard_by: str = "seconds"
+    names: str | None = None
 
     @property
     def shardable(self) -> bool:
         return self.split is not None and self.merge is not None
 
     def hook(self, name: str) -> Callable[..., Any]:
-        """The ``build``, ``split``, ``merge``, ``size`` or ``beside`` function, loaded on first use."""
+        """The ``build``, ``split``, ``merge``, ``size``, ``beside`` or ``names`` function, loaded on first use."""
         ref = getattr(self, name)
         if ref is None:
             raise ValueError(f"job kind {self.name!r} has no {name} hook")
@@ -169,6 +175,13 @@ def path_values(value: Any, what: str, name: str) -> list[tuple[int | None, str]
     from synapse_cli.errors import UsageError
 
     raise UsageError(f"spec {what} {name!r} must be a path or a list of paths")
+
+
+def settle_names(kind: str, data: Mapping[str, Any], output_dir: Any = None) -> dict[str, Any]:
+    """``data`` with the kind's default outputs filled in and its output names checked (its ``names``
+    hook; a kind without one is returned as it is). Raises ``UsageError`` naming the field."""
+    record = get_kind(kind)
+    return dict(record.hook("names")(dict(data), output_dir)) if record.names else dict(data)
 
 
 def select_installed(kind: str, spec: dict[str, Any], models_dir: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional, Union
 
 from synapse_cli.events import Artifact, Event, Finished, Started
-from synapse_cli.jobs._files import atomic_output, check_output
+from synapse_cli.jobs._files import atomic_output, check_output, check_video_name
 from synapse_cli.jobs import JobKind
 from synapse_cli.jobs._media import find_ffmpeg, run_ffmpeg
 
@@ -21,7 +21,9 @@ KIND = JobKind(
     build="synapse_cli.jobs.sample:build_spec",
     command="synapse_cli.cli.sample:sample",
     remote=False,
+    names="synapse_cli.jobs.sample:sample_names",
 )
+DEFAULT_OUTPUT = "sample.mp4"  # what ``synapse sample`` writes when no name is given
 
 
 @dataclass
@@ -41,9 +43,18 @@ class SampleSpec:
     SERVER_CAPS: ClassVar[dict[str, float]] = {"seconds": 600, "width": 3840, "height": 2160, "fps": 60}  # synapse serve refuses more (422)
 
 
+def sample_names(data: dict, output_dir: Optional[str] = None) -> dict:
+    """The sample kind's ``names`` hook: ``output`` defaults to ``sample.mp4`` and must end in a video container's extension."""
+    if data.get("output") is None:
+        data["output"] = DEFAULT_OUTPUT
+    if isinstance(data["output"], str):
+        check_video_name(data["output"], "output")
+    return data
+
+
 def build_spec(
     settings: Any,
-    output: Union[str, "os.PathLike[str]"] = "sample.mp4",
+    output: Union[str, "os.PathLike[str]"] = DEFAULT_OUTPUT,
     *,
     seconds: float = 10.0,
     size: str = "1280x720",
@@ -62,6 +73,7 @@ def build_spec(
         raise UsageError(f"--size {size}: width and height must be even and at least 16")
     if not 0 < seconds <= 3600:
         raise UsageError(f"--seconds must be in (0, 3600], got {seconds:g}")
+    sample_names({"output": os.fspath(output)})  # a name no muxer knows: exit 2 before anything runs
     check_output(Path(output), overwrite)
     return SampleSpec(output=os.fspath(output), seconds=seconds, width=width, height=height, audio=audio, ffmpeg=settings["ffmpeg.path"], overwrite=overwrite)
 

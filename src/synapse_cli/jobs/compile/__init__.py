@@ -35,4 +35,5 @@ KIND = JobKind(
     merge="synapse_cli.jobs.compile.job:merge_compile",
     size="synapse_cli.jobs.compile.job:compile_units",
     shard_by="units",
+    names="synapse_cli.jobs.compile.job:compile_names",
 )

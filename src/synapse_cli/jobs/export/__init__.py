@@ -23,4 +23,5 @@ KIND = JobKind(
     size="synapse_cli.jobs.export.job:export_seconds",
     beside="synapse_cli.jobs.export.job:encode_audio",
     shard_by="seconds",
+    names="synapse_cli.jobs.export.build:export_names",
 )

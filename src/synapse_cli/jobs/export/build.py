@@ -39,11 +39,25 @@ def parse_params(params_file: Optional[PathLike], sets: Iterable[str] = ()) -> d
     return params
 
 
-def default_output(src: PathLike, suffix: str, output_dir: Optional[str]) -> Path:
+def default_output(src: PathLike, suffix: str, output_dir: Optional[str] = None) -> Path:
     """``<stem>.<suffix>`` beside the input, or in ``output_dir``."""
     src = Path(src)
     name = f"{src.stem}.{suffix}"
     return Path(output_dir) / name if output_dir else src.with_name(name)
+
+
+def export_names(data: dict[str, Any], output_dir: Optional[str] = None) -> dict[str, Any]:
+    """The export kind's ``names`` hook: ``output`` defaults to ``<input stem>.<job>.mp4`` (``default_output``,
+    in ``output_dir`` when given), and must end in a video container's extension."""
+    from synapse_cli.jobs._files import check_video_name
+    from synapse_cli.jobs.export.job import ExportSpec
+
+    if data.get("output") is None and isinstance(data.get("input"), str) and data["input"]:
+        job = data.get("job") or ExportSpec.job
+        data["output"] = str(default_output(data["input"], f"{job}.mp4", output_dir))
+    if isinstance(data.get("output"), str):
+        check_video_name(data["output"], "output")
+    return data
 
 
 def build_spec(
@@ -75,7 +89,8 @@ def build_spec(
     source = Path(input)
     if not source.exists():
         raise UsageError(f"input not found: {source}")
-    out = Path(output) if output is not None else default_output(source, f"{kind}.mp4", settings["export.output_dir"])
+    names = {"input": str(source), "job": kind, "output": os.fspath(output) if output is not None else None}
+    out = Path(export_names(names, settings["export.output_dir"])["output"])  # the default output; a name no muxer knows is refused
     check_output(out, overwrite)
     return ExportSpec(
         input=str(source),

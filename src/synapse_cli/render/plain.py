@@ -121,7 +121,7 @@ def render_plain(
                     grouped = True
             elif isinstance(ev, Progress):
                 now = clock()
-                final = bool(ev.total) and ev.done >= ev.total
+                final = ev.total is not None and ev.total > 0 and ev.done >= ev.total
                 if now - last_print >= interval_s or final:
                     eta = None
                     if ev.total and 0 < ev.done < ev.total:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping
 
+from synapse_cli.errors import one_line
 from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
 
 
@@ -82,7 +83,7 @@ def named_file(message: str, cwd: Path | None = None) -> str | None:
 
 def error_annotation(title: str, message: str, cwd: Path | None = None) -> str:
     """The ``::error`` line for a failure; ``file=`` when the message names an input file."""
-    return workflow_command("error", " ".join(message.split()), title=title, file=named_file(message, cwd))
+    return workflow_command("error", one_line(message), title=title, file=named_file(message, cwd))
 
 
 def render_plain(

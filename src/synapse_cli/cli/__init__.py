@@ -60,6 +60,7 @@ class _Root(Group):
 def _load(name: str, where: str) -> Any:
     module, _, attr = where.partition(":")
     target = getattr(importlib.import_module(module), attr)
+    command: Any
     if isinstance(target, typer.Typer):
         command = typer.main.get_group(target)
     else:

@@ -10,13 +10,9 @@ from typing import Any, Callable, Iterator
 
 import typer
 
-from synapse_cli.errors import SynapseError
+from synapse_cli.errors import SynapseError, one_line
 from synapse_cli.events import failed
 from synapse_cli.pipeline.options import RunOptions
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 @contextmanager
@@ -30,7 +26,7 @@ def exit_on_error(json_output: bool = False) -> Iterator[None]:
             ev = failed(exc)
             sys.stdout.write(encode(type(ev)(code=code, message=message, error=ev.error)) + "\n")
             sys.stdout.flush()
-        print(f"{label}: {_one_line(message)}", file=sys.stderr, flush=True)
+        print(f"{label}: {one_line(message)}", file=sys.stderr, flush=True)
         if not json_output:  # with --json the caller (e.g. python -m synapse_cli.ci) annotates from the error line
             from synapse_cli.render.plain import error_annotation, in_github_actions
 

@@ -36,7 +36,8 @@ class _PlainCoercion:
     __slots__ = ("kind", "descriptor", "_typer")
 
     def __init__(self, kind: str | None, descriptor: Any) -> None:
-        self.kind, self.descriptor, self._typer = kind, descriptor, None
+        self.kind, self.descriptor = kind, descriptor
+        self._typer: Any = None  # typer's own RuntimeParam, built on first need
 
     def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
         multi = param.multiple or param.nargs == -1

@@ -12,7 +12,7 @@ import typer
 from synapse_cli.cli._options import API_KEY, CONFIG, JSON, PROFILE
 from synapse_cli.cli._run import exit_on_error, sigterm_as_interrupt
 from synapse_cli.pipeline import RunOptions, settings_for
-from synapse_cli.errors import BackendError, SynapseError, UsageError
+from synapse_cli.errors import BackendError, SynapseError, UsageError, one_line
 
 app = typer.Typer(help="Jobs that outlive the terminal: list, show, wait, cancel, prune.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -56,7 +56,7 @@ def _ask_endpoint(job, store, settings, timeout_s: Optional[float] = None, retri
     try:
         return runner.refresh(job, store, timeout_s=timeout_s, retries=retries)
     except SynapseError as exc:
-        print(f"Warning: job {job.id}: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"Warning: job {job.id}: {one_line(exc)}", file=sys.stderr)
         return None
     finally:
         runner.close()
@@ -70,10 +70,6 @@ def _endpoint_view(job, record: Optional[dict]) -> dict:
     if view["status"] == "completed":
         view["outputs"] = f"not downloaded yet: synapse jobs wait {job.id}"
     return view
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 @app.command("list")

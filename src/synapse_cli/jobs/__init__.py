@@ -190,7 +190,7 @@ def select_installed(kind: str, spec: dict[str, Any], models_dir: Any) -> dict[s
     The one place a remote spec's model is resolved: a name, looked up among what the
     machine's owner installed; a path, an uploaded file or an unknown name is a UsageError.
     """
-    cls = spec_class(kind)
+    cls: Any = spec_class(kind)  # a spec class with INSTALLED fields has select_installed
     out = dict(spec)
     for name in get_kind(kind).installed:
         if out.get(name) is not None:

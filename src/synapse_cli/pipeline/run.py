@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 from synapse_cli.errors import UsageError
 from synapse_cli.events import Event, failed
 from synapse_cli.pipeline.plan import Plan
 
 
-def job_events(plan: Plan) -> Iterator[Event]:
+def job_events(plan: Plan) -> Generator[Event, None, None]:
     """The job's events, recorded in the job store as they pass.
 
     An identical completed job's result is reused, an identical running one followed

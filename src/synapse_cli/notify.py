@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from collections.abc import Generator
 from typing import Any, Callable, Iterator
 
-from synapse_cli.errors import UsageError
+from synapse_cli.errors import UsageError, one_line
 from synapse_cli.events import Artifact, Event, Failed, Finished, Progress, Started, failed, to_dict
 
 log = logging.getLogger("synapse.notify")
@@ -274,7 +274,7 @@ class Notifier:
                 try:
                     self._deliver(type_, data)
                 except Exception as exc:  # noqa: BLE001 - a webhook never fails the job
-                    self._warn(f"webhook to {self._where}: {type(exc).__name__}: {exc}")
+                    self._warn(one_line(f"webhook to {self._where}: {type(exc).__name__}: {exc}", 300))
         finally:
             if self._own_client and self._client is not None:
                 try:
@@ -329,7 +329,7 @@ class Notifier:
                 detail = f"HTTP {status}" + (" (a redirect: not followed)" if 300 <= status < 400 else "")
                 wait = _retry_after(response.headers.get("retry-after"))
             except Exception as exc:  # noqa: BLE001 - refused by the guard, unreachable, timed out: a failed attempt
-                status, detail = None, f"{type(exc).__name__}: {exc}"
+                status, detail = None, one_line(f"{type(exc).__name__}: {exc}", 300)
                 if type(exc).__name__ == "RefusedURL":
                     break  # the address will not become allowed by waiting
             if not terminal:

@@ -191,7 +191,8 @@ class Notifier:
 
     def __init__(self, target: Target, job_id: str, kind: str, client: Any = None,
                  on_delivery: Callable[[Delivery], None] | None = None, warn: Callable[[str], None] | None = None,
-                 first_backoff_s: float = FIRST_BACKOFF_S, close_client: bool | None = None) -> None:
+                 first_backoff_s: float = FIRST_BACKOFF_S, close_client: bool | None = None,
+                 client_factory: Callable[[], Any] | None = None) -> None:
         from synapse_cli.netguard import redact
 
         self.target = target
@@ -199,7 +200,8 @@ class Notifier:
         self.kind = kind
         self._key = target.key
         self._own_client = client is None if close_client is None else close_client  # closed by the sender thread when it ends
-        self._client = client  # by default made by the sender thread: httpx's import and TLS setup overlap the job
+        self._client = client  # else made by the sender thread (``client_factory``, or a plain one): httpx's import and TLS setup overlap the job
+        self._client_factory = client_factory or self._default_client
         self._on_delivery = on_delivery
         self._warn = warn or log.warning
         self._first_backoff_s = first_backoff_s
@@ -264,7 +266,7 @@ class Notifier:
     def _run(self) -> None:
         try:
             if self._client is None:
-                self._client = self._default_client()
+                self._client = self._client_factory()
             while True:
                 with self._cond:
                     item = self._next()

@@ -75,7 +75,8 @@ def start(opts: "ServerOptions", run: "JobRun", db_path: Path | None = None) -> 
         return None
     target = run.notify_target
     deliveries = DeliveryLog(db_path, run.job_id, target.url) if db_path is not None else None
-    notifier = Notifier(target, run.job_id, run.kind, client=guard(opts).client(), close_client=True, on_delivery=deliveries,
+    # the guard's client is made by the sender thread (its TLS set-up would hold the event loop up)
+    notifier = Notifier(target, run.job_id, run.kind, client_factory=guard(opts).client, on_delivery=deliveries,
                         warn=lambda message: log.warning("job %s: %s", run.job_id, message))
     with _lock:
         opts.notifiers[:] = [n for n in opts.notifiers if n.alive]

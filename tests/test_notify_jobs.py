@@ -196,3 +196,18 @@ def test_an_attached_modal_run_notifies_from_the_client(cli, db, deployed, tiny,
         assert run.exit_code == 0, run.stderr
         bodies = hooks(r)
     assert bodies[-1]["type"] == "finished" and bodies[-1]["data"]["result"]["output"] == str(tmp_path / "m.mp4")
+
+
+def test_a_detached_sharded_local_job_sends_one_stream_from_its_worker(db, long_clip, tmp_path, monkeypatch):
+    import synapse_cli as synapse
+
+    monkeypatch.setenv("SYNAPSE_NOTIFY_SECRET", SECRET)
+    monkeypatch.setenv("SYNAPSE_FFMPEG_PRESET", "ultrafast")
+    with Receiver() as r:
+        job = synapse.submit("export", long_clip, output=tmp_path / "sd.mp4", params={"output_width": 90, "output_height": 160},
+                             shards=2, cache=False, notify=r.url)  # the API's detached form
+        wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=120)
+        types = [b["type"] for b in hooks(r)]
+    assert types.count("started") == 1 and types.count("finished") == 1 and types[-1] == "finished"
+    assert {b["job_id"] for b in hooks(r)} == {job.id}
+    assert [s["index"] for s in hooks(r)[-1]["data"]["result"]["shards"]] == [0, 1]

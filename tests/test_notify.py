@@ -270,3 +270,13 @@ def test_no_stray_threads():
     with Receiver() as r:
         run(job(), target(r.url))
     assert not {t.name for t in threading.enumerate() if t.name.startswith("synapse-notify")} - before
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+    from email.utils import formatdate
+
+    from synapse_cli.notify import _retry_after
+
+    assert _retry_after("3") == 3.0 and _retry_after(None) is None and _retry_after("soon") is None
+    assert 8.0 <= _retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10.0
+    assert _retry_after(formatdate(time.time() - 60, usegmt=True)) == 0.0

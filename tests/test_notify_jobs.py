@@ -211,3 +211,17 @@ def test_a_detached_sharded_local_job_sends_one_stream_from_its_worker(db, long_
     assert types.count("started") == 1 and types.count("finished") == 1 and types[-1] == "finished"
     assert {b["job_id"] for b in hooks(r)} == {job.id}
     assert [s["index"] for s in hooks(r)[-1]["data"]["result"]["shards"]] == [0, 1]
+
+
+def test_a_reused_result_is_announced_too(cli, db, tiny, tmp_path):
+    with Receiver() as r:
+        env = {"SYNAPSE_NOTIFY_SECRET": SECRET}
+        first = cli("export", tiny, "-o", tmp_path / "1.mp4", *SMALL, "--notify", r.url, env=env)
+        second = cli("export", tiny, "-o", tmp_path / "2.mp4", *SMALL, "--notify", r.url, env=env)  # identical: from the result cache
+        assert first.exit_code == second.exit_code == 0, second.stderr
+        by_job: dict = {}
+        for b in hooks(r):
+            by_job.setdefault(b["job_id"], []).append(b)
+    assert len(by_job) == 2
+    reused = list(by_job.values())[-1]
+    assert reused[-1]["type"] == "finished" and reused[-1]["data"]["result"]["output"] == str(tmp_path / "2.mp4")

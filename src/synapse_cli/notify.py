@@ -185,9 +185,10 @@ def _iso(t: float) -> str:
 class Notifier:
     """The sender: a queue of messages and one thread that POSTs them in order.
 
-    ``client``: an ``httpx.Client`` (a ``netguard.Guard`` client on a server or in a container);
-    by default a plain one that follows no redirects. ``on_delivery(Delivery)`` is called from the
-    sender thread for every message's outcome. ``sleep`` and ``first_backoff_s`` are seams for tests."""
+    ``client``: an ``httpx.Client`` (a ``netguard.Guard`` client on a server or in a container), or
+    ``client_factory`` to have the sender thread make one; by default a plain one that follows no
+    redirects and ignores proxy settings. ``on_delivery(Delivery)`` is called from the sender thread
+    for every message's outcome. ``first_backoff_s`` is a seam for tests."""
 
     def __init__(self, target: Target, job_id: str, kind: str, client: Any = None,
                  on_delivery: Callable[[Delivery], None] | None = None, warn: Callable[[str], None] | None = None,
@@ -266,7 +267,11 @@ class Notifier:
     def _run(self) -> None:
         try:
             if self._client is None:
-                self._client = self._client_factory()
+                try:
+                    self._client = self._client_factory()
+                except Exception as exc:  # noqa: BLE001 - no client, no webhooks: the job goes on
+                    self._warn(one_line(f"webhooks to {self._where} cannot be sent: {type(exc).__name__}: {exc}", 300))
+                    return
             while True:
                 with self._cond:
                     item = self._next()

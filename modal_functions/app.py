@@ -33,6 +33,7 @@ CONFIG: dict[str, Any] = _settings.section("modal")
 MOUNT = DEFAULT_MOUNT
 PROGRESS_DICT = "synapse-progress"
 CALL_EVENT = "_call"  # keep in sync with synapse_cli.backends.modal
+WEBHOOKS_SUFFIX = "/webhooks"  # a detached job's webhook deliveries, under its Dict key plus this (synapse_cli.backends.modal)
 
 app = modal.App(CONFIG["app_name"])
 volume = modal.Volume.from_name(CONFIG["volume"], create_if_missing=True, environment_name=CONFIG["environment"])
@@ -79,14 +80,15 @@ def _image(kind: JobKind) -> modal.Image:
 _common: dict[str, Any] = dict(timeout=CONFIG["timeout_s"], volumes={MOUNT: volume}, secrets=secrets)
 
 
-def _stream(kind: str, spec: dict[str, Any], announce: bool = True) -> Iterator[dict[str, Any]]:
+def _stream(kind: str, spec: dict[str, Any], announce: bool = True, notify: dict[str, Any] | None = None,
+            job_id: str | None = None, on_delivery: Any = None) -> Iterator[dict[str, Any]]:
     call_id = modal.current_function_call_id()
     if announce and call_id:
         # remote_gen gives the caller no handle on the call: say which call this is, so that
         # Ctrl-C on the client can cancel it (the client consumes this item, renderers never see it)
         yield {"type": CALL_EVENT, "function_call_id": call_id}
     try:
-        yield from container_stream(kind, spec)
+        yield from container_stream(kind, spec, notify, job_id, on_delivery)
     finally:
         if not modal.is_local():
             volume.commit()  # outputs become visible to the client's read_file
@@ -99,17 +101,25 @@ _retries = modal.Retries(
 )
 
 
-def _detached(kind: str, spec: dict[str, Any], job_id: str) -> dict[str, Any]:
+def _detached(kind: str, spec: dict[str, Any], job_id: str, notify: dict[str, Any] | None = None) -> dict[str, Any]:
     """Consume a job generator inside the container and publish its events to a Dict (generators cannot be spawned).
+
+    ``notify``: the job's webhook target (``synapse_cli.notify.Target.for_call``, its secret with it):
+    sent from here, so the job tells its receiver with no client waiting.
 
     Returns the last event as a dict: ``finished``, or ``error`` for a deterministic failure.
     Anything else raises, and Modal retries it.
     """
     progress = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True, environment_name=CONFIG["environment"])
     events: list[dict[str, Any]] = []
+    deliveries: list[dict[str, Any]] = []  # what became of each webhook: `synapse jobs wait` keeps them for `jobs show`
+
+    def delivered(delivery: Any) -> None:
+        deliveries.append(delivery.to_dict())
+
     last_publish = 0.0
     try:
-        for event in _stream(kind, spec, announce=False):
+        for event in _stream(kind, spec, announce=False, notify=notify, job_id=job_id, on_delivery=delivered):
             events.append(event)
             now = time.monotonic()
             if event["type"] != "progress" or now - last_publish > 0.5:
@@ -117,6 +127,8 @@ def _detached(kind: str, spec: dict[str, Any], job_id: str) -> dict[str, Any]:
                 last_publish = now
     except SynapseError as exc:  # deterministic: report, don't retry
         events.append(to_dict(failed(exc)))
+    if deliveries:  # before the last events: a client that sees the call end finds them
+        progress[f"{job_id}{WEBHOOKS_SUFFIX}"] = deliveries
     progress[job_id] = events
     return events[-1] if events else to_dict(failed(SynapseError("job produced no events")))
 
@@ -137,8 +149,8 @@ def _define(kind: JobKind) -> tuple[Any, Any]:
     def streaming(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _stream(name, spec)
 
-    def detached(spec: dict[str, Any], job_id: str) -> dict[str, Any]:
-        return _detached(name, spec, job_id)
+    def detached(spec: dict[str, Any], job_id: str, notify: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _detached(name, spec, job_id, notify)
 
     stream_fn = app.function(name=name, **options)(_global(streaming, name, f"The {name} job, streaming its events."))
     detached_fn = app.function(name=f"{name}_detached", retries=_retries, **options)(
@@ -173,9 +185,13 @@ def serve() -> Any:
 
     # models_dir: the owner's models on the Volume (modal volume put), besides the bundled default;
     # on_job_end: commit after each job, so another container of this function can serve its artifacts
+    # webhooks: signed with SYNAPSE_NOTIFY_SECRET from a Modal secret (as the key); targets through the URL guard
     return create_app(
         work_dir=f"{MOUNT}/serve", api_key=os.environ.get("SYNAPSE_API_KEY") or None, max_upload_mb=_settings["serve.max_upload_mb"],
         models_dir=f"{MOUNT}/models", on_job_end=volume.commit,
+        notify_secret=os.environ.get("SYNAPSE_NOTIFY_SECRET") or None, allow_hosts=tuple(_settings["serve.allow_hosts"]),
+        notify_allow_http=_settings["notify.allow_http"], notify_retry_for_s=_settings["notify.retry_for_s"],
+        notify_progress_interval_s=_settings["notify.progress_interval_s"],
     )  # fmt: skip
 
 

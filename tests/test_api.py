@@ -406,7 +406,7 @@ def test_every_common_option_is_declared_once_and_reaches_every_client():
         for name, _, opt in RunOptions.options():
             declared = {f for spelled in opt.flags for f in spelled.split("/")}
             assert declared <= flags, (kind, name)
-    assert set(RunOptions.api_names()) == {"use_modal", "overwrite", "config", "profile", "endpoint", "api_key", "cache", "shards"}
+    assert set(RunOptions.api_names()) == {"use_modal", "overwrite", "config", "profile", "endpoint", "api_key", "cache", "shards", "notify"}
     with pytest.raises(synapse.UsageError, match="accepted: .*shards"):
         split_options("export", ("clip.mp4",), {"shard": 2})
 

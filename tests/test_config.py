@@ -75,7 +75,7 @@ def test_example_file_documents_every_key_and_parses(tmp_path):
     blocks = re.split(r"^\[([^\]]+)\]\s*$", text, flags=re.M)  # [top, name1, body1, name2, body2, ...]
     sections = {"": blocks[0], **dict(zip(blocks[1::2], blocks[2::2]))}
     commented = {name: set(re.findall(r"^#\s*([a-z_]+)\s*[=:]", body, flags=re.M)) for name, body in sections.items()}
-    secrets = {"api_key"}  # never in the file: the top block names its environment variable instead
+    secrets = {k for k, setting in REGISTRY.items() if setting.secret}  # never in the file: the top block names their environment variables
     for key in REGISTRY:
         section, _, leaf = key.rpartition(".")
         table = parsed.get(section, {}) if section else parsed

@@ -176,6 +176,13 @@ _CORE: dict[str, _Setting] = {
     "serve.artifact_ttl_s": _Setting(3600.0, _float(), "a job's outputs are deleted this long after it ended (the server sweeps every min(60 s, this))"),
     "serve.keep_jobs_days": _Setting(30.0, _float(0.0, strict=False), "detached jobs that ended longer ago are deleted from the server's job store (record, events, files; fractions allowed); 0 = keep for ever"),
     "serve.models_dir": _Setting(None, _opt_str, "models a client may name (infer model=NAME) besides the bundled default"),
+    "serve.allow_hosts": _Setting([], _list, "hosts (names or IP literals) that URLs given to the server or a container may reach although they resolve to a loopback, private or link-local address"),
+    # [notify]: signed webhooks (docs/webhooks.md)
+    "notify.url": _Setting(None, _opt_str, "webhook URL every job POSTs its events to (--notify URL sets it per job)"),
+    "notify.secret": _Setting(None, _opt_str, "webhook signing secret, whsec_<base64> (environment only)", secret=True),
+    "notify.progress_interval_s": _Setting(5.0, _float(), "at most one progress webhook this often"),
+    "notify.retry_for_s": _Setting(60.0, _float(0.0, strict=False), "how long a terminal webhook (finished, error, cancelled) is retried; the job waits for it"),
+    "notify.allow_http": _Setting(False, _bool, "allow plain http:// webhook targets off the local backend (on it they always are)"),
     # [shards]
     "shards.count": _Setting("auto", _shards, "shards per job: N, or auto (1 locally; on Modal, by size)"),
     "shards.seconds": _Setting(60.0, _float(), "auto: media seconds per shard (export, infer)"),

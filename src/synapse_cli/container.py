@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from synapse_cli.events import Artifact, Finished, to_dict
+from synapse_cli.events import Artifact, Event, Finished, to_dict
 from synapse_cli.backends._remote import PathField, stage_paths
 from synapse_cli.jobs import load_job, select_installed, spec_from_dict
 
@@ -51,14 +51,38 @@ def from_container(value: Any, root: Path) -> Any:
     return value
 
 
-def container_stream(kind: str, spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Run job ``kind`` on a ``vol:``-addressed spec; yield its events as dicts."""
+def container_stream(kind: str, spec: dict[str, Any], notify: dict[str, Any] | None = None, job_id: str | None = None,
+                     on_delivery: Callable[[Any], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Run job ``kind`` on a ``vol:``-addressed spec; yield its events as dicts.
+
+    ``notify`` (``notify.Target.for_call``) with ``job_id``: the job's webhooks are sent from here,
+    through the URL guard (a container must not reach its cloud's metadata service or private
+    network for a stranger), and the terminal one is waited for before the stream ends;
+    ``on_delivery(notify.Delivery)`` hears what became of each."""
     root = volume_root()
     # models come from the image (the bundled default) or from models/ on the Volume, put there by its owner
     job_spec = spec_from_dict(kind, select_installed(kind, to_container(kind, spec, root), root / "models"))
-    for event in load_job(kind)(job_spec):
-        if isinstance(event, Artifact):
-            event = replace(event, path=from_container(event.path, root))
-        elif isinstance(event, Finished):
-            event = replace(event, result=from_container(event.result, root))
+
+    def events() -> Iterator[Event]:
+        for event in load_job(kind)(job_spec):
+            if isinstance(event, Artifact):
+                event = replace(event, path=from_container(event.path, root))
+            elif isinstance(event, Finished):
+                event = replace(event, result=from_container(event.result, root))
+            yield event
+
+    stream = events() if not notify else _notified(events(), notify, job_id or "job", kind, on_delivery)
+    for event in stream:
         yield to_dict(event)
+
+
+def _notified(events: Iterator[Event], notify: dict[str, Any], job_id: str, kind: str, on_delivery: Callable[[Any], None] | None) -> Iterator[Event]:
+    from synapse_cli.netguard import Guard
+    from synapse_cli.notify import Target, notify_events
+
+    target = Target.from_call(notify)
+    client = Guard(allow_hosts=notify.get("allow_hosts") or (), allow_http=target.allow_http).client()
+    try:
+        yield from notify_events(events, target, job_id, kind, client=client, on_delivery=on_delivery)
+    finally:
+        client.close()

@@ -236,6 +236,57 @@ def record(store: JobStore, job: Job, events: Iterator[Event] | Callable[[], Ite
             pass
 
 
+class DeliveryLog:
+    """``on_delivery`` for ``notify.Notifier``: each webhook's outcome into the job store, for ``synapse jobs show``.
+
+    Called from the notifier's thread, so it opens its own connection there (a connection is not
+    shared across threads mid-transaction). Best-effort, like all recording: a store that fails
+    costs the row, never the job."""
+
+    def __init__(self, db_path: Path, job_id: str, target: str, busy_s: float = RECORD_BUSY_S) -> None:
+        from synapse_cli.netguard import redact
+
+        self.db_path, self.job_id, self.target, self.busy_s = db_path, job_id, redact(target), busy_s
+        self._store: JobStore | None = None
+
+    def __call__(self, delivery: Any) -> None:
+        try:
+            if self._store is None:
+                self._store = JobStore(self.db_path, busy_timeout_s=self.busy_s)
+            self._store.add_delivery(self.job_id, delivery.to_dict(), self.target)
+        except STORE_ERRORS:
+            _close(self._store)
+            self._store = None
+
+    def close(self) -> None:
+        _close(self._store)
+        self._store = None
+
+
+def with_webhooks(events: Iterator[Event], target: Any, job_id: str, kind: str, db_path: Path | None,
+                  client: Any = None, warn: Callable[[str], None] | None = None) -> Iterator[Event]:
+    """``events`` with the job's webhooks sent on the way (``notify.notify_events``), each delivery's
+    outcome kept in the job store at ``db_path``; just ``events`` when ``target`` is None.
+
+    ``warn``: where a terminal delivery that failed is said (by default one stderr line)."""
+    if target is None:
+        return events
+    from synapse_cli.notify import notify_events
+
+    def stderr(message: str) -> None:
+        print(f"Warning: {message}", file=sys.stderr, flush=True)
+
+    def run() -> Iterator[Event]:
+        deliveries = DeliveryLog(db_path, job_id, target.url) if db_path is not None else None
+        try:
+            yield from notify_events(events, target, job_id, kind, client=client, on_delivery=deliveries, warn=warn or stderr)
+        finally:
+            if deliveries is not None:
+                deliveries.close()
+
+    return run()
+
+
 def step_summary(job: Job, env: dict[str, str] | None = None) -> None:
     """In GitHub Actions, append a short Markdown summary of the job to the step summary."""
     env = os.environ if env is None else env  # type: ignore[assignment]

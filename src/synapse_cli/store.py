@@ -50,6 +50,22 @@ ENDED_BEFORE = "SELECT id FROM jobs WHERE status NOT IN ('pending','processing')
 # what prune_ended looks for (ENDED_BEFORE): a partial index on the same expression, so it never scans the table
 _ENDED_INDEX = "CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(COALESCE(finished_at, created_at)) WHERE status NOT IN ('pending','processing')"
 
+# webhook deliveries (synapse_cli.notify): one row per message, what became of it; added within schema 2
+# (a table an older synapse never reads), created on open where missing
+_DELIVERIES = """CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at REAL NOT NULL,
+    event TEXT NOT NULL,
+    webhook_id TEXT NOT NULL,
+    target TEXT,
+    outcome TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    http_status INTEGER,
+    detail TEXT,
+    PRIMARY KEY (job_id, seq)
+)"""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -229,6 +245,9 @@ class JobStore:
                 # added within schema 2 (an index changes nothing an older synapse reads): a store made before it gains it here
                 with self.transaction() as db:
                     db.execute(_ENDED_INDEX)
+            if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'deliveries'").fetchone() is None:
+                with self.transaction() as db:
+                    db.execute(_DELIVERIES)
         except sqlite3.DatabaseError as exc:
             raise UsageError(
                 f"job store {self.path} cannot be used ({exc}): move it aside, or set [jobs] db / SYNAPSE_JOBS_DB to another file"
@@ -380,6 +399,26 @@ class JobStore:
                  status, REAPED),
             )
 
+    def add_delivery(self, job_id: str, delivery: dict[str, Any], target: str | None = None) -> None:
+        """What became of one webhook message of the job (``notify.Delivery.to_dict()``); ``target`` is
+        the URL with its user info and query left out (``netguard.redact``)."""
+        with self.transaction() as db:
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM deliveries WHERE job_id = ?", (job_id,)).fetchone()[0]
+            db.execute(
+                "INSERT INTO deliveries (job_id, seq, at, event, webhook_id, target, outcome, attempts, http_status, detail) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (job_id, seq + 1, delivery.get("at") or time.time(), delivery["event"], delivery["webhook_id"], target, delivery["outcome"],
+                 delivery["attempts"], delivery.get("http_status"), delivery.get("detail")),
+            )
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's webhook deliveries, oldest first."""
+        rows = self.db.execute(
+            "SELECT event, webhook_id, target, outcome, attempts, http_status, detail, at FROM deliveries WHERE job_id = ? ORDER BY seq",
+            (job_id,),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
     def set_remote(self, job_id: str, remote: dict[str, Any], gpu: str | None = None) -> None:
         with self.transaction() as db:
             db.execute("UPDATE jobs SET remote = ?, gpu = COALESCE(?, gpu) WHERE id = ?", (json.dumps(remote), gpu, job_id))
@@ -407,6 +446,7 @@ class JobStore:
             ids = [r["id"] for r in rows if r["id"] not in keep]
             # events explicitly, not by ON DELETE CASCADE alone: that needs foreign_keys on in the connection that deletes
             db.executemany("DELETE FROM events WHERE job_id = ?", [(i,) for i in ids])
+            db.executemany("DELETE FROM deliveries WHERE job_id = ?", [(i,) for i in ids])
             db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
         if ids:
             # executescript steps the pragma to its end: execute() frees a single page per call

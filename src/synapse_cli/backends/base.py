@@ -29,6 +29,9 @@ class Capabilities:
     - ``detach_shards``: a detached job may be sharded.
     - ``scales_out``: each call gets a machine of its own, so ``--shards auto`` splits by size.
     - ``shard_retries``: how often one shard is retried after a transient failure (BackendError).
+    - ``notifies``: the backend has the job's webhooks sent where it runs, attached runs too (an
+      endpoint: its server signs and sends them); else the pipeline sends an attached run's from
+      this process. A detached job's are always sent where it runs (``detach``).
     """
 
     detach: bool = False
@@ -36,6 +39,7 @@ class Capabilities:
     detach_shards: bool = False
     scales_out: bool = False
     shard_retries: int = 0
+    notifies: bool = False
 
 
 class Backend:

@@ -138,7 +138,7 @@ class HttpBackend(Backend):
 
     name = "http"
     # the server shards a job itself (run_sharded), detached too (?detach=true&shards=N)
-    capabilities = Capabilities(detach=True, shards="server", detach_shards=True)
+    capabilities = Capabilities(detach=True, shards="server", detach_shards=True, notifies=True)
 
     def __init__(
         self,
@@ -148,7 +148,9 @@ class HttpBackend(Backend):
         timeout_s: float = 60.0,
         max_retries: int = 3,
         initial_backoff_ms: int = 500,
+        notify: str | None = None,
     ) -> None:
+        self.notify = notify  # the jobs' webhook URL: sent in the spec; the server signs and sends them (docs/webhooks.md)
         parts = urlsplit(endpoint or "")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise UsageError(f"bad endpoint URL {endpoint!r}: expected http(s)://host[:port][/prefix]")
@@ -179,6 +181,7 @@ class HttpBackend(Backend):
             timeout_s=settings["http.timeout_s"],
             max_retries=settings["http.max_retries"],
             initial_backoff_ms=settings["http.initial_backoff_ms"],
+            notify=settings["notify.url"],
         )
 
     def close(self) -> None:
@@ -193,13 +196,19 @@ class HttpBackend(Backend):
 
     def run(self, kind: str, spec: Any, shards: int = 1) -> Iterator[Event]:
         """Upload, stream the events as they arrive, then download the outputs and rename them into place."""
-        data, uploads, targets, overwrite = _prepare(kind, spec)
+        data, uploads, targets, overwrite = self._prepare(kind, spec)
         url = f"{self.endpoint}/v1/jobs/{kind}" + (f"?shards={int(shards)}" if shards > 1 else "")
         response = yield from self._open(url, data, uploads)
         try:
             yield from collect_outputs(self._events(url, response), lambda e, out: self._fetch(e, targets, out), overwrite, url, defer=True)
         finally:
             response.close()  # on an early close this cancels the job on the server
+
+    def _prepare(self, kind: str, spec: Any) -> tuple[dict[str, Any], list[tuple[str, Path]], dict[tuple[str, int | None], str], bool]:
+        data, uploads, targets, overwrite = _prepare(kind, spec)
+        if self.notify:  # beside the kind's fields: the server checks it with its URL guard (422 when refused)
+            data = {**data, "notify": self.notify}
+        return data, uploads, targets, overwrite
 
     def _events(self, url: str, response: httpx.Response) -> Iterator[Event]:
         """The response's NDJSON lines as events, to the end of the stream: after ``finished`` the
@@ -278,7 +287,7 @@ class HttpBackend(Backend):
     def detach(self, kind: str, spec: Any, job: Any, store: Any, env: Mapping[str, str]) -> None:
         """Upload as ``run`` does and POST with ``?detach=true``: the server answers 202 with its job id
         once the inputs are stored. The store keeps the endpoint, that id and where the outputs go (never the key)."""
-        data, uploads, targets, overwrite = _prepare(kind, spec)
+        data, uploads, targets, overwrite = self._prepare(kind, spec)
         store.set_pid(job.id, os.getpid())  # this process vouches for the row while it uploads (no reaping a long upload)
         query = {"detach": "true"}
         shards = (job.flags or {}).get("shards.count")

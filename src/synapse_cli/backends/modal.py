@@ -268,6 +268,27 @@ class _Files:
 # -- the backend ------------------------------------------------------------------------
 
 
+WEBHOOKS_SUFFIX = "/webhooks"  # keep in sync with modal_functions.app
+
+
+def _redact(url: str) -> str:
+    from synapse_cli.netguard import redact  # (httpx's import, only for a job with webhooks)
+
+    return redact(url)
+
+
+def _with_deliveries(events: Iterator[Event], store: Any, job_id: str, deliveries: list[dict[str, Any]], target: str | None) -> Iterator[Event]:
+    """``events``, then the webhook deliveries its container published, kept in the job store (``jobs show``)."""
+    try:
+        yield from events
+    finally:
+        for delivery in deliveries:
+            try:
+                store.add_delivery(job_id, delivery, target)
+            except Exception:  # noqa: BLE001 - recording is best-effort
+                break
+
+
 class ModalBackend(Backend):
     """Runs jobs on Modal through ``Function.remote_gen()``.
 
@@ -434,9 +455,12 @@ class ModalBackend(Backend):
         if self.config.get("mode") == "ephemeral":
             raise UsageError("--detach needs a deployed app ([modal] mode = \"deployed\"): an ephemeral app ends with this process")
 
-    def spawn(self, kind: str, spec: Any, job_id: str, parts: list[Any] | None = None, split_in: Path | None = None) -> dict[str, Any]:
+    def spawn(self, kind: str, spec: Any, job_id: str, parts: list[Any] | None = None, split_in: Path | None = None,
+              notify: dict[str, Any] | None = None) -> dict[str, Any]:
         """Start ``kind`` on Modal and return at once: one call, or one per shard spec in ``parts``.
-        Returns the record for the job store. If a call cannot be started, none runs on."""
+        Returns the record for the job store. If a call cannot be started, none runs on.
+
+        ``notify`` (one call only): the webhook target the container sends the job's events to."""
         self._check_detach()
         deadline = self._deadline()
         started = time.time()
@@ -453,9 +477,11 @@ class ModalBackend(Backend):
             try:
                 if not parts:
                     files = _Files(self._volume, job_id)
-                    calls.append(fn.spawn(self.stage(kind, spec, files), job_id).object_id)
+                    extra = [notify] if notify else []  # an app deployed before webhooks takes two arguments: given only when used
+                    calls.append(fn.spawn(self.stage(kind, spec, files), job_id, *extra).object_id)
                     return {
                         "call_id": calls[0],
+                        **({"notify_target": _redact(notify["url"])} if notify else {}),
                         "local_of": {k: str(v) for k, v in files.local_of.items()},
                         "output_dirs": {k: str(v) for k, v in files.output_dirs.items()},
                         "overwrite": overwrite,
@@ -489,13 +515,28 @@ class ModalBackend(Backend):
             from synapse_cli.shards import split_detached
 
             parts, split_in = split_detached(kind, spec, self, self.settings)
-        remote = self.spawn(kind, spec, job.id, parts if len(parts) > 1 else None, split_in)
+        notify = self._notify(len(parts))
+        remote = self.spawn(kind, spec, job.id, parts if len(parts) > 1 else None, split_in, notify)
         try:
             store.set_remote(job.id, remote, gpu=self.gpu_for(kind))
             store.start(job.id, pid=None)
         except BaseException:  # the row will say "could not start": its calls must not run on unseen
             self._abandon(job.id, _call_ids(remote), [s["key"] for s in remote.get("shards", [])])
             raise
+
+    def _notify(self, calls: int) -> dict[str, Any] | None:
+        """The webhook target a detached call sends to from its container ([notify] url, --notify), or None."""
+        if self.settings is None:
+            return None
+        from synapse_cli.notify import Target
+
+        target = Target.from_settings(self.settings)  # https:// (or [notify] allow_http), signed with SYNAPSE_NOTIFY_SECRET
+        if target is None:
+            return None
+        if calls > 1:
+            raise UsageError("--notify with --detach --shards on Modal is not supported yet: the shards are merged where "
+                             "`synapse jobs wait` runs, so no container has the finished result to send; run it attached, or unsharded")
+        return target.for_call(self.settings["serve.allow_hosts"])
 
     def follow(self, job: Any, store: Any) -> Iterator[Event]:
         from synapse_cli.runs import record
@@ -507,7 +548,9 @@ class ModalBackend(Backend):
             files = _Files(None, job.id)
             files.local_of = {k: Path(v) for k, v in remote["local_of"].items()}
             files.output_dirs = {k: Path(v) for k, v in remote["output_dirs"].items()}
-            events = self.follow_call(job.kind, job.id, remote["call_id"], files, bool(remote.get("overwrite")))
+            deliveries: list[dict[str, Any]] = []
+            events = self.follow_call(job.kind, job.id, remote["call_id"], files, bool(remote.get("overwrite")), deliveries=deliveries)
+            return _with_deliveries(record(store, job, events), store, job.id, deliveries, remote.get("notify_target"))
         return record(store, job, events)
 
     def cancel(self, job: Any, store: Any) -> None:
@@ -542,11 +585,13 @@ class ModalBackend(Backend):
                 self._forget(job_id, [s["key"] for s in shards])
 
     def follow_call(
-        self, kind: str, key: str, call_id: str, files: _Files, overwrite: bool, stop: threading.Event | None = None, poll_s: float = 0.5
+        self, kind: str, key: str, call_id: str, files: _Files, overwrite: bool, stop: threading.Event | None = None, poll_s: float = 0.5,
+        deliveries: list[dict[str, Any]] | None = None,
     ) -> Iterator[Event]:
         """The events a detached call publishes under Dict ``key``, as they come; outputs are downloaded
         on the way (``files`` maps them) and committed on ``finished``. ``stop`` (set from any thread)
-        ends the stream within ``poll_s``, before its ``finished``."""
+        ends the stream within ``poll_s``, before its ``finished``. ``deliveries``: filled, once the
+        call has ended, with what became of its webhooks (published by the container)."""
         require_credentials(self._env)
         deadline = self._deadline()
         with self._errors():
@@ -574,6 +619,8 @@ class ModalBackend(Backend):
                         continue
                     items = progress.get(key) or []
                     if len(items) <= seen:
+                        if deliveries is not None:
+                            deliveries.extend(progress.get(key + WEBHOOKS_SUFFIX) or [])
                         if not (finished and last.get("type") == "finished"):
                             yield from_dict(last)
                         return

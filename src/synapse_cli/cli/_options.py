@@ -39,6 +39,7 @@ API_KEY = _option("api_key")[0]
 DETACH = _option("detach")[0]
 SHARDS = _option("shards")[0]
 NO_CACHE = _option("cache")[0]
+NOTIFY = _option("notify")[0]
 
 # The common options of a job command, from ``RunOptions``: (parameter, annotation, default, remote only, field).
 _COMMON: tuple[tuple[str, Any, Any, bool, str], ...] = tuple(

@@ -124,6 +124,9 @@ def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
                 print(f"Warning: {exc}; the shards' states are the job store's", file=sys.stderr)
         if shards:
             data["shards"] = shards
+        deliveries = store.deliveries(job.id)
+        if deliveries:
+            data["webhooks"] = deliveries
         if json_output:
             typer.echo(json.dumps(data, default=str))
             return
@@ -138,6 +141,10 @@ def show(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
         if _output(job):
             typer.echo(f"{'output':<14} {_output(job)}")
         typer.echo(f"{'spec':<14} {json.dumps(job.spec)}")
+        for d in deliveries:  # what became of each webhook (synapse_cli.notify)
+            status = f" HTTP {d['http_status']}" if d["http_status"] is not None else ""
+            detail = f": {d['detail']}" if d["detail"] and d["outcome"] != "delivered" else ""
+            typer.echo(f"{'webhook':<14} {d['event']} {d['outcome']}{status} after {d['attempts']} attempt(s) to {d['target']}{detail}")
 
 
 def _shard_progress(state: dict[str, Any]) -> str:
@@ -220,8 +227,9 @@ def worker(job_id: JOB_ID) -> None:
     from synapse_cli.pipeline import backend_for
     from synapse_cli.config import load_settings
     from synapse_cli.jobs import spec_from_dict
+    from synapse_cli.notify import Target
+    from synapse_cli.runs import record, step_summary, with_webhooks
     from synapse_cli.store import JobStore
-    from synapse_cli.runs import record, step_summary
 
     with exit_on_error():
         store = JobStore(os.environ["SYNAPSE_JOBS_DB"]) if os.environ.get("SYNAPSE_JOBS_DB") else JobStore.from_settings(load_settings({}))
@@ -229,12 +237,18 @@ def worker(job_id: JOB_ID) -> None:
         settings = load_settings(job.flags or {})
         spec = spec_from_dict(job.kind, job.spec)
         backend = backend_for(settings, local_only=job.backend == "local")
+        try:
+            target = Target.from_settings(settings, local=backend.name == "local")  # [notify] url / --notify: sent from here
+        except SynapseError as exc:  # the client checked it; a changed environment can still refuse it
+            store.finish(job.id, "failed", error_code=exc.exit_code, error_message=str(exc))
+            raise
         if not store.start(job.id):  # cancelled, or reaped, before this worker got to it
             print(f"job {job.id} is already {store.get(job.id).status}: not running it", file=sys.stderr)
             return
         from synapse_cli.shards import job_events
 
         with sigterm_as_interrupt():
-            for _ in record(store, job, lambda: job_events(job.kind, spec, backend, settings), on_end=step_summary):  # an error starting it fails the row
+            events = record(store, job, lambda: job_events(job.kind, spec, backend, settings), on_end=step_summary)  # an error starting it fails the row
+            for _ in with_webhooks(events, target, job.id, job.kind, store.path):  # the terminal delivery is waited for
                 pass
         print(f"job {job.id} done", file=sys.stderr)

@@ -64,11 +64,16 @@ class RunOptions:
         help="Split the job into N shards run at once, or 'auto' ([shards] count; auto is 1 locally).",
     )  # fmt: skip
 
+    notify: Optional[str] = _opt(
+        None, "--notify", metavar="URL",
+        help="POST the job's events (started, progress, finished, error) to URL, signed with SYNAPSE_NOTIFY_SECRET ([notify] url; docs/webhooks.md).",
+    )  # fmt: skip
+
     def flags(self) -> dict[str, Any]:
         """The settings these options stand for, as flags (None: not given)."""
         backend = None if self.use_modal is None else ("modal" if self.use_modal else "local")
         shards = None if self.shards is None else str(self.shards)
-        return {"backend": backend, "http.endpoint": self.endpoint, "api_key": self.api_key, "shards.count": shards}
+        return {"backend": backend, "http.endpoint": self.endpoint, "api_key": self.api_key, "shards.count": shards, "notify.url": self.notify}
 
     @classmethod
     def options(cls) -> tuple[tuple[str, Any, Opt], ...]:

@@ -74,6 +74,7 @@ class Plan:
     store: Any
     flags: dict[str, Any] = field(default_factory=dict)
     job_id: str | None = None
+    notify: Any = None  # the notify.Target this process sends an attached run's webhooks to (None: none, or the backend does)
 
     def close(self) -> None:
         backend, store, self.backend, self.store = self.backend, self.store, None, None
@@ -145,8 +146,20 @@ def plan(kind: str, options: RunOptions | None = None, /, *args: Any, flags: Map
     spec = record.hook("build")(settings, **arguments, overwrite=options.overwrite, cache=options.cache)
     backend = backend_for(settings, local_only=not record.remote)
     try:
+        notify = webhook_target(settings, backend)
         store = JobStore.from_settings(settings)
     except BaseException:
         backend.close()
         raise
-    return Plan(kind, options, settings, spec, backend, store, flags=given)
+    return Plan(kind, options, settings, spec, backend, store, flags=given, notify=notify)
+
+
+def webhook_target(settings: Settings, backend: Any) -> Any:
+    """The webhook target this process sends an attached run's events to, checked now (a missing
+    secret or a bad URL is a UsageError before anything runs); None without ``--notify``/``[notify] url``,
+    or when the backend has them sent where it runs (an endpoint's server signs them itself)."""
+    if not settings["notify.url"] or backend.capabilities.notifies:
+        return None
+    from synapse_cli.notify import Target
+
+    return Target.from_settings(settings, local=True)  # sent from this machine: plain http:// is the user's business here

@@ -20,12 +20,14 @@ def job_events(plan: Plan) -> Generator[Event, None, None]:
     and removes partial outputs, and the store marks it cancelled. Any error, before the
     job starts (a bad input found by the backend) or after, ends its row ``failed``.
     """
-    from synapse_cli.runs import record, step_summary
+    from synapse_cli.runs import record, step_summary, with_webhooks
     from synapse_cli.store import ACTIVE
 
     kind, spec, store = plan.kind, plan.spec, plan.store
     key = None
-    if plan.options.cache:  # (--no-cache: nothing to hash, and the cache's code stays unloaded)
+    # a backend that sends the webhooks where it runs (an endpoint) must run the job to send them: no reuse then
+    notified_elsewhere = bool(plan.settings["notify.url"]) and plan.backend.capabilities.notifies
+    if plan.options.cache and not notified_elsewhere:  # (--no-cache: nothing to hash, and the cache's code stays unloaded)
         from synapse_cli.result_cache import cache_key
 
         key = cache_key(kind, spec)
@@ -46,7 +48,8 @@ def job_events(plan: Plan) -> Generator[Event, None, None]:
         return run_events(kind, spec, plan.backend, plan.settings)  # may raise before its first event (--shards auto probes)
 
     try:
-        yield from record(store, job, start, on_end=step_summary)
+        # the webhooks see what the store saw, the terminal delivery waited for (bounded by [notify] retry_for_s)
+        yield from with_webhooks(record(store, job, start, on_end=step_summary), plan.notify, job.id, kind, store.path)
     finally:
         store.release(job.id)
 

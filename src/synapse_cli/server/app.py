@@ -46,7 +46,7 @@ from starlette.requests import ClientDisconnect
 from synapse_cli import __version__
 from synapse_cli.events import Failed
 from synapse_cli.render.ndjson import encode
-from synapse_cli.server import runner, session
+from synapse_cli.server import runner, session, webhooks
 from synapse_cli.server.detached import DetachedJobs, parse_index, parse_list_params
 from synapse_cli.server.keyfile import is_loopback_host
 from synapse_cli.server.uploads import BadUpload, read_body, remove_tree
@@ -79,6 +79,12 @@ class ServerOptions:
     max_queued_jobs: int = 100  # detached jobs waiting for a slot (uploads included); past it, 429
     keep_jobs_days: float = 30.0  # detached jobs that ended longer ago leave jobs.db (record, events, folder); 0: kept for ever
     on_job_end: Callable[[], None] | None = None  # e.g. Modal: commit the Volume
+    allow_hosts: tuple[str, ...] = ()  # [serve] allow_hosts: private hosts a client's URLs may reach (netguard)
+    notify_secret: str | None = field(default=None, repr=False)  # SYNAPSE_NOTIFY_SECRET: signs the jobs' webhooks; none, no webhooks
+    notify_progress_interval_s: float = 5.0
+    notify_retry_for_s: float = 60.0
+    notify_allow_http: bool = False
+    notifiers: list = field(default_factory=list)  # webhook senders still at work (server.webhooks)
     live: dict[str, Path] = field(default_factory=dict)  # this process's jobs (uploading, queued or running) -> folder
     waiting: set[str] = field(default_factory=set)  # detached jobs in ``live`` that hold no slot (uploading or queued)
     slot_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -124,6 +130,9 @@ class ServerOptions:
             if run.thread is not None:
                 run.thread.join(max(0.0, deadline - time.monotonic()))
             runner.kill_children(run.native_id)
+        from synapse_cli.server import webhooks
+
+        webhooks.wait_all(self, max(0.0, deadline - time.monotonic()))  # terminal webhooks still being retried
         return not any(r.thread is not None and r.thread.is_alive() for r in self.runs.values())
 
 
@@ -194,6 +203,12 @@ def create_app(
     for name in ("max_concurrent_jobs", "max_queued_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s", "keep_jobs_days"):
         if name not in limits and f"serve.{name}" in settings:
             limits[name] = settings[f"serve.{name}"]
+    for name, key in (("allow_hosts", "serve.allow_hosts"), ("notify_secret", "notify.secret"), ("notify_allow_http", "notify.allow_http"),
+                      ("notify_progress_interval_s", "notify.progress_interval_s"), ("notify_retry_for_s", "notify.retry_for_s")):
+        if name not in limits and key in settings:
+            limits[name] = settings[key]
+    if "allow_hosts" in limits:
+        limits["allow_hosts"] = tuple(limits["allow_hosts"] or ())
     models_dir = models_dir if models_dir is not None else settings.get("serve.models_dir")
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="synapse-serve-"))
     opts = ServerOptions(
@@ -418,6 +433,9 @@ def create_app(
                                    inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind, installed=installed)
             run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir)
             run.shards = shards
+            if run.notify_url is not None:  # a stranger's URL this server will POST to: through the URL guard (a refusal is a 422)
+                run.notify_target = await anyio.to_thread.run_sync(webhooks.check_target, opts, run.notify_url)
+                run.url_base = str(request.base_url)
         except BadUpload as exc:
             _forget(opts, job_id)
             remove_tree(job_dir)
@@ -554,6 +572,7 @@ async def _stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[byte
         timer = threading.Timer(limit, run.cancel, (
             "time limit", Failed(1, f"the job ran longer than this server's limit of {limit:g} s (serve.job_timeout_s) and was stopped", "JobError")))
         timer.daemon = True
+    feed = webhooks.start(opts, run)
     runner.run_in_thread(run, channel, on_end)
     if timer is not None:
         timer.start()
@@ -572,7 +591,10 @@ async def _stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[byte
                 if item is runner.DONE:
                     done = True
                     break
-                lines.extend(encode(ev) + "\n" for ev in run.translate(item))
+                for ev in run.translate(item):
+                    lines.append(encode(ev) + "\n")
+                    if feed is not None:
+                        feed.feed(ev)
             if lines:
                 yield "".join(lines).encode("utf-8")
             if done:
@@ -580,7 +602,11 @@ async def _stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[byte
     finally:
         if not done:  # the client went away: stop the job now, not at its next event
             run.cancel("the client went away")
+            if feed is not None:
+                feed.cancel()
         channel.close()
+        if feed is not None:
+            feed.close(wait=False)  # the sender goes on retrying on its own: the stream (and its slot) need not wait
 
 
 _DRAIN_MAX_BYTES = 1024 * 1024

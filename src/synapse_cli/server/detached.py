@@ -118,9 +118,10 @@ class StoreChannel:
     FLUSH_S = 0.05
     MAX_BATCH = 1000
 
-    def __init__(self, jobs: "DetachedJobs", run: runner.JobRun) -> None:
+    def __init__(self, jobs: "DetachedJobs", run: runner.JobRun, feed: Any = None) -> None:
         self.jobs = jobs
         self.run = run
+        self.feed = feed  # the job's webhooks (notify.Feed), fed what is stored: the events the client sees
         self._lock = threading.Lock()
         self._closed = False
         self._buffer: list[Event] = []
@@ -164,6 +165,9 @@ class StoreChannel:
         self._flushed_at = time.monotonic()
         if batch:
             self.last = self.jobs.record(self.run.job_id, batch)
+            if self.feed is not None:
+                for event in batch:
+                    self.feed.feed(event)
 
     def flush(self) -> None:
         with self._lock:
@@ -269,6 +273,7 @@ class DetachedJobs:
         with self.lock:
             arts = self.store.events(job.id, type="artifact")
             last = self.store.last_event(job.id) if job.status in ("failed", "cancelled") else None
+            deliveries = self.store.deliveries(job.id)
         artifacts = []
         for _, ev in arts:
             url = str(ev.get("path", ""))
@@ -281,6 +286,7 @@ class DetachedJobs:
             name = last[1].get("error") if last and last[1].get("type") == "error" else None
             code = job.error_code if job.error_code is not None else 1
             error = {"code": code, "message": job.error_message or "", "error": name or _ERROR_NAMES.get(code, "JobError")}
+        webhooks = {"webhooks": [{**d, "at": iso(d["at"])} for d in deliveries]} if deliveries else {}
         return {
             "id": job.id,
             "kind": job.kind,
@@ -292,6 +298,7 @@ class DetachedJobs:
             "result": job.result,  # a failed job has one if it failed after finishing (inputs that failed)
             "error": error,
             "artifacts": artifacts,
+            **webhooks,
         }
 
     def find(self, job_id: str) -> "Job | None":
@@ -406,7 +413,9 @@ class DetachedJobs:
             remove_tree(run.dir)
             return
         self.notify(run.job_id)
-        channel = StoreChannel(self, run)
+        from synapse_cli.server import webhooks
+
+        channel = StoreChannel(self, run, webhooks.start(opts, run, self.store.path))
         self.channels[run.job_id] = channel
         opts.runs[run.job_id] = run
         timer: threading.Timer | None = None
@@ -421,6 +430,8 @@ class DetachedJobs:
                     channel.last_word(Failed(1, "the job ended without a result", "JobError"))
                 except Exception:  # noqa: BLE001 - the store failed (a full disk): the slot is freed all the same
                     log.warning("job %s: cannot record its end", r.job_id, exc_info=True)
+                if channel.feed is not None:
+                    channel.feed.close(wait=False)  # retried on its own, without holding the job's slot
                 self.channels.pop(r.job_id, None)
                 opts.runs.pop(r.job_id, None)
                 self._forget(r.job_id)
@@ -449,6 +460,7 @@ class DetachedJobs:
                 self.queue.remove(queued)
         if queued is not None:
             self.record(job_id, [cancelled_event(job_id)])
+            self._tell(queued, cancelled_event(job_id))
             remove_tree(queued.dir)
             self._forget(job_id)
             return "cancelled"
@@ -470,9 +482,20 @@ class DetachedJobs:
             queued = list(self.queue)
             self.queue.clear()
         for run in queued:
-            self.record(run.job_id, [Failed(3, f"{reason}; the job had not started (nothing was saved)", "BackendError")])
+            event = Failed(3, f"{reason}; the job had not started (nothing was saved)", "BackendError")
+            self.record(run.job_id, [event])
+            self._tell(run, event)
             remove_tree(run.dir)
             self._forget(run.job_id)
+
+    def _tell(self, run: runner.JobRun, event: Failed) -> None:
+        """A job that ends before it started still sends its last event to its webhook, if it has one."""
+        from synapse_cli.server import webhooks
+
+        feed = webhooks.start(self.opts, run, self.store.path)
+        if feed is not None:
+            feed.feed(event)
+            feed.close(wait=False)
 
     # -- following -------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ _ERRORS = {
     "410": "the artifact has expired (its job is still recorded)",
     "413": "the upload is larger than max_upload_mb",
     "415": "a content type other than multipart/form-data, JSON or a urlencoded form",
-    "422": "an unknown or mistyped spec field, a bad query parameter",
+    "422": "an unknown or mistyped spec field, a bad query parameter, a notify URL the server refuses",
     "429": "every job slot (or the detached queue) is taken, or too many wrong keys (Retry-After)",
     "503": "the server is shutting down",
     "507": "the work dir's disk is too full for the upload",
@@ -76,6 +76,9 @@ def _spec_schema(cls: type, components: dict[str, Any]) -> dict[str, Any]:
         return {"type": "object", "title": cls.__name__}
     for name, sub in schema.pop("$defs", {}).items():
         components.setdefault(name, sub)
+    if isinstance(schema.get("properties"), dict):  # not a field of the kind: where the job's signed webhooks go (docs/webhooks.md)
+        schema["properties"]["notify"] = {"type": ["string", "null"], "format": "uri", "default": None,
+                                          "description": "webhook URL the job's events are POSTed to, signed with the server's secret (422 on a refused address)"}
     return schema
 
 
@@ -166,7 +169,14 @@ def _components() -> dict[str, Any]:
                           "finished_at": {"type": ["string", "null"], "format": "date-time"},
                           "result": {"type": ["object", "null"], "description": "the finished event's result"},
                           "error": {"anyOf": [_ref("JobError"), {"type": "null"}]},
-                          "artifacts": {"type": "array", "items": _ref("Artifact")}}},
+                          "artifacts": {"type": "array", "items": _ref("Artifact")},
+                          "webhooks": {"type": "array", "description": "what became of each webhook message (only for a job with notify)",
+                                       "items": _ref("WebhookDelivery")}}},
+        "WebhookDelivery": {"title": "WebhookDelivery", "type": "object", "required": ["event", "webhook_id", "outcome", "attempts"], "properties": {
+            "event": {"type": "string", "enum": ["started", "progress", "finished", "error", "cancelled"]}, "webhook_id": {"type": "string"},
+            "target": {"type": ["string", "null"]}, "outcome": {"type": "string", "enum": ["delivered", "failed", "gone"]},
+            "attempts": {"type": "integer"}, "http_status": {"type": ["integer", "null"]}, "detail": {"type": ["string", "null"]},
+            "at": {"type": ["string", "null"], "format": "date-time"}}},
         "JobList": {"title": "JobList", "type": "object", "required": ["jobs"], "properties": {"jobs": {"type": "array", "items": _ref("JobRecord")}}},
         "Health": {"title": "Health", "type": "object", "required": ["status", "version", "jobs", "max_upload_mb", "auth"], "properties": {
             "status": {"type": "string"}, "version": {"type": "string"}, "jobs": {"type": "array", "items": {"type": "string"}},

@@ -70,6 +70,9 @@ class JobRun:
     channel: "Channel | None" = None
     cancel_reason: str | None = None
     shards: int = 1  # ?shards=N: the server splits the job across its own worker processes
+    notify_url: str | None = None  # the spec's ``notify``: where the job's webhooks go (checked by the app's URL guard)
+    notify_target: Any = None  # its notify.Target once the app checked it (server.webhooks.check_target)
+    url_base: str | None = None  # the server's URL as the client reached it: webhooks name outputs by absolute URL
 
     def cancel(self, reason: str, failure: Event | None = None) -> None:
         """Stop the job now: end its stream (with ``failure`` as the last line, if given) and kill its processes.
@@ -261,6 +264,9 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
     except ImportError as exc:
         raise BadUpload(404, f"job kind {kind!r} is not available on this server ({exc})") from None
     data = dict(body.spec)
+    notify_url = data.pop("notify", None)  # not a field of the kind's spec: the job's webhook target (synapse_cli.notify)
+    if notify_url is not None and (not isinstance(notify_url, str) or not notify_url):
+        raise BadUpload(422, "bad notify: expected a URL (https://…) or null")
     names = {f.name: f for f in fields(cls)}
     extra = sorted(set(data) - set(names))
     if extra:
@@ -334,7 +340,7 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
             raise BadUpload(422, f"bad {kind} spec: {name}: {value:g} is over this server's cap of {cap:g}")
     replacements.sort(key=lambda r: len(r[0]), reverse=True)
-    return JobRun(job_id, kind, job_dir, spec, outs, [u.path for u in body.files], replacements)
+    return JobRun(job_id, kind, job_dir, spec, outs, [u.path for u in body.files], replacements, notify_url=notify_url)
 
 
 # -- running it --------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""Webhooks behind ``synapse serve``: sent by the server, signed with its secret, the target checked by
+the URL guard (422 on a refused address). A real server and a real receiver on loopback; every
+delivery verified with the reference ``standardwebhooks`` package."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+
+from tests.conftest import wait_for
+from tests.http_fixtures import API_KEY, serve_app
+from tests.receiver import Receiver, Reply
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SECRET = "whsec_" + base64.b64encode(b"v" * 32).decode()
+TINY = {"output": "s.mp4", "seconds": 0.5, "width": 32, "height": 32, "audio": False}
+HOOKS = dict(notify_secret=SECRET, allow_hosts=("localhost",), notify_allow_http=True, notify_progress_interval_s=0.2, notify_retry_for_s=3.0)
+
+
+def hooks(receiver: Receiver) -> list[dict]:
+    hook = Webhook(SECRET)
+    return [hook.verify(r.body, r.headers) for r in receiver.requests]
+
+
+def test_a_detached_job_on_the_server_notifies_with_download_urls(tmp_path):
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        resp = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "notify": r.url_for("localhost", "/hook")}, headers=AUTH)
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["id"]
+        wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=60)
+        bodies = hooks(r)
+        assert bodies[0]["type"] == "started" and bodies[-1]["type"] == "finished"
+        assert {b["job_id"] for b in bodies} == {job_id} and {b["kind"] for b in bodies} == {"sample"}
+        finished = bodies[-1]["data"]
+        assert finished["result"]["output"] == "s.mp4"  # the client's path, never the server's
+        [art] = finished["artifacts"]
+        assert art["url"].startswith(f"{ep.url}/v1/artifacts/{job_id}.0")
+        data = httpx.get(art["url"], headers=AUTH).content
+        assert len(data) == art["bytes"] and data[4:8] == b"ftyp"
+        wait_for(lambda: httpx.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json().get("webhooks", [{}])[-1].get("event") == "finished")
+        rec = httpx.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json()
+        assert rec["status"] == "completed"
+        assert [(w["event"], w["outcome"]) for w in rec["webhooks"]][-1] == ("finished", "delivered")
+        assert all(w["target"] == r.url_for("localhost", "/hook") for w in rec["webhooks"])
+    raw = SECRET[6:].encode()
+    for f in (tmp_path / "srv").rglob("*"):
+        if f.is_file():
+            assert raw not in f.read_bytes(), f
+
+
+def test_a_streamed_job_notifies_and_a_500_once_still_gets_finished(tmp_path):
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        failed: list = []
+
+        def first_finished_fails(req):
+            if b'"type":"finished"' in req.body and not failed:
+                failed.append(req)
+                return Reply(500)
+            return None
+
+        r.rule = first_finished_fails
+        with httpx.stream("POST", f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": r.url_for("localhost", "/h")}, headers=AUTH, timeout=60) as resp:
+            assert resp.status_code == 200
+            events = [json.loads(line) for line in resp.iter_lines() if line.strip()]
+        assert events[-1]["type"] == "finished"
+        wait_for(lambda: [b["type"] for b in hooks(r)].count("finished") == 2, timeout=30)
+        types = [b["type"] for b in hooks(r)]
+    assert types[0] == "started" and types[-1] == "finished"
+    assert types.count("finished") == 2 and failed  # the 500 was retried, with the same id
+    assert len({req.headers["webhook-id"] for req in r.requests if b'"type":"finished"' in req.body}) == 1
+
+
+@pytest.mark.parametrize(
+    "notify, says",
+    [
+        ("http://127.0.0.1:{port}/hook", "127.0.0.1 is a loopback address"),
+        ("https://169.254.169.254/latest/meta-data", "link-local"),
+        ("https://10.0.0.7/hook", "private address"),
+        ("http://[::ffff:127.0.0.1]:{port}/", "IPv4-mapped"),
+        ("http://LocalHost:{port}/hook", None),  # allowed ([serve] allow_hosts), whatever its case
+        ("ftp://example.com/hook", "expected an https:// URL"),
+        (12, "expected a URL"),
+    ],
+)
+def test_a_refused_target_is_a_422_and_nothing_runs(tmp_path, notify, says):
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        url = notify.format(port=r.port) if isinstance(notify, str) else notify
+        resp = httpx.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": url}, headers=AUTH, timeout=60)
+        if says is None:
+            assert resp.status_code == 200, resp.text
+            return
+        assert resp.status_code == 422, resp.text
+        assert "notify" in resp.json()["message"] and says in resp.json()["message"]
+        assert ep.job_dirs() == [] and r.requests == []
+
+
+def test_a_name_that_resolves_to_loopback_is_refused_unless_allowed(tmp_path):
+    with Receiver() as r, serve_app(tmp_path / "srv", **{**HOOKS, "allow_hosts": ()}) as ep:
+        resp = httpx.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": r.url_for("localhost", "/hook")}, headers=AUTH)
+        assert resp.status_code == 422 and "localhost (127.0.0.1) is a loopback address" in resp.json()["message"]
+
+
+def test_a_server_without_a_secret_refuses_notify_and_plain_http_needs_a_setting(tmp_path):
+    with serve_app(tmp_path / "a", **{**HOOKS, "notify_secret": None}) as ep:
+        resp = httpx.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": "https://hooks.example/x"}, headers=AUTH)
+        assert resp.status_code == 422 and "SYNAPSE_NOTIFY_SECRET" in resp.json()["message"]
+    with serve_app(tmp_path / "b", **{**HOOKS, "notify_allow_http": False}) as ep:
+        resp = httpx.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": "http://localhost:9/x"}, headers=AUTH)
+        assert resp.status_code == 422 and "allow_http" in resp.json()["message"]
+
+
+def test_a_dead_receiver_leaves_the_server_job_completed_and_says_so(tmp_path):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with serve_app(tmp_path / "srv", **{**HOOKS, "notify_retry_for_s": 1.0}) as ep:
+        resp = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "notify": f"http://localhost:{port}/hook"}, headers=AUTH)
+        job_id = resp.json()["id"]
+        wait_for(lambda: any(w["event"] == "finished" for w in httpx.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json().get("webhooks", [])), timeout=60)
+        rec = httpx.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json()
+    assert rec["status"] == "completed"
+    final = rec["webhooks"][-1]
+    assert final["outcome"] == "failed" and final["attempts"] >= 2 and "ConnectError" in final["detail"]
+
+
+SMALL = ["--set", "output_width=90", "--set", "output_height=160"]
+
+
+def test_the_cli_through_an_endpoint_has_the_server_notify(cli, db, tiny, tmp_path):
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook")}  # no secret here: the server signs
+        run = cli("export", tiny, "-o", tmp_path / "remote.mp4", "--json", *SMALL, "--endpoint", ep.url, env=env)
+        assert run.exit_code == 0, run.stderr
+        wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=30)
+        bodies = hooks(r)
+        assert bodies[0]["type"] == "started" and bodies[-1]["data"]["result"]["output"] == str(tmp_path / "remote.mp4")
+        again = cli("export", tiny, "-o", tmp_path / "again.mp4", *SMALL, "--endpoint", ep.url, env=env)  # identical: not reused,
+        assert again.exit_code == 0, again.stderr  # since only the server can send its webhooks
+        wait_for(lambda: [b["type"] for b in hooks(r)].count("finished") == 2, timeout=30)
+        refused = cli("export", tiny, "-o", tmp_path / "r2.mp4", *SMALL, "--endpoint", ep.url,
+                      env={**env, "SYNAPSE_NOTIFY_URL": f"http://127.0.0.1:{r.port}/hook"})
+        assert refused.exit_code == 2 and "bad notify" in refused.stderr and "loopback" in refused.stderr
+
+
+def test_cancelled_jobs_say_so_queued_or_running(tmp_path):
+    long = {"output": "long.mp4", "seconds": 300, "width": 1280, "height": 720}
+    with Receiver() as r, serve_app(tmp_path / "srv", max_concurrent_jobs=1, **HOOKS) as ep:
+        hook = r.url_for("localhost", "/hook")
+        running = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**long, "notify": hook}, headers=AUTH).json()["id"]
+        queued = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "notify": hook}, headers=AUTH).json()["id"]
+        wait_for(lambda: any(b["job_id"] == running and b["type"] == "started" for b in hooks(r)), timeout=30)
+        assert httpx.delete(f"{ep.url}/v1/jobs/{queued}", headers=AUTH).json()["status"] == "cancelled"
+        assert httpx.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
+        wait_for(lambda: {b["job_id"] for b in hooks(r) if b["type"] == "cancelled"} == {running, queued}, timeout=30)
+        by_job = {j: [b["type"] for b in hooks(r) if b["job_id"] == j] for j in (running, queued)}
+    assert by_job[queued] == ["cancelled"]  # it never started
+    assert by_job[running][0] == "started" and by_job[running][-1] == "cancelled" and "finished" not in by_job[running]
+
+
+def test_the_servers_webhook_settings_come_from_its_settings():
+    from synapse_cli.config import resolve
+    from synapse_cli.server.app import create_app
+
+    settings = resolve(env={"SYNAPSE_NOTIFY_SECRET": SECRET, "SYNAPSE_SERVE_ALLOW_HOSTS": "hooks.lan, 10.0.0.7",
+                            "SYNAPSE_NOTIFY_RETRY_FOR_S": "9", "SYNAPSE_NOTIFY_ALLOW_HTTP": "true"})
+    opts = create_app(settings, allow_anonymous=True).state.synapse
+    assert (opts.notify_secret, opts.allow_hosts, opts.notify_retry_for_s, opts.notify_allow_http) == (SECRET, ("hooks.lan", "10.0.0.7"), 9.0, True)
+    assert SECRET not in repr(opts)
+
+
+def test_a_detached_job_sent_through_an_endpoint_notifies_from_the_server(cli, db, tiny, tmp_path):
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook")}
+        run = cli("export", tiny, "-o", tmp_path / "det.mp4", *SMALL, "--endpoint", ep.url, "--detach", "--no-cache", env=env)
+        assert run.exit_code == 0, run.stderr  # the client returned: the server tells the receiver
+        wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=60)
+        server_id = hooks(r)[-1]["job_id"]
+        rec = httpx.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json()
+        assert rec["status"] == "completed" and hooks(r)[-1]["data"]["result"]["output"] == str(tmp_path / "det.mp4")

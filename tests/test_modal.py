@@ -339,16 +339,17 @@ def assert_names_no_staged_path(run, fake) -> None:
     assert str(fake.root) not in text and "vol:" not in text and "inputs/" not in text and "outputs/" not in text, text
 
 
-def test_a_failing_export_names_the_users_output_folder(cli, deployed, clips, tmp_path):
-    """ffmpeg names the temporary sibling it could not write: in the user's folder, as a local run says, not on the Volume."""
-    out = tmp_path / "o.xyz"  # no muxer for .xyz: ffmpeg stops at once, naming the file it was given
+@pytest.mark.parametrize("name", ["o.xyz", "o" * 240 + ".mp4"])
+def test_an_output_name_ffmpeg_cannot_write_is_refused_before_anything_reaches_modal(cli, deployed, clips, tmp_path, name):
+    """``-o o.xyz`` (no muxer) and a name whose temporary sibling the filesystem cannot hold once reached the
+    container and failed inside ffmpeg (or Python); both are now refused here, exit 2, before any upload."""
+    out = tmp_path / name
     run = cli("export", clips["silent"], "--use-modal", "--json", "-o", out, "--set", "output_width=90", "--set", "output_height=160")
-    assert run.exit_code == 1, run.stderr
+    assert run.exit_code == 2, run.stderr
     last = run.events()[-1]
-    assert last["type"] == "error" and last["message"].startswith("ffmpeg exited")
-    assert f"'{tmp_path}/.o." in last["message"] and ".part.xyz'" in last["message"]
-    assert run.stderr.strip().splitlines()[-1] == f"JobError: {last['message']}"
-    assert_names_no_staged_path(run, deployed)
+    assert last["type"] == "error" and last["error"] == "UsageError"
+    assert ("no container synapse writes is a .xyz file" if name == "o.xyz" else "is too long") in last["message"]
+    assert run.stderr.strip().splitlines()[-1].startswith("UsageError: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["modal-fake"]
 
 

@@ -22,11 +22,22 @@ def check_output(dest: Path, overwrite: bool) -> None:
         raise UsageError(f"{dest} already exists (use --overwrite to replace it)")
     if dest.is_dir():
         raise UsageError(f"{dest} is a directory")
+    room = _name_max(dest.parent) - len(os.fsencode(temp_path_for(dest).name))
+    if room < 0:  # the temporary sibling it is written to first must fit too
+        raise UsageError(f"output name {dest.name[:40]!r}... is too long: {-room} bytes over what this filesystem allows for it")
     parent = dest.parent
     if not parent.is_dir():
         raise UsageError(f"output directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"output directory {parent} is not writable")
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name ``folder``'s filesystem takes (255 bytes where it cannot be asked)."""
+    try:
+        return os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 # The containers synapse writes H.264 + AAC into (each checked with the bundled ffmpeg and the jobs'

@@ -38,9 +38,9 @@ from synapse_cli.backends.base import Backend, Capabilities
 from synapse_cli.errors import BackendError, UsageError, error_from_wire, one_line
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, from_dict
 from synapse_cli.jobs import get_kind, spec_to_dict
+from synapse_cli.protocol import DIR_TAR, NDJSON
 
 MAX_RETRY_AFTER_S = 60.0
-DIR_TAR = "application/x-synapse-dir+tar"  # how a directory input travels (synapse_cli.server.uploads)
 KEY_REJECTED = "endpoint rejected the API key"
 # following a detached job's /events: attempts per outage (backoff from http.initial_backoff_ms up to 30 s
 # apart, about 2.5 minutes with the default 500 ms); every connection that answers renews them
@@ -171,7 +171,7 @@ class HttpBackend(Backend):
         parts = urlsplit(endpoint or "")
         if not key and parts.scheme == "http" and parts.hostname:
             # a local `synapse serve` without SYNAPSE_API_KEY generated one and left it for us
-            from synapse_cli.server.keyfile import is_loopback_host, read_key
+            from synapse_cli.protocol import is_loopback_host, read_key
 
             if is_loopback_host(parts.hostname):
                 key = read_key(parts.port or 80)
@@ -258,7 +258,7 @@ class HttpBackend(Backend):
                 response.close()
         if response.status_code == 200:
             ctype = response.headers.get("content-type", "").split(";")[0].strip()
-            if ctype != "application/x-ndjson":
+            if ctype != NDJSON:
                 response.close()
                 raise BackendError(f"{url} is not a synapse endpoint (answered {ctype or 'no content type'} instead of an NDJSON stream)")
             if detach:  # a server without detached jobs streams the job instead; closing the stream cancels it
@@ -468,7 +468,7 @@ class HttpBackend(Backend):
         """``GET /events?after=N`` until it answers 200 (yields retry logs); returns the open response."""
 
         def connect() -> httpx.Response:
-            request = self._client.build_request("GET", url, params={"after": mirror.after}, headers={**self._headers, "Accept": "application/x-ndjson"})
+            request = self._client.build_request("GET", url, params={"after": mirror.after}, headers={**self._headers, "Accept": NDJSON})
             response = self._client.send(request, stream=True)
             if response.status_code == 200:
                 return response

@@ -69,6 +69,7 @@ def serve(
     """
     from synapse_cli.cli._run import exit_on_error
     from synapse_cli.config import load_settings
+    from synapse_cli.protocol import MIN_KEY_CHARS
 
     with exit_on_error():
         flags = {"serve.host": host, "serve.port": port, "serve.work_dir": str(work_dir) if work_dir else None}
@@ -84,7 +85,7 @@ def serve(
         import uvicorn
 
         from synapse_cli.server import create_app
-        from synapse_cli.server.keyfile import write_key
+        from synapse_cli.protocol import write_key
 
         configured = settings["serve.work_dir"]
         root = Path(configured) if configured else Path(tempfile.mkdtemp(prefix="synapse-serve-"))
@@ -129,7 +130,6 @@ def serve(
 
 
 LIMIT_CONNECTIONS = 256  # open connections (streams included) before uvicorn answers 503
-MIN_KEY_CHARS = 16
 
 
 def _server_class() -> type:

@@ -10,7 +10,7 @@
 - ``detached``: jobs submitted with ``?detach=true``: the server's job store (``<work dir>/jobs.db``),
   the queue for a free slot, the ``/v1/jobs`` records and the followers of ``/events``.
 - ``openapi``: the document of ``GET /v1/openapi.json``.
-- ``keyfile``: where ``synapse serve`` writes a generated API key (the client reads it).
+(What the client shares with the server, media types and the key file, is ``synapse_cli.protocol``.)
 
 Importing this package reads nothing and starts nothing; only ``create_app`` touches
 the work dir. It imports FastAPI, so the CLI imports it only inside ``synapse serve``.
@@ -22,7 +22,7 @@ __all__ = ["ServerOptions", "create_app"]
 
 
 def __getattr__(name: str) -> Any:
-    # lazy: ``synapse_cli.server.keyfile`` is imported by the HTTP client, which must not pay for FastAPI
+    # lazy: importing the package must not pay for FastAPI
     if name in __all__:
         from synapse_cli.server import app
 

@@ -36,11 +36,12 @@ from urllib.parse import parse_qs, urlsplit
 
 from synapse_cli.events import Event, Failed, Finished, Progress, Started, to_dict
 from synapse_cli.server import runner
+from synapse_cli.server.state import forget
 from synapse_cli.server.uploads import remove_tree
 from synapse_cli.store import ACTIVE, STATES, JobStore, alive, this_host
 
 if TYPE_CHECKING:
-    from synapse_cli.server.app import ServerOptions
+    from synapse_cli.server.state import ServerOptions
     from synapse_cli.store import Job
 
 log = logging.getLogger("synapse.server")
@@ -448,9 +449,7 @@ class DetachedJobs:
             run.cancel("the server is shutting down", Failed(3, "the server is shutting down; the job was stopped (nothing was saved)", "BackendError"))
 
     def _forget(self, job_id: str) -> None:
-        from synapse_cli.server.app import _forget
-
-        _forget(self.opts, job_id)
+        forget(self.opts, job_id)
 
     def cancel(self, job_id: str) -> str:
         """``DELETE``: "cancelled", "finished" (too late), "elsewhere" (another process runs it) or "unknown"."""

@@ -19,9 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from synapse_cli import __version__
-
-NDJSON = "application/x-ndjson"
-SSE = "text/event-stream"
+from synapse_cli.protocol import NDJSON, SSE
 
 _ERRORS = {
     "400": "bad filename, malformed multipart, a spec that is not JSON, a part that is not an input",

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from synapse_cli.protocol import DIR_TAR
+
 MAX_SPEC_BYTES = 4 * 1024 * 1024  # the spec part (and a JSON body): specs are small, files travel as files
 MAX_FILES = 256
-DIR_TAR = "application/x-synapse-dir+tar"  # a part holding a directory input, as an uncompressed tar
 MAX_DIR_MEMBERS = 10_000
 
 

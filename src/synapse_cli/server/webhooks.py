@@ -27,7 +27,7 @@ from synapse_cli.server.uploads import BadUpload
 
 if TYPE_CHECKING:
     from synapse_cli.notify import Feed, Target
-    from synapse_cli.server.app import ServerOptions
+    from synapse_cli.server.state import ServerOptions
     from synapse_cli.server.runner import JobRun
 
 log = logging.getLogger("synapse.server")

@@ -1,14 +1,24 @@
-"""Where ``synapse serve`` writes the API key it generated (as Jupyter writes its token): one file per port.
+"""What the HTTP client and ``synapse serve`` share: media types, and where the server's generated key lives.
 
-``$XDG_RUNTIME_DIR/synapse/serve-<port>.key``, else ``$XDG_DATA_HOME/synapse/runtime/serve-<port>.key``
-(``~/.local/share/synapse/runtime/...``); the folder is 0700 and the file 0600. The HTTP client reads
-it when ``SYNAPSE_API_KEY`` is unset and the endpoint is on this machine's loopback. Imports nothing heavy.
+The client (``backends/http.py``) imports this module, never anything under ``server/`` (which
+needs FastAPI). Imports nothing heavy.
+
+The key file: ``synapse serve`` writes the API key it generated (as Jupyter writes its token), one
+file per port: ``$XDG_RUNTIME_DIR/synapse/serve-<port>.key``, else
+``$XDG_DATA_HOME/synapse/runtime/serve-<port>.key`` (``~/.local/share/synapse/runtime/...``); the
+folder is 0700 and the file 0600. The HTTP client reads it when ``SYNAPSE_API_KEY`` is unset and the
+endpoint is on this machine's loopback.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+NDJSON = "application/x-ndjson"  # a job's events, one JSON object a line (the stream --json prints)
+SSE = "text/event-stream"  # the same events for an EventSource (GET /v1/jobs/{id}/events)
+DIR_TAR = "application/x-synapse-dir+tar"  # a multipart part holding a directory input, as an uncompressed tar
+MIN_KEY_CHARS = 16  # the shortest API key synapse serve takes (and generates longer ones)
 
 
 def is_loopback_host(host: str) -> bool:

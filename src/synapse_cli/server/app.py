@@ -191,7 +191,7 @@ def create_app(
     unknown = sorted(set(limits) - known)
     if unknown:
         raise TypeError(f"create_app got unexpected keyword argument(s): {', '.join(unknown)}")
-    for name in ("max_concurrent_jobs", "max_queued_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s", "keep_jobs_days"):
+    for name in ("max_concurrent_jobs", "max_queued_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s", "keep_jobs_days", "max_key_failures"):
         if name not in limits and f"serve.{name}" in settings:
             limits[name] = settings[f"serve.{name}"]
     models_dir = models_dir if models_dir is not None else settings.get("serve.models_dir")
@@ -324,7 +324,10 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names the methods of the first route whose path matched; say all of them
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path)) or headers.get("Allow", "")
+        return _error(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -616,6 +619,25 @@ async def _drain(request: Request, timeout_s: float | None) -> bool:
                 return message.get("type") == "http.request"
     except (asyncio.TimeoutError, ClientDisconnect, RuntimeError):
         return False
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI document gives ``path``, for a 405's ``Allow``. Starlette names those of the
+    first route whose path matched, but ``/v1/jobs/{kind}`` (POST) and ``/v1/jobs/{job_id}`` (GET, DELETE)
+    share a shape: ``/v1/jobs/<a kind>`` is the kind's POST, any other ``/v1/jobs/<x>`` a job's GET and DELETE."""
+    from synapse_cli.jobs import JOBS
+
+    methods: set[str] = set()
+    for route in app.routes:
+        regex = getattr(route, "path_regex", None)
+        match = regex.match(path) if regex is not None and getattr(route, "methods", None) else None
+        if match is None:
+            continue
+        params = match.groupdict()
+        if ("kind" in params and params["kind"] not in JOBS) or ("job_id" in params and params["job_id"] in JOBS and path.count("/") == 3):
+            continue
+        methods.update(route.methods)
+    return sorted(methods)
 
 
 def _forget(opts: ServerOptions, job_id: str) -> None:

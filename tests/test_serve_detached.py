@@ -717,3 +717,30 @@ def test_the_openapi_document_describes_the_sse_stream_the_links_and_each_paths_
             assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers.get("allow"))
             assert r.json()["type"] == "error"
 
+
+def test_a_restarted_server_kills_what_the_dead_one_left_running_and_runs_its_queue_in_order(tmp_path):
+    """SIGKILL (no graceful stop): the running job's ffmpeg, in a session of its own, outlives the server.
+    The next server on the work dir kills it before it listens and fails that job; the jobs that were
+    still queued are queued again and run, in the order they were submitted."""
+    work = tmp_path / "srv"
+    env = {"SYNAPSE_SERVE_MAX_CONCURRENT_JOBS": "1"}
+    with serve_process(work, env=env) as (url, server, _):
+        running = submit(url, spec=LONG)
+        queued = [submit(url, spec={**TINY, "output": f"q{i}.mp4"}) for i in range(3)]
+        wait_status(url, running, ("processing",))
+        assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
+        [pid] = ffmpeg_of(work / "jobs" / running)
+        assert all(record(url, q)["status"] == "pending" for q in queued)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+        assert ffmpeg_of(work / "jobs" / running) == [pid]
+        with serve_process(work, env=env) as (url2, _, log):
+            assert not ffmpeg_of(work / "jobs" / running), "the dead server's ffmpeg outlived the restart"
+            failed = record(url2, running)
+            assert failed["status"] == "failed" and failed["error"]["message"] == "the server stopped while this job was running"
+            done = [wait_status(url2, q, ("completed",)) for q in queued]
+            assert [d["started_at"] for d in done] == sorted(d["started_at"] for d in done)
+            for d, i in zip(done, range(3)):
+                [art] = d["artifacts"]
+                assert art["path"] == f"q{i}.mp4" and len(httpx.get(url2 + art["url"], headers=AUTH).content) == art["bytes"]
+            assert any("queued here" in line for line in log)

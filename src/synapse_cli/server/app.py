@@ -202,6 +202,7 @@ def create_app(
     )  # fmt: skip
     opts.jobs_dir.mkdir(parents=True, exist_ok=True)
     opts.detached = DetachedJobs(opts)  # opens <work dir>/jobs.db; jobs a dead server left running are marked failed, old ones pruned
+    opts.detached.dispatch()  # and those it left queued, queued here again, start
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -18,6 +18,7 @@ Built once per app, on first request: kinds registered later (tests) appear in a
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from synapse_cli import __version__
@@ -92,8 +93,13 @@ def _kind_operation(name: str, components: dict[str, Any]) -> dict[str, Any]:
         components[spec_name] = {"type": "object", "title": spec_name, "description": "this kind is not available on this server"}
         inputs: tuple[str, ...] = ()
     else:
-        components[spec_name] = _spec_schema(cls, components)
+        components[spec_name] = spec = _spec_schema(cls, components)
         inputs = tuple(getattr(cls, "INPUTS", ()))
+        if spec.get("type") == "object" and "properties" in spec:
+            spec["additionalProperties"] = False  # the server refuses a field the spec does not have (422)
+            for field, cap in getattr(cls, "SERVER_CAPS", {}).items():  # and a value over this server's cap (422)
+                if field in spec["properties"]:
+                    spec["properties"][field]["maximum"] = cap
     spec_props = components[spec_name].get("properties", {})
     multipart_props: dict[str, Any] = {"spec": {**_ref(spec_name), "description": "the job's spec as JSON (a form field)"}}
     encoding: dict[str, Any] = {"spec": {"contentType": "application/json"}}
@@ -106,7 +112,9 @@ def _kind_operation(name: str, components: dict[str, Any]) -> dict[str, Any]:
         encoding[field] = {"contentType": "application/octet-stream, application/x-synapse-dir+tar"}
         if field in components[spec_name].get("required", []):
             required_parts.append(field)
-    content: dict[str, Any] = {"multipart/form-data": {"schema": {"type": "object", "properties": multipart_props, "required": required_parts}, "encoding": encoding}}
+    content: dict[str, Any] = {"multipart/form-data": {"schema": {"type": "object", "properties": multipart_props, "required": required_parts,
+                                                                  "additionalProperties": False},  # another part is a 400
+                                                       "encoding": encoding}}
     if not inputs:
         content["application/json"] = {"schema": _ref(spec_name)}
     return {
@@ -117,7 +125,7 @@ def _kind_operation(name: str, components: dict[str, Any]) -> dict[str, Any]:
             {"name": "detach", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
              "description": "true: answer 202 at once; the job runs on the server (see /v1/jobs/{job_id})"},
             {"name": "shards", "in": "query", "required": False,
-             "schema": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["auto"]}]},
+             "schema": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": os.cpu_count() or 1}, {"type": "string", "enum": ["auto"]}]},
              "description": "split the job across this many worker processes of the server (at most one per core)"},
         ],
         "requestBody": {"required": True, "content": content},

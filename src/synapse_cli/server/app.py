@@ -630,14 +630,14 @@ def _allowed_methods(app: FastAPI, path: str) -> list[str]:
 
     methods: set[str] = set()
     for route in app.routes:
-        regex = getattr(route, "path_regex", None)
-        match = regex.match(path) if regex is not None and getattr(route, "methods", None) else None
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        match = regex.match(path) if regex is not None and route_methods else None
         if match is None:
             continue
         params = match.groupdict()
         if ("kind" in params and params["kind"] not in JOBS) or ("job_id" in params and params["job_id"] in JOBS and path.count("/") == 3):
             continue
-        methods.update(route.methods)
+        methods.update(route_methods or ())
     return sorted(methods)
 
 

@@ -209,3 +209,15 @@ def test_a_sample_spec_out_of_range_ends_with_a_usage_error_naming_the_field_not
             last = json.loads([line for line in r.text.splitlines() if line.strip()][-1])
             assert last["type"] == "error" and last["code"] == 2 and last["message"].startswith(f"{name} must be"), (fields, last)
     assert not [rec for rec in caplog.records if rec.exc_info], [rec.getMessage() for rec in caplog.records if rec.exc_info]
+
+
+def test_a_work_dir_removed_under_the_server_is_a_503_not_a_500(tmp_path):
+    """Seen while fuzzing (issue 27): with its jobs folder gone, every submit was a 500 with a traceback
+    (shutil.disk_usage raised outside the route's error handling)."""
+    import shutil
+
+    with serve_app(tmp_path / "srv", min_free_mb=0) as ep:
+        shutil.rmtree(ep.work_dir / "jobs")
+        r = httpx.post(f"{ep.url}/v1/jobs/sample", json={"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio": False}, headers=AUTH)
+        assert r.status_code == 503 and r.json()["error"] == "BackendError" and "work dir is unavailable" in r.json()["message"]
+        assert r.headers["retry-after"] == "60"

@@ -386,7 +386,11 @@ def create_app(
         if length.isdigit() and int(length) > opts.max_bytes:
             return await _refuse(request, _error(413, f"the upload ({int(length) / 1048576:.1f} MB) is larger than the server's limit of {opts.max_upload_mb} MB", close=True), opts)
         needed = (int(length) if length.isdigit() else opts.max_bytes) + opts.min_free_mb * 1024 * 1024
-        free = shutil.disk_usage(opts.jobs_dir).free
+        try:
+            free = shutil.disk_usage(opts.jobs_dir).free
+        except OSError as exc:  # the work dir is gone or unreadable (removed under a running server): not this request's fault
+            return await _refuse(request, _error(503, f"the server's work dir is unavailable ({exc.strerror or exc})", code=3, error="BackendError",
+                                                 close=True, headers={"Retry-After": "60"}), opts)
         if free < needed:
             return await _refuse(request, _error(507, f"the server has {free / 1048576:.0f} MB free in its work dir; this upload needs {needed / 1048576:.0f} MB (serve.min_free_mb)",
                           code=3, error="BackendError", close=True, headers={"Retry-After": "60"}), opts)

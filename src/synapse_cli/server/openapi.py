@@ -38,7 +38,7 @@ _ERRORS = {
     "415": "a content type other than multipart/form-data, JSON or a urlencoded form",
     "422": "an unknown or mistyped spec field, a bad query parameter",
     "429": "every job slot (or the detached queue) is taken, or too many wrong keys (Retry-After)",
-    "503": "the server is shutting down",
+    "503": "the server is shutting down, or its work dir is unavailable",
     "507": "the work dir's disk is too full for the upload",
 }
 

@@ -13,7 +13,6 @@ time per schema from a second run over the same cache.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time

@@ -385,3 +385,37 @@ def test_breaking_out_cancels_a_modal_call(db, deployed, long_clip, tmp_path):
     assert deployed.function_calls[-1].outcome == "cancelled"
     assert job_row(db, job_id)["status"] == "cancelled"
     assert not (tmp_path / "o.mp4").exists()
+
+
+# -- one declaration of the common options ------------------------------------------------------
+
+
+def test_every_common_option_is_declared_once_and_reaches_every_client():
+    """``RunOptions`` is the one declaration: each field is a flag of every remote job command and,
+    unless it is about the terminal (``--json``, ``--detach``: ``submit``), a keyword of the API."""
+    import click
+    import typer.main
+
+    from synapse_cli.cli import app
+    from synapse_cli.pipeline import RunOptions, split_options
+
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    for kind in ("export", "compile", "infer"):
+        flags = {f for p in group.get_command(ctx, kind).params for f in (*p.opts, *p.secondary_opts)}
+        for name, _, opt in RunOptions.options():
+            declared = {f for spelled in opt.flags for f in spelled.split("/")}
+            assert declared <= flags, (kind, name)
+    assert set(RunOptions.api_names()) == {"use_modal", "overwrite", "config", "profile", "endpoint", "api_key", "cache", "shards"}
+    with pytest.raises(synapse.UsageError, match="accepted: .*shards"):
+        split_options("export", ("clip.mp4",), {"shard": 2})
+
+
+def test_the_api_takes_shards(db, long_clip, tmp_path):
+    """``synapse_cli.export(..., shards=2)`` (docs/python.md): two shards run and merge into one output."""
+    out = tmp_path / "two.mp4"
+    events = list(synapse.export(long_clip, job="framing", params=SMALL, output=out, shards=2, cache=False,
+                                 settings={"ffmpeg.preset": "ultrafast"}))  # fmt: skip
+    assert isinstance(events[-1], Finished) and events[-1].result["output"] == str(out)
+    assert [s["index"] for s in events[-1].result["shards"]] == [0, 1]
+    assert probe(out).duration > 19

@@ -35,7 +35,7 @@ def test_help_lists_every_command_and_a_typo_gets_a_suggestion():
     """Commands load when they are run; --help still lists all of them, in order, with their summaries."""
     run = subprocess.run([*synapse_cmd(), "--help"], capture_output=True, text=True)
     listed = [ln.split()[0] for ln in run.stdout.split("Commands:\n", 1)[1].splitlines() if ln.strip()]
-    assert listed == ["export", "compile", "infer", "sample", "deploy", "serve", "doctor", "jobs", "config"]
+    assert listed == ["compile", "export", "infer", "sample", "deploy", "serve", "doctor", "jobs", "config"]
     assert "  jobs     Jobs that outlive the terminal" in run.stdout
     typo = subprocess.run([*synapse_cmd(), "exprot", "clip.mp4"], capture_output=True, text=True)
     assert typo.returncode == 2 and "No such command 'exprot'. Did you mean 'export'?" in typo.stderr

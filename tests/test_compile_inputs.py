@@ -12,8 +12,8 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")  # the compile extra
 
-from synapse_cli.jobs.compile.inputs import BadInput, Unit, expand, load
-from synapse_cli.jobs.compile.normalize import normalize, strip_keywords
+from synapse_cli.jobs.compile.inputs import BadInput, Unit, expand, load  # noqa: E402 (after the importorskip above)
+from synapse_cli.jobs.compile.normalize import normalize, strip_keywords  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "compile"
 

@@ -180,16 +180,17 @@ def test_a_job_error_keeps_its_exit_code_and_names_the_clients_path(cli, tmp_pat
     assert all((d / ".done").exists() for d in endpoint.job_dirs())
 
 
-def test_a_failing_export_names_the_clients_output_folder(cli, clips, tmp_path, endpoint):
-    """ffmpeg names the temporary sibling it could not write: in the client's folder, not under the server's out/<k>/."""
-    out = tmp_path / "o.xyz"  # no muxer for .xyz: ffmpeg stops at once, naming the file it was given
+def test_an_output_no_muxer_knows_is_refused_before_anything_is_sent(cli, clips, tmp_path, endpoint):
+    """``-o o.xyz`` once reached the server and failed inside ffmpeg (naming its temporary sibling);
+    it is now refused by the client before any upload, exit 2, as a local run is (issue #27 item 4)."""
+    out = tmp_path / "o.xyz"
+    before = endpoint.job_dirs()
     run = cli("export", clips["silent"], "-o", out, "--json", *SMALL, "--endpoint", endpoint.url, env=client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY))
-    assert run.exit_code == 1, run.stderr
+    assert run.exit_code == 2, run.stderr
     last = run.events()[-1]
-    assert last["type"] == "error" and last["message"].startswith("ffmpeg exited")
-    assert f"'{tmp_path}/.o." in last["message"] and ".part.xyz'" in last["message"]
+    assert last["type"] == "error" and last["message"].startswith("output: 'o.xyz'")
     assert str(endpoint.work_dir) not in run.stdout + run.stderr
-    assert not out.exists()
+    assert not out.exists() and endpoint.job_dirs() == before
 
 
 def test_a_job_error_reading_an_input_names_the_clients_file(cli, tmp_path, endpoint):
@@ -295,7 +296,7 @@ def test_a_directory_upload_cannot_escape_its_folder(tmp_path, endpoint, monkeyp
         ({"kind": "nope"}, 404, "unknown job kind 'nope'"),
         ({"spec": {"input": "a.mp4", "output": "b.mp4", "bogus": 1}}, 422, "unknown export spec field(s): bogus"),
         ({"spec": {"input": "a.mp4", "output": "b.mp4", "crf": "high"}}, 422, "bad export spec: crf"),
-        ({"spec": {"input": "a.mp4"}}, 422, "bad export spec: output"),
+        ({"spec": {"input": "a.mp4", "output": "b.xyz"}}, 422, "bad export spec: output"),  # no output is the CLI's name; this one no muxer knows
         ({"spec": "{not json"}, 400, "not valid JSON"),
         ({"files": []}, 422, "needs exactly one file part named 'input'"),
         ({"files": [("input", ("a.mp4", b"1")), ("input", ("b.mp4", b"2"))]}, 422, "(got 2)"),
@@ -361,7 +362,7 @@ def test_artifacts_need_the_key_and_unknown_ids_are_404(tmp_path, endpoint):
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
     events = [json.loads(line) for line in r.text.splitlines()]
     art = next(e for e in events if e["type"] == "artifact")
-    assert art["path"].startswith("/v1/artifacts/") and art["path"].endswith("?output=output")
+    assert art["path"].startswith("/v1/artifacts/") and art["path"].endswith("?output=output&save=s.mp4")
     assert events[-1]["result"]["output"] == "s.mp4"
     url = endpoint.url + art["path"].split("?")[0]
     assert httpx.get(url).status_code == 401

@@ -190,7 +190,7 @@ def test_show_and_list_ask_the_endpoint_for_progress_and_cancel_stops_the_job(cl
     assert 0 < done < total and data["endpoint"].startswith(server)
     listed = cli("jobs", "list", env=env)
     assert listed.exit_code == 0
-    (line,) = [l for l in listed.stdout.splitlines() if l.startswith(job_id)]
+    (line,) = [row for row in listed.stdout.splitlines() if row.startswith(job_id)]
     assert " processing " in line and "/" in line.split()[3]
 
     cancelled = cli("jobs", "cancel", job_id, env=env)

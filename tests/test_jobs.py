@@ -244,7 +244,7 @@ def test_github_step_summary(cli, db, tiny, tmp_path):
     assert run.exit_code == 0
     text = summary.read_text()
     assert "| job | backend | status | time | output |" in text
-    assert f"| export | local | completed |" in text and str(tmp_path / "a.mp4") in text
+    assert "| export | local | completed |" in text and str(tmp_path / "a.mp4") in text
 
 
 # -- Modal: .spawn() a wrapper, progress through a Dict ------------------------------------

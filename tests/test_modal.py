@@ -126,13 +126,13 @@ def test_export_use_modal_matches_local(cli, deployed, clips, tmp_path):
     remote = cli("export", clips["landscape"], "--use-modal", "--json", "-o", tmp_path / "remote.mp4", *params)
     assert remote.exit_code == 0, remote.stderr
     local = cli("export", clips["landscape"], "--no-modal", "--no-cache", "--json", "-o", tmp_path / "local.mp4", *params)
-    r, l = remote.events(), local.events()
-    for events in (r, l):  # the same stream shape (how many progress lines depends on timing)
+    r, here = remote.events(), local.events()
+    for events in (r, here):  # the same stream shape (how many progress lines depends on timing)
         assert events[0]["type"] == "started" and events[-1]["type"] == "finished"
         done = [e["done"] for e in events if e["type"] == "progress"]
         assert done == sorted(done) and done[-1] == events[0]["total"]
-    assert r[0] == l[0]
-    assert [e["type"] for e in r if e["type"] != "progress"] == [e["type"] for e in l if e["type"] != "progress"]
+    assert r[0] == here[0]
+    assert [e["type"] for e in r if e["type"] != "progress"] == [e["type"] for e in here if e["type"] != "progress"]
     assert r[-1]["result"]["output"] == str(tmp_path / "remote.mp4")
     assert r[-1]["result"]["input"] == str(clips["landscape"])
     a, b = probe(tmp_path / "remote.mp4"), probe(tmp_path / "local.mp4")
@@ -181,7 +181,7 @@ def test_job_error_is_not_retried_and_exits_1(cli, deployed, tmp_path):
 
 
 def test_transient_failure_is_retried_then_succeeds(cli, deployed, clips, tmp_path):
-    modal = pytest.importorskip("modal", reason="modal is not installed")
+    pytest.importorskip("modal", reason="modal is not installed")
     import modal.exception
 
     deployed.fail_next_calls("export", 1, modal.exception.InternalFailure("worker lost"))
@@ -306,8 +306,8 @@ def test_infer_use_modal_matches_local(cli, deployed, bus, tmp_path):
     local = cli("infer", bus, "--no-modal", "--no-cache", "-o", tmp_path / "local.json", "--json")
     assert local.exit_code == 0, local.stderr
     assert deployed.function_calls[-1].function_name == "infer"
-    r, l = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("remote", "local"))
-    assert len(r["frames"][0]["detections"]) == len(l["frames"][0]["detections"]) >= 4
+    r, here = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("remote", "local"))
+    assert len(r["frames"][0]["detections"]) == len(here["frames"][0]["detections"]) >= 4
     assert remote.events()[-1]["result"]["modal"]["gpu"] == "T4"
     # the header names the user's path, as a local run's does: not the container's copy on the Volume
     assert r["source"] == str(bus)

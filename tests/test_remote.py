@@ -4,7 +4,6 @@ the real client against a closed port, HTTP through httpx.MockTransport)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -266,7 +265,7 @@ def test_modal_commits_every_output_on_finished(dirtest, tmp_path):
 
 
 def test_modal_failure_mid_stream_leaves_no_output_and_keeps_the_cause(dirtest, tmp_path):
-    modal = pytest.importorskip("modal", reason="modal is not installed")
+    pytest.importorskip("modal", reason="modal is not installed")
     import modal.exception
 
     (tmp_path / "in.txt").write_text("x")

@@ -130,7 +130,7 @@ def test_a_detached_job_is_answered_202_at_once_and_polled_to_completion(tmp_pat
         while (rec := record(ep.url, job_id))["status"] not in ("completed", "failed") and time.monotonic() < deadline:
             seen.add(rec["status"])
             time.sleep(0.02)
-        assert rec["status"] == "completed", rec
+        assert rec["status"] == "completed", rec["error"]
         assert seen <= {"pending", "processing"} and "processing" in seen
         assert set(rec) == {"id", "kind", "status", "progress", "created_at", "started_at", "finished_at", "result", "error", "artifacts"}
         assert rec["kind"] == "sample" and rec["error"] is None
@@ -744,3 +744,129 @@ def test_a_restarted_server_kills_what_the_dead_one_left_running_and_runs_its_qu
                 [art] = d["artifacts"]
                 assert art["path"] == f"q{i}.mp4" and len(httpx.get(url2 + art["url"], headers=AUTH).content) == art["bytes"]
             assert any("queued here" in line for line in log)
+
+
+# -- outputs optional, names checked before a job starts (issue #27 items 3 and 4) ---------------------------
+
+
+SMALL_FRAMING = {"output_width": 90, "output_height": 160}
+
+
+@pytest.fixture(scope="module")
+def small_clip(tmp_path_factory) -> bytes:
+    from tests.conftest import make_clip
+
+    return make_clip(tmp_path_factory.mktemp("names") / "in.mp4", size="160x90", seconds=0.4).read_bytes()
+
+
+def test_a_streamed_export_without_an_output_writes_the_clis_default_name(tmp_path, small_clip):
+    """``{"input": "in.mp4", "job": "framing"}``: the server names the output as ``synapse export`` would."""
+    with serve_app(tmp_path / "srv") as ep:
+        spec = {"input": "in.mp4", "job": "framing", "params": SMALL_FRAMING}
+        r = httpx.post(f"{ep.url}/v1/jobs/export", data={"spec": json.dumps(spec)}, files=[("input", ("in.mp4", small_clip, "video/mp4"))],
+                       headers=AUTH, timeout=120)
+        assert r.status_code == 200, r.text
+        events = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+        assert events[-1]["type"] == "finished", events[-3:]
+        assert events[-1]["result"]["output"] == "in.framing.mp4"
+        [art] = [e for e in events if e["type"] == "artifact"]
+        assert art["path"].endswith("?output=output&save=in.framing.mp4"), art
+        assert httpx.get(ep.url + art["path"], headers=AUTH).content[4:8] == b"ftyp"
+
+
+def test_a_detached_export_without_an_output_names_its_artifact_as_the_cli_would(tmp_path, small_clip):
+    from synapse_cli.jobs.export.build import default_output
+
+    with serve_app(tmp_path / "srv") as ep:
+        spec = {"input": "clips/in.mp4", "job": "overlay", "params": {"keyframes": [{"time": 0, "x": 40, "y": 40, "radius_x": 20, "radius_y": 10}]}}
+        r = httpx.post(f"{ep.url}/v1/jobs/export?detach=true", data={"spec": json.dumps(spec)},
+                       files=[("input", ("in.mp4", small_clip, "video/mp4"))], headers=AUTH, timeout=30)
+        assert r.status_code == 202, r.text
+        rec = wait_status(ep.url, r.json()["id"], ("completed", "failed"), timeout_s=120)
+        assert rec["status"] == "completed", rec["error"]
+        expected = str(default_output("clips/in.mp4", "overlay.mp4"))  # the CLI's own function
+        assert expected == "clips/in.overlay.mp4"
+        [art] = rec["artifacts"]
+        assert art["path"] == expected and rec["result"]["output"] == expected
+        assert httpx.get(ep.url + art["url"], headers=AUTH).content[4:8] == b"ftyp"
+
+
+def test_a_compile_without_an_output_dir_writes_compiled(tmp_path):
+    with serve_app(tmp_path / "srv") as ep:
+        spec = {"inputs": ["s.json"], "engines": ["llguidance"]}
+        r = httpx.post(f"{ep.url}/v1/jobs/compile?detach=true", data={"spec": json.dumps(spec)},
+                       files=[("inputs", ("s.json", b'{"type": "object", "properties": {"a": {"type": "integer"}}}', "application/json"))],
+                       headers=AUTH, timeout=30)
+        assert r.status_code == 202, r.text
+        rec = wait_status(ep.url, r.json()["id"], ("completed", "failed"), timeout_s=120)
+        assert rec["status"] == "completed", rec["error"]
+        assert rec["artifacts"] and all(a["path"].startswith("compiled/") for a in rec["artifacts"]), rec["artifacts"]
+        assert not (tmp_path / "compiled").exists() and not Path("compiled").exists()
+
+
+def test_the_names_hooks_derive_what_the_cli_derives():
+    from synapse_cli.jobs import settle_names
+
+    assert settle_names("export", {"input": "/v/in.mp4", "job": "framing"})["output"] == "/v/in.framing.mp4"
+    assert settle_names("export", {"input": "in.mp4"})["output"] == "in.framing.mp4"  # the spec's default job
+    assert settle_names("export", {"input": "in.mp4", "job": "annotate"}, "out")["output"] == "out/in.annotate.mp4"
+    assert settle_names("infer", {"source": "/v/match.mp4", "task": "track"})["output"] == "/v/match.track.json"
+    assert settle_names("infer", {"source": "clip.mov"})["output"] == "clip.pose.json"
+    assert settle_names("compile", {"inputs": ["a.json"]})["output_dir"] == "compiled"
+    assert settle_names("sample", {})["output"] == "sample.mp4"
+    assert settle_names("export", {"input": "in.mp4", "output": "given.mov"})["output"] == "given.mov"
+
+
+@pytest.mark.parametrize("kind, spec, field", [
+    ("sample", {"output": "noext", "seconds": 1}, "output"),
+    ("sample", {"output": "clip.webm", "seconds": 1}, "output"),
+    ("export", {"input": "in.mp4", "output": "out.xyz"}, "output"),
+    ("infer", {"source": "in.mp4", "output": "results.txt"}, "output"),
+    ("infer", {"source": "in.mp4", "annotated": "a.gif"}, "annotated"),
+])
+def test_an_output_name_no_muxer_knows_is_a_422_naming_the_field_before_anything_runs(tmp_path, small_clip, kind, spec, field):
+    with serve_app(tmp_path / "srv") as ep:
+        for detach in ("", "?detach=true"):
+            if kind == "sample":
+                r = httpx.post(f"{ep.url}/v1/jobs/{kind}{detach}", json=spec, headers=AUTH, timeout=30)
+            else:
+                name = "input" if kind == "export" else "source"
+                r = httpx.post(f"{ep.url}/v1/jobs/{kind}{detach}", data={"spec": json.dumps(spec)},
+                               files=[(name, ("in.mp4", small_clip, "video/mp4"))], headers=AUTH, timeout=30)
+            assert r.status_code == 422, r.text
+            assert r.json()["message"].startswith(f"bad {kind} spec: {field}: "), r.text
+        assert ep.job_dirs() == []
+        assert httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"] == []
+
+
+def test_an_output_name_no_muxer_knows_is_exit_2_on_the_cli_and_a_usage_error_in_the_api(cli, tmp_path, monkeypatch, small_clip):
+    import synapse_cli
+    from synapse_cli.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.mp4").write_bytes(small_clip)
+    run = cli("sample", "noext", "--seconds", "1")
+    assert run.exit_code == 2, run.stderr
+    assert run.stderr.strip().count("\n") == 0 and "output: 'noext'" in run.stderr and ".mp4" in run.stderr
+    with pytest.raises(UsageError, match="output: 'noext'"):
+        synapse_cli.run("sample", "noext", seconds=1)
+    with pytest.raises(UsageError, match="output: 'out.xyz'"):
+        synapse_cli.run("export", "in.mp4", output="out.xyz")
+    run = cli("export", "in.mp4", "-o", "out", "--no-modal")
+    assert run.exit_code == 2 and "output: 'out'" in run.stderr, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+def test_a_detached_infer_without_an_output_names_its_results_as_the_cli_would(tmp_path):
+    from tests.conftest import bus_image
+
+    image = bus_image(tmp_path / "bus.jpg").read_bytes()
+    with serve_app(tmp_path / "srv") as ep:
+        r = httpx.post(f"{ep.url}/v1/jobs/infer?detach=true", data={"spec": json.dumps({"source": "photos/bus.jpg"})},
+                       files=[("source", ("bus.jpg", image, "image/jpeg"))], headers=AUTH, timeout=30)
+        assert r.status_code == 202, r.text
+        rec = wait_status(ep.url, r.json()["id"], ("completed", "failed"), timeout_s=180)
+        assert rec["status"] == "completed", rec["error"]
+        [art] = rec["artifacts"]
+        assert art["path"] == rec["result"]["output"] == "photos/bus.pose.json"
+        assert isinstance(json.loads(httpx.get(ep.url + art["url"], headers=AUTH).content), dict)

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tests.http_fixtures import API_KEY, serve_app  # noqa: E402
+from tests.tar_bodies import tar_bodies  # noqa: E402
 
 EXAMPLES = 1050
 KINDS = ["export", "compile", "infer", "sample", "nope", "", "..", "%2e%2e", "sample/../export"]
@@ -56,9 +57,14 @@ def requests(draw):
     else:
         path = "/" + draw(st.text(string.ascii_letters + "/._-", max_size=20))
     headers = {"Authorization": f"Bearer {API_KEY}", **draw(header_sets)}
-    shape = draw(st.sampled_from(["json", "multipart", "form", "raw", "none"]))
+    shape = draw(st.sampled_from(["json", "multipart", "form", "raw", "none", "tar", "tar"]))
     spec = draw(specs)
-    if shape == "json":
+    if shape == "tar":  # a directory upload: a real archive, damaged (issue #27: a malformed sparse map was a 500)
+        method, path = "POST", "/v1/jobs/dirtest"
+        headers.pop("Content-Type", None)
+        files = [("input", ("schemas", draw(tar_bodies()), "application/x-synapse-dir+tar"))]
+        kwargs = {"data": {"spec": json.dumps({"input": "schemas", "output_dir": "out"})}, "files": files, "headers": headers}
+    elif shape == "json":
         kwargs = {"content": json.dumps(spec, allow_nan=True).encode(), "headers": {**{"Content-Type": "application/json"}, **headers}}
     elif shape == "multipart":
         files = [(n, (f, data, ct) if ct else (f, data)) for n, f, data, ct in draw(parts)]
@@ -106,3 +112,36 @@ def test_generated_requests_never_get_a_5xx_or_a_traceback(tmp_path, monkeypatch
         print(f"\nfuzz: {total} generated requests answered; statuses {dict(sorted(seen.items()))}")
     assert not bad, "\n".join(bad[:5])
     assert total >= 1000
+
+
+TAR_EXAMPLES = 300
+
+
+def test_generated_tar_bodies_are_unpacked_or_a_4xx_with_one_line(tmp_path, monkeypatch):
+    """Directory uploads built by ``tar_bodies()`` (real archives, then damaged): each is unpacked
+    (200) or refused with a 4xx whose message is one line; never a 5xx, never a traceback."""
+    from synapse_cli.jobs import JOBS
+    from tests.http_fixtures import DIRTEST_JOB
+
+    monkeypatch.setitem(JOBS, "dirtest", DIRTEST_JOB)
+    seen: dict[int, int] = {}
+    bad: list[str] = []
+    with serve_app(tmp_path / "srv", max_upload_mb=4, min_free_mb=0) as ep, httpx.Client(base_url=ep.url, timeout=30) as client:
+
+        @settings(max_examples=TAR_EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @given(tar_bodies())
+        def one(body):
+            files = [("input", ("schemas", body, "application/x-synapse-dir+tar"))]
+            r = client.post("/v1/jobs/dirtest", data={"spec": json.dumps({"input": "schemas", "output_dir": "out"})}, files=files,
+                            headers={"Authorization": f"Bearer {API_KEY}"})
+            seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                return
+            message = r.json().get("message", "") if r.headers.get("content-type", "").startswith("application/json") else ""
+            if not (400 <= r.status_code < 500) or not message or "\n" in message or "Traceback" in r.text:
+                bad.append(f"{body[:600]!r} -> {r.status_code} {r.text[:300]}")
+
+        one()
+    print(f"\ntar bodies: statuses {dict(sorted(seen.items()))}")
+    assert not bad, "\n".join(bad[:3])
+    assert seen.get(200) and sum(v for k, v in seen.items() if k != 200) >= TAR_EXAMPLES // 4  # both outcomes exercised

@@ -175,3 +175,75 @@ def test_the_caps_are_declared_on_the_specs():
     assert set(SampleSpec.SERVER_CAPS) == {"seconds", "width", "height", "fps"}
     assert set(CompileSpec.SERVER_CAPS) == {"workers", "engine_timeout_s"}
     assert set(InferSpec.SERVER_CAPS) == {"threads"}
+
+
+# -- malformed tars (issue #27 item 1) -------------------------------------------------
+
+
+def _post_dir(ep, body: bytes) -> httpx.Response:
+    files = [("input", ("schemas", body, "application/x-synapse-dir+tar"))]
+    return httpx.post(f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "schemas", "output_dir": "out"})},
+                      files=files, headers=AUTH, timeout=60)
+
+
+def test_every_malformed_tar_is_a_4xx_with_one_line(tmp_path, monkeypatch):
+    """Every kind of broken archive, posted to a real server: a 4xx whose message is one line, no
+    traceback, nothing left behind. (The first was a 500 on main: a sparse 1.0 member without a map.)"""
+    from synapse_cli.jobs import JOBS
+    from tests.tar_bodies import MALFORMED, archive, member
+
+    monkeypatch.setitem(JOBS, "dirtest", DIRTEST_JOB)
+    wrong = []
+    with serve_app(tmp_path / "srv", max_upload_mb=8) as ep:
+        for label, build in MALFORMED.items():
+            r = _post_dir(ep, build())
+            message = r.json().get("message", "") if r.headers.get("content-type", "").startswith("application/json") else r.text
+            if not (400 <= r.status_code < 500 and message and "\n" not in message and "Traceback" not in r.text):
+                wrong.append(f"{label}: {r.status_code} {r.text[:200]}")
+        assert not wrong, "\n".join(wrong)
+        assert ep.job_dirs() == []
+        # the server is still well: a good archive goes through
+        good = _post_dir(ep, archive(member("d/a.txt", b"hello")))
+        assert good.status_code == 200, good.text
+
+
+@pytest.mark.parametrize("label, fragment", [
+    ("sparse 1.0 without a map (issue #27)", "not a valid tar"),
+    ("bad checksum in a later header", "unreadable header at byte 1024"),
+    ("negative size in PAX", "negative size"),
+    ("huge size in PAX", "more than the server's limit"),
+    ("gzip bomb", "gzip-compressed: send an uncompressed tar"),
+    ("a hard link", "not a plain file or folder"),
+    ("a member given twice", "given twice"),
+])
+def test_malformed_tars_say_what_is_wrong(tmp_path, label, fragment):
+    from synapse_cli.server.uploads import BadUpload, Upload, _unpack_dir
+    from tests.tar_bodies import MALFORMED
+
+    folder = tmp_path / "0"
+    folder.mkdir()
+    (folder / ".schemas.tar").write_bytes(MALFORMED[label]())
+    with pytest.raises(BadUpload, match=fragment) as caught:
+        _unpack_dir(Upload("input", "schemas", folder / "schemas", is_dir=True), 8 * 1024 * 1024)
+    assert 400 <= caught.value.status < 500 and "\n" not in caught.value.message
+    assert not (folder / ".schemas.tar").exists()
+
+
+def test_a_huge_pax_header_is_refused_unread():
+    """The cap on extended headers rests on tarfile's private ``_proc_pax``/``_proc_gnulong``: this
+    fails if an upgrade renames them (the 2 MB header would then be read and the archive accepted)."""
+    import tarfile as tf
+
+    from synapse_cli.server.uploads import BadUpload, _tarinfo_class
+    from tests.tar_bodies import MALFORMED
+
+    for label in ("a PAX header larger than 1 MB", "a GNU long name larger than 1 MB"):
+        with pytest.raises(BadUpload, match="extended header"):
+            tf.open(fileobj=io.BytesIO(MALFORMED[label]()), mode="r:", tarinfo=_tarinfo_class())
+
+
+def test_a_deeply_nested_spec_is_a_400(tmp_path):
+    with serve_app(tmp_path / "srv") as ep:
+        r = httpx.post(f"{ep.url}/v1/jobs/sample", content=b"[" * 200_000 + b"]" * 200_000,
+                       headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and "nested too deeply" in r.json()["message"], r.text

@@ -98,7 +98,7 @@ def test_options_are_coerced_as_typer_coerces_them(name, value, tmp_path, monkey
     import typer._click as click
     from typer._coercion import build_runtime_param
 
-    from synapse_cli.cli._options import _PlainCoercion
+    from synapse_cli.cli._typer_hooks import _PlainCoercion
 
     monkeypatch.chdir(tmp_path)
     command = _export_command()
@@ -116,6 +116,27 @@ def test_options_are_coerced_as_typer_coerces_them(name, value, tmp_path, monkey
     assert ours == typers and type(ours[1]) is type(typers[1])
     if name == "params_file" and value == ".":
         assert ours[0] == "error" and "is a directory" in ours[1]
+
+
+def test_typer_private_hooks_are_as_expected():
+    """The fence around typer's private API (cli/_typer_hooks.py): when a typer release moves or reshapes
+    what it uses, this fails, rather than start-up quietly slowing down or coercion drifting."""
+    import importlib.metadata
+    import inspect
+
+    from typer._coercion import build_runtime_param
+    from typer._param_types import coerce_cli_path
+
+    from synapse_cli.cli._typer_hooks import _PlainCoercion, _typer_hooks
+
+    assert _typer_hooks()
+    version = tuple(int(p) for p in importlib.metadata.version("typer").split(".")[:2])
+    assert (0, 29) <= version < (0, 30), "typer outside the range pyproject pins: re-check cli/_typer_hooks.py"
+    assert list(inspect.signature(build_runtime_param).parameters) == ["descriptor"]
+    assert {"parameter_info", "path_type", "param", "ctx"} <= set(inspect.signature(coerce_cli_path).parameters)
+    command = _export_command()
+    for param in command.params:  # every option has typer's descriptor and got our coercion in place of its adapter
+        assert hasattr(param, "type_descriptor") and isinstance(param._runtime_param, _PlainCoercion), param.name
 
 
 # -- export params: read in Python when plainly valid, else by pydantic ------------------------------

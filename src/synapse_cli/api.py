@@ -1,9 +1,9 @@
 """The Python API: the CLI's jobs, called from code.
 
-Every function goes through the CLI's own pipeline (``synapse_cli.cli._run``): the same
+Every function goes through the pipeline the CLI uses (``synapse_cli.pipeline``): the same
 settings resolution (keyword > ``SYNAPSE_*`` env > ``.synapse.toml`` > default), the same
-spec building and validation (the command's own code, called through ``capture_requests``),
-the same backends, job store and result cache. Nothing is rendered: you get the events.
+spec building and validation (each kind's own builder), the same backends, job store and
+result cache. Nothing is rendered: you get the events.
 
 - ``stream(kind, ...)`` / ``export(...)``, ``compile(...)``, ``infer(...)``, ``sample(...)``:
   a ``JobStream`` of the typed events (``Started``, ``Progress``, ``Log``, ``Artifact``,
@@ -18,93 +18,26 @@ the same backends, job store and result cache. Nothing is rendered: you get the 
 
 Options are the command's own parameters, by their Python names (``synapse export --job
 framing -o out.mp4`` is ``export("clip.mp4", job="framing", output="out.mp4")``), plus the
-common ones: ``use_modal``, ``overwrite``, ``config``, ``profile``, ``endpoint``, ``api_key``,
-``cache``; ``params={...}`` for a command that takes ``--set KEY=VALUE``; and
+common ones (``RunOptions``): ``use_modal``, ``overwrite``, ``config``, ``profile``, ``endpoint``,
+``api_key``, ``cache``, ``shards`` (``submit`` is ``--detach``); ``params={...}`` for export's ``--set KEY=VALUE``; and
 ``settings={"ffmpeg.preset": "veryfast"}`` (or nested TOML-style tables) for any config key.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import json
 import os
 import threading
-import typing
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping, Union
 
-from synapse_cli.errors import UsageError
 from synapse_cli.events import Event, Finished
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = [
-    "Job",
-    "JobStream",
-    "compile",
-    "compile_async",
-    "export",
-    "export_async",
-    "infer",
-    "infer_async",
-    "run",
-    "run_async",
-    "sample",
-    "sample_async",
-    "settings",
-    "stream",
-    "stream_async",
-    "submit",
-]
-
-# The options every job takes besides its command's own (see cli/_options.py ``Common``).
-_COMMON_OPTIONS = ("use_modal", "overwrite", "config", "profile", "endpoint", "api_key", "cache")
-
-
-# -- building a job request with the command's own code ------------------------------------
-
-
-def _base_type(annotation: Any) -> Any:
-    """``Annotated[Optional[Path], ...]`` -> ``Path``."""
-    if typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    if typing.get_origin(annotation) is Union:
-        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(rest) == 1:
-            annotation = rest[0]
-    return annotation
-
-
-def _convert(name: str, value: Any, annotation: Any) -> Any:
-    """A Python value into what the command's parameter takes (typer would have parsed a string)."""
-    if value is None:
-        return None
-    base = _base_type(annotation)
-    if base is Path and isinstance(value, (str, os.PathLike)):
-        return Path(value)
-    if typing.get_origin(base) is list:
-        items = [value] if isinstance(value, (str, os.PathLike)) else list(value)
-        return [os.fspath(v) if isinstance(v, os.PathLike) else v for v in items]
-    if base is str:
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        if isinstance(value, (list, tuple)):  # e.g. engine=["llguidance", "outlines"], court=[x1, y1, ...]
-            return ",".join(str(v) for v in value)
-    return value
-
-
-def _command(kind: str) -> Any:
-    from synapse_cli.jobs import _load, get_kind
-
-    try:
-        record = get_kind(kind)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if not record.command:
-        raise UsageError(f"job kind {kind!r} declares no command, so the API cannot build its spec")
-    return inspect.unwrap(_load(record.command))  # the body: the command's own parameters plus ``common``
-
+# and, made from the kinds' records on first use (``__getattr__`` below): ``export``, ``compile``,
+# ``infer``, ``sample`` and their ``*_async`` twins, and the same for any kind a plugin adds
+__all__ = ["Job", "JobStream", "run", "run_async", "settings", "stream", "stream_async", "submit"]
 
 def _flat_settings(values: Mapping[str, Any] | None) -> dict[str, Any]:
     from synapse_cli.config import _flatten
@@ -112,46 +45,14 @@ def _flat_settings(values: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in _flatten(dict(values or {})).items() if v is not None}
 
 
-def _request(kind: str, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
-    """The ``JobRequest`` the CLI command would make for these arguments."""
-    from synapse_cli.cli._options import Common
-    from synapse_cli.cli._run import capture_requests
+def _plan(kind: str, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+    """The pipeline's plan for these arguments: the same call ``synapse <kind>`` makes."""
+    from synapse_cli import pipeline
 
-    func = _command(kind)
     options = dict(options)
-    overrides = _flat_settings(options.pop("settings", None))
-    common_given = {name: options.pop(name) for name in _COMMON_OPTIONS if name in options}
-    common = Common(
-        use_modal=common_given.get("use_modal"),
-        overwrite=bool(common_given.get("overwrite", False)),
-        config=Path(common_given["config"]) if common_given.get("config") is not None else None,
-        profile=common_given.get("profile"),
-        endpoint=common_given.get("endpoint"),
-        api_key=common_given.get("api_key"),
-        cache=bool(common_given.get("cache", True)),
-    )
-    signature = inspect.signature(func)
-    params = {n: p for n, p in signature.parameters.items() if n != "common"}
-    if "params" in options and "params" not in params and "sets" in params:  # params={...}: each key as --set KEY=VALUE
-        given = options.pop("params")
-        if isinstance(given, Mapping):
-            options["sets"] = [*options.get("sets", []), *(f"{k}={json.dumps(v)}" for k, v in given.items())]
-        elif given is not None:
-            options["params_file"] = given
-    try:
-        bound = signature.replace(parameters=list(params.values())).bind(*args, **options)
-    except TypeError as exc:
-        accepted = ", ".join([*params, *_COMMON_OPTIONS, "settings"])
-        raise UsageError(f"{kind}: {exc} (accepted: {accepted})") from None
-    hints = typing.get_type_hints(func, include_extras=True)
-    call = {name: _convert(name, value, hints.get(name)) for name, value in bound.arguments.items()}
-    with capture_requests() as requests:
-        func(**call, common=common)
-    if len(requests) != 1:
-        raise UsageError(f"the {kind} command did not ask for one job")
-    request = requests[0]
-    request.flags = {**overrides, **{k: v for k, v in request.flags.items() if v is not None}}
-    return request
+    flags = _flat_settings(options.pop("settings", None))
+    common = pipeline.RunOptions.take(options)
+    return pipeline.plan(kind, common, *args, flags=flags, **options)
 
 
 # -- streams ---------------------------------------------------------------------------------
@@ -166,7 +67,7 @@ class JobStream(Iterator[Event]):
     """
 
     def __init__(self, plan: Any) -> None:
-        from synapse_cli.cli._run import job_events
+        from synapse_cli.pipeline import job_events
 
         self._plan = plan
         self._events: Iterator[Event] | None = job_events(plan)
@@ -220,29 +121,8 @@ class JobStream(Iterator[Event]):
 
 def stream(kind: str, /, *args: Any, **options: Any) -> JobStream:
     """Start job ``kind`` and return its events. Settings and spec are checked here: a bad option raises now."""
-    from synapse_cli.cli._run import plan_job
+    return JobStream(_plan(kind, args, options))
 
-    return JobStream(plan_job(_request(kind, args, options)))
-
-
-def export(input: PathLike, /, **options: Any) -> JobStream:
-    """``synapse export``: ``export("clip.mp4", job="framing", params={...}, output="reel.mp4", use_modal=True)``."""
-    return stream("export", input, **options)
-
-
-def compile(inputs: Union[PathLike, list[PathLike]], /, **options: Any) -> JobStream:  # noqa: A001 (synapse.compile)
-    """``synapse compile``: ``compile(["schemas/"], output_dir="out", engine="llguidance,outlines", check="cases.jsonl")``."""
-    return stream("compile", inputs, **options)
-
-
-def infer(source: PathLike, /, **options: Any) -> JobStream:
-    """``synapse infer``: ``infer("match.mp4", task="track", output="match.json", annotated="match.tracked.mp4")``."""
-    return stream("infer", source, **options)
-
-
-def sample(output: PathLike = "sample.mp4", /, **options: Any) -> JobStream:
-    """``synapse sample``: ``sample("demo.mp4", seconds=2, size="640x360")``."""
-    return stream("sample", output, **options)
 
 
 def _drain(events: Iterator[Event]) -> dict[str, Any]:
@@ -299,7 +179,7 @@ class Job:
     def events(self) -> Iterator[Event]:
         """Its events from the start, then live until it ends (as ``synapse jobs wait``); a failure raises its error.
         Closing this iterator stops following; it does not cancel the job (``cancel()`` does)."""
-        from synapse_cli.cli._run import runner_for
+        from synapse_cli.pipeline import runner_for
         from synapse_cli.runs import store_events
         from synapse_cli.store import ACTIVE
 
@@ -327,7 +207,7 @@ class Job:
 
     def cancel(self) -> bool:
         """Cancel it (a local worker is stopped with its ffmpeg; a Modal call is cancelled). False if it had already ended."""
-        from synapse_cli.cli._run import runner_for
+        from synapse_cli.pipeline import runner_for
         from synapse_cli.store import ACTIVE
 
         store = self._store()
@@ -350,9 +230,9 @@ def submit(kind: str, /, *args: Any, **options: Any) -> Job:
 
     ``job = submit("infer", "match.mp4", task="track")``; then ``job.wait()``, ``job.cancel()``, ``job.events()``.
     """
-    from synapse_cli.cli._run import plan_job, start_detached
+    from synapse_cli.pipeline import start_detached
 
-    plan = plan_job(_request(kind, args, options))
+    plan = _plan(kind, args, options)
     try:
         row = start_detached(plan)
         return Job(row.id, _resolved=plan.settings)
@@ -409,22 +289,6 @@ async def stream_async(kind: str, /, *args: Any, **options: Any) -> AsyncIterato
         await asyncio.shield(asyncio.to_thread(worker.join))
 
 
-def export_async(input: PathLike, /, **options: Any) -> AsyncIterator[Event]:
-    """``async for event in export_async("clip.mp4", job="framing")``."""
-    return stream_async("export", input, **options)
-
-
-def compile_async(inputs: Union[PathLike, list[PathLike]], /, **options: Any) -> AsyncIterator[Event]:
-    return stream_async("compile", inputs, **options)
-
-
-def infer_async(source: PathLike, /, **options: Any) -> AsyncIterator[Event]:
-    return stream_async("infer", source, **options)
-
-
-def sample_async(output: PathLike = "sample.mp4", /, **options: Any) -> AsyncIterator[Event]:
-    return stream_async("sample", output, **options)
-
 
 async def run_async(kind: str, /, *args: Any, **options: Any) -> dict[str, Any]:
     """``run`` for asyncio: ``result = await run_async("compile", ["schemas/"], output_dir="out")``."""
@@ -435,15 +299,64 @@ async def run_async(kind: str, /, *args: Any, **options: Any) -> dict[str, Any]:
     return result
 
 
+# -- one shortcut per kind, made from its record --------------------------------------------------
+
+
+def _shortcut(kind: str, asynchronous: bool) -> Any:
+    """``export(input, **options)`` for kind ``export`` (``export_async`` with ``asynchronous``):
+    ``stream(kind, ...)``/``stream_async(kind, ...)`` under the kind's name, with its builder's
+    parameters and docstring, so ``help(synapse.export)`` says what it takes."""
+    import inspect
+
+    from synapse_cli.pipeline import RunOptions
+    from synapse_cli.pipeline.plan import get_record
+
+    record = get_record(kind)
+    target = stream_async if asynchronous else stream
+
+    def shortcut(*args: Any, **options: Any) -> Any:
+        return target(kind, *args, **options)
+
+    name = f"{kind}_async" if asynchronous else kind
+    shortcut.__name__ = shortcut.__qualname__ = name
+    shortcut.__module__ = __name__
+    if record.build:
+        builder = record.hook("build")
+        params = [p for n, p in inspect.signature(builder).parameters.items() if n not in ("settings", "overwrite", "cache")]
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        params += [inspect.Parameter(n, keyword, default=None) for n in record.options]
+        params += [inspect.Parameter(n, keyword, default=d) for n, d, o in RunOptions.options() if o.api]
+        params.append(inspect.Parameter("settings", keyword, default=None))
+        shortcut.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        shortcut.__doc__ = f"``synapse {kind}`` from Python: {'an async iterator of' if asynchronous else 'a JobStream of'} its events. {builder.__doc__ or ''}".strip()
+    return shortcut
+
+
+def shortcut_kind(name: str) -> str | None:
+    """The kind that ``name`` is a shortcut of (``export``, ``export_async``), if one is registered."""
+    from synapse_cli.jobs import JOBS
+
+    kind = name[: -len("_async")] if name.endswith("_async") else name
+    return kind if kind in JOBS and JOBS[kind].build else None
+
+
+def __getattr__(name: str) -> Any:
+    kind = shortcut_kind(name)
+    if kind is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = _shortcut(kind, name.endswith("_async"))
+    globals()[name] = value
+    return value
+
+
 # -- settings --------------------------------------------------------------------------------
 
 
 def _settings_object(config: PathLike | None, profile: str | None, values: Mapping[str, Any] | None, **common: Any) -> Any:
-    from synapse_cli.cli._options import Common
-    from synapse_cli.cli._run import settings_for
+    from synapse_cli.pipeline import RunOptions, settings_for
 
-    c = Common(config=Path(config) if config is not None else None, profile=profile, **common)
-    return settings_for(c, _flat_settings(values))
+    options = RunOptions(config=Path(config) if config is not None else None, profile=profile, **common)
+    return settings_for(options, _flat_settings(values))
 
 
 def settings(

@@ -7,6 +7,13 @@ args-only constructors: ``JobError("ffmpeg exited 1: ...")`` round-trips.
 from __future__ import annotations
 
 
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` on one line (runs of whitespace, newlines included, become one space), cut to ``limit``
+    characters with an ellipsis: the one rule for every message that reaches a terminal, a log or a client."""
+    line = " ".join(str(text).split())
+    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+
+
 class SynapseError(Exception):
     """Base class: one line for people, one exit code for pipelines."""
 
@@ -20,7 +27,7 @@ class SynapseError(Exception):
         return str(self.args[0]) if self.args else ""
 
     def __str__(self) -> str:  # always one line
-        return " ".join(self.message.split()) or type(self).__name__
+        return one_line(self.message) or type(self).__name__
 
 
 class UsageError(SynapseError):

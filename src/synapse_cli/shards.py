@@ -270,26 +270,24 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
     """The job's events on ``backend``: one call, or ``[shards] count`` shards merged into one stream.
 
     The kind's record says whether and how it shards (``split``/``merge``/``size``); the
-    backend says how one shard runs (``run_shard``: a worker process, a Modal call).
+    backend's ``capabilities.shards`` says how shards run (``run_shard``: a worker process, a Modal call; or the server's own ``run_sharded``).
     """
     from synapse_cli.errors import UsageError
     from synapse_cli.jobs import get_kind
 
     record = get_kind(kind)
     requested = settings["shards.count"]
-    sharded_remotely = getattr(backend, "run_sharded", None)
-    if record.shardable and sharded_remotely is not None:  # an endpoint splits the job across its own workers (auto: its choice)
-        return sharded_remotely(kind, spec, int(requested)) if requested not in ("auto", 1) else backend.run(kind, spec)
+    can = backend.capabilities
+    if record.shardable and can.shards == "server":  # an endpoint splits the job across its own workers (auto: its choice)
+        return backend.run_sharded(kind, spec, int(requested)) if requested not in ("auto", 1) else backend.run(kind, spec)
     count = _count(kind, spec, backend, settings)
     if count <= 1:
         return backend.run(kind, spec)
-    start = getattr(backend, "run_shard", None)
-    if start is None:
+    if can.shards not in ("local", "remote"):
         raise UsageError(f"--shards is not supported with the {backend.name} backend")
-    retries = int(getattr(backend, "shard_retries", 0))
     return run_sharded(
-        kind, spec, count, lambda part: start(kind, part), record.hook("split"), record.hook("merge"),
-        retries=retries, workdir=_workdir(kind, spec), settings=settings, beside=_beside_hook(record),
+        kind, spec, count, lambda part: backend.run_shard(kind, part), record.hook("split"), record.hook("merge"),
+        retries=can.shard_retries, workdir=_workdir(kind, spec), settings=settings, beside=_beside_hook(record),
     )  # fmt: skip
 
 
@@ -308,7 +306,7 @@ def _count(kind: str, spec: Any, backend: Any, settings: Any) -> int:
         if requested not in ("auto", 1):
             raise UsageError(f"--shards: {kind} jobs do not shard")
         return 1
-    scales_out = bool(getattr(backend, "scales_out", False))
+    scales_out = backend.capabilities.scales_out
     size = record.hook("size")(spec) if requested == "auto" and scales_out else None
     return shard_count(requested, scales_out, size, float(settings[f"shards.{record.shard_by}"]), int(settings["shards.max"]))
 

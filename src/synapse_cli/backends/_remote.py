@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, TypeVar
 
-from synapse_cli.errors import BackendError, SynapseError, error_from_wire
+from synapse_cli.errors import BackendError, SynapseError, error_from_wire, one_line
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress
 from synapse_cli.jobs import get_kind, path_values
 from synapse_cli.jobs._files import atomic_output
@@ -35,11 +35,6 @@ from synapse_cli.jobs._files import atomic_output
 logging.getLogger("stamina").addHandler(logging.NullHandler())
 
 T = TypeVar("T")
-
-
-def one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # -- paths ------------------------------------------------------------------------------
@@ -246,7 +241,7 @@ def retry_until_first_event(
     retries: int,
     backoff_s: float,
     what: str,
-    describe: Callable[[Exception], str] = lambda exc: one_line(str(exc)) or type(exc).__name__,
+    describe: Callable[[Exception], str] = lambda exc: one_line(exc, 200) or type(exc).__name__,
 ) -> Generator[Log, None, T]:
     """``start()`` until it returns, retrying what ``on`` allows (stamina: exponential backoff with
     jitter; a float from ``on`` is the exact wait, e.g. Retry-After). Yields a warning ``Log``
@@ -289,7 +284,7 @@ def mapped_error(exc: BaseException, table: ErrorMap | Callable[[], ErrorMap], *
     if best is None:
         return None
     ours, template = table[best]
-    detail = one_line(str(exc)) or type(exc).__name__
+    detail = one_line(exc, 200) or type(exc).__name__
     return ours(template.format(detail=detail, name=type(exc).__name__, **context))
 
 

@@ -1,20 +1,46 @@
-"""The backend interface: ``run(kind, spec) -> Iterator[Event]`` plus ``close()``; and, for jobs
-that outlive the terminal, ``detach``/``follow``/``cancel``, which a backend that cannot
-do them leaves to this base class (a UsageError naming the backend)."""
+"""The backend interface: ``run(kind, spec) -> Iterator[Event]`` plus ``close()``, and a
+``Capabilities`` record that says, once, what else a backend can do.
+
+The pipeline reads ``capabilities``; it never probes a backend with ``getattr`` or compares
+its methods with this base class's. A backend that cannot detach leaves ``detach``/
+``follow``/``cancel`` to this class (a UsageError naming the backend).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Mapping
 
 from synapse_cli.errors import UsageError
 from synapse_cli.events import Event
 
+Sharding = Literal["none", "local", "remote", "server"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do besides ``run``.
+
+    - ``detach``: a job can outlive this process (``--detach``: ``detach``/``follow``/``cancel``).
+    - ``shards``: how ``--shards N`` runs. ``none``: refused. ``local``: each shard is one
+      ``run_shard`` on this machine, merged here. ``remote``: each shard is one ``run_shard``
+      call elsewhere (its own machine), merged here. ``server``: the endpoint splits the job
+      across its own workers and merges it (``run_sharded``).
+    - ``detach_shards``: a detached job may be sharded.
+    - ``scales_out``: each call gets a machine of its own, so ``--shards auto`` splits by size.
+    - ``shard_retries``: how often one shard is retried after a transient failure (BackendError).
+    """
+
+    detach: bool = False
+    shards: Sharding = "none"
+    detach_shards: bool = False
+    scales_out: bool = False
+    shard_retries: int = 0
+
 
 class Backend:
     name = "backend"
-    detaches_shards = False  # a detached job's shards run where it runs (the local worker does)
-    scales_out = False  # each call gets a machine of its own: --shards auto splits by size
-    shard_retries = 0  # how often one shard is retried after a transient failure (BackendError)
+    capabilities = Capabilities()
 
     def run(self, kind: str, spec: Any) -> Iterator[Event]:
         """Run job ``kind`` (a key of ``synapse_cli.jobs.JOBS``) on ``spec``, yielding its events.
@@ -25,8 +51,12 @@ class Backend:
         raise NotImplementedError
 
     def run_shard(self, kind: str, spec: Any) -> Iterator[Event]:
-        """Run one shard of a sharded job (see ``synapse_cli.shards``): by default, one more ``run``."""
-        return self.run(kind, spec)
+        """Run one shard of a sharded job (``shards`` ``local`` or ``remote``; see ``synapse_cli.shards``)."""
+        raise UsageError(f"--shards is not supported with the {self.name} backend")
+
+    def run_sharded(self, kind: str, spec: Any, shards: int) -> Iterator[Event]:
+        """Run the whole job split into ``shards`` where it runs (``shards`` ``server``)."""
+        raise UsageError(f"--shards is not supported with the {self.name} backend")
 
     def detach(self, kind: str, spec: Any, job: Any, store: Any, env: Mapping[str, str]) -> None:
         """Start stored job ``job`` where it survives this terminal; ``env`` carries the meta-options."""

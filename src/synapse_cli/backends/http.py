@@ -33,9 +33,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 
 from synapse_cli import __version__
-from synapse_cli.backends._remote import ErrorMap, Outputs, collect_outputs, map_errors, one_line, path_fields, retry_until_first_event
-from synapse_cli.backends.base import Backend
-from synapse_cli.errors import BackendError, UsageError, error_from_wire
+from synapse_cli.backends._remote import ErrorMap, Outputs, collect_outputs, map_errors, path_fields, retry_until_first_event
+from synapse_cli.backends.base import Backend, Capabilities
+from synapse_cli.errors import BackendError, UsageError, error_from_wire, one_line
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, from_dict
 from synapse_cli.jobs import get_kind, spec_to_dict
 
@@ -137,8 +137,8 @@ class HttpBackend(Backend):
     """Runs jobs on a synapse endpoint. ``client`` is the seam for tests (``httpx.MockTransport``)."""
 
     name = "http"
-    detaches_shards = True  # ?detach=true&shards=N: the server splits a detached job as it does a streamed one
-    run_shard = None  # type: ignore[assignment]  # the server shards a job itself: see run_sharded
+    # the server shards a job itself (run_sharded), detached too (?detach=true&shards=N)
+    capabilities = Capabilities(detach=True, shards="server", detach_shards=True)
 
     def __init__(
         self,
@@ -271,7 +271,7 @@ class HttpBackend(Backend):
             total = sum(f.stat().st_size for _, path in uploads for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
             if isinstance(limit, (int, float)) and total > limit * 1024 * 1024:
                 return UsageError(f"the upload ({total / 1048576:.1f} MB) is larger than the endpoint's limit of {limit:g} MB (serve.max_upload_mb)")
-        return BackendError(f"the connection to {url} broke before the job started ({one_line(str(exc)) or type(exc).__name__})")
+        return BackendError(f"the connection to {url} broke before the job started ({one_line(exc, 200) or type(exc).__name__})")
 
     # -- detached jobs: POST ?detach=true, then GET /v1/jobs/{id}, its /events, DELETE ------------------
 
@@ -322,7 +322,8 @@ class HttpBackend(Backend):
                 yield event
         except BackendError as exc:
             if result is None and isinstance(exc.__cause__, _ArtifactGone):  # it can never complete here: not `processing` for ever
-                _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=str(exc)))
+                message = str(exc)
+                _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=message))
             raise
         finally:
             local.close()  # an early close removes what was downloaded so far
@@ -449,7 +450,7 @@ class HttpBackend(Backend):
             except (httpx.TransportError, httpx.StreamError) as exc:  # dropped, or silent past http.timeout_s
                 if finished:  # the outputs are in place: nothing is lost
                     return
-                yield Log(f"{url}: {one_line(str(exc)) or type(exc).__name__}; resuming from event {mirror.after}", level="warning")
+                yield Log(f"{url}: {one_line(exc, 200) or type(exc).__name__}; resuming from event {mirror.after}", level="warning")
             finally:
                 response.close()
             time.sleep(self.backoff_s)  # a server that ends streams at once is not hammered
@@ -624,7 +625,7 @@ def _json_object(url: str, body: str | bytes) -> dict[str, Any]:
         data = None
     if not isinstance(data, dict):
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-        raise BackendError(f"{url} answered something that is not a JSON object: {one_line(text)!r:.120}")
+        raise BackendError(f"{url} answered something that is not a JSON object: {one_line(text, 200)!r:.120}")
     return data
 
 
@@ -721,4 +722,4 @@ def _error_from_body(url: str, status: int, body: bytes) -> Exception:
         data = None
     if isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("message"), str):
         return error_from_wire(data.get("error"), data.get("code"), data["message"])
-    return BackendError(f"{url} answered HTTP {status}: {one_line(body.decode('utf-8', 'replace')) or 'no body'}")
+    return BackendError(f"{url} answered HTTP {status}: {one_line(body.decode('utf-8', 'replace'), 200) or 'no body'}")

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, Iterator, Mapping
 
-from synapse_cli.backends.base import Backend
+from synapse_cli.backends.base import Backend, Capabilities
 from synapse_cli.events import Event
 from synapse_cli.jobs import load_job
 
@@ -16,7 +16,7 @@ class LocalBackend(Backend):
     """Runs the job generator in this process; a detached job runs in a worker process of its own."""
 
     name = "local"
-    detaches_shards = True
+    capabilities = Capabilities(detach=True, shards="local", detach_shards=True)
 
     def run(self, kind: str, spec: Any) -> Iterator[Event]:
         yield from load_job(kind)(spec)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from synapse_cli.backends._remote import ErrorMap, Outputs, PathField, StagedNames, collect_outputs, map_errors, retry_until_first_event, stage_paths
-from synapse_cli.backends.base import Backend
+from synapse_cli.backends.base import Backend, Capabilities
 from synapse_cli.container import VOL
 from synapse_cli.errors import BackendError, JobError, UsageError
 from synapse_cli.events import Artifact, Event, Finished, from_dict
@@ -278,8 +278,10 @@ class ModalBackend(Backend):
     """
 
     name = "modal"
-    scales_out = True  # each remote_gen call runs in its own container
-    detaches_shards = True  # one spawned call per shard; ``jobs wait`` merges them
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]  # shard retries come from the [modal] settings
+        # each remote_gen call runs in its own container; a detached job spawns one call per shard, ``jobs wait`` merges them
+        return Capabilities(detach=True, shards="remote", detach_shards=True, scales_out=True, shard_retries=self.shard_retries)
 
     @property
     def shard_retries(self) -> int:
@@ -370,6 +372,10 @@ class ModalBackend(Backend):
             if name not in record.inputs + record.outputs:
                 data.pop(name, None)  # a local binary or cache path means nothing in the container
         return data
+
+    def run_shard(self, kind: str, spec: Any) -> Iterator[Event]:
+        """One shard is one more call, in a container of its own."""
+        return self.run(kind, spec)
 
     def run(self, kind: str, spec: Any) -> Iterator[Event]:
         require_credentials(self._env)

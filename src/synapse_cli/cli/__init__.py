@@ -1,5 +1,5 @@
 """The typer app. Each command lives in its own module and only declares options
-and calls ``run_job``; nothing heavy (rich, modal, torch) is imported here, so
+and calls ``run_command`` (one call to ``synapse_cli.pipeline``); nothing heavy (rich, modal, torch) is imported here, so
 ``synapse --help`` stays fast."""
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class _Root(Group):
 def _load(name: str, where: str) -> Any:
     module, _, attr = where.partition(":")
     target = getattr(importlib.import_module(module), attr)
+    command: Any
     if isinstance(target, typer.Typer):
         command = typer.main.get_group(target)
     else:

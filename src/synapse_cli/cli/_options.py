@@ -1,118 +1,79 @@
-"""Options shared by every job command (the CLI contract: keep names exactly)."""
+"""Options shared by every job command (the CLI contract: keep names exactly), made from ``RunOptions``.
+
+``Command``, ``Group`` and ``plain_coercion`` live in ``_typer_hooks`` (typer's private API, fenced there)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, List, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
-import typer.core
 
-USE_MODAL = Annotated[
-    Optional[bool],
-    typer.Option("--use-modal/--no-modal", help="Run on Modal, or in this process. Default: the 'backend' setting."),
-]
-JSON = Annotated[bool, typer.Option("--json", help="Print NDJSON events on stdout, one per line.")]
-OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
-CONFIG = Annotated[
-    Optional[Path],
-    typer.Option("--config", metavar="FILE.toml", help="Config file (default: .synapse.toml from here upward; env SYNAPSE_CONFIG).", dir_okay=False),
-]
-PROFILE = Annotated[
-    Optional[str], typer.Option("--profile", metavar="NAME", help="[profile.NAME] table of the config file to apply (env SYNAPSE_PROFILE).")
-]
-ENDPOINT = Annotated[
-    Optional[str],
-    typer.Option("--endpoint", metavar="URL", help="Run on a synapse HTTP endpoint (env SYNAPSE_ENDPOINT, [http] endpoint).", show_default=False),
-]
-API_KEY = Annotated[
-    Optional[str],
-    typer.Option("--api-key", metavar="KEY", help="API key for --endpoint (prefer env SYNAPSE_API_KEY: flags show up in process lists).", show_default=False),
-]
-DETACH = Annotated[bool, typer.Option("--detach", help="Start the job in the background, print its id and return (see synapse jobs).")]
-SHARDS = Annotated[
-    Optional[str],
-    typer.Option("--shards", help="Split the job into N shards run at once, or 'auto' ([shards] count; auto is 1 locally).", show_default=False),
-]
-NO_CACHE = Annotated[bool, typer.Option("--no-cache", help="Run even if an identical job already has a result.")]
+from synapse_cli.pipeline.options import RunOptions
 
 
-@dataclass
-class Common:
-    """What every job command passes to ``run_job``."""
-
-    json: bool = False
-    use_modal: Optional[bool] = None
-    config: Optional[Path] = None
-    profile: Optional[str] = None
-    overwrite: bool = False
-    endpoint: Optional[str] = None
-    api_key: Optional[str] = None
-    detach: bool = False
-    cache: bool = True
-    shards: Optional[str] = None
-
-    def flags(self) -> dict:
-        backend = None if self.use_modal is None else ("modal" if self.use_modal else "local")
-        return {"backend": backend, "http.endpoint": self.endpoint, "api_key": self.api_key, "shards.count": self.shards}
+def _option(name: str) -> Any:
+    """The typer annotation of one common option, made from its declaration in ``RunOptions``."""
+    default, opt, annotation = next((d, o, RunOptions.__annotations__[n]) for n, d, o in RunOptions.options() if n == name)
+    if opt.cli_name == "no_cache":  # the flag turns the option off: the command's parameter is the flag
+        annotation, default = "bool", False
+    kinds = {"bool": bool, "Optional[bool]": Optional[bool], "Optional[str]": Optional[str], "Optional[Path]": Optional[Path]}
+    extra: dict[str, Any] = {"dir_okay": False} if opt.path else {}
+    if opt.metavar:
+        extra["metavar"] = opt.metavar
+    if default is None and not opt.path:
+        extra["show_default"] = False
+    return Annotated[kinds[annotation], typer.Option(*opt.flags, help=opt.help, **extra)], default, opt
 
 
-# The common options of a job command, declared once: (parameter, annotation, default, remote only).
-_COMMON: tuple[tuple[str, Any, Any, bool], ...] = (
-    ("use_modal", USE_MODAL, None, True),
-    ("json_output", JSON, False, False),
-    ("overwrite", OVERWRITE, False, False),
-    ("config", CONFIG, None, False),
-    ("profile", PROFILE, None, False),
-    ("endpoint", ENDPOINT, None, True),
-    ("api_key", API_KEY, None, True),
-    ("detach", DETACH, False, True),
-    ("no_cache", NO_CACHE, False, True),
-    ("shards", SHARDS, None, True),
+USE_MODAL = _option("use_modal")[0]
+JSON = _option("json")[0]
+OVERWRITE = _option("overwrite")[0]
+CONFIG = _option("config")[0]
+PROFILE = _option("profile")[0]
+ENDPOINT = _option("endpoint")[0]
+API_KEY = _option("api_key")[0]
+DETACH = _option("detach")[0]
+SHARDS = _option("shards")[0]
+NO_CACHE = _option("cache")[0]
+
+# The common options of a job command, from ``RunOptions``: (parameter, annotation, default, remote only, field).
+_COMMON: tuple[tuple[str, Any, Any, bool, str], ...] = tuple(
+    (opt.cli_name or name, annotation, default, opt.remote, name)
+    for name, (annotation, default, opt) in ((n, _option(n)) for n, _, _ in RunOptions.options())
 )
 
 
 def with_common(local: bool = False, no_cache_help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a job command the common options; it receives them as one ``common: Common`` argument.
+    """Give a job command the common options; it receives them as one ``common: RunOptions`` argument.
 
     ``local``: the command runs in this process only, so the remote options (--use-modal,
-    --endpoint, --api-key, --detach, --no-cache) are left out. ``no_cache_help`` rewords
-    --no-cache for a kind whose own cache it also bypasses.
+    --endpoint, --api-key, --detach, --no-cache, --shards) are left out. ``no_cache_help``
+    rewords --no-cache for a kind whose own cache it also bypasses.
     """
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(func, include_extras=True)  # in the command's own module
         signature = inspect.signature(func)
         params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values() if p.name != "common"]
-        added = []
-        for name, annotation, default, remote in _COMMON:
+        added: dict[str, str] = {}  # parameter -> RunOptions field
+        for name, annotation, default, remote, field_name in _COMMON:
             if local and remote:
                 continue
             if name == "no_cache" and no_cache_help:
                 annotation = Annotated[bool, typer.Option("--no-cache", help=no_cache_help)]
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
-            added.append(name)
+            added[name] = field_name
 
         @functools.wraps(func)
         def command(*args: Any, **kwargs: Any) -> Any:
-            given = {name: kwargs.pop(name) for name in added if name in kwargs}
-            common = Common(
-                json=bool(given.get("json_output", False)),
-                use_modal=given.get("use_modal"),
-                config=given.get("config"),
-                profile=given.get("profile"),
-                overwrite=bool(given.get("overwrite", False)),
-                endpoint=given.get("endpoint"),
-                api_key=given.get("api_key"),
-                detach=bool(given.get("detach", False)),
-                cache=not given.get("no_cache", False),
-                shards=given.get("shards"),
-            )
-            return func(*args, common=common, **kwargs)
+            given = {added[name]: kwargs.pop(name) for name in list(added) if name in kwargs}
+            if "cache" in given:  # the parameter is --no-cache
+                given["cache"] = not given["cache"]
+            return func(*args, common=RunOptions(**given), **kwargs)
 
         command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
@@ -121,111 +82,4 @@ def with_common(local: bool = False, no_cache_help: str | None = None) -> Callab
     return decorate
 
 
-# -- coercion without a pydantic TypeAdapter per option ------------------------------------------
-
-
-class _PlainCoercion:
-    """Typer's coercion of one parameter, for the values a command line gives, without its TypeAdapter.
-
-    Typer (0.29) coerces every parameter of the invoked command through a pydantic
-    TypeAdapter, built on first use, unset options included: importing pydantic and
-    building fifteen adapters was a third of ``synapse export``'s start-up. A value the
-    command line gives for ``str``, ``list[str]`` and ``Path`` parameters is coerced here
-    exactly as those adapters do (a ``Path`` through typer's own path checks); an unset
-    option is ``None`` (or ``()``), as typer has it; any other value goes to typer's own
-    coercion, built then.
-    """
-
-    __slots__ = ("kind", "descriptor", "_typer")
-
-    def __init__(self, kind: str | None, descriptor: Any) -> None:
-        self.kind, self.descriptor, self._typer = kind, descriptor, None
-
-    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
-        multi = param.multiple or param.nargs == -1
-        if value is None:
-            return () if multi else None
-        if self.kind == "str" and type(value) is str:
-            return value
-        if self.kind == "strs" and isinstance(value, (list, tuple)) and all(type(v) is str for v in value):
-            return list(value)
-        if self.kind == "path" and (type(value) is str and value or isinstance(value, Path)):
-            from typer._param_types import coerce_cli_path
-
-            path = value if isinstance(value, Path) else Path(value)  # what pydantic's Path validation makes of a str
-            return coerce_cli_path(path, self.descriptor.parameter_info, path_type=Path, param=param, ctx=ctx)
-        if self._typer is None:
-            from typer._coercion import build_runtime_param
-
-            self._typer = build_runtime_param(self.descriptor)
-        return self._typer.coerce(value, param=param, ctx=ctx)
-
-
-def _coercion_kind(descriptor: Any) -> str | None:
-    info, annotation = descriptor.parameter_info, descriptor.annotation
-    if getattr(info, "parser", None) is not None or descriptor.file_annotation is not None:
-        return None
-    if annotation is str:
-        return "str"
-    if annotation == List[str] or annotation == list[str]:
-        return "strs"
-    if annotation is Path and getattr(info, "path_type", None) is None and descriptor.is_path:
-        return "path"
-    return None
-
-
-def _typer_hooks() -> bool:
-    """Does this typer have the (private) pieces ``_PlainCoercion`` calls? Checked once, without importing them."""
-    global _HOOKS
-    if _HOOKS is None:
-        import importlib.util
-
-        _HOOKS = all(importlib.util.find_spec(m) is not None for m in ("typer._coercion", "typer._param_types"))
-    return _HOOKS
-
-
-_HOOKS: bool | None = None
-
-
-def _install(param: Any) -> None:
-    descriptor = getattr(param, "type_descriptor", None)
-    if descriptor is not None and getattr(param, "_runtime_param", False) is None and _typer_hooks():
-        param._runtime_param = _PlainCoercion(_coercion_kind(descriptor), descriptor)
-
-
-def plain_coercion(command: Any) -> None:
-    """Give ``command``'s parameters, and its subcommands', the coercion above.
-
-    Only where typer has the hook (a parameter with an unbuilt ``_runtime_param``); a typer
-    without it (click-based releases) builds no adapters, and is left as it is.
-    """
-    for param in getattr(command, "params", ()):
-        _install(param)
-    for sub in getattr(command, "commands", {}).values():
-        plain_coercion(sub)
-
-
-class _PlainHelp:
-    """The ``--help`` option typer makes on first use is coerced with ``plain_coercion`` too."""
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)  # type: ignore[misc]
-        if option is not None:
-            _install(option)
-        return option
-
-
-class Command(_PlainHelp, typer.core.TyperCommand):
-    """A job command: its ``--help`` option is coerced without a TypeAdapter (its other options are, by ``Group``)."""
-
-
-class Group(_PlainHelp, typer.core.TyperGroup):
-    """The root group: every command under it coerces its options with ``plain_coercion``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        plain_coercion(self)
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        plain_coercion(self)  # the completion options typer adds to the group after building it
-        return super().parse_args(ctx, args)
+from synapse_cli.cli._typer_hooks import Command, Group, plain_coercion  # noqa: E402,F401 (re-exported for the commands)

@@ -7,10 +7,9 @@ from typing import Annotated, Any, List, Optional
 
 import typer
 
-from synapse_cli.cli._options import Common, with_common
-from synapse_cli.cli._run import run_job
-from synapse_cli.config import ENGINES, Settings
-from synapse_cli.errors import UsageError
+from synapse_cli.cli._options import with_common
+from synapse_cli.cli._run import run_command
+from synapse_cli.pipeline.options import RunOptions
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -40,7 +39,7 @@ def compile_command(
     engine: Annotated[Optional[str], typer.Option("--engine", metavar="ENGINE,...", help="Comma-separated engines: llguidance,xgrammar,outlines,llama.cpp (default: all; setting compile.engines).")] = None,
     check: Annotated[Optional[Path], typer.Option("--check", metavar="FILE.jsonl", help="JSONL of labelled instances {\"data\", \"valid\"} to verify every artefact against.", dir_okay=False)] = None,
     *,
-    common: Common,
+    common: RunOptions,
 ) -> None:
     """Compile JSON Schemas or constraint sets into the artefact each decoding engine loads.
 
@@ -50,35 +49,4 @@ def compile_command(
 
     Example: synapse compile schemas/ --check cases.jsonl --engine llguidance,outlines
     """
-    flags: dict[str, Any] = {
-        "compile.output_dir": str(output_dir) if output_dir else None,
-        "compile.engines": engine,
-    }
-
-    def build_spec(settings: Settings):
-        from synapse_cli.jobs.compile.job import CompileSpec
-
-        engines = settings["compile.engines"]
-        unknown = [e for e in engines if e not in ENGINES]
-        if unknown or not engines:
-            raise UsageError(f"unknown engine {unknown[0] if unknown else '(none)'!r}; expected some of {', '.join(ENGINES)}")
-        if check is not None and not check.is_file():
-            raise UsageError(f"--check file not found: {check}")
-        cache_dir = settings["compile.cache_dir"]
-        if cache_dir is None and common.cache:
-            from synapse_cli.jobs.compile.cache import default_dir
-
-            cache_dir = str(default_dir())
-        return CompileSpec(
-            inputs=list(inputs),
-            output_dir=settings["compile.output_dir"],
-            engines=list(engines),
-            check=str(check) if check else None,
-            use_cache=common.cache,
-            cache_dir=cache_dir,
-            engine_timeout_s=settings["compile.engine_timeout_s"],
-            overwrite=common.overwrite,
-        )
-
-    run_job("compile", build_spec, common, flags, _summary)
-
+    run_command("compile", common, inputs, output_dir=output_dir, engine=engine, check=check, summarize=_summary)

@@ -4,8 +4,9 @@ import json
 
 import typer
 
-from synapse_cli.cli._options import CONFIG, JSON, PROFILE, Common
-from synapse_cli.cli._run import exit_on_error, settings_for
+from synapse_cli.cli._options import CONFIG, JSON, PROFILE
+from synapse_cli.cli._run import exit_on_error
+from synapse_cli.pipeline import RunOptions, settings_for
 
 app = typer.Typer(help="Inspect configuration.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -17,7 +18,7 @@ def show(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = No
     Example: synapse config show --json | jq '.["ffmpeg.preset"]'
     """
     with exit_on_error(json_output):
-        settings = settings_for(Common(config=config, profile=profile))
+        settings = settings_for(RunOptions(config=config, profile=profile))
         payload = settings.report()  # the Python API's synapse.settings() returns the same
         rows = payload["settings"]
         if json_output:

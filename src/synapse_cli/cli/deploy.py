@@ -5,8 +5,9 @@ import os
 
 import typer
 
-from synapse_cli.cli._options import CONFIG, JSON, PROFILE, Common
-from synapse_cli.cli._run import exit_on_error, settings_for
+from synapse_cli.cli._options import CONFIG, JSON, PROFILE
+from synapse_cli.cli._run import exit_on_error
+from synapse_cli.pipeline import RunOptions, settings_for
 
 
 def deploy(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
@@ -16,7 +17,7 @@ def deploy(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = 
     Example: SYNAPSE_MODAL_GPU=A10G synapse deploy
     """
     with exit_on_error(json_output):
-        settings = settings_for(Common(config=config, profile=profile))
+        settings = settings_for(RunOptions(config=config, profile=profile))
         from synapse_cli.backends.modal import map_modal_errors, require_credentials
 
         require_credentials()

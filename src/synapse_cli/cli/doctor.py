@@ -6,8 +6,9 @@ from typing import Any
 
 import typer
 
-from synapse_cli.cli._options import CONFIG, JSON, PROFILE, Common
-from synapse_cli.cli._run import exit_on_error, settings_for
+from synapse_cli.cli._options import CONFIG, JSON, PROFILE
+from synapse_cli.cli._run import exit_on_error
+from synapse_cli.pipeline import RunOptions, settings_for
 from synapse_cli.errors import SynapseError
 
 
@@ -52,7 +53,7 @@ def doctor(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = 
     Exits 1 if something a local export needs is missing.
     """
     with exit_on_error(json_output):
-        settings = settings_for(Common(config=config, profile=profile))
+        settings = settings_for(RunOptions(config=config, profile=profile))
         checks = {
             "ffmpeg": _ffmpeg(settings),
             "config": {"ok": True, "detail": str(settings.config_path) if settings.config_path else "no .synapse.toml found (defaults apply)"},

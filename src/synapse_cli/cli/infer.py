@@ -7,15 +7,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from synapse_cli.cli._options import Common, with_common
-from synapse_cli.cli._run import run_job
-from synapse_cli.config import Settings
+from synapse_cli.cli._options import with_common
+from synapse_cli.cli._run import run_command
+from synapse_cli.pipeline.options import RunOptions
 
 # Heavy imports (ultralytics, torch) happen inside the job, so `synapse --help` stays fast.
-
-
-def _split(value: Optional[str]) -> list[str]:
-    return [p.strip() for p in (value or "").split(",") if p.strip()]
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -72,43 +68,13 @@ def infer(
         Optional[bool], typer.Option("--half/--no-half", help="fp16 inference. Default: on for CUDA, off elsewhere ([infer] half).")
     ] = None,
     *,
-    common: Common,
+    common: RunOptions,
 ) -> None:
     """Detect people (boxes, 17 keypoints, track ids) in a video, offline, with per-frame JSON.
 
     Example: synapse infer match.mp4 --task track --court 412,220,868,220,1180,700,100,700 --annotated match.tracked.mp4
     """
-    from synapse_cli.jobs.infer.job import InferSpec, check_spec, default_output
-
-    flags = {"infer.task": task, "infer.model": model, "infer.imgsz": imgsz, "infer.conf": conf, "infer.batch": batch, "infer.half": half}
-
-    def build_spec(settings: Settings) -> InferSpec:
-        from synapse_cli.jobs.infer.court import parse_corners
-
-        chosen = settings["infer.task"]
-        spec = InferSpec(
-            source=str(source),
-            output=str(output) if output else default_output(str(source), chosen),
-            task=chosen,
-            model=settings["infer.model"],
-            annotated=str(annotated) if annotated else None,
-            imgsz=settings["infer.imgsz"],
-            conf=settings["infer.conf"],
-            classes=_split(classes),
-            every=every,
-            court=parse_corners(court) if court is not None else None,
-            court_width_m=settings["infer.court_width_m"],
-            court_length_m=settings["infer.court_length_m"],
-            threads=settings["infer.threads"],
-            batch=settings["infer.batch"],
-            half=settings["infer.half"],
-            overwrite=common.overwrite,
-            ffmpeg_path=settings["ffmpeg.path"],
-            ffmpeg_preset=settings["ffmpeg.preset"],
-            ffmpeg_crf=settings["ffmpeg.crf"],
-        )
-        check_spec(spec)  # missing or non-media source, bad model path, bad --court: exit 2 before any work
-        return spec
-
-    run_job("infer", build_spec, common, flags, summarize=_summary)
-
+    run_command(
+        "infer", common, source, task=task, model=model, output=output, annotated=annotated, imgsz=imgsz, conf=conf,
+        classes=classes, every=every, court=court, batch=batch, half=half, summarize=_summary,
+    )  # fmt: skip

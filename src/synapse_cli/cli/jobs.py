@@ -9,9 +9,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from synapse_cli.cli._options import API_KEY, CONFIG, JSON, PROFILE, Common
-from synapse_cli.cli._run import exit_on_error, settings_for, sigterm_as_interrupt
-from synapse_cli.errors import BackendError, SynapseError, UsageError
+from synapse_cli.cli._options import API_KEY, CONFIG, JSON, PROFILE
+from synapse_cli.cli._run import exit_on_error, sigterm_as_interrupt
+from synapse_cli.pipeline import RunOptions, settings_for
+from synapse_cli.errors import BackendError, SynapseError, UsageError, one_line
 
 app = typer.Typer(help="Jobs that outlive the terminal: list, show, wait, cancel, prune.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -22,7 +23,7 @@ JOB_ID = Annotated[str, typer.Argument(help="Job id (a unique prefix is enough).
 def _store(config, profile, api_key=None):
     from synapse_cli.store import JobStore
 
-    settings = settings_for(Common(config=config, profile=profile, api_key=api_key))
+    settings = settings_for(RunOptions(config=config, profile=profile, api_key=api_key))
     return settings, JobStore.from_settings(settings)
 
 
@@ -38,7 +39,7 @@ def _output(job) -> str:
 
 
 def _runner(job, settings):
-    from synapse_cli.cli._run import runner_for
+    from synapse_cli.pipeline import runner_for
 
     return runner_for(job, settings)
 
@@ -55,7 +56,7 @@ def _ask_endpoint(job, store, settings, timeout_s: Optional[float] = None, retri
     try:
         return runner.refresh(job, store, timeout_s=timeout_s, retries=retries)
     except SynapseError as exc:
-        print(f"Warning: job {job.id}: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"Warning: job {job.id}: {one_line(exc)}", file=sys.stderr)
         return None
     finally:
         runner.close()
@@ -69,10 +70,6 @@ def _endpoint_view(job, record: Optional[dict]) -> dict:
     if view["status"] == "completed":
         view["outputs"] = f"not downloaded yet: synapse jobs wait {job.id}"
     return view
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 @app.command("list")
@@ -220,7 +217,7 @@ def prune(
 @app.command("worker", hidden=True)
 def worker(job_id: JOB_ID) -> None:
     """Run a detached job (started by --detach in its own session)."""
-    from synapse_cli.cli._run import backend_for
+    from synapse_cli.pipeline import backend_for
     from synapse_cli.config import load_settings
     from synapse_cli.jobs import spec_from_dict
     from synapse_cli.store import JobStore

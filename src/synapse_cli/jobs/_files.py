@@ -29,6 +29,22 @@ def check_output(dest: Path, overwrite: bool) -> None:
         raise UsageError(f"output directory {parent} is not writable")
 
 
+# The containers synapse writes H.264 + AAC into (each checked with the bundled ffmpeg and the jobs'
+# encode options): a video output's name must end in one, so a name no muxer knows ("noext", "a.xyz")
+# or one that cannot carry H.264 + AAC (".webm", ".mpg") is refused before anything runs.
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".ts", ".flv", ".3gp", ".nut")
+
+
+def check_video_name(name: str | Path, field: str = "output") -> None:
+    """Refuse (``UsageError``, exit 2 / HTTP 422, naming ``field``) a video output whose extension no
+    container synapse writes has: the same rule for the CLI, the Python API and ``synapse serve``."""
+    suffix = Path(str(name)).suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        what = f"a {suffix} file" if suffix else "a name without an extension"
+        raise UsageError(f"{field}: {Path(str(name)).name!r}: no container synapse writes is {what}; "
+                         f"a video output must end in one of {', '.join(VIDEO_SUFFIXES)}")
+
+
 def temp_path_for(dest: Path) -> Path:
     """A hidden sibling that keeps the suffix, so muxers and parsers still recognise it."""
     return dest.with_name(f".{dest.stem}.{uuid.uuid4().hex[:8]}.part{dest.suffix}")

@@ -102,7 +102,7 @@ def frame_display_matrix(frame: object) -> tuple[int, ...] | None:
     import av
 
     for sd in getattr(frame, "side_data", ()) or ():
-        if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+        if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:  # type: ignore[attr-defined]  # (PyAV's stubs lack the module)
             data = bytes(sd)
             if len(data) >= 36:
                 return struct.unpack("<9i", data[:36])
@@ -197,7 +197,7 @@ def _probe_av(p: Path) -> MediaInfo:
             if duration <= 0 and container.duration is not None:
                 duration = container.duration / 1_000_000
             frames = int(video.frames or round(duration * fps))
-            width, height = video.codec_context.width, video.codec_context.height
+            width, height = video.codec_context.width, video.codec_context.height  # type: ignore[attr-defined]  # (a video stream's context)
             if not width or not height:
                 raise UsageError(f"{p}: video stream has no frame size")
             # PyAV exposes the display matrix only on decoded frames: decode the first one
@@ -337,8 +337,8 @@ def interrupts_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    came: list[int] = []
-    saved = {signum: signal.signal(signum, lambda n, _frame: came.append(n)) for signum in (signal.SIGINT, signal.SIGTERM)}
+    came: list[signal.Signals] = []
+    saved = {signum: signal.signal(signum, lambda n, _frame: came.append(signal.Signals(n))) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional, Union
 
 from synapse_cli.errors import UsageError
 from synapse_cli.events import Artifact, Event, Finished, Started
-from synapse_cli.jobs._files import atomic_output, check_output
+from synapse_cli.jobs._files import atomic_output, check_output, check_video_name
 from synapse_cli.jobs import JobKind
 from synapse_cli.jobs._media import find_ffmpeg, run_ffmpeg
 
 # runs in this process only from the CLI (nothing to gain remotely): no Modal functions
-KIND = JobKind(name="sample", spec="synapse_cli.jobs.sample:SampleSpec", run="synapse_cli.jobs.sample:make_sample", command="synapse_cli.cli.sample:sample", remote=False)
+KIND = JobKind(
+    name="sample",
+    spec="synapse_cli.jobs.sample:SampleSpec",
+    run="synapse_cli.jobs.sample:make_sample",
+    build="synapse_cli.jobs.sample:build_spec",
+    command="synapse_cli.cli.sample:sample",
+    remote=False,
+    names="synapse_cli.jobs.sample:sample_names",
+)
+DEFAULT_OUTPUT = "sample.mp4"  # what ``synapse sample`` writes when no name is given
 
 
 @dataclass
@@ -33,6 +43,41 @@ class SampleSpec:
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output",)
     HOST_FIELDS: ClassVar[tuple[str, ...]] = ("ffmpeg",)
     SERVER_CAPS: ClassVar[dict[str, float]] = {"seconds": 600, "width": 3840, "height": 2160, "fps": 60}  # synapse serve refuses more (422)
+
+
+def sample_names(data: dict, output_dir: Optional[str] = None) -> dict:
+    """The sample kind's ``names`` hook: ``output`` defaults to ``sample.mp4`` and must end in a video container's extension."""
+    if data.get("output") is None:
+        data["output"] = DEFAULT_OUTPUT
+    if isinstance(data["output"], str):
+        check_video_name(data["output"], "output")
+    return data
+
+
+def build_spec(
+    settings: Any,
+    output: Union[str, "os.PathLike[str]"] = DEFAULT_OUTPUT,
+    *,
+    seconds: float = 10.0,
+    size: str = "1280x720",
+    audio: bool = True,
+    overwrite: bool = False,
+    cache: bool = True,
+) -> SampleSpec:
+    """The options of ``synapse sample`` (or ``sample(...)``) into a ``SampleSpec``."""
+    from synapse_cli.errors import UsageError
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size expects WIDTHxHEIGHT, got {size!r}") from None
+    if width < 16 or height < 16 or width % 2 or height % 2:
+        raise UsageError(f"--size {size}: width and height must be even and at least 16")
+    if not 0 < seconds <= 3600:
+        raise UsageError(f"--seconds must be in (0, 3600], got {seconds:g}")
+    sample_names({"output": os.fspath(output)})  # a name no muxer knows: exit 2 before anything runs
+    check_output(Path(output), overwrite)
+    return SampleSpec(output=os.fspath(output), seconds=seconds, width=width, height=height, audio=audio, ffmpeg=settings["ffmpeg.path"], overwrite=overwrite)
 
 
 def check_sample(spec: SampleSpec) -> None:

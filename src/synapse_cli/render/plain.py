@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping
 
+from synapse_cli.errors import one_line
 from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
 
 
@@ -82,7 +83,7 @@ def named_file(message: str, cwd: Path | None = None) -> str | None:
 
 def error_annotation(title: str, message: str, cwd: Path | None = None) -> str:
     """The ``::error`` line for a failure; ``file=`` when the message names an input file."""
-    return workflow_command("error", " ".join(message.split()), title=title, file=named_file(message, cwd))
+    return workflow_command("error", one_line(message), title=title, file=named_file(message, cwd))
 
 
 def render_plain(
@@ -121,7 +122,7 @@ def render_plain(
                     grouped = True
             elif isinstance(ev, Progress):
                 now = clock()
-                final = bool(ev.total) and ev.done >= ev.total
+                final = ev.total is not None and ev.total > 0 and ev.done >= ev.total
                 if now - last_print >= interval_s or final:
                     eta = None
                     if ev.total and 0 < ev.done < ev.total:

@@ -40,7 +40,7 @@ from urllib.parse import urlencode
 from synapse_cli.backends._remote import PathField, path_fields, stage_paths
 from synapse_cli.errors import SynapseError, UsageError
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
-from synapse_cli.jobs import get_kind, select_installed
+from synapse_cli.jobs import get_kind, select_installed, settle_names
 from synapse_cli.server.uploads import BadUpload, Body, installed_upload_refused, is_within, remove_tree, safe_filename
 
 log = logging.getLogger("synapse.server")
@@ -141,6 +141,8 @@ class JobRun:
                     query["index"] = out.index
                 if f != out.server_path:
                     query["name"] = f.relative_to(base).as_posix()
+                # where the client saves it: the output's path as sent (or as the server derived it), joined with name
+                query["save"] = f"{out.client_path.rstrip('/')}/{query['name']}" if "name" in query else out.client_path
             else:
                 query["name"] = f.relative_to(base).as_posix() if f != base else f.name
             events.append(Artifact(path=f"/v1/artifacts/{self.job_id}.{number}?{urlencode(query)}", bytes=f.stat().st_size))
@@ -331,6 +333,12 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
     if stray:
         raise BadUpload(400, f"file part(s) {', '.join(map(repr, stray))} are not inputs of {kind} (inputs: {', '.join(inputs) or 'none'})")
 
+    try:  # the outputs a spec leaves out get the CLI's names, derived from the inputs' (the kind's names hook)
+        data = settle_names(kind, data)
+    except UsageError as exc:
+        raise BadUpload(422, f"bad {kind} spec: {exc}") from None
+    # the spec as sent, with those names: what a detached job's record calls its artifacts
+    body.spec = {**body.spec, **{name: data[name] for name in outputs if data.get(name) is not None}}
     try:
         paths = path_fields(kind, data)
     except UsageError as exc:

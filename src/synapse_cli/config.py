@@ -175,6 +175,7 @@ _CORE: dict[str, _Setting] = {
     "serve.body_timeout_s": _Setting(60.0, _float(), "an upload that sends nothing this long is refused (408)"),
     "serve.artifact_ttl_s": _Setting(3600.0, _float(), "a job's outputs are deleted this long after it ended (the server sweeps every min(60 s, this))"),
     "serve.keep_jobs_days": _Setting(30.0, _float(0.0, strict=False), "detached jobs that ended longer ago are deleted from the server's job store (record, events, files; fractions allowed); 0 = keep for ever"),
+    "serve.max_key_failures": _Setting(10, _int(1, 1_000_000_000), "wrong API keys an address may send a minute; past it, 429 until the minute is over"),
     "serve.models_dir": _Setting(None, _opt_str, "models a client may name (infer model=NAME) besides the bundled default"),
     "serve.allow_hosts": _Setting([], _list, "hosts (names or IP literals) that URLs given to the server or a container may reach although they resolve to a loopback, private or link-local address"),
     # [notify]: signed webhooks (docs/webhooks.md)

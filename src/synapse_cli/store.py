@@ -366,6 +366,14 @@ class JobStore:
             )
             return cur.rowcount == 1
 
+    def adopt(self, job_id: str, from_pid: int | None) -> bool:
+        """This process takes over a ``pending`` row of a process that died (``from_pid``), to run it itself.
+        False when the row is no longer that process's pending row (another process took it, or it ended)."""
+        with self.transaction() as db:
+            cur = db.execute("UPDATE jobs SET pid = ?, pid_start = ?, host = ? WHERE id = ? AND status = 'pending' AND pid IS ?",
+                             (os.getpid(), pid_start_time(os.getpid()), this_host(), job_id, from_pid))
+            return cur.rowcount == 1
+
     def append_events(self, job_id: str, events: list[dict[str, Any]], progress: dict[str, Any] | None = None) -> None:
         now = time.time()
         with self.transaction() as db:

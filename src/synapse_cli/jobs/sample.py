@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional, Union
 
+from synapse_cli.errors import UsageError
 from synapse_cli.events import Artifact, Event, Finished, Started
 from synapse_cli.jobs._files import atomic_output, check_output, check_video_name
 from synapse_cli.jobs import JobKind
@@ -78,8 +80,21 @@ def build_spec(
     return SampleSpec(output=os.fspath(output), seconds=seconds, width=width, height=height, audio=audio, ffmpeg=settings["ffmpeg.path"], overwrite=overwrite)
 
 
+def check_sample(spec: SampleSpec) -> None:
+    """The CLI's rules for any client (a spec sent over HTTP skips the command's checks): a UsageError naming the field."""
+    if not (isinstance(spec.seconds, (int, float)) and math.isfinite(spec.seconds) and 0 < spec.seconds <= 3600):
+        raise UsageError(f"seconds must be in (0, 3600], got {spec.seconds!r}")
+    for name in ("width", "height"):
+        value = getattr(spec, name)
+        if value < 16 or value % 2:
+            raise UsageError(f"{name} must be even and at least 16, got {value!r}")
+    if not 1 <= spec.fps <= 240:
+        raise UsageError(f"fps must be in [1, 240], got {spec.fps!r}")
+
+
 def make_sample(spec: SampleSpec) -> Iterator[Event]:
     started = time.monotonic()
+    check_sample(spec)
     out = Path(spec.output)
     check_output(out, spec.overwrite)
     exe = find_ffmpeg(spec.ffmpeg)

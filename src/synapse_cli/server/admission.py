@@ -57,7 +57,10 @@ def admit(opts: ServerOptions, request: Request, kind: str) -> Admission | JSONR
     if length > opts.max_bytes:
         return error(413, f"the upload ({length / 1048576:.1f} MB) is larger than the server's limit of {opts.max_upload_mb} MB", close=True)
     needed = (length if length >= 0 else opts.max_bytes) + opts.min_free_mb * 1024 * 1024
-    free = shutil.disk_usage(opts.jobs_dir).free
+    try:
+        free = shutil.disk_usage(opts.jobs_dir).free
+    except OSError as exc:  # the work dir is gone or unreadable (removed under a running server): not this request's fault
+        return busy(503, f"the server's work dir is unavailable ({exc.strerror or exc})", 60)
     if free < needed:
         return busy(507, f"the server has {free / 1048576:.0f} MB free in its work dir; this upload needs {needed / 1048576:.0f} MB (serve.min_free_mb)", 60)
     return Admission(shards, detached, length)

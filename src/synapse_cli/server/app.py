@@ -64,6 +64,7 @@ def create_app(
     opts = from_settings(settings or {}, arguments, limits)
     opts.jobs_dir.mkdir(parents=True, exist_ok=True)
     opts.detached = DetachedJobs(opts)  # opens <work dir>/jobs.db; jobs a dead server left running are marked failed, old ones pruned
+    opts.detached.dispatch()  # and those it left queued, queued here again, start
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -93,7 +94,29 @@ def create_app(
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:  # Starlette names the methods of the first route whose path matched; say all of them
+        headers["Allow"] = ", ".join(_allowed_methods(request.app, request.url.path)) or headers.get("Allow", "")
+    return error(exc.status_code, str(exc.detail), headers=headers)
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI document gives ``path``, for a 405's ``Allow``. Starlette names those of the
+    first route whose path matched, but ``/v1/jobs/{kind}`` (POST) and ``/v1/jobs/{job_id}`` (GET, DELETE)
+    share a shape: ``/v1/jobs/<a kind>`` is the kind's POST, any other ``/v1/jobs/<x>`` a job's GET and DELETE."""
+    from synapse_cli.jobs import JOBS
+
+    methods: set[str] = set()
+    for route in app.routes:
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        match = regex.match(path) if regex is not None and route_methods else None
+        if match is None:
+            continue
+        params = match.groupdict()
+        if ("kind" in params and params["kind"] not in JOBS) or ("job_id" in params and params["job_id"] in JOBS and path.count("/") == 3):
+            continue
+        methods.update(route_methods or ())
+    return sorted(methods)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

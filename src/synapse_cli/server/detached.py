@@ -15,9 +15,13 @@ a job run by another process sharing the work dir is polled once a second instea
   (``finished``, or an ``error``), so a follower that saw the end and then reads the record sees it final.
   A job that fails after its ``finished`` (compile with inputs that failed) ends ``finished``, ``error``,
   stored in one step: the row is ``failed`` with the error and keeps the result, and the outputs stay.
-- Restart: rows left ``pending``/``processing`` by a server that died (its pid is gone) are marked
-  ``failed`` ("the server stopped while this job was running") with an ``error`` event, and their
-  folders removed, when the next server starts on the work dir.
+- Restart: when the next server starts on the work dir (or another server sharing it sees the dead
+  one's rows), rows left ``processing`` by a server that died (its pid is gone) are marked ``failed``
+  ("the server stopped while this job was running") with an ``error`` event, what is left of their
+  processes (ffmpeg runs in a session of its own and outlives the server) is killed and their folders
+  removed. Rows left ``pending`` are taken over and queued again in the order they were submitted:
+  each queued job's prepared run (``run.json`` in its folder, beside its uploads) is enough to start it.
+  A pending job whose run cannot be read back fails as a running one does.
 - Pruning: jobs that ended more than ``keep_jobs_days`` ago (0: never) are deleted, row, events and
   folder, at start and then by the server's periodic sweep; ``GET`` then answers 404 as for an
   unknown id. A pending or running job is never pruned.
@@ -37,7 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 from synapse_cli.events import Event, Failed, Finished, Progress, Started, to_dict
 from synapse_cli.server import runner
 from synapse_cli.server.state import forget
-from synapse_cli.server.uploads import remove_tree
+from synapse_cli.server.uploads import BadUpload, remove_tree
 from synapse_cli.store import ACTIVE, STATES, JobStore, alive, this_host
 
 if TYPE_CHECKING:
@@ -318,9 +322,10 @@ class DetachedJobs:
         return [self.job_record(j) for j in jobs]
 
     def recover(self) -> list[str]:
-        """At start: rows of a server that died while they were pending or running are ``failed``."""
+        """At start: rows of a server that died while they were running are ``failed``; those still
+        waiting are queued here (``dispatch`` starts them: the app calls it once it is assembled)."""
         with self.lock:
-            failed = self._reap_others()
+            failed = self._reap_others(dispatch=False)
         if failed:
             log.warning("%d job(s) were marked failed: %s", len(failed), SERVER_STOPPED)
         return failed
@@ -351,14 +356,24 @@ class DetachedJobs:
             log.info("pruned %d job(s) that ended more than %g day(s) ago (serve.keep_jobs_days)", len(pruned), days)
         return pruned
 
-    def _reap_others(self) -> list[str]:
-        """Mark ``failed`` the active rows whose server process is gone (its pid, checked with its start
-        time). A row of a live process (this one, or another server on the same work dir) is left alone."""
+    def _reap_others(self, dispatch: bool = True) -> list[str]:
+        """Mark ``failed`` the running rows whose server process is gone (its pid, checked with its start
+        time), killing what is left of their processes; queue here, in submission order, the pending rows
+        of such a process. A row of a live process (this one, or another server on the same work dir) is
+        left alone. Returns the ids marked failed."""
         failed = []
         host = this_host()
-        for job in self.store.list("pending", MAX_LIST * 10, reap=False) + self.store.list("processing", MAX_LIST * 10, reap=False):
+        pending = sorted(self.store.list("pending", MAX_LIST * 10, reap=False), key=lambda j: j.created_at or 0.0)
+        adopted = []
+        for job in pending + self.store.list("processing", MAX_LIST * 10, reap=False):
             if job.host != host or alive(job):
                 continue  # alive; or another machine's (a shared volume): only its pid could tell, and we cannot see it
+            if job.status == "pending" and not self.opts.closing:
+                run = self._adopt(job)
+                if run is not None:
+                    adopted.append(run)
+                    continue
+            runner.kill_orphans(self.opts.jobs_dir / job.id)
             event = Failed(3, SERVER_STOPPED, "BackendError")
             # a conditional update: only if it is still that dead server's active row
             with self.store.transaction() as db:
@@ -369,7 +384,33 @@ class DetachedJobs:
                 remove_tree(self.opts.jobs_dir / job.id)
                 failed.append(job.id)
                 self.notify(job.id)
+        if adopted:
+            from synapse_cli.server.app import _start_heartbeat
+
+            log.warning("%d queued job(s) of a server that stopped are queued here, in the order they were submitted", len(adopted))
+            for run in adopted:
+                (run.dir / ".alive").touch()
+                with self.opts.slot_lock:
+                    self.opts.waiting.add(run.job_id)
+                    self.opts.live[run.job_id] = run.dir
+                    self.queue.append(run)
+            _start_heartbeat(self.opts)
+            if dispatch:
+                self.dispatch()
         return failed
+
+    def _adopt(self, job: "Job") -> runner.JobRun | None:
+        """A dead server's pending job, ready to queue here; None when its run cannot be read back
+        (then it fails as a running one does) or another process took it first."""
+        job_dir = self.opts.jobs_dir / job.id
+        if "/" in job.id or job.id in (".", ".."):
+            return None
+        try:
+            run = runner.restore_run(job.id, job_dir)
+        except (OSError, ValueError, KeyError, TypeError, BadUpload) as exc:
+            log.warning("job %s: cannot queue it again (%s: %s)", job.id, type(exc).__name__, getattr(exc, "message", exc))
+            return None
+        return run if self.store.adopt(job.id, job.pid) else None
 
     # -- notifications ---------------------------------------------------------------------
 
@@ -386,11 +427,15 @@ class DetachedJobs:
 
     def submit(self, run: runner.JobRun, spec: dict[str, Any]) -> dict[str, Any]:
         """Record the job ``pending``, queue it, and start what the free slots allow."""
-        with self.lock:
+        try:
+            runner.save_run(run)  # before the row: a restarted server queues again the pending rows it can read back
+        except OSError as exc:  # a full disk: the job runs all the same, but would not outlive a restart while queued
+            log.warning("job %s: cannot save its run for a restart (%s)", run.job_id, exc)
+        with self.lock:  # the row and the queue in one step: concurrent submits queue in the rows' order (a restart's order)
             self.store.create(run.kind, spec, "serve", detached=True, job_id=run.job_id,
                               flags={"shards": run.shards} if run.shards > 1 else None)
-        with self.opts.slot_lock:
-            self.queue.append(run)
+            with self.opts.slot_lock:
+                self.queue.append(run)
         self.dispatch()
         return {"id": run.job_id, "status": "pending",
                 "links": {"self": f"/v1/jobs/{run.job_id}", "events": f"/v1/jobs/{run.job_id}/events", "cancel": f"/v1/jobs/{run.job_id}"}}
@@ -398,17 +443,17 @@ class DetachedJobs:
     def dispatch(self) -> None:
         """Start queued jobs while slots are free (a slot: a running job, detached or streamed, or a streamed upload)."""
         while True:
-            with self.opts.slot_lock:
-                if self.opts.closing or not self.queue or self.opts.slots_used() >= self.opts.job_slots:
-                    return
-                run = self.queue.popleft()
-                self.opts.waiting.discard(run.job_id)
-            self._start(run)
+            with self.lock:  # taken from the queue and marked started in one step: jobs start (started_at) in the queue's order
+                with self.opts.slot_lock:
+                    if self.opts.closing or not self.queue or self.opts.slots_used() >= self.opts.job_slots:
+                        return
+                    run = self.queue.popleft()
+                    self.opts.waiting.discard(run.job_id)
+                started = run.cancel_reason is None and self.store.start(run.job_id)
+            self._start(run, started)
 
-    def _start(self, run: runner.JobRun) -> None:
+    def _start(self, run: runner.JobRun, started: bool) -> None:
         opts = self.opts
-        with self.lock:
-            started = run.cancel_reason is None and self.store.start(run.job_id)
         if not started:  # cancelled meanwhile
             self._forget(run.job_id)
             remove_tree(run.dir)

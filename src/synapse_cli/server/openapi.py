@@ -8,14 +8,17 @@ what FastAPI cannot see is filled in here from the same records everything else 
   ``multipart/form-data`` body has the ``spec`` part (the kind's spec dataclass as JSON Schema, via
   pydantic) and one file part per ``INPUTS`` field (an array of files for a list field), plus the
   ``application/json`` form for kinds without inputs; ``?detach=`` and ``?shards=``;
-- the NDJSON event stream (``application/x-ndjson``, one event per line) and its SSE form
-  (``text/event-stream``), the job record, the error shape and the status codes of each route.
+- the NDJSON event stream (``application/x-ndjson``, one event per line: the media type's schema is
+  one line's) and its SSE form (``text/event-stream``: the schema is one event's, its ``id``,
+  ``event`` and ``data``, the data being the NDJSON line, as OpenAPI 3.1 tools such as schemathesis
+  read a stream's schema), the job record, the error shape and the status codes of each route.
 
 Built once per app, on first request: kinds registered later (tests) appear in a new app.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from synapse_cli import __version__
@@ -33,7 +36,7 @@ _ERRORS = {
     "415": "a content type other than multipart/form-data, JSON or a urlencoded form",
     "422": "an unknown or mistyped spec field, a bad query parameter, a notify URL the server refuses",
     "429": "every job slot (or the detached queue) is taken, or too many wrong keys (Retry-After)",
-    "503": "the server is shutting down",
+    "503": "the server is shutting down, or its work dir is unavailable",
     "507": "the work dir's disk is too full for the upload",
 }
 
@@ -91,8 +94,13 @@ def _kind_operation(name: str, components: dict[str, Any]) -> dict[str, Any]:
         components[spec_name] = {"type": "object", "title": spec_name, "description": "this kind is not available on this server"}
         inputs: tuple[str, ...] = ()
     else:
-        components[spec_name] = _spec_schema(cls, components)
+        components[spec_name] = spec = _spec_schema(cls, components)
         inputs = tuple(getattr(cls, "INPUTS", ()))
+        if spec.get("type") == "object" and "properties" in spec:
+            spec["additionalProperties"] = False  # the server refuses a field the spec does not have (422)
+            for field, cap in getattr(cls, "SERVER_CAPS", {}).items():  # and a value over this server's cap (422)
+                if field in spec["properties"]:
+                    spec["properties"][field]["maximum"] = cap
     spec_props = components[spec_name].get("properties", {})
     multipart_props: dict[str, Any] = {"spec": {**_ref(spec_name), "description": "the job's spec as JSON (a form field)"}}
     encoding: dict[str, Any] = {"spec": {"contentType": "application/json"}}
@@ -105,7 +113,9 @@ def _kind_operation(name: str, components: dict[str, Any]) -> dict[str, Any]:
         encoding[field] = {"contentType": "application/octet-stream, application/x-synapse-dir+tar"}
         if field in components[spec_name].get("required", []):
             required_parts.append(field)
-    content: dict[str, Any] = {"multipart/form-data": {"schema": {"type": "object", "properties": multipart_props, "required": required_parts}, "encoding": encoding}}
+    content: dict[str, Any] = {"multipart/form-data": {"schema": {"type": "object", "properties": multipart_props, "required": required_parts,
+                                                                  "additionalProperties": False},  # another part is a 400
+                                                       "encoding": encoding}}
     if not inputs:
         content["application/json"] = {"schema": _ref(spec_name)}
     return {
@@ -116,7 +126,7 @@ def _kind_operation(name: str, components: dict[str, Any]) -> dict[str, Any]:
             {"name": "detach", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
              "description": "true: answer 202 at once; the job runs on the server (see /v1/jobs/{job_id})"},
             {"name": "shards", "in": "query", "required": False,
-             "schema": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["auto"]}]},
+             "schema": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": os.cpu_count() or 1}, {"type": "string", "enum": ["auto"]}]},
              "description": "split the job across this many worker processes of the server (at most one per core)"},
         ],
         "requestBody": {"required": True, "content": content},
@@ -126,7 +136,8 @@ def _kind_operation(name: str, components: dict[str, Any]) -> dict[str, Any]:
                     "content": {NDJSON: {"schema": _ref("Event")}}},
             "202": {"description": "detach=true: the job is recorded and queued",
                     "headers": {"Location": {"schema": {"type": "string"}, "description": "/v1/jobs/{id}"}},
-                    "content": {"application/json": {"schema": _ref("DetachedJob")}}},
+                    "content": {"application/json": {"schema": _ref("DetachedJob")}},
+                    "links": _job_links("$response.body#/id")},
             **_error_responses("400", "401", "403", "404", "408", "413", "415", "422", "429", "503", "507"),
         },
     }
@@ -143,6 +154,15 @@ def _components() -> dict[str, Any]:
                   "oneOf": [_ref(n) for n in events], "discriminator": {"propertyName": "type",
                                                                        "mapping": {s["properties"]["type"]["const"]: f"#/components/schemas/{n}" for n, s in events.items()}}},
         "IndexedEvent": {"title": "IndexedEvent", "description": "a stored event as /events sends it: its index (0-based) added", **indexed},
+        "ServerSentEvent": {"title": "ServerSentEvent", "type": "object", "required": ["id", "event", "data"],
+                            "description": "one Server-Sent Event of /events (Accept: text/event-stream); `: keepalive` comments carry no event",
+                            "properties": {
+                                "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the event's index (send it back as Last-Event-ID to resume)"},
+                                "event": {"type": "string", "enum": sorted(s["properties"]["type"]["const"] for s in events.values()),
+                                          "description": "the event's type"},
+                                "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref("IndexedEvent"),
+                                         "description": "the event as one NDJSON line would carry it (an IndexedEvent)"},
+                                "retry": {"type": "integer", "minimum": 0}}},
         "Keepalive": {"title": "Keepalive", "type": "object", "properties": {"type": {"const": "keepalive", "type": "string"}}, "required": ["type"],
                       "description": "sent while a job is silent (no index): skip it"},
         "Error": {"title": "Error", "type": "object", "properties": {"type": {"const": "error", "type": "string"}, **error_props},
@@ -185,6 +205,13 @@ def _components() -> dict[str, Any]:
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+def _job_links(job_id: str, *operations: str) -> dict[str, Any]:
+    """OpenAPI links from a response naming a job to what may follow it: its record, its events, its cancel
+    (generated clients and stateful testers such as schemathesis follow them: submit, get, events, delete)."""
+    return {op: {"operationId": op, "parameters": {"job_id": job_id}, "description": f"{op} of the job this response names"}
+            for op in operations or ("get_job", "job_events", "cancel_job")}
+
+
 def _static_operations() -> dict[str, dict[str, Any]]:
     record = {"application/json": {"schema": _ref("JobRecord")}}
     return {
@@ -201,7 +228,8 @@ def _static_operations() -> dict[str, dict[str, Any]]:
                           **_error_responses("401", "403", "422", "429")}}},
         "/v1/jobs/{job_id}": {
             "get": {"operationId": "get_job", "summary": "A detached job's record", "tags": ["detached jobs"], "parameters": [_JOB_ID],
-                    "responses": {"200": {"description": "the record", "content": record}, **_error_responses("401", "403", "404", "429")}},
+                    "responses": {"200": {"description": "the record", "content": record, "links": _job_links("$response.body#/id", "job_events", "cancel_job")},
+                                  **_error_responses("401", "403", "404", "429")}},
             "delete": {"operationId": "cancel_job", "summary": "Cancel a detached job: its processes are killed, its outputs removed",
                        "tags": ["detached jobs"], "parameters": [_JOB_ID],
                        "responses": {"200": {"description": "cancelled; the record", "content": record}, **_error_responses("401", "403", "404", "409", "429")}}},
@@ -217,7 +245,7 @@ def _static_operations() -> dict[str, dict[str, Any]]:
             "responses": {"200": {"description": "NDJSON: one IndexedEvent per line, {\"type\":\"keepalive\"} lines while silent. "
                                                  "SSE: `id: <index>`, `event: <type>`, `data: <the NDJSON line>`; `: keepalive` comments",
                                   "content": {NDJSON: {"schema": {"oneOf": [_ref("IndexedEvent"), _ref("Keepalive")]}},
-                                              SSE: {"schema": {"type": "string"}}}},
+                                              SSE: {"schema": _ref("ServerSentEvent")}}},
                           **_error_responses("401", "403", "404", "422", "429")}}},
         "/v1/openapi.json": {"get": {
             "operationId": "openapi", "summary": "This document", "tags": ["server"],

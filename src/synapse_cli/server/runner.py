@@ -208,6 +208,65 @@ def kill_children(tid: int | None) -> list[int]:
     return found
 
 
+def kill_orphans(job_dir: Path) -> list[int]:
+    """SIGKILL the processes whose command line names a path inside ``job_dir``: what a server that died
+    (SIGKILL, a crash) left of its job, ffmpeg first (it runs in a session of its own, so it outlives the
+    server and would go on writing into the folder). Linux only (``/proc``); elsewhere nothing is found."""
+    needle = (str(job_dir).rstrip("/") + "/").encode()
+    killed: list[int] = []
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return killed
+    for entry in entries:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed.append(int(entry.name))
+        except (OSError, ProcessLookupError, PermissionError):
+            continue
+    return killed
+
+
+RUN_FILE = "run.json"  # a queued detached job's prepared run: a server restarted on the work dir starts it
+
+
+def save_run(run: JobRun) -> None:
+    """Write what ``restore_run`` needs into the job's folder (temp file, then renamed)."""
+    from dataclasses import asdict
+
+    data = {"kind": run.kind, "spec": asdict(run.spec), "shards": run.shards,
+            "outputs": [[o.field, o.index, str(o.server_path), o.client_path] for o in run.outputs],
+            "uploads": [str(p) for p in run.uploads], "replacements": [list(r) for r in run.replacements]}
+    tmp = run.dir / f".{RUN_FILE}.part"
+    tmp.write_text(json.dumps(data, default=str))
+    os.replace(tmp, run.dir / RUN_FILE)
+
+
+def restore_run(job_id: str, job_dir: Path) -> JobRun:
+    """The run ``save_run`` wrote, checked again (a spec the kind no longer accepts raises BadUpload);
+    OSError or ValueError when the file is missing or unreadable."""
+    from synapse_cli.jobs import spec_class
+
+    data = json.loads((job_dir / RUN_FILE).read_text())
+    kind = data["kind"]
+    for path in [*data["uploads"], *(o[2] for o in data["outputs"])]:
+        if not is_within(Path(path), job_dir):
+            raise ValueError(f"{RUN_FILE} names {path!r}, outside the job's folder")
+    try:
+        cls = spec_class(kind)
+    except ImportError as exc:
+        raise BadUpload(404, f"job kind {kind!r} is not available on this server ({exc})") from None
+    spec = _check_types(kind, cls, data["spec"])
+    run = JobRun(job_id, kind, job_dir, spec, [Output(f, i, Path(p), c) for f, i, p, c in data["outputs"]],
+                 [Path(p) for p in data["uploads"]], [(a, b) for a, b in data["replacements"]])
+    run.shards = int(data.get("shards", 1))
+    return run
+
+
 def artifact_path(jobs_dir: Path, job_id: str, number: str) -> Path | None:
     """The file behind ``/v1/artifacts/<job_id>.<number>``, or None."""
     job_dir = jobs_dir / job_id

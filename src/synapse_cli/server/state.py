@@ -115,7 +115,7 @@ def check_key(api_key: str | None) -> None:
 # ServerOptions fields that come from ``[serve]``/``[notify]`` settings when no keyword gives them
 _FROM_SETTINGS = {
     **{name: f"serve.{name}" for name in ("max_concurrent_jobs", "max_queued_jobs", "job_timeout_s", "min_free_mb", "stall_timeout_s",
-                                          "body_timeout_s", "keep_jobs_days", "allow_hosts")},
+                                          "body_timeout_s", "keep_jobs_days", "max_key_failures", "allow_hosts")},
     "notify_secret": "notify.secret", "notify_allow_http": "notify.allow_http",
     "notify_progress_interval_s": "notify.progress_interval_s", "notify_retry_for_s": "notify.retry_for_s",
 }  # fmt: skip

@@ -37,6 +37,8 @@ from synapse_cli.server.sweep import sweep_timer
 
 __all__ = ["MIN_KEY_CHARS", "ServerOptions", "check_key", "create_app"]
 
+ROUTES = (page, meta, jobs, records, artifacts)  # the modules of routes/, each with its ``router``
+
 
 def create_app(
     settings: Mapping[str, Any] | None = None,
@@ -88,7 +90,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Refused, _refused)  # type: ignore[arg-type]
-    for routes in (page, meta, jobs, records, artifacts):
+    for routes in ROUTES:
         app.include_router(routes.router)
     return app
 
@@ -96,18 +98,18 @@ def create_app(
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 405:  # Starlette names the methods of the first route whose path matched; say all of them
-        headers["Allow"] = ", ".join(_allowed_methods(request.app, request.url.path)) or headers.get("Allow", "")
+        headers["Allow"] = ", ".join(_allowed_methods(request.url.path)) or headers.get("Allow", "")
     return error(exc.status_code, str(exc.detail), headers=headers)
 
 
-def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+def _allowed_methods(path: str) -> list[str]:
     """The methods the OpenAPI document gives ``path``, for a 405's ``Allow``. Starlette names those of the
     first route whose path matched, but ``/v1/jobs/{kind}`` (POST) and ``/v1/jobs/{job_id}`` (GET, DELETE)
     share a shape: ``/v1/jobs/<a kind>`` is the kind's POST, any other ``/v1/jobs/<x>`` a job's GET and DELETE."""
     from synapse_cli.jobs import JOBS
 
     methods: set[str] = set()
-    for route in app.routes:
+    for route in (route for routes in ROUTES for route in routes.router.routes):
         regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
         match = regex.match(path) if regex is not None and route_methods else None
         if match is None:

@@ -385,7 +385,7 @@ class DetachedJobs:
                 failed.append(job.id)
                 self.notify(job.id)
         if adopted:
-            from synapse_cli.server.app import _start_heartbeat
+            from synapse_cli.server.state import start_heartbeat
 
             log.warning("%d queued job(s) of a server that stopped are queued here, in the order they were submitted", len(adopted))
             for run in adopted:
@@ -394,7 +394,7 @@ class DetachedJobs:
                     self.opts.waiting.add(run.job_id)
                     self.opts.live[run.job_id] = run.dir
                     self.queue.append(run)
-            _start_heartbeat(self.opts)
+            start_heartbeat(self.opts)
             if dispatch:
                 self.dispatch()
         return failed

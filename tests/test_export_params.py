@@ -72,3 +72,13 @@ def test_a_constraint_the_reader_does_not_know_goes_to_pydantic():
     assert _Bound(lt=2).admits(1) and not _Bound(lt=2).admits(2)
     assert not _Bound(multiple_of=2).admits(4)  # unknown here: not vouched for, whatever the value
     assert not _Bound(allow_inf_nan=False).admits(1.0)
+
+
+@pytest.mark.parametrize("part", [[1.0], [0, 1, 2], ["a", 1], [0, float("nan")], 5])
+def test_a_malformed_shard_part_is_a_usage_error(tiny, tmp_path, part):
+    """``part`` arrives in specs over HTTP too (schemathesis sent one of the wrong length: an IndexError, a traceback on the server)."""
+    from synapse_cli.jobs.export.job import ExportSpec, export_video
+
+    with pytest.raises(UsageError, match="export part: expected"):
+        list(export_video(ExportSpec(input=str(tiny), output=str(tmp_path / "o.mp4"), part=part)))
+    assert not (tmp_path / "o.mp4").exists()

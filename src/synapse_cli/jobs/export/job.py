@@ -918,6 +918,9 @@ def export_video(spec: ExportSpec) -> Iterator[Event]:
 
     window = None
     if spec.part is not None:
+        part = spec.part
+        if not (isinstance(part, (list, tuple)) and len(part) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in part)):
+            raise UsageError(f"export part: expected [start, end] in output seconds, got {str(part)[:60]}")
         pieces = _output_pieces(spec.job, params, info)
         if spec.job == "framing" and params.segments:
             window = _segment_window(pieces, info, float(spec.part[0]), float(spec.part[1]))

@@ -130,8 +130,6 @@ def test_the_http_client_imports_nothing_of_the_server():
 OVERSIZE = {
     "synapse_cli/jobs/compile/gbnf.py": 900,
     "synapse_cli/jobs/export/job.py": 970,
-    "synapse_cli/backends/modal.py": 830,
-    "synapse_cli/backends/http.py": 740,
     "synapse_cli/server/detached.py": 630,
     "synapse_cli/store.py": 590,
     "synapse_cli/server/runner.py": 590,

@@ -1,6 +1,6 @@
 """What the HTTP client and ``synapse serve`` share: media types, and where the server's generated key lives.
 
-The client (``backends/http.py``) imports this module, never anything under ``server/`` (which
+The client (``backends/http/``) imports this module, never anything under ``server/`` (which
 needs FastAPI). Imports nothing heavy.
 
 The key file: ``synapse serve`` writes the API key it generated (as Jupyter writes its token), one

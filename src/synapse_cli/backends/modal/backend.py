@@ -1,25 +1,8 @@
-"""The Modal backend: the same job generators, run by the Modal functions in ``modal_functions/app.py``.
-
-Files never travel as call arguments (Modal inlines at most 2 MiB): inputs are
-uploaded to the shared Volume under a content-hash key (skipped when the key
-exists), the job reads and writes ``vol:`` paths, and each output is downloaded
-to a temporary file beside the requested one as its ``artifact`` arrives; all are
-renamed into place when ``finished`` arrives, or none (``_remote.collect_outputs``).
-What the job says about its Volume copies (``/data/inputs/<sha256>/clip.mp4``) is said
-about the user's paths (``_remote.StagedNames``).
-Reaching Modal (connection, Volume and function lookups) has one budget,
-``connect_timeout_s``; a call is retried (stamina) only before its first event.
-
-This is the only module of synapse_cli that imports modal, and it does so
-lazily: ``synapse --help`` never pays for it. Modal's exceptions are mapped to
-ours here, at the edge.
-"""
+"""``ModalBackend``: one job is one call of its kind's function (``.remote_gen()``), or a spawned call for a detached job."""
 
 from __future__ import annotations
 
-import functools
 import itertools
-import os
 import threading
 import time
 import uuid
@@ -28,265 +11,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from synapse_cli.backends._remote import ErrorMap, Outputs, PathField, StagedNames, collect_outputs, map_errors, retry_until_first_event, stage_paths
+from synapse_cli.backends._remote import collect_outputs, retry_until_first_event, stage_paths
 from synapse_cli.backends.base import Backend, Capabilities
-from synapse_cli.container import VOL
-from synapse_cli.errors import BackendError, JobError, UsageError
-from synapse_cli.events import Artifact, Event, Finished, from_dict
-from synapse_cli.hashing import sha256_file, sha256_tree
+from synapse_cli.errors import BackendError, UsageError
+from synapse_cli.events import Event, Finished, from_dict
 from synapse_cli.jobs import get_kind
+from synapse_cli.backends.modal.credentials import require_credentials
+from synapse_cli.backends.modal.errors import _Deadline, _transient, map_modal_errors
+from synapse_cli.backends.modal.files import _Files, _Uploads
+from synapse_cli.backends.modal.calls import WEBHOOKS_SUFFIX, _ShardFollower, _call_ids, _redact, _with_deliveries, shard_state
+
 
 PROGRESS_DICT = "synapse-progress"  # keep in sync with modal_functions.app
+
+
 CALL_EVENT = "_call"  # the container's first item: its FunctionCall id, so that we can cancel it
-
-
-# -- credentials: checked before any network call ---------------------------------------
-
-
-def credentials_source(env: Mapping[str, str] | None = None) -> str | None:
-    """Where Modal credentials would come from, or None. No network, no modal import."""
-    env = os.environ if env is None else env
-    if env.get("MODAL_TOKEN_ID") and env.get("MODAL_TOKEN_SECRET"):
-        return "MODAL_TOKEN_ID/MODAL_TOKEN_SECRET"
-    path = Path(env.get("MODAL_CONFIG_PATH") or Path(env.get("HOME", "~")).expanduser() / ".modal.toml")
-    if not path.is_file():
-        return None
-    try:
-        import tomllib  # type: ignore[import-not-found]
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        profiles = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return None
-    wanted = env.get("MODAL_PROFILE")
-    for name, profile in profiles.items():
-        if not isinstance(profile, dict) or (wanted and name != wanted):
-            continue
-        if (wanted or profile.get("active") or len(profiles) == 1) and profile.get("token_id") and profile.get("token_secret"):
-            return f"{path} [{name}]"
-    return None
-
-
-def require_credentials(env: Mapping[str, str] | None = None) -> str:
-    source = credentials_source(env)
-    if source is None:
-        raise BackendError(
-            "no Modal credentials: run `modal token new`, or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET "
-            "(or run with --no-modal)"
-        )
-    return source
-
-
-# -- errors -----------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _modal_errors() -> ErrorMap:
-    """modal's exceptions -> ours (built on first use: importing modal costs ~0.5 s)."""
-    import modal.exception as mx
-
-    return {
-        mx.AuthError: (BackendError, "Modal rejected the credentials: {detail}"),
-        mx.NotFoundError: (BackendError, "Modal app {app_name!r} not found{where} ({detail}): run `synapse deploy` first"),
-        mx.FunctionTimeoutError: (JobError, "the Modal function timed out: {detail}"),
-        mx.ConnectionError: (BackendError, "cannot reach Modal: {detail}"),
-        mx.RemoteError: (JobError, "the job failed on Modal: {detail}"),
-        mx.ExecutionError: (BackendError, "Modal could not run the job: {name}: {detail}"),
-        mx.InternalFailure: (BackendError, "Modal could not run the job: {name}: {detail}"),
-        mx.InternalError: (BackendError, "Modal could not run the job: {name}: {detail}"),
-        mx.ServiceError: (BackendError, "Modal could not run the job: {name}: {detail}"),
-        mx.Error: (BackendError, "Modal error: {name}: {detail}"),
-    }
-
-
-def map_modal_errors(app_name: str, environment: str | None) -> Any:
-    """``with map_modal_errors(app, env):`` translates modal's exceptions into ours (``_modal_errors``)."""
-    where = f" in environment {environment!r}" if environment else ""
-    return map_errors(_modal_errors, app_name=app_name, where=where)
-
-
-def _transient(exc: Exception) -> bool:
-    """What is worth starting a call again for: Modal lost the worker, or was briefly unavailable."""
-    import modal.exception as mx
-
-    return isinstance(exc, (mx.ConnectionError, mx.InternalFailure, mx.InternalError, mx.ServiceError, mx.ResourceExhaustedError))
-
-
-def _server() -> str:
-    return os.environ.get("MODAL_SERVER_URL", "https://api.modal.com")
-
-
-class _Deadline:
-    """One budget for reaching Modal, shared by the connection, the lookups and the first RPCs.
-
-    The modal client alone retries a dead connection for about a minute, so each step runs in
-    a helper thread that we stop waiting for (and leave behind) when the budget is spent.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.at = time.monotonic() + seconds
-
-    def run(self, fn: Callable[[], Any], what: str) -> Any:
-        box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                box["error"] = exc
-
-        worker = threading.Thread(target=target, daemon=True)
-        worker.start()
-        worker.join(max(self.at - time.monotonic(), 0.0))
-        if worker.is_alive():
-            raise BackendError(f"cannot reach Modal at {_server()}: no answer to {what} within {self.seconds:g} s")
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
-
-
-# -- the Volume: content-addressed inputs, per-job outputs -------------------------------------
-
-
-class _Uploads:
-    """What this client has uploaded already (local path -> ``vol:`` key), shared by a job's shards."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.done: dict[str, str] = {}
-
-
-class _Files:
-    """Maps a spec's local paths to Volume paths and back, uploading and downloading as needed."""
-
-    def __init__(self, volume: Any, job_id: str, uploads: "_Uploads | None" = None) -> None:
-        self.uploads = uploads or _Uploads()
-        self.volume = volume
-        self.job_id = job_id
-        self.local_of: dict[str, Path] = {}  # "vol:..." -> local path
-        self.output_dirs: dict[str, Path] = {}  # "vol:outputs/<id>/<dir>" -> local dir
-        self.inputs: dict[str, Path] = {}  # "vol:inputs/<sha256>/<name>" -> local path (for messages only)
-
-    def place(self, path: PathField) -> str:
-        """``stage_paths``'s callback: an input uploaded, an output pointed into the job's folder."""
-        return self.output(path) if path.output else self.upload(path.value)
-
-    def _exists(self, remote: str) -> bool:
-        import modal.exception
-
-        try:
-            return bool(self.volume.listdir(remote))
-        except (FileNotFoundError, modal.exception.NotFoundError):
-            return False
-
-    def upload(self, local: str) -> str:
-        path = Path(local)
-        if not path.exists():
-            raise UsageError(f"input not found: {path}")
-        with self.uploads.lock:  # concurrent shards of one job: the first uploads, the others reuse its key
-            remote = self.uploads.done.get(str(path.resolve())) or self._upload(path)
-            self.uploads.done[str(path.resolve())] = remote
-        self.local_of[remote] = path
-        self.inputs[remote] = path
-        return remote
-
-    def _upload(self, path: Path) -> str:
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-            key = f"inputs/{sha256_tree(path)}/{path.name}"
-            if not self._exists(key):
-                with self.volume.batch_upload(force=True) as batch:
-                    for f in files:
-                        batch.put_file(str(f), f"/{key}/{f.relative_to(path).as_posix()}")
-        else:
-            key = f"inputs/{sha256_file(path)}/{path.name}"
-            if not self._exists(key):
-                with self.volume.batch_upload(force=True) as batch:
-                    batch.put_file(str(path), f"/{key}")
-        return VOL + key
-
-    def output(self, path: PathField) -> str:
-        # one folder per field (and list index), so two outputs with the same file name cannot meet
-        local = Path(path.value)
-        slot = path.field if path.index is None else f"{path.field}/{path.index}"
-        remote = f"{VOL}outputs/{self.job_id}/{slot}/{local.name}"
-        self.local_of[remote] = local
-        if path.is_dir:
-            self.output_dirs[remote] = local
-        return remote
-
-    def local_path(self, remote: str) -> Path | None:
-        if remote in self.local_of:
-            return self.local_of[remote]
-        for prefix, folder in self.output_dirs.items():
-            if remote.startswith(prefix + "/"):
-                return folder / remote[len(prefix) + 1 :]
-        return None
-
-    def fetch(self, event: Artifact, outputs: Outputs) -> Event:
-        """``collect_outputs``'s callback: download ``vol:...`` into a temporary sibling of its local place."""
-        dest = self.local_path(event.path)
-        if dest is None:
-            raise BackendError(f"the job reported an unexpected output {event.path}")
-        written = 0
-
-        def write(tmp: Path) -> None:
-            nonlocal written
-            with tmp.open("wb") as f:
-                for chunk in self.volume.read_file(event.path[len(VOL) :]):
-                    written += f.write(chunk)
-
-        outputs.receive(dest, write)
-        return Artifact(path=str(dest), bytes=written)
-
-    def names(self) -> StagedNames:
-        """What the container calls the staged files (``/data/inputs/<sha256>/clip.mp4``, or its
-        ``vol:`` form) -> the user's paths, for the text of its messages. An output's Volume folder
-        maps to the output's own folder: the job writes a temporary sibling there first."""
-        names: dict[str, str] = {}
-        for remote, local in {**self.inputs, **self.local_of}.items():
-            key = remote[len(VOL) :]
-            names[key] = str(local)
-            if key.startswith("outputs/"):
-                parent = str(local.parent)
-                names[key.rsplit("/", 1)[0] + "/"] = "" if parent == "." else parent.rstrip("/") + "/"
-        return StagedNames(names, schemes=(VOL,))
-
-    def localize(self, value: Any) -> Any:
-        if isinstance(value, str) and value.startswith(VOL):
-            local = self.local_path(value)
-            return str(local) if local is not None else value
-        if isinstance(value, list):
-            return [self.localize(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self.localize(v) for k, v in value.items()}
-        return value
-
-
-# -- the backend ------------------------------------------------------------------------
-
-
-WEBHOOKS_SUFFIX = "/webhooks"  # keep in sync with modal_functions.app
-
-
-def _redact(url: str) -> str:
-    from synapse_cli.netguard import redact  # (httpx's import, only for a job with webhooks)
-
-    return redact(url)
-
-
-def _with_deliveries(events: Iterator[Event], store: Any, job_id: str, deliveries: list[dict[str, Any]], target: str | None) -> Iterator[Event]:
-    """``events``, then the webhook deliveries its container published, kept in the job store (``jobs show``)."""
-    try:
-        yield from events
-    finally:
-        for delivery in deliveries:
-            try:
-                store.add_delivery(job_id, delivery, target)
-            except Exception:  # noqa: BLE001 - recording is best-effort
-                break
 
 
 class ModalBackend(Backend):
@@ -676,22 +415,7 @@ class ModalBackend(Backend):
 
             progress = modal.Dict.from_name(PROGRESS_DICT, create_if_missing=True, environment_name=self.config.get("environment"))
             deadline.run(progress.hydrate, f"the lookup of Dict {PROGRESS_DICT!r}")
-            states = []
-            for index, shard in enumerate(shards):
-                state: dict[str, Any] = {"shard": f"{index + 1}/{len(shards)}", "state": "pending", "done": None, "total": None}
-                for item in progress.get(shard["key"]) or []:
-                    _apply(state, item)
-                if state["state"] in ("pending", "running"):
-                    try:
-                        _apply(state, modal.FunctionCall.from_id(shard["call_id"]).get(timeout=0))
-                    except TimeoutError:
-                        pass  # still running (or waiting for a container)
-                    except modal.exception.ConnectionError:
-                        raise  # Modal unreachable: says nothing about the shard
-                    except Exception:  # noqa: BLE001 - crashed, timed out or cancelled without a word (a body's own exception comes back as itself)
-                        state["state"] = "failed"
-                states.append(state)
-            return states
+            return [shard_state(modal, progress, index, len(shards), shard) for index, shard in enumerate(shards)]
 
     def _forget(self, job_id: str, keys: list[str]) -> None:
         """Best effort, once nothing more will be read: the job's Volume folder and its Dict entries go."""
@@ -770,52 +494,3 @@ class ModalBackend(Backend):
 
     def close(self) -> None:
         self._stack.close()
-
-
-# -- detached shards: following one, and its state --------------------------------------------
-
-
-class _ShardFollower:
-    """``jobs wait``'s handle on one shard's spawned call (``shards.follow_detached`` runs one per
-    thread): iterate for its events, its piece fetched into the shard spec's outputs. ``terminate()``,
-    from any thread, stops following within a poll; cancelling the call is ``_follow_shards``' part."""
-
-    def __init__(self, backend: ModalBackend, kind: str, shard: dict[str, Any], part: Any) -> None:
-        self.backend, self.kind, self.shard, self.part = backend, kind, shard, part
-        self.stop = threading.Event()
-        self._events: Any = None
-
-    def __iter__(self) -> Iterator[Event]:
-        files = _Files(None, self.shard["key"])  # the Volume paths the shard was staged with, mapped to this run's folder
-        stage_paths(self.kind, asdict(self.part), lambda p: files.output(p) if p.output else p.value)
-        files.inputs = {k: Path(v) for k, v in self.shard.get("inputs", {}).items()}  # a record written before shards kept them has none
-        self._events = self.backend.follow_call(self.kind, self.shard["key"], self.shard["call_id"], files, True, stop=self.stop)
-        return self._events
-
-    def terminate(self) -> None:
-        self.stop.set()
-
-    def close(self) -> None:
-        self.stop.set()
-        if self._events is not None:
-            self._events.close()
-
-
-def _call_ids(remote: Mapping[str, Any]) -> list[str]:
-    """Every call a detached job's record names: its one call, or one per shard."""
-    if remote.get("shards"):
-        return [s["call_id"] for s in remote["shards"]]
-    return [remote["call_id"]] if remote.get("call_id") else []
-
-
-def _apply(state: dict[str, Any], item: Mapping[str, Any] | None) -> None:
-    """One published event (or a call's returned last event) applied to a shard's state."""
-    kind = (item or {}).get("type")
-    if kind == "started":
-        state.update(state="running", total=item.get("total"))  # type: ignore[union-attr]
-    elif kind == "progress":
-        state.update(state="running", done=item.get("done"), total=item.get("total") or state["total"])  # type: ignore[union-attr]
-    elif kind == "finished":
-        state.update(state="finished", done=state["total"] if state["total"] is not None else state["done"])
-    elif kind == "error":
-        state["state"] = "cancelled" if item.get("code") == 130 else "failed"  # type: ignore[union-attr]

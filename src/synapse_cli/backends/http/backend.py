@@ -1,108 +1,32 @@
-"""HttpBackend: run a job on a synapse HTTP endpoint (``synapse serve``, or the same app on Modal).
-
-One job is one ``POST /v1/jobs/{kind}``: the spec as JSON plus the INPUTS files as a
-multipart upload. The response is the job's NDJSON event stream, decoded line by line
-as it arrives. Outputs come back as ``artifact`` events naming ``/v1/artifacts/{id}``
-downloads; after ``finished`` each is downloaded to a temporary file beside its local
-output and all are renamed into place (``_remote.collect_outputs``), so a broken stream
-or download leaves no partial output.
-
-Retries (``stamina``: exponential backoff with jitter) cover connect errors, 429 (its
-``Retry-After`` is honoured) and 5xx *before* the stream starts. A 4xx is never retried,
-and a job whose stream started is never replayed. httpx is imported here only, so
-``synapse --help`` never pays for it.
-
-Detached jobs (``--detach``, issue #15): the same upload with ``?detach=true``, answered 202 with
-the server's job id, which the job store keeps with the endpoint (never the key). ``follow``
-reads ``GET /v1/jobs/{id}/events?after=N`` and copies each event into the store (``_Mirror``),
-so a dropped connection or an interrupted ``jobs wait`` resumes at the next index; ``cancel``
-is ``DELETE /v1/jobs/{id}``; ``refresh`` is ``GET /v1/jobs/{id}`` for ``jobs show``/``list``.
-"""
+"""``HttpBackend``: one job is one ``POST /v1/jobs/{kind}``; detached jobs are followed, cancelled and refreshed by id."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Generator, Iterator, Mapping, TypeVar
+from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
 from synapse_cli import __version__
-from synapse_cli.backends._remote import ErrorMap, Outputs, collect_outputs, map_errors, path_fields, retry_until_first_event
+from synapse_cli.backends._remote import ErrorMap, Outputs, collect_outputs, map_errors, retry_until_first_event
 from synapse_cli.backends.base import Backend, Capabilities
-from synapse_cli.errors import BackendError, UsageError, error_from_wire, one_line
-from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, from_dict
-from synapse_cli.jobs import get_kind, spec_to_dict
-from synapse_cli.protocol import DIR_TAR, NDJSON
+from synapse_cli.errors import BackendError, UsageError, one_line
+from synapse_cli.events import Artifact, Event, Failed, Finished, Log
+from synapse_cli.jobs import get_kind
+from synapse_cli.protocol import NDJSON
+from synapse_cli.backends.http.errors import KEY_REJECTED, _ArtifactGone, _NoJob, _Retryable, _error_from_body, _refusal, _retry_after, _should_retry, _should_retry_download, _should_retry_events
+from synapse_cli.backends.http.wire import _REMOTE_ID, _accepted, _decode, _decode_data, _failed_after_finishing, _json_object, _part, _prepare, _returned
+from synapse_cli.backends.http.mirror import _Mirror, _store_write
 
-MAX_RETRY_AFTER_S = 60.0
-KEY_REJECTED = "endpoint rejected the API key"
+
 # following a detached job's /events: attempts per outage (backoff from http.initial_backoff_ms up to 30 s
 # apart, about 2.5 minutes with the default 500 ms); every connection that answers renews them
 EVENTS_RETRIES = 10
-_REMOTE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # an endpoint's job id, as it goes into URLs
-T = TypeVar("T")
-
-
-class _Retryable(Exception):
-    """A 429 or 5xx answer before the stream started."""
-
-    def __init__(self, status: int, retry_after: float | None) -> None:
-        super().__init__(f"HTTP {status}")
-        self.status = status
-        self.retry_after = retry_after
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), capped."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        import email.utils
-
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
-
-
-def _should_retry(exc: Exception) -> bool | float:
-    """stamina's hook: True to retry with backoff, a float to wait exactly that long (Retry-After)."""
-    if isinstance(exc, _Retryable):
-        return exc.retry_after if exc.retry_after is not None else True
-    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-
-
-def _should_retry_events(exc: Exception) -> bool | float:
-    # GET /events is idempotent: any transport failure (refused, reset, timed out) is worth another try
-    if isinstance(exc, httpx.TransportError):
-        return True
-    return _should_retry(exc)
-
-
-class _NoJob(Exception):
-    """A 404 for a detached job."""
-
-
-class _ArtifactGone(Exception):
-    """A 404/410 for a finished job's output: it expired, so it can never be downloaded. Private, like
-    ``_Retryable``: it reaches the user as the BackendError it maps to (``_DOWNLOAD_ERRORS``), never by its name."""
-
-
-def _should_retry_download(exc: Exception) -> bool | float:
-    # a download is idempotent: a connection that broke half-way can be tried again too
-    if isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout)):
-        return True
-    return _should_retry(exc)
 
 
 # Foreign exceptions -> ours, per phase of a job; ``{url}``, ``{attempts}`` and ``{timeout}`` come from the call.
@@ -112,12 +36,16 @@ _START_ERRORS: ErrorMap = {
     httpx.ConnectError: (BackendError, "cannot reach {url}: {detail} ({attempts})"),
     httpx.TimeoutException: (BackendError, "no answer from {url} within {timeout:g} s (http.timeout_s)"),
 }
+
+
 _STREAM_ERRORS: ErrorMap = {
     httpx.TimeoutException: (BackendError, "no event from {url} for {timeout:g} s (http.timeout_s); nothing was saved"),
     httpx.TransportError: (BackendError, "the stream from {url} broke before the job finished ({detail}); nothing was saved"),
     httpx.StreamError: (BackendError, "the stream from {url} broke before the job finished ({detail}); nothing was saved"),
     httpx.DecodingError: (BackendError, "the stream from {url} broke before the job finished ({detail}); nothing was saved"),
 }
+
+
 _REQUEST_ERRORS: ErrorMap = {
     _Retryable: (BackendError, "{url} answered {detail} ({attempts})"),
     httpx.ConnectTimeout: (BackendError, "cannot reach {url}: timed out connecting ({attempts})"),
@@ -125,6 +53,8 @@ _REQUEST_ERRORS: ErrorMap = {
     httpx.TimeoutException: (BackendError, "no answer from {url} within {timeout:g} s (http.timeout_s; {attempts})"),
     httpx.TransportError: (BackendError, "lost {url}: {detail} ({attempts})"),
 }
+
+
 _DOWNLOAD_ERRORS: ErrorMap = {
     _Retryable: (BackendError, "downloading {url}: {detail}"),
     _ArtifactGone: (BackendError, "{detail}"),
@@ -561,174 +491,3 @@ class HttpBackend(Backend):
         with map_errors(_DOWNLOAD_ERRORS, url=url, folder=tmp.parent):
             for _ in retry_until_first_event(get, _should_retry_download, self.max_retries, self.backoff_s, url):
                 pass  # a download's retries are not reported: the job already finished
-
-
-# -- spec helpers --------------------------------------------------------------------
-
-
-def _prepare(kind: str, spec: Any) -> tuple[dict[str, Any], list[tuple[str, Path]], dict[tuple[str, int | None], str], bool]:
-    """The spec as JSON, the files to upload, where each output goes and ``overwrite``; what
-    could not be saved afterwards is refused now, before anything is uploaded."""
-    data = spec_to_dict(spec)
-    paths = path_fields(kind, data)
-    uploads = [(p.field, Path(p.value)) for p in paths if not p.output]
-    targets = {(p.field, p.index): p.value for p in paths if p.output}
-    overwrite = bool(data.get("overwrite", False))
-    _check_inputs(uploads)
-    _check_targets(targets, overwrite)
-    return data, uploads, targets, overwrite
-
-
-def _check_inputs(uploads: list[tuple[str, Path]]) -> None:
-    for _, path in uploads:
-        if not path.exists():
-            raise UsageError(f"input not found: {path}")
-
-
-def _part(path: Path, files: ExitStack) -> tuple[str, Any, str]:
-    """A multipart file: the file itself, or a directory input as an uncompressed tar of its files."""
-    if not path.is_dir():
-        return (path.name, files.enter_context(open(path, "rb")), "application/octet-stream")
-    import tarfile
-    import tempfile
-
-    archive = files.enter_context(tempfile.TemporaryFile())
-    with tarfile.open(fileobj=archive, mode="w", dereference=True) as tar:
-        for f in sorted(path.rglob("*")):
-            if f.is_file():  # folders come with their files; links are followed
-                tar.add(f, arcname=f.relative_to(path).as_posix(), recursive=False)
-    archive.seek(0)
-    return (path.resolve().name or "input", archive, DIR_TAR)
-
-
-def _check_targets(targets: dict[tuple[str, int | None], str], overwrite: bool) -> None:
-    """Refuse before uploading anything what could not be saved afterwards."""
-    for value in targets.values():
-        path = Path(value)
-        if path.is_dir():  # a directory output: files are merged into it
-            continue
-        if path.exists() and not overwrite:
-            raise UsageError(f"{path} already exists (use --overwrite to replace it)")
-        if not path.parent.is_dir():
-            raise UsageError(f"output directory {path.parent} does not exist")
-
-
-def _decode(line: str, url: str) -> Event:
-    try:
-        return from_dict(json.loads(line))
-    except (ValueError, TypeError):
-        raise BackendError(f"{url} sent a line that is not a synapse event: {line!r:.120}") from None
-
-
-def _decode_data(data: dict[str, Any], url: str) -> Event:
-    try:
-        return from_dict(data)
-    except (ValueError, TypeError):
-        raise BackendError(f"{url} sent a line that is not a synapse event: {json.dumps(data)!r:.120}") from None
-
-
-def _json_object(url: str, body: str | bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-        raise BackendError(f"{url} answered something that is not a JSON object: {one_line(text, 200)!r:.120}")
-    return data
-
-
-def _accepted(url: str, body: bytes) -> dict[str, Any]:
-    """The 202 answer to ``?detach=true``: ``{"id", "status", "links"}``."""
-    data = _json_object(url, body)
-    if not isinstance(data.get("id"), str) or not _REMOTE_ID.fullmatch(data["id"]):
-        raise BackendError(f"{url} accepted the job without a usable id: {json.dumps(data)!r:.120}")
-    return data
-
-
-def _failed_after_finishing(record: Mapping[str, Any]) -> bool:
-    """A job record (``GET /v1/jobs/{id}``) of a job that failed after its ``finished``: its outputs wait for download."""
-    return record.get("status") == "failed" and isinstance(record.get("result"), dict)
-
-
-def _returned(steps: Generator[Any, None, T]) -> T:
-    """Run a ``retry_until_first_event`` generator where no one renders its retry logs; its value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
-
-
-def _store_write(write: Callable[[], None]) -> None:
-    """A write to the job store on the way: best effort, as ``runs.record`` does (the job is the server's)."""
-    from synapse_cli.runs import STORE_ERRORS
-
-    try:
-        write()
-    except STORE_ERRORS:
-        pass
-
-
-class _Mirror:
-    """A detached job's events, copied into the local job store as they come.
-
-    The server's event ``i`` is the store's row ``i + 1``, so the store says where to resume
-    (``after``). Writes are batched (every ``flush_s``, and at once for any event but progress);
-    a batch the store refuses stays buffered for the next try, and rows another ``jobs wait`` of
-    the same job wrote first are not written twice.
-    """
-
-    def __init__(self, store: Any, job_id: str, flush_s: float = 0.5) -> None:
-        self.store, self.job_id, self.flush_s = store, job_id, flush_s
-        self.recorded = [data for _, data in store.events(job_id)]
-        self.after = len(self.recorded)  # the next index to ask for
-        self._start = self.after  # the index of _buffer[0]
-        self._buffer: list[dict[str, Any]] = []
-        self._progress: dict[str, Any] | None = None
-        self._last = time.monotonic()
-
-    def add(self, data: dict[str, Any], event: Event) -> None:
-        self._buffer.append(data)
-        self.after += 1
-        if isinstance(event, Progress):
-            self._progress = {"done": event.done, "total": event.total, "phase": event.phase}
-        if not isinstance(event, Progress) or time.monotonic() - self._last >= self.flush_s:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._buffer and not self._progress:
-            return
-        self._last = time.monotonic()
-
-        def write() -> None:
-            have = self._start + len(self.store.events(self.job_id, self._start))  # rows are contiguous from 1
-            self.store.append_events(self.job_id, self._buffer[max(have - self._start, 0):], self._progress)
-            self._start += len(self._buffer)
-            self._buffer, self._progress = [], None
-
-        _store_write(write)
-
-
-def _refusal(response: httpx.Response, url: str) -> Exception:
-    """What a streamed request that did not get its 200 raises: a wrong key, a retryable 429/5xx, or the server's own error."""
-    try:
-        body = response.read()
-    finally:
-        response.close()
-    if response.status_code in (401, 403):
-        return BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url}; set SYNAPSE_API_KEY or --api-key)")
-    if response.status_code == 429 or response.status_code >= 500:
-        return _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
-    return _error_from_body(url, response.status_code, body)
-
-
-def _error_from_body(url: str, status: int, body: bytes) -> Exception:
-    """A 4xx: the server's JSON error (same shape as the stream's ``error`` line), else a BackendError."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("message"), str):
-        return error_from_wire(data.get("error"), data.get("code"), data["message"])
-    return BackendError(f"{url} answered HTTP {status}: {one_line(body.decode('utf-8', 'replace'), 200) or 'no body'}")

@@ -111,7 +111,7 @@ def test_every_kind_is_reachable_on_every_backend():
 def test_host_fields_are_not_part_of_the_cache_key(clips, tmp_path):
     """The same infer job with two ffmpeg binaries is one cache entry (ffmpeg_path is a HOST_FIELD)."""
     from synapse_cli.jobs.infer.job import InferSpec
-    from synapse_cli.result_cache import cache_key
+    from synapse_cli.store.cache import cache_key
 
     a = cache_key("infer", InferSpec(source=str(clips["landscape"]), output=str(tmp_path / "a.json"), ffmpeg_path="/usr/bin/ffmpeg"))
     b = cache_key("infer", InferSpec(source=str(clips["landscape"]), output=str(tmp_path / "b.json"), ffmpeg_path="/opt/ffmpeg/bin/ffmpeg"))

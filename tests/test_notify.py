@@ -17,7 +17,7 @@ from synapse_cli.config import resolve
 from synapse_cli.errors import JobError, UsageError
 from synapse_cli.events import Artifact, Finished, Log, Progress, Started
 from synapse_cli.notify import Notifier, Target, notify_events, secret_key, sign
-from synapse_cli.runs import DeliveryLog, record
+from synapse_cli.store.recording import DeliveryLog, record
 from synapse_cli.store import JobStore
 from tests.receiver import Receiver, Reply
 

@@ -339,7 +339,7 @@ import json, sys, time
 import av, modal, modal.exception, modal.volume
 from typer.testing import CliRunner
 from synapse_cli.cli import app
-import synapse_cli.backends.modal, synapse_cli.jobs.export.job, synapse_cli.render.plain, synapse_cli.runs
+import synapse_cli.backends.modal, synapse_cli.jobs.export.job, synapse_cli.render.plain, synapse_cli.store.recording
 start = time.monotonic()
 result = CliRunner().invoke(app, sys.argv[1:], catch_exceptions=False)
 print(json.dumps({"exit_code": result.exit_code, "stderr": result.stderr, "seconds": time.monotonic() - start}))

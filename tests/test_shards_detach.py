@@ -186,7 +186,7 @@ import importlib.abc, json, sys, time
 import av, typer
 from typer.testing import CliRunner
 from synapse_cli.cli import app
-import synapse_cli.backends.modal, synapse_cli.jobs.export.job, synapse_cli.render.plain, synapse_cli.runs, synapse_cli.shards
+import synapse_cli.backends.modal, synapse_cli.jobs.export.job, synapse_cli.render.plain, synapse_cli.store.recording, synapse_cli.shards
 
 class SlowModal(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):

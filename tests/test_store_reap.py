@@ -82,7 +82,7 @@ def test_a_worker_whose_job_was_reaped_first_does_not_run_it(store, db):
 
 
 def test_heartbeat_survives_a_locked_store_and_keeps_beating(store, db):
-    from synapse_cli.runs import _Heartbeat
+    from synapse_cli.store.recording import _Heartbeat
 
     job, _ = store.claim_or_find("export", {}, "local", None)
     locker = sqlite3.connect(db, isolation_level=None)

@@ -180,7 +180,7 @@ class Job:
         """Its events from the start, then live until it ends (as ``synapse jobs wait``); a failure raises its error.
         Closing this iterator stops following; it does not cancel the job (``cancel()`` does)."""
         from synapse_cli.pipeline import runner_for
-        from synapse_cli.runs import store_events
+        from synapse_cli.store.recording import store_events
         from synapse_cli.store import ACTIVE
 
         store = self._store()

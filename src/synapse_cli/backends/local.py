@@ -39,7 +39,7 @@ class LocalBackend(Backend):
         store.set_pid(job.id, worker.pid)
 
     def follow(self, job: Any, store: Any) -> Iterator[Event]:
-        from synapse_cli.runs import store_events
+        from synapse_cli.store.recording import store_events
 
         return store_events(store, job.id)
 

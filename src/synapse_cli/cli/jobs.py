@@ -172,7 +172,7 @@ def wait(job_id: JOB_ID, json_output: JSON = False, config: CONFIG = None, profi
     A job sent to an endpoint is followed from where the last wait left off, then its outputs are downloaded.
     """
     from synapse_cli.render import choose_mode, default_summary, render
-    from synapse_cli.runs import store_events
+    from synapse_cli.store.recording import store_events
 
     with exit_on_error(json_output):
         settings, store = _store(config, profile, api_key)
@@ -228,7 +228,7 @@ def worker(job_id: JOB_ID) -> None:
     from synapse_cli.config import load_settings
     from synapse_cli.jobs import spec_from_dict
     from synapse_cli.notify import Target
-    from synapse_cli.runs import record, step_summary, with_webhooks
+    from synapse_cli.store.recording import record, step_summary, with_webhooks
     from synapse_cli.store import JobStore
 
     with exit_on_error():

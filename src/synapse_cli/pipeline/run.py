@@ -20,7 +20,7 @@ def job_events(plan: Plan) -> Generator[Event, None, None]:
     and removes partial outputs, and the store marks it cancelled. Any error, before the
     job starts (a bad input found by the backend) or after, ends its row ``failed``.
     """
-    from synapse_cli.runs import record, step_summary, with_webhooks
+    from synapse_cli.store.recording import record, step_summary, with_webhooks
     from synapse_cli.store import ACTIVE
 
     kind, spec, store = plan.kind, plan.spec, plan.store
@@ -28,7 +28,7 @@ def job_events(plan: Plan) -> Generator[Event, None, None]:
     # a backend that sends the webhooks where it runs (an endpoint) must run the job to send them: no reuse then
     notified_elsewhere = bool(plan.settings["notify.url"]) and plan.backend.capabilities.notifies
     if plan.options.cache and not notified_elsewhere:  # (--no-cache: nothing to hash, and the cache's code stays unloaded)
-        from synapse_cli.result_cache import cache_key
+        from synapse_cli.store.cache import cache_key
 
         key = cache_key(kind, spec)
     job, other = store.claim_or_find(kind, asdict(spec), plan.backend.name, key)
@@ -36,7 +36,7 @@ def job_events(plan: Plan) -> Generator[Event, None, None]:
 
     def start() -> Iterator[Event]:  # called by record: what it raises is recorded as the job's end
         if other is not None:
-            from synapse_cli.result_cache import follow, reusable, reuse
+            from synapse_cli.store.cache import follow, reusable, reuse
 
             if reusable(other):
                 return reuse(other, kind, spec)
@@ -57,7 +57,7 @@ def job_events(plan: Plan) -> Generator[Event, None, None]:
 def start_detached(plan: Plan, env: dict[str, str] | None = None) -> Any:
     """Start the job where it survives this process (a local worker, a spawned Modal call); return its store row."""
     from synapse_cli.config import env_name, registry
-    from synapse_cli.result_cache import cache_key
+    from synapse_cli.store.cache import cache_key
 
     options, backend, kind, spec = plan.options, plan.backend, plan.kind, plan.spec
     flags = {**options.flags(), **plan.flags}

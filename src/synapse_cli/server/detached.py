@@ -375,11 +375,7 @@ class DetachedJobs:
                     continue
             runner.kill_orphans(self.opts.jobs_dir / job.id)
             event = Failed(3, SERVER_STOPPED, "BackendError")
-            # a conditional update: only if it is still that dead server's active row
-            with self.store.transaction() as db:
-                cur = db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error_code = ?, error_message = ? "
-                                 "WHERE id = ? AND status IN ('pending','processing') AND pid IS ?", (time.time(), 3, SERVER_STOPPED, job.id, job.pid))
-            if cur.rowcount:
+            if self.store.fail_dead(job.id, job.pid, 3, SERVER_STOPPED):  # only if it is still that dead server's active row
                 self.store.append_events(job.id, [to_dict(event)])
                 remove_tree(self.opts.jobs_dir / job.id)
                 failed.append(job.id)

@@ -69,7 +69,7 @@ def check_target(opts: "ServerOptions", url: str) -> "Target":
 def start(opts: "ServerOptions", run: "JobRun", db_path: Path | None = None) -> "Feed | None":
     """The job's feed, its sender started; None when the job asked for no webhooks."""
     from synapse_cli.notify import Feed, Notifier
-    from synapse_cli.runs import DeliveryLog
+    from synapse_cli.store.recording import DeliveryLog
 
     if run.notify_target is None:
         return None

@@ -11,7 +11,7 @@ from synapse_cli.events import Event, Progress
 
 def _store_write(write: Callable[[], None]) -> None:
     """A write to the job store on the way: best effort, as ``runs.record`` does (the job is the server's)."""
-    from synapse_cli.runs import STORE_ERRORS
+    from synapse_cli.store.recording import STORE_ERRORS
 
     try:
         write()

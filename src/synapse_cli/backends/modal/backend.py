@@ -278,7 +278,7 @@ class ModalBackend(Backend):
         return target.for_call(self.settings["serve.allow_hosts"])
 
     def follow(self, job: Any, store: Any) -> Iterator[Event]:
-        from synapse_cli.runs import record
+        from synapse_cli.store.recording import record
 
         remote = job.remote or {}
         if remote.get("shards"):

@@ -6,7 +6,7 @@
 - ``store_events`` turns a stored job back into a live event stream (``jobs wait``).
 - ``step_summary`` appends a finished run to the GitHub Actions step summary.
 
-Reusing the result of an identical run is ``synapse_cli.result_cache``.
+Reusing the result of an identical run is ``synapse_cli.store.cache``.
 """
 
 from __future__ import annotations

@@ -394,6 +394,14 @@ class JobStore:
         with self.transaction() as db:
             db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND status = 'processing'", (time.time(), job_id))
 
+    def fail_dead(self, job_id: str, pid: int | None, code: int, message: str) -> bool:
+        """Mark job ``job_id`` failed if it is still the active row of process ``pid`` (a conditional
+        update: a row another process took over meanwhile is left alone). True when it was marked."""
+        with self.transaction() as db:
+            cur = db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error_code = ?, error_message = ? "
+                             "WHERE id = ? AND status IN ('pending','processing') AND pid IS ?", (time.time(), code, message, job_id, pid))
+        return cur.rowcount > 0
+
     def finish(self, job_id: str, status: str, result: dict[str, Any] | None = None, error_code: int | None = None,
                error_message: str | None = None, gpu: str | None = None, cost_usd: float | None = None) -> None:
         assert status in ("completed", "failed", "cancelled")

@@ -22,7 +22,7 @@ from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
 from synapse_cli.hashing import sha256_path
 from synapse_cli.jobs import get_kind, path_values
 from synapse_cli.jobs._files import atomic_output
-from synapse_cli.runs import store_events
+from synapse_cli.store.recording import store_events
 from synapse_cli.store import Job, JobStore
 
 

@@ -176,6 +176,12 @@ _CORE: dict[str, _Setting] = {
     "serve.artifact_ttl_s": _Setting(3600.0, _float(), "a job's outputs are deleted this long after it ended (the server sweeps every min(60 s, this))"),
     "serve.keep_jobs_days": _Setting(30.0, _float(0.0, strict=False), "detached jobs that ended longer ago are deleted from the server's job store (record, events, files; fractions allowed); 0 = keep for ever"),
     "serve.models_dir": _Setting(None, _opt_str, "models a client may name (infer model=NAME) besides the bundled default"),
+    # [storage]: s3:// and https:// inputs and outputs (credentials only from the AWS_* environment or a Modal Secret)
+    "storage.endpoint": _Setting(None, _opt_str, "S3-compatible endpoint (R2: https://<account>.r2.cloudflarestorage.com; MinIO); default: AWS_ENDPOINT_URL, else AWS"),
+    "storage.region": _Setting(None, _opt_str, "bucket region (R2: auto); default: AWS_REGION, else us-east-1"),
+    "storage.path_style": _Setting(False, _bool, "path-style requests (endpoint/bucket/key), as MinIO and many S3-compatible servers want"),
+    "storage.allow_http": _Setting(False, _bool, "allow plain http:// inputs and endpoints (tests, private networks)"),
+    "storage.presign_expiry_s": _Setting(21600, _int(60, 604800), "how long a presigned URL handed to ffmpeg/PyAV for a media input stays valid"),
     # [shards]
     "shards.count": _Setting("auto", _shards, "shards per job: N, or auto (1 locally; on Modal, by size)"),
     "shards.seconds": _Setting(60.0, _float(), "auto: media seconds per shard (export, infer)"),

@@ -1,0 +1,196 @@
+"""Talking to object stores: obstore (Rust ``object_store``) behind one small class.
+
+``Storage`` is built from the ``[storage]`` settings; the credentials are never settings:
+obstore reads the ordinary ``AWS_*`` environment itself (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``), which
+on Modal a named Secret provides. Foreign errors are mapped at this edge: a missing object is a
+UsageError (exit 2), an unreachable or refusing store a BackendError (exit 3), and no message
+carries a presigned query string.
+"""
+
+from __future__ import annotations
+
+import datetime
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from synapse_cli.errors import BackendError, UsageError
+from synapse_cli.storage.urls import ObjectURL, redact_text
+
+# obstore's default per-request timeout (~30 s) would cut a long media GET and spend a retry
+# resuming it with a Range request (FACTS.md): downloads and uploads get a long one.
+_CLIENT_OPTIONS = {"timeout": datetime.timedelta(hours=2), "connect_timeout": datetime.timedelta(seconds=15)}
+# A single PUT up to this size (it can refuse an existing key atomically); larger files go multipart.
+SINGLE_PUT_MAX = 64 * 1024 * 1024
+CHUNK = 16 * 1024 * 1024
+
+
+@contextmanager
+def map_storage_errors(url: Any, what: str = "") -> Iterator[None]:
+    """obstore's exceptions as ours, naming the URL (never a signature)."""
+    from obstore import exceptions as ox
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise UsageError(f"{what or 'object'} not found: {url}") from None
+    except ox.AlreadyExistsError:
+        raise UsageError(f"{url} already exists (use --overwrite to replace it)") from None
+    except (ox.PermissionDeniedError, ox.UnauthenticatedError) as exc:
+        raise BackendError(f"storage refused {url}: {_first_line(exc)} (check the AWS_* credentials)") from None
+    except ox.BaseError as exc:
+        raise BackendError(f"storage error on {url}: {_first_line(exc)}") from None
+    except (ConnectionError, TimeoutError) as exc:
+        raise BackendError(f"storage unreachable for {url}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = redact_text(str(exc)).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+class Storage:
+    """Object storage as the ``[storage]`` settings describe it: one obstore ``S3Store`` per bucket."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        region: str | None = None,
+        path_style: bool = False,
+        allow_http: bool = False,
+        presign_expiry_s: int = 6 * 3600,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.region = region
+        self.path_style = path_style
+        self.allow_http = allow_http
+        self.presign_expiry_s = presign_expiry_s
+        self._client_options = dict(client_options or _CLIENT_OPTIONS)
+        self._stores: dict[str, Any] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "Storage":
+        return cls(
+            endpoint=settings["storage.endpoint"],
+            region=settings["storage.region"],
+            path_style=bool(settings["storage.path_style"]),
+            allow_http=bool(settings["storage.allow_http"]),
+            presign_expiry_s=int(settings["storage.presign_expiry_s"]),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What ``synapse doctor`` prints: the settings, and which credentials variables are set (never their values)."""
+        import os
+
+        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+        return {
+            "endpoint": self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or "(AWS default)",
+            "region": self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "(default)",
+            "path_style": self.path_style,
+            "allow_http": self.allow_http,
+            "credentials": [n for n in names if os.environ.get(n)],
+        }
+
+    def store(self, bucket: str) -> Any:
+        """The obstore store for ``bucket`` (one per bucket, reused)."""
+        found = self._stores.get(bucket)
+        if found is not None:
+            return found
+        from obstore.store import S3Store
+
+        config: dict[str, Any] = {}
+        if self.endpoint:
+            config["endpoint"] = self.endpoint
+        if self.region:
+            config["region"] = self.region
+        if self.path_style:
+            config["virtual_hosted_style_request"] = False
+        options = dict(self._client_options)
+        endpoint = self.endpoint or ""
+        import os
+
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+        if endpoint.startswith("http://"):
+            if not self.allow_http:
+                raise UsageError(f"storage endpoint {endpoint} is plain http: set [storage] allow_http = true to use it")
+            options["allow_http"] = True
+        try:
+            store = S3Store(bucket, config=config, client_options=options)
+        except Exception as exc:  # obstore raises its own config errors (no region, a bad endpoint)
+            raise UsageError(f"storage settings for bucket {bucket!r}: {_first_line(exc)}") from None
+        self._stores[bucket] = store
+        return store
+
+    # -- objects ----------------------------------------------------------------------------
+
+    def head(self, url: ObjectURL) -> dict[str, Any] | None:
+        """The object's metadata (size, e_tag, version, last_modified), or None if there is none."""
+        import obstore
+
+        try:
+            with map_storage_errors(url):
+                return dict(obstore.head(self.store(url.bucket), url.key))
+        except UsageError as exc:
+            if "not found" in str(exc):
+                return None
+            raise
+
+    def list(self, prefix: ObjectURL) -> list[dict[str, Any]]:
+        """Every object under ``prefix`` (``path`` is its key)."""
+        import obstore
+
+        with map_storage_errors(prefix):
+            return [dict(meta) for batch in obstore.list(self.store(prefix.bucket), prefix=prefix.key) for meta in batch]
+
+    def ping(self, prefix: ObjectURL) -> None:
+        """One listing request (at most one key): does the bucket answer with these credentials?"""
+        import obstore
+
+        with map_storage_errors(prefix):
+            next(iter(obstore.list(self.store(prefix.bucket), prefix=prefix.key or None, chunk_size=1)), None)
+
+    def presign_get(self, url: ObjectURL) -> str:
+        """A presigned GET URL for ``url`` (a secret: never printed or stored; see ``urls.redact``)."""
+        import obstore
+
+        with map_storage_errors(url):
+            return str(obstore.sign(self.store(url.bucket), "GET", url.key, datetime.timedelta(seconds=self.presign_expiry_s)))
+
+    def download(self, url: ObjectURL, dest: Path) -> int:
+        """Fetch the whole object into ``dest``; returns its size."""
+        import obstore
+
+        size = 0
+        with map_storage_errors(url, "input"):
+            result = obstore.get(self.store(url.bucket), url.key)
+            with open(dest, "wb") as f:
+                for chunk in result.stream(min_chunk_size=1 << 20):
+                    f.write(chunk)
+                    size += len(chunk)
+        return size
+
+    def exists(self, url: ObjectURL) -> bool:
+        return self.head(url) is not None
+
+    def upload(self, src: Path, url: ObjectURL, overwrite: bool) -> int:
+        """Put ``src`` at ``url``: whole or not at all.
+
+        Small files go in one PUT, which (without ``overwrite``) refuses a key that appeared
+        meanwhile; larger ones go multipart, which obstore aborts on any failure (Ctrl-C
+        included), so a reader never sees part of an object. A kill -9 mid-upload leaves an
+        incomplete multipart upload for the bucket's lifecycle rule (docs/storage.md)."""
+        import obstore
+
+        size = src.stat().st_size
+        store = self.store(url.bucket)
+        with map_storage_errors(url):
+            if size <= SINGLE_PUT_MAX:
+                obstore.put(store, url.key, src.read_bytes(), mode="overwrite" if overwrite else "create")
+            else:
+                if not overwrite and self.head(url) is not None:
+                    raise UsageError(f"{url} already exists (use --overwrite to replace it)")
+                with open(src, "rb") as f:
+                    obstore.put(store, url.key, f, chunk_size=CHUNK, max_concurrency=8)
+        return size

@@ -270,8 +270,23 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
     """The job's events on ``backend``: one call, or ``[shards] count`` shards merged into one stream.
 
     The kind's record says whether and how it shards (``split``/``merge``/``size``); the
-    backend says how one shard runs (``run_shard``: a worker process, a Modal call).
+    backend says how one shard runs (``run_shard``: a worker process, a Modal call). On a
+    backend whose jobs run in this process (``stages_urls``), the spec's URLs are staged here,
+    around the whole job: every shard reads the same presigned URL, the merge writes a temp
+    file, and that is uploaded once the job succeeded (``synapse_cli.storage.staging``).
     """
+    if getattr(backend, "stages_urls", False):
+        from synapse_cli.storage.staging import has_urls
+
+        if has_urls(kind, spec):
+            from synapse_cli.storage.client import Storage
+            from synapse_cli.storage.staging import staged
+
+            return staged(kind, spec, Storage.from_settings(settings), lambda local: _job_events(kind, local, backend, settings))
+    return _job_events(kind, spec, backend, settings)
+
+
+def _job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Event]:
     from synapse_cli.errors import UsageError
     from synapse_cli.jobs import get_kind
 

@@ -15,6 +15,7 @@ class Backend:
     detaches_shards = False  # a detached job's shards run where it runs (the local worker does)
     scales_out = False  # each call gets a machine of its own: --shards auto splits by size
     shard_retries = 0  # how often one shard is retried after a transient failure (BackendError)
+    stages_urls = False  # this process reads and writes the spec's s3:// and https:// fields (synapse_cli.storage)
 
     def run(self, kind: str, spec: Any) -> Iterator[Event]:
         """Run job ``kind`` (a key of ``synapse_cli.jobs.JOBS``) on ``spec``, yielding its events.

@@ -17,6 +17,7 @@ class LocalBackend(Backend):
 
     name = "local"
     detaches_shards = True
+    stages_urls = True  # the job runs here: this machine reads and writes its URLs
 
     def run(self, kind: str, spec: Any) -> Iterator[Event]:
         yield from load_job(kind)(spec)

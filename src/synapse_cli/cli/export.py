@@ -37,18 +37,31 @@ def parse_params(params_file: Optional[Path], sets: List[str]) -> dict[str, Any]
     return params
 
 
-def default_output(src: Path, suffix: str, output_dir: Optional[str]) -> Path:
-    name = f"{src.stem}.{suffix}"
-    return Path(output_dir) / name if output_dir else src.with_name(name)
+def default_output(src: str, suffix: str, output_dir: Optional[str]) -> str:
+    """``<stem>.<suffix>`` in ``output_dir``, else beside the input: beside an ``s3://`` object too;
+    an ``https://`` input's goes to the current directory (https is read-only)."""
+    from synapse_cli.storage.urls import is_url
+
+    if is_url(src):
+        from urllib.parse import urlsplit
+
+        name = f"{Path(urlsplit(src).path).stem or 'output'}.{suffix}"
+        if output_dir:
+            return output_dir.rstrip("/") + "/" + name if is_url(output_dir) else str(Path(output_dir) / name)
+        return src.split("?", 1)[0].rsplit("/", 1)[0] + "/" + name if src.lower().startswith("s3://") else name
+    name = f"{Path(src).stem}.{suffix}"
+    if output_dir and is_url(output_dir):
+        return output_dir.rstrip("/") + "/" + name
+    return str(Path(output_dir) / name if output_dir else Path(src).with_name(name))
 
 
 @with_common()
 def export(
-    input: Annotated[Path, typer.Argument(help="Input video.", show_default=False)],
+    input: Annotated[str, typer.Argument(help="Input video: a path, s3://bucket/key or https://… (see docs/storage.md).", show_default=False)],
     job: Annotated[Optional[str], typer.Option("--job", metavar="JOB", help="framing | overlay | annotate (default: export.default_job).")] = None,
     params_file: Annotated[Optional[Path], typer.Option("--params", metavar="FILE.json", help="Job params as a JSON file.", dir_okay=False)] = None,
     sets: Annotated[List[str], typer.Option("--set", metavar="KEY=VALUE", help="Set one param: KEY=VALUE (VALUE may be JSON). Repeatable.")] = [],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE.mp4", help="Output .mp4 (default: <stem>.<job>.mp4 beside the input).")] = None,
+    output: Annotated[Optional[str], typer.Option("-o", "--output", metavar="FILE.mp4", help="Output .mp4, a path or s3://bucket/key (default: <stem>.<job>.mp4 beside the input).")] = None,
     *,
     common: Common,
 ) -> None:
@@ -64,12 +77,15 @@ def export(
             raise UsageError(f"unknown --job {kind!r}; expected one of {', '.join(EXPORT_JOBS)}")
         params = parse_params(params_file, sets)
         validate_params(kind, params)  # reject bad params before any upload or encode
-        if not input.exists():
+        from synapse_cli.storage.urls import is_url
+
+        if not is_url(input) and not Path(input).exists():
             raise UsageError(f"input not found: {input}")
         out = output or default_output(input, f"{kind}.mp4", settings["export.output_dir"])
-        from synapse_cli.jobs._files import check_output
+        if not is_url(out):  # an object is checked where the job runs, before it starts
+            from synapse_cli.jobs._files import check_output
 
-        check_output(out, common.overwrite)
+            check_output(Path(out), common.overwrite)
         return ExportSpec(
             input=str(input),
             output=str(out),

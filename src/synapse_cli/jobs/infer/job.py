@@ -39,6 +39,7 @@ class InferSpec:
     """Everything ``run_yolo`` needs; plain data, so it pickles to Modal and travels as JSON."""
 
     INPUTS: ClassVar[tuple[str, ...]] = ("source",)
+    STREAMED: ClassVar[tuple[str, ...]] = ("source",)  # a video at a URL: decoded by PyAV as it is read
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output", "annotated")
     # A model file is code (a pickle): it is never uploaded. On a server or in a Modal
     # container, ``model`` names one of the models the machine's owner installed.
@@ -87,7 +88,13 @@ class InferSpec:
 
 
 def default_output(source: str, task: str) -> str:
-    """``<stem>.<task>.json`` beside the source (for a folder: beside the folder)."""
+    """``<stem>.<task>.json`` beside the source (for a folder: beside the folder); for a source at a URL,
+    in the current directory (name an ``s3://`` output with ``-o`` to write it beside the object)."""
+    if "://" in source:
+        from urllib.parse import urlsplit
+
+        stem = Path(urlsplit(source).path.rstrip("/")).stem
+        return f"{stem or 'results'}.{task}.json"
     p = Path(source)
     stem = p.name if p.is_dir() else p.stem
     return str(p.parent / f"{stem or 'results'}.{task}.json")
@@ -128,7 +135,7 @@ def check_spec(spec: InferSpec) -> Any:
             raise UsageError(f"--annotated for a{'' if info.kind == 'video' else 'n'} {info.kind} must end in {', '.join(allowed)}")
         outputs.append(annotated)
     resolved = [p.resolve() for p in outputs]
-    if len(set(resolved)) != len(resolved) or Path(spec.source).resolve() in resolved:
+    if len(set(resolved)) != len(resolved) or ("://" not in spec.source and Path(spec.source).resolve() in resolved):
         raise UsageError("outputs must differ from each other and from the source")
     for p in outputs:
         check_output(p, spec.overwrite)

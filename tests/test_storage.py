@@ -48,3 +48,65 @@ def test_export_s3_in_and_out_equals_the_local_job(cli, s3, clip, tmp_path, db):
     assert frames_digest(got) == frames_digest(tmp_path / "local.mp4")
     assert (probe(got).width, probe(got).height) == (90, 160)
     assert "X-Amz" not in run.stdout + run.stderr and SECRET_KEY not in run.stdout + run.stderr
+
+
+def test_existing_key_is_refused_without_overwrite_and_untouched(cli, s3, clip, db):
+    src = s3.put("clip.mp4", clip)
+    s3.put("taken.mp4", b"keep me")
+    before = len(s3.server.served("clip.mp4"))
+    run = cli("export", src, "-o", s3.url("taken.mp4"), *SMALL)
+    assert run.exit_code == 2
+    assert "already exists" in run.stderr and "--overwrite" in run.stderr
+    assert s3.get("taken.mp4") == b"keep me"
+    assert len(s3.server.served("clip.mp4")) == before  # refused before the input was read
+    again = cli("export", src, "-o", s3.url("taken.mp4"), *SMALL, "--overwrite")
+    assert again.exit_code == 0, again.stderr
+    assert s3.get("taken.mp4")[4:8] == b"ftyp"
+
+
+def test_failed_job_uploads_nothing(cli, s3, tmp_path, db):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\\x00" * 4096)
+    src = s3.put("broken.mp4", broken)
+    run = cli("export", src, "-o", s3.url("never.mp4"), *SMALL)
+    assert run.exit_code in (1, 2), run.stderr
+    assert s3.get("never.mp4") is None
+    assert "X-Amz" not in run.stderr
+
+
+def test_missing_object_is_one_line_exit_2(cli, s3, db):
+    run = cli("export", s3.url("nope.mp4"), "-o", s3.url("o.mp4"), *SMALL)
+    assert run.exit_code == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("UsageError: input not found: s3://")
+
+
+def test_http_input_is_refused_unless_allowed(cli, s3, clip, http_files, monkeypatch, db):
+    base, root = http_files
+    (root / "clip.mp4").write_bytes(clip.read_bytes())
+    monkeypatch.setenv("SYNAPSE_STORAGE_ALLOW_HTTP", "0")
+    refused = cli("export", f"{base}/clip.mp4", "-o", "out.mp4", *SMALL)
+    assert refused.exit_code == 2 and "http://" in refused.stderr and "allow_http" in refused.stderr
+    monkeypatch.setenv("SYNAPSE_STORAGE_ALLOW_HTTP", "1")
+    run = cli("export", f"{base}/clip.mp4?token=hush", "-o", "out.mp4", *SMALL, "--json")
+    assert run.exit_code == 0, run.stderr
+    assert run.events()[-1]["result"]["input"] == f"{base}/clip.mp4?…"
+    assert "hush" not in run.stdout + run.stderr
+    assert probe(Path("out.mp4")).width == 90
+
+
+def test_cache_key_of_a_url_input_is_its_etag_not_its_bytes(s3, clip):
+    from synapse_cli.config import resolve
+    from synapse_cli.jobs.export.job import ExportSpec
+    from synapse_cli.result_cache import cache_key
+    import os
+
+    settings = resolve({}, dict(os.environ), {})
+    src = s3.put("k.mp4", clip)
+    spec = ExportSpec(input=src, output="o.mp4")
+    first = cache_key("export", spec, settings)
+    assert first and first == cache_key("export", spec, settings)
+    served = sum(r.bytes for r in s3.server.served("k.mp4"))
+    assert served == 0  # HEAD requests only: the key never reads the object
+    s3.put("k.mp4", clip.read_bytes() + b"\\0")
+    assert cache_key("export", spec, settings) not in (None, first)
+    assert cache_key("export", ExportSpec(input=src, output=s3.url("o.mp4")), settings) is None  # URL outputs: not cached

@@ -171,6 +171,34 @@ class Storage:
                     size += len(chunk)
         return size
 
+    def identity(self, url: str) -> str | None:
+        """The cache key's part for an input URL: the redacted URL and its version, ETag or Last-Modified + size
+        (None when the store says none of them, or for a prefix: then the job is not cached)."""
+        from synapse_cli.storage.urls import is_url, parse_s3, redact
+
+        if url.lower().startswith("s3://"):
+            parsed = parse_s3(url)
+            if parsed.is_prefix:
+                return None
+            meta = self.head(parsed)
+            if meta is None:
+                return None
+            tag = meta.get("version") or meta.get("e_tag") or f"{meta.get('last_modified')}/{meta.get('size')}"
+            return f"{parsed}#{tag}"
+        if not is_url(url):
+            return None
+        import httpx
+
+        try:
+            with httpx.Client(follow_redirects=False, trust_env=False, timeout=30.0) as client:
+                response = client.head(url)
+        except httpx.HTTPError:
+            return None
+        etag, modified, size = (response.headers.get(h) for h in ("etag", "last-modified", "content-length"))
+        if response.status_code != 200 or not (etag or (modified and size)):
+            return None
+        return f"{redact(url)}#{etag or f'{modified}/{size}'}"
+
     def exists(self, url: ObjectURL) -> bool:
         return self.head(url) is not None
 

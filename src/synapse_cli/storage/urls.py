@@ -103,3 +103,14 @@ def redact_text(text: str) -> str:
     if "://" not in text:
         return text
     return _IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+
+
+def redact_values(value: object) -> object:
+    """``redact_text`` on every string of a JSON-like value (a spec, an event, a result) before it is stored."""
+    if isinstance(value, str):
+        return redact_text(value) if "://" in value else value
+    if isinstance(value, list):
+        return [redact_values(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    return value

@@ -9,6 +9,7 @@ endpoint, path-style, plain http allowed on loopback).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -58,9 +59,16 @@ class _Counting:
         record = Served(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("HTTP_RANGE"), 0)
         with self.server.lock:
             self.server.requests.append(record)
-        for chunk in self.app(environ, start_response):
-            record.bytes += len(chunk)
-            yield chunk
+        body = self.app(environ, start_response)
+        try:
+            for chunk in body:
+                for at in range(0, len(chunk), 16384):  # counted once written: a reader that hangs up stops the count
+                    piece = chunk[at:at + 16384]
+                    yield piece
+                    record.bytes += len(piece)
+        finally:
+            if hasattr(body, "close"):
+                body.close()
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +81,8 @@ def s3_server():
     host, port = moto.get_host_and_port()
     server = S3Server(f"http://{host}:{port}")
     moto._server.app = _Counting(moto._server.app, server)  # werkzeug's handler calls server.app per request
+    # a small send buffer (inherited by accepted sockets): what was counted is close to what a reader took
+    moto._server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
     try:
         yield server
     finally:

@@ -110,3 +110,54 @@ def test_cache_key_of_a_url_input_is_its_etag_not_its_bytes(s3, clip):
     s3.put("k.mp4", clip.read_bytes() + b"\\0")
     assert cache_key("export", spec, settings) not in (None, first)
     assert cache_key("export", ExportSpec(input=src, output=s3.url("o.mp4")), settings) is None  # URL outputs: not cached
+
+
+SCHEMAS = Path(__file__).parent / "data" / "compile"
+
+
+def test_compile_s3_prefix_in_and_out_equals_the_local_job(cli, s3, tmp_path, db):
+    for name in ("line.json", "order.json"):
+        s3.put(f"schemas/{name}", SCHEMAS / name)
+    run = cli("compile", s3.url("schemas/"), "-o", s3.url("out/"), "--engine", "llguidance,outlines", "--json", "--no-cache")
+    assert run.exit_code == 0, run.stderr
+    local_in = tmp_path / "schemas"
+    local_in.mkdir()
+    for name in ("line.json", "order.json"):
+        (local_in / name).write_bytes((SCHEMAS / name).read_bytes())
+    local = cli("compile", local_in, "-o", tmp_path / "out", "--engine", "llguidance,outlines", "--json", "--no-cache")
+    assert local.exit_code == 0, local.stderr
+    made = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert s3.keys("out/") == [f"out/{n}" for n in made]
+    for name in made:
+        if name.endswith((".lark", ".regex", ".gbnf", ".schema.json")):
+            assert s3.get(f"out/{name}") == (tmp_path / "out" / name).read_bytes(), name
+    text = run.stdout + run.stderr
+    assert "synapse-stage-" not in text  # temp paths are named as the user's URLs
+    assert s3.url("schemas/line.json") in text and s3.url("out") in text
+
+
+def test_compile_refuses_an_https_output(cli, s3, db):
+    run = cli("compile", s3.url("schemas/"), "-o", "https://example.com/out/")
+    assert run.exit_code == 2 and "read-only" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def pan(tmp_path_factory):
+    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    from tests.test_infer_batch import _pan
+
+    return _pan(tmp_path_factory.mktemp("s3pan") / "pan.mp4", 6)
+
+
+def test_infer_s3_in_and_out_equals_the_local_job(cli, s3, pan, tmp_path, db):
+    src = s3.put("v/pan.mp4", pan)
+    run = cli("infer", src, "--task", "detect", "--imgsz", "160", "-o", s3.url("v/pan.detect.json"), "--json", "--no-cache")
+    assert run.exit_code == 0, run.stderr
+    local = cli("infer", pan, "--task", "detect", "--imgsz", "160", "-o", tmp_path / "l.json", "--json", "--no-cache")
+    assert local.exit_code == 0, local.stderr
+    remote, here = json.loads(s3.get("v/pan.detect.json")), json.loads((tmp_path / "l.json").read_text())
+    assert remote["source"] == src
+    assert remote["frames"] == here["frames"]
+    assert run.events()[-1]["result"]["output"] == s3.url("v/pan.detect.json")
+    gets = s3.server.served("v/pan.mp4")
+    assert gets and all(r.range for r in gets)  # PyAV read it by range requests, never a download into a file

@@ -36,9 +36,9 @@ def _summary(result: dict[str, Any]) -> str:
 @with_common(no_cache_help="Compile again: neither read nor write the compile cache, nor reuse an identical earlier job.")
 def compile_command(
     inputs: Annotated[List[str], typer.Argument(metavar="INPUT", help="JSON Schema files, constraint sets, .jsonl files or directories.", show_default=False)],
-    output_dir: Annotated[Optional[Path], typer.Option("-o", "--output-dir", metavar="DIR", help="Where artefacts go (default: ./compiled, setting compile.output_dir).", file_okay=False)] = None,
+    output_dir: Annotated[Optional[str], typer.Option("-o", "--output-dir", metavar="DIR", help="Where artefacts go: a folder or an s3://bucket/prefix/ (default: ./compiled, setting compile.output_dir).")] = None,
     engine: Annotated[Optional[str], typer.Option("--engine", metavar="ENGINE,...", help="Comma-separated engines: llguidance,xgrammar,outlines,llama.cpp (default: all; setting compile.engines).")] = None,
-    check: Annotated[Optional[Path], typer.Option("--check", metavar="FILE.jsonl", help="JSONL of labelled instances {\"data\", \"valid\"} to verify every artefact against.", dir_okay=False)] = None,
+    check: Annotated[Optional[str], typer.Option("--check", metavar="FILE.jsonl", help="JSONL of labelled instances {\"data\", \"valid\"} to verify every artefact against (a path or a URL).")] = None,
     *,
     common: Common,
 ) -> None:
@@ -62,7 +62,9 @@ def compile_command(
         unknown = [e for e in engines if e not in ENGINES]
         if unknown or not engines:
             raise UsageError(f"unknown engine {unknown[0] if unknown else '(none)'!r}; expected some of {', '.join(ENGINES)}")
-        if check is not None and not check.is_file():
+        from synapse_cli.storage.urls import is_url
+
+        if check is not None and not is_url(check) and not Path(check).is_file():
             raise UsageError(f"--check file not found: {check}")
         cache_dir = settings["compile.cache_dir"]
         if cache_dir is None and common.cache:
@@ -73,7 +75,7 @@ def compile_command(
             inputs=list(inputs),
             output_dir=settings["compile.output_dir"],
             engines=list(engines),
-            check=str(check) if check else None,
+            check=check,
             use_cache=common.cache,
             cache_dir=cache_dir,
             engine_timeout_s=settings["compile.engine_timeout_s"],

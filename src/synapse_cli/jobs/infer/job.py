@@ -119,7 +119,8 @@ def check_spec(spec: InferSpec) -> Any:
         raise UsageError(f"--batch must be auto or between 1 and {MAX_BATCH}, got {spec.batch}")
     if spec.court is not None:
         Court(spec.court, spec.court_width_m, spec.court_length_m)
-    info = inspect_source(spec.source)
+    # a source at an s3:// URL is read where the job runs, once staged (a presigned URL): checked there
+    info = None if spec.source.lower().startswith("s3://") else inspect_source(spec.source)
     if spec.model is not None and not (is_bare_name(spec.model) and not Path(spec.model).expanduser().exists()):
         check_model_arg(spec.model)  # a bare name is an installed model's, here or remotely: the job resolves it
     output = Path(spec.output or default_output(spec.source, spec.task))
@@ -128,16 +129,21 @@ def check_spec(spec: InferSpec) -> Any:
     outputs = [output]
     if spec.annotated:
         annotated = Path(spec.annotated)
-        if info.kind == "images":
+        if info is not None and info.kind == "images":
             raise UsageError("--annotated needs a video or a single image, not a folder")
-        allowed = ANNOTATED_VIDEO_SUFFIXES if info.kind == "video" else ANNOTATED_IMAGE_SUFFIXES
+        kind = info.kind if info is not None else ("image" if annotated.suffix.lower() in ANNOTATED_IMAGE_SUFFIXES else "video")
+        allowed = ANNOTATED_VIDEO_SUFFIXES if kind == "video" else ANNOTATED_IMAGE_SUFFIXES
         if annotated.suffix.lower() not in allowed:
-            raise UsageError(f"--annotated for a{'' if info.kind == 'video' else 'n'} {info.kind} must end in {', '.join(allowed)}")
+            raise UsageError(f"--annotated for a{'' if kind == 'video' else 'n'} {kind} must end in {', '.join(allowed)}")
         outputs.append(annotated)
-    resolved = [p.resolve() for p in outputs]
+    named = [spec.output or default_output(spec.source, spec.task)] + ([spec.annotated] if spec.annotated else [])
+    if len(set(named)) != len(named) or spec.source in named:
+        raise UsageError("outputs must differ from each other and from the source")
+    local = [p for p, n in zip(outputs, named) if "://" not in n]  # an object is checked where the job runs, before it starts
+    resolved = [p.resolve() for p in local]
     if len(set(resolved)) != len(resolved) or ("://" not in spec.source and Path(spec.source).resolve() in resolved):
         raise UsageError("outputs must differ from each other and from the source")
-    for p in outputs:
+    for p in local:
         check_output(p, spec.overwrite)
     return info
 

@@ -161,3 +161,35 @@ def test_infer_s3_in_and_out_equals_the_local_job(cli, s3, pan, tmp_path, db):
     assert run.events()[-1]["result"]["output"] == s3.url("v/pan.detect.json")
     gets = s3.server.served("v/pan.mp4")
     assert gets and all(r.range for r in gets)  # PyAV read it by range requests, never a download into a file
+
+
+@pytest.fixture(scope="module")
+def big_silent(tmp_path_factory) -> Path:
+    """8 s of dense noise (megabytes per second, so four windows of it dwarf socket buffers and probes),
+    a keyframe every second (a shard's seek lands near its window), moov first."""
+    import subprocess
+
+    from tests.conftest import ffmpeg_exe
+
+    out = tmp_path_factory.mktemp("s3big") / "big.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "nullsrc=size=640x360:rate=25:duration=8,geq=random(1)*255:128:128",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(out)], check=True)  # fmt: skip
+    return out
+
+
+def test_sharded_export_from_s3_reads_only_each_window(cli, s3, big_silent, tmp_path, db):
+    src = s3.put("big.mp4", big_silent)
+    size = big_silent.stat().st_size
+    run = cli("export", src, "-o", s3.url("big.reel.mp4"), *SMALL, "--shards", "4", "--json", "--no-cache")
+    assert run.exit_code == 0, run.stderr
+    gets = s3.server.served("big.mp4")
+    served = sum(r.bytes for r in gets)
+    assert all(r.range for r in gets)
+    # a shard reads its 2 s window, a second of pre-roll before it and a second after: about half of 8 s
+    # at most, never the whole object; four shards reading everything would be 4x its size
+    assert max(r.bytes for r in gets) < 0.65 * size, [(r.range, r.bytes) for r in gets]
+    assert served < 2.5 * size, (served, size)
+    assert sum(1 for r in gets if r.range and not r.range.startswith("bytes=0-")) >= 3  # shards 2-4 seek by Range
+    got = tmp_path / "got.mp4"
+    got.write_bytes(s3.get("big.reel.mp4"))
+    assert abs(probe(got).duration - 8.0) < 0.2

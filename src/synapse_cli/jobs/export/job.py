@@ -352,7 +352,10 @@ def _open_source(info: MediaInfo, window: Optional[Window]) -> tuple[Any, Any | 
     # A fast input seek to a second before the window (ffmpeg decodes from the keyframe before it),
     # then an exact cut half a frame before each boundary, so every frame lands in exactly one shard.
     seek = max(0.0, math.floor((window.start - 1.0) * 1000) / 1000)
-    src = ffmpeg.input(info.path, **url_options(info.path), **({"ss": f"{seek:.3f}"} if seek > 0 else {}))
+    # ... and stop reading a second after it: the demuxer need not run on to the end of the input
+    # (a shard of an s3:// or https:// input then fetches its own window, not the rest of the file)
+    limit = {"t": f"{window.end - seek + 1.0:.3f}"}
+    src = ffmpeg.input(info.path, **url_options(info.path), **({"ss": f"{seek:.3f}"} if seek > 0 else {}), **limit)
     half = 0.5 / info.fps
     video = src.video.trim(start=max(0.0, window.start - half - seek), end=window.end - half - seek).setpts("PTS-STARTPTS")
     return video, None

@@ -193,3 +193,88 @@ def test_sharded_export_from_s3_reads_only_each_window(cli, s3, big_silent, tmp_
     got = tmp_path / "got.mp4"
     got.write_bytes(s3.get("big.reel.mp4"))
     assert abs(probe(got).duration - 8.0) < 0.2
+
+
+_UPLOADER = """
+import sys
+from pathlib import Path
+from synapse_cli.storage.client import Storage
+from synapse_cli.storage.urls import parse_s3
+storage = Storage(endpoint=sys.argv[1], region="us-east-1", path_style=True, allow_http=True)
+print("start", flush=True)
+try:
+    storage.upload(Path(sys.argv[2]), parse_s3(sys.argv[3]), overwrite=False)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_a_kill_mid_upload_leaves_no_object(s3, tmp_path, how):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from synapse_cli.storage.client import SINGLE_PUT_MAX
+
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:  # multipart: larger than one PUT
+        f.truncate(SINGLE_PUT_MAX + 40 * 1024 * 1024)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _UPLOADER, s3.server.endpoint, str(big), s3.url("big.bin")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not s3.server.served("big.bin", "PUT") and time.monotonic() < deadline:  # a part is on its way
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.02)
+        assert s3.server.served("big.bin", "PUT"), "the upload never started"
+        proc.send_signal(getattr(signal, how))
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert s3.get("big.bin") is None  # no object at the final key, whole or part
+    if how == "SIGINT":
+        out, err = proc.communicate()
+        assert proc.returncode in (130, -2), err  # (Python re-raises an uncaught Ctrl-C as SIGINT)
+        assert s3.open_uploads() == []  # Ctrl-C aborted the multipart upload
+    else:  # kill -9 aborts nothing: the bucket's lifecycle rule removes the parts (docs/storage.md)
+        assert len(s3.open_uploads()) == 1
+
+
+def test_secrets_never_reach_the_store_cache_or_logs(cli, s3, clip, http_files, tmp_path, db, monkeypatch):
+    import os
+
+    base, root = http_files
+    (root / "clip.mp4").write_bytes(clip.read_bytes())
+    src = s3.put("sec/clip.mp4", clip)
+    runs = [
+        cli("export", src, "-o", s3.url("sec/a.mp4"), *SMALL, "--json"),
+        cli("export", f"{base}/clip.mp4?X-Amz-Signature=deadbeefcafe&token=hush", "-o", tmp_path / "b.mp4", *SMALL, "--json"),
+        cli("export", s3.url("sec/missing.mp4"), "-o", s3.url("sec/c.mp4"), *SMALL, "--json"),
+    ]
+    assert [r.exit_code for r in runs] == [0, 0, 2], [r.stderr for r in runs]
+    detached = cli("export", src, "-o", s3.url("sec/d.mp4"), *SMALL, "--detach")
+    assert detached.exit_code == 0, detached.stderr
+    job_id = detached.stdout.strip()
+    waited = cli("jobs", "wait", job_id, "--json")
+    assert waited.exit_code == 0, waited.stderr + waited.stdout
+    assert s3.get("sec/d.mp4")[4:8] == b"ftyp"
+    needles = (SECRET_KEY, ACCESS_KEY, "X-Amz-Signature=", "X-Amz-Credential", "deadbeefcafe", "hush")
+    text = "".join(r.stdout + r.stderr for r in [*runs, detached, waited])
+    assert not [n for n in needles if n in text]
+    searched = 0
+    for folder in (Path(os.environ["HOME"]), db.parent):
+        for f in folder.rglob("*"):
+            if f.is_file() and f.suffix not in (".mp4",):
+                data = f.read_bytes()
+                searched += 1
+                assert not [n for n in needles if n.encode() in data], f
+    assert searched >= 2  # the job store and the detached worker's log at least
+    assert (db.parent / "logs" / f"{job_id}.log").exists()

@@ -97,30 +97,32 @@ class S3:
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def storage(self):
-        from synapse_cli.storage.client import Storage
+    def store(self):
+        """An obstore store of the test's own, with the credentials given (the job's environment may have none)."""
+        from obstore.store import S3Store
 
-        return Storage(endpoint=self.server.endpoint, region="us-east-1", path_style=True, allow_http=True)
+        return S3Store(self.bucket, endpoint=self.server.endpoint, region="us-east-1", access_key_id=ACCESS_KEY,
+                       secret_access_key=SECRET_KEY, virtual_hosted_style_request=False, client_options={"allow_http": True})  # fmt: skip
 
     def put(self, key: str, path_or_bytes: Path | bytes) -> str:
         import obstore
 
         data = path_or_bytes.read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
-        obstore.put(self.storage().store(self.bucket), key, data)
+        obstore.put(self.store(), key, data)
         return self.url(key)
 
     def get(self, key: str) -> bytes | None:
         import obstore
 
         try:
-            return bytes(obstore.get(self.storage().store(self.bucket), key).bytes())
+            return bytes(obstore.get(self.store(), key).bytes())
         except FileNotFoundError:
             return None
 
     def keys(self, prefix: str = "") -> list[str]:
-        from synapse_cli.storage.urls import ObjectURL
+        import obstore
 
-        return sorted(o["path"] for o in self.storage().list(ObjectURL(self.bucket, prefix)))
+        return sorted(o["path"] for batch in obstore.list(self.store(), prefix=prefix) for o in batch)
 
     def open_uploads(self) -> list[Any]:
         import httpx

@@ -177,6 +177,7 @@ _CORE: dict[str, _Setting] = {
     "serve.keep_jobs_days": _Setting(30.0, _float(0.0, strict=False), "detached jobs that ended longer ago are deleted from the server's job store (record, events, files; fractions allowed); 0 = keep for ever"),
     "serve.models_dir": _Setting(None, _opt_str, "models a client may name (infer model=NAME) besides the bundled default"),
     "serve.allow_hosts": _Setting([], _list, "hosts (names or IP literals) that URLs given to the server or a container may reach although they resolve to a loopback, private or link-local address"),
+    "serve.allow_buckets": _Setting([], _list, "s3:// buckets a job sent to synapse serve may read and write (with the server's credentials); others are refused (403)"),
     # [storage]: s3:// and https:// inputs and outputs (credentials only from the AWS_* environment or a Modal Secret)
     "storage.endpoint": _Setting(None, _opt_str, "S3-compatible endpoint (R2: https://<account>.r2.cloudflarestorage.com; MinIO); default: AWS_ENDPOINT_URL, else AWS"),
     "storage.region": _Setting(None, _opt_str, "bucket region (R2: auto); default: AWS_REGION, else us-east-1"),

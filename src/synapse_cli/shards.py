@@ -295,6 +295,16 @@ def _job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[E
     sharded_remotely = getattr(backend, "run_sharded", None)
     if record.shardable and sharded_remotely is not None:  # an endpoint splits the job across its own workers (auto: its choice)
         return sharded_remotely(kind, spec, int(requested)) if requested not in ("auto", 1) else backend.run(kind, spec)
+    if not getattr(backend, "stages_urls", False) and record.shardable and requested not in ("auto", 1):
+        from synapse_cli.storage.staging import has_urls
+
+        if has_urls(kind, spec):  # splitting probes the input, and this client holds no credentials for it
+            raise UsageError(f"--shards with s3:// or https:// fields runs on the local backend or behind an endpoint; the {backend.name} backend runs it as one call")
+    if not getattr(backend, "stages_urls", False):
+        from synapse_cli.storage.staging import has_urls
+
+        if has_urls(kind, spec):
+            return backend.run(kind, spec)
     count = _count(kind, spec, backend, settings)
     if count <= 1:
         return backend.run(kind, spec)

@@ -26,6 +26,10 @@ SINGLE_PUT_MAX = 64 * 1024 * 1024
 CHUNK = 16 * 1024 * 1024
 
 
+class BucketRefused(UsageError):
+    """An s3:// bucket that the server's operator has not allowed (403)."""
+
+
 @contextmanager
 def map_storage_errors(url: Any, what: str = "") -> Iterator[None]:
     """obstore's exceptions as ours, naming the URL (never a signature)."""
@@ -69,6 +73,45 @@ class Storage:
         self.presign_expiry_s = presign_expiry_s
         self._client_options = dict(client_options or _CLIENT_OPTIONS)
         self._stores: dict[str, Any] = {}
+        self.guard: Any = None  # a netguard.Guard where the URLs are strangers' (serve, a container)
+        self.allow_buckets: frozenset[str] | None = None  # None: any bucket the credentials reach
+
+    @classmethod
+    def for_container(cls, env: Mapping[str, str]) -> "Storage":
+        """In a Modal container: the ``[storage]`` settings and ``[serve] allow_hosts`` from the environment
+        (a Secret's ``SYNAPSE_STORAGE_*``), user https:// through the guard."""
+        from synapse_cli.config import resolve
+
+        return cls.guarded(resolve({}, env, {}), buckets=False)
+
+    @classmethod
+    def guarded(cls, settings: Mapping[str, Any], buckets: bool = True) -> "Storage":
+        """For URLs that strangers give (``synapse serve``; a container): https:// inputs through the
+        netguard (no loopback, private, link-local, CGNAT, unique-local or mapped addresses, unless
+        ``[serve] allow_hosts`` admits the host); with ``buckets``, s3:// only on ``[serve] allow_buckets``."""
+        from synapse_cli.netguard import Guard
+
+        storage = cls.from_settings(settings)
+        storage.guard = Guard.from_settings(settings, allow_http=storage.allow_http)
+        if buckets:
+            storage.allow_buckets = frozenset(settings["serve.allow_buckets"])
+        return storage
+
+    def check_bucket(self, url: ObjectURL, field: str) -> None:
+        """Refuse (``BucketRefused``, 403 on the server) a bucket that is not on the allowlist."""
+        if self.allow_buckets is not None and url.bucket not in self.allow_buckets:
+            raise BucketRefused(f"{field}: bucket {url.bucket!r} is not on this server's [serve] allow_buckets")
+
+    def check_https(self, url: str, field: str) -> None:
+        """Where a guard is set: the URL's scheme and every address its host resolves to must be allowed
+        (``netguard.RefusedURL``, a 422). ffmpeg/PyAV then read it with no redirects."""
+        if self.guard is None:
+            return
+        from urllib.parse import urlsplit
+
+        self.guard.check_url(url, f"input {field}")
+        parts = urlsplit(url)
+        self.guard.addresses(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "Storage":

@@ -156,6 +156,7 @@ class Stage:
     def _place_output(self, n: int, f: URLField) -> None:
         check_url(f.url, f.label, self.storage.allow_http, output=True)
         url = parse_s3(f.url, f.label)
+        self.storage.check_bucket(url, f.label)
         folder = self.workdir / f"out{n}"
         folder.mkdir()
         if f.field.endswith("_dir"):  # a directory output: one object per file under the prefix
@@ -176,6 +177,10 @@ class Stage:
 
     def _place_input(self, n: int, f: URLField) -> None:
         scheme = check_url(f.url, f.label, self.storage.allow_http)
+        if scheme == "s3":
+            self.storage.check_bucket(parse_s3(f.url, f.label), f.label)
+        else:
+            self.storage.check_https(f.url, f.label)
         suffix = PurePosixPath(urlsplit(f.url).path).suffix.lower()
         prefix = f.url.endswith("/")
         if f.field in self.streamed and not prefix and suffix not in IMAGE_SUFFIXES:
@@ -195,7 +200,10 @@ class Stage:
             if prefix:
                 raise UsageError(f"{f.label}: an https:// folder cannot be listed; name the files")
             local = folder / _basename(f.url)
-            _fetch_https(f.url, local, self.storage.allow_http)
+            if self.storage.guard is not None:  # connects only to the address it checked
+                self.storage.guard.download(f.url, local, what=f"input {f.label}")
+            else:
+                _fetch_https(f.url, local, self.storage.allow_http)
         else:
             url = parse_s3(f.url, f.label)
             if url.is_prefix:

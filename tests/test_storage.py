@@ -278,3 +278,20 @@ def test_secrets_never_reach_the_store_cache_or_logs(cli, s3, clip, http_files, 
                 assert not [n for n in needles if n.encode() in data], f
     assert searched >= 2  # the job store and the detached worker's log at least
     assert (db.parent / "logs" / f"{job_id}.log").exists()
+
+
+def test_ffmpeg_never_follows_a_playlist_or_a_redirect(cli, s3, clip, http_files, db):
+    base, root = http_files
+    (root / "sub").mkdir()
+    (root / "sub" / "clip.mp4").write_bytes(clip.read_bytes())
+    (root / "list.m3u8").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\n{base}/sub/clip.mp4\n#EXT-X-ENDLIST\n")
+    playlist = cli("export", f"{base}/list.m3u8", "-o", "p.mp4", *SMALL)
+    assert playlist.exit_code == 2, playlist.stderr
+    assert "not readable media" in playlist.stderr  # hls is not on the demuxer whitelist
+    assert not Path("p.mp4").exists()
+    redirect = cli("export", f"{base}/sub", "-o", "r.mp4", *SMALL)  # the server answers 301 to /sub/
+    assert redirect.exit_code == 2, redirect.stderr
+    assert "not readable media" in redirect.stderr  # max_redirects 0
+    assert not Path("r.mp4").exists()
+    direct = cli("export", f"{base}/sub/clip.mp4", "-o", "d.mp4", *SMALL)
+    assert direct.exit_code == 0, direct.stderr

@@ -67,3 +67,78 @@ def test_modal_container_refuses_a_loopback_https_input(cli, modal_s3, http_file
     run = cli("compile", f"{base}/x.json", "-o", "out", "--engine", "llguidance", "--use-modal")
     assert run.exit_code == 2, run.stderr
     assert "refused" in run.stderr and "loopback" in run.stderr
+
+
+# -- behind synapse serve -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(s3, tmp_path):
+    """synapse serve (uvicorn in a thread) allowed this test's bucket; the server has the credentials."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from synapse_cli.config import resolve
+    from tests.http_fixtures import serve_app
+
+    settings = resolve({}, {**os.environ, "SYNAPSE_SERVE_ALLOW_BUCKETS": s3.bucket, "SYNAPSE_STORAGE_ALLOW_HTTP": "0"}, {})
+    with serve_app(tmp_path / "srv", settings=settings) as endpoint:
+        yield endpoint
+
+
+def _post(endpoint, kind: str, spec: dict) -> tuple[int, bytes, int]:
+    """POST a JSON spec; (status, the whole response, the request's body size)."""
+    import httpx
+
+    body = json.dumps(spec).encode()
+    with httpx.Client(timeout=120) as client:
+        response = client.post(f"{endpoint.url}/v1/jobs/{kind}", content=body,
+                               headers={"Authorization": f"Bearer {endpoint.key}", "Content-Type": "application/json"})  # fmt: skip
+        return response.status_code, response.content, len(body)
+
+
+def test_serve_json_spec_with_s3_in_and_out_sends_and_receives_no_media(served, s3, clip, tmp_path):
+    src = s3.put("srv/clip.mp4", clip)
+    spec = {"input": src, "output": s3.url("srv/reel.mp4"), "job": "framing", "params": {"output_width": 90, "output_height": 160}}
+    status, content, sent = _post(served, "export", spec)
+    assert status == 200, content[:500]
+    events = [json.loads(line) for line in content.splitlines() if line.strip()]
+    assert events[-1]["type"] == "finished", events[-3:]
+    assert [e["path"] for e in events if e["type"] == "artifact"] == [s3.url("srv/reel.mp4")]
+    size = clip.stat().st_size
+    assert sent < 1024 and len(content) < size / 4  # the spec went, events came back; no media either way
+    assert not [p for d in served.job_dirs() for p in d.rglob("*") if p.is_file() and p.suffix == ".mp4"]  # nothing staged in the job folder
+    got = tmp_path / "got.mp4"
+    got.write_bytes(s3.get("srv/reel.mp4"))
+    assert (probe(got).width, probe(got).height) == (90, 160)
+    assert "X-Amz" not in content.decode() and SECRET_KEY not in content.decode()
+
+
+def test_serve_cli_endpoint_with_s3_fields(cli, served, s3, clip, db):
+    src = s3.put("c/clip.mp4", clip)
+    run = cli("export", src, "-o", s3.url("c/reel.mp4"), *SMALL, "--endpoint", served.url, "--json", env={"SYNAPSE_API_KEY": served.key})
+    assert run.exit_code == 0, run.stderr
+    assert run.events()[-1]["result"]["output"] == s3.url("c/reel.mp4")
+    assert s3.get("c/reel.mp4")[4:8] == b"ftyp"
+
+
+def test_serve_refuses_a_bucket_not_allowed_403(served, s3, s3_server, clip):
+    other = s3_server.make_bucket()
+    status, content, _ = _post(served, "export", {"input": f"s3://{other}/x.mp4", "output": s3.url("o.mp4")})
+    assert status == 403 and b"input" in content and other.encode() in content and b"allow_buckets" in content
+    status, content, _ = _post(served, "export", {"input": s3.url("x.mp4"), "output": f"s3://{other}/o.mp4"})
+    assert status == 403 and b"output" in content
+
+
+@pytest.mark.parametrize("url, why", [
+    ("https://127.0.0.1/clip.mp4", "loopback"),
+    ("https://localhost/clip.mp4", "loopback"),
+    ("https://169.254.169.254/latest/meta-data/", "link-local"),
+    ("https://10.1.2.3/clip.mp4", "private"),
+    ("https://[::ffff:127.0.0.1]/clip.mp4", ""),
+    ("http://example.com/clip.mp4", "http"),
+])  # fmt: skip
+def test_serve_refuses_ssrf_inputs_422_naming_the_field(served, s3, url, why):
+    status, content, _ = _post(served, "export", {"input": url, "output": s3.url("o.mp4")})
+    assert status == 422, content
+    message = json.loads(content)["message"]
+    assert "input" in message and why in message, message
+    assert s3.get("o.mp4") is None

@@ -182,7 +182,7 @@ _CORE: dict[str, _Setting] = {
     "storage.endpoint": _Setting(None, _opt_str, "S3-compatible endpoint (R2: https://<account>.r2.cloudflarestorage.com; MinIO); default: AWS_ENDPOINT_URL, else AWS"),
     "storage.region": _Setting(None, _opt_str, "bucket region (R2: auto); default: AWS_REGION, else us-east-1"),
     "storage.path_style": _Setting(False, _bool, "path-style requests (endpoint/bucket/key), as MinIO and many S3-compatible servers want"),
-    "storage.allow_http": _Setting(False, _bool, "allow plain http:// inputs and endpoints (tests, private networks)"),
+    "storage.allow_http": _Setting(False, _bool, "allow plain http:// inputs (tests, private networks); an http:// [storage] endpoint is the operator's choice and always allowed"),
     "storage.presign_expiry_s": _Setting(21600, _int(60, 604800), "how long a presigned URL handed to ffmpeg/PyAV for a media input stays valid"),
     # [shards]
     "shards.count": _Setting("auto", _shards, "shards per job: N, or auto (1 locally; on Modal, by size)"),

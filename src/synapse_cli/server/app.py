@@ -79,6 +79,7 @@ class ServerOptions:
     max_queued_jobs: int = 100  # detached jobs waiting for a slot (uploads included); past it, 429
     keep_jobs_days: float = 30.0  # detached jobs that ended longer ago leave jobs.db (record, events, folder); 0: kept for ever
     on_job_end: Callable[[], None] | None = None  # e.g. Modal: commit the Volume
+    storage: Any = None  # synapse_cli.storage.client.Storage, guarded: the URL fields of the jobs it runs
     live: dict[str, Path] = field(default_factory=dict)  # this process's jobs (uploading, queued or running) -> folder
     waiting: set[str] = field(default_factory=set)  # detached jobs in ``live`` that hold no slot (uploading or queued)
     slot_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -188,6 +189,12 @@ def create_app(
         raise ValueError("create_app needs an api_key (SYNAPSE_API_KEY), or allow_anonymous=True for a loopback-only server")
     check_key(api_key or None)
     known = {f for f in ServerOptions.__dataclass_fields__ if f not in ("work_dir", "api_key", "max_upload_mb", "allow_anonymous", "artifact_ttl_s", "models_dir")}
+    if "storage" not in limits:  # URL fields: [storage] and [serve] allow_buckets / allow_hosts (defaults where not given)
+        from synapse_cli.config import registry
+        from synapse_cli.storage.client import Storage
+
+        storage_keys = {k: v.default for k, v in registry().items() if k.startswith(("storage.", "serve.allow_"))}
+        limits["storage"] = Storage.guarded({**storage_keys, **{k: settings[k] for k in storage_keys if k in settings}})
     unknown = sorted(set(limits) - known)
     if unknown:
         raise TypeError(f"create_app got unexpected keyword argument(s): {', '.join(unknown)}")
@@ -416,7 +423,7 @@ def create_app(
         try:
             body = await read_body(request.headers.get("content-type", ""), body_stream(), job_dir / "in", opts.max_bytes,
                                    inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind, installed=installed)
-            run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir)
+            run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir, opts.storage)
             run.shards = shards
         except BadUpload as exc:
             _forget(opts, job_id)

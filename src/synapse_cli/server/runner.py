@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -70,6 +70,7 @@ class JobRun:
     channel: "Channel | None" = None
     cancel_reason: str | None = None
     shards: int = 1  # ?shards=N: the server splits the job across its own worker processes
+    storage: Any = None  # synapse_cli.storage.client.Storage (guarded): reads and writes the spec's URLs
 
     def cancel(self, reason: str, failure: Event | None = None) -> None:
         """Stop the job now: end its stream (with ``failure`` as the last line, if given) and kill its processes.
@@ -123,6 +124,8 @@ class JobRun:
         return [event]
 
     def _artifact(self, event: Artifact) -> list[Event]:
+        if event.path.startswith("s3://"):  # uploaded to its object by the job's staging: nothing to serve
+            return [event]
         path = Path(event.path)
         if not path.is_absolute():
             path = self.dir / path
@@ -246,12 +249,40 @@ def _check_types(kind: str, cls: type, data: dict[str, Any]) -> Any:
         raise BadUpload(422, f"bad {kind} spec: {where}: {err['msg']}") from None
 
 
-def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str | Path | None = None) -> JobRun:
+def check_urls(kind: str, data: dict[str, Any], storage: Any) -> None:
+    """The server's rules for URL fields, checked when the job is submitted (nothing runs otherwise):
+    the scheme (s3 read/write, https read, http only with ``[storage] allow_http``), ``s3://`` buckets
+    on ``[serve] allow_buckets`` (403), a user's ``https://`` through the URL guard (422 naming the field)."""
+    from synapse_cli.storage.client import BucketRefused
+    from synapse_cli.storage.staging import url_fields
+    from synapse_cli.storage.urls import check_url, parse_s3
+
+    try:
+        for f in url_fields(kind, data):
+            if storage is None:
+                raise UsageError(f"{f.label}: this server takes no URLs")
+            scheme = check_url(f.url, f.label, storage.allow_http, output=f.output)
+            if scheme == "s3":
+                storage.check_bucket(parse_s3(f.url, f.label), f.label)
+            else:
+                storage.check_https(f.url, f.label)
+    except BucketRefused as exc:
+        raise BadUpload(403, str(exc)) from None
+    except UsageError as exc:
+        raise BadUpload(422, str(exc)) from None
+    except OSError as exc:  # the name does not resolve
+        raise BadUpload(422, f"{kind} input URL: cannot resolve its host ({exc.strerror or exc})") from None
+
+
+def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str | Path | None = None, storage: Any = None) -> JobRun:
     """Check the spec and point its INPUTS at the uploaded files and its OUTPUTS into ``job_dir/out``.
 
     ``INSTALLED`` fields (infer's ``model``) name a model the server's owner installed
     (the bundled default, or a file in ``models_dir``); an uploaded model file is refused.
+    A field that is a URL needs no file part: ``check_urls`` vets it now, and ``storage`` reads or
+    writes it when the job runs (``synapse_cli.storage.staging``).
     """
+    from synapse_cli.storage.urls import is_url
     from synapse_cli.jobs import spec_class
 
     try:
@@ -281,6 +312,10 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
         listed = [p for p in paths if p.field == name]
         if data.get(name) is None and parts:
             raise BadUpload(422, f"a file was uploaded for {name!r} but the spec's {name} is null")
+        if isinstance(data.get(name), str) and is_url(data[name]):
+            if parts:
+                raise BadUpload(422, f"{kind} input {name!r} is a URL; a file part was uploaded for it too")
+            continue
         if isinstance(data.get(name), str) and len(parts) != 1:
             raise BadUpload(422, f"{kind} input {name!r} needs exactly one file part named {name!r} (got {len(parts)})")
         if isinstance(data.get(name), list) and len(parts) != len(listed):
@@ -325,8 +360,9 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
         value = getattr(spec, name, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
             raise BadUpload(422, f"bad {kind} spec: {name}: {value:g} is over this server's cap of {cap:g}")
+    check_urls(kind, asdict(spec), storage)
     replacements.sort(key=lambda r: len(r[0]), reverse=True)
-    return JobRun(job_id, kind, job_dir, spec, outs, [u.path for u in body.files], replacements)
+    return JobRun(job_id, kind, job_dir, spec, outs, [u.path for u in body.files], replacements, storage=storage)
 
 
 # -- running it --------------------------------------------------------------------
@@ -416,7 +452,7 @@ class Channel:
         return self._closed
 
 
-def _sharded(run: JobRun) -> Iterator[Event]:
+def _sharded(run: JobRun, spec: Any) -> Iterator[Event]:
     """The job as ``run.shards`` shards in worker processes here, merged into one stream (synapse_cli.shards)."""
     from synapse_cli.backends.local import LocalBackend
     from synapse_cli.config import registry
@@ -424,7 +460,23 @@ def _sharded(run: JobRun) -> Iterator[Event]:
 
     defaults = {key: setting.default for key, setting in registry().items() if key.startswith("shards.")}
     settings = {**defaults, "shards.count": run.shards, "modal.max_retries": 0}
-    return job_events(run.kind, run.spec, LocalBackend(), settings)
+    return job_events(run.kind, spec, LocalBackend(), settings)  # (``spec``'s URLs are staged already: see _events)
+
+
+def _events(run: JobRun) -> Iterator[Event]:
+    """The job's events: one call or shards, its URL fields staged around the whole (read and written here)."""
+    from synapse_cli.jobs import load_job
+
+    def start(spec: Any) -> Iterator[Event]:
+        return load_job(run.kind)(spec) if run.shards <= 1 else _sharded(run, spec)
+
+    from synapse_cli.storage.staging import has_urls
+
+    if run.storage is None or not has_urls(run.kind, run.spec):
+        return start(run.spec)
+    from synapse_cli.storage.staging import staged
+
+    return staged(run.kind, run.spec, run.storage, start, workdir=run.dir)
 
 
 def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Thread:
@@ -433,14 +485,12 @@ def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Threa
     ``ok``: the job reached ``finished`` and was not cancelled. A job may still fail after its
     ``finished`` (compile with inputs that failed): the stream then ends ``finished``, ``error``,
     and the finished outputs are served all the same."""
-    from synapse_cli.jobs import load_job
-
     def work() -> None:
         run.native_id = threading.get_native_id()
         gen: Iterator[Event] | None = None
         finished = False
         try:
-            gen = load_job(run.kind)(run.spec) if run.shards <= 1 else _sharded(run)
+            gen = _events(run)
             for event in gen:
                 channel.put(event)
                 finished = finished or isinstance(event, Finished)

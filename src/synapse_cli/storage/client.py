@@ -109,9 +109,16 @@ class Storage:
             return
         from urllib.parse import urlsplit
 
+        from synapse_cli.netguard import RefusedURL
+
         self.guard.check_url(url, f"input {field}")
         parts = urlsplit(url)
-        self.guard.addresses(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        try:
+            self.guard.addresses(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        except RefusedURL as exc:
+            raise RefusedURL(f"input {field}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - httpcore.ConnectError: the name does not resolve
+            raise RefusedURL(f"input {field}: {exc}") from None
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "Storage":
@@ -155,9 +162,7 @@ class Storage:
         import os
 
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
-        if endpoint.startswith("http://"):
-            if not self.allow_http:
-                raise UsageError(f"storage endpoint {endpoint} is plain http: set [storage] allow_http = true to use it")
+        if endpoint.startswith("http://"):  # the operator's own endpoint (MinIO on a private network, tests)
             options["allow_http"] = True
         try:
             store = S3Store(bucket, config=config, client_options=options)

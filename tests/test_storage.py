@@ -295,3 +295,80 @@ def test_ffmpeg_never_follows_a_playlist_or_a_redirect(cli, s3, clip, http_files
     assert not Path("r.mp4").exists()
     direct = cli("export", f"{base}/sub/clip.mp4", "-o", "d.mp4", *SMALL)
     assert direct.exit_code == 0, direct.stderr
+
+
+# -- the URL model, settings, doctor, the Python API -------------------------------------------------
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://u:pw@host.example/a/b.mp4?X-Amz-Signature=abc&X-Amz-Credential=AKIA", "https://***@host.example/a/b.mp4?…"),
+    ("http://127.0.0.1:9000/b/k.mp4?token=1", "http://127.0.0.1:9000/b/k.mp4?…"),
+    ("s3://bucket/key.mp4", "s3://bucket/key.mp4"),
+    ("https://host/plain.mp4", "https://host/plain.mp4"),
+])  # fmt: skip
+def test_redact(url, shown):
+    from synapse_cli.storage.urls import redact, redact_text, redact_values
+
+    assert redact(url) == shown
+    assert redact_text(f"ffmpeg: '{url}': error") == f"ffmpeg: '{shown}': error"
+    assert redact_values({"a": [url], "n": 1}) == {"a": [shown], "n": 1}
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("s3://", "bad s3 URL"),
+    ("s3://Bad_Bucket!/k", "bad s3 URL"),
+    ("s3://bucket/a/../k", "'.' and '..'"),
+    ("s3://bucket/k?versionId=1", "bad s3 URL"),
+])  # fmt: skip
+def test_bad_s3_urls_are_usage_errors_naming_the_field(url, fragment):
+    from synapse_cli.errors import UsageError
+    from synapse_cli.storage.urls import parse_s3
+
+    with pytest.raises(UsageError) as info:
+        parse_s3(url, "input")
+    assert str(info.value).startswith("input:") and fragment in str(info.value)
+
+
+def test_schemes_and_prefixes():
+    from synapse_cli.errors import UsageError
+    from synapse_cli.storage.urls import check_url, is_url, parse_s3
+
+    assert [is_url(v) for v in ("s3://b/k", "HTTPS://h/x", "http://h/x", "clip.mp4", "/abs/s3://x", None)] == [True, True, True, False, False, False]
+    assert parse_s3("s3://bkt/schemas/").is_prefix and not parse_s3("s3://bkt/a.json").is_prefix
+    assert str(parse_s3("s3://bkt/schemas/").child("x.json")) == "s3://bkt/schemas/x.json"
+    assert check_url("https://h/x.mp4", "input", allow_http=False) == "https"
+    with pytest.raises(UsageError, match="read-only"):
+        check_url("https://h/x.mp4", "output", allow_http=True, output=True)
+    with pytest.raises(UsageError, match="allow_http"):
+        check_url("http://h/x.mp4", "input", allow_http=False)
+
+
+def test_config_show_lists_the_storage_section(cli, monkeypatch):
+    monkeypatch.setenv("SYNAPSE_STORAGE_REGION", "auto")
+    run = cli("config", "show", "--json")
+    assert run.exit_code == 0, run.stderr
+    settings = json.loads(run.stdout)["settings"]
+    assert settings["storage.region"] == {"value": "auto", "source": "env:SYNAPSE_STORAGE_REGION"}
+    assert {"storage.endpoint", "storage.path_style", "storage.allow_http", "storage.presign_expiry_s", "serve.allow_buckets"} <= set(settings)
+
+
+def test_doctor_reports_storage_without_secret_values(cli, s3, monkeypatch):
+    monkeypatch.setenv("SYNAPSE_DOCTOR_BUCKET", s3.bucket)
+    run = cli("doctor", "--json")
+    storage = json.loads(run.stdout)["storage"]
+    assert storage["ok"] is True, storage
+    assert s3.server.endpoint in storage["detail"] and "AWS_SECRET_ACCESS_KEY" in storage["detail"]
+    assert f"bucket {s3.bucket} answers" in storage["detail"]
+    assert SECRET_KEY not in run.stdout and ACCESS_KEY not in run.stdout
+    monkeypatch.setenv("SYNAPSE_DOCTOR_BUCKET", "no-such-bucket-here")
+    missing = json.loads(cli("doctor", "--json").stdout)["storage"]
+    assert missing["ok"] is False
+
+
+def test_python_api_takes_urls(s3, clip, db):
+    import synapse_cli
+
+    src = s3.put("api/clip.mp4", clip)
+    result = synapse_cli.run("export", src, output=s3.url("api/reel.mp4"), job="framing", params={"output_width": 90, "output_height": 160})
+    assert result["output"] == s3.url("api/reel.mp4")
+    assert s3.get("api/reel.mp4")[4:8] == b"ftyp"

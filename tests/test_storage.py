@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_clip, probe
-from tests.storage_fixtures import ACCESS_KEY, SECRET_KEY, http_files, s3, s3_server  # noqa: F401 (fixtures)
+from tests.storage_fixtures import ACCESS_KEY, SECRET_KEY
 
 SMALL = ("--job", "framing", "--set", "output_width=90", "--set", "output_height=160")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_clip, probe
-from tests.storage_fixtures import ACCESS_KEY, SECRET_KEY, http_files, s3, s3_server, storage_env  # noqa: F401 (fixtures)
+from tests.storage_fixtures import SECRET_KEY, storage_env
 
 SMALL = ("--job", "framing", "--set", "output_width=90", "--set", "output_height=160")
 

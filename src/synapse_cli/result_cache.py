@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from synapse_cli import __version__
-from synapse_cli.errors import SynapseError, UsageError
+from synapse_cli.errors import SynapseError
 from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
 from synapse_cli.hashing import sha256_path
 from synapse_cli.jobs import get_kind, path_values

@@ -150,14 +150,14 @@ class Storage:
             return found
         from obstore.store import S3Store
 
-        config: dict[str, Any] = {}
+        config: Any = {}  # obstore.store.S3Config (a TypedDict)
         if self.endpoint:
             config["endpoint"] = self.endpoint
         if self.region:
             config["region"] = self.region
         if self.path_style:
             config["virtual_hosted_style_request"] = False
-        options = dict(self._client_options)
+        options: Any = dict(self._client_options)  # obstore.store.ClientConfig
         endpoint = self.endpoint or ""
         import os
 

@@ -142,3 +142,99 @@ def test_serve_refuses_ssrf_inputs_422_naming_the_field(served, s3, url, why):
     message = json.loads(content)["message"]
     assert "input" in message and why in message, message
     assert s3.get("o.mp4") is None
+
+
+SCHEMAS = Path(__file__).parent / "data" / "compile"
+
+
+def _compile_local(cli, tmp_path) -> Path:
+    folder = tmp_path / "schemas"
+    folder.mkdir()
+    for name in ("line.json", "order.json"):
+        (folder / name).write_bytes((SCHEMAS / name).read_bytes())
+    local = cli("compile", folder, "-o", tmp_path / "local", "--engine", "llguidance,outlines", "--no-cache", "--no-modal")
+    assert local.exit_code == 0, local.stderr
+    return tmp_path / "local"
+
+
+def _same_artefacts(s3, prefix: str, local: Path) -> None:
+    made = sorted(p.name for p in local.iterdir())
+    assert s3.keys(prefix) == [prefix + n for n in made]
+    for name in made:
+        if name.endswith((".lark", ".regex", ".schema.json")):
+            assert s3.get(prefix + name) == (local / name).read_bytes(), name
+
+
+def test_compile_on_modal_with_an_s3_prefix_in_and_out(cli, modal_s3, s3, tmp_path, db):
+    for name in ("line.json", "order.json"):
+        s3.put(f"mc/schemas/{name}", SCHEMAS / name)
+    run = cli("compile", s3.url("mc/schemas/"), "-o", s3.url("mc/out/"), "--engine", "llguidance,outlines", "--use-modal", "--json", "--no-cache")
+    assert run.exit_code == 0, run.stderr
+    assert modal_s3.function_calls[-1].args[0]["inputs"] == [s3.url("mc/schemas/")]
+    assert not [p for p in modal_s3.volume_files("synapse-data") if p.startswith(("inputs/", "outputs/"))]
+    _same_artefacts(s3, "mc/out/", _compile_local(cli, tmp_path))
+
+
+def test_compile_behind_serve_with_an_s3_prefix_in_and_out(served, s3, cli, tmp_path):
+    for name in ("line.json", "order.json"):
+        s3.put(f"sc/schemas/{name}", SCHEMAS / name)
+    status, content, sent = _post(served, "compile", {"inputs": [s3.url("sc/schemas/")], "output_dir": s3.url("sc/out/"), "engines": ["llguidance", "outlines"], "use_cache": False})
+    assert status == 200, content[:300]
+    events = [json.loads(line) for line in content.splitlines() if line.strip()]
+    assert events[-1]["type"] == "finished", events[-2:]
+    assert sent < 1024
+    _same_artefacts(s3, "sc/out/", _compile_local(cli, tmp_path))
+
+
+def test_detached_job_behind_serve_writes_its_s3_output(served, s3, clip):
+    import time
+
+    import httpx
+
+    src = s3.put("dt/clip.mp4", clip)
+    spec = {"input": src, "output": s3.url("dt/reel.mp4"), "job": "framing", "params": {"output_width": 90, "output_height": 160}}
+    headers = {"Authorization": f"Bearer {served.key}"}
+    r = httpx.post(f"{served.url}/v1/jobs/export?detach=true", json=spec, headers=headers)
+    assert r.status_code == 202, r.text
+    job = r.json()["id"]
+    deadline = time.monotonic() + 120
+    while (rec := httpx.get(f"{served.url}/v1/jobs/{job}", headers=headers).json())["status"] not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rec["status"] == "completed", rec
+    assert s3.get("dt/reel.mp4")[4:8] == b"ftyp"
+    assert "X-Amz" not in json.dumps(rec)
+
+
+@pytest.fixture(scope="module")
+def pan(tmp_path_factory):
+    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    from tests.test_infer_batch import _pan
+
+    return _pan(tmp_path_factory.mktemp("rpan") / "pan.mp4", 6)
+
+
+def _local_detect(cli, pan, tmp_path) -> dict:
+    local = cli("infer", pan, "--task", "detect", "--imgsz", "160", "-o", tmp_path / "l.json", "--no-cache", "--no-modal")
+    assert local.exit_code == 0, local.stderr
+    return json.loads((tmp_path / "l.json").read_text())
+
+
+def test_infer_on_modal_with_s3_in_and_out(cli, modal_s3, s3, pan, tmp_path, db):
+    src = s3.put("mi/pan.mp4", pan)
+    run = cli("infer", src, "--task", "detect", "--imgsz", "160", "-o", s3.url("mi/pan.json"), "--use-modal", "--json", "--no-cache")
+    assert run.exit_code == 0, run.stderr
+    assert modal_s3.function_calls[-1].args[0]["source"] == src
+    assert not [p for p in modal_s3.volume_files("synapse-data") if p.startswith(("inputs/", "outputs/"))]
+    remote = json.loads(s3.get("mi/pan.json"))
+    assert remote["source"] == src and remote["frames"] == _local_detect(cli, pan, tmp_path)["frames"]
+
+
+def test_infer_behind_serve_with_s3_in_and_out(served, s3, cli, pan, tmp_path):
+    src = s3.put("si/pan.mp4", pan)
+    status, content, sent = _post(served, "infer", {"source": src, "output": s3.url("si/pan.json"), "task": "detect", "imgsz": 160})
+    assert status == 200, content[:300]
+    events = [json.loads(line) for line in content.splitlines() if line.strip()]
+    assert events[-1]["type"] == "finished", events[-2:]
+    assert sent < 1024 and len(content) < pan.stat().st_size
+    remote = json.loads(s3.get("si/pan.json"))
+    assert remote["frames"] == _local_detect(cli, pan, tmp_path)["frames"]

@@ -372,3 +372,43 @@ def test_python_api_takes_urls(s3, clip, db):
     result = synapse_cli.run("export", src, output=s3.url("api/reel.mp4"), job="framing", params={"output_width": 90, "output_height": 160})
     assert result["output"] == s3.url("api/reel.mp4")
     assert s3.get("api/reel.mp4")[4:8] == b"ftyp"
+
+
+def test_https_input_with_an_untrusted_certificate_is_refused(cli, clip, tmp_path, db):
+    """TLS is verified (PyAV with certifi's CA file, ffmpeg by default): a self-signed loopback server is not trusted."""
+    import functools
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "clip.mp4").write_bytes(clip.read_bytes())
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)  # fmt: skip
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(root)))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/clip.mp4"
+    try:
+        import av
+
+        with av.open(url, options={"protocol_whitelist": "https,tls,tcp"}) as unverified:  # the control: PyAV's default reads it
+            assert unverified.streams.video
+        with av.open(url, options={"protocol_whitelist": "https,tls,tcp", "tls_verify": "1", "ca_file": str(cert)}) as trusted:
+            assert trusted.streams.video  # the same server, its certificate trusted: verification itself works
+        run = cli("export", url, "-o", "t.mp4", *SMALL)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run.exit_code == 2, run.stderr
+    assert "not readable media" in run.stderr
+    assert not Path("t.mp4").exists()

@@ -238,3 +238,10 @@ def test_infer_behind_serve_with_s3_in_and_out(served, s3, cli, pan, tmp_path):
     assert sent < 1024 and len(content) < pan.stat().st_size
     remote = json.loads(s3.get("si/pan.json"))
     assert remote["frames"] == _local_detect(cli, pan, tmp_path)["frames"]
+
+
+def test_shards_with_s3_fields_on_modal_are_refused_in_one_line(cli, modal_s3, s3, clip, db):
+    run = cli("export", s3.url("x/clip.mp4"), "-o", s3.url("x/o.mp4"), *SMALL, "--use-modal", "--shards", "2")
+    assert run.exit_code == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("UsageError: --shards with s3:// or https:// fields")
+    assert not [c for c in modal_s3.function_calls if c.function_name == "export"]

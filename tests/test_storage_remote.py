@@ -245,3 +245,15 @@ def test_shards_with_s3_fields_on_modal_are_refused_in_one_line(cli, modal_s3, s
     assert run.exit_code == 2
     assert run.stderr.strip().splitlines()[-1].startswith("UsageError: --shards with s3:// or https:// fields")
     assert not [c for c in modal_s3.function_calls if c.function_name == "export"]
+
+
+def test_detached_export_on_modal_writes_its_s3_output_and_wait_follows(cli, modal_s3, s3, clip, db):
+    src = s3.put("md/clip.mp4", clip)
+    started = cli("export", src, "-o", s3.url("md/reel.mp4"), *SMALL, "--use-modal", "--detach")
+    assert started.exit_code == 0, started.stderr
+    waited = cli("jobs", "wait", started.stdout.strip(), "--json")
+    assert waited.exit_code == 0, waited.stderr
+    events = waited.events()
+    assert events[-1]["type"] == "finished" and events[-1]["result"]["output"] == s3.url("md/reel.mp4")
+    assert s3.get("md/reel.mp4")[4:8] == b"ftyp"
+    assert not [p for p in modal_s3.volume_files("synapse-data") if p.startswith(("inputs/", "outputs/"))]

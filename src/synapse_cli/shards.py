@@ -295,16 +295,8 @@ def _job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[E
     sharded_remotely = getattr(backend, "run_sharded", None)
     if record.shardable and sharded_remotely is not None:  # an endpoint splits the job across its own workers (auto: its choice)
         return sharded_remotely(kind, spec, int(requested)) if requested not in ("auto", 1) else backend.run(kind, spec)
-    if not getattr(backend, "stages_urls", False) and record.shardable and requested not in ("auto", 1):
-        from synapse_cli.storage.staging import has_urls
-
-        if has_urls(kind, spec):  # splitting probes the input, and this client holds no credentials for it
-            raise UsageError(f"--shards with s3:// or https:// fields runs on the local backend or behind an endpoint; the {backend.name} backend runs it as one call")
-    if not getattr(backend, "stages_urls", False):
-        from synapse_cli.storage.staging import has_urls
-
-        if has_urls(kind, spec):
-            return backend.run(kind, spec)
+    if _one_call_for_urls(kind, spec, backend, settings):
+        return backend.run(kind, spec)
     count = _count(kind, spec, backend, settings)
     if count <= 1:
         return backend.run(kind, spec)
@@ -316,6 +308,23 @@ def _job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[E
         kind, spec, count, lambda part: start(kind, part), record.hook("split"), record.hook("merge"),
         retries=retries, workdir=_workdir(kind, spec), settings=settings, beside=_beside_hook(record),
     )  # fmt: skip
+
+
+def _one_call_for_urls(kind: str, spec: Any, backend: Any, settings: Any) -> bool:
+    """A spec with URL fields on a backend that does not read them here (Modal) runs as one call:
+    splitting it would probe an object this client may hold no credentials for. ``--shards N`` is refused."""
+    if getattr(backend, "stages_urls", False):
+        return False
+    from synapse_cli.storage.staging import has_urls
+
+    if not has_urls(kind, spec):
+        return False
+    from synapse_cli.errors import UsageError
+    from synapse_cli.jobs import get_kind
+
+    if get_kind(kind).shardable and settings["shards.count"] not in ("auto", 1):
+        raise UsageError(f"--shards with s3:// or https:// fields runs on the local backend or behind an endpoint; the {backend.name} backend runs it as one call")
+    return True
 
 
 def _beside_hook(record: Any) -> Callable[[Any, Path], Iterator[Event]] | None:
@@ -357,6 +366,8 @@ def split_detached(kind: str, spec: Any, backend: Any, settings: Any) -> tuple[l
     """
     from synapse_cli.jobs import get_kind
 
+    if _one_call_for_urls(kind, spec, backend, settings):
+        return [spec], Path(tempfile.gettempdir())
     count = _count(kind, spec, backend, settings)
     parent = _workdir(kind, spec) or Path(tempfile.gettempdir())
     if count <= 1:

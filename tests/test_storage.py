@@ -412,3 +412,28 @@ def test_https_input_with_an_untrusted_certificate_is_refused(cli, clip, tmp_pat
     assert run.exit_code == 2, run.stderr
     assert "not readable media" in run.stderr
     assert not Path("t.mp4").exists()
+
+
+def test_ctrl_c_mid_job_leaves_no_object_and_no_temp_files(s3, big_silent, tmp_path, db):
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    from tests.conftest import INTERRUPTIBLE, synapse_cmd
+
+    src = s3.put("cc/big.mp4", big_silent)
+    staged_before = set(Path(tempfile.gettempdir()).glob("synapse-stage-*"))
+    proc = subprocess.Popen([*synapse_cmd(), "export", src, "-o", s3.url("cc/out.mp4"), "--json", "--no-cache"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SYNAPSE_FFMPEG_PRESET": "medium"}, **INTERRUPTIBLE)  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:  # ffmpeg is reading the object
+        if json.loads(line)["type"] == "progress":
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert s3.get("cc/out.mp4") is None and s3.keys("cc/") == ["cc/big.mp4"]
+    assert set(Path(tempfile.gettempdir()).glob("synapse-stage-*")) <= staged_before  # the staging folder went too
+    assert "X-Amz" not in err

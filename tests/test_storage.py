@@ -437,3 +437,13 @@ def test_ctrl_c_mid_job_leaves_no_object_and_no_temp_files(s3, big_silent, tmp_p
     assert s3.get("cc/out.mp4") is None and s3.keys("cc/") == ["cc/big.mp4"]
     assert set(Path(tempfile.gettempdir()).glob("synapse-stage-*")) <= staged_before  # the staging folder went too
     assert "X-Amz" not in err
+
+
+def test_compile_into_a_prefix_with_a_taken_key_writes_nothing(cli, s3, db):
+    s3.put("t/schemas/line.json", SCHEMAS / "line.json")
+    s3.put("t/schemas/order.json", SCHEMAS / "order.json")
+    s3.put("t/out/order.lark", b"mine")
+    run = cli("compile", s3.url("t/schemas/"), "-o", s3.url("t/out/"), "--engine", "llguidance", "--no-cache")
+    assert run.exit_code == 2, run.stderr
+    assert "t/out/order.lark already exists" in run.stderr
+    assert s3.keys("t/out/") == ["t/out/order.lark"] and s3.get("t/out/order.lark") == b"mine"

@@ -245,15 +245,24 @@ class Stage:
         return any(path == str(local) or path.startswith(str(local) + "/") for local, _, _ in self.uploads)
 
     def upload(self) -> None:
-        """Every output to its URL; a folder's files one object each (refused one by one if they exist)."""
+        """Every output to its URL; a folder's files one object each. Without ``overwrite``, a folder's
+        objects are all looked at first: one that exists refuses them all, before any is written."""
+        planned: list[tuple[Path, ObjectURL]] = []
         for local, url, is_dir in self.uploads:
             if not is_dir:
                 if not local.is_file():
                     raise UsageError(f"the job wrote no {url}")
-                self.storage.upload(local, url, self.overwrite)
+                planned.append((local, url))
                 continue
-            for f in sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")):
-                self.storage.upload(f, url.child(f.relative_to(local).as_posix()), self.overwrite)
+            files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
+            targets = [(f, url.child(f.relative_to(local).as_posix())) for f in files]
+            if not self.overwrite:
+                taken = [str(u) for _, u in targets if self.storage.head(u) is not None]
+                if taken:
+                    raise UsageError(f"{taken[0]} already exists (use --overwrite to replace it)" + (f"; and {len(taken) - 1} more" if len(taken) > 1 else ""))
+            planned.extend(targets)
+        for local, url in planned:
+            self.storage.upload(local, url, self.overwrite)
 
 
 def staged(kind: str, spec: Any, storage: Storage, run: Callable[[Any], Iterator[Event]], workdir: Path | None = None) -> Iterator[Event]:

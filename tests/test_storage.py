@@ -447,3 +447,15 @@ def test_compile_into_a_prefix_with_a_taken_key_writes_nothing(cli, s3, db):
     assert run.exit_code == 2, run.stderr
     assert "t/out/order.lark already exists" in run.stderr
     assert s3.keys("t/out/") == ["t/out/order.lark"] and s3.get("t/out/order.lark") == b"mine"
+
+
+def test_a_bucket_can_live_on_its_own_endpoint(cli, s3, clip, monkeypatch, db):
+    monkeypatch.setenv("SYNAPSE_STORAGE_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("SYNAPSE_STORAGE_ENDPOINTS", f"{s3.bucket}={s3.server.endpoint}")
+    src = s3.put("e/clip.mp4", clip)
+    run = cli("export", src, "-o", s3.url("e/reel.mp4"), *SMALL)
+    assert run.exit_code == 0, run.stderr
+    assert s3.get("e/reel.mp4")[4:8] == b"ftyp"
+    monkeypatch.setenv("SYNAPSE_STORAGE_ENDPOINTS", "junk")
+    bad = cli("export", src, "-o", s3.url("e/x.mp4"), *SMALL)
+    assert bad.exit_code == 2 and "storage.endpoints" in bad.stderr

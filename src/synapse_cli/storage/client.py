@@ -65,8 +65,10 @@ class Storage:
         allow_http: bool = False,
         presign_expiry_s: int = 6 * 3600,
         client_options: Mapping[str, Any] | None = None,
+        endpoints: Mapping[str, str] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.endpoints = dict(endpoints or {})  # bucket -> endpoint, where it differs from ``endpoint``
         self.region = region
         self.path_style = path_style
         self.allow_http = allow_http
@@ -128,6 +130,7 @@ class Storage:
             path_style=bool(settings["storage.path_style"]),
             allow_http=bool(settings["storage.allow_http"]),
             presign_expiry_s=int(settings["storage.presign_expiry_s"]),
+            endpoints=settings.get("storage.endpoints") or {},
         )
 
     def describe(self) -> dict[str, Any]:
@@ -138,6 +141,7 @@ class Storage:
         return {
             "endpoint": self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or "(AWS default)",
             "region": self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "(default)",
+            "endpoints": dict(self.endpoints),
             "path_style": self.path_style,
             "allow_http": self.allow_http,
             "credentials": [n for n in names if os.environ.get(n)],
@@ -151,14 +155,14 @@ class Storage:
         from obstore.store import S3Store
 
         config: Any = {}  # obstore.store.S3Config (a TypedDict)
-        if self.endpoint:
-            config["endpoint"] = self.endpoint
+        endpoint = self.endpoints.get(bucket) or self.endpoint
+        if endpoint:
+            config["endpoint"] = endpoint
         if self.region:
             config["region"] = self.region
         if self.path_style:
             config["virtual_hosted_style_request"] = False
         options: Any = dict(self._client_options)  # obstore.store.ClientConfig
-        endpoint = self.endpoint or ""
         import os
 
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")

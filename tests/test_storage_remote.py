@@ -257,3 +257,15 @@ def test_detached_export_on_modal_writes_its_s3_output_and_wait_follows(cli, mod
     assert events[-1]["type"] == "finished" and events[-1]["result"]["output"] == s3.url("md/reel.mp4")
     assert s3.get("md/reel.mp4")[4:8] == b"ftyp"
     assert not [p for p in modal_s3.volume_files("synapse-data") if p.startswith(("inputs/", "outputs/"))]
+
+
+def test_a_modal_client_without_credentials_runs_a_cacheable_job_uncached_at_once(cli, modal_s3, s3, clip, tmp_path, db):
+    import time
+
+    src = s3.put("nc/clip.mp4", clip)
+    started = time.monotonic()
+    run = cli("export", src, "-o", tmp_path / "local.mp4", *SMALL, "--use-modal", "--json")  # an s3:// input, a local output
+    assert run.exit_code == 0, run.stderr
+    assert time.monotonic() - started < 60
+    assert not s3.server.served("nc/clip.mp4", "HEAD")[1:]  # the container's one HEAD (overwrite-free input check), none from the client
+    assert probe(tmp_path / "local.mp4").width == 90

@@ -229,6 +229,8 @@ class Storage:
         from synapse_cli.storage.urls import is_url, parse_s3, redact
 
         if url.lower().startswith("s3://"):
+            if not self.has_credentials():  # e.g. a Modal client: the container's Secret has them, this machine has none
+                return None  # (asking anyway would try the cloud metadata endpoint, with retries, before giving up)
             parsed = parse_s3(url)
             if parsed.is_prefix:
                 return None
@@ -250,6 +252,14 @@ class Storage:
         if response.status_code != 200 or not (etag or (modified and size)):
             return None
         return f"{redact(url)}#{etag or f'{modified}/{size}'}"
+
+    @staticmethod
+    def has_credentials() -> bool:
+        """Does the environment name S3 credentials (keys, a web identity, a container credentials URI)?"""
+        import os
+
+        names = ("AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        return any(os.environ.get(n) for n in names)
 
     def exists(self, url: ObjectURL) -> bool:
         return self.head(url) is not None

@@ -459,3 +459,11 @@ def test_a_bucket_can_live_on_its_own_endpoint(cli, s3, clip, monkeypatch, db):
     monkeypatch.setenv("SYNAPSE_STORAGE_ENDPOINTS", "junk")
     bad = cli("export", src, "-o", s3.url("e/x.mp4"), *SMALL)
     assert bad.exit_code == 2 and "storage.endpoints" in bad.stderr
+
+
+def test_a_detached_job_refuses_a_url_with_a_token(cli, clip, http_files, db):
+    base, root = http_files
+    (root / "clip.mp4").write_bytes(clip.read_bytes())
+    run = cli("export", f"{base}/clip.mp4?token=hush", "-o", "o.mp4", *SMALL, "--detach")
+    assert run.exit_code == 2, run.stderr
+    assert "input: a detached job cannot take a URL with a query string" in run.stderr and "hush" not in run.stderr

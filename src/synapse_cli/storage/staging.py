@@ -65,6 +65,15 @@ def has_urls(kind: str, spec: Any) -> bool:
     return bool(url_fields(kind, asdict(spec)))
 
 
+def secret_bearing(kind: str, spec: Any) -> str | None:
+    """The label of the first URL field that the job store would redact (a query string, user info), if any."""
+    for f in url_fields(kind, asdict(spec)):
+        parts = urlsplit(f.url)
+        if parts.query or "@" in parts.netloc:
+            return f.label
+    return None
+
+
 class Names:
     """What the job saw -> what the user gave: presigned URLs and temp paths -> redacted URLs."""
 

@@ -253,7 +253,6 @@ def check_urls(kind: str, data: dict[str, Any], storage: Any) -> None:
     """The server's rules for URL fields, checked when the job is submitted (nothing runs otherwise):
     the scheme (s3 read/write, https read, http only with ``[storage] allow_http``), ``s3://`` buckets
     on ``[serve] allow_buckets`` (403), a user's ``https://`` through the URL guard (422 naming the field)."""
-    from synapse_cli.storage.client import BucketRefused
     from synapse_cli.storage.staging import url_fields
     from synapse_cli.storage.urls import check_url, parse_s3
 
@@ -263,11 +262,14 @@ def check_urls(kind: str, data: dict[str, Any], storage: Any) -> None:
                 raise UsageError(f"{f.label}: this server takes no URLs")
             scheme = check_url(f.url, f.label, storage.allow_http, output=f.output)
             if scheme == "s3":
-                storage.check_bucket(parse_s3(f.url, f.label), f.label)
+                url = parse_s3(f.url, f.label)
+                if not storage.bucket_allowed(url):
+                    try:
+                        storage.check_bucket(url, f.label)
+                    except UsageError as exc:
+                        raise BadUpload(403, str(exc)) from None
             else:
                 storage.check_https(f.url, f.label)
-    except BucketRefused as exc:
-        raise BadUpload(403, str(exc)) from None
     except UsageError as exc:
         raise BadUpload(422, str(exc)) from None
     except OSError as exc:  # the name does not resolve

@@ -26,10 +26,6 @@ SINGLE_PUT_MAX = 64 * 1024 * 1024
 CHUNK = 16 * 1024 * 1024
 
 
-class BucketRefused(UsageError):
-    """An s3:// bucket that the server's operator has not allowed (403)."""
-
-
 @contextmanager
 def map_storage_errors(url: Any, what: str = "") -> Iterator[None]:
     """obstore's exceptions as ours, naming the URL (never a signature)."""
@@ -99,28 +95,32 @@ class Storage:
             storage.allow_buckets = frozenset(settings["serve.allow_buckets"])
         return storage
 
+    def bucket_allowed(self, url: ObjectURL) -> bool:
+        return self.allow_buckets is None or url.bucket in self.allow_buckets
+
     def check_bucket(self, url: ObjectURL, field: str) -> None:
-        """Refuse (``BucketRefused``, 403 on the server) a bucket that is not on the allowlist."""
-        if self.allow_buckets is not None and url.bucket not in self.allow_buckets:
-            raise BucketRefused(f"{field}: bucket {url.bucket!r} is not on this server's [serve] allow_buckets")
+        """Refuse (a UsageError; the server answers 403 for it, see ``server.runner.check_urls``) a bucket
+        that is not on the allowlist."""
+        if not self.bucket_allowed(url):
+            raise UsageError(f"{field}: bucket {url.bucket!r} is not on this server's [serve] allow_buckets")
 
     def check_https(self, url: str, field: str) -> None:
         """Where a guard is set: the URL's scheme and every address its host resolves to must be allowed
-        (``netguard.RefusedURL``, a 422). ffmpeg/PyAV then read it with no redirects."""
+        (else a UsageError naming the field: a 422 on the server). ffmpeg/PyAV then read it with no redirects."""
         if self.guard is None:
             return
         from urllib.parse import urlsplit
 
         from synapse_cli.netguard import RefusedURL
 
-        self.guard.check_url(url, f"input {field}")
         parts = urlsplit(url)
-        try:
+        try:  # the guard's own RefusedURL is shown as what it is to users, a UsageError (the documented names)
+            self.guard.check_url(url, "URL")
             self.guard.addresses(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
         except RefusedURL as exc:
-            raise RefusedURL(f"input {field}: {exc}") from None
+            raise UsageError(f"input {field}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - httpcore.ConnectError: the name does not resolve
-            raise RefusedURL(f"input {field}: {exc}") from None
+            raise UsageError(f"input {field}: {exc}") from None
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "Storage":

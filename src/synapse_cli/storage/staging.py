@@ -210,7 +210,12 @@ class Stage:
                 raise UsageError(f"{f.label}: an https:// folder cannot be listed; name the files")
             local = folder / _basename(f.url)
             if self.storage.guard is not None:  # connects only to the address it checked
-                self.storage.guard.download(f.url, local, what=f"input {f.label}")
+                from synapse_cli.netguard import RefusedURL
+
+                try:
+                    self.storage.guard.download(f.url, local, what=f"input {f.label}")
+                except RefusedURL as exc:
+                    raise UsageError(str(exc)) from None
             else:
                 _fetch_https(f.url, local, self.storage.allow_http)
         else:

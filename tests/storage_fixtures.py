@@ -35,6 +35,7 @@ class Served:
 class S3Server:
     endpoint: str
     requests: list[Served] = field(default_factory=list)
+    part_delay_s: float = 0.0  # a multipart part waits this long before moto reads it (a test that kills mid-upload)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def served(self, key_suffix: str, method: str = "GET") -> list[Served]:
@@ -59,6 +60,10 @@ class _Counting:
         record = Served(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("HTTP_RANGE"), 0)
         with self.server.lock:
             self.server.requests.append(record)
+        if self.server.part_delay_s and record.method == "PUT" and "partNumber=" in environ.get("QUERY_STRING", ""):
+            import time
+
+            time.sleep(self.server.part_delay_s)
         body = self.app(environ, start_response)
         try:
             for chunk in body:
@@ -96,6 +101,10 @@ class S3:
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def served(self, key: str, method: str = "GET") -> list[Served]:
+        """The requests for this test's object ``key`` (its own bucket: other tests' objects never count)."""
+        return self.server.served(f"/{self.bucket}/{key}", method)
 
     def store(self):
         """An obstore store of the test's own, with the credentials given (the job's environment may have none)."""

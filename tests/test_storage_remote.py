@@ -267,5 +267,5 @@ def test_a_modal_client_without_credentials_runs_a_cacheable_job_uncached_at_onc
     run = cli("export", src, "-o", tmp_path / "local.mp4", *SMALL, "--use-modal", "--json")  # an s3:// input, a local output
     assert run.exit_code == 0, run.stderr
     assert time.monotonic() - started < 60
-    assert not s3.server.served("nc/clip.mp4", "HEAD")[1:]  # the container's one HEAD (overwrite-free input check), none from the client
+    assert not s3.served("nc/clip.mp4", "HEAD")[1:]  # the container's one HEAD (overwrite-free input check), none from the client
     assert probe(tmp_path / "local.mp4").width == 90

@@ -277,10 +277,56 @@ class Storage:
         store = self.store(url.bucket)
         with map_storage_errors(url):
             if size <= SINGLE_PUT_MAX:
-                obstore.put(store, url.key, src.read_bytes(), mode="overwrite" if overwrite else "create")
+                data = src.read_bytes()
+                _cancellable(lambda: obstore.put_async(store, url.key, data, mode="overwrite" if overwrite else "create"))
             else:
                 if not overwrite and self.head(url) is not None:
                     raise UsageError(f"{url} already exists (use --overwrite to replace it)")
                 with open(src, "rb") as f:
-                    obstore.put(store, url.key, f, chunk_size=CHUNK, max_concurrency=8)
+                    _cancellable(lambda: obstore.put_async(store, url.key, f, chunk_size=CHUNK, max_concurrency=8))
         return size
+
+
+def _cancellable(start: Any) -> Any:
+    """Await ``start()`` on an event loop of its own, in a thread, so that Ctrl-C stops it.
+
+    obstore's synchronous ``put`` waits in Rust, where Python's signal handler cannot run: a Ctrl-C
+    would land only after the upload had completed, leaving the object it should have prevented.
+    Here the main thread waits in short joins; a KeyboardInterrupt (or SIGTERM turned into one)
+    cancels the task, which drops the request: a single PUT never commits, a multipart upload is never
+    completed (its parts are left to the bucket's lifecycle rule, as after kill -9)."""
+    import asyncio
+    import threading
+
+    loop = asyncio.new_event_loop()
+    outcome: dict[str, Any] = {}
+    task_box: dict[str, asyncio.Task[Any]] = {}
+
+    async def main() -> Any:
+        task_box["task"] = asyncio.current_task()  # type: ignore[assignment]
+        return await start()
+
+    def run() -> None:
+        try:
+            outcome["value"] = loop.run_until_complete(main())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+        finally:
+            loop.close()
+
+    worker = threading.Thread(target=run, name="synapse-upload", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except BaseException:
+        def cancel() -> None:
+            if "task" in task_box:
+                task_box["task"].cancel()
+
+        loop.call_soon_threadsafe(cancel)
+        worker.join(30)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")

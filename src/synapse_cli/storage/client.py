@@ -71,8 +71,18 @@ class Storage:
         self.presign_expiry_s = presign_expiry_s
         self._client_options = dict(client_options or _CLIENT_OPTIONS)
         self._stores: dict[str, Any] = {}
-        self.guard: Any = None  # a netguard.Guard where the URLs are strangers' (serve, a container)
+        self._guard: Any = None  # a netguard.Guard where the URLs are strangers' (serve, a container), made on first use
+        self._guard_settings: Mapping[str, Any] | None = None
         self.allow_buckets: frozenset[str] | None = None  # None: any bucket the credentials reach
+
+    @property
+    def guard(self) -> Any:
+        """The URL guard, or None on the local backend (netguard and httpcore load only once a URL needs it)."""
+        if self._guard is None and self._guard_settings is not None:
+            from synapse_cli.netguard import Guard
+
+            self._guard = Guard.from_settings(self._guard_settings, allow_http=self.allow_http)
+        return self._guard
 
     @classmethod
     def for_container(cls, env: Mapping[str, str]) -> "Storage":
@@ -87,10 +97,8 @@ class Storage:
         """For URLs that strangers give (``synapse serve``; a container): https:// inputs through the
         netguard (no loopback, private, link-local, CGNAT, unique-local or mapped addresses, unless
         ``[serve] allow_hosts`` admits the host); with ``buckets``, s3:// only on ``[serve] allow_buckets``."""
-        from synapse_cli.netguard import Guard
-
         storage = cls.from_settings(settings)
-        storage.guard = Guard.from_settings(settings, allow_http=storage.allow_http)
+        storage._guard_settings = {"serve.allow_hosts": settings["serve.allow_hosts"]}
         if buckets:
             storage.allow_buckets = frozenset(settings["serve.allow_buckets"])
         return storage
@@ -107,7 +115,7 @@ class Storage:
     def check_https(self, url: str, field: str) -> None:
         """Where a guard is set: the URL's scheme and every address its host resolves to must be allowed
         (else a UsageError naming the field: a 422 on the server). ffmpeg/PyAV then read it with no redirects."""
-        if self.guard is None:
+        if self._guard_settings is None:
             return
         from urllib.parse import urlsplit
 

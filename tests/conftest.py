@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 pytest_plugins = ["tests.modal_fake.fixtures"] if (ROOT / "tests" / "modal_fake" / "fixtures.py").exists() else []
+pytest_plugins.append("tests.storage_fixtures")  # s3_server, s3, http_files: moto and a plain HTTP server on loopback
 
 
 @pytest.fixture(autouse=True)

@@ -111,6 +111,18 @@ def _prices(v: Any) -> dict[str, float]:
     return {str(k): float(x) for k, x in v.items()}
 
 
+def _endpoints(v: Any) -> dict[str, str]:
+    """A table of bucket = endpoint URL (env: ``"media=https://a.example,logs=http://minio:9000"``)."""
+    if isinstance(v, str):
+        parts = [p for p in v.split(",") if p.strip()]
+        if any("=" not in p for p in parts):
+            raise ValueError("expected bucket=https://endpoint,...")
+        v = dict(p.split("=", 1) for p in parts)
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) and x.startswith(("https://", "http://")) for k, x in v.items()):
+        raise ValueError("expected a table of bucket = \"https://endpoint\"")
+    return {k.strip(): x.strip() for k, x in v.items()}
+
+
 def _shards(v: Any) -> Any:
     if isinstance(v, bool):
         raise ValueError("expected a number of shards or 'auto'")
@@ -184,6 +196,14 @@ _CORE: dict[str, _Setting] = {
     "notify.progress_interval_s": _Setting(5.0, _float(), "at most one progress webhook this often"),
     "notify.retry_for_s": _Setting(60.0, _float(0.0, strict=False), "how long a terminal webhook (finished, error, cancelled) is retried; the job waits for it"),
     "notify.allow_http": _Setting(False, _bool, "allow plain http:// webhook targets off the local backend (on it they always are)"),
+    "serve.allow_buckets": _Setting([], _list, "s3:// buckets a job sent to synapse serve may read and write (with the server's credentials); others are refused (403)"),
+    # [storage]: s3:// and https:// inputs and outputs (credentials only from the AWS_* environment or a Modal Secret)
+    "storage.endpoint": _Setting(None, _opt_str, "S3-compatible endpoint (R2: https://<account>.r2.cloudflarestorage.com; MinIO); default: AWS_ENDPOINT_URL, else AWS"),
+    "storage.endpoints": _Setting({}, _endpoints, "per-bucket endpoints (a table bucket = URL), for buckets on another S3-compatible service than storage.endpoint"),
+    "storage.region": _Setting(None, _opt_str, "bucket region (R2: auto); default: AWS_REGION, else us-east-1"),
+    "storage.path_style": _Setting(False, _bool, "path-style requests (endpoint/bucket/key), as MinIO and many S3-compatible servers want"),
+    "storage.allow_http": _Setting(False, _bool, "allow plain http:// inputs (tests, private networks); an http:// [storage] endpoint is the operator's choice and always allowed"),
+    "storage.presign_expiry_s": _Setting(21600, _int(60, 604800), "how long a presigned URL handed to ffmpeg/PyAV for a media input stays valid"),
     # [shards]
     "shards.count": _Setting("auto", _shards, "shards per job: N, or auto (1 locally; on Modal, by size)"),
     "shards.seconds": _Setting(60.0, _float(), "auto: media seconds per shard (export, infer)"),

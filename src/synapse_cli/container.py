@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 from synapse_cli.events import Artifact, Event, Finished, to_dict
 from synapse_cli.backends._remote import PathField, stage_paths
 from synapse_cli.jobs import load_job, select_installed, spec_from_dict
+from synapse_cli.storage.staging import staged
 
 VOL = "vol:"
 DEFAULT_MOUNT = "/data"
@@ -62,9 +63,12 @@ def container_stream(kind: str, spec: dict[str, Any], notify: dict[str, Any] | N
     root = volume_root()
     # models come from the image (the bundled default) or from models/ on the Volume, put there by its owner
     job_spec = spec_from_dict(kind, select_installed(kind, to_container(kind, spec, root), root / "models"))
+    from synapse_cli.storage.client import Storage
 
     def events() -> Iterator[Event]:
-        for event in load_job(kind)(job_spec):
+        # s3:// and https:// fields are read and written here, with the named Secret's AWS_* credentials
+        # (the client uploads and downloads nothing for them); a user's https:// goes through the URL guard
+        for event in staged(kind, job_spec, Storage.for_container(os.environ), load_job(kind)):
             if isinstance(event, Artifact):
                 event = replace(event, path=from_container(event.path, root))
             elif isinstance(event, Finished):

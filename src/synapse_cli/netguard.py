@@ -50,8 +50,9 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 Resolver = Callable[[str, int], Sequence[str]]  # (host, port) -> IP address strings
 
 
-class RefusedURL(UsageError):
-    """A URL the guard will not fetch: its scheme, or an address it resolves to. Exit code 2; a 422 on serve."""
+# A URL the guard will not fetch (its scheme, or an address it resolves to): exit code 2, a 422 on serve.
+# It is a UsageError by name too: users see only the documented error names (README's exit-code table).
+RefusedURL = UsageError
 
 
 def _resolve(host: str, port: int) -> list[str]:

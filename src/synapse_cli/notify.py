@@ -337,7 +337,7 @@ class Notifier:
                 wait = _retry_after(response.headers.get("retry-after"))
             except Exception as exc:  # noqa: BLE001 - refused by the guard, unreachable, timed out: a failed attempt
                 status, detail = None, one_line(f"{type(exc).__name__}: {exc}", 300)
-                if type(exc).__name__ == "RefusedURL":
+                if isinstance(exc, UsageError):  # the guard's refusal (RefusedURL)
                     break  # the address will not become allowed by waiting
             if not terminal:
                 break

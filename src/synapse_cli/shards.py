@@ -270,8 +270,24 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
     """The job's events on ``backend``: one call, or ``[shards] count`` shards merged into one stream.
 
     The kind's record says whether and how it shards (``split``/``merge``/``size``); the
-    backend's ``capabilities.shards`` says how shards run (``run_shard``: a worker process, a Modal call; or the server's own ``run_sharded``).
+    backend's ``capabilities.shards`` says how shards run (``run_shard``: a worker process, a Modal
+    call; or the server's own ``run_sharded``). On a backend whose jobs run in this process
+    (``capabilities.stages_urls``), the spec's URLs are staged here, around the whole job: every
+    shard reads the same presigned URL, the merge writes a temp file, and that is uploaded once
+    the job succeeded (``synapse_cli.storage.staging``).
     """
+    if backend.capabilities.stages_urls:
+        from synapse_cli.storage.staging import has_urls
+
+        if has_urls(kind, spec):
+            from synapse_cli.storage.client import Storage
+            from synapse_cli.storage.staging import staged
+
+            return staged(kind, spec, Storage.from_settings(settings), lambda local: _job_events(kind, local, backend, settings))
+    return _job_events(kind, spec, backend, settings)
+
+
+def _job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Event]:
     from synapse_cli.errors import UsageError
     from synapse_cli.jobs import get_kind
 
@@ -280,6 +296,8 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
     can = backend.capabilities
     if record.shardable and can.shards == "server":  # an endpoint splits the job across its own workers (auto: its choice)
         return backend.run_sharded(kind, spec, int(requested)) if requested not in ("auto", 1) else backend.run(kind, spec)
+    if _one_call_for_urls(kind, spec, backend, settings):
+        return backend.run(kind, spec)
     count = _count(kind, spec, backend, settings)
     if count <= 1:
         return backend.run(kind, spec)
@@ -289,6 +307,23 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
         kind, spec, count, lambda part: backend.run_shard(kind, part), record.hook("split"), record.hook("merge"),
         retries=can.shard_retries, workdir=_workdir(kind, spec), settings=settings, beside=_beside_hook(record),
     )  # fmt: skip
+
+
+def _one_call_for_urls(kind: str, spec: Any, backend: Any, settings: Any) -> bool:
+    """A spec with URL fields on a backend that does not read them here (Modal) runs as one call:
+    splitting it would probe an object this client may hold no credentials for. ``--shards N`` is refused."""
+    if backend.capabilities.stages_urls:
+        return False
+    from synapse_cli.storage.staging import has_urls
+
+    if not has_urls(kind, spec):
+        return False
+    from synapse_cli.errors import UsageError
+    from synapse_cli.jobs import get_kind
+
+    if get_kind(kind).shardable and settings["shards.count"] not in ("auto", 1):
+        raise UsageError(f"--shards with s3:// or https:// fields runs on the local backend or behind an endpoint; the {backend.name} backend runs it as one call")
+    return True
 
 
 def _beside_hook(record: Any) -> Callable[[Any, Path], Iterator[Event]] | None:
@@ -330,6 +365,8 @@ def split_detached(kind: str, spec: Any, backend: Any, settings: Any) -> tuple[l
     """
     from synapse_cli.jobs import get_kind
 
+    if _one_call_for_urls(kind, spec, backend, settings):
+        return [spec], Path(tempfile.gettempdir())
     count = _count(kind, spec, backend, settings)
     parent = _workdir(kind, spec) or Path(tempfile.gettempdir())
     if count <= 1:

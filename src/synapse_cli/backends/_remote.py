@@ -58,13 +58,18 @@ class PathField:
 def stage_paths(kind: str, data: Mapping[str, Any], place: Callable[[PathField], str]) -> dict[str, Any]:
     """A copy of spec dict ``data`` with every input and output path replaced by ``place(path)``.
 
-    Inputs come first, then outputs, each in field order; a list stays a list.
+    Inputs come first, then outputs, each in field order; a list stays a list. A URL
+    (``s3://``, ``https://``) is no path: it stays as it is, never given to ``place``, so no
+    backend uploads or downloads it; the job's own side reads and writes it (``synapse_cli.storage``).
     """
+    from synapse_cli.storage.urls import is_url
+
     record = get_kind(kind)
     out = dict(data)
     for names, output in ((record.inputs, False), (record.outputs, True)):
         for name in names:
-            placed = [(i, place(PathField(name, i, v, output))) for i, v in path_values(data.get(name), "output" if output else "input", name)]
+            placed = [(i, v if is_url(v) else place(PathField(name, i, v, output)))
+                      for i, v in path_values(data.get(name), "output" if output else "input", name)]  # fmt: skip
             if placed:
                 out[name] = placed[0][1] if placed[0][0] is None else [v for _, v in placed]
     return out

@@ -32,6 +32,8 @@ class Capabilities:
     - ``notifies``: the backend has the job's webhooks sent where it runs, attached runs too (an
       endpoint: its server signs and sends them); else the pipeline sends an attached run's from
       this process. A detached job's are always sent where it runs (``detach``).
+    - ``stages_urls``: the job runs in this process, so this process reads and writes the spec's
+      ``s3://`` and ``https://`` fields (``synapse_cli.storage``); elsewhere, where the job runs does.
     """
 
     detach: bool = False
@@ -40,6 +42,7 @@ class Capabilities:
     scales_out: bool = False
     shard_retries: int = 0
     notifies: bool = False
+    stages_urls: bool = False
 
 
 class Backend:

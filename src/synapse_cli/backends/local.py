@@ -16,7 +16,7 @@ class LocalBackend(Backend):
     """Runs the job generator in this process; a detached job runs in a worker process of its own."""
 
     name = "local"
-    capabilities = Capabilities(detach=True, shards="local", detach_shards=True)
+    capabilities = Capabilities(detach=True, shards="local", detach_shards=True, stages_urls=True)  # the job runs here: this machine reads and writes its URLs
 
     def run(self, kind: str, spec: Any) -> Iterator[Event]:
         yield from load_job(kind)(spec)
@@ -28,6 +28,13 @@ class LocalBackend(Backend):
         return WorkerCall(kind, spec)  # type: ignore[return-value]
 
     def detach(self, kind: str, spec: Any, job: Any, store: Any, env: Mapping[str, str]) -> None:
+        from synapse_cli.storage.staging import secret_bearing
+
+        secret = secret_bearing(kind, spec)
+        if secret:  # the worker reads its spec from the job store, which never keeps a token
+            from synapse_cli.errors import UsageError
+
+            raise UsageError(f"{secret}: a detached job cannot take a URL with a query string or user info (the job store keeps no secrets); use s3:// or run it attached")
         worker_env = {**os.environ, **env, "SYNAPSE_JOBS_DB": str(store.path)}
         log_dir = store.path.parent / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)

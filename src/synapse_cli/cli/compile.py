@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, List, Optional
 
 import typer
@@ -35,9 +34,9 @@ def _summary(result: dict[str, Any]) -> str:
 @with_common(no_cache_help="Compile again: neither read nor write the compile cache, nor reuse an identical earlier job.")
 def compile_command(
     inputs: Annotated[List[str], typer.Argument(metavar="INPUT", help="JSON Schema files, constraint sets, .jsonl files or directories.", show_default=False)],
-    output_dir: Annotated[Optional[Path], typer.Option("-o", "--output-dir", metavar="DIR", help="Where artefacts go (default: ./compiled, setting compile.output_dir).", file_okay=False)] = None,
+    output_dir: Annotated[Optional[str], typer.Option("-o", "--output-dir", metavar="DIR", help="Where artefacts go: a folder or an s3://bucket/prefix/ (default: ./compiled, setting compile.output_dir).")] = None,
     engine: Annotated[Optional[str], typer.Option("--engine", metavar="ENGINE,...", help="Comma-separated engines: llguidance,xgrammar,outlines,llama.cpp (default: all; setting compile.engines).")] = None,
-    check: Annotated[Optional[Path], typer.Option("--check", metavar="FILE.jsonl", help="JSONL of labelled instances {\"data\", \"valid\"} to verify every artefact against.", dir_okay=False)] = None,
+    check: Annotated[Optional[str], typer.Option("--check", metavar="FILE.jsonl", help="JSONL of labelled instances {\"data\", \"valid\"} to verify every artefact against (a path or a URL).")] = None,
     *,
     common: RunOptions,
 ) -> None:

@@ -47,8 +47,36 @@ def _weights(settings) -> dict[str, Any]:
     return {"ok": True, "detail": f"{path} ({'infer.model' if settings['infer.model'] else 'bundled, sha256 verified'})"}
 
 
+def _storage(settings) -> dict[str, Any]:
+    """The [storage] settings and which AWS_* variables are set (names only); with SYNAPSE_DOCTOR_BUCKET=name,
+    whether that bucket answers (one listing request)."""
+    import os
+
+    from synapse_cli.storage.client import Storage
+
+    try:
+        storage = Storage.from_settings(settings)
+        info = storage.describe()
+    except SynapseError as exc:
+        return {"ok": False, "detail": str(exc)}
+    creds = ", ".join(info["credentials"]) or "no AWS_* credentials in the environment"
+    detail = f"endpoint {info['endpoint']}, region {info['region']}, path-style {info['path_style']}, allow_http {info['allow_http']}; {creds}"
+    bucket = os.environ.get("SYNAPSE_DOCTOR_BUCKET")
+    if not bucket:
+        return {"ok": bool(info["credentials"]), "detail": detail}
+    from synapse_cli.storage.urls import parse_s3
+
+    try:
+        url = parse_s3(f"s3://{bucket}/", "SYNAPSE_DOCTOR_BUCKET")
+        storage.ping(url)
+    except SynapseError as exc:
+        return {"ok": False, "detail": f"{detail}; bucket {bucket}: {exc}"}
+    return {"ok": True, "detail": f"{detail}; bucket {bucket} answers"}
+
+
 def doctor(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = None) -> None:
-    """Check what synapse needs: ffmpeg (which one, version), the config file, the infer weights, Modal credentials.
+    """Check what synapse needs: ffmpeg (which one, version), the config file, the infer weights, Modal credentials,
+    the [storage] settings (SYNAPSE_DOCTOR_BUCKET=name: also whether that bucket answers).
 
     Exits 1 if something a local export needs is missing.
     """
@@ -59,6 +87,7 @@ def doctor(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = 
             "config": {"ok": True, "detail": str(settings.config_path) if settings.config_path else "no .synapse.toml found (defaults apply)"},
             "weights": _weights(settings),
             "modal_credentials": _modal_credentials(),
+            "storage": _storage(settings),
         }
         if json_output:
             typer.echo(json.dumps(checks))

@@ -14,11 +14,11 @@ from synapse_cli.pipeline.options import RunOptions
 
 @with_common()
 def export(
-    input: Annotated[Path, typer.Argument(help="Input video.", show_default=False)],
+    input: Annotated[str, typer.Argument(help="Input video: a path, s3://bucket/key or https://… (see docs/storage.md).", show_default=False)],
     job: Annotated[Optional[str], typer.Option("--job", metavar="JOB", help="framing | overlay | annotate (default: export.default_job).")] = None,
     params_file: Annotated[Optional[Path], typer.Option("--params", metavar="FILE.json", help="Job params as a JSON file.", dir_okay=False)] = None,
     sets: Annotated[List[str], typer.Option("--set", metavar="KEY=VALUE", help="Set one param: KEY=VALUE (VALUE may be JSON). Repeatable.")] = [],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE.mp4", help="Output .mp4 (default: <stem>.<job>.mp4 beside the input).")] = None,
+    output: Annotated[Optional[str], typer.Option("-o", "--output", metavar="FILE.mp4", help="Output .mp4, a path or s3://bucket/key (default: <stem>.<job>.mp4 beside the input).")] = None,
     *,
     common: RunOptions,
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -31,7 +30,7 @@ def _summary(result: dict[str, Any]) -> str:
 
 @with_common()
 def infer(
-    source: Annotated[Path, typer.Argument(help="A video file, an image, or a directory of images.", show_default=False)],
+    source: Annotated[str, typer.Argument(help="A video file, an image, or a directory of images: a path, s3://bucket/key (a prefix/ for images) or https://….", show_default=False)],
     task: Annotated[
         Optional[str], typer.Option("--task", metavar="TASK", help="detect | pose | track (pose + persistent ids). Default: pose ([infer] task).")
     ] = None,
@@ -40,12 +39,12 @@ def infer(
         typer.Option("--model", metavar="FILE", help="Weights file (.pt/.onnx). Default: the bundled yolo11n-pose.pt. Never downloaded."),
     ] = None,
     output: Annotated[
-        Optional[Path],
-        typer.Option("-o", "--output", metavar="FILE.json", help="Results file, .json or .jsonl (streamed). Default: <stem>.<task>.json beside SOURCE.", dir_okay=False),
+        Optional[str],
+        typer.Option("-o", "--output", metavar="FILE.json", help="Results file, .json or .jsonl (streamed), a path or s3://bucket/key. Default: <stem>.<task>.json beside SOURCE (for a URL source: in the current directory)."),
     ] = None,
     annotated: Annotated[
-        Optional[Path],
-        typer.Option("--annotated", metavar="OUT.mp4", help="Also write OUT.mp4: boxes, skeletons and track ids drawn, H.264, source audio kept.", dir_okay=False),
+        Optional[str],
+        typer.Option("--annotated", metavar="OUT.mp4", help="Also write OUT.mp4 (a path or s3://bucket/key): boxes, skeletons and track ids drawn, H.264, source audio kept."),
     ] = None,
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", metavar="PIXELS", help="Inference size in pixels. Default: 640.")] = None,
     conf: Annotated[Optional[float], typer.Option("--conf", metavar="0-1", help="Confidence threshold. Default: 0.25.")] = None,

@@ -30,7 +30,7 @@ def job_events(plan: Plan) -> Generator[Event, None, None]:
     if plan.options.cache and not notified_elsewhere:  # (--no-cache: nothing to hash, and the cache's code stays unloaded)
         from synapse_cli.store.cache import cache_key
 
-        key = cache_key(kind, spec)
+        key = cache_key(kind, spec, plan.settings)  # (the settings reach a URL input's store: its ETag is its identity)
     job, other = store.claim_or_find(kind, asdict(spec), plan.backend.name, key)
     plan.job_id = job.id
 
@@ -67,7 +67,7 @@ def start_detached(plan: Plan, env: dict[str, str] | None = None) -> Any:
     if flags.get("shards.count") not in (None, "auto", "1", 1) and not can.detach_shards:
         raise UsageError(f"--detach with --shards runs on the local backend; the {backend.name} backend detaches one call")
     given = {k: v for k, v in flags.items() if v is not None}
-    key = cache_key(kind, spec) if options.cache else None  # an identical later job reuses this one's result
+    key = cache_key(kind, spec, plan.settings) if options.cache else None  # an identical later job reuses this one's result
     job = plan.store.create(kind, asdict(spec), backend.name, cache_key=key, detached=True, flags=given)  # secrets are not stored
     plan.job_id = job.id
     env = dict(env or {})

@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,6 +42,7 @@ from synapse_cli.errors import SynapseError, UsageError
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
 from synapse_cli.jobs import get_kind, select_installed, settle_names
 from synapse_cli.server.uploads import BadUpload, Body, installed_upload_refused, is_within, remove_tree, safe_filename
+from synapse_cli.server.urls import check_urls
 
 log = logging.getLogger("synapse.server")
 
@@ -73,6 +74,7 @@ class JobRun:
     notify_url: str | None = None  # the spec's ``notify``: where the job's webhooks go (checked by the app's URL guard)
     notify_target: Any = None  # its notify.Target once the app checked it (server.webhooks.check_target)
     url_base: str | None = None  # the server's URL as the client reached it: webhooks name outputs by absolute URL
+    storage: Any = None  # synapse_cli.storage.client.Storage (guarded): reads and writes the spec's URLs
 
     def cancel(self, reason: str, failure: Event | None = None) -> None:
         """Stop the job now: end its stream (with ``failure`` as the last line, if given) and kill its processes.
@@ -126,6 +128,8 @@ class JobRun:
         return [event]
 
     def _artifact(self, event: Artifact) -> list[Event]:
+        if event.path.startswith("s3://"):  # uploaded to its object by the job's staging: nothing to serve
+            return [event]
         path = Path(event.path)
         if not path.is_absolute():
             path = self.dir / path
@@ -310,12 +314,15 @@ def _check_types(kind: str, cls: type, data: dict[str, Any]) -> Any:
         raise BadUpload(422, f"bad {kind} spec: {where}: {err['msg']}") from None
 
 
-def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str | Path | None = None) -> JobRun:
+def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str | Path | None = None, storage: Any = None) -> JobRun:
     """Check the spec and point its INPUTS at the uploaded files and its OUTPUTS into ``job_dir/out``.
 
     ``INSTALLED`` fields (infer's ``model``) name a model the server's owner installed
     (the bundled default, or a file in ``models_dir``); an uploaded model file is refused.
+    A field that is a URL needs no file part: ``check_urls`` vets it now, and ``storage`` reads or
+    writes it when the job runs (``synapse_cli.storage.staging``).
     """
+    from synapse_cli.storage.urls import is_url
     from synapse_cli.jobs import spec_class
 
     try:
@@ -354,6 +361,10 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
         listed = [p for p in paths if p.field == name]
         if data.get(name) is None and parts:
             raise BadUpload(422, f"a file was uploaded for {name!r} but the spec's {name} is null")
+        if isinstance(data.get(name), str) and is_url(data[name]):
+            if parts:
+                raise BadUpload(422, f"{kind} input {name!r} is a URL; a file part was uploaded for it too")
+            continue
         if isinstance(data.get(name), str) and len(parts) != 1:
             raise BadUpload(422, f"{kind} input {name!r} needs exactly one file part named {name!r} (got {len(parts)})")
         if isinstance(data.get(name), list) and len(parts) != len(listed):
@@ -398,8 +409,9 @@ def prepare(kind: str, body: Body, job_dir: Path, job_id: str, models_dir: str |
         value = getattr(spec, name, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
             raise BadUpload(422, f"bad {kind} spec: {name}: {value:g} is over this server's cap of {cap:g}")
+    check_urls(kind, asdict(spec), storage)
     replacements.sort(key=lambda r: len(r[0]), reverse=True)
-    return JobRun(job_id, kind, job_dir, spec, outs, [u.path for u in body.files], replacements, notify_url=notify_url)
+    return JobRun(job_id, kind, job_dir, spec, outs, [u.path for u in body.files], replacements, notify_url=notify_url, storage=storage)
 
 
 # -- running it --------------------------------------------------------------------
@@ -489,7 +501,7 @@ class Channel:
         return self._closed
 
 
-def _sharded(run: JobRun) -> Iterator[Event]:
+def _sharded(run: JobRun, spec: Any) -> Iterator[Event]:
     """The job as ``run.shards`` shards in worker processes here, merged into one stream (synapse_cli.shards)."""
     from synapse_cli.backends.local import LocalBackend
     from synapse_cli.config import registry
@@ -497,7 +509,23 @@ def _sharded(run: JobRun) -> Iterator[Event]:
 
     defaults = {key: setting.default for key, setting in registry().items() if key.startswith("shards.")}
     settings = {**defaults, "shards.count": run.shards, "modal.max_retries": 0}
-    return job_events(run.kind, run.spec, LocalBackend(), settings)
+    return job_events(run.kind, spec, LocalBackend(), settings)  # (``spec``'s URLs are staged already: see _events)
+
+
+def _events(run: JobRun) -> Iterator[Event]:
+    """The job's events: one call or shards, its URL fields staged around the whole (read and written here)."""
+    from synapse_cli.jobs import load_job
+
+    def start(spec: Any) -> Iterator[Event]:
+        return load_job(run.kind)(spec) if run.shards <= 1 else _sharded(run, spec)
+
+    from synapse_cli.storage.staging import has_urls
+
+    if run.storage is None or not has_urls(run.kind, run.spec):
+        return start(run.spec)
+    from synapse_cli.storage.staging import staged
+
+    return staged(run.kind, run.spec, run.storage, start, workdir=run.dir)
 
 
 def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Thread:
@@ -506,14 +534,12 @@ def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Threa
     ``ok``: the job reached ``finished`` and was not cancelled. A job may still fail after its
     ``finished`` (compile with inputs that failed): the stream then ends ``finished``, ``error``,
     and the finished outputs are served all the same."""
-    from synapse_cli.jobs import load_job
-
     def work() -> None:
         run.native_id = threading.get_native_id()
         gen: Iterator[Event] | None = None
         finished = False
         try:
-            gen = load_job(run.kind)(run.spec) if run.shards <= 1 else _sharded(run)
+            gen = _events(run)
             for event in gen:
                 channel.put(event)
                 finished = finished or isinstance(event, Finished)

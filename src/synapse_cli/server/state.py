@@ -54,6 +54,7 @@ class ServerOptions:
     notify_progress_interval_s: float = 5.0
     notify_retry_for_s: float = 60.0
     notify_allow_http: bool = False
+    storage: Any = None  # synapse_cli.storage.client.Storage, guarded: the URL fields of the jobs it runs
     # -- live state --
     notifiers: list[Any] = field(default_factory=list)  # webhook senders still at work (server.webhooks)
     live: dict[str, Path] = field(default_factory=dict)  # this process's jobs (uploading, queued or running) -> folder
@@ -139,6 +140,12 @@ def from_settings(settings: Mapping[str, Any], arguments: Mapping[str, Any], lim
             limits[name] = settings[key]
     if "allow_hosts" in limits:
         limits["allow_hosts"] = tuple(limits["allow_hosts"] or ())
+    if "storage" not in limits:  # URL fields: [storage] and [serve] allow_buckets / allow_hosts (defaults where not given)
+        from synapse_cli.config import registry
+        from synapse_cli.storage.client import Storage
+
+        storage_keys = {k: v.default for k, v in registry().items() if k.startswith(("storage.", "serve.allow_"))}
+        limits["storage"] = Storage.guarded({**storage_keys, **{k: settings[k] for k in storage_keys if k in settings}})
     models_dir = given.get("models_dir", settings.get("serve.models_dir"))
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="synapse-serve-"))
     return ServerOptions(

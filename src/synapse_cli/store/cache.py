@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from synapse_cli import __version__
-from synapse_cli.errors import UsageError
+from synapse_cli.errors import SynapseError
 from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
 from synapse_cli.hashing import sha256_path
 from synapse_cli.jobs import get_kind, path_values
@@ -26,13 +26,20 @@ from synapse_cli.store.recording import store_events
 from synapse_cli.store import Job, JobStore
 
 
-def cache_key(kind: str, spec: Any) -> str | None:
+def cache_key(kind: str, spec: Any, settings: Any = None) -> str | None:
     """sha256 of kind + input contents + params + synapse version; None if an input cannot be read.
 
     Not part of the key: the outputs, ``overwrite`` and the kind's ``HOST_FIELDS`` (how and where
-    it runs, e.g. which ffmpeg binary, not what it computes)."""
+    it runs, e.g. which ffmpeg binary, not what it computes). An input at a URL is keyed by its
+    ETag/version (or Last-Modified + size) and the redacted URL, never by its bytes (``settings``
+    say how to reach the store); a job whose outputs are URLs is not cached (its result would be
+    reused by copying local files)."""
+    from synapse_cli.storage.urls import is_url
+
     record = get_kind(kind)
     data = asdict(spec)
+    if any(is_url(v) for name in record.outputs for _, v in path_values(data.get(name), "output", name)):
+        return None
     for name in record.outputs + record.host_fields + ("overwrite",):
         data.pop(name, None)
     try:
@@ -40,12 +47,24 @@ def cache_key(kind: str, spec: Any) -> str | None:
             value = data.get(name)
             if value is None:
                 continue
-            hashed = [sha256_path(Path(v)) if Path(v).exists() else v for _, v in path_values(value, "input", name)]
+            hashed = [_url_identity(v, settings) if is_url(v) else sha256_path(Path(v)) if Path(v).exists() else v
+                      for _, v in path_values(value, "input", name)]  # fmt: skip
+            if any(h is None for h in hashed):
+                return None
             data[name] = hashed[0] if isinstance(value, str) else hashed
-    except (OSError, UsageError):
+    except (OSError, SynapseError):
         return None
     canonical = json.dumps({"kind": kind, "spec": data, "version": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _url_identity(url: str, settings: Any) -> str | None:
+    """What identifies the object at ``url`` now: the redacted URL plus its version/ETag (or Last-Modified and size)."""
+    if settings is None:
+        return None
+    from synapse_cli.storage.client import Storage
+
+    return Storage.from_settings(settings).identity(url)
 
 
 def outputs_of(kind: str, spec: dict[str, Any]) -> dict[str, str]:

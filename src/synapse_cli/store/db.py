@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Collection, Iterator
 
 from synapse_cli.errors import UsageError
+from synapse_cli.storage.urls import redact_text, redact_values
 
 SCHEMA_VERSION = 2
 STATES = ("pending", "processing", "completed", "failed", "cancelled")
@@ -307,7 +308,7 @@ class JobStore:
         db.execute(
             "INSERT INTO jobs (id, kind, status, backend, spec, cache_key, detached, created_at, host, flags, pid, pid_start) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (job.id, job.kind, job.status, job.backend, json.dumps(job.spec), job.cache_key, int(job.detached), job.created_at,
+            (job.id, job.kind, job.status, job.backend, json.dumps(redact_values(job.spec)), job.cache_key, int(job.detached), job.created_at,
              this_host(), json.dumps(without_secrets(job.flags)) if job.flags is not None else None, job.pid, job.pid_start),
         )
 
@@ -380,7 +381,7 @@ class JobStore:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
             db.executemany(
                 "INSERT INTO events (job_id, seq, ts, event) VALUES (?,?,?,?)",
-                [(job_id, seq + i + 1, now, json.dumps(e, default=str)) for i, e in enumerate(events)],
+                [(job_id, seq + i + 1, now, json.dumps(redact_values(e), default=str)) for i, e in enumerate(events)],
             )
             if progress:
                 db.execute(
@@ -411,7 +412,8 @@ class JobStore:
                 "UPDATE jobs SET status = ?, finished_at = ?, result = ?, error_code = ?, error_message = ?, "
                 "gpu = COALESCE(?, gpu), cost_usd = COALESCE(?, cost_usd) WHERE id = ? AND "
                 "(status IN ('pending','processing') OR (? = 'completed' AND status = 'failed' AND error_message = ?))",
-                (status, time.time(), json.dumps(result) if result is not None else None, error_code, error_message, gpu, cost_usd, job_id,
+                (status, time.time(), json.dumps(redact_values(result)) if result is not None else None, error_code,
+                 redact_text(error_message) if error_message else error_message, gpu, cost_usd, job_id,
                  status, REAPED),
             )
 

@@ -90,6 +90,10 @@ class _Files:
 
     def fetch(self, event: Artifact, outputs: Outputs) -> Event:
         """``collect_outputs``'s callback: download ``vol:...`` into a temporary sibling of its local place."""
+        from synapse_cli.storage.urls import is_url
+
+        if is_url(event.path):  # written to its URL by the container: nothing comes through this client
+            return event
         dest = self.local_path(event.path)
         if dest is None:
             raise BackendError(f"the job reported an unexpected output {event.path}")

@@ -33,7 +33,9 @@ def build_spec(
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
         raise UsageError(f"unknown engine {unknown[0] if unknown else '(none)'!r}; expected some of {', '.join(ENGINES)}")
-    if check is not None and not Path(check).is_file():
+    from synapse_cli.storage.urls import is_url
+
+    if check is not None and not is_url(os.fspath(check)) and not Path(check).is_file():
         raise UsageError(f"--check file not found: {check}")
     cache_dir = settings["compile.cache_dir"]
     if cache_dir is None and cache:

@@ -64,9 +64,10 @@ def expand(paths: list[str], names: list[str] | None = None) -> list[tuple[Path,
     for raw, name in zip(paths, names if names is not None else paths):
         p = Path(raw)
         if p.is_dir():
-            out.extend((f, str(Path(name) / f.name)) for f in sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".json", ".jsonl")))
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".json", ".jsonl"))
+            out.extend((f, name.rstrip("/") + "/" + f.name if "://" in name else str(Path(name) / f.name)) for f in files)
         else:
-            out.append((p, str(Path(name))))
+            out.append((p, name if "://" in name else str(Path(name))))  # a URL keeps its //
     return out
 
 

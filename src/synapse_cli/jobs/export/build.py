@@ -39,11 +39,23 @@ def parse_params(params_file: Optional[PathLike], sets: Iterable[str] = ()) -> d
     return params
 
 
-def default_output(src: PathLike, suffix: str, output_dir: Optional[str] = None) -> Path:
-    """``<stem>.<suffix>`` beside the input, or in ``output_dir``."""
-    src = Path(src)
-    name = f"{src.stem}.{suffix}"
-    return Path(output_dir) / name if output_dir else src.with_name(name)
+def default_output(src: PathLike, suffix: str, output_dir: Optional[str] = None) -> str:
+    """``<stem>.<suffix>`` in ``output_dir``, else beside the input: beside an ``s3://`` object too;
+    an ``https://`` input's goes to the current directory (https is read-only)."""
+    from synapse_cli.storage.urls import is_url
+
+    src = os.fspath(src)
+    if is_url(src):
+        from urllib.parse import urlsplit
+
+        name = f"{Path(urlsplit(src).path).stem or 'output'}.{suffix}"
+        if output_dir:
+            return output_dir.rstrip("/") + "/" + name if is_url(output_dir) else str(Path(output_dir) / name)
+        return src.split("?", 1)[0].rsplit("/", 1)[0] + "/" + name if src.lower().startswith("s3://") else name
+    name = f"{Path(src).stem}.{suffix}"
+    if output_dir and is_url(output_dir):
+        return output_dir.rstrip("/") + "/" + name
+    return str(Path(output_dir) / name if output_dir else Path(src).with_name(name))
 
 
 def export_names(data: dict[str, Any], output_dir: Optional[str] = None) -> dict[str, Any]:
@@ -54,7 +66,7 @@ def export_names(data: dict[str, Any], output_dir: Optional[str] = None) -> dict
 
     if data.get("output") is None and isinstance(data.get("input"), str) and data["input"]:
         job = data.get("job") or ExportSpec.job
-        data["output"] = str(default_output(data["input"], f"{job}.mp4", output_dir))
+        data["output"] = default_output(data["input"], f"{job}.mp4", output_dir)
     if isinstance(data.get("output"), str):
         check_video_name(data["output"], "output")
     return data
@@ -76,6 +88,7 @@ def build_spec(
     ``<stem>.<job>.mp4`` beside it). ``params``: a mapping of job params, or a JSON file's path (as ``--params``); ``sets``: ``KEY=VALUE`` strings (``--set``)."""
     from synapse_cli.jobs._files import check_output
     from synapse_cli.jobs.export.job import EXPORT_JOBS, ExportSpec, validate_params
+    from synapse_cli.storage.urls import is_url
 
     kind = job or settings["export.default_job"]
     if kind not in EXPORT_JOBS:
@@ -86,15 +99,16 @@ def build_spec(
     merged.update(dict(params or {}))
     merged.update(parse_params(None, sets))
     validate_params(kind, merged)  # reject bad params before any upload or encode
-    source = Path(input)
-    if not source.exists():
+    source = os.fspath(input)
+    if not is_url(source) and not Path(source).exists():
         raise UsageError(f"input not found: {source}")
-    names = {"input": str(source), "job": kind, "output": os.fspath(output) if output is not None else None}
-    out = Path(export_names(names, settings["export.output_dir"])["output"])  # the default output; a name no muxer knows is refused
-    check_output(out, overwrite)
+    names = {"input": source, "job": kind, "output": os.fspath(output) if output is not None else None}
+    out = export_names(names, settings["export.output_dir"])["output"]  # the default output; a name no muxer knows is refused
+    if not is_url(out):  # an object is checked where the job runs, before it starts
+        check_output(Path(out), overwrite)
     return ExportSpec(
-        input=str(source),
-        output=str(out),
+        input=source,
+        output=out,
         job=kind,
         params=merged,
         preset=settings["ffmpeg.preset"],

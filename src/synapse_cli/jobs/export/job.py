@@ -24,7 +24,7 @@ from synapse_cli.errors import UsageError
 from synapse_cli.events import Artifact, Event, Finished, Log, Started
 from synapse_cli.jobs._files import atomic_output, check_output
 from synapse_cli.jobs.export._keyframes import interpolate
-from synapse_cli.jobs._media import MediaInfo, concat_list, find_ffmpeg, probe, run_ffmpeg
+from synapse_cli.jobs._media import MediaInfo, concat_list, find_ffmpeg, probe, run_ffmpeg, url_options
 
 EXPORT_JOBS = ("framing", "overlay", "annotate")
 
@@ -47,6 +47,7 @@ class ExportSpec:
 
     INPUTS: ClassVar[tuple[str, ...]] = ("input",)
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output",)
+    STREAMED: ClassVar[tuple[str, ...]] = ("input",)  # at a URL: range-read by ffmpeg, never fetched whole
     HOST_FIELDS: ClassVar[tuple[str, ...]] = ("ffmpeg",)
 
 
@@ -355,12 +356,15 @@ def _open_source(info: MediaInfo, window: Optional[Window]) -> tuple[Any, Any | 
     import ffmpeg
 
     if window is None:
-        src = ffmpeg.input(info.path)
+        src = ffmpeg.input(info.path, **url_options(info.path))
         return src.video, (src.audio if info.has_audio else None)
     # A fast input seek to a second before the window (ffmpeg decodes from the keyframe before it),
     # then an exact cut half a frame before each boundary, so every frame lands in exactly one shard.
     seek = max(0.0, math.floor((window.start - 1.0) * 1000) / 1000)
-    src = ffmpeg.input(info.path, ss=f"{seek:.3f}") if seek > 0 else ffmpeg.input(info.path)
+    # ... and stop reading a second after it: the demuxer need not run on to the end of the input
+    # (a shard of an s3:// or https:// input then fetches its own window, not the rest of the file)
+    limit = {"t": f"{window.end - seek + 1.0:.3f}"}
+    src = ffmpeg.input(info.path, **url_options(info.path), **({"ss": f"{seek:.3f}"} if seek > 0 else {}), **limit)
     half = 0.5 / info.fps
     video = src.video.trim(start=max(0.0, window.start - half - seek), end=window.end - half - seek).setpts("PTS-STARTPTS")
     return video, None
@@ -791,7 +795,7 @@ def _audio_graph(pieces: list[tuple[int, float, float, float]], info: MediaInfo,
     (``whole``: the input's audio as it is, as the planners of jobs that keep the timeline take it)."""
     import ffmpeg
 
-    src = ffmpeg.input(info.path)
+    src = ffmpeg.input(info.path, **url_options(info.path))
     if whole:
         return src.audio
     split = src.audio.filter_multi_output("asplit", len(pieces))

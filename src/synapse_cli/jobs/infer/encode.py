@@ -15,6 +15,7 @@ from fractions import Fraction
 from typing import Any
 
 from synapse_cli.errors import JobError
+from synapse_cli.jobs._media import url_args
 
 _END = object()
 # Audio codecs an mp4 can carry as they are; anything else is re-encoded to AAC.
@@ -35,7 +36,7 @@ def ffmpeg_args(
     rate = Fraction(fps).limit_denominator(1001) if fps and fps > 0 else Fraction(25)
     args = [ffmpeg, "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}", "-framerate", str(rate), "-i", "pipe:0"]
     if audio_from:
-        args += ["-i", audio_from, "-map", "0:v:0", "-map", "1:a:0"]
+        args += [*url_args(audio_from), "-i", audio_from, "-map", "0:v:0", "-map", "1:a:0"]
         args += ["-c:a", "copy"] if (audio_codec or "") in _MP4_AUDIO else ["-c:a", "aac", "-b:a", "128k"]
     if width % 2 or height % 2:  # yuv420p needs even sizes
         args += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]

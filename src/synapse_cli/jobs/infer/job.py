@@ -39,6 +39,7 @@ class InferSpec:
     """Everything ``run_yolo`` needs; plain data, so it pickles to Modal and travels as JSON."""
 
     INPUTS: ClassVar[tuple[str, ...]] = ("source",)
+    STREAMED: ClassVar[tuple[str, ...]] = ("source",)  # a video at a URL: decoded by PyAV as it is read
     OUTPUTS: ClassVar[tuple[str, ...]] = ("output", "annotated")
     # A model file is code (a pickle): it is never uploaded. On a server or in a Modal
     # container, ``model`` names one of the models the machine's owner installed.
@@ -87,7 +88,13 @@ class InferSpec:
 
 
 def default_output(source: str, task: str) -> str:
-    """``<stem>.<task>.json`` beside the source (for a folder: beside the folder)."""
+    """``<stem>.<task>.json`` beside the source (for a folder: beside the folder); for a source at a URL,
+    in the current directory (name an ``s3://`` output with ``-o`` to write it beside the object)."""
+    if "://" in source:
+        from urllib.parse import urlsplit
+
+        stem = Path(urlsplit(source).path.rstrip("/")).stem
+        return f"{stem or 'results'}.{task}.json"
     p = Path(source)
     stem = p.name if p.is_dir() else p.stem
     return str(p.parent / f"{stem or 'results'}.{task}.json")
@@ -128,7 +135,8 @@ def check_spec(spec: InferSpec) -> Any:
         raise UsageError(f"--batch must be auto or between 1 and {MAX_BATCH}, got {spec.batch}")
     if spec.court is not None:
         Court(spec.court, spec.court_width_m, spec.court_length_m)
-    info = inspect_source(spec.source)
+    # a source at an s3:// URL is read where the job runs, once staged (a presigned URL): checked there
+    info = None if spec.source.lower().startswith("s3://") else inspect_source(spec.source)
     if spec.model is not None and not (is_bare_name(spec.model) and not Path(spec.model).expanduser().exists()):
         check_model_arg(spec.model)  # a bare name is an installed model's, here or remotely: the job resolves it
     output = Path(spec.output or default_output(spec.source, spec.task))
@@ -137,16 +145,21 @@ def check_spec(spec: InferSpec) -> Any:
     outputs = [output]
     if spec.annotated:
         annotated = Path(spec.annotated)
-        if info.kind == "images":
+        if info is not None and info.kind == "images":
             raise UsageError("--annotated needs a video or a single image, not a folder")
-        allowed = ANNOTATED_VIDEO_SUFFIXES if info.kind == "video" else ANNOTATED_IMAGE_SUFFIXES
+        kind = info.kind if info is not None else ("image" if annotated.suffix.lower() in ANNOTATED_IMAGE_SUFFIXES else "video")
+        allowed = ANNOTATED_VIDEO_SUFFIXES if kind == "video" else ANNOTATED_IMAGE_SUFFIXES
         if annotated.suffix.lower() not in allowed:
-            raise UsageError(f"--annotated for a{'' if info.kind == 'video' else 'n'} {info.kind} must end in {', '.join(allowed)}")
+            raise UsageError(f"--annotated for a{'' if kind == 'video' else 'n'} {kind} must end in {', '.join(allowed)}")
         outputs.append(annotated)
-    resolved = [p.resolve() for p in outputs]
-    if len(set(resolved)) != len(resolved) or Path(spec.source).resolve() in resolved:
+    named = [spec.output or default_output(spec.source, spec.task)] + ([spec.annotated] if spec.annotated else [])
+    if len(set(named)) != len(named) or spec.source in named:
         raise UsageError("outputs must differ from each other and from the source")
-    for p in outputs:
+    local = [p for p, n in zip(outputs, named) if "://" not in n]  # an object is checked where the job runs, before it starts
+    resolved = [p.resolve() for p in local]
+    if len(set(resolved)) != len(resolved) or ("://" not in spec.source and Path(spec.source).resolve() in resolved):
+        raise UsageError("outputs must differ from each other and from the source")
+    for p in local:
         check_output(p, spec.overwrite)
     return info
 

@@ -222,7 +222,7 @@ def merge_infer(spec: Any, parts: list[Any], results: list[dict[str, Any]], work
 def _join_annotated(spec: Any, parts: list[Any], results: list[dict[str, Any]]) -> Iterator[Event]:
     """The annotated pieces joined by stream copy, with the source's audio added once, then faststart."""
     from synapse_cli.jobs._files import atomic_output
-    from synapse_cli.jobs._media import concat_list, find_ffmpeg, run_ffmpeg
+    from synapse_cli.jobs._media import concat_list, find_ffmpeg, run_ffmpeg, url_args
     from synapse_cli.jobs.infer.encode import _MP4_AUDIO
     from synapse_cli.jobs.infer.sources import inspect_source
 
@@ -233,7 +233,7 @@ def _join_annotated(spec: Any, parts: list[Any], results: list[dict[str, Any]]) 
     with atomic_output(out, spec.overwrite) as tmp:
         args = [exe, "-f", "concat", "-safe", "0", "-i", str(listing)]
         if info.has_audio:
-            args += ["-i", spec.source, "-map", "0:v:0", "-map", "1:a:0"]
+            args += [*url_args(spec.source), "-i", spec.source, "-map", "0:v:0", "-map", "1:a:0"]
             args += ["-c:a", "copy"] if (info.audio_codec or "") in _MP4_AUDIO else ["-c:a", "aac", "-b:a", "128k"]
         args += ["-c:v", "copy", "-movflags", "+faststart", "-f", "mp4", "-y", str(tmp)]
         frames = sum(int(r.get("frames") or 0) for r in results)

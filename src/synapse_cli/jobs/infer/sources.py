@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from synapse_cli.errors import JobError, UsageError
-from synapse_cli.jobs._media import display_transform, frame_display_matrix, swaps_axes
+from synapse_cli.jobs._media import display_transform, frame_display_matrix, is_media_url, swaps_axes, url_options
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
@@ -68,6 +68,11 @@ def _first_image_size(files: tuple[str, ...]) -> tuple[int, int]:
 
 def inspect_source(source: str) -> SourceInfo:
     """What ``source`` is and its size; unreadable input is a UsageError."""
+    if is_media_url(source):  # a video at a URL (an image or a folder there is fetched whole by staging)
+        from synapse_cli.jobs._media import probe
+
+        info = probe(source)
+        return SourceInfo(source, "video", info.width, info.height, info.fps, info.duration, info.frames, info.has_audio, info.audio_codec)
     p = Path(source)
     if not p.exists():
         raise UsageError(f"input not found: {p}")
@@ -176,7 +181,7 @@ class VideoFrames:
         self.path, self.every, self.need_all = path, every, need_all
         self.start, self.stop = max(0, int(start)), stop  # a shard's frames: [start, stop) of the whole video
         try:
-            self._container = av.open(path)
+            self._container = av.open(path, options=url_options(path))
             stream = self._container.streams.video[0]
             stream.thread_type = "AUTO"  # let FFmpeg decode with its own threads too
             self._decoded = self._container.decode(stream)

@@ -79,7 +79,7 @@ async def _receive(opts: ServerOptions, request: Request, kind: str, job_id: str
     try:
         body = await read_body(request.headers.get("content-type", ""), body_stream.chunks(), job_dir / "in", opts.max_bytes,
                                inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind, installed=installed)  # fmt: skip
-        run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir)
+        run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir, opts.storage)
         run.shards = admitted.shards
         if run.notify_url is not None:  # a stranger's URL this server will POST to: through the URL guard (a refusal is a 422)
             run.notify_target = await anyio.to_thread.run_sync(webhooks.check_target, opts, run.notify_url)

@@ -1,0 +1,181 @@
+"""A real S3-protocol server (moto's threaded server) and a plain HTTP server on loopback, started by the suite.
+
+``s3_server`` (session): moto behind a WSGI wrapper that records every request and the body
+bytes it served, so a test can say how much of an object a job read. ``s3`` (per test): a fresh
+bucket and the environment a job needs to reach it (``AWS_*`` credentials, ``[storage]``
+endpoint, path-style, plain http allowed on loopback).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ACCESS_KEY = "AKIASYNAPSETESTKEY01"
+SECRET_KEY = "synapseTestSecret/NeverPrinted+42"
+
+
+@dataclass
+class Served:
+    method: str
+    path: str
+    range: str | None
+    bytes: int
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    requests: list[Served] = field(default_factory=list)
+    part_delay_s: float = 0.0  # a multipart part waits this long before moto reads it (a test that kills mid-upload)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def served(self, key_suffix: str, method: str = "GET") -> list[Served]:
+        with self.lock:
+            return [r for r in self.requests if r.method == method and r.path.split("?")[0].endswith(key_suffix)]
+
+    def make_bucket(self) -> str:
+        import httpx
+
+        name = "b" + uuid.uuid4().hex[:12]
+        assert httpx.put(f"{self.endpoint}/{name}").status_code == 200
+        return name
+
+
+class _Counting:
+    """WSGI middleware: what each request asked for and how many body bytes went back."""
+
+    def __init__(self, app: Any, server: S3Server) -> None:
+        self.app, self.server = app, server
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        record = Served(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("HTTP_RANGE"), 0)
+        with self.server.lock:
+            self.server.requests.append(record)
+        if self.server.part_delay_s and record.method == "PUT" and "partNumber=" in environ.get("QUERY_STRING", ""):
+            import time
+
+            time.sleep(self.server.part_delay_s)
+        body = self.app(environ, start_response)
+        try:
+            for chunk in body:
+                for at in range(0, len(chunk), 16384):  # counted once written: a reader that hangs up stops the count
+                    piece = chunk[at:at + 16384]
+                    yield piece
+                    record.bytes += len(piece)
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    server = S3Server(f"http://{host}:{port}")
+    moto._server.app = _Counting(moto._server.app, server)  # werkzeug's handler calls server.app per request
+    # a small send buffer (inherited by accepted sockets): what was counted is close to what a reader took
+    moto._server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    try:
+        yield server
+    finally:
+        moto.stop()
+
+
+@dataclass
+class S3:
+    server: S3Server
+    bucket: str
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def served(self, key: str, method: str = "GET") -> list[Served]:
+        """The requests for this test's object ``key`` (its own bucket: other tests' objects never count)."""
+        return self.server.served(f"/{self.bucket}/{key}", method)
+
+    def store(self):
+        """An obstore store of the test's own, with the credentials given (the job's environment may have none)."""
+        from obstore.store import S3Store
+
+        return S3Store(self.bucket, endpoint=self.server.endpoint, region="us-east-1", access_key_id=ACCESS_KEY,
+                       secret_access_key=SECRET_KEY, virtual_hosted_style_request=False, client_options={"allow_http": True})  # fmt: skip
+
+    def put(self, key: str, path_or_bytes: Path | bytes) -> str:
+        import obstore
+
+        data = path_or_bytes.read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
+        obstore.put(self.store(), key, data)
+        return self.url(key)
+
+    def get(self, key: str) -> bytes | None:
+        import obstore
+
+        try:
+            return bytes(obstore.get(self.store(), key).bytes())
+        except FileNotFoundError:
+            return None
+
+    def keys(self, prefix: str = "") -> list[str]:
+        import obstore
+
+        return sorted(o["path"] for batch in obstore.list(self.store(), prefix=prefix) for o in batch)
+
+    def open_uploads(self) -> list[Any]:
+        import httpx
+
+        text = httpx.get(f"{self.server.endpoint}/{self.bucket}?uploads").text
+        return [part for part in text.split("<Upload>")[1:]]
+
+
+def storage_env(server: S3Server) -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": "us-east-1",
+        "SYNAPSE_STORAGE_ENDPOINT": server.endpoint,
+        "SYNAPSE_STORAGE_PATH_STYLE": "1",
+        "SYNAPSE_STORAGE_ALLOW_HTTP": "1",
+    }
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> S3:
+    for name, value in storage_env(s3_server).items():
+        monkeypatch.setenv(name, value)
+    return S3(s3_server, s3_server.make_bucket())
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_files(tmp_path):
+    """A plain HTTP server on loopback serving ``tmp_path/www``: (base URL, folder)."""
+    import functools
+
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -744,6 +744,7 @@ def _merge(a: dict, b: dict, ignored: set[str]) -> dict:
         # additionalProperties sees only its own object's properties: merged, it would see both
         if "additionalProperties" in x and ("properties" in y or "patternProperties" in y):
             ignored.add("additionalProperties")
+    a, b = _align_items(a, b)
     out = dict(a)
     for key, value in b.items():
         if key not in out:
@@ -759,6 +760,8 @@ def _merge(a: dict, b: dict, ignored: set[str]) -> dict:
             out[key] = props
         elif key == "required":
             out[key] = list(dict.fromkeys(list(mine) + list(value)))
+        elif key == "prefixItems" and isinstance(mine, list) and isinstance(value, list) and len(mine) == len(value):
+            out[key] = [x if x == y else False if x is False or y is False else {"allOf": [x, y]} for x, y in zip(mine, value)]
         elif key == "type":
             ta = {mine} if isinstance(mine, str) else set(mine)
             tb = {value} if isinstance(value, str) else set(value)
@@ -794,6 +797,23 @@ def _merge(a: dict, b: dict, ignored: set[str]) -> dict:
         else:
             ignored.add(key)
     return out
+
+
+def _align_items(a: dict, b: dict) -> tuple[dict, dict]:
+    """``items`` applies past its own object's ``prefixItems`` only: before merging two objects whose
+    prefixes differ, each is written with the longer prefix (its ``items`` at the added positions)."""
+    pa, pb = a.get("prefixItems") or [], b.get("prefixItems") or []
+    if not (("items" in a or "items" in b) and len(pa) != len(pb)) or not isinstance(pa, list) or not isinstance(pb, list):
+        return a, b
+    n = max(len(pa), len(pb))
+
+    def widen(x: dict, p: list) -> dict:
+        if len(p) == n:
+            return x
+        fill = x.get("items", True)
+        return {**x, "prefixItems": list(p) + [fill] * (n - len(p))}
+
+    return widen(a, pa), widen(b, pb)
 
 
 def schema_to_gbnf(schema: Any) -> tuple[str, list[str]]:

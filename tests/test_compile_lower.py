@@ -237,3 +237,30 @@ def test_every_labelled_instance_of_the_test_suite_agrees():
                 break
             assert got == test["valid"], (row["id"], test["description"], json.dumps(low)[:400])
     assert changed >= 100
+
+
+def _as_floats(value):
+    """The same JSON value with every integer written as a float (1 -> 1.0): equal under JSON Schema."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, list):
+        return [_as_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_floats(v) for k, v in reversed(list(value.items()))}  # another key order too
+    return value
+
+
+@SETTINGS
+@given(values, st.lists(values, max_size=3), instances)
+def test_const_and_enum_of_structures_agree(value, others, instance):
+    for probe in (instance, value, _as_floats(value)):
+        _agree({"const": value}, probe)
+        _agree({"enum": [value, *others]}, probe)
+        _agree({"type": "object", "enum": [value, *others]}, probe)
+    assert "const" not in json.dumps(lower({"const": [value]}))[:20]  # written as its structure
+
+
+def test_float_counts_are_integers():
+    assert lower({"minProperties": 1.0, "maxItems": 2.0}) == {"minProperties": 1, "maxItems": 2}

@@ -32,7 +32,7 @@ PRIMITIVES = {
     "null": 'null ::= "null" space',
     "integral-part": 'integral-part ::= "0" | [1-9] [0-9]*',
     "number": 'number ::= "-"? integral-part ("." [0-9]+)? ([eE] [-+]? [0-9]+)? space',
-    "integer": 'integer ::= "-"? integral-part space',
+    "integer": 'integer ::= "-"? integral-part ("." "0"+)? space',  # 1.0 is an integer in JSON Schema
     # no \uD800-\uDFFF escapes: a surrogate pair would count as two characters against minLength/maxLength
     # (one code point in JSON Schema); such characters are written as raw UTF-8, one character each
     "char": r'char ::= [^"\\\x00-\x1f] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2}))',

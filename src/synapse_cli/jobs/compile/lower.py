@@ -351,15 +351,28 @@ class _Lowering:
     def _own(self, s: dict) -> Any:
         """Rewrite this object's own keywords (its subschemas are lowered already)."""
         extra: list[Any] = []
+        for key in _COUNTS:  # 2.0 means 2; engines refuse a float count
+            if isinstance(s.get(key), float) and s[key].is_integer():
+                s[key] = int(s[key])
+        if "const" in s and isinstance(s["const"], (dict, list)):
+            extra.append(structure(s.pop("const")))
+        if isinstance(s.get("enum"), list) and any(isinstance(v, (dict, list)) for v in s["enum"]):
+            values = s.pop("enum")
+            scalars = [v for v in values if not isinstance(v, (dict, list))]
+            extra.append(_anyof(([{"enum": scalars}] if scalars else []) + [structure(v) for v in values if isinstance(v, (dict, list))]))
         if "dependentRequired" in s and isinstance(s["dependentRequired"], dict):
             for trigger, needs in s.pop("dependentRequired").items():
                 if needs:
-                    extra.append({"anyOf": [{"properties": {trigger: False}}, {"required": [trigger, *needs]}]})
+                    # properties (true) name the keys: engines that fix the key order take it from there
+                    names = list(dict.fromkeys([trigger, *needs]))
+                    extra.append({"anyOf": [{"properties": {trigger: False}},
+                                            {"properties": dict.fromkeys(names, True), "required": names}]})
         if "dependentSchemas" in s and isinstance(s["dependentSchemas"], dict):
             for trigger, dep in s.pop("dependentSchemas").items():
                 if dep is True or dep == {}:
                     continue
-                extra.append(_anyof([{"properties": {trigger: False}}, _allof([{"required": [trigger]}, dep])]))
+                extra.append(_anyof([{"properties": {trigger: False}},
+                                     _allof([{"properties": {trigger: True}, "required": [trigger]}, dep])]))
         if "if" in s:
             i, t, e = s.get("if"), s.get("then", True), s.get("else", True)
             neg = complement(i, self.root) if not (e is True or e == {}) or not (t is True or t == {}) else True
@@ -571,8 +584,33 @@ _LOWERED = ("unevaluatedProperties", "unevaluatedItems", "if", "then", "else", "
             "dependentRequired", "dependentSchemas", "propertyNames")
 
 
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains", "maxContains")
+
+
+def structure(value: Any) -> Any:
+    """A ``const`` object or array as the schema of its structure: every key required and no other, each
+    item in place, the leaves ``const`` (JSON Schema compares numbers by value, and so do these)."""
+    if isinstance(value, dict):
+        return {"type": "object", "properties": {k: structure(v) for k, v in value.items()},
+                "required": list(value), "additionalProperties": False}
+    if isinstance(value, list):
+        out: dict[str, Any] = {"type": "array", "prefixItems": [structure(v) for v in value], "items": False}
+        if value:
+            out["minItems"] = len(value)
+        return out
+    return {"const": value}
+
+
 def _needs_lowering(s: Any) -> bool:
-    return any(k in node for _, node in walk(s) for k in _LOWERED)
+    for _, node in walk(s):
+        if any(k in node for k in _LOWERED):
+            return True
+        if any(isinstance(node.get(k), float) for k in _COUNTS):
+            return True
+        if isinstance(node.get("const"), (dict, list)) or (
+                isinstance(node.get("enum"), list) and any(isinstance(v, (dict, list)) for v in node["enum"])):
+            return True
+    return False
 
 
 def lower(schema: Any, property_names: bool = True) -> Any:

@@ -157,12 +157,12 @@ def test_existing_outputs_need_overwrite(cli, data):
 
 
 def test_unreported_wrong_accept_fails_the_input(cli, data, tmp_path):
-    # oneOf with overlapping branches: every engine enforces it as anyOf and reports oneOf as ignored,
-    # so {"a": 1, "b": 1} is an explained wrong accept ...
+    # oneOf with overlapping branches that no rewrite makes exclusive (an integer type has no complement
+    # written): every engine enforces it as anyOf and reports oneOf as ignored, so 3 is an explained wrong accept ...
     schema = tmp_path / "one.json"
-    schema.write_text(json.dumps({"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}]}))
+    schema.write_text(json.dumps({"oneOf": [{"type": "integer"}, {"minimum": 2}]}))
     checks = tmp_path / "c.jsonl"
-    checks.write_text(json.dumps({"data": {"a": 1, "b": 1}, "valid": False}) + "\n" + json.dumps({"data": {"a": 1}, "valid": True}) + "\n")
+    checks.write_text(json.dumps({"data": 3, "valid": False}) + "\n" + json.dumps({"data": 1, "valid": True}) + "\n")
     run = cli("compile", schema, "-o", "out", "--engine", "llguidance,llama.cpp", "--check", checks, "--json")
     assert run.exit_code == 0, run.stderr
     report = json.loads((Path("out") / "one.report.json").read_text())

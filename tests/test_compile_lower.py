@@ -146,6 +146,7 @@ in_place = st.recursive(obj_part, lambda inner: st.one_of(
     st.lists(inner, min_size=1, max_size=3).map(lambda b: {"anyOf": b}),
     st.lists(inner, min_size=1, max_size=3).map(lambda b: {"oneOf": b}),
     st.tuples(inner, inner, inner).map(lambda t: {"if": t[0], "then": t[1], "else": t[2]}),
+    inner.map(lambda i: {"if": i}),  # an if alone: no constraint, but it evaluates what it holds
     st.tuples(st.sampled_from(KEYS), inner).map(lambda t: {"dependentSchemas": {t[0]: t[1]}}),
     inner.map(lambda s: {"not": s}),
     st.tuples(inner, st.sampled_from([False, {"type": "string"}, True])).map(
@@ -172,6 +173,7 @@ in_place_items = st.recursive(arr_part, lambda inner: st.one_of(
     st.lists(inner, min_size=1, max_size=3).map(lambda b: {"anyOf": b}),
     st.lists(inner, min_size=1, max_size=2).map(lambda b: {"oneOf": b}),
     st.tuples(inner, inner, inner).map(lambda t: {"if": t[0], "then": t[1], "else": t[2]}),
+    inner.map(lambda i: {"if": i}),
     inner.map(lambda s: {"not": s}),
     st.builds(lambda a, b: {**a, **b} if isinstance(a, dict) and isinstance(b, dict) else a, inner, inner),
 ), max_leaves=5)

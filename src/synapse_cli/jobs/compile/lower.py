@@ -564,7 +564,11 @@ class _Lowering:
             times([([whole] + p, e) for p, e in union])
         if "not" in s:
             times([([{"not": s["not"]}], _Evaluated())])
-        if "if" in s:
+        if "if" in s and s.get("then", True) in (True, {}) and s.get("else", True) in (True, {}):
+            # an if alone constrains nothing but evaluates what it holds: where it holds, its set;
+            # anywhere, the empty set (which only closes more), so no complement is needed
+            times(self._expand(s["if"], depth + 1, refs) + [([], _Evaluated())])
+        elif "if" in s:
             i, t, e = s["if"], s.get("then", True), s.get("else", True)
             neg = self.comp.of(self.node(i)) if isinstance(i, (dict, bool)) else None
             if neg is None:

@@ -97,3 +97,27 @@ def test_contains_beyond_the_counted_forms_is_reported():
     # a non-integer bound is not written: listed
     _, ignored = schema_to_gbnf({"type": "number", "minimum": 1.5})
     assert ignored == ["minimum"]
+
+
+tuple_part = st.builds(
+    lambda prefix, items: {"prefixItems": prefix, **({} if items is None else {"items": items})},
+    st.lists(st.sampled_from([True, {"type": "string"}, {"const": 1}, {"type": "integer"}]), max_size=3),
+    st.sampled_from([None, False, True, {"type": "string"}]))
+
+
+@SETTINGS
+@given(st.lists(tuple_part, min_size=2, max_size=3), st.lists(items, min_size=1, max_size=6))
+def test_allof_of_tuples_of_different_lengths_agrees(parts, values):
+    """items applies past its own branch's prefixItems: merged, the prefixes are aligned first
+    (jsts-unevaluatedItems-11 lowered into such branches, and a mismerge was an unreported wrong accept)."""
+    schema = {"type": "array", "allOf": parts}
+    want = [jsonschema.Draft202012Validator(schema).is_valid(v) for v in values]
+    try:
+        accepted, ignored = _verdicts(schema, values)
+    except Exception as exc:
+        assert "admits no value" in str(exc) and not any(want), (schema, exc)
+        return
+    assert not ignored, (schema, ignored)
+    for value, ok, valid in zip(values, accepted, want):
+        if ok != valid:
+            assert valid and '"integer"' in json.dumps(schema) and any(isinstance(x, float) and x.is_integer() for x in value), (json.dumps(schema), value)

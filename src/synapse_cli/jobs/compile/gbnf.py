@@ -921,9 +921,10 @@ def _merge(a: dict, b: dict, ignored: set[str]) -> dict:
 
 def _align_items(a: dict, b: dict) -> tuple[dict, dict]:
     """``items`` applies past its own object's ``prefixItems`` only: before merging two objects whose
-    prefixes differ, each is written with the longer prefix (its ``items`` at the added positions)."""
+    prefixes differ, each is written with the longer prefix (its ``items``, or any value, at the added
+    positions), and the prefixes are then intersected position by position."""
     pa, pb = a.get("prefixItems") or [], b.get("prefixItems") or []
-    if not (("items" in a or "items" in b) and len(pa) != len(pb)) or not isinstance(pa, list) or not isinstance(pb, list):
+    if not isinstance(pa, list) or not isinstance(pb, list) or len(pa) == len(pb):
         return a, b
     n = max(len(pa), len(pb))
 

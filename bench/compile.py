@@ -19,7 +19,6 @@ compiling anything.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time

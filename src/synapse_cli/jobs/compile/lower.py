@@ -31,7 +31,6 @@ What cannot be rewritten stays in the schema: the engine that gets it still list
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 from synapse_cli.jobs.compile.normalize import SUB_LIST, SUB_MAP, SUB_ONE, VALIDATION_KEYWORDS, walk

@@ -266,3 +266,11 @@ def test_const_and_enum_of_structures_agree(value, others, instance):
 
 def test_float_counts_are_integers():
     assert lower({"minProperties": 1.0, "maxItems": 2.0}) == {"minProperties": 1, "maxItems": 2}
+
+
+def test_a_rewrite_past_the_size_bound_is_not_used():
+    # nested exclusive oneOfs of wide enums: each level multiplies the complements (4 kB -> 113 kB)
+    leafs = [{"enum": [f"v{i}{j}" for j in range(30)]} for i in range(6)]
+    schema = {"oneOf": [{"oneOf": leafs[:3] + [{"not": {"oneOf": leafs}}]}, *leafs[3:], {"not": {"oneOf": leafs}}]}
+    assert lower(schema) != schema  # within the default bound (40 times the input)
+    assert lower(schema, limit=50_000) == schema  # past it: the keywords stay, and the engines list them

@@ -31,6 +31,7 @@ What cannot be rewritten stays in the schema: the engine that gets it still list
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from synapse_cli.jobs.compile.normalize import SUB_LIST, SUB_MAP, SUB_ONE, VALIDATION_KEYWORDS, walk
@@ -39,6 +40,7 @@ ALL_TYPES = ("null", "boolean", "object", "array", "number", "string")
 MAX_ALTERNATIVES = 64  # distributed alternatives per unevaluated* keyword; past it the keyword stays
 MAX_ANYOF_SUBSETS = 5  # anyOf branches distributed over their subsets (2^n - 1 alternatives)
 MAX_ONEOF = 6  # oneOf branches made exclusive by complements
+MAX_GROWTH, MAX_BYTES = 40, 64_000  # a lowered schema larger than both is not used
 _IN_PLACE = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas", "$ref", "$dynamicRef",
              "unevaluatedProperties", "unevaluatedItems")
 _ANNOTATION = frozenset(("title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
@@ -616,11 +618,12 @@ def _needs_lowering(s: Any) -> bool:
     return False
 
 
-def lower(schema: Any, property_names: bool = True) -> Any:
+def lower(schema: Any, property_names: bool = True, limit: int | None = None) -> Any:
     """The schema with the same valid instances, in keywords the engines enforce where a rewrite exists.
 
     ``property_names=False`` leaves ``propertyNames`` as it is (for our GBNF, which holds neither it
-    nor the ``patternProperties`` it becomes).
+    nor the ``patternProperties`` it becomes). A rewrite longer than ``limit`` characters of JSON
+    (default: the larger of ``MAX_GROWTH`` times the input and ``MAX_BYTES``) is not used.
     """
     if not isinstance(schema, dict) or not _needs_lowering(schema):
         return schema
@@ -635,6 +638,10 @@ def lower(schema: Any, property_names: bool = True) -> Any:
         # an unevaluated* left as it is reads the annotations of its in-place subschemas (an if without
         # then, a not, ...) that the other rewrites change: all or nothing
         return schema
+    if limit is None:
+        limit = max(MAX_GROWTH * len(json.dumps(schema)), MAX_BYTES)
+    if len(json.dumps(out)) > limit:
+        return schema  # the rewrite would grow the grammars past the bound: the keywords stay, listed
     if isinstance(out, dict) and "$defs" in root and "$defs" not in out:
         out = {**out, "$defs": root["$defs"]}
     return out

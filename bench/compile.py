@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         warm = time.perf_counter() - t0
 
     if args.dump:
-        Path(args.dump).write_text(json.dumps(result, indent=1))
+        Path(args.dump).write_text(json.dumps({**result, "bench_cold_s": round(cold, 1)}, indent=1))
     rows = [r for r in result["inputs"] if r["status"] != "invalid"]
     invalid = [r for r in result["inputs"] if r["status"] == "invalid"]
     n = len(result["inputs"])
@@ -209,6 +209,9 @@ def main(argv=None) -> int:
     hits = again["cache_hits"]
     print(f"cache: second run {warm:.2f}s for {n} schemas, {hits} full cache hits, "
           f"{1000 * warm / max(n, 1):.1f} ms per schema (read, memoized meta-schema check and normalisation, cache read, 5 atomic writes)")
+    if before and before.get("bench_cold_s"):
+        # only comparable when both ran under the same load (run them side by side on a shared machine)
+        print(f"batch time: cold run {cold:.1f}s against {before['bench_cold_s']:.1f}s before ({cold / before['bench_cold_s']:.2f}x)")
     if any(r["name"].startswith("jsts-") for r in result["inputs"]):
         print()
         print_families(result, engines, before)

@@ -55,6 +55,8 @@ def test_compile_one_schema_writes_every_artefact_and_report(cli, data):
     eng = report["engines"]
     assert set(eng) == {"llguidance", "outlines", "llama.cpp"}
     # llguidance and our GBNF enforce every keyword here: exact on all 14 instances
+    for name, suffix in (("llguidance", "lark"), ("outlines", "regex"), ("llama.cpp", "gbnf")):
+        assert eng[name]["artefact_bytes"] == (out / f"person.{suffix}").stat().st_size > 0  # each artefact's size
     for name in ("llguidance", "llama.cpp"):
         assert eng[name]["supported"] and eng[name]["ignored_keywords"] == []
         assert eng[name]["check"]["valid_accepted"] == 3 and eng[name]["check"]["invalid_rejected"] == 11

@@ -477,6 +477,7 @@ def _finish(run: _UnitRun, spec: CompileSpec, versions: dict[str, str]) -> dict[
             "ignored_keywords": list(r.get("ignored_keywords") or []),
             "error": r.get("error"),
             "compile_ms": r.get("compile_ms"),
+            "artefact_bytes": len(r["artefact"].encode("utf-8")) if supported else None,  # grammar size, bounded by lower.py
             "artefact": f"{unit.name}.{_suffix(engine, unit.kind)}" if supported else None,
             "version": versions[engine],
         }

@@ -55,6 +55,8 @@ def test_compile_one_schema_writes_every_artefact_and_report(cli, data):
     eng = report["engines"]
     assert set(eng) == {"llguidance", "outlines", "llama.cpp"}
     # llguidance and our GBNF enforce every keyword here: exact on all 14 instances
+    for name, suffix in (("llguidance", "lark"), ("outlines", "regex"), ("llama.cpp", "gbnf")):
+        assert eng[name]["artefact_bytes"] == (out / f"person.{suffix}").stat().st_size > 0  # each artefact's size
     for name in ("llguidance", "llama.cpp"):
         assert eng[name]["supported"] and eng[name]["ignored_keywords"] == []
         assert eng[name]["check"]["valid_accepted"] == 3 and eng[name]["check"]["invalid_rejected"] == 11
@@ -157,12 +159,12 @@ def test_existing_outputs_need_overwrite(cli, data):
 
 
 def test_unreported_wrong_accept_fails_the_input(cli, data, tmp_path):
-    # oneOf with overlapping branches: every engine enforces it as anyOf and reports oneOf as ignored,
-    # so {"a": 1, "b": 1} is an explained wrong accept ...
+    # oneOf with overlapping branches that no rewrite makes exclusive (an integer type has no complement
+    # written): every engine enforces it as anyOf and reports oneOf as ignored, so 3 is an explained wrong accept ...
     schema = tmp_path / "one.json"
-    schema.write_text(json.dumps({"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}]}))
+    schema.write_text(json.dumps({"oneOf": [{"type": "integer"}, {"minimum": 2}]}))
     checks = tmp_path / "c.jsonl"
-    checks.write_text(json.dumps({"data": {"a": 1, "b": 1}, "valid": False}) + "\n" + json.dumps({"data": {"a": 1}, "valid": True}) + "\n")
+    checks.write_text(json.dumps({"data": 3, "valid": False}) + "\n" + json.dumps({"data": 1, "valid": True}) + "\n")
     run = cli("compile", schema, "-o", "out", "--engine", "llguidance,llama.cpp", "--check", checks, "--json")
     assert run.exit_code == 0, run.stderr
     report = json.loads((Path("out") / "one.report.json").read_text())

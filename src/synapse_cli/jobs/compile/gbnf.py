@@ -32,7 +32,7 @@ PRIMITIVES = {
     "null": 'null ::= "null" space',
     "integral-part": 'integral-part ::= "0" | [1-9] [0-9]*',
     "number": 'number ::= "-"? integral-part ("." [0-9]+)? ([eE] [-+]? [0-9]+)? space',
-    "integer": 'integer ::= "-"? integral-part space',
+    "integer": 'integer ::= "-"? integral-part ("." "0"+)? space',  # 1.0 is an integer in JSON Schema
     # no \uD800-\uDFFF escapes: a surrogate pair would count as two characters against minLength/maxLength
     # (one code point in JSON Schema); such characters are written as raw UTF-8, one character each
     "char": r'char ::= [^"\\\x00-\x1f] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2}))',
@@ -341,6 +341,54 @@ def int_range(lo: int | None, hi: int | None) -> str:
     return "(" + " | ".join(alts) + ")"
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_ANY_FRAC = '("." [0-9]+)?'
+_ZERO_FRAC = '("." "0"+)?'
+_NONZERO_FRAC = '"." [0-9]* [1-9] [0-9]*'
+
+
+def _magnitudes(a: int, a_strict: bool, b: int | None, b_strict: bool) -> list[str]:
+    """Unsigned decimals without exponent whose value m lies between a and b (a >= 0; b None: unbounded)."""
+    if b is not None and (b < a or (b == a and (a_strict or b_strict))):
+        return []
+    alts = []
+    first, last = (a + 1 if a_strict else a), (None if b is None else b - 1)
+    if last is None or first <= last:
+        alts.append(f"({' | '.join(_uint_range(first, last))}) {_ANY_FRAC}")
+    if a_strict and (b is None or a < b):
+        alts.append(f"{literal(str(a))} {_NONZERO_FRAC}")
+    if b is not None and not b_strict and (first <= b):
+        alts.append(f"{literal(str(b))} {_ZERO_FRAC}")
+    return alts
+
+
+def number_range(lo: Any, xlo: Any, hi: Any, xhi: Any) -> str | None:
+    """The JSON numbers (no exponent) within integer bounds, as one GBNF expression; None when empty."""
+    lows = [(int(lo), False)] if lo is not None else []
+    if xlo is not None:
+        lows.append((int(xlo), True))
+    highs = [(int(hi), False)] if hi is not None else []
+    if xhi is not None:
+        highs.append((int(xhi), True))
+    low = max(lows, key=lambda t: (t[0], t[1])) if lows else None  # the tighter: larger, strict on a tie
+    high = min(highs, key=lambda t: (t[0], not t[1])) if highs else None
+    alts: list[str] = []
+    # x >= 0, written without a sign: magnitude x
+    if high is None or high[0] > 0 or (high[0] == 0 and not high[1]):
+        a, a_strict = (0, False) if low is None or low[0] < 0 else low
+        alts += _magnitudes(a, a_strict, None if high is None else high[0], False if high is None else high[1])
+    # x <= 0, written with "-": magnitude -x
+    if low is None or low[0] < 0 or (low[0] == 0 and not low[1]):
+        a, a_strict = (0, False) if high is None or high[0] > 0 else (-high[0], high[1])
+        neg = _magnitudes(a, a_strict, None if low is None else -low[0], False if low is None else low[1])
+        if neg:
+            alts.append('"-" (' + " | ".join(neg) + ")")
+    return "(" + " | ".join(alts) + ")" if alts else None
+
+
 # -- JSON Schema -> GBNF --------------------------------------------------------------------
 
 _OBJECT_KW = {"properties", "required", "additionalProperties", "patternProperties", "minProperties",
@@ -352,7 +400,8 @@ _NUMBER_KW = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "mul
 _KIND_KW = {"object": _OBJECT_KW, "array": _ARRAY_KW, "string": _STRING_KW, "number": _NUMBER_KW, "integer": _NUMBER_KW}
 _IGNORED_ALWAYS = {"not", "if", "then", "else", "minProperties", "maxProperties", "propertyNames",
                    "dependentRequired", "dependentSchemas", "unevaluatedProperties", "unevaluatedItems",
-                   "contains", "minContains", "maxContains", "uniqueItems", "multipleOf", "$dynamicRef"}
+                   "uniqueItems", "multipleOf", "$dynamicRef"}
+_CONTAINS = ("contains", "minContains", "maxContains")  # counted in _array, else ignored
 
 
 class SchemaToGbnf:
@@ -576,6 +625,13 @@ class SchemaToGbnf:
             self._need("integral-part")
             self._need("space")
             return self._rule(hint, 'integral-part ("." [0-9]+)? ([eE] [-+]? [0-9]+)? space')
+        bounds = [b for b in (lo, hi, xlo, xhi) if b is not None]
+        if all(_number(b) and float(b).is_integer() and abs(b) < 10**15 for b in bounds):
+            body = number_range(lo, xlo, hi, xhi)
+            if body is None:
+                return None
+            self._need("space")
+            return self._rule(hint, f"{body} space")
         self.ignored.update(k for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in schema)
         return self._need("number")
 
@@ -609,6 +665,11 @@ class SchemaToGbnf:
 
     def _array(self, schema: dict, hint: str) -> str | None:
         self._need("space")
+        if any(k in schema for k in _CONTAINS):
+            counted = self._contains(schema, hint)
+            if counted is not NotImplemented:
+                return counted
+            self.ignored.update(k for k in _CONTAINS if k in schema)
         prefix = schema.get("prefixItems", []) or []
         items = schema.get("items", True)
         lo = int(schema.get("minItems", 0) or 0)
@@ -649,6 +710,63 @@ class SchemaToGbnf:
         inner = f"{first} {tail(1)}".strip()
         body = f'"[" space ({inner})? "]" space' if lo == 0 else f'"[" space {inner} "]" space'
         return self._rule(hint, body)
+
+    def _contains(self, schema: dict, hint: str) -> Any:
+        """``contains`` with ``minContains``/``maxContains`` as a counted alternation over the items:
+        fillers (any item; with a maximum, items that do not match), then the matching items, each
+        followed by fillers. NotImplemented where that is not exact (beside prefixItems or
+        minItems/maxItems, a maximum whose complement is not written, a piece we would approximate)."""
+        if "contains" not in schema:  # minContains/maxContains mean nothing without it
+            return self._plain_array(schema, hint)
+        if schema.get("prefixItems") or "minItems" in schema or "maxItems" in schema:
+            return NotImplemented
+        lo, hi = schema.get("minContains", 1), schema.get("maxContains")
+        if not all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer() and x >= 0)
+                   for x in (lo, hi)) or (hi is not None and hi > _MAX_CONTAINS) or lo > _MAX_CONTAINS:
+            return NotImplemented
+        lo, hi = int(lo), None if hi is None else int(hi)
+        if lo == 0 and hi is None:  # always satisfied
+            return self._plain_array(schema, hint)
+        items = schema.get("items", True)
+        cond = schema["contains"]
+        before = set(self.ignored)
+        if cond is False or items is False:
+            match = None
+        else:
+            match = self.visit(items if cond is True or cond == {} else cond if items is True or items == {}
+                               else {"allOf": [items, cond]}, f"{hint}-match")
+        filler = None if items is False else self.visit(items, f"{hint}-item")
+        if hi is not None:
+            from synapse_cli.jobs.compile.lower import complement
+
+            neg = complement(cond, self.root)
+            if neg is None:
+                self.ignored = before
+                return NotImplemented
+            filler = None if neg is False or items is False else self.visit(
+                neg if items is True or items == {} else {"allOf": [items, neg]}, f"{hint}-other")
+        if self.ignored - before:  # a piece is approximated: so is the count
+            self.ignored = before
+            return NotImplemented
+        if hi is not None and hi < lo:
+            return None
+        fillers = self._rule(f"{hint}-others", f'{filler} ("," space {filler})*') if filler else None
+        empty = '"[" space "]" space'
+        only_fillers = f'"[" space {fillers} "]" space | {empty}' if fillers else empty
+        if match is None or hi == 0:
+            return self._rule(hint, only_fillers) if lo == 0 else None
+        lead = f'({filler} "," space)* ' if filler else ""
+        trail = f' ("," space {filler})*' if filler else ""
+        group = self._rule(f"{hint}-group", f"{match}{trail}")
+        more_lo, more_hi = max(lo, 1) - 1, None if hi is None else hi - 1
+        more = ""
+        if more_hi is None or more_hi > 0:
+            more = " " + quantified(f'("," space {group})', more_lo, _c.MAXREPEAT if more_hi is None else more_hi)
+        body = f'"[" space {lead}{group}{more} "]" space'
+        return self._rule(hint, body if lo >= 1 else f"{body} | {only_fillers}")
+
+    def _plain_array(self, schema: dict, hint: str) -> str | None:
+        return self._array({k: v for k, v in schema.items() if k not in _CONTAINS}, hint)
 
     def _object(self, schema: dict, hint: str) -> str | None:
         self._need("space")
@@ -732,6 +850,8 @@ class SchemaToGbnf:
         return self._rule(f"{hint}-key", f'"\\"" {body} "\\"" space')
 
 
+_MAX_CONTAINS = 16  # counted repeats past this are left to the report (grammar size)
+
 _SIGNIFICANT = (
     {"type", "enum", "const", "allOf", "anyOf", "oneOf", "$ref", "not", "if"}
     | _OBJECT_KW | _ARRAY_KW | _STRING_KW | _NUMBER_KW
@@ -744,6 +864,7 @@ def _merge(a: dict, b: dict, ignored: set[str]) -> dict:
         # additionalProperties sees only its own object's properties: merged, it would see both
         if "additionalProperties" in x and ("properties" in y or "patternProperties" in y):
             ignored.add("additionalProperties")
+    a, b = _align_items(a, b)
     out = dict(a)
     for key, value in b.items():
         if key not in out:
@@ -759,6 +880,8 @@ def _merge(a: dict, b: dict, ignored: set[str]) -> dict:
             out[key] = props
         elif key == "required":
             out[key] = list(dict.fromkeys(list(mine) + list(value)))
+        elif key == "prefixItems" and isinstance(mine, list) and isinstance(value, list) and len(mine) == len(value):
+            out[key] = [x if x == y else False if x is False or y is False else {"allOf": [x, y]} for x, y in zip(mine, value)]
         elif key == "type":
             ta = {mine} if isinstance(mine, str) else set(mine)
             tb = {value} if isinstance(value, str) else set(value)
@@ -794,6 +917,24 @@ def _merge(a: dict, b: dict, ignored: set[str]) -> dict:
         else:
             ignored.add(key)
     return out
+
+
+def _align_items(a: dict, b: dict) -> tuple[dict, dict]:
+    """``items`` applies past its own object's ``prefixItems`` only: before merging two objects whose
+    prefixes differ, each is written with the longer prefix (its ``items``, or any value, at the added
+    positions), and the prefixes are then intersected position by position."""
+    pa, pb = a.get("prefixItems") or [], b.get("prefixItems") or []
+    if not isinstance(pa, list) or not isinstance(pb, list) or len(pa) == len(pb):
+        return a, b
+    n = max(len(pa), len(pb))
+
+    def widen(x: dict, p: list) -> dict:
+        if len(p) == n:
+            return x
+        fill = x.get("items", True)
+        return {**x, "prefixItems": list(p) + [fill] * (n - len(p))}
+
+    return widen(a, pa), widen(b, pb)
 
 
 def schema_to_gbnf(schema: Any) -> tuple[str, list[str]]:

@@ -84,7 +84,7 @@ def _rules_hash() -> str:
     import hashlib
 
     h = hashlib.sha256(__version__.encode())
-    for name in ("engines.py", "gbnf.py", "rewrite.py"):
+    for name in ("engines.py", "gbnf.py", "rewrite.py", "lower.py"):
         try:
             h.update((Path(__file__).parent / name).read_bytes())
         except OSError:  # a zipped install: the version alone
@@ -154,6 +154,14 @@ class _UnitRun:
         self.tests = tests
         self.out_dir = out_dir
         self.used = sorted(keywords_used(unit.payload)) if unit.kind == "json_schema" else []
+        self.lowered = self.lowered_gbnf = unit.payload
+        if unit.kind == "json_schema":
+            from synapse_cli.jobs.compile.lower import lower
+
+            self.lowered = lower(unit.payload)  # same meaning, in keywords the engines hold
+            self.lowered_gbnf = lower(unit.payload, property_names=False)
+            if self.lowered_gbnf == self.lowered:
+                self.lowered_gbnf = self.lowered
         self.results: dict[str, dict[str, Any]] = {}
         self.pending = set(engines)
         self.engines = engines
@@ -164,7 +172,21 @@ class _UnitRun:
             from synapse_cli.jobs.compile.verify import candidates
 
             self.cands = [candidates(self.unit.kind, t["data"], self.unit.payload) for t in self.tests]
+            if self.lowered is not self.unit.payload:  # the rewrite may declare properties in another order
+                for cands, t in zip(self.cands, self.tests):
+                    cands.extend(c for c in candidates(self.unit.kind, t["data"], self.lowered) if c not in cands)
         return self.cands
+
+    def payload(self, engine: str) -> Any:
+        """What ``engine`` compiles: the lowered schema (``lower``), except for xgrammar, whose artefact is
+        NAME.schema.json, and outlines where the rewrite needs what it does not read (``false`` subschemas)."""
+        if engine == "xgrammar" or self.lowered is self.unit.payload:
+            return self.unit.payload
+        if engine == "llama.cpp":
+            return self.lowered_gbnf
+        if engine == "outlines" and not _outlines_reads(self.lowered):
+            return self.unit.payload
+        return self.lowered
 
     def files(self) -> dict[str, str]:
         """Output file name -> contents."""
@@ -177,6 +199,17 @@ class _UnitRun:
                 fname = f"{name}.{_suffix(engine, self.unit.kind)}"
                 out.setdefault(fname, r["artefact"])
         return out
+
+
+def _outlines_reads(schema: Any) -> bool:
+    """outlines-core refuses a ``false`` subschema, and recurses without end through a ``#`` reference
+    under a rewritten root: the rewrites that use them are not handed to it."""
+    from synapse_cli.jobs.compile.normalize import children, walk
+
+    for _, node in walk(schema):
+        if node.get("$ref") == "#" or any(sub is False for _, sub in children(node)):
+            return False
+    return True
 
 
 _SUFFIXES = ("schema.json", "regex", "gbnf", "lark", "report.json")
@@ -192,7 +225,7 @@ def _engine_task(run: _UnitRun, engine: str, entry: dict | None, need_check: boo
     """Compile (unless cached), then check (if labelled instances and not cached)."""
     result = dict(entry) if entry else None
     if result is None:
-        response = yield ("compile", engine, run.unit.kind, run.unit.payload, run.used)
+        response = yield ("compile", engine, run.unit.kind, run.payload(engine), run.used)
         if response[0] != "ok":
             return {"artefact": None, "error": response[1], "timed_out": response[0] == "timeout", "stage": "compile"}
         result = dict(response[1])
@@ -452,12 +485,14 @@ def _finish(run: _UnitRun, spec: CompileSpec, versions: dict[str, str]) -> dict[
             "ignored_keywords": list(r.get("ignored_keywords") or []),
             "error": r.get("error"),
             "compile_ms": r.get("compile_ms"),
+            "artefact_bytes": len(r["artefact"].encode("utf-8")) if supported else None,  # grammar size, bounded by lower.py
             "artefact": f"{unit.name}.{_suffix(engine, unit.kind)}" if supported else None,
             "version": versions[engine],
         }
         if supported and run.tests:
             if "accepted" in r:
-                check = summarize(run.tests, r["accepted"], unit.payload, row["ignored_keywords"], unit.kind)
+                # ignored keywords are keywords of the schema the engine compiled (same meaning as the input)
+                check = summarize(run.tests, r["accepted"], run.payload(engine), row["ignored_keywords"], unit.kind)
                 row["check"] = check
                 if not check["ok"]:
                     problems.append(f"{engine}: " + ", ".join(check["failures"][:2]))

@@ -401,9 +401,10 @@ def load_settings(
     profile = profile or env.get("SYNAPSE_PROFILE")
     explicit = config_path or env.get("SYNAPSE_CONFIG")
     if explicit:
-        path: Path | None = Path(explicit)
-        if not path.is_file():
-            raise UsageError(f"config file not found: {path}")
+        given = Path(explicit)
+        if not given.is_file():
+            raise UsageError(f"config file not found: {given}")
+        path: Path | None = given
     else:
         path = find_config(cwd or Path.cwd())
     if profile and not path:

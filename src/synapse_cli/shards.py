@@ -114,7 +114,7 @@ def _work(run: _Run, shard: _Shard, start: Callable[[Any], Iterator[Event]], ret
             run.events.put((shard.index, exc))
             return
         finally:
-            gen.close()  # a cancelled shard stops here: its ffmpeg is killed, its Modal call cancelled
+            gen.close()  # type: ignore[attr-defined]  # (a job's generator) a cancelled shard stops here: its ffmpeg is killed, its Modal call cancelled
 
 
 def _beside(run: _Run, work: Iterator[Event], failed: list[BaseException]) -> None:
@@ -127,7 +127,7 @@ def _beside(run: _Run, work: Iterator[Event], failed: list[BaseException]) -> No
         failed.append(exc)
         run.events.put((_BESIDE, exc))
     finally:
-        work.close()  # a cancelled job stops here: its ffmpeg is killed
+        work.close()  # type: ignore[attr-defined]  # (a job's generator) a cancelled job stops here: its ffmpeg is killed
 
 
 def run_sharded(
@@ -251,13 +251,13 @@ def _merged_events(kind: str, run: _Run, n: int) -> Iterator[Event]:
 def _with_shards(result: dict[str, Any], shards: list[_Shard]) -> dict[str, Any]:
     out = dict(result)
     out["shards"] = [{"index": s.index, "seconds": round(s.seconds, 3), "attempts": s.attempts} for s in shards]
-    modal = [s.result.get("modal") for s in shards if s.result and isinstance(s.result.get("modal"), dict)]
+    modal: list[dict[str, Any]] = [s.result["modal"] for s in shards if s.result and isinstance(s.result.get("modal"), dict)]
     if modal:
-        costs = [m.get("estimated_cost_usd") for m in modal]
+        costs: list[float | None] = [m.get("estimated_cost_usd") for m in modal]
         out["modal"] = {
             "gpu": modal[0].get("gpu"),
             "seconds": round(sum(float(m.get("seconds") or 0.0) for m in modal), 3),
-            "estimated_cost_usd": None if any(c is None for c in costs) else round(sum(costs), 6),
+            "estimated_cost_usd": None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6),
             "calls": len(modal),
         }
     return out

@@ -78,7 +78,11 @@ def stage_paths(kind: str, data: Mapping[str, Any], place: Callable[[PathField],
 def path_fields(kind: str, data: Mapping[str, Any]) -> list[PathField]:
     """Every input and output path of ``data``, in ``stage_paths`` order."""
     found: list[PathField] = []
-    stage_paths(kind, data, lambda p: found.append(p) or p.value)
+    def collect(p: PathField) -> str:
+        found.append(p)
+        return p.value
+
+    stage_paths(kind, data, collect)
     return found
 
 

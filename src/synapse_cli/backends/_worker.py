@@ -28,7 +28,7 @@ class WorkerCall:
     def __init__(self, kind: str, spec: Any) -> None:
         self.kind = kind
         self.spec = spec
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._cancelled = False
 
@@ -114,7 +114,7 @@ def main() -> int:
                 out.write(json.dumps(to_dict(event)) + "\n")
                 out.flush()
         finally:
-            gen.close()
+            gen.close()  # type: ignore[attr-defined]  # (a job's generator: closing it stops the job)
     except BaseException as exc:  # noqa: BLE001 - every failure is the stream's last line
         out.write(json.dumps(to_dict(failed(exc))) + "\n")
         out.flush()

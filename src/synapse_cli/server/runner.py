@@ -555,7 +555,7 @@ def run_in_thread(run: JobRun, channel: Channel, on_end: Any) -> threading.Threa
         finally:
             if gen is not None:
                 try:
-                    gen.close()  # a cancelled job kills its ffmpeg child and removes its temp files here
+                    gen.close()  # type: ignore[attr-defined]  # (a job's generator) a cancelled job kills its ffmpeg child and removes its temp files here
                 except Exception:  # noqa: BLE001
                     log.warning("job %s: error while closing", run.job_id, exc_info=True)
             try:

@@ -19,7 +19,7 @@ import secrets
 import time
 from collections import OrderedDict
 from importlib import resources
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 COOKIE = "synapse_session"
 TTL_S = 12 * 3600.0
@@ -33,7 +33,7 @@ OPENAPI = {"security": [], "requestBody": {"required": True, "content": {"applic
     "type": "object", "required": ["key"], "additionalProperties": True, "properties": {"key": {"type": "string", "description": "the server's API key"}}}}}}}
 _ERROR = {"content": {"application/json": {"schema": {"type": "object", "properties": {
     "type": {"const": "error"}, "code": {"type": "integer"}, "message": {"type": "string"}, "error": {"type": "string"}}}}}}
-OPENAPI_RESPONSES = {
+OPENAPI_RESPONSES: dict[int | str, dict[str, Any]] = {
     204: {"description": f"the key is right: `Set-Cookie: {COOKIE}=<opaque token>; HttpOnly; SameSite=Strict; Path=/`"},
     401: {"description": "wrong key (counted like any wrong key)", **_ERROR},
     403: {"description": "an Origin header other than this server's own", **_ERROR},

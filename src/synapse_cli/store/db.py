@@ -16,6 +16,7 @@ all, by ``prune_ended`` (``synapse jobs prune``; ``synapse serve`` after ``[serv
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import platform
@@ -497,7 +498,7 @@ class JobStore:
             rows = self.db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
         return [_row_to_job(r) for r in rows.fetchall()]
 
-    def events(self, job_id: str, after: int = 0, limit: int | None = None, type: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+    def events(self, job_id: str, after: int = 0, limit: int | None = None, type: str | None = None) -> builtins.list[tuple[int, dict[str, Any]]]:
         """The job's events with ``seq > after`` (seq counts from 1), oldest first; at most ``limit``;
         only those whose ``type`` is ``type`` when given."""
         sql, args = "SELECT seq, event FROM events WHERE job_id = ? AND seq > ?", [job_id, after]
@@ -515,7 +516,7 @@ class JobStore:
         row = self.db.execute("SELECT seq, event FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
         return (row["seq"], json.loads(row["event"])) if row else None
 
-    def reap(self) -> list[str]:
+    def reap(self) -> builtins.list[str]:
         """Mark ``failed`` every job whose worker is gone; return their ids.
 
         - A worker on this host (its pid recorded) is judged by its pid alone: alive (same pid, same
@@ -533,6 +534,7 @@ class JobStore:
         ).fetchall()
         reaped = []
         for r in rows:
+            args: tuple[Any, ...]
             if r["host"] == host and r["pid"] is not None:
                 if _alive(r["pid"], r["pid_start"]):
                     continue  # a live worker of ours

@@ -289,8 +289,7 @@ def with_webhooks(events: Iterator[Event], target: Any, job_id: str, kind: str, 
 
 def step_summary(job: Job, env: dict[str, str] | None = None) -> None:
     """In GitHub Actions, append a short Markdown summary of the job to the step summary."""
-    env = os.environ if env is None else env  # type: ignore[assignment]
-    path = env.get("GITHUB_STEP_SUMMARY")
+    path = (os.environ if env is None else env).get("GITHUB_STEP_SUMMARY")
     if not path:
         return
     result = job.result or {}

@@ -7,7 +7,7 @@ import os
 import time
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Mapping
+from typing import Any, Generator, Iterator, Mapping
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
@@ -161,7 +161,7 @@ class HttpBackend(Backend):
         except (httpx.TransportError, httpx.StreamError, httpx.DecodingError):
             return
 
-    def _open(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]], detach: bool = False) -> Iterator[Event]:
+    def _open(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]], detach: bool = False) -> Generator[Event, None, Any]:
         """POST the job, retrying what is safe to retry; returns the open streaming response, or with
         ``detach`` the server's 202 answer (yields retry logs)."""
         attempts = self.max_retries + 1
@@ -265,7 +265,7 @@ class HttpBackend(Backend):
                 _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=message))
             raise
         finally:
-            local.close()  # an early close removes what was downloaded so far
+            local.close()  # type: ignore[attr-defined]  # (a job's generator) an early close removes what was downloaded so far
             mirror.flush()
             if result is not None:  # an error after it (compile's inputs that failed) was recorded first, with the result (_ended)
                 _store_write(lambda: store.finish(job.id, "completed", result=result))
@@ -298,13 +298,13 @@ class HttpBackend(Backend):
         if response.status_code != 200:
             raise _error_from_body(url, response.status_code, response.content)
         record = _json_object(url, response.content)
-        progress = record.get("progress") if isinstance(record.get("progress"), dict) else {}
+        progress: dict[str, Any] = record["progress"] if isinstance(record.get("progress"), dict) else {}
         done, total = progress.get("done"), progress.get("total")
         if isinstance(done, (int, float)) and done is not True:
             _store_write(lambda: store.append_events(job.id, [], {"done": done, "total": total, "phase": job.phase}))
         status = record.get("status")
         if status in ("failed", "cancelled") and not _failed_after_finishing(record):
-            error = record.get("error") if isinstance(record.get("error"), dict) else {}
+            error: dict[str, Any] = record["error"] if isinstance(record.get("error"), dict) else {}
             code = error.get("code") if isinstance(error.get("code"), int) else (130 if status == "cancelled" else 1)
             _store_write(lambda: store.finish(job.id, status, error_code=code, error_message=str(error.get("message") or f"{status} on {self.endpoint}")))
         return record
@@ -394,7 +394,7 @@ class HttpBackend(Backend):
                 response.close()
             time.sleep(self.backoff_s)  # a server that ends streams at once is not hammered
 
-    def _connect_events(self, job: Any, url: str, mirror: "_Mirror", what: str) -> Iterator[Event]:
+    def _connect_events(self, job: Any, url: str, mirror: "_Mirror", what: str) -> Generator[Event, None, Any]:
         """``GET /events?after=N`` until it answers 200 (yields retry logs); returns the open response."""
 
         def connect() -> httpx.Response:
@@ -432,8 +432,8 @@ class HttpBackend(Backend):
         if _failed_after_finishing(record):
             return None  # its ``finished`` (and outputs) come first: reconnecting delivers them, then its error
         if status in ("failed", "cancelled"):
-            error = record.get("error") if isinstance(record.get("error"), dict) else {}
-            code = error.get("code") if isinstance(error.get("code"), int) else (130 if status == "cancelled" else 1)
+            error: dict[str, Any] = record["error"] if isinstance(record.get("error"), dict) else {}
+            code: int = error["code"] if isinstance(error.get("code"), int) else (130 if status == "cancelled" else 1)
             return Failed(code=code, message=str(error.get("message") or f"job {status} on {self.endpoint}"), error=str(error.get("error") or "JobError"))
         if status == "completed" and isinstance(record.get("result"), dict):
             return Finished(result=record["result"])

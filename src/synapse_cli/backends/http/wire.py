@@ -113,4 +113,5 @@ def _returned(steps: Generator[Any, None, T]) -> T:
         try:
             next(steps)
         except StopIteration as stop:
-            return stop.value
+            value: T = stop.value
+            return value

@@ -152,6 +152,8 @@ class ModalBackend(Backend):
     def _remove_outputs(self, job_id: str) -> None:
         """The job's Volume folder goes once its outputs are downloaded, or once it failed: nothing partial stays."""
         volume = self._volume
+        if volume is None:
+            return
 
         def remove() -> None:
             try:

@@ -46,12 +46,17 @@ class _ShardFollower:
         self.stop = threading.Event()
         self._events: Any = None
 
-    def __iter__(self) -> Iterator[Event]:
-        files = _Files(None, self.shard["key"])  # the Volume paths the shard was staged with, mapped to this run's folder
-        stage_paths(self.kind, asdict(self.part), lambda p: files.output(p) if p.output else p.value)
-        files.inputs = {k: Path(v) for k, v in self.shard.get("inputs", {}).items()}  # a record written before shards kept them has none
-        self._events = self.backend.follow_call(self.kind, self.shard["key"], self.shard["call_id"], files, True, stop=self.stop)
-        return self._events
+    def __iter__(self) -> "_ShardFollower":
+        if self._events is None:
+            files = _Files(None, self.shard["key"])  # the Volume paths the shard was staged with, mapped to this run's folder
+            stage_paths(self.kind, asdict(self.part), lambda p: files.output(p) if p.output else p.value)
+            files.inputs = {k: Path(v) for k, v in self.shard.get("inputs", {}).items()}  # a record written before shards kept them has none
+            self._events = self.backend.follow_call(self.kind, self.shard["key"], self.shard["call_id"], files, True, stop=self.stop)
+        return self
+
+    def __next__(self) -> Event:
+        event: Event = next(iter(self)._events)
+        return event
 
     def terminate(self) -> None:
         self.stop.set()

@@ -112,14 +112,14 @@ def load_checks(path: str) -> tuple[list[dict], dict[str, list[dict]]]:
         except json.JSONDecodeError as exc:
             raise UsageError(f"{where}: not JSON: {exc.msg} (column {exc.colno})") from None
         if isinstance(row, dict) and isinstance(row.get("tests"), list):
-            target = safe_name(row.get("id", row.get("input", "")))
+            target = safe_name(str(row.get("id", row.get("input", ""))))
             for i, t in enumerate(row["tests"]):
                 by_name.setdefault(target, []).append(_check_row(t, f"{where}#/tests/{i}"))
             continue
         test = _check_row(row, where)
-        target = row.get("input") if isinstance(row, dict) else None
-        if target:
-            by_name.setdefault(safe_name(target), []).append(test)
+        named = row.get("input") if isinstance(row, dict) else None
+        if named:
+            by_name.setdefault(safe_name(str(named)), []).append(test)
         else:
             everyone.append(test)
     return everyone, by_name

@@ -186,9 +186,10 @@ class WorkerPool:
             wait_s = max(0.0, min(deadline for *_, deadline in busy.values()) - now)
             ready = wait(list(busy), timeout=wait_s)
             for conn in ready:
-                w, key, task, _ = busy.pop(conn)  # type: ignore[index]
+                w, key, task, _ = busy.pop(conn)  # type: ignore[call-overload]  # (wait() returns the connections it was given)
+                response: tuple[Any, ...] | None
                 try:
-                    response = conn.recv()  # type: ignore[union-attr]
+                    response = conn.recv()  # type: ignore[union-attr,call-arg,assignment]  # (a multiprocessing Connection)
                 except (EOFError, OSError):
                     code = w.exitcode
                     self._drop(w)

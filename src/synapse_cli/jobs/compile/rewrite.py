@@ -338,7 +338,8 @@ class _EncodedRegex:
         plain = gbnf._subtract(ranges, gbnf._JSON_SPECIAL + [(0xD800, 0xDFFF)])
         if plain:
             alts.append("[" + "".join(_cls(lo) if lo == hi else f"{_cls(lo)}-{_cls(hi)}" for lo, hi in plain) + "]")
-        short, coded = [], {}  # \" \\ \n ... and \u00XX, grouped by the first hex digit
+        short: list[str] = []
+        coded: dict[Any, Any] = {}  # \" \\ \n ... and \u00XX, grouped by the first hex digit
         for lo, hi in [] if self.plain else ranges:
             for spec_lo, spec_hi in gbnf._JSON_SPECIAL:
                 for cp in range(max(lo, spec_lo), min(hi, spec_hi) + 1):

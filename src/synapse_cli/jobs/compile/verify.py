@@ -87,7 +87,7 @@ def reorder(data: Any, schema: Any, root: Any, validator: Any, depth: int = 0) -
         return {k: reorder(data[k], subs.get(k, extra), root, validator, depth + 1) for k in keys}
     if isinstance(data, list):
         schemas = _applicable(schema, root, validator, data)
-        prefix = next((s["prefixItems"] for s in schemas if isinstance(s.get("prefixItems"), list)), [])
+        prefix: list[Any] = next((s["prefixItems"] for s in schemas if isinstance(s.get("prefixItems"), list)), [])
         items = next((s["items"] for s in schemas if isinstance(s.get("items"), dict)), None)
         return [reorder(x, prefix[i] if i < len(prefix) else items, root, validator, depth + 1) for i, x in enumerate(data)]
     return data

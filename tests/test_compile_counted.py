@@ -53,7 +53,7 @@ def test_counted_contains_agrees(cond, lo, hi, item_schema, values):
         assert "admits no value" in str(exc) and not any(want), (schema, exc)
         return
     if ignored:  # only a maximum whose complement is not written (an integer type) is left to the report
-        from synapse_cli.jobs.compile.lower import complement
+        from synapse_cli.jobs.compile.complement import complement
 
         assert hi is not None and complement(cond) is None and set(ignored) <= {"contains", "minContains", "maxContains"}, (schema, ignored)
         return

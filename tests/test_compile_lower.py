@@ -20,7 +20,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from synapse_cli.jobs.compile.lower import complement, lower, not_in_words  # noqa: E402
+from synapse_cli.jobs.compile.complement import complement, not_in_words  # noqa: E402
+from synapse_cli.jobs.compile.lower import lower  # noqa: E402
 from synapse_cli.jobs.compile.normalize import keywords_used, normalize  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "compile"

@@ -737,7 +737,7 @@ class SchemaToGbnf:
                                else {"allOf": [items, cond]}, f"{hint}-match")
         filler = None if items is False else self.visit(items, f"{hint}-item")
         if hi is not None:
-            from synapse_cli.jobs.compile.lower import complement
+            from synapse_cli.jobs.compile.complement import complement
 
             neg = complement(cond, self.root)
             if neg is None:

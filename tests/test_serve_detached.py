@@ -365,7 +365,7 @@ def test_a_restarted_server_keeps_finished_jobs_and_fails_running_ones(tmp_path)
         assert httpx.get(url + rec["artifacts"][0]["url"], headers=AUTH).content == data
         failed = jobs[running]
         assert failed["status"] == "failed" and failed["finished_at"]
-        assert failed["error"] == {"code": 3, "message": "the server stopped while this job was running", "error": "BackendError"}
+        assert failed["error"] == {"code": 3, "message": "interrupted by a server restart: the server stopped while this job was running", "error": "BackendError"}
         assert not (work / "jobs" / running).exists()
         events = ndjson_events(url, running)
         assert events[0]["type"] == "started" and events[-1]["type"] == "error" and events[-1]["message"] == failed["error"]["message"]
@@ -737,7 +737,7 @@ def test_a_restarted_server_kills_what_the_dead_one_left_running_and_runs_its_qu
         with serve_process(work, env=env) as (url2, _, log):
             assert not ffmpeg_of(work / "jobs" / running), "the dead server's ffmpeg outlived the restart"
             failed = record(url2, running)
-            assert failed["status"] == "failed" and failed["error"]["message"] == "the server stopped while this job was running"
+            assert failed["status"] == "failed" and failed["error"]["message"] == "interrupted by a server restart: the server stopped while this job was running"
             done = [wait_status(url2, q, ("completed",)) for q in queued]
             assert [d["started_at"] for d in done] == sorted(d["started_at"] for d in done)
             for d, i in zip(done, range(3)):

@@ -44,7 +44,7 @@ SUBMITTERS = 8
 SAMPLE = {"output": "s.mp4", "seconds": 0.2, "width": 32, "height": 32, "fps": 10, "audio": False}
 EXPORT = {"input": "in.mp4", "output": "e.mp4", "job": "framing", "preset": "ultrafast",
           "params": {"output_width": 32, "output_height": 56}}
-RESTART_MESSAGE = "the server stopped while this job was running"
+RESTART_MESSAGE = "interrupted by a server restart: the server stopped while this job was running"
 TERMINAL = ("completed", "failed", "cancelled")
 
 

@@ -17,7 +17,7 @@ a job run by another process sharing the work dir is polled once a second instea
   stored in one step: the row is ``failed`` with the error and keeps the result, and the outputs stay.
 - Restart: when the next server starts on the work dir (or another server sharing it sees the dead
   one's rows), rows left ``processing`` by a server that died (its pid is gone) are marked ``failed``
-  ("the server stopped while this job was running") with an ``error`` event, what is left of their
+  ("interrupted by a server restart: the server stopped while this job was running") with an ``error`` event, what is left of their
   processes (ffmpeg runs in a session of its own and outlives the server) is killed and their folders
   removed. Rows left ``pending`` are taken over and queued again in the order they were submitted:
   each queued job's prepared run (``run.json`` in its folder, beside its uploads) is enough to start it.
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("synapse.server")
 
-SERVER_STOPPED = "the server stopped while this job was running"
+SERVER_STOPPED = "interrupted by a server restart: the server stopped while this job was running"
 TERMINAL = ("finished", "error")
 MAX_LIST = 500
 DEFAULT_LIST = 50

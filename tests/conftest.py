@@ -69,8 +69,10 @@ def tiny(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("tiny") / "tiny.mp4", size="160x90", seconds=0.5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def long_clip(tmp_path_factory) -> Path:
+    """20 s of 1280x720: a job that runs long enough to be watched, cut or cancelled. Made once per worker;
+    read-only (tests write their outputs elsewhere, with -o: a default output would land beside it)."""
     return make_clip(tmp_path_factory.mktemp("long") / "long.mp4", size="1280x720", seconds=20)
 
 

@@ -18,6 +18,21 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.modal_fake.fixtures"] if (ROOT / "tests" / "modal_fake" / "fixtures.py").exists() else []
 
 
+# Under pytest-xdist (README's test command: -n auto --dist loadfile) files are handed to workers in collection
+# order, so a long file collected last (test_wheel builds a wheel and installs it into a fresh venv) would run
+# alone at the end while the other workers idle. The longest go first (longest-processing-time-first); the
+# rest keep their order, and a serial run (-n 0) keeps pytest's own order.
+HEAVY_FIRST = ("test_compile_truth.py", "test_compile_cli.py", "test_wheel.py", "test_serve_fuzz.py", "test_shards.py",
+               "test_http_detach.py", "test_shards_detach.py", "test_serve_detached.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every worker sorts alike
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch, tmp_path_factory):
     """No SYNAPSE_*/MODAL_* from the developer's shell, no .synapse.toml from above, fixed width."""

@@ -19,6 +19,21 @@ pytest_plugins = ["tests.modal_fake.fixtures"] if (ROOT / "tests" / "modal_fake"
 pytest_plugins.append("tests.storage_fixtures")  # s3_server, s3, http_files: moto and a plain HTTP server on loopback
 
 
+# Under pytest-xdist (README's test command: -n auto --dist loadfile) files are handed to workers in collection
+# order, so a long file collected last (test_wheel builds a wheel and installs it into a fresh venv) would run
+# alone at the end while the other workers idle. The longest go first (longest-processing-time-first); the
+# rest keep their order, and a serial run (-n 0) keeps pytest's own order.
+HEAVY_FIRST = ("test_compile_truth.py", "test_compile_cli.py", "test_wheel.py", "test_serve_fuzz.py", "test_shards.py",
+               "test_http_detach.py", "test_shards_detach.py", "test_serve_detached.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every worker sorts alike
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch, tmp_path_factory):
     """No SYNAPSE_*/MODAL_* from the developer's shell, no .synapse.toml from above, fixed width."""
@@ -70,8 +85,10 @@ def tiny(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("tiny") / "tiny.mp4", size="160x90", seconds=0.5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def long_clip(tmp_path_factory) -> Path:
+    """20 s of 1280x720: a job that runs long enough to be watched, cut or cancelled. Made once per worker;
+    read-only (tests write their outputs elsewhere, with -o: a default output would land beside it)."""
     return make_clip(tmp_path_factory.mktemp("long") / "long.mp4", size="1280x720", seconds=20)
 
 

@@ -23,8 +23,9 @@ pytest_plugins.append("tests.storage_fixtures")  # s3_server, s3, http_files: mo
 # order, so a long file collected last (test_wheel builds a wheel and installs it into a fresh venv) would run
 # alone at the end while the other workers idle. The longest go first (longest-processing-time-first); the
 # rest keep their order, and a serial run (-n 0) keeps pytest's own order.
-HEAVY_FIRST = ("test_compile_truth.py", "test_compile_cli.py", "test_wheel.py", "test_serve_fuzz.py", "test_shards.py",
-               "test_http_detach.py", "test_shards_detach.py", "test_serve_detached.py")
+HEAVY_FIRST = ("test_compile_truth.py", "test_serve_schemathesis.py", "test_lint.py", "test_compile_cli.py", "test_wheel.py",
+               "test_serve_fuzz.py", "test_storage.py", "test_shards.py", "test_http_detach.py", "test_storage_remote.py",
+               "test_serve_load.py", "test_shards_detach.py", "test_serve_detached.py")
 
 
 def pytest_collection_modifyitems(config, items):

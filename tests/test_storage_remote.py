@@ -269,3 +269,8 @@ def test_a_modal_client_without_credentials_runs_a_cacheable_job_uncached_at_onc
     assert time.monotonic() - started < 60
     assert not s3.served("nc/clip.mp4", "HEAD")[1:]  # the container's one HEAD (overwrite-free input check), none from the client
     assert probe(tmp_path / "local.mp4").width == 90
+    # the cache skipped, and said why, once, right after the job started (issue 23: "with one log line saying why")
+    logs = [e["message"] for e in run.events() if e["type"] == "log" and "result cache skipped" in e["message"]]
+    assert logs == ["result cache skipped: the version of its URL input could not be read from this machine "
+                    "(no storage credentials here, or the object is gone); the job runs in full"]
+    assert [e["type"] for e in run.events()][:2] == ["started", "log"]

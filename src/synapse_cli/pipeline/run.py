@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Generator, Iterator
 
 from synapse_cli.errors import UsageError
-from synapse_cli.events import Event, failed
+from synapse_cli.events import Event, Log, Started, failed
 from synapse_cli.pipeline.plan import Plan
 
 
@@ -24,13 +24,17 @@ def job_events(plan: Plan) -> Generator[Event, None, None]:
     from synapse_cli.store import ACTIVE
 
     kind, spec, store = plan.kind, plan.spec, plan.store
-    key = None
+    key, uncached = None, None
     # a backend that sends the webhooks where it runs (an endpoint) must run the job to send them: no reuse then
     notified_elsewhere = bool(plan.settings["notify.url"]) and plan.backend.capabilities.notifies
     if plan.options.cache and not notified_elsewhere:  # (--no-cache: nothing to hash, and the cache's code stays unloaded)
         from synapse_cli.store.cache import cache_key
 
         key = cache_key(kind, spec, plan.settings)  # (the settings reach a URL input's store: its ETag is its identity)
+        if key is None:
+            from synapse_cli.store.cache import uncached_reason
+
+            uncached = uncached_reason(kind, spec)
     job, other = store.claim_or_find(kind, asdict(spec), plan.backend.name, key)
     plan.job_id = job.id
 
@@ -45,13 +49,24 @@ def job_events(plan: Plan) -> Generator[Event, None, None]:
                 return follow(store, other, kind, spec)
         from synapse_cli.shards import job_events as run_events  # one call, or shards merged into one stream
 
-        return run_events(kind, spec, plan.backend, plan.settings)  # may raise before its first event (--shards auto probes)
+        events = run_events(kind, spec, plan.backend, plan.settings)  # may raise before its first event (--shards auto probes)
+        return _noted(events, uncached) if uncached else events
 
     try:
         # the webhooks see what the store saw, the terminal delivery waited for (bounded by [notify] retry_for_s)
         yield from with_webhooks(record(store, job, start, on_end=step_summary), plan.notify, job.id, kind, store.path)
     finally:
         store.release(job.id)
+
+
+def _noted(events: Iterator[Event], note: str) -> Iterator[Event]:
+    """The events, with one ``Log`` line ``note`` right after ``Started``."""
+    for event in events:
+        yield event
+        if isinstance(event, Started):
+            yield Log(note)
+            yield from events
+            return
 
 
 def start_detached(plan: Plan, env: dict[str, str] | None = None) -> Any:

@@ -58,6 +58,21 @@ def cache_key(kind: str, spec: Any, settings: Any = None) -> str | None:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def uncached_reason(kind: str, spec: Any) -> str | None:
+    """Why ``cache_key`` gave no key for a spec with URL fields (one log line for the user), else None."""
+    from synapse_cli.storage.urls import is_url
+
+    record, data = get_kind(kind), asdict(spec)
+    urls = {side: [v for name in names for _, v in path_values(data.get(name), side, name) if is_url(v)]
+            for side, names in (("output", record.outputs), ("input", record.inputs))}  # fmt: skip
+    if urls["output"]:
+        return "result cache skipped: the job writes to URLs (a reused result would be local files)"
+    if urls["input"]:
+        return ("result cache skipped: the version of its URL input could not be read from this machine "
+                "(no storage credentials here, or the object is gone); the job runs in full")
+    return None
+
+
 def _url_identity(url: str, settings: Any) -> str | None:
     """What identifies the object at ``url`` now: the redacted URL plus its version/ETag (or Last-Modified and size)."""
     if settings is None:

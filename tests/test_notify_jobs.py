@@ -225,3 +225,29 @@ def test_a_reused_result_is_announced_too(cli, db, tiny, tmp_path):
     assert len(by_job) == 2
     reused = list(by_job.values())[-1]
     assert reused[-1]["type"] == "finished" and reused[-1]["data"]["result"]["output"] == str(tmp_path / "2.mp4")
+
+
+@pytest.mark.parametrize("kind", ["compile", "infer"])
+def test_detached_compile_and_infer_on_modal_notify_from_the_container(cli, db, deployed, tmp_path, kind):
+    """Every kind on Modal, not export alone: a detached compile and infer send their webhooks from the container."""
+    from tests.conftest import bus_image
+    from tests.test_compile_cli import DATA
+
+    with Receiver() as r:
+        env = {"SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook"), "SYNAPSE_NOTIFY_SECRET": SECRET, "SYNAPSE_NOTIFY_ALLOW_HTTP": "1",
+               "SYNAPSE_SERVE_ALLOW_HOSTS": "localhost"}
+        if kind == "compile":
+            args = [DATA / "person.json", "-o", tmp_path / "out", "--engine", "llguidance"]
+        else:
+            args = [bus_image(tmp_path / "in" / "bus.jpg"), "-o", tmp_path / "bus.json"]
+        run = cli(kind, *args, "--use-modal", "--detach", "--json", env=env)
+        assert run.exit_code == 0, run.stderr
+        job_id = json.loads(run.stdout)["job_id"]
+        assert deployed.function_calls[-1].function_name == f"{kind}_detached"
+        wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=120)
+        bodies = hooks(r)
+    assert bodies[0]["type"] == "started" and {b["job_id"] for b in bodies} == {job_id} and {b["kind"] for b in bodies} == {kind}
+    waited = cli("jobs", "wait", job_id, "--json")
+    assert waited.exit_code == 0, waited.stderr
+    shown = json.loads(cli("jobs", "show", job_id, "--json").stdout)
+    assert [(w["event"], w["outcome"]) for w in shown["webhooks"]][-1] == ("finished", "delivered")

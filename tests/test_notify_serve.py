@@ -184,3 +184,25 @@ def test_a_detached_job_sent_through_an_endpoint_notifies_from_the_server(cli, d
         server_id = hooks(r)[-1]["job_id"]
         rec = httpx.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json()
         assert rec["status"] == "completed" and hooks(r)[-1]["data"]["result"]["output"] == str(tmp_path / "det.mp4")
+
+
+@pytest.mark.parametrize("kind", ["compile", "infer"])
+def test_compile_and_infer_through_an_endpoint_have_the_server_notify(cli, db, tmp_path, kind):
+    """Every kind, not export alone: the server signs and sends the webhooks of a compile and an infer job,
+    and ``finished`` names the client's own output."""
+    from tests.conftest import bus_image
+    from tests.test_compile_cli import DATA
+
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook")}
+        if kind == "compile":
+            args = [DATA / "person.json", "-o", tmp_path / "out", "--engine", "llguidance"]
+        else:
+            args = [bus_image(tmp_path / "in" / "bus.jpg"), "-o", tmp_path / "bus.json"]
+        run = cli(kind, *args, "--endpoint", ep.url, env=env)
+        assert run.exit_code == 0, run.stderr
+        wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=60)
+        bodies = hooks(r)
+    assert bodies[0]["type"] == "started" and {b["kind"] for b in bodies} == {kind}
+    result = bodies[-1]["data"]["result"]
+    assert (result["output_dir"] == str(tmp_path / "out")) if kind == "compile" else (result["output"] == str(tmp_path / "bus.json"))

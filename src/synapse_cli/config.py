@@ -370,10 +370,7 @@ def _flatten(data: Mapping[str, Any], prefix: str = "", registry_: Mapping[str, 
 
 def load_file(path: Path, profile: str | None = None) -> dict[str, Any]:
     """Parse and flatten a config file; ``[profile.NAME]`` tables overlay the top level."""
-    try:
-        import tomllib  # type: ignore[import-not-found]
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    import tomllib
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -17,12 +17,19 @@ import json
 import re
 from typing import Any
 
-try:  # Python 3.11+
-    import re._constants as _c  # type: ignore[import-not-found]
-    import re._parser as _p  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _p  # type: ignore[no-redef]
+# The one private API here: CPython's regex parser (``re._parser.parse``) and its opcodes
+# (``re._constants``), used to turn a JSON Schema ``pattern`` into grammar rules. CPython may rename or
+# reshape them in any release (3.11 moved them from sre_parse/sre_constants); the names used are
+# ``PRIVATE_RE_NAMES``, and tests/test_compile_gbnf.py fails when one of them goes.
+import re._constants as _c
+import re._parser as _p
+
+PRIVATE_RE_NAMES = {
+    "re._parser": ("parse",),
+    "re._constants": ("ANY", "AT", "AT_BEGINNING", "AT_BEGINNING_STRING", "AT_END", "AT_END_STRING", "BRANCH", "CATEGORY", "IN",
+                      "LITERAL", "MAXREPEAT", "MAX_REPEAT", "MIN_REPEAT", "NEGATE", "NOT_LITERAL", "RANGE", "SRE_FLAG_DOTALL",
+                      "SRE_FLAG_IGNORECASE", "SRE_FLAG_MULTILINE", "SRE_FLAG_VERBOSE", "SUBPATTERN"),
+}  # fmt: skip
 
 MAX_CP = 0x10FFFF
 SPACE = r'space ::= | " " | "\n" [ \t]{0,20}'

@@ -309,7 +309,7 @@ def _shortcut(kind: str, asynchronous: bool) -> Any:
     import inspect
 
     from synapse_cli.pipeline import RunOptions
-    from synapse_cli.pipeline.plan import get_record
+    from synapse_cli.pipeline.planning import get_record
 
     record = get_record(kind)
     target = stream_async if asynchronous else stream

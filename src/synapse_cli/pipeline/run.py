@@ -8,7 +8,7 @@ from typing import Any, Generator, Iterator
 
 from synapse_cli.errors import UsageError
 from synapse_cli.events import Event, Log, Started, failed
-from synapse_cli.pipeline.plan import Plan
+from synapse_cli.pipeline.planning import Plan
 
 
 def job_events(plan: Plan) -> Generator[Event, None, None]:

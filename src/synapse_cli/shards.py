@@ -277,7 +277,7 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
     the job succeeded (``synapse_cli.storage.staging``).
     """
     if backend.capabilities.stages_urls:
-        from synapse_cli.storage.staging import has_urls
+        from synapse_cli.storage.urls import has_urls
 
         if has_urls(kind, spec):
             from synapse_cli.storage.client import Storage
@@ -314,7 +314,7 @@ def _one_call_for_urls(kind: str, spec: Any, backend: Any, settings: Any) -> boo
     splitting it would probe an object this client may hold no credentials for. ``--shards N`` is refused."""
     if backend.capabilities.stages_urls:
         return False
-    from synapse_cli.storage.staging import has_urls
+    from synapse_cli.storage.urls import has_urls
 
     if not has_urls(kind, spec):
         return False

@@ -519,7 +519,7 @@ def _events(run: JobRun) -> Iterator[Event]:
     def start(spec: Any) -> Iterator[Event]:
         return load_job(run.kind)(spec) if run.shards <= 1 else _sharded(run, spec)
 
-    from synapse_cli.storage.staging import has_urls
+    from synapse_cli.storage.urls import has_urls
 
     if run.storage is None or not has_urls(run.kind, run.spec):
         return start(run.spec)

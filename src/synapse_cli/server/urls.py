@@ -14,7 +14,7 @@ def check_urls(kind: str, data: dict[str, Any], storage: Any) -> None:
     """The server's rules for URL fields, checked when the job is submitted (nothing runs otherwise):
     the scheme (s3 read/write, https read, http only with ``[storage] allow_http``), ``s3://`` buckets
     on ``[serve] allow_buckets`` (403), a user's ``https://`` through the URL guard (422 naming the field)."""
-    from synapse_cli.storage.staging import url_fields
+    from synapse_cli.storage.urls import url_fields
     from synapse_cli.storage.urls import check_url, parse_s3
 
     try:

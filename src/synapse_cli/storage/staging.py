@@ -22,47 +22,19 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from synapse_cli.errors import SynapseError, UsageError
 from synapse_cli.events import Artifact, Event, Finished
-from synapse_cli.jobs import get_kind, path_values, spec_from_dict
+from synapse_cli.jobs import spec_from_dict
 from synapse_cli.storage.client import Storage
-from synapse_cli.storage.urls import ObjectURL, check_url, is_url, parse_s3, redact
+from synapse_cli.storage.urls import ObjectURL, check_url, is_url, parse_s3, redact, url_fields
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MAX_FETCH_BYTES = 512 * 1024 * 1024  # a whole-fetched input (schemas, images) larger than this is refused
-
-
-@dataclass(frozen=True)
-class URLField:
-    field: str
-    index: int | None
-    url: str
-    output: bool
-
-    @property
-    def label(self) -> str:
-        return self.field if self.index is None else f"{self.field}[{self.index}]"
-
-
-def url_fields(kind: str, data: dict[str, Any]) -> list[URLField]:
-    """Every URL among the spec's ``INPUTS`` and ``OUTPUTS`` (``jobs.path_values`` is the rule for a value)."""
-    record = get_kind(kind)
-    found = []
-    for names, output in ((record.inputs, False), (record.outputs, True)):
-        for name in names:
-            for index, value in path_values(data.get(name), "output" if output else "input", name):
-                if is_url(value):
-                    found.append(URLField(name, index, value, output))
-    return found
-
-
-def has_urls(kind: str, spec: Any) -> bool:
-    return bool(url_fields(kind, asdict(spec)))
 
 
 def secret_bearing(kind: str, spec: Any) -> str | None:

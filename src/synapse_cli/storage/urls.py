@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from synapse_cli.errors import UsageError
@@ -114,3 +115,36 @@ def redact_values(value: object) -> object:
     if isinstance(value, dict):
         return {k: redact_values(v) for k, v in value.items()}
     return value
+
+
+@dataclass(frozen=True)
+class URLField:
+    field: str
+    index: int | None
+    url: str
+    output: bool
+
+    @property
+    def label(self) -> str:
+        return self.field if self.index is None else f"{self.field}[{self.index}]"
+
+
+def url_fields(kind: str, data: dict[str, Any]) -> list[URLField]:
+    """Every URL among the spec's ``INPUTS`` and ``OUTPUTS`` (``jobs.path_values`` is the rule for a value)."""
+    from synapse_cli.jobs import get_kind, path_values
+
+    record = get_kind(kind)
+    found = []
+    for names, output in ((record.inputs, False), (record.outputs, True)):
+        for name in names:
+            for index, value in path_values(data.get(name), "output" if output else "input", name):
+                if is_url(value):
+                    found.append(URLField(name, index, value, output))
+    return found
+
+
+def has_urls(kind: str, spec: Any) -> bool:
+    """Does the spec name an ``s3://`` or ``https://`` input or output? (Cheap: no storage client is loaded.)"""
+    from dataclasses import asdict
+
+    return bool(url_fields(kind, asdict(spec)))

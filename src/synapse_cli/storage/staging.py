@@ -31,7 +31,7 @@ from synapse_cli.errors import SynapseError, UsageError
 from synapse_cli.events import Artifact, Event, Finished
 from synapse_cli.jobs import spec_from_dict
 from synapse_cli.storage.client import Storage
-from synapse_cli.storage.urls import ObjectURL, check_url, is_url, parse_s3, redact, url_fields
+from synapse_cli.storage.urls import ObjectURL, URLField, check_url, has_urls, parse_s3, redact, url_fields
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MAX_FETCH_BYTES = 512 * 1024 * 1024  # a whole-fetched input (schemas, images) larger than this is refused

@@ -118,7 +118,7 @@ def ts(value: str) -> float:
 def test_a_detached_job_is_answered_202_at_once_and_polled_to_completion(tmp_path):
     with serve_app(tmp_path / "srv") as ep:
         started = time.monotonic()
-        r = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "seconds": 4, "width": 320, "height": 240}, headers=AUTH)
+        r = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "seconds": 4, "width": 1280, "height": 720}, headers=AUTH)  # 720p: long enough to be seen processing, also on a loaded machine
         assert r.status_code == 202 and time.monotonic() - started < 2
         body = r.json()
         job_id = body["id"]

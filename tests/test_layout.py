@@ -126,13 +126,13 @@ def test_the_http_client_imports_nothing_of_the_server():
 
 # Modules still over 500 lines, each with the most it may have until it is split (issue 26: the GBNF
 # converter is the one that may stay): a module that grows past its line, or a new module past 500,
-# fails here. (runner.py took the object-storage issue's staging: split it next.)
+# fails here.
 OVERSIZE = {
     "synapse_cli/jobs/compile/gbnf.py": 980,  # the GBNF converter: the one module allowed to stay over 500
     "synapse_cli/jobs/export/job.py": 970,
     "synapse_cli/server/detached.py": 630,
 
-    "synapse_cli/server/runner.py": 610,
+    "synapse_cli/server/runner.py": 560,
     "synapse_cli/jobs/infer/batching.py": 560,
     "synapse_cli/jobs/compile/job.py": 550,
 }

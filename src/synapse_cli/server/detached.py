@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from synapse_cli.events import Event, Failed, Finished, Progress, Started, to_dict
 from synapse_cli.server import runner
+from synapse_cli.server.processes import kill_orphans
 from synapse_cli.server.state import forget
 from synapse_cli.server.uploads import BadUpload, remove_tree
 from synapse_cli.store import ACTIVE, STATES, JobStore, alive, this_host
@@ -373,7 +374,7 @@ class DetachedJobs:
                 if run is not None:
                     adopted.append(run)
                     continue
-            runner.kill_orphans(self.opts.jobs_dir / job.id)
+            kill_orphans(self.opts.jobs_dir / job.id)
             event = Failed(3, SERVER_STOPPED, "BackendError")
             if self.store.fail_dead(job.id, job.pid, 3, SERVER_STOPPED):  # only if it is still that dead server's active row
                 self.store.append_events(job.id, [to_dict(event)])

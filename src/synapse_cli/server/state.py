@@ -96,14 +96,15 @@ class ServerOptions:
 
     def shutdown(self, timeout_s: float = 10.0) -> bool:
         """``cancel_all``, then wait until each job's thread and processes are gone. True when they are."""
-        from synapse_cli.server import runner, webhooks
+        from synapse_cli.server import webhooks
+        from synapse_cli.server.processes import kill_children
 
         self.cancel_all()
         deadline = time.monotonic() + timeout_s
         for run in list(self.runs.values()):
             if run.thread is not None:
                 run.thread.join(max(0.0, deadline - time.monotonic()))
-            runner.kill_children(run.native_id)
+            kill_children(run.native_id)
         webhooks.wait_all(self, max(0.0, deadline - time.monotonic()))  # terminal webhooks still being retried
         return not any(r.thread is not None and r.thread.is_alive() for r in self.runs.values())
 

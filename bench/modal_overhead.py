@@ -50,7 +50,7 @@ def main() -> None:
         fake = FakeModal(work / "fake").start()
         os.environ.update(MODAL_SERVER_URL=fake.url, MODAL_TOKEN_ID="ak-fake", MODAL_TOKEN_SECRET="as-fake")
         reset_modal_client()
-        from modal_functions import app as modal_app
+        from synapse_cli import modal_app
         from synapse_cli.backends.local import LocalBackend
         from synapse_cli.backends.modal import ModalBackend
         from synapse_cli.config import load_settings

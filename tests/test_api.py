@@ -344,7 +344,7 @@ def test_infer_run_and_submit(db, tmp_path):
 
 @pytest.fixture
 def deployed(modal_fake):
-    from modal_functions import app as modal_app
+    from synapse_cli import modal_app
 
     modal_app.app.deploy(name="synapse")
     return modal_fake

@@ -252,7 +252,7 @@ def test_github_step_summary(cli, db, tiny, tmp_path):
 
 @pytest.fixture
 def deployed(modal_fake):
-    from modal_functions import app as modal_app
+    from synapse_cli import modal_app
 
     modal_app.app.deploy(name="synapse")
     return modal_fake

@@ -1,6 +1,6 @@
 """Job kinds are declared once (``JobKind``) and everything else derives from the records:
 a toy kind registered in one place runs locally, on Modal (the fake control plane) and behind
-``synapse serve``, with no edit to any backend, the server or ``modal_functions/app.py``."""
+``synapse serve``, with no edit to any backend, the server or ``synapse_cli/modal_app.py``."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def echo_kind():
         JOBS.pop("echo", None)
         import sys
 
-        if "modal_functions.app" in sys.modules:
-            importlib.reload(sys.modules["modal_functions.app"])
+        if "synapse_cli.modal_app" in sys.modules:
+            importlib.reload(sys.modules["synapse_cli.modal_app"])
 
 
 def _check(events: list, out: Path) -> None:
@@ -48,7 +48,7 @@ def test_echo_runs_locally(echo_kind, tmp_path):
 
 
 def test_echo_runs_on_modal(echo_kind, modal_fake, tmp_path):
-    from modal_functions import app as modal_app
+    from synapse_cli import modal_app
     from synapse_cli.backends.modal import ModalBackend
     from synapse_cli.config import load_settings
 
@@ -88,7 +88,7 @@ def test_echo_runs_behind_synapse_serve(echo_kind, tmp_path):
 def test_every_kind_is_reachable_on_every_backend():
     import importlib
 
-    from modal_functions import app as modal_app
+    from synapse_cli import modal_app
     from synapse_cli.cli import app as cli_app
     from synapse_cli.config import REGISTRY
 

@@ -21,7 +21,7 @@ def modal_app():
     import importlib
 
     pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
-    from modal_functions import app as modal_app
+    from synapse_cli import modal_app
 
     return importlib.reload(modal_app)
 
@@ -51,7 +51,7 @@ def test_app_settings_come_from_config(tmp_path):
 
     (tmp_path / ".synapse.toml").write_text('[modal]\napp_name = "reels"\ngpu = "A10G"\ntimeout_s = 900\nsecrets = ["hf-token"]\n')
     code = (
-        "from modal_functions import app as m\n"
+        "from synapse_cli import modal_app as m\n"
         "i = m.infer.info()\n"
         "print(m.app.name, i.gpus, i.timeout, i.secrets)\n"
     )
@@ -244,7 +244,7 @@ def test_function_timeout_exits_1(cli, modal_fake, tmp_path, monkeypatch):
     import importlib
 
     pytest.importorskip("modal", reason="modal is not installed")
-    import modal_functions.app as modal_app
+    import synapse_cli.modal_app as modal_app
     from tests.conftest import make_clip
 
     monkeypatch.setenv("SYNAPSE_MODAL_TIMEOUT_S", "1")
@@ -415,3 +415,24 @@ def test_log_lines_name_the_users_files(cli, deployed, bus, tmp_path):
     assert run.exit_code == 0, run.stderr
     assert [e for e in run.events() if e["type"] == "log"] == [{"type": "log", "message": f"{broken} is not a readable image; skipped", "level": "warning"}]
     assert_names_no_staged_path(run, deployed)
+
+
+def test_the_images_install_pyprojects_own_requirements(tmp_path):
+    """The Modal images' package lists are pyproject's (the core, the compile, infer and serve extras),
+    read from the checkout or, for a wheel, from the installed metadata: they cannot drift from a local install."""
+    import re
+    import tomllib
+
+    from synapse_cli import modal_app
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert modal_app.requirements() == tuple(project["dependencies"])
+    for extra in ("compile", "infer", "serve"):
+        assert modal_app.requirements(extra) == tuple(project["optional-dependencies"][extra])
+
+    def names(requirements):
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+    no_checkout = tmp_path / "pyproject.toml"  # absent: the installed distribution's metadata is read instead
+    assert names(modal_app.requirements(pyproject=no_checkout)) == names(project["dependencies"])
+    assert names(modal_app.requirements("compile", pyproject=no_checkout)) == names(project["optional-dependencies"]["compile"])

@@ -47,7 +47,7 @@ def test_a_detached_local_job_notifies_from_its_worker_with_the_client_gone(cli,
 
 @pytest.fixture
 def deployed(modal_fake):
-    from modal_functions import app as modal_app
+    from synapse_cli import modal_app
 
     modal_app.app.deploy(name="synapse")
     return modal_fake

@@ -190,7 +190,7 @@ def test_ctrl_c_stops_every_shard(tmp_path):
 def deployed(modal_fake):
     import importlib
 
-    from modal_functions import app as modal_app
+    from synapse_cli import modal_app
 
     importlib.reload(modal_app).app.deploy(name="synapse")
     return modal_fake

@@ -35,7 +35,7 @@ def clip(tmp_path_factory) -> Path:
 def deployed(modal_fake, db):
     import importlib
 
-    from modal_functions import app as modal_app
+    from synapse_cli import modal_app
 
     importlib.reload(modal_app).app.deploy(name="synapse")
     return modal_fake

@@ -33,7 +33,7 @@ def modal_s3(modal_fake, s3, monkeypatch):
     for name in storage_env(s3.server):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SYNAPSE_MODAL_SECRETS", "synapse-s3")
-    from modal_functions import app as modal_app
+    from synapse_cli import modal_app
 
     importlib.reload(modal_app).app.deploy(name="synapse")
     return modal_fake

@@ -54,7 +54,7 @@ def rows(db: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def deployed(modal_fake):  # modal_fake skips the test where modal is not installed
-    from modal_functions import app as modal_app
+    from synapse_cli import modal_app
 
     modal_app.app.deploy(name="synapse")
     return modal_fake

@@ -1,4 +1,4 @@
-"""Packaging: the wheel `pip wheel .` builds carries synapse_cli and modal_functions, and works
+"""Packaging: the wheel `pip wheel .` builds carries synapse_cli (its Modal app, synapse_cli/modal_app.py, included) and nothing top-level besides, and works
 installed into a fresh venv (no system site-packages), run from outside the checkout."""
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ def wheel(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("modal_functions/__init__.py", "modal_functions/app.py", "synapse_cli/__init__.py", "synapse_cli/api.py",
+    for name in ("synapse_cli/modal_app.py", "synapse_cli/__init__.py", "synapse_cli/api.py",
                  "synapse_cli/ci.py", "synapse_cli/jobs/export/job.py", "synapse_cli/server/jobs.html"):
         assert name in names, name
     assert not any(n.startswith("tests/") for n in names)
+    assert {n.split("/")[0] for n in names if "/" in n and ".dist-info/" not in n} == {"synapse_cli"}  # no top-level package to collide in site-packages
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "synapse = synapse_cli.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -50,7 +51,7 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path, modal_fake):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(synapse), *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
 
-    where = subprocess.run([str(python), "-c", "import synapse_cli, modal_functions; print(synapse_cli.__file__); print(modal_functions.__file__)"],
+    where = subprocess.run([str(python), "-c", "import synapse_cli, synapse_cli.modal_app as m; print(synapse_cli.__file__); print(m.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True)
     assert where.returncode == 0, where.stderr
     assert all(str(venv) in line and str(ROOT) not in line for line in where.stdout.splitlines())

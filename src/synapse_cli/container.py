@@ -5,7 +5,7 @@ Inside the container ``container_stream`` maps those to the Volume's mount
 (``SYNAPSE_VOLUME_ROOT``, default ``/data``), runs the same job generator as a
 local run, and yields its events as plain dicts, with paths mapped back to
 ``vol:`` form so the client knows what to download. No modal import here: the
-Modal functions in ``modal_functions/app.py`` are thin wrappers over this.
+Modal functions in ``synapse_cli/modal_app.py`` are thin wrappers over this.
 """
 
 from __future__ import annotations

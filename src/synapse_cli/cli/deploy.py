@@ -21,14 +21,14 @@ def deploy(json_output: JSON = False, config: CONFIG = None, profile: PROFILE = 
         from synapse_cli.backends.modal import map_modal_errors, require_credentials
 
         require_credentials()
-        # modal_functions.app reads the settings when it defines the app: hand it the same file and profile
+        # synapse_cli.modal_app reads the settings when it defines the app: hand it the same file and profile
         if settings.config_path:
             os.environ["SYNAPSE_CONFIG"] = str(settings.config_path)
         if profile:
             os.environ["SYNAPSE_PROFILE"] = profile
         modal_cfg = settings.section("modal")
         with map_modal_errors(modal_cfg["app_name"], modal_cfg["environment"]):
-            from modal_functions import app as modal_app
+            from synapse_cli import modal_app
 
             modal_app.app.deploy(name=modal_cfg["app_name"], environment_name=modal_cfg["environment"])
         names = sorted(modal_app.FUNCTIONS)

@@ -50,7 +50,7 @@ class JobKind:
       options and a ``common`` parameter), or None for a kind reached only through a backend.
     - ``settings``: the kind's ``[<name>]`` section of the config, key -> ``config.Setting``.
     - ``remote``: False for a kind the CLI runs in this process only (no Modal functions, and
-      its command has no remote options; ``synapse serve`` still runs it); ``image`` (a recipe of ``modal_functions/app.py``:
+      its command has no remote options; ``synapse serve`` still runs it); ``image`` (a recipe of ``synapse_cli/modal_app.py``:
       ``media``, ``engines`` or ``yolo``), ``gpu`` and ``packages`` (pip requirements on top of
       the recipe) are its Modal needs.
     - ``split``/``merge``/``size``: how to shard it (``"module:attr"``, None: it does not shard;

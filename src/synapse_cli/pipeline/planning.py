@@ -17,12 +17,19 @@ def settings_for(options: RunOptions, flags: Mapping[str, Any] | None = None) ->
     return load_settings({**options.flags(), **dict(flags or {})}, options.config, options.profile)
 
 
+def _modal_app() -> Any:
+    """The Modal app module, for an ephemeral run (``app.run()``): imported only then."""
+    from synapse_cli import modal_app
+
+    return modal_app
+
+
 def backend_named(name: str, settings: Settings) -> Any:
     """The backend a stored job ran on (``jobs wait``/``cancel``), configured from the settings."""
     if name == "modal":
         from synapse_cli.backends.modal import ModalBackend
 
-        return ModalBackend.from_settings(settings)
+        return ModalBackend.from_settings(settings, app=_modal_app)
     if name == "http":
         from synapse_cli.backends.http import HttpBackend
 

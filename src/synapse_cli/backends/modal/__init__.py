@@ -1,4 +1,4 @@
-"""The Modal backend: the same job generators, run by the Modal functions in ``modal_functions/app.py``.
+"""The Modal backend: the same job generators, run by the Modal functions in ``synapse_cli/modal_app.py``.
 
 Files never travel as call arguments (Modal inlines at most 2 MiB): inputs are
 uploaded to the shared Volume under a content-hash key (skipped when the key

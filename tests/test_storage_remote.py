@@ -47,8 +47,8 @@ def test_export_on_modal_with_s3_in_and_out_moves_no_bytes_through_the_client(cl
     events = run.events()
     assert events[-1]["result"]["output"] == s3.url("m/reel.mp4")
     assert [e["path"] for e in events if e["type"] == "artifact"] == [s3.url("m/reel.mp4")]
-    call = modal_s3.function_calls[-1]
-    assert call.function_name == "export"
+    (call,) = modal_s3.function_calls
+    assert call.function_name == "export_sharded"  # --shards auto: split in a container by size; a 1 s clip runs there whole
     spec = call.args[0]
     assert (spec["input"], spec["output"]) == (src, s3.url("m/reel.mp4"))
     assert len(pickle.dumps(spec)) < 2048  # the call carries the spec alone
@@ -240,11 +240,70 @@ def test_infer_behind_serve_with_s3_in_and_out(served, s3, cli, pan, tmp_path):
     assert remote["frames"] == _local_detect(cli, pan, tmp_path)["frames"]
 
 
-def test_shards_with_s3_fields_on_modal_are_refused_in_one_line(cli, modal_s3, s3, clip, db):
-    run = cli("export", s3.url("x/clip.mp4"), "-o", s3.url("x/o.mp4"), *SMALL, "--use-modal", "--shards", "2")
-    assert run.exit_code == 2
-    assert run.stderr.strip().splitlines()[-1].startswith("UsageError: --shards with s3:// or https:// fields")
-    assert not [c for c in modal_s3.function_calls if c.function_name == "export"]
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory) -> Path:
+    """8 s of dense noise (megabytes per second, so four windows of it dwarf socket buffers and probes),
+    a keyframe every second (a shard's seek lands near its window), moov first (as test_storage's big_silent)."""
+    import subprocess
+
+    from tests.conftest import ffmpeg_exe
+
+    out = tmp_path_factory.mktemp("keyed") / "keyed.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "nullsrc=size=640x360:rate=25:duration=8,geq=random(1)*255:128:128",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(out)], check=True)  # fmt: skip
+    return out
+
+
+def test_sharded_export_from_s3_on_modal_is_split_and_merged_in_a_container(cli, modal_s3, s3, keyed, tmp_path, db):
+    """The client has no credentials: one call of export_sharded splits the job in its container, each
+    shard (a call of export) reads its own window of the object by Range, the merge writes the one output."""
+    from tests.test_shards import assert_same_video
+
+    src = s3.put("sh/keyed.mp4", keyed)
+    run = cli("export", src, "-o", s3.url("sh/reel.mp4"), *SMALL, "--use-modal", "--shards", "4", "--json", "--no-cache")
+    assert run.exit_code == 0, run.stderr
+    names = [c.function_name for c in modal_s3.function_calls]
+    assert names.count("export_sharded") == 1 and names.count("export") == 4, names
+    sharded = next(c for c in modal_s3.function_calls if c.function_name == "export_sharded")
+    assert (sharded.args[0]["input"], sharded.args[0]["output"]) == (src, s3.url("sh/reel.mp4"))
+    assert len(pickle.dumps(sharded.args)) < 4096  # the spec and the [shards] settings, nothing else
+    shard_inputs = {c.args[0]["input"] for c in modal_s3.function_calls if c.function_name == "export"}
+    assert shard_inputs == {src}  # each shard reads the user's URL with its own credentials: nothing presigned travels
+    assert not any(c.startswith("VolumePutFiles") for c in modal_s3.calls)  # nothing uploaded, by the client or the container
+    assert not [p for p in modal_s3.volume_files("synapse-data") if p.startswith(("inputs/", "outputs/"))]  # the pieces are gone
+    events = run.events()
+    result = events[-1]["result"]
+    assert result["output"] == s3.url("sh/reel.mp4") and [s["index"] for s in result["shards"]] == [0, 1, 2, 3]
+    assert result["modal"]["calls"] == 4
+    size = keyed.stat().st_size
+    gets = s3.served("sh/keyed.mp4")
+    # a shard reads its 2 s window, a second of pre-roll before it and a second after: never the whole object
+    assert max(r.bytes for r in gets) < 0.65 * size, [(r.range, r.bytes) for r in gets]
+    assert sum(r.bytes for r in gets) < 2.5 * size  # four shards reading it all would be 4x
+    assert sum(1 for r in gets if r.range and not r.range.startswith("bytes=0-")) >= 3  # shards 2-4 seek by Range
+    here = tmp_path / "here.mp4"  # the same job on local files, split the same way on this machine
+    assert cli("export", keyed, "-o", here, *SMALL, "--no-modal", "--shards", "4", "--no-cache").exit_code == 0
+    got = tmp_path / "got.mp4"
+    got.write_bytes(s3.get("sh/reel.mp4"))
+    assert_same_video(got, here)
+    assert SECRET_KEY not in run.stdout + run.stderr and "X-Amz" not in run.stdout + run.stderr
+
+
+def test_a_detached_sharded_s3_job_on_modal_completes_with_no_client_and_wait_only_follows(cli, modal_s3, s3, keyed, db):
+    from tests.conftest import wait_for
+
+    src = s3.put("dd/keyed.mp4", keyed)
+    started = cli("export", src, "-o", s3.url("dd/reel.mp4"), *SMALL, "--use-modal", "--detach", "--shards", "2")
+    assert started.exit_code == 0, started.stderr
+    assert [c.function_name for c in modal_s3.function_calls][0] == "export_sharded_detached"
+    wait_for(lambda: s3.get("dd/reel.mp4") is not None, timeout=120)  # merged and written with nobody waiting
+    waited = cli("jobs", "wait", started.stdout.strip(), "--json")
+    assert waited.exit_code == 0, waited.stderr
+    result = waited.events()[-1]["result"]
+    assert result["output"] == s3.url("dd/reel.mp4") and [s["index"] for s in result["shards"]] == [0, 1]
+    assert [c.function_name for c in modal_s3.function_calls].count("export") == 2
+    got = s3.get("dd/reel.mp4")
+    assert got is not None and got[4:8] == b"ftyp"
 
 
 def test_detached_export_on_modal_writes_its_s3_output_and_wait_follows(cli, modal_s3, s3, clip, db):

@@ -53,8 +53,12 @@ def from_container(value: Any, root: Path) -> Any:
 
 
 def container_stream(kind: str, spec: dict[str, Any], notify: dict[str, Any] | None = None, job_id: str | None = None,
-                     on_delivery: Callable[[Any], None] | None = None) -> Iterator[dict[str, Any]]:
+                     on_delivery: Callable[[Any], None] | None = None,
+                     run: Callable[[Any, Any], Iterator[Event]] | None = None) -> Iterator[dict[str, Any]]:
     """Run job ``kind`` on a ``vol:``-addressed spec; yield its events as dicts.
+
+    ``run(staged_spec, spec)``: what runs the job once its URLs are staged (default: its generator,
+    here); a sharded job's split-and-merge (``backends.modal.inside``) is handed in by the app.
 
     ``notify`` (``notify.Target.for_call``) with ``job_id``: the job's webhooks are sent from here,
     through the URL guard (a container must not reach its cloud's metadata service or private
@@ -68,7 +72,8 @@ def container_stream(kind: str, spec: dict[str, Any], notify: dict[str, Any] | N
     def events() -> Iterator[Event]:
         # s3:// and https:// fields are read and written here, with the named Secret's AWS_* credentials
         # (the client uploads and downloads nothing for them); a user's https:// goes through the URL guard
-        for event in staged(kind, job_spec, Storage.for_container(os.environ), load_job(kind)):
+        job = run or (lambda local, _original: load_job(kind)(local))
+        for event in staged(kind, job_spec, Storage.for_container(os.environ), lambda local: job(local, job_spec)):
             if isinstance(event, Artifact):
                 event = replace(event, path=from_container(event.path, root))
             elif isinstance(event, Finished):

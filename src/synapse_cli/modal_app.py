@@ -122,17 +122,32 @@ _common: dict[str, Any] = dict(timeout=CONFIG["timeout_s"], volumes={MOUNT: volu
 
 
 def _stream(kind: str, spec: dict[str, Any], announce: bool = True, notify: dict[str, Any] | None = None,
-            job_id: str | None = None, on_delivery: Any = None) -> Iterator[dict[str, Any]]:
+            job_id: str | None = None, on_delivery: Any = None, shards: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """``shards`` (the client's ``[shards]`` settings): split the job here, run each shard as a call
+    of ``<kind>``, merge the pieces here (``synapse_cli.backends.modal.inside``)."""
     call_id = modal.current_function_call_id()
     if announce and call_id:
         # remote_gen gives the caller no handle on the call: say which call this is, so that
         # Ctrl-C on the client can cancel it (the client consumes this item, renderers never see it)
         yield {"type": CALL_EVENT, "function_call_id": call_id}
     try:
-        yield from container_stream(kind, spec, notify, job_id, on_delivery)
+        yield from container_stream(kind, spec, notify, job_id, on_delivery, run=None if shards is None else _split_here(kind, shards))
     finally:
         if not modal.is_local():
             volume.commit()  # outputs become visible to the client's read_file
+
+
+def _split_here(kind: str, shards: dict[str, Any]) -> Any:
+    """The job, once its URLs are staged: split, its shards run as calls of this app's ``<kind>``, merged here."""
+    from synapse_cli.backends.modal.inside import ContainerBackend, sharded_job
+    from synapse_cli.container import volume_root
+
+    config = {**CONFIG, "prices": _settings["jobs.gpu_prices_usd_per_hour"]}
+
+    def run(local: Any, original: Any) -> Any:
+        return sharded_job(kind, local, original, lambda urls: ContainerBackend(config, STREAMING.__getitem__, volume, volume_root(), urls), shards)
+
+    return run
 
 
 _retries = modal.Retries(
@@ -142,7 +157,8 @@ _retries = modal.Retries(
 )
 
 
-def _detached(kind: str, spec: dict[str, Any], job_id: str, notify: dict[str, Any] | None = None) -> dict[str, Any]:
+def _detached(kind: str, spec: dict[str, Any], job_id: str, notify: dict[str, Any] | None = None,
+              shards: dict[str, Any] | None = None) -> dict[str, Any]:
     """Consume a job generator inside the container and publish its events to a Dict (generators cannot be spawned).
 
     ``notify``: the job's webhook target (``synapse_cli.notify.Target.for_call``, its secret with it):
@@ -160,7 +176,7 @@ def _detached(kind: str, spec: dict[str, Any], job_id: str, notify: dict[str, An
 
     last_publish = 0.0
     try:
-        for event in _stream(kind, spec, announce=False, notify=notify, job_id=job_id, on_delivery=delivered):
+        for event in _stream(kind, spec, announce=False, notify=notify, job_id=job_id, on_delivery=delivered, shards=shards):
             events.append(event)
             now = time.monotonic()
             if event["type"] != "progress" or now - last_publish > 0.5:
@@ -182,8 +198,11 @@ def _global(fn: Any, name: str, doc: str) -> Any:
     return fn
 
 
-def _define(kind: JobKind) -> tuple[Any, Any]:
-    """The kind's two functions: ``<kind>`` (a generator, for ``.remote_gen()``) and ``<kind>_detached`` (for ``.spawn()``)."""
+def _define(kind: JobKind) -> dict[str, Any]:
+    """The kind's functions, by Modal name: ``<kind>`` (a generator, for ``.remote_gen()``) and
+    ``<kind>_detached`` (for ``.spawn()``); for a kind that shards, ``<kind>_sharded`` and
+    ``<kind>_sharded_detached`` too, which split the job in their container, run each shard as a
+    call of ``<kind>`` and merge the pieces there. They only wait and merge: no GPU."""
     name = kind.name
     options = dict(image=_image(kind), gpu=CONFIG["gpu"] if kind.gpu else None, **_common)
 
@@ -193,19 +212,38 @@ def _define(kind: JobKind) -> tuple[Any, Any]:
     def detached(spec: dict[str, Any], job_id: str, notify: dict[str, Any] | None = None) -> dict[str, Any]:
         return _detached(name, spec, job_id, notify)
 
-    stream_fn = app.function(name=name, **options)(_global(streaming, name, f"The {name} job, streaming its events."))
-    detached_fn = app.function(name=f"{name}_detached", retries=_retries, **options)(
-        _global(detached, f"{name}_detached", f"The {name} job, spawned: its events go to a Dict.")
-    )
-    return stream_fn, detached_fn
+    def sharded(spec: dict[str, Any], shards: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        yield from _stream(name, spec, shards=shards)
+
+    def sharded_detached(spec: dict[str, Any], job_id: str, notify: dict[str, Any] | None, shards: dict[str, Any]) -> dict[str, Any]:
+        return _detached(name, spec, job_id, notify, shards)
+
+    functions = {
+        name: app.function(name=name, **options)(_global(streaming, name, f"The {name} job, streaming its events.")),
+        f"{name}_detached": app.function(name=f"{name}_detached", retries=_retries, **options)(
+            _global(detached, f"{name}_detached", f"The {name} job, spawned: its events go to a Dict.")
+        ),
+    }
+    if kind.shardable:
+        merger = {**options, "gpu": None}
+        functions[f"{name}_sharded"] = app.function(name=f"{name}_sharded", **merger)(
+            _global(sharded, f"{name}_sharded", f"The {name} job split into calls of {name} and merged here, streaming its events.")
+        )
+        functions[f"{name}_sharded_detached"] = app.function(name=f"{name}_sharded_detached", retries=_retries, **merger)(
+            _global(sharded_detached, f"{name}_sharded_detached", f"The {name} job split and merged here, spawned: its events go to a Dict.")
+        )
+    return functions
 
 
-STREAMING: dict[str, Any] = {}
-DETACHED: dict[str, Any] = {}
+STREAMING: dict[str, Any] = {}  # by kind: its generator function
+DETACHED: dict[str, Any] = {}  # by kind: its spawnable function
+SHARDED: dict[str, Any] = {}  # by kind, for a kind that shards: its split-and-merge generator
 for _kind in KINDS.values():
-    STREAMING[_kind.name], DETACHED[_kind.name] = _define(_kind)
-    globals()[_kind.name] = STREAMING[_kind.name]
-    globals()[f"{_kind.name}_detached"] = DETACHED[_kind.name]
+    _functions = _define(_kind)
+    globals().update(_functions)
+    STREAMING[_kind.name], DETACHED[_kind.name] = _functions[_kind.name], _functions[f"{_kind.name}_detached"]
+    if f"{_kind.name}_sharded" in _functions:
+        SHARDED[_kind.name] = _functions[f"{_kind.name}_sharded"]
 
 
 # The HTTP endpoint (synapse serve's app) on Modal, for teams that call a web endpoint with an API key.
@@ -236,4 +274,4 @@ def serve() -> Any:
     )  # fmt: skip
 
 
-FUNCTIONS = {**STREAMING, **{f"{k}_detached": f for k, f in DETACHED.items()}, "serve": serve}  # by Modal name
+FUNCTIONS = {name: fn for name, fn in globals().items() if isinstance(fn, modal.Function)}  # by Modal name, serve included

@@ -28,6 +28,11 @@ A detached job on a backend that spawns its shards (Modal) is split when it star
 (``split_detached``) and merged by whoever waits for it (``follow_detached``: ``run_sharded``
 over shards that already run).
 
+A backend may split a job where it runs instead (``capabilities.shards == "server"``, or
+``url_shards`` for a spec with URL fields): then ``job_events`` hands it the whole job and the
+count asked for (``backend.run_sharded``), and that side runs ``sharded_events`` itself (Modal's
+``<kind>_sharded`` container, ``backends/modal/inside.py``).
+
 Nothing here imports typer, rich or modal.
 """
 
@@ -288,42 +293,44 @@ def job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Ev
 
 
 def _job_events(kind: str, spec: Any, backend: Any, settings: Any) -> Iterator[Event]:
+    from synapse_cli.jobs import get_kind
+
+    requested = settings["shards.count"]
+    if get_kind(kind).shardable and _sharding(kind, spec, backend) == "server" and requested != 1:
+        return backend.run_sharded(kind, spec, requested)  # split where the job runs (auto: by its own measure)
+    return sharded_events(kind, spec, backend, settings)
+
+
+def sharded_events(kind: str, spec: Any, backend: Any, settings: Any, workdir: Path | None = None) -> Iterator[Event]:
+    """The job as ``[shards] count`` shards through ``backend.run_shard``, merged here (or one ``run``).
+
+    ``workdir``: where the pieces go (default: beside the first output, so that they share its filesystem).
+    """
     from synapse_cli.errors import UsageError
     from synapse_cli.jobs import get_kind
 
     record = get_kind(kind)
-    requested = settings["shards.count"]
-    can = backend.capabilities
-    if record.shardable and can.shards == "server":  # an endpoint splits the job across its own workers (auto: its choice)
-        return backend.run_sharded(kind, spec, int(requested)) if requested not in ("auto", 1) else backend.run(kind, spec)
-    if _one_call_for_urls(kind, spec, backend, settings):
-        return backend.run(kind, spec)
     count = _count(kind, spec, backend, settings)
     if count <= 1:
         return backend.run(kind, spec)
-    if can.shards not in ("local", "remote"):
+    if _sharding(kind, spec, backend) not in ("local", "remote"):
         raise UsageError(f"--shards is not supported with the {backend.name} backend")
     return run_sharded(
         kind, spec, count, lambda part: backend.run_shard(kind, part), record.hook("split"), record.hook("merge"),
-        retries=can.shard_retries, workdir=_workdir(kind, spec), settings=settings, beside=_beside_hook(record),
+        retries=backend.capabilities.shard_retries, workdir=workdir or _workdir(kind, spec), settings=settings,
+        beside=_beside_hook(record),
     )  # fmt: skip
 
 
-def _one_call_for_urls(kind: str, spec: Any, backend: Any, settings: Any) -> bool:
-    """A spec with URL fields on a backend that does not read them here (Modal) runs as one call:
-    splitting it would probe an object this client may hold no credentials for. ``--shards N`` is refused."""
-    if backend.capabilities.stages_urls:
-        return False
-    from synapse_cli.storage.urls import has_urls
+def _sharding(kind: str, spec: Any, backend: Any) -> str:
+    """How ``backend`` shards this spec: its ``url_shards`` for a spec with URL fields, else its ``shards``."""
+    can = backend.capabilities
+    if can.url_shards is not None:
+        from synapse_cli.storage.urls import has_urls
 
-    if not has_urls(kind, spec):
-        return False
-    from synapse_cli.errors import UsageError
-    from synapse_cli.jobs import get_kind
-
-    if get_kind(kind).shardable and settings["shards.count"] not in ("auto", 1):
-        raise UsageError(f"--shards with s3:// or https:// fields runs on the local backend or behind an endpoint; the {backend.name} backend runs it as one call")
-    return True
+        if has_urls(kind, spec):
+            return str(can.url_shards)
+    return str(can.shards)
 
 
 def _beside_hook(record: Any) -> Callable[[Any, Path], Iterator[Event]] | None:
@@ -365,8 +372,6 @@ def split_detached(kind: str, spec: Any, backend: Any, settings: Any) -> tuple[l
     """
     from synapse_cli.jobs import get_kind
 
-    if _one_call_for_urls(kind, spec, backend, settings):
-        return [spec], Path(tempfile.gettempdir())
     count = _count(kind, spec, backend, settings)
     parent = _workdir(kind, spec) or Path(tempfile.gettempdir())
     if count <= 1:

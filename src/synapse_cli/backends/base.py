@@ -26,6 +26,9 @@ class Capabilities:
       ``run_shard`` on this machine, merged here. ``remote``: each shard is one ``run_shard``
       call elsewhere (its own machine), merged here. ``server``: the endpoint splits the job
       across its own workers and merges it (``run_sharded``).
+    - ``url_shards``: how ``--shards N`` runs for a spec with ``s3://`` or ``https://`` fields, where
+      that differs from ``shards`` (None: the same). Modal's is ``server``: such a job is split,
+      run and merged in a container, since this client may hold no credentials to probe it.
     - ``detach_shards``: a detached job may be sharded.
     - ``scales_out``: each call gets a machine of its own, so ``--shards auto`` splits by size.
     - ``shard_retries``: how often one shard is retried after a transient failure (BackendError).
@@ -38,6 +41,7 @@ class Capabilities:
 
     detach: bool = False
     shards: Sharding = "none"
+    url_shards: Sharding | None = None
     detach_shards: bool = False
     scales_out: bool = False
     shard_retries: int = 0
@@ -61,8 +65,8 @@ class Backend:
         """Run one shard of a sharded job (``shards`` ``local`` or ``remote``; see ``synapse_cli.shards``)."""
         raise UsageError(f"--shards is not supported with the {self.name} backend")
 
-    def run_sharded(self, kind: str, spec: Any, shards: int) -> Iterator[Event]:
-        """Run the whole job split into ``shards`` where it runs (``shards`` ``server``)."""
+    def run_sharded(self, kind: str, spec: Any, shards: Any) -> Iterator[Event]:
+        """Run the whole job split into ``shards`` (an int, or ``auto``) where it runs (``shards`` ``server``)."""
         raise UsageError(f"--shards is not supported with the {self.name} backend")
 
     def detach(self, kind: str, spec: Any, job: Any, store: Any, env: Mapping[str, str]) -> None:

@@ -120,9 +120,9 @@ class HttpBackend(Backend):
 
     # -- the job ------------------------------------------------------------------
 
-    def run_sharded(self, kind: str, spec: Any, shards: int) -> Iterator[Event]:
-        """The job split by the server across ``shards`` of its worker processes (``?shards=N``)."""
-        return self.run(kind, spec, shards=shards)
+    def run_sharded(self, kind: str, spec: Any, shards: Any) -> Iterator[Event]:
+        """The job split by the server across ``shards`` of its worker processes (``?shards=N``; ``auto``: the server's choice)."""
+        return self.run(kind, spec, shards=1 if shards == "auto" else int(shards))
 
     def run(self, kind: str, spec: Any, shards: int = 1) -> Iterator[Event]:
         """Upload, stream the events as they arrive, then download the outputs and rename them into place."""

@@ -14,13 +14,14 @@ This is the only module of synapse_cli that imports modal, and it does so
 lazily: ``synapse --help`` never pays for it. Modal's exceptions are mapped to
 ours here, at the edge.
 
-The package, by concern: ``backend`` (``ModalBackend``: calls, detached spawns, their follow and
-cancel), ``credentials`` (where Modal's token comes from, checked before any call), ``errors``
+The package, by concern: ``backend`` (``ModalBackend``: calls), ``detached`` (spawned calls, their
+follow and cancel), ``inside`` (a sharded job split and merged in a container), ``credentials`` (where Modal's token comes from, checked before any call), ``errors``
 (Modal's exceptions as ours, and a deadline on each step), ``files`` (inputs to the Volume, outputs
 back), ``calls`` (a spawned call's progress, webhooks and shard followers).
 """
 
-from synapse_cli.backends.modal.backend import CALL_EVENT, PROGRESS_DICT, ModalBackend
+from synapse_cli.backends.modal.backend import CALL_EVENT, ModalBackend
+from synapse_cli.backends.modal.detached import PROGRESS_DICT
 from synapse_cli.backends.modal.credentials import credentials_source, require_credentials
 from synapse_cli.backends.modal.errors import map_modal_errors
 

@@ -12,7 +12,7 @@ from synapse_cli.events import Event
 from synapse_cli.backends.modal.files import _Files
 
 if TYPE_CHECKING:
-    from synapse_cli.backends.modal.backend import ModalBackend
+    from synapse_cli.backends.modal.detached import DetachedCalls
 
 
 WEBHOOKS_SUFFIX = "/webhooks"  # keep in sync with synapse_cli.modal_app
@@ -41,7 +41,7 @@ class _ShardFollower:
     thread): iterate for its events, its piece fetched into the shard spec's outputs. ``terminate()``,
     from any thread, stops following within a poll; cancelling the call is ``_follow_shards``' part."""
 
-    def __init__(self, backend: ModalBackend, kind: str, shard: dict[str, Any], part: Any) -> None:
+    def __init__(self, backend: DetachedCalls, kind: str, shard: dict[str, Any], part: Any) -> None:
         self.backend, self.kind, self.shard, self.part = backend, kind, shard, part
         self.stop = threading.Event()
         self._events: Any = None

@@ -69,6 +69,19 @@ def test_modal_container_refuses_a_loopback_https_input(cli, modal_s3, http_file
     assert "refused" in run.stderr and "loopback" in run.stderr
 
 
+def test_sharded_infer_on_modal_with_s3_in_and_out_runs_its_shards_on_the_gpu_function(cli, modal_s3, s3, pan, tmp_path, db):
+    """infer needs a GPU: the CPU container that splits and merges never runs a shard itself."""
+    src = s3.put("ms/pan.mp4", pan)
+    run = cli("infer", src, "--task", "detect", "--imgsz", "160", "-o", s3.url("ms/pan.json"), "--use-modal", "--shards", "2", "--json", "--no-cache")
+    assert run.exit_code == 0, run.stderr
+    names = [c.function_name for c in modal_s3.function_calls]
+    assert names.count("infer_sharded") == 1 and names.count("infer") == 2, names
+    assert {c.args[0]["source"] for c in modal_s3.function_calls if c.function_name == "infer"} == {src}
+    remote = json.loads(s3.get("ms/pan.json"))
+    assert remote["source"] == src and remote["frames"] == _local_detect(cli, pan, tmp_path)["frames"]
+    assert [s["index"] for s in run.events()[-1]["result"]["shards"]] == [0, 1]
+
+
 # -- behind synapse serve -------------------------------------------------------------------------
 
 
@@ -333,3 +346,20 @@ def test_a_modal_client_without_credentials_runs_a_cacheable_job_uncached_at_onc
     assert logs == ["result cache skipped: the version of its URL input could not be read from this machine "
                     "(no storage credentials here, or the object is gone); the job runs in full"]
     assert [e["type"] for e in run.events()][:2] == ["started", "log"]
+
+
+def test_cancelling_a_detached_sharded_s3_job_on_modal_stops_its_shards_and_writes_nothing(cli, modal_s3, s3, keyed, db):
+    from tests.conftest import wait_for
+
+    src = s3.put("cx/keyed.mp4", keyed)
+    started = cli("export", src, "-o", s3.url("cx/reel.mp4"), "--use-modal", "--detach", "--shards", "4", "--set", "output_width=720",
+                  "--set", "output_height=1280", env={"SYNAPSE_FFMPEG_PRESET": "medium"})  # fmt: skip
+    assert started.exit_code == 0, started.stderr
+    wait_for(lambda: [c for c in modal_s3.function_calls if c.function_name == "export" and c.outcome == "running"], timeout=60)
+    cancelled = cli("jobs", "cancel", started.stdout.strip())
+    assert cancelled.exit_code == 0, cancelled.stderr
+    wait_for(lambda: all(c.outcome != "running" for c in modal_s3.function_calls), timeout=30)  # the shards went with their merger
+    outcomes = [c.outcome for c in modal_s3.function_calls if c.function_name == "export"]
+    assert "cancelled" in outcomes and set(outcomes) <= {"cancelled", "ok"}, outcomes
+    assert s3.get("cx/reel.mp4") is None and s3.open_uploads() == []
+    assert json.loads(cli("jobs", "show", started.stdout.strip(), "--json").stdout)["status"] == "cancelled"

@@ -93,11 +93,13 @@ class Storage:
         return cls.guarded(resolve({}, env, {}), buckets=False)
 
     @classmethod
-    def guarded(cls, settings: Mapping[str, Any], buckets: bool = True) -> "Storage":
+    def guarded(cls, settings: Mapping[str, Any], buckets: bool = True, guard: Any = None) -> "Storage":
         """For URLs that strangers give (``synapse serve``; a container): https:// inputs through the
         netguard (no loopback, private, link-local, CGNAT, unique-local or mapped addresses, unless
-        ``[serve] allow_hosts`` admits the host); with ``buckets``, s3:// only on ``[serve] allow_buckets``."""
+        ``[serve] allow_hosts`` admits the host); with ``buckets``, s3:// only on ``[serve] allow_buckets``.
+        ``guard``: a ``netguard.Guard`` to use instead of the settings' (a test's resolver)."""
         storage = cls.from_settings(settings)
+        storage._guard = guard
         storage._guard_settings = {"serve.allow_hosts": settings["serve.allow_hosts"]}
         if buckets:
             storage.allow_buckets = frozenset(settings["serve.allow_buckets"])

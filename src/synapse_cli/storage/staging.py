@@ -6,7 +6,9 @@ does a path:
 
 - a **streamed** input (a field in the spec class's ``STREAMED``, e.g. export's ``input``, that
   is not an image or a prefix) becomes a presigned GET URL (``s3://``) or stays the https URL:
-  ffmpeg/PyAV range-read it (``jobs._media.url_options``), so a shard fetches its window only;
+  ffmpeg/PyAV range-read it (``jobs._media.url_options``), so a shard fetches its window only.
+  Where a guard is set (serve, a container), an https URL is read through a loopback relay that
+  connects to checked addresses only (``storage.relay``): ffmpeg never resolves a stranger's host;
 - any other input (schemas, a folder of them, an image) is fetched whole into a temp folder;
 - an output becomes a file (or, for a ``*_dir`` field, a folder) in the temp folder, uploaded
   once the job's ``Finished`` came and before it is passed on; its ``Artifact`` events are held
@@ -127,12 +129,21 @@ class Stage:
         self.data = asdict(spec)
         self.overwrite = bool(self.data.get("overwrite"))
         self.streamed = tuple(getattr(type(spec), "STREAMED", ()))
+        self.relays: list[Any] = []  # storage.relay.Relay: a guarded media input's loopback relays, closed with the stage
         self._placed: dict[tuple[str, int | None], str] = {}
         found = url_fields(kind, self.data)
-        for n, f in enumerate(x for x in found if x.output):  # outputs first: an existing key is refused before any fetch
-            self._place_output(n, f)
-        for n, f in enumerate(x for x in found if not x.output):
-            self._place_input(n, f)
+        try:
+            for n, f in enumerate(x for x in found if x.output):  # outputs first: an existing key is refused before any fetch
+                self._place_output(n, f)
+            for n, f in enumerate(x for x in found if not x.output):
+                self._place_input(n, f)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for relay in self.relays:
+            relay.close()
 
     def _place_output(self, n: int, f: URLField) -> None:
         check_url(f.url, f.label, self.storage.allow_http, output=True)
@@ -170,6 +181,12 @@ class Stage:
                 if self.storage.head(url) is None:
                     raise UsageError(f"input not found: {url}")
                 seen = self.storage.presign_get(url)
+            elif self.storage.guard is not None:  # a stranger's host: ffmpeg reads it through a relay that connects to checked addresses
+                from synapse_cli.storage.relay import Relay
+
+                relay = Relay(self.storage.guard, f.url)
+                self.relays.append(relay)
+                seen = relay.start().url
             else:
                 seen = f.url
             self.names.add(seen, redact(f.url))
@@ -259,6 +276,7 @@ def staged(kind: str, spec: Any, storage: Storage, run: Callable[[Any], Iterator
     tmp = Path(tempfile.mkdtemp(prefix="synapse-stage-", dir=workdir))
     events: Iterator[Event] | None = None
     names = Names()
+    stage: Stage | None = None
     try:
         stage = Stage(kind, spec, storage, tmp)
         names = stage.names
@@ -274,8 +292,15 @@ def staged(kind: str, spec: Any, storage: Storage, run: Callable[[Any], Iterator
                 held = []
             yield names.event(event)
     except SynapseError as exc:
+        from synapse_cli.storage.relay import refused_message
+
+        refused = refused_message(stage.relays) if stage is not None else None
+        if refused is not None:  # the relay met a refused address (a DNS answer that changed): say that, not ffmpeg's 502
+            raise UsageError(refused) from None
         raise names.error(exc) from None
     finally:
         if events is not None and hasattr(events, "close"):
             events.close()  # on Ctrl-C or an error: the job's own cleanup (ffmpeg killed, temp files removed)
+        if stage is not None:
+            stage.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -100,7 +100,9 @@ class Guard:
     """What may be fetched from here, and an ``httpx.Client`` that fetches nothing else.
 
     ``allow_hosts``: names (or IP literals) admitted whatever they resolve to. ``allow_http``:
-    plain ``http://`` too. ``resolver``: a seam for tests, ``(host, port) -> [addresses]``.
+    plain ``http://`` too. ``any_address``: every address is admitted (the local backend, where
+    the user owns the machine: the same fetch, its caps and no redirects, without the refusals).
+    ``resolver``: a seam for tests, ``(host, port) -> [addresses]``.
     """
 
     def __init__(
@@ -111,7 +113,9 @@ class Guard:
         max_seconds: float | None = DEFAULT_MAX_SECONDS,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         resolver: Resolver | None = None,
+        any_address: bool = False,
     ) -> None:
+        self.any_address = any_address
         self.allow_hosts = frozenset(_host_key(h) for h in allow_hosts if h and h.strip())
         self.allow_http = allow_http
         self.max_bytes = max_bytes
@@ -149,7 +153,7 @@ class Guard:
         found = list(self.resolver(host, port))
         if not found:
             raise httpcore.ConnectError(f"{host!r} resolves to no address")
-        if key in self.allow_hosts:
+        if self.any_address or key in self.allow_hosts:
             return found
         for address in found:
             why = refusal(address)
@@ -185,6 +189,8 @@ class Guard:
             with client.stream("GET", url) as response:
                 if response.is_redirect:
                     raise RefusedURL(f"{what} {redact(url)} redirects ({response.status_code}); redirects are not followed")
+                if response.status_code == 404:
+                    raise UsageError(f"input not found: {redact(url)}")
                 if response.status_code >= 400:
                     raise JobError(f"{what} {redact(url)}: HTTP {response.status_code}")
                 size = 0

@@ -132,7 +132,6 @@ OVERSIZE = {
     "synapse_cli/server/detached.py": 625,
     "synapse_cli/server/runner.py": 545,
     "synapse_cli/jobs/infer/batching.py": 560,
-    "synapse_cli/jobs/compile/job.py": 550,
 }
 
 

@@ -131,7 +131,6 @@ OVERSIZE = {
     "synapse_cli/jobs/compile/gbnf.py": 980,  # the GBNF converter: the one module allowed to stay over 500
     "synapse_cli/server/detached.py": 625,
     "synapse_cli/server/runner.py": 545,
-    "synapse_cli/jobs/infer/batching.py": 560,
 }
 
 

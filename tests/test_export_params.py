@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from synapse_cli.errors import UsageError
-from synapse_cli.jobs.export.job import PARAMS, _Bound, _Doubt, _read, _validate_with_pydantic
+from synapse_cli.jobs.export.params import PARAMS, _Bound, _Doubt, _read, _validate_with_pydantic
 
 numbers = st.one_of(
     st.integers(-3, 3000), st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0, 0.0, -0.0, 1e-9, 5, 5.0001, 100, 200.5]),

@@ -18,7 +18,7 @@ import pytest
 
 from synapse_cli.jobs._media import MediaInfo
 from synapse_cli.jobs.export._timeline import frame_map, frame_rate, segments, split_marks
-from synapse_cli.jobs.export.job import _segment_window
+from synapse_cli.jobs.export.windows import _segment_window
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402

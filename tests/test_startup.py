@@ -181,8 +181,8 @@ BAD = [
 
 @pytest.mark.parametrize(("job", "params"), PARAMS + LAX)
 def test_plain_params_read_as_pydantic_reads_them(job, params):
-    from synapse_cli.jobs.export.job import PARAMS as CLASSES
-    from synapse_cli.jobs.export.job import _Doubt, _read, _validate_with_pydantic, validate_params
+    from synapse_cli.jobs.export.params import PARAMS as CLASSES
+    from synapse_cli.jobs.export.params import _Doubt, _read, _validate_with_pydantic, validate_params
 
     assert validate_params(job, params) == _validate_with_pydantic(job, params)
     if (job, params) in PARAMS:
@@ -194,8 +194,8 @@ def test_plain_params_read_as_pydantic_reads_them(job, params):
 
 @pytest.mark.parametrize(("job", "params"), BAD)
 def test_bad_params_are_left_to_pydantic(job, params):
-    from synapse_cli.jobs.export.job import PARAMS as CLASSES
-    from synapse_cli.jobs.export.job import _Doubt, _read, validate_params
+    from synapse_cli.jobs.export.params import PARAMS as CLASSES
+    from synapse_cli.jobs.export.params import _Doubt, _read, validate_params
 
     with pytest.raises(_Doubt):
         _read(CLASSES[job], params)

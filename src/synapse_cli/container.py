@@ -42,14 +42,10 @@ def to_container(kind: str, spec: dict[str, Any], root: Path) -> dict[str, Any]:
 
 def from_container(value: Any, root: Path) -> Any:
     """Paths under the Volume root back to ``vol:`` form, recursively through results."""
+    from synapse_cli.jsonwalk import map_strings
+
     prefix = str(root).rstrip("/") + "/"
-    if isinstance(value, str) and value.startswith(prefix):
-        return VOL + value[len(prefix):]
-    if isinstance(value, list):
-        return [from_container(v, root) for v in value]
-    if isinstance(value, dict):
-        return {k: from_container(v, root) for k, v in value.items()}
-    return value
+    return map_strings(value, lambda s: VOL + s[len(prefix):] if s.startswith(prefix) else s)
 
 
 def container_stream(kind: str, spec: dict[str, Any], notify: dict[str, Any] | None = None, job_id: str | None = None,

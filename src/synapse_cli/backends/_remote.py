@@ -28,6 +28,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, TypeVa
 from synapse_cli.errors import BackendError, SynapseError, error_from_wire, one_line
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress
 from synapse_cli.jobs import get_kind, path_values
+from synapse_cli.jsonwalk import map_strings
 from synapse_cli.jobs._files import atomic_output
 
 # stamina logs each scheduled retry at WARNING; with no logging configured Python would print
@@ -113,13 +114,7 @@ class StagedNames:
 
     def value(self, value: Any) -> Any:
         """``text`` applied to every string of a JSON-like value (a ``finished`` result)."""
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, list):
-            return [self.value(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self.value(v) for k, v in value.items()}
-        return value
+        return map_strings(value, self.text)
 
     def event(self, event: Event) -> Event:
         """The event as the user should read it: its message (or result) named."""

@@ -38,6 +38,7 @@ from urllib.parse import urlencode
 
 from synapse_cli.backends._remote import PathField, path_fields, stage_paths
 from synapse_cli.errors import SynapseError, UsageError
+from synapse_cli.jsonwalk import map_strings
 from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress, failed
 from synapse_cli.jobs import get_kind, select_installed, settle_names
 from synapse_cli.server.processes import kill_children
@@ -104,13 +105,7 @@ class JobRun:
         return text
 
     def _value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self._text(value)
-        if isinstance(value, dict):
-            return {k: self._value(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self._value(v) for v in value]
-        return value
+        return map_strings(value, self._text)
 
     def translate(self, event: Event) -> list[Event]:
         """The event(s) to stream for one job event."""

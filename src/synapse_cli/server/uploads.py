@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from synapse_cli.errors import one_line
 from synapse_cli.protocol import DIR_TAR
 
 MAX_SPEC_BYTES = 4 * 1024 * 1024  # the spec part (and a JSON body): specs are small, files travel as files
@@ -274,7 +275,8 @@ def _tarinfo_class() -> type:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """The exception's type and message, on one line."""
+    text = one_line(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from synapse_cli.errors import SynapseError, UsageError
+from synapse_cli.jsonwalk import map_strings
 from synapse_cli.events import Artifact, Event, Finished
 from synapse_cli.jobs import spec_from_dict
 from synapse_cli.storage.client import Storage
@@ -66,15 +67,7 @@ class Names:
         return self._pattern.sub(lambda m: self.names[m.group(0)], text)
 
     def value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, list):
-            return [self.value(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(self.value(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self.value(v) for k, v in value.items()}
-        return value
+        return map_strings(value, self.text)
 
     def event(self, event: Event) -> Event:
         if not is_dataclass(event):

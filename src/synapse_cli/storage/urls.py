@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from synapse_cli.errors import UsageError
+from synapse_cli.jsonwalk import map_strings
 
 SCHEMES = ("s3", "https", "http")
 _URL = re.compile(r"^(s3|https?)://", re.IGNORECASE)
@@ -108,13 +109,7 @@ def redact_text(text: str) -> str:
 
 def redact_values(value: object) -> object:
     """``redact_text`` on every string of a JSON-like value (a spec, an event, a result) before it is stored."""
-    if isinstance(value, str):
-        return redact_text(value) if "://" in value else value
-    if isinstance(value, list):
-        return [redact_values(v) for v in value]
-    if isinstance(value, dict):
-        return {k: redact_values(v) for k, v in value.items()}
-    return value
+    return map_strings(value, redact_text)  # (redact_text returns a string without "://" as it is)
 
 
 @dataclass(frozen=True)

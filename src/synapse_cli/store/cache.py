@@ -22,6 +22,7 @@ from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
 from synapse_cli.hashing import sha256_path
 from synapse_cli.jobs import get_kind, path_values
 from synapse_cli.jobs._files import atomic_output
+from synapse_cli.jsonwalk import map_strings
 from synapse_cli.store.recording import store_events
 from synapse_cli.store import Job, JobStore
 
@@ -127,13 +128,9 @@ def reuse(cached: Job, kind: str, spec: Any) -> Iterator[Event]:
 
 
 def _replace_strings(value: Any, old: str, new: str) -> Any:
-    if isinstance(value, str):
-        return new + value[len(old):] if value == old or value.startswith(old.rstrip("/") + "/") else value
-    if isinstance(value, list):
-        return [_replace_strings(v, old, new) for v in value]
-    if isinstance(value, dict):
-        return {k: _replace_strings(v, old, new) for k, v in value.items()}
-    return value
+    """``value`` with every path ``old`` (or one under it) given as ``new`` instead."""
+    under = old.rstrip("/") + "/"
+    return map_strings(value, lambda s: new + s[len(old):] if s == old or s.startswith(under) else s)
 
 
 def follow(store: JobStore, other: Job, kind: str, spec: Any) -> Iterator[Event]:

@@ -122,11 +122,11 @@ class _Files:
         return StagedNames(names, schemes=(VOL,))
 
     def localize(self, value: Any) -> Any:
-        if isinstance(value, str) and value.startswith(VOL):
-            local = self.local_path(value)
-            return str(local) if local is not None else value
-        if isinstance(value, list):
-            return [self.localize(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self.localize(v) for k, v in value.items()}
-        return value
+        """Every ``vol:`` path in ``value`` (a result) as the local path it was fetched to."""
+        from synapse_cli.jsonwalk import map_strings
+
+        def local(text: str) -> str:
+            found = self.local_path(text) if text.startswith(VOL) else None
+            return str(found) if found is not None else text
+
+        return map_strings(value, local)

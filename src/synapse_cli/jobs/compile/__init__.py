@@ -5,6 +5,9 @@
 Its private helpers:
 
 - ``inputs``: read input files into compile units (schema, regex, grammar) or one-line input errors.
+- ``units``: a spec's units, each unit's state while its engines run, the engine work for the pool.
+- ``checks``: ``--check``'s labelled instances; ``report``: a unit's report, files and events.
+- ``shards``: the ``split``/``merge``/``size`` hooks (groups of inputs, one output folder).
 - ``normalize``: draft unification, ``$ref`` bundling, keyword walks over a schema.
 - ``gbnf``: our JSON Schema / regex -> GBNF converter (no PyPI package gives llama.cpp GBNF).
 - ``engines``: what each decoding engine compiles and how its artefact is verified (run in workers).
@@ -31,9 +34,9 @@ KIND = JobKind(
         "cache_dir": Setting(None, optional_text, "compile cache; default: the user cache dir"),
     },
     image="engines",
-    split="synapse_cli.jobs.compile.job:split_compile",
-    merge="synapse_cli.jobs.compile.job:merge_compile",
-    size="synapse_cli.jobs.compile.job:compile_units",
+    split="synapse_cli.jobs.compile.shards:split_compile",
+    merge="synapse_cli.jobs.compile.shards:merge_compile",
+    size="synapse_cli.jobs.compile.shards:compile_units",
     shard_by="units",
     names="synapse_cli.jobs.compile.job:compile_names",
 )

@@ -22,6 +22,8 @@ import re
 import time
 from typing import Any
 
+from synapse_cli.errors import one_line
+
 ENGINES = ("llguidance", "xgrammar", "outlines", "llama.cpp")
 ARTEFACT_SUFFIX = {"llguidance": "lark", "outlines": "regex", "llama.cpp": "gbnf", "xgrammar": "schema.json"}
 PACKAGES = {"llguidance": "llguidance", "outlines": "outlines-core", "xgrammar": "xgrammar", "llama.cpp": "llguidance"}
@@ -45,9 +47,7 @@ class EngineFailure(Exception):
     """The engine could not compile or load this input: the message goes to the report's ``error``."""
 
 
-def _one_line(text: Any, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+ERROR_CHARS = 300  # an engine's error in a report: one line, at most this long (errors.one_line)
 
 
 # -- llguidance ---------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def _llg_matcher(lark: str) -> Any:
     grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     matcher = llguidance.LLMatcher(_llg_tokenizer(), grammar, log_level=0)
     if matcher.is_error():
-        raise EngineFailure(_one_line(matcher.get_error()))
+        raise EngineFailure(one_line(matcher.get_error(), ERROR_CHARS))
     return matcher
 
 
@@ -127,8 +127,8 @@ def _llg_json_lark(schema: Any) -> tuple[str, list[str]]:
         elif ("Unimplemented keys" in text or "format" in text.lower()) and not options.get("lenient"):
             options["lenient"] = True
         else:
-            raise EngineFailure(_one_line(text))
-    raise EngineFailure(_one_line(text))
+            raise EngineFailure(one_line(text, ERROR_CHARS))
+    raise EngineFailure(one_line(text, ERROR_CHARS))
 
 
 # -- per engine compile ---------------------------------------------------------------------
@@ -152,7 +152,7 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
             try:
                 artefact = any_to_lark(payload)
             except Exception as exc:
-                raise EngineFailure(f"cannot read grammar: {_one_line(exc)}") from None
+                raise EngineFailure(f"cannot read grammar: {one_line(exc, ERROR_CHARS)}") from None
         _llg_matcher(artefact)
     elif engine == "llama.cpp":
         from synapse_cli.jobs.compile import gbnf
@@ -187,7 +187,7 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
             except BaseException as exc:  # pyo3 panics are BaseException
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                raise EngineFailure(_one_line(exc)) from None
+                raise EngineFailure(one_line(exc, ERROR_CHARS)) from None
             dropped = outlines_dropped(prepared) | untranslated
             ignored = sorted(_ignored_by(sorted(keywords_used(prepared)), OUTLINES_ENFORCED, prepared, OUTLINES_FORMATS) | dropped)
         else:
@@ -218,7 +218,7 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
         except EngineFailure:
             raise
         except Exception as exc:
-            raise EngineFailure(_one_line(exc)) from None
+            raise EngineFailure(one_line(exc, ERROR_CHARS)) from None
     else:
         raise EngineFailure(f"unknown engine {engine!r}")
     return {"artefact": artefact, "ignored_keywords": ignored, "compile_ms": round((time.perf_counter() - t0) * 1000, 2)}
@@ -312,7 +312,7 @@ def _gbnf_matcher(gbnf_text: str) -> Any:
     try:
         lark = gbnf_to_lark(gbnf_text)
     except Exception as exc:
-        raise EngineFailure(f"GBNF does not load: {_one_line(exc)}") from None
+        raise EngineFailure(f"GBNF does not load: {one_line(exc, ERROR_CHARS)}") from None
     return _llg_matcher(lark)
 
 
@@ -336,7 +336,7 @@ def _outlines_index(regex: str) -> None:
     except BaseException as exc:  # pyo3 panics
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        raise EngineFailure(f"outlines-core index: {_one_line(exc)}") from None
+        raise EngineFailure(f"outlines-core index: {one_line(exc, ERROR_CHARS)}") from None
 
 
 def _py_regex(pattern: str) -> Any:
@@ -350,7 +350,7 @@ def _py_regex(pattern: str) -> Any:
         except ImportError:
             raise EngineFailure("regex is not valid for Python's re (install `regex` to check it)") from None
         except Exception as exc:
-            raise EngineFailure(f"regex does not compile: {_one_line(exc)}") from None
+            raise EngineFailure(f"regex does not compile: {one_line(exc, ERROR_CHARS)}") from None
 
 
 _XGR: Any = None
@@ -367,7 +367,7 @@ def _xgrammar() -> Any:
                 warnings.simplefilter("ignore")
                 import xgrammar
         except Exception as exc:
-            raise EngineFailure(f"xgrammar unavailable: {type(exc).__name__}: {_one_line(exc, 160)}") from None
+            raise EngineFailure(f"xgrammar unavailable: {type(exc).__name__}: {one_line(exc, 160)}") from None
         _XGR = xgrammar
     return _XGR
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from synapse_cli.errors import one_line
 from synapse_cli.jobs.compile.normalize import InputError, detect_draft, normalize, pointer_of, walk
 
 KINDS = ("json_schema", "regex", "grammar")
@@ -165,18 +166,13 @@ def check_schema(schema: Any, ptr: str) -> None:
     # no format checker: patterns are checked below, by an engine when Python's re cannot read them
     error = best_match(cls(cls.META_SCHEMA).iter_errors(schema))
     if error is not None:
-        raise InputError(ptr + pointer_of(error.absolute_path), f"not a valid JSON Schema: {_short(error.message)}")
+        raise InputError(ptr + pointer_of(error.absolute_path), f"not a valid JSON Schema: {one_line(error.message, 160)}")
     for path, node in walk(schema):
         pattern = node.get("pattern")
         if isinstance(pattern, str):
             check_regex(pattern, ptr + pointer_of(path + ("pattern",)))
         for key in node.get("patternProperties", {}) or {}:
             check_regex(key, ptr + pointer_of(path + ("patternProperties", key)))
-
-
-def _short(text: str, limit: int = 160) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def check_regex(pattern: str, ptr: str) -> None:
@@ -299,7 +295,7 @@ def _check_grammar(text: str, ptr: str) -> None:
     try:
         lark = any_to_lark(text)
     except Exception as exc:
-        raise InputError(ptr, f"grammar does not parse: {_short(str(exc))}") from None
+        raise InputError(ptr, f"grammar does not parse: {one_line(exc, 160)}") from None
     error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(lark))
     if error:
-        raise InputError(ptr, f"grammar does not parse: {_short(error)}")
+        raise InputError(ptr, f"grammar does not parse: {one_line(error, 160)}")

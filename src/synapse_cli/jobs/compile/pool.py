@@ -26,6 +26,7 @@ Task = Generator[tuple, tuple, Any]
 
 
 def _worker_main(conn_in: Connection, conn_out: Connection) -> None:
+    from synapse_cli.errors import one_line
     from synapse_cli.jobs.compile import engines
 
     while True:
@@ -54,7 +55,7 @@ def _worker_main(conn_in: Connection, conn_out: Connection) -> None:
         except KeyboardInterrupt:
             return
         except BaseException as exc:  # pyo3 PanicException derives from BaseException
-            response = ("fail", engines._one_line(f"{type(exc).__name__}: {exc}"))
+            response = ("fail", one_line(f"{type(exc).__name__}: {exc}", engines.ERROR_CHARS))
         try:
             conn_out.send(response)
         except (OSError, ValueError):

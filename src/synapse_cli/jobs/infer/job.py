@@ -229,7 +229,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
     batched = accelerator or batch > 1
     device = "cpu"
     if batched:
-        from synapse_cli.jobs.infer.batching import pick_device
+        from synapse_cli.jobs.infer.batch_size import pick_device
 
         device = pick_device()
     half = device.startswith("cuda") if spec.half is None else bool(spec.half) and device != "cpu"

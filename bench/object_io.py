@@ -7,7 +7,7 @@ the client (a ``synapse export`` subprocess) has none. Every byte between the cl
 plane (gRPC and its blob/Volume HTTP server) goes through a counting TCP proxy, so "client bytes" is
 what the client sent and received, all of it. Prints, for each way and their ratio: client bytes
 sent and received (target for URLs: at most 1 MB each way), time to the first progress event, and
-wall time.
+wall time. A third way splits the s3:// job into 4 shards, split and merged in a container.
 
 Usage: python bench/object_io.py [--mb 200] [--runs 1]
 """
@@ -150,6 +150,8 @@ def main() -> None:
             ways = {
                 "local paths": synapse_exe() + ["export", str(clip), "-o", str(work / "out.mp4"), *small],
                 "s3:// in and out": synapse_exe() + ["export", "s3://media/in.mp4", "-o", "s3://media/out.mp4", *small],
+                # split, run and merged in a container (export_sharded): each shard a call of export reading its window
+                "s3:// 4 shards": synapse_exe() + ["export", "s3://media/in.mp4", "-o", "s3://media/out4.mp4", *small, "--shards", "4"],
             }
             rows: dict[str, list[tuple[int, int, float, float]]] = {name: [] for name in ways}
             for _ in range(args.runs):
@@ -166,8 +168,12 @@ def main() -> None:
     for name, (sent, received, first, wall) in med.items():
         print(f"{name:>17}: client sent {sent / 1e6:9.3f} MB, received {received / 1e6:8.3f} MB, first progress {first:6.2f} s, wall {wall:6.2f} s")
     (ls, lr, lf, lw), (us, ur, uf, uw) = med["local paths"], med["s3:// in and out"]
+    (ss, sr, sf, sw) = med["s3:// 4 shards"]
     print(f"ratio s3/local: bytes sent {us / ls:.4f}x, received {ur / lr:.4f}x, first progress {uf / lf:.2f}x, wall {uw / lw:.2f}x")
-    print(f"target: s3 client bytes <= 1 MB each way: {'met' if us <= 1e6 and ur <= 1e6 else 'NOT met'}")
+    print(f"ratio s3 4 shards/local: bytes sent {ss / ls:.4f}x, received {sr / lr:.4f}x, first progress {sf / lf:.2f}x, wall {sw / lw:.2f}x"
+          " (the shards share this machine's 2 cores in the fake: wall time says nothing of Modal's)")
+    met = all(sent <= 1e6 and received <= 1e6 for sent, received in ((us, ur), (ss, sr)))
+    print(f"target: s3 client bytes <= 1 MB each way: {'met' if met else 'NOT met'}")
 
 
 if __name__ == "__main__":

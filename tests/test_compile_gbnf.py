@@ -208,3 +208,17 @@ def test_the_private_regex_parser_names_gbnf_uses_are_still_there():
     assert missing == []
     parsed = list(importlib.import_module("re._parser").parse("a[0-9]+"))
     assert [str(op) for op, _ in parsed] == ["LITERAL", "MAX_REPEAT"]
+
+
+def test_the_private_xgrammar_check_the_recheck_uses_is_still_there():
+    """The fence around xgrammar's private acceptance check (jobs/compile/engines.py): an xgrammar release
+    that drops or reshapes it fails here, rather than silently turning the re-check off."""
+    pytest.importorskip("xgrammar", reason="xgrammar is not installed (docs/compile.md)")
+    import importlib
+
+    from synapse_cli.jobs.compile.engines import XGRAMMAR_PRIVATE, _xgrammar
+
+    module, name = XGRAMMAR_PRIVATE
+    accepts = getattr(importlib.import_module(module), name)
+    grammar = _xgrammar().Grammar.from_ebnf('root ::= "a" [0-9]+')
+    assert accepts(grammar, "a12") is True and accepts(grammar, "b1") is False

@@ -139,6 +139,9 @@ def main() -> None:
         grpc = CountingProxy(fake.port)
         blobs = CountingProxy(fake.blob_port)
         fake.blob_port = blobs.port  # the URLs the control plane hands out now go through the counter too
+        # a container's own calls (export_sharded calling export for each shard) are made by the function body,
+        # which the fake runs in this process: they reach the fake directly, not through the client's counters
+        os.environ.update({"MODAL_SERVER_URL": fake.url, "MODAL_TOKEN_ID": FAKE_TOKEN_ID, "MODAL_TOKEN_SECRET": FAKE_TOKEN_SECRET})
         try:
             fake.set_secret("synapse-s3", creds)
             env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SYNAPSE_STORAGE_"))}

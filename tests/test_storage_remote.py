@@ -188,6 +188,21 @@ def test_compile_on_modal_with_an_s3_prefix_in_and_out(cli, modal_s3, s3, tmp_pa
     _same_artefacts(s3, "mc/out/", _compile_local(cli, tmp_path))
 
 
+def test_sharded_compile_on_modal_with_an_s3_prefix_in_and_out(cli, modal_s3, s3, tmp_path, db):
+    """The container fetches the schemas under the prefix, splits them into two shards (each its own call
+    of compile, its schemas put on the Volume by the container), merges the artefacts and writes the prefix."""
+    for name in ("line.json", "order.json"):
+        s3.put(f"mk/schemas/{name}", SCHEMAS / name)
+    run = cli("compile", s3.url("mk/schemas/"), "-o", s3.url("mk/out/"), "--engine", "llguidance,outlines", "--use-modal", "--shards", "2",
+              "--json", "--no-cache")  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    names = [c.function_name for c in modal_s3.function_calls]
+    assert names.count("compile_sharded") == 1 and names.count("compile") == 2, names
+    assert [s["index"] for s in run.events()[-1]["result"]["shards"]] == [0, 1]
+    assert not [p for p in modal_s3.volume_files("synapse-data") if p.startswith("outputs/")]
+    _same_artefacts(s3, "mk/out/", _compile_local(cli, tmp_path))
+
+
 def test_compile_behind_serve_with_an_s3_prefix_in_and_out(served, s3, cli, tmp_path):
     for name in ("line.json", "order.json"):
         s3.put(f"sc/schemas/{name}", SCHEMAS / name)

@@ -55,7 +55,7 @@ async def run_job(kind: str, request: Request) -> Any:
             _abandon(opts, job_id, job_dir)
             raise
         return JSONResponse(answer, status_code=202, headers={"Location": answer["links"]["self"], "Cache-Control": "no-store"})
-    return StreamingResponse(stream(run, opts), media_type=NDJSON,
+    return StreamingResponse(stream(run, opts, admitted.report_webhooks), media_type=NDJSON,
                              headers={"X-Synapse-Job": job_id, "Cache-Control": "no-store", "X-Accel-Buffering": "no"})  # fmt: skip
 
 
@@ -130,12 +130,14 @@ def _time_limit(run: runner.JobRun, opts: ServerOptions) -> threading.Timer | No
     return timer
 
 
-async def stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[bytes]:
+async def stream(run: runner.JobRun, opts: ServerOptions, report: bool = False) -> AsyncIterator[bytes]:
     """Start the job and stream its events. A client that goes away, the job's time limit and the
     server's shutdown all cancel the job at once (``JobRun.cancel``: its processes are killed).
 
     While the job is silent, a blank line goes out every ``keepalive_s``: NDJSON readers skip
-    blank lines, and the client's read timeout does not cut off a healthy job."""
+    blank lines, and the client's read timeout does not cut off a healthy job. With ``report``
+    (``?report_webhooks=true``) and webhooks, the stream ends with what became of them, once its
+    sender is done (the job's slot is free by then)."""
     channel = runner.Channel(asyncio.get_running_loop(), stall_timeout_s=opts.stall_timeout_s or None)
     opts.runs[run.job_id] = run
     timer = _time_limit(run, opts)
@@ -174,6 +176,10 @@ async def stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[bytes
                         feed.feed(ev)
             if lines:
                 yield "".join(lines).encode("utf-8")
+        if report and feed is not None:
+            feed.close(wait=False)
+            async for line in webhooks.report(opts, run.job_id, opts.keepalive_s, b"\n", lambda: webhooks.sent(feed)):
+                yield line
     finally:
         if not done:  # the client went away: stop the job now, not at its next event
             run.cancel("the client went away")

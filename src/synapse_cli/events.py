@@ -164,7 +164,7 @@ class Outcome:
         return out
 
 
-def keeps_outputs(status: str | None, result: Any) -> bool:
-    """A job record's ``status`` and ``result``: the job reached its result, so its outputs stay
-    (completed, or failed after its result: compile's inputs that failed)."""
-    return status == "completed" or (status == "failed" and isinstance(result, dict))
+def failed_after_result(status: str | None, result: Any) -> bool:
+    """A job record's ``status`` and ``result`` (``Outcome.final()`` stored): the job failed after its
+    result (compile's inputs that failed), so its outputs stay, as a completed job's do."""
+    return status == "failed" and isinstance(result, dict)

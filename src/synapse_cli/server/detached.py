@@ -36,7 +36,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from synapse_cli.events import Event, Failed, to_dict
-from synapse_cli.server import runner
+from synapse_cli.server import preparing, runner
 from synapse_cli.server.channel import StoreChannel
 from synapse_cli.server.following import follow
 from synapse_cli.server.job_records import MAX_LIST, job_record
@@ -224,7 +224,7 @@ class DetachedJobs:
         if "/" in job.id or job.id in (".", ".."):
             return None
         try:
-            run = runner.restore_run(job.id, job_dir)
+            run = preparing.restore_run(job.id, job_dir)
         except (OSError, ValueError, KeyError, TypeError, BadUpload) as exc:
             log.warning("job %s: cannot queue it again (%s: %s)", job.id, type(exc).__name__, getattr(exc, "message", exc))
             return None
@@ -246,7 +246,7 @@ class DetachedJobs:
     def submit(self, run: runner.JobRun, spec: dict[str, Any]) -> dict[str, Any]:
         """Record the job ``pending``, queue it, and start what the free slots allow."""
         try:
-            runner.save_run(run)  # before the row: a restarted server queues again the pending rows it can read back
+            preparing.save_run(run)  # before the row: a restarted server queues again the pending rows it can read back
         except OSError as exc:  # a full disk: the job runs all the same, but would not outlive a restart while queued
             log.warning("job %s: cannot save its run for a restart (%s)", run.job_id, exc)
         with self.lock:  # the row and the queue in one step: concurrent submits queue in the rows' order (a restart's order)

@@ -1,8 +1,10 @@
 """Runs in the job store: recording a run's event stream, and re-attaching to a stored run.
 
-- ``record`` passes events through while storing them in the job store and
-  setting the job's final state from how the stream ends. Recording is
-  best-effort: a store that fails (locked, disk full) costs a warning, never the job.
+- ``Recorder``: one job's events, progress, final state and webhook deliveries into the job
+  store, the one recorder every path uses (a local run, the HTTP client's copy of an endpoint
+  job, the server's detached jobs). Recording is best-effort: a store that fails (locked, disk
+  full) costs a warning, never the job.
+- ``record`` passes a run's events through a ``Recorder``.
 - ``store_events`` turns a stored job back into a live event stream (``jobs wait``).
 - ``step_summary`` appends a finished run to the GitHub Actions step summary.
 
@@ -32,22 +34,23 @@ STORE_ERRORS = (sqlite3.Error, OSError, SynapseError)
 def store_events(store: JobStore, job_id: str, poll_s: float = 0.2, after: int = 0, with_errors: bool = True) -> Iterator[Event]:
     """A stored job as a live stream: its events so far, then new ones as its worker writes them.
 
-    Ends with the job: ``finished`` ends the stream, a failure raises its error (so ``jobs wait``
-    exits with the job's exit code), and so does an error that follows ``finished`` (compile
-    reports the inputs that failed after its result; ``record`` writes both with the final state).
+    Ends with the job (``events.Outcome``): ``finished`` ends the stream, a failure raises its error
+    (so ``jobs wait`` exits with the job's exit code), and so does an error that follows ``finished``
+    (a Recorder writes both with the final state).
     """
-    finished = False
+    outcome = Outcome()
     while True:
         batch = store.events(job_id, after)
         for seq, data in batch:
             after = seq
             event = from_dict(data)
-            if isinstance(event, Failed):
+            outcome.see(event)
+            if outcome.failure is not None:
                 if with_errors:
-                    raise error_from_wire(event.error, event.code, event.message)
+                    raise error_from_wire(outcome.failure.error, outcome.failure.code, outcome.failure.message)
                 return
             yield event
-            finished = finished or isinstance(event, Finished)
+        finished = outcome.finished is not None
         if finished and batch:
             continue  # whatever landed with it (an error) is read before the stream ends
         if not batch:

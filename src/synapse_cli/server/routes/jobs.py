@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from synapse_cli.events import Failed
 from synapse_cli.protocol import NDJSON
 from synapse_cli.render.ndjson import encode
-from synapse_cli.server import runner, webhooks
+from synapse_cli.server import preparing, runner, webhooks
 from synapse_cli.server.admission import Admission, admit
 from synapse_cli.server.auth import keyed
 from synapse_cli.server.responses import DRAIN_MAX_BYTES, drain, error, refuse
@@ -79,7 +79,7 @@ async def _receive(opts: ServerOptions, request: Request, kind: str, job_id: str
     try:
         body = await read_body(request.headers.get("content-type", ""), body_stream.chunks(), job_dir / "in", opts.max_bytes,
                                inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind, installed=installed)  # fmt: skip
-        run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir, opts.storage)
+        run = preparing.prepare(kind, body, job_dir, job_id, opts.models_dir, opts.storage)
         run.shards = admitted.shards
         if run.notify_url is not None:  # a stranger's URL this server will POST to: through the URL guard (a refusal is a 422)
             run.notify_target = await anyio.to_thread.run_sync(webhooks.check_target, opts, run.notify_url)

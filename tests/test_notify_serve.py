@@ -286,3 +286,26 @@ def test_the_server_reports_the_webhooks_only_to_a_client_that_asks(tmp_path):
         assert [w["event"] for w in told[-1]["webhooks"]][-1] == "finished"
         bad = httpx.get(f"{ep.url}/v1/jobs/{job_id}/events?report_webhooks=maybe", headers=AUTH)
         assert bad.status_code == 422 and "report_webhooks" in bad.json()["message"]
+
+
+def test_an_endpoint_compile_that_fails_after_its_result_reports_both_webhooks(cli, db, tmp_path):
+    """compile with one broken schema through an endpoint: ``finished``, then the ``error`` (events.Outcome); the
+    client exits 1 as a local run does, and its ``jobs show`` lists both terminal deliveries the server made."""
+    import shutil
+
+    pytest.importorskip("llguidance")
+    from tests.test_compile_cli import DATA
+
+    batch = tmp_path / "schemas"
+    batch.mkdir()
+    for name in ("person.json", "bad-ref.json"):
+        shutil.copy(DATA / name, batch / name)
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook"), "SYNAPSE_COMPILE_ENGINE_TIMEOUT_S": "120"}
+        run = cli("compile", batch, "-o", tmp_path / "out", "--engine", "llguidance", "--json", "--endpoint", ep.url, env=env)
+        assert run.exit_code == 1, run.stderr
+        assert [json.loads(line)["type"] for line in run.stdout.splitlines()][-2:] == ["finished", "error"]
+        [job] = json.loads(cli("jobs", "list", "--json", env=env).stdout)["jobs"]
+        shown = _show(cli, job["id"], env)
+    assert shown["status"] == "failed" and shown["result"]["failed"] == 1 and (tmp_path / "out" / "person.lark").exists()
+    assert [(w["event"], w["outcome"]) for w in shown["webhooks"]][-2:] == [("finished", "delivered"), ("error", "delivered")]

@@ -150,8 +150,8 @@ class Recorder:
     def event(self, event: Event, data: dict[str, Any] | None = None) -> bool:
         """Buffer ``event`` (``data``: its wire form, if the caller has it) and write what is due;
         True when something stays buffered that a later ``flush`` must write (``batch_s``)."""
-        if isinstance(event, Deliveries):
-            self.deliveries(event.webhooks)
+        if isinstance(event, Deliveries):  # an endpoint's report: the job's whole list so far
+            self.deliveries(event.webhooks, whole=True)
             return False
         if self.final is not None:
             return False  # the job ended: nothing follows its last event

@@ -286,6 +286,9 @@ def test_the_server_reports_the_webhooks_only_to_a_client_that_asks(tmp_path):
         assert [w["event"] for w in told[-1]["webhooks"]][-1] == "finished"
         bad = httpx.get(f"{ep.url}/v1/jobs/{job_id}/events?report_webhooks=maybe", headers=AUTH)
         assert bad.status_code == 422 and "report_webhooks" in bad.json()["message"]
+        with httpx.stream("POST", f"{ep.url}/v1/jobs/sample?report_webhooks=1", json=TINY, headers=AUTH, timeout=60) as resp:
+            quiet = [json.loads(line) for line in resp.iter_lines() if line.strip()]
+        assert quiet[-1] == {"type": "webhooks", "webhooks": []}  # no notify: nothing was sent
 
 
 def test_an_endpoint_compile_that_fails_after_its_result_reports_both_webhooks(cli, db, tmp_path):

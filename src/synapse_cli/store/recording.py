@@ -198,6 +198,16 @@ class Recorder:
         """The stream raised ``exc``: it is the job's last event (``events.failed``)."""
         self.event(failed(exc))
 
+    def ended_elsewhere(self, status: str, error_code: int | None = None, error_message: str | None = None,
+                        progress: dict[str, Any] | None = None) -> None:
+        """What the job's runner says of it outside its stream (an endpoint's record, a 404, a cancel
+        it confirmed): its progress, and its final state if ``status`` is final; no event is stored."""
+        if progress is not None:
+            self._attempt("its progress", lambda: self.store.append_events(self.job_id, [], progress), force=True)
+        if status in ("completed", "failed", "cancelled") and self.final is None:
+            self.final = (status, {"result": None, "error_code": error_code, "error_message": error_message})
+            self.final_written = self._attempt(f"its end ({status})", self._write_final, force=True)
+
     def retry_end(self) -> None:
         """The final state again, if the store refused it (the last chance: the stream is over)."""
         if self.final is not None and not self.final_written:

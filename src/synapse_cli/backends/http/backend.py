@@ -22,7 +22,7 @@ from synapse_cli.protocol import NDJSON
 from synapse_cli.backends.http.errors import KEY_REJECTED, _ArtifactGone, _NoJob, _Retryable, _error_from_body, _refusal, _retry_after, _should_retry, _should_retry_events
 from synapse_cli.backends.http.wire import _REMOTE_ID, _accepted, _decode, _decode_data, _failed_after_finishing, _json_object, _part, _prepare, _returned
 from synapse_cli.backends.http.downloads import Downloads
-from synapse_cli.backends.http.mirror import _Mirror, _store_write
+from synapse_cli.backends.http.mirror import _Mirror, _quiet
 
 
 # following a detached job's /events: attempts per outage (backoff from http.initial_backoff_ms up to 30 s
@@ -271,7 +271,7 @@ class HttpBackend(Downloads, Backend):
         except BackendError as exc:
             if result is None and isinstance(exc.__cause__, _ArtifactGone):  # it can never complete here: not `processing` for ever
                 message = str(exc)
-                _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=message))
+                _quiet(store, job.id).ended_elsewhere("failed", 3, message)
             raise
         finally:
             local.close()  # type: ignore[attr-defined]  # (a job's generator) an early close removes what was downloaded so far
@@ -285,7 +285,7 @@ class HttpBackend(Downloads, Backend):
         url = self._job_url(job.remote or {})
         response = self._request("DELETE", url)
         if response.status_code == 200:
-            _store_write(lambda: store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel"))
+            _quiet(store, job.id).ended_elsewhere("cancelled", 130, "cancelled by synapse jobs cancel")
             return
         if response.status_code == 404:
             raise self._gone(job, store)
@@ -311,17 +311,15 @@ class HttpBackend(Downloads, Backend):
         progress: dict[str, Any] = record["progress"] if isinstance(record.get("progress"), dict) else {}
         done, total = progress.get("done"), progress.get("total")
         if isinstance(done, (int, float)) and done is not True:
-            _store_write(lambda: store.append_events(job.id, [], {"done": done, "total": total, "phase": job.phase}))
+            _quiet(store, job.id).ended_elsewhere("processing", progress={"done": done, "total": total, "phase": job.phase})
         webhooks = record.get("webhooks")
         if isinstance(webhooks, list) and webhooks:  # what became of the job's webhooks so far (synapse jobs show)
-            from synapse_cli.store.recording import Recorder
-
-            Recorder(store, job.id, warn=lambda message: None).deliveries([w for w in webhooks if isinstance(w, dict)], whole=True)
+            _quiet(store, job.id).deliveries([w for w in webhooks if isinstance(w, dict)], whole=True)
         status = record.get("status")
         if status in ("failed", "cancelled") and not _failed_after_finishing(record):
             error: dict[str, Any] = record["error"] if isinstance(record.get("error"), dict) else {}
             code = error.get("code") if isinstance(error.get("code"), int) else (130 if status == "cancelled" else 1)
-            _store_write(lambda: store.finish(job.id, status, error_code=code, error_message=str(error.get("message") or f"{status} on {self.endpoint}")))
+            _quiet(store, job.id).ended_elsewhere(status, code, str(error.get("message") or f"{status} on {self.endpoint}"))
         return record
 
     def _job_url(self, remote: Mapping[str, Any]) -> str:
@@ -333,7 +331,7 @@ class HttpBackend(Downloads, Backend):
     def _gone(self, job: Any, store: Any) -> BackendError:
         """A 404 for the job: the server no longer has it, so it can never finish here."""
         message = f"{self.endpoint} has no job {(job.remote or {}).get('id')} (its record expired, or the server lost it)"
-        _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=message))
+        _quiet(store, job.id).ended_elsewhere("failed", 3, message)
         return BackendError(message)
 
     def _request(self, method: str, url: str, timeout_s: float | None = None, retries: int | None = None) -> httpx.Response:

@@ -3,19 +3,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from synapse_cli.events import Event, from_dict
 
+if TYPE_CHECKING:
+    from synapse_cli.store.recording import Recorder
 
-def _store_write(write: Callable[[], None]) -> None:
-    """A write to the job store on the way: best effort, as a ``Recorder``'s are (the job is the server's)."""
-    from synapse_cli.store.recording import STORE_ERRORS
 
-    try:
-        write()
-    except STORE_ERRORS:
-        pass
+def _quiet(store: Any, job_id: str) -> "Recorder":
+    """A ``Recorder`` of the job for what the server's record says of it: best effort and silent (the job is the server's)."""
+    from synapse_cli.store.recording import Recorder
+
+    return Recorder(store, job_id, warn=lambda message: None)
 
 
 class _Mirror:

@@ -176,9 +176,10 @@ async def stream(run: runner.JobRun, opts: ServerOptions, report: bool = False) 
                         feed.feed(ev)
             if lines:
                 yield "".join(lines).encode("utf-8")
-        if report and feed is not None:
-            feed.close(wait=False)
-            async for line in webhooks.report(opts, run.job_id, opts.keepalive_s, b"\n", lambda: webhooks.sent(feed)):
+        if report:  # (a job without webhooks: an empty list)
+            if feed is not None:
+                feed.close(wait=False)
+            async for line in webhooks.report(opts, run.job_id, opts.keepalive_s, b"\n", lambda: webhooks.sent(feed) if feed is not None else []):
                 yield line
     finally:
         if not done:  # the client went away: stop the job now, not at its next event

@@ -10,8 +10,10 @@ Messages are signed with the server's own secret (``SYNAPSE_NOTIFY_SECRET`` wher
 runs): the receiver verifies with the secret it shares with the server's operator. Bodies carry
 what the client sees: its own paths in the result, and each output as an absolute download URL
 (``<server>/v1/artifacts/…``, fetched with the API key). Deliveries of detached jobs are kept in
-the server's job store (``GET /v1/jobs/{id}``: ``webhooks``). The server does not hold a job's
-slot while it retries: the sender runs on, and shutting down waits for it, bounded.
+the server's job store (``GET /v1/jobs/{id}``: ``webhooks``); a client that asks
+(``?report_webhooks=true``) gets the list at the end of its stream (``report``), streamed jobs
+included, and keeps it in its own job store. The server does not hold a job's slot while it
+retries: the sender runs on, and shutting down waits for it, bounded.
 """
 
 from __future__ import annotations

@@ -147,6 +147,10 @@ class Recorder:
         self._warned = False
         self._delivered = 0  # deliveries recorded by ``deliveries(..., known=...)``
 
+    def start(self, busy_s: float) -> None:
+        """While the job runs, a write waits at most ``busy_s`` for the store's lock (``RECORD_BUSY_S``)."""
+        self._attempt("its start", lambda: self.store.set_busy_timeout(busy_s), force=True)
+
     def event(self, event: Event, data: dict[str, Any] | None = None) -> bool:
         """Buffer ``event`` (``data``: its wire form, if the caller has it) and write what is due;
         True when something stays buffered that a later ``flush`` must write (``batch_s``)."""
@@ -319,7 +323,7 @@ def record(store: JobStore, job: Job, events: Iterator[Event] | Callable[[], Ite
         for w in warnings():
             print(f"Warning: {w.message}", file=sys.stderr, flush=True)
 
-    recorder._attempt("its start", lambda: store.set_busy_timeout(busy_s), force=True)
+    recorder.start(busy_s)
     heartbeat = _Heartbeat(store.path, job.id, busy_s)
     try:
         if callable(events):

@@ -206,3 +206,109 @@ def test_compile_and_infer_through_an_endpoint_have_the_server_notify(cli, db, t
     assert bodies[0]["type"] == "started" and {b["kind"] for b in bodies} == {kind}
     result = bodies[-1]["data"]["result"]
     assert (result["output_dir"] == str(tmp_path / "out")) if kind == "compile" else (result["output"] == str(tmp_path / "bus.json"))
+
+
+def _show(cli, job_id: str, env: dict) -> dict:
+    shown = cli("jobs", "show", job_id, "--json", env=env)
+    assert shown.exit_code == 0, shown.stderr
+    return json.loads(shown.stdout)
+
+
+def test_an_endpoint_jobs_deliveries_are_in_the_local_jobs_show(cli, db, tiny, tmp_path):
+    """Attached: the server reports what became of each webhook at the end of the stream (it waits for the
+    terminal delivery, as a local run does before it exits), and the client keeps them in its job store."""
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        failed: list = []
+
+        def first_finished_fails(req):
+            if b'"type":"finished"' in req.body and not failed:
+                failed.append(req)
+                return Reply(500)
+            return None
+
+        r.rule = first_finished_fails
+        env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook")}
+        run = cli("export", tiny, "-o", tmp_path / "remote.mp4", "--json", *SMALL, "--endpoint", ep.url, env=env)
+        assert run.exit_code == 0, run.stderr
+        assert json.loads(run.stdout.splitlines()[-1])["type"] == "finished"  # --json's stream is unchanged: no report in it
+        assert [b["type"] for b in hooks(r)].count("finished") == 2  # the client returned after the retried delivery
+        [job] = json.loads(cli("jobs", "list", "--json", env=env).stdout)["jobs"]
+        shown = _show(cli, job["id"], env)
+        text = cli("jobs", "show", job["id"], env=env).stdout
+    assert shown["status"] == "completed"
+    webhooks = shown["webhooks"]
+    assert webhooks[0]["event"] == "started" and webhooks[-1]["event"] == "finished"
+    assert (webhooks[-1]["outcome"], webhooks[-1]["attempts"], webhooks[-1]["http_status"]) == ("delivered", 2, 200)
+    assert {w["target"] for w in webhooks} == {r.url_for("localhost", "/hook")} and all(isinstance(w["at"], float) for w in webhooks)
+    assert f"finished delivered HTTP 200 after 2 attempt(s) to {r.url_for('localhost', '/hook')}" in text
+
+
+@pytest.mark.parametrize("show_first", [True, False])
+def test_a_detached_endpoint_jobs_deliveries_reach_jobs_show_and_jobs_wait_adds_none_twice(cli, db, tiny, tmp_path, show_first):
+    """``jobs show`` keeps what the server's record says of the webhooks so far; ``jobs wait`` asks for the
+    server's report after the job's last event (``/events?report_webhooks=true``): each delivery once."""
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook")}
+        run = cli("export", tiny, "-o", tmp_path / "det.mp4", *SMALL, "--endpoint", ep.url, "--detach", "--no-cache", "--json", env=env)
+        assert run.exit_code == 0, run.stderr
+        job_id = json.loads(run.stdout)["job_id"]
+        if show_first:
+            wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=60)
+            server_id = hooks(r)[-1]["job_id"]
+            wait_for(lambda: httpx.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json().get("webhooks", [{}])[-1].get("event") == "finished")
+            early = _show(cli, job_id, env)  # not downloaded yet: `jobs show` asks the server, and keeps what it says of the webhooks
+            assert "not downloaded yet" in early["outputs"] and early["webhooks"][-1]["event"] == "finished"
+        waited = cli("jobs", "wait", job_id, env=env)
+        assert waited.exit_code == 0, waited.stderr
+        shown = _show(cli, job_id, env)
+        server_id = hooks(r)[-1]["job_id"]
+        server = httpx.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json()["webhooks"]
+    assert shown["status"] == "completed"
+    assert [(w["event"], w["outcome"], w["attempts"]) for w in shown["webhooks"]] == [(w["event"], w["outcome"], w["attempts"]) for w in server]
+    assert shown["webhooks"][0]["event"] == "started" and shown["webhooks"][-1]["event"] == "finished"
+    assert shown["webhooks"][-1]["outcome"] == "delivered"
+
+
+def test_the_server_reports_the_webhooks_only_to_a_client_that_asks(tmp_path):
+    """``?report_webhooks=true``: a streamed job's last line, and a detached job's ``/events`` after its last event,
+    is a ``webhooks`` line; without it the streams are unchanged (the last line is ``finished``)."""
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        body = {**TINY, "notify": r.url_for("localhost", "/hook")}
+        with httpx.stream("POST", f"{ep.url}/v1/jobs/sample?report_webhooks=true", json=body, headers=AUTH, timeout=60) as resp:
+            lines = [json.loads(line) for line in resp.iter_lines() if line.strip()]
+        assert [e["type"] for e in lines[-2:]] == ["finished", "webhooks"]
+        assert lines[-1]["webhooks"][-1]["event"] == "finished" and lines[-1]["webhooks"][-1]["outcome"] == "delivered"
+        job_id = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json=body, headers=AUTH).json()["id"]
+        plain = httpx.get(f"{ep.url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=60).text.splitlines()
+        assert json.loads(plain[-1])["type"] == "finished"
+        told = [json.loads(line) for line in httpx.get(f"{ep.url}/v1/jobs/{job_id}/events?report_webhooks=true", headers=AUTH, timeout=60).text.splitlines()]
+        assert [e["type"] for e in told[-2:]] == ["finished", "webhooks"] and "index" not in told[-1]
+        assert [w["event"] for w in told[-1]["webhooks"]][-1] == "finished"
+        bad = httpx.get(f"{ep.url}/v1/jobs/{job_id}/events?report_webhooks=maybe", headers=AUTH)
+        assert bad.status_code == 422 and "report_webhooks" in bad.json()["message"]
+        with httpx.stream("POST", f"{ep.url}/v1/jobs/sample?report_webhooks=1", json=TINY, headers=AUTH, timeout=60) as resp:
+            quiet = [json.loads(line) for line in resp.iter_lines() if line.strip()]
+        assert quiet[-1] == {"type": "webhooks", "webhooks": []}  # no notify: nothing was sent
+
+
+def test_an_endpoint_compile_that_fails_after_its_result_reports_both_webhooks(cli, db, tmp_path):
+    """compile with one broken schema through an endpoint: ``finished``, then the ``error`` (events.Outcome); the
+    client exits 1 as a local run does, and its ``jobs show`` lists both terminal deliveries the server made."""
+    import shutil
+
+    pytest.importorskip("llguidance")
+    from tests.test_compile_cli import DATA
+
+    batch = tmp_path / "schemas"
+    batch.mkdir()
+    for name in ("person.json", "bad-ref.json"):
+        shutil.copy(DATA / name, batch / name)
+    with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
+        env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook"), "SYNAPSE_COMPILE_ENGINE_TIMEOUT_S": "120"}
+        run = cli("compile", batch, "-o", tmp_path / "out", "--engine", "llguidance", "--json", "--endpoint", ep.url, env=env)
+        assert run.exit_code == 1, run.stderr
+        assert [json.loads(line)["type"] for line in run.stdout.splitlines()][-2:] == ["finished", "error"]
+        [job] = json.loads(cli("jobs", "list", "--json", env=env).stdout)["jobs"]
+        shown = _show(cli, job["id"], env)
+    assert shown["status"] == "failed" and shown["result"]["failed"] == 1 and (tmp_path / "out" / "person.lark").exists()
+    assert [(w["event"], w["outcome"]) for w in shown["webhooks"]][-2:] == [("finished", "delivered"), ("error", "delivered")]

@@ -636,7 +636,7 @@ def test_the_openapi_document_is_behind_the_key_and_describes_every_route(tmp_pa
         assert compile_["properties"]["inputs"]["type"] == "array" and compile_["properties"]["inputs"]["items"]["format"] == "binary"
         assert paths["/v1/jobs/sample"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SampleSpec"}
         assert paths["/v1/jobs/dirtest"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["input"]["format"] == "binary"
-        assert {p["name"] for p in export["parameters"]} == {"detach", "shards"}
+        assert {p["name"] for p in export["parameters"]} == {"detach", "shards", "report_webhooks"}
         assert set(export["responses"]) >= {"200", "202", "401", "413", "422", "429"}
         assert "application/x-ndjson" in export["responses"]["200"]["content"]
         assert export["responses"]["413"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}

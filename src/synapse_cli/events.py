@@ -63,8 +63,18 @@ class Failed:
     type: ClassVar[str] = "error"
 
 
-Event = Union[Started, Progress, Log, Artifact, Finished, Failed]
-_TYPES: dict[str, type] = {cls.type: cls for cls in (Started, Progress, Log, Artifact, Finished, Failed)}
+@dataclass(frozen=True)
+class Deliveries:
+    """What became of a job's webhooks, told by where they were sent (``synapse serve``) to the client
+    that asked (``?report_webhooks=true``): one dict per message, as ``GET /v1/jobs/{id}`` lists them.
+    Not a job event: the job store keeps them as deliveries (``synapse jobs show``), and renderers never see one."""
+
+    webhooks: list[dict[str, Any]] = field(default_factory=list)
+    type: ClassVar[str] = "webhooks"
+
+
+Event = Union[Started, Progress, Log, Artifact, Finished, Failed, Deliveries]
+_TYPES: dict[str, type] = {cls.type: cls for cls in (Started, Progress, Log, Artifact, Finished, Failed, Deliveries)}
 _OPTIONAL = {"phase", "message", "shard"}  # left out of the wire form when None
 
 
@@ -98,3 +108,63 @@ def failed(exc: BaseException) -> Failed:
     if isinstance(exc, KeyboardInterrupt):
         return Failed(code=130, message="interrupted", error="Interrupted")
     return Failed(code=1, message=f"{type(exc).__name__}: {exc}", error="JobError")
+
+
+class Outcome:
+    """How a job's stream ends, modelled once for every consumer (the job store's recorders, the
+    streams that follow a job, the server's runner, the HTTP client).
+
+    ``finished`` carries the result, but a job may still fail after it: compile reports the inputs
+    that failed with an ``error`` after its ``finished``. So ``finished`` ends a job only once the
+    stream is over, and an ``error`` always ends it: ``failed`` (``cancelled`` for code 130),
+    keeping the result if one came first, whose outputs stay.
+
+    ``see(event)`` each event in order; ``ended`` says nothing more can follow (an ``error``),
+    ``finished`` that the result came (only an ``error`` may follow), ``status`` and ``final()``
+    the job's final state."""
+
+    def __init__(self) -> None:
+        self.finished: Finished | None = None
+        self.failure: Failed | None = None
+
+    def see(self, event: Event) -> None:
+        if self.failure is not None:
+            return
+        if isinstance(event, Failed):
+            self.failure = event
+        elif isinstance(event, Finished) and self.finished is None:
+            self.finished = event
+
+    @property
+    def ended(self) -> bool:
+        """An ``error`` came: the stream is over, whatever came before it."""
+        return self.failure is not None
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """The job's result, if ``finished`` came (kept by a job that failed after it)."""
+        return self.finished.result if self.finished is not None else None
+
+    @property
+    def failed_after_result(self) -> bool:
+        return self.failure is not None and self.finished is not None
+
+    @property
+    def status(self) -> str | None:
+        """``completed``, ``failed``, ``cancelled``, or None while neither came."""
+        if self.failure is not None:
+            return "cancelled" if self.failure.code == 130 else "failed"
+        return "completed" if self.finished is not None else None
+
+    def final(self) -> dict[str, Any]:
+        """The final state's fields (``result``, ``error_code``, ``error_message``) as a store's ``finish`` takes them."""
+        out: dict[str, Any] = {"result": self.result}
+        if self.failure is not None:
+            out.update(error_code=self.failure.code, error_message=self.failure.message)
+        return out
+
+
+def failed_after_result(status: str | None, result: Any) -> bool:
+    """A job record's ``status`` and ``result`` (``Outcome.final()`` stored): the job failed after its
+    result (compile's inputs that failed), so its outputs stay, as a completed job's do."""
+    return status == "failed" and isinstance(result, dict)

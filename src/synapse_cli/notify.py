@@ -41,7 +41,7 @@ from collections.abc import Generator
 from typing import Any, Callable, Iterator
 
 from synapse_cli.errors import UsageError, one_line
-from synapse_cli.events import Artifact, Event, Failed, Finished, Progress, Started, failed, to_dict
+from synapse_cli.events import Artifact, Event, Failed, Finished, Outcome, Progress, Started, failed, to_dict
 
 log = logging.getLogger("synapse.notify")
 
@@ -378,8 +378,16 @@ class Feed:
         self.notifier = notifier
         self.url_base = url_base.rstrip("/") if url_base else None  # the server's own URL: artifact paths become URLs
         self.artifacts: list[dict[str, Any]] = []
-        self.finished = False
-        self.ended = False  # an error or a cancel was sent
+        self.outcome = Outcome()  # finished, then maybe an error (a job that failed after its result): both are sent
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome.finished is not None
+
+    @property
+    def ended(self) -> bool:
+        """An error or a cancel was sent."""
+        return self.outcome.ended
 
     def feed(self, event: Event) -> None:
         if isinstance(event, Started):
@@ -394,12 +402,12 @@ class Feed:
                 else:
                     self.artifacts.append({"path": path, "bytes": event.bytes})
         elif isinstance(event, Finished):
-            self.finished = True
-            self.notifier.send("finished", {**_data(event), "artifacts": list(self.artifacts)})
+            if not self.finished:
+                self.notifier.send("finished", {**_data(event), "artifacts": list(self.artifacts)})
         elif isinstance(event, Failed):  # a stream that carries its failure as data (the server's)
             if not self.ended:
-                self.ended = True
                 self.notifier.send("cancelled" if event.code == 130 else "error", _data(event))
+        self.outcome.see(event)
 
     def fail(self, exc: BaseException) -> None:
         self.feed(failed(exc))

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from synapse_cli.errors import BackendError, SynapseError
-from synapse_cli.events import Artifact, Event, Finished, Log, Progress, Started
+from synapse_cli.events import Artifact, Event, Finished, Log, Outcome, Progress, Started
 
 _DONE = object()
 _BESIDE = -1  # the index of the beside hook's failure on the events queue
@@ -97,17 +97,17 @@ def _work(run: _Run, shard: _Shard, start: Callable[[Any], Iterator[Event]], ret
         shard.attempts += 1
         gen = start(shard.spec)
         shard.call = gen
-        finished = False
+        outcome = Outcome()
         try:
             for event in gen:
                 if run.cancel.is_set():
                     return
-                finished = finished or isinstance(event, Finished)
+                outcome.see(event)
                 run.events.put((shard.index, event))
             run.events.put((shard.index, _DONE))
             return
         except SynapseError as exc:
-            if finished and not isinstance(exc, BackendError):
+            if outcome.finished is not None and not isinstance(exc, BackendError):
                 # the shard finished, then reported failed inputs (compile does): the merge sees them in the results
                 run.events.put((shard.index, _DONE))
                 return

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, TypeVar
 
 from synapse_cli.errors import BackendError, SynapseError, error_from_wire, one_line
-from synapse_cli.events import Artifact, Event, Failed, Finished, Log, Progress
+from synapse_cli.events import Artifact, Deliveries, Event, Failed, Finished, Log, Progress
 from synapse_cli.jobs import get_kind, path_values
 from synapse_cli.jsonwalk import map_strings
 from synapse_cli.jobs._files import atomic_output
@@ -197,7 +197,8 @@ def collect_outputs(
     Fetching happens as each artifact arrives, or with ``defer`` once ``finished`` came (an
     HTTP endpoint serves a finished job's files). Artifacts are reported just before
     ``finished``, after every output was committed; an ``error`` event raises its own class, after
-    ``finished`` too (the outputs committed stay).
+    ``finished`` too (the outputs committed stay: ``events.Outcome``). After ``finished`` only an
+    endpoint's report of the job's webhooks (``Deliveries``) is passed on, for the job store.
     """
     finished = False
     try:
@@ -205,9 +206,11 @@ def collect_outputs(
             pending: list[Artifact] = []
             reports: list[Event] = []
             for event in events:  # read to the end, so that the call ends as it should after ``finished``
-                if isinstance(event, Failed):  # after ``finished`` too (compile's failed inputs): the outputs stay, the exit code is its
+                if isinstance(event, Failed):
                     raise error_from_wire(event.error, event.code, event.message)
                 if finished:
+                    if isinstance(event, Deliveries):
+                        yield event
                     continue
                 if isinstance(event, Artifact):
                     if defer:

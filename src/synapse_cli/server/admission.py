@@ -21,6 +21,15 @@ class Admission:
     shards: int
     detach: bool
     length: int
+    report_webhooks: bool = False  # the stream ends with what became of the job's webhooks (``?report_webhooks=true``)
+
+
+def flag_param(value: str | None, name: str) -> tuple[bool, str | None]:
+    """A boolean query parameter (true/false/1/0, absent: false): (value, error message or None)."""
+    text = (value if value is not None else "false").lower()
+    if text not in ("true", "false", "1", "0"):
+        return False, f"{name}: expected true or false, got {text[:20]!r}"
+    return text in ("true", "1"), None
 
 
 def shards_param(value: str | None) -> tuple[int, str | None]:
@@ -44,10 +53,10 @@ def admit(opts: ServerOptions, request: Request, kind: str) -> Admission | JSONR
     shards, shards_error = shards_param(request.query_params.get("shards"))
     if shards_error:
         return error(422, shards_error, close=True)
-    detach = request.query_params.get("detach", "false").lower()
-    if detach not in ("true", "false", "1", "0"):
-        return error(422, f"detach: expected true or false, got {detach[:20]!r}", close=True)
-    detached = detach in ("true", "1")
+    detached, problem = flag_param(request.query_params.get("detach"), "detach")
+    report, report_problem = flag_param(request.query_params.get("report_webhooks"), "report_webhooks")
+    if problem or report_problem:
+        return error(422, problem or report_problem or "", close=True)
     if detached and len(opts.waiting) >= opts.max_queued_jobs:
         return busy(429, f"the server has {len(opts.waiting)} detached jobs waiting, its limit (serve.max_queued_jobs); try again shortly", 5)
     if not detached and opts.slots_used() >= opts.job_slots:
@@ -63,4 +72,4 @@ def admit(opts: ServerOptions, request: Request, kind: str) -> Admission | JSONR
         return busy(503, f"the server's work dir is unavailable ({exc.strerror or exc})", 60)
     if free < needed:
         return busy(507, f"the server has {free / 1048576:.0f} MB free in its work dir; this upload needs {needed / 1048576:.0f} MB (serve.min_free_mb)", 60)
-    return Admission(shards, detached, length)
+    return Admission(shards, detached, length, report)

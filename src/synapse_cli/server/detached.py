@@ -29,21 +29,22 @@ a job run by another process sharing the work dir is polled once a second instea
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import deque
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, AsyncIterator
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from synapse_cli.events import Event, Failed, Finished, Progress, Started, to_dict
-from synapse_cli.server import runner
+from synapse_cli.events import Event, Failed, to_dict
+from synapse_cli.server import preparing, runner
+from synapse_cli.server.channel import StoreChannel
+from synapse_cli.server.following import follow
+from synapse_cli.server.job_records import MAX_LIST, job_record
 from synapse_cli.server.processes import kill_orphans
 from synapse_cli.server.state import forget
 from synapse_cli.server.uploads import BadUpload, remove_tree
-from synapse_cli.store import ACTIVE, STATES, JobStore, alive, this_host
+from synapse_cli.store import ACTIVE, JobStore, alive, this_host
+from synapse_cli.store.recording import Recorder
 
 if TYPE_CHECKING:
     from synapse_cli.server.state import ServerOptions
@@ -52,156 +53,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("synapse.server")
 
 SERVER_STOPPED = "interrupted by a server restart: the server stopped while this job was running"
-TERMINAL = ("finished", "error")
-MAX_LIST = 500
-DEFAULT_LIST = 50
-_READ_BATCH = 1000  # events per store read while following
-_POLL_OTHER_S = 1.0  # a job of another process sharing the work dir: no notification reaches us
 _PRUNE_BUSY_TIMEOUT_S = 1.0  # a store locked longer is pruned at the next sweep: waiting would hold up the sweep and the server's stop
-_ERROR_NAMES = {1: "JobError", 2: "UsageError", 3: "BackendError", 130: "Interrupted"}
 
 
 def cancelled_event(job_id: str) -> Failed:
     """The last event of a job cancelled with ``DELETE``: code 130, like an interrupted local run."""
     return Failed(130, f"the job was cancelled (DELETE /v1/jobs/{job_id}); its outputs were removed", "Interrupted")
-
-
-def iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def wire(event: dict[str, Any], index: int) -> dict[str, Any]:
-    """A stored event as ``/events`` sends it: the streamed event's JSON plus its ``index``."""
-    return {**event, "index": index}
-
-
-def ndjson_line(event: dict[str, Any]) -> bytes:
-    return (json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode("utf-8")
-
-
-def sse_message(event: dict[str, Any]) -> bytes:
-    data = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
-    return f"id: {event['index']}\nevent: {event['type']}\ndata: {data}\n\n".encode("utf-8")
-
-
-def client_path(spec: dict[str, Any], url: str) -> str | None:
-    """Where the client saves the artifact at ``url``: its output field's path in the spec as sent,
-    joined with ``name`` for a file inside a directory output (the streaming client's rule)."""
-    query = parse_qs(urlsplit(url).query)
-    name = query.get("name", [None])[0]
-    field = query.get("output", [None])[0]
-    if field is None:
-        return name
-    value = spec.get(field)
-    index = query.get("index", [None])[0]
-    if index is not None:
-        try:
-            value = value[int(index)] if isinstance(value, list) else None
-        except (ValueError, IndexError):
-            value = None
-    if not isinstance(value, str):
-        return name
-    return f"{value.rstrip('/')}/{name}" if name else value
-
-
-class StoreChannel:
-    """``runner.Channel``'s part for a detached job: each event is translated to what the client
-    sees, stored, and its followers woken. Never blocks the job on a reader (there may be none).
-
-    Events are stored in batches: a burst (a job logging thousands of lines) costs one transaction
-    per ``FLUSH_S`` instead of one per event; ``started`` and the last event are stored at once.
-
-    ``finished`` is held until the job's thread ends, because a job may still fail after it
-    (compile with inputs that failed): then ``finished`` and the ``error`` are stored together and
-    the job is ``failed``, its result and outputs kept; else ``finished`` alone (``last_word``), once
-    the outputs are in place, and the job is ``completed``. Either way a follower that sees
-    ``finished`` sees what follows it in the same read. Other events after ``finished`` are
-    dropped; after ``end`` (a cancel) the job's next event raises ``runner._Cancelled``, which stops it."""
-
-    stalled = False
-    FLUSH_S = 0.05
-    MAX_BATCH = 1000
-
-    def __init__(self, jobs: "DetachedJobs", run: runner.JobRun, feed: Any = None) -> None:
-        self.jobs = jobs
-        self.run = run
-        self.feed = feed  # the job's webhooks (notify.Feed), fed what is stored: the events the client sees
-        self._lock = threading.Lock()
-        self._closed = False
-        self._buffer: list[Event] = []
-        self._flushed_at = time.monotonic()
-        self._held: list[Event] | None = None  # the job's ``finished``, until its thread ends
-        self.last: str | None = None  # the status the job's last event gave it
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def put(self, item: Any, final: bool = False) -> None:
-        if item is runner.DONE:
-            return
-        with self._lock:
-            if self._closed:
-                if final:
-                    return
-                raise runner._Cancelled()
-            if self.last is not None:
-                return
-            if self._held is not None:  # after ``finished``, only a failure counts: stored with it
-                if isinstance(item, Failed):
-                    self._buffer.extend([*self._held, *self.run.translate(item)])
-                    self._held = None
-                    self._flush()
-                return
-            if isinstance(item, Finished):
-                self._flush()  # what came before it
-                self._held = self.run.translate(item)
-                return
-            self._buffer.extend(self.run.translate(item))
-            now = time.monotonic()
-            if isinstance(item, (Started, Finished, Failed)) or len(self._buffer) >= self.MAX_BATCH or now - self._flushed_at >= self.FLUSH_S:
-                self._flush()
-            else:
-                self.jobs.flush_later(self)
-
-    def _flush(self) -> None:
-        batch, self._buffer = self._buffer, []
-        self._flushed_at = time.monotonic()
-        if batch:
-            self.last = self.jobs.record(self.run.job_id, batch)
-            if self.feed is not None:
-                for event in batch:
-                    self.feed.feed(event)
-
-    def flush(self) -> None:
-        with self._lock:
-            self._flush()
-
-    def end(self, items: list[Any]) -> None:
-        """A cancel (``DELETE``, the time limit, shutdown): ``items`` are the job's last events, a held ``finished`` is dropped."""
-        with self._lock:
-            if self._closed or self.last is not None:
-                return
-            self._closed = True
-            self._held = None
-            self._buffer.extend(self.run.translate(i)[0] for i in items)
-            self._flush()
-
-    def last_word(self, fallback: Failed) -> None:
-        """The job's thread ended: store its held ``finished`` (it completed), or ``fallback`` if it left no last event."""
-        with self._lock:
-            if self._closed or self.last is not None:
-                return
-            self._closed = True
-            self._buffer.extend(self._held if self._held is not None else self.run.translate(fallback))
-            self._held = None
-            self._flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
 
 
 class DetachedJobs:
@@ -249,63 +106,27 @@ class DetachedJobs:
 
     # -- the record ------------------------------------------------------------------------
 
+    def recorder(self, job_id: str, on_write: Callable[[list[dict[str, Any]]], None] | None = None, **kwargs: Any) -> Recorder:
+        """The job's ``Recorder`` on the server's store: under the store's lock, its followers woken by each write."""
+        def written(batch: list[dict[str, Any]]) -> None:
+            self.notify(job_id)
+            if on_write is not None:
+                on_write(batch)
+
+        return Recorder(self.store, job_id, lock=self.lock, on_write=on_write or written,
+                        warn=lambda message: log.warning("job %s: %s", job_id, message), **kwargs)
+
     def record(self, job_id: str, events: list[Event]) -> str | None:
-        """Store ``events`` (already translated); returns the final status they give the job, if any."""
-        if not events:
-            return None
-        dicts = [to_dict(e) for e in events]
-        progress = None
-        for e in events:
-            if isinstance(e, Progress):
-                progress = {"done": e.done, "total": e.total, "phase": e.phase}
-            elif isinstance(e, Started) and e.total is not None:
-                progress = {"done": 0, "total": e.total, "phase": None}
-        status = None
-        last = events[-1]
-        result = next((e.result for e in events if isinstance(e, Finished)), None)  # a job that failed after finishing keeps it
-        with self.lock:
-            self.store.append_events(job_id, dicts, progress)
-            if isinstance(last, Finished):
-                status = "completed"
-                self.store.finish(job_id, status, result=last.result)
-            elif isinstance(last, Failed):
-                status = "cancelled" if last.code == 130 else "failed"
-                self.store.finish(job_id, status, result=result, error_code=last.code, error_message=last.message)
-        self.notify(job_id)
-        return status
+        """Store ``events`` (already translated) at once; returns the final status they give the job, if any."""
+        recorder = self.recorder(job_id)
+        for event in events:
+            recorder.event(event)
+        recorder.end()
+        return recorder.final[0] if recorder.final is not None else None
 
     def job_record(self, job: "Job") -> dict[str, Any]:
         """The JSON record of ``GET /v1/jobs/{id}``."""
-        with self.lock:
-            arts = self.store.events(job.id, type="artifact")
-            last = self.store.last_event(job.id) if job.status in ("failed", "cancelled") else None
-            deliveries = self.store.deliveries(job.id)
-        artifacts = []
-        for _, ev in arts:
-            url = str(ev.get("path", ""))
-            number = url.split("?", 1)[0].rpartition(".")[2]
-            if runner.artifact_path(self.opts.jobs_dir, job.id, number) is None:
-                continue  # expired (swept after artifact_ttl_s), or the job's folder is gone
-            artifacts.append({"path": client_path(job.spec, url), "bytes": ev.get("bytes"), "url": url})
-        error = None
-        if job.status in ("failed", "cancelled"):
-            name = last[1].get("error") if last and last[1].get("type") == "error" else None
-            code = job.error_code if job.error_code is not None else 1
-            error = {"code": code, "message": job.error_message or "", "error": name or _ERROR_NAMES.get(code, "JobError")}
-        webhooks = {"webhooks": [{**d, "at": iso(d["at"])} for d in deliveries]} if deliveries else {}
-        return {
-            "id": job.id,
-            "kind": job.kind,
-            "status": job.status,
-            "progress": {"done": job.done, "total": job.total},
-            "created_at": iso(job.created_at),
-            "started_at": iso(job.started_at),
-            "finished_at": iso(job.finished_at),
-            "result": job.result,  # a failed job has one if it failed after finishing (inputs that failed)
-            "error": error,
-            "artifacts": artifacts,
-            **webhooks,
-        }
+        return job_record(self, job)
 
     def find(self, job_id: str) -> "Job | None":
         with self.lock:
@@ -403,7 +224,7 @@ class DetachedJobs:
         if "/" in job.id or job.id in (".", ".."):
             return None
         try:
-            run = runner.restore_run(job.id, job_dir)
+            run = preparing.restore_run(job.id, job_dir)
         except (OSError, ValueError, KeyError, TypeError, BadUpload) as exc:
             log.warning("job %s: cannot queue it again (%s: %s)", job.id, type(exc).__name__, getattr(exc, "message", exc))
             return None
@@ -425,7 +246,7 @@ class DetachedJobs:
     def submit(self, run: runner.JobRun, spec: dict[str, Any]) -> dict[str, Any]:
         """Record the job ``pending``, queue it, and start what the free slots allow."""
         try:
-            runner.save_run(run)  # before the row: a restarted server queues again the pending rows it can read back
+            preparing.save_run(run)  # before the row: a restarted server queues again the pending rows it can read back
         except OSError as exc:  # a full disk: the job runs all the same, but would not outlive a restart while queued
             log.warning("job %s: cannot save its run for a restart (%s)", run.job_id, exc)
         with self.lock:  # the row and the queue in one step: concurrent submits queue in the rows' order (a restart's order)
@@ -500,8 +321,8 @@ class DetachedJobs:
             if queued is not None:
                 self.queue.remove(queued)
         if queued is not None:
+            self._tell(queued, cancelled_event(job_id))  # first: a follower that sees the end finds its webhook sender
             self.record(job_id, [cancelled_event(job_id)])
-            self._tell(queued, cancelled_event(job_id))
             remove_tree(queued.dir)
             self._forget(job_id)
             return "cancelled"
@@ -524,8 +345,8 @@ class DetachedJobs:
             self.queue.clear()
         for run in queued:
             event = Failed(3, f"{reason}; the job had not started (nothing was saved)", "BackendError")
-            self.record(run.job_id, [event])
             self._tell(run, event)
+            self.record(run.job_id, [event])
             remove_tree(run.dir)
             self._forget(run.job_id)
 
@@ -540,84 +361,6 @@ class DetachedJobs:
 
     # -- following -------------------------------------------------------------------------
 
-    async def follow(self, job_id: str, after: int, sse: bool, keepalive_s: float) -> AsyncIterator[bytes]:
-        """The job's events from index ``after``, then live until its last event."""
-        import asyncio
-
-        import anyio
-
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        waiter = (loop, wake)
-        with self._waiters_lock:
-            self._waiters.setdefault(job_id, set()).add(waiter)
-
-        def read(after_seq: int) -> tuple[list[tuple[int, dict[str, Any]]], "Job | None"]:
-            with self.lock:  # the row first: if it is final, its last event is already stored
-                job = self.store.find(job_id)
-                return self.store.events(job_id, after_seq, limit=_READ_BATCH), job
-
-        index = after
-        last_sent = time.monotonic()
-        try:
-            while True:
-                wake.clear()  # before reading: a notification that lands during the read wakes the next wait
-                rows, job = await anyio.to_thread.run_sync(read, index)
-                chunk = []
-                ended = None
-                for seq, ev in rows:
-                    index = seq  # the next index to send is seq (index = seq - 1)
-                    chunk.append(sse_message(wire(ev, seq - 1)) if sse else ndjson_line(wire(ev, seq - 1)))
-                    if ev.get("type") in TERMINAL:
-                        ended = ev["type"]
-                        if ended == "error":
-                            break
-                        # ``finished``: an ``error`` may follow it (stored with it in one step: a job that failed after finishing)
-                if chunk:
-                    yield b"".join(chunk)
-                    last_sent = time.monotonic()
-                if ended == "error" or (ended == "finished" and len(rows) < _READ_BATCH):
-                    return
-                if job is None or (job.status not in ACTIVE and not rows):
-                    return
-                if len(rows) == _READ_BATCH:
-                    continue
-                ours = job_id in self.opts.runs or any(r.job_id == job_id for r in list(self.queue))
-                wait = max(0.0, keepalive_s - (time.monotonic() - last_sent))
-                if not ours:
-                    wait = min(wait, _POLL_OTHER_S)
-                try:
-                    await asyncio.wait_for(wake.wait(), wait)
-                except asyncio.TimeoutError:
-                    if time.monotonic() - last_sent >= keepalive_s:
-                        yield b": keepalive\n\n" if sse else b'{"type":"keepalive"}\n'
-                        last_sent = time.monotonic()
-        finally:
-            with self._waiters_lock:
-                waiters = self._waiters.get(job_id)
-                if waiters is not None:
-                    waiters.discard(waiter)
-                    if not waiters:
-                        del self._waiters[job_id]
-
-
-def parse_list_params(status: str | None, limit: str | None) -> tuple[str | None, int, str | None]:
-    """``?status=&limit=`` of ``GET /v1/jobs``: (status, limit, error message or None)."""
-    if status in (None, ""):
-        status = None
-    elif status not in STATES:
-        return None, 0, f"status: expected one of {', '.join(STATES)}, got {status!r}"
-    if limit in (None, ""):
-        return status, DEFAULT_LIST, None
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST:
-        return None, 0, f"limit: expected 1..{MAX_LIST}, got {limit!r}"
-    return status, int(limit), None
-
-
-def parse_index(value: str | None, what: str) -> tuple[int | None, str | None]:
-    if value is None or value == "":
-        return None, None
-    value = value.strip()
-    if not value.isdigit() or len(value) > 18:
-        return None, f"{what}: expected an event index (0, 1, 2, ...), got {value[:40]!r}"
-    return int(value), None
+    def follow(self, job_id: str, after: int, sse: bool, keepalive_s: float, report: bool = False) -> AsyncIterator[bytes]:
+        """The job's events from index ``after``, then live until its last event (``server.following``)."""
+        return follow(self, job_id, after, sse, keepalive_s, report)

@@ -128,6 +128,7 @@ def _kind_operation(name: str, components: dict[str, Any]) -> dict[str, Any]:
             {"name": "shards", "in": "query", "required": False,
              "schema": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": os.cpu_count() or 1}, {"type": "string", "enum": ["auto"]}]},
              "description": "split the job across this many worker processes of the server (at most one per core)"},
+            _REPORT_WEBHOOKS,
         ],
         "requestBody": {"required": True, "content": content},
         "responses": {
@@ -141,6 +142,11 @@ def _kind_operation(name: str, components: dict[str, Any]) -> dict[str, Any]:
             **_error_responses("400", "401", "403", "404", "408", "413", "415", "422", "429", "503", "507"),
         },
     }
+
+
+_REPORT_WEBHOOKS = {"name": "report_webhooks", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
+                    "description": "true (NDJSON): after the job's last event, once the server's sender is done with its webhooks, "
+                                   "one `webhooks` line (a DeliveriesEvent) says what became of each"}
 
 
 def _components() -> dict[str, Any]:
@@ -241,10 +247,11 @@ def _static_operations() -> dict[str, dict[str, Any]]:
                            {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer", "minimum": 0},
                             "description": "resume after this index (SSE reconnects); wins over `after`"},
                            {"name": "Accept", "in": "header", "required": False, "schema": {"type": "string", "enum": [NDJSON, SSE]},
-                            "description": "text/event-stream: Server-Sent Events"}],
+                            "description": "text/event-stream: Server-Sent Events"},
+                           _REPORT_WEBHOOKS],
             "responses": {"200": {"description": "NDJSON: one IndexedEvent per line, {\"type\":\"keepalive\"} lines while silent. "
                                                  "SSE: `id: <index>`, `event: <type>`, `data: <the NDJSON line>`; `: keepalive` comments",
-                                  "content": {NDJSON: {"schema": {"oneOf": [_ref("IndexedEvent"), _ref("Keepalive")]}},
+                                  "content": {NDJSON: {"schema": {"oneOf": [_ref("IndexedEvent"), _ref("Keepalive"), _ref("DeliveriesEvent")]}},
                                               SSE: {"schema": _ref("ServerSentEvent")}}},
                           **_error_responses("401", "403", "404", "422", "429")}}},
         "/v1/openapi.json": {"get": {

@@ -10,8 +10,10 @@ Messages are signed with the server's own secret (``SYNAPSE_NOTIFY_SECRET`` wher
 runs): the receiver verifies with the secret it shares with the server's operator. Bodies carry
 what the client sees: its own paths in the result, and each output as an absolute download URL
 (``<server>/v1/artifacts/…``, fetched with the API key). Deliveries of detached jobs are kept in
-the server's job store (``GET /v1/jobs/{id}``: ``webhooks``). The server does not hold a job's
-slot while it retries: the sender runs on, and shutting down waits for it, bounded.
+the server's job store (``GET /v1/jobs/{id}``: ``webhooks``); a client that asks
+(``?report_webhooks=true``) gets the list at the end of its stream (``report``), streamed jobs
+included, and keeps it in its own job store. The server does not hold a job's slot while it
+retries: the sender runs on, and shutting down waits for it, bounded.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from synapse_cli.errors import SynapseError
@@ -82,6 +84,35 @@ def start(opts: "ServerOptions", run: "JobRun", db_path: Path | None = None) -> 
         opts.notifiers[:] = [n for n in opts.notifiers if n.alive]
         opts.notifiers.append(notifier)
     return Feed(notifier, url_base=run.url_base)
+
+
+async def report(opts: "ServerOptions", job_id: str, keepalive_s: float, keepalive: bytes,
+                 deliveries: Callable[[], list[dict[str, Any]]]) -> AsyncIterator[bytes]:
+    """A stream's last line for a client that asked (``?report_webhooks=true``): once the job's
+    sender is done (bounded by ``[notify] retry_for_s``; ``keepalive`` every ``keepalive_s`` meanwhile),
+    a ``webhooks`` line (``events.Deliveries``) listing what became of each message, as the job's
+    record does. The client keeps them in its job store, for ``synapse jobs show``."""
+    import anyio
+
+    from synapse_cli.events import Deliveries
+    from synapse_cli.render.ndjson import encode
+    from synapse_cli.server.job_records import webhooks_wire
+
+    with _lock:
+        senders = [n for n in opts.notifiers if n.job_id == job_id]
+    for notifier in senders:
+        while not await anyio.to_thread.run_sync(notifier.join, keepalive_s):
+            yield keepalive
+    listed = await anyio.to_thread.run_sync(deliveries)
+    yield (encode(Deliveries(webhooks_wire(listed))) + "\n").encode("utf-8")
+
+
+def sent(feed: "Feed") -> list[dict[str, Any]]:
+    """What became of each message of a streamed job's ``feed`` (its sender keeps them: no store row)."""
+    from synapse_cli.netguard import redact
+
+    target = redact(feed.notifier.target.url)
+    return [{**d.to_dict(), "target": target} for d in feed.notifier.deliveries]
 
 
 def wait_all(opts: "ServerOptions", timeout_s: float) -> bool:

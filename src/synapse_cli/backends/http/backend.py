@@ -6,22 +6,23 @@ import json
 import os
 import time
 from contextlib import ExitStack
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Generator, Iterator, Mapping
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 
 from synapse_cli import __version__
-from synapse_cli.backends._remote import ErrorMap, Outputs, collect_outputs, map_errors, retry_until_first_event
+from synapse_cli.backends._remote import ErrorMap, collect_outputs, map_errors, retry_until_first_event
 from synapse_cli.backends.base import Backend, Capabilities
 from synapse_cli.errors import BackendError, UsageError, one_line
-from synapse_cli.events import Artifact, Event, Failed, Finished, Log
+from synapse_cli.events import Deliveries, Event, Failed, Finished, Log, Outcome
 from synapse_cli.jobs import get_kind
 from synapse_cli.protocol import NDJSON
-from synapse_cli.backends.http.errors import KEY_REJECTED, _ArtifactGone, _NoJob, _Retryable, _error_from_body, _refusal, _retry_after, _should_retry, _should_retry_download, _should_retry_events
+from synapse_cli.backends.http.errors import KEY_REJECTED, _ArtifactGone, _NoJob, _Retryable, _error_from_body, _refusal, _retry_after, _should_retry, _should_retry_events
 from synapse_cli.backends.http.wire import _REMOTE_ID, _accepted, _decode, _decode_data, _failed_after_finishing, _json_object, _part, _prepare, _returned
-from synapse_cli.backends.http.mirror import _Mirror, _store_write
+from synapse_cli.backends.http.downloads import Downloads
+from synapse_cli.backends.http.mirror import _Mirror, _quiet
 
 
 # following a detached job's /events: attempts per outage (backoff from http.initial_backoff_ms up to 30 s
@@ -55,15 +56,7 @@ _REQUEST_ERRORS: ErrorMap = {
 }
 
 
-_DOWNLOAD_ERRORS: ErrorMap = {
-    _Retryable: (BackendError, "downloading {url}: {detail}"),
-    _ArtifactGone: (BackendError, "{detail}"),
-    httpx.HTTPError: (BackendError, "downloading {url} failed: {detail}"),
-    OSError: (UsageError, "cannot write {folder}: {detail}"),
-}
-
-
-class HttpBackend(Backend):
+class HttpBackend(Downloads, Backend):
     """Runs jobs on a synapse endpoint. ``client`` is the seam for tests (``httpx.MockTransport``)."""
 
     name = "http"
@@ -127,7 +120,10 @@ class HttpBackend(Backend):
     def run(self, kind: str, spec: Any, shards: int = 1) -> Iterator[Event]:
         """Upload, stream the events as they arrive, then download the outputs and rename them into place."""
         data, uploads, targets, overwrite = self._prepare(kind, spec)
-        url = f"{self.endpoint}/v1/jobs/{kind}" + (f"?shards={int(shards)}" if shards > 1 else "")
+        query = {"shards": str(int(shards))} if shards > 1 else {}
+        if self.notify:  # the stream ends with what became of each webhook (a Deliveries line), for the job store
+            query["report_webhooks"] = "true"
+        url = f"{self.endpoint}/v1/jobs/{kind}" + (f"?{urlencode(query)}" if query else "")
         response = yield from self._open(url, data, uploads)
         try:
             yield from collect_outputs(self._events(url, response), lambda e, out: self._fetch(e, targets, out), overwrite, url, defer=True)
@@ -142,24 +138,35 @@ class HttpBackend(Backend):
 
     def _events(self, url: str, response: httpx.Response) -> Iterator[Event]:
         """The response's NDJSON lines as events, to the end of the stream: after ``finished`` the
-        server sends the job's ``error`` if it failed after finishing (compile's inputs that failed)."""
+        server sends the job's ``error`` if it failed after finishing (compile's inputs that failed),
+        and, when asked (``report_webhooks``), what became of the job's webhooks: that report is
+        passed on before the ``error``, which ends the stream for whoever reads it."""
         lines = response.iter_lines()
+        outcome = Outcome()
         with map_errors(_STREAM_ERRORS, url=url, timeout=self.timeout_s):
             for line in lines:
                 if not line.strip():
                     continue  # a keep-alive line
                 event = _decode(line, url)
+                outcome.see(event)
+                if outcome.ended:
+                    break
                 yield event
-                if isinstance(event, Finished):
+                if outcome.finished is not None:
                     break
             else:
                 return
         try:  # the outputs are in place by now: a stream that breaks here loses nothing
             for line in lines:
                 if line.strip():
-                    yield _decode(line, url)
+                    event = _decode(line, url)
+                    outcome.see(event)
+                    if not isinstance(event, Failed):
+                        yield event
         except (httpx.TransportError, httpx.StreamError, httpx.DecodingError):
-            return
+            pass
+        if outcome.failure is not None:
+            yield outcome.failure
 
     def _open(self, url: str, data: dict[str, Any], uploads: list[tuple[str, Path]], detach: bool = False) -> Generator[Event, None, Any]:
         """POST the job, retrying what is safe to retry; returns the open streaming response, or with
@@ -229,6 +236,8 @@ class HttpBackend(Backend):
         accepted = _returned(self._open(url, data, uploads, detach=True))
         remote = {"endpoint": self.endpoint, "id": accepted["id"], "kind": kind, "overwrite": overwrite,
                   "targets": [[name, index, value] for (name, index), value in targets.items()]}  # fmt: skip
+        if self.notify:  # the server sends the job's webhooks: `jobs wait` asks for its report of them
+            remote["notify"] = True
         try:
             store.set_remote(job.id, remote)
             store.start(job.id, pid=None)
@@ -262,20 +271,21 @@ class HttpBackend(Backend):
         except BackendError as exc:
             if result is None and isinstance(exc.__cause__, _ArtifactGone):  # it can never complete here: not `processing` for ever
                 message = str(exc)
-                _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=message))
+                _quiet(store, job.id).ended_elsewhere("failed", 3, message)
             raise
         finally:
             local.close()  # type: ignore[attr-defined]  # (a job's generator) an early close removes what was downloaded so far
-            mirror.flush()
-            if result is not None:  # an error after it (compile's inputs that failed) was recorded first, with the result (_ended)
-                _store_write(lambda: store.finish(job.id, "completed", result=result))
+            if result is not None:  # every output is in place: the job's end (an error after its result was recorded already)
+                mirror.completed()
+            else:
+                mirror.flush()
 
     def cancel(self, job: Any, store: Any) -> None:
         """``DELETE /v1/jobs/{id}``: the server kills the job's processes and removes its outputs."""
         url = self._job_url(job.remote or {})
         response = self._request("DELETE", url)
         if response.status_code == 200:
-            _store_write(lambda: store.finish(job.id, "cancelled", error_code=130, error_message="cancelled by synapse jobs cancel"))
+            _quiet(store, job.id).ended_elsewhere("cancelled", 130, "cancelled by synapse jobs cancel")
             return
         if response.status_code == 404:
             raise self._gone(job, store)
@@ -301,12 +311,15 @@ class HttpBackend(Backend):
         progress: dict[str, Any] = record["progress"] if isinstance(record.get("progress"), dict) else {}
         done, total = progress.get("done"), progress.get("total")
         if isinstance(done, (int, float)) and done is not True:
-            _store_write(lambda: store.append_events(job.id, [], {"done": done, "total": total, "phase": job.phase}))
+            _quiet(store, job.id).ended_elsewhere("processing", progress={"done": done, "total": total, "phase": job.phase})
+        webhooks = record.get("webhooks")
+        if isinstance(webhooks, list) and webhooks:  # what became of the job's webhooks so far (synapse jobs show)
+            _quiet(store, job.id).deliveries([w for w in webhooks if isinstance(w, dict)], whole=True)
         status = record.get("status")
         if status in ("failed", "cancelled") and not _failed_after_finishing(record):
             error: dict[str, Any] = record["error"] if isinstance(record.get("error"), dict) else {}
             code = error.get("code") if isinstance(error.get("code"), int) else (130 if status == "cancelled" else 1)
-            _store_write(lambda: store.finish(job.id, status, error_code=code, error_message=str(error.get("message") or f"{status} on {self.endpoint}")))
+            _quiet(store, job.id).ended_elsewhere(status, code, str(error.get("message") or f"{status} on {self.endpoint}"))
         return record
 
     def _job_url(self, remote: Mapping[str, Any]) -> str:
@@ -318,7 +331,7 @@ class HttpBackend(Backend):
     def _gone(self, job: Any, store: Any) -> BackendError:
         """A 404 for the job: the server no longer has it, so it can never finish here."""
         message = f"{self.endpoint} has no job {(job.remote or {}).get('id')} (its record expired, or the server lost it)"
-        _store_write(lambda: store.finish(job.id, "failed", error_code=3, error_message=message))
+        _quiet(store, job.id).ended_elsewhere("failed", 3, message)
         return BackendError(message)
 
     def _request(self, method: str, url: str, timeout_s: float | None = None, retries: int | None = None) -> httpx.Response:
@@ -344,18 +357,21 @@ class HttpBackend(Backend):
         A dropped connection, a 5xx or a silence past ``http.timeout_s`` (the server sends a keep-alive
         every 15 s) reconnects with backoff from the last event received; each connection that answers
         renews the budget of ``EVENTS_RETRIES`` attempts, so only a server that stays unreachable ends
-        the wait (exit 3; the job goes on there and ``jobs wait`` resumes)."""
-        finished: Finished | None = None  # after it only the job's ``error`` may follow (it failed after finishing)
+        the wait (exit 3; the job goes on there and ``jobs wait`` resumes). A job sent with webhooks
+        asks for the server's report of them (``report_webhooks``), read after the job's last event
+        and kept in the job store as its deliveries."""
+        outcome = Outcome()  # after ``finished`` only the job's ``error`` may follow (it failed after finishing)
         for data in mirror.recorded:
             event = _decode_data(data, job_url)
+            outcome.see(event)
             yield event
-            if isinstance(event, Failed):
+            if outcome.ended:
                 return
-            finished = event if isinstance(event, Finished) else finished
         url = f"{job_url}/events"
         what = f"following {url}"
+        report = bool((job.remote or {}).get("notify"))
         while True:
-            response = yield from self._connect_events(job, url, mirror, what)
+            response = yield from self._connect_events(job, url, mirror, what, report)
             try:
                 for line in response.iter_lines():
                     if not line.strip():
@@ -363,6 +379,12 @@ class HttpBackend(Backend):
                     data = _json_object(url, line)
                     if data.get("type") == "keepalive":
                         continue
+                    if data.get("type") == Deliveries.type:  # after the last event: the server's report of the webhooks
+                        webhooks = data.get("webhooks")
+                        mirror.recorder.deliveries([d for d in webhooks if isinstance(d, dict)] if isinstance(webhooks, list) else [], whole=True)
+                        continue
+                    if outcome.ended:
+                        continue  # nothing but the report follows the job's error
                     index = data.pop("index", None)
                     if not isinstance(index, int) or isinstance(index, bool):
                         raise BackendError(f"{url} sent an event without its index: {line!r:.120}")
@@ -371,14 +393,14 @@ class HttpBackend(Backend):
                     if index > mirror.after:
                         raise BackendError(f"{url} skipped events {mirror.after} to {index - 1}")
                     event = _decode_data(data, url)
-                    mirror.add(data, event)
-                    if isinstance(event, Failed):
-                        self._ended(job, mirror, event, finished.result if finished else None)
-                    yield event
-                    if isinstance(event, Failed):
-                        return
-                    finished = event if isinstance(event, Finished) else finished
-                if finished:  # the stream ends after ``finished`` and the error that may follow it
+                    mirror.add(data, event)  # an ``error`` writes the job's final state (with its result, if it came after it)
+                    outcome.see(event)
+                    if not outcome.ended:
+                        yield event
+                if outcome.failure is not None:  # read to the end of the stream first: the report comes after it
+                    yield outcome.failure
+                    return
+                if outcome.finished is not None:  # the stream ends after ``finished`` and the error that may follow it
                     return
                 # the server ended the stream before the job's last event (it restarts, or has no more)
                 last = self._last_word(job, mirror)
@@ -387,18 +409,23 @@ class HttpBackend(Backend):
                     return
                 yield Log(f"{url}: the stream ended before the job did; resuming from event {mirror.after}", level="warning")
             except (httpx.TransportError, httpx.StreamError) as exc:  # dropped, or silent past http.timeout_s
-                if finished:  # the outputs are in place: nothing is lost
+                if outcome.failure is not None:
+                    yield outcome.failure
+                    return
+                if outcome.finished is not None:  # the outputs are in place: nothing is lost
                     return
                 yield Log(f"{url}: {one_line(exc, 200) or type(exc).__name__}; resuming from event {mirror.after}", level="warning")
             finally:
                 response.close()
             time.sleep(self.backoff_s)  # a server that ends streams at once is not hammered
 
-    def _connect_events(self, job: Any, url: str, mirror: "_Mirror", what: str) -> Generator[Event, None, Any]:
-        """``GET /events?after=N`` until it answers 200 (yields retry logs); returns the open response."""
+    def _connect_events(self, job: Any, url: str, mirror: "_Mirror", what: str, report: bool = False) -> Generator[Event, None, Any]:
+        """``GET /events?after=N`` until it answers 200 (yields retry logs); returns the open response.
+        ``report``: the stream ends with the server's report of the job's webhooks."""
+        params: dict[str, Any] = {"after": mirror.after, **({"report_webhooks": "true"} if report else {})}
 
         def connect() -> httpx.Response:
-            request = self._client.build_request("GET", url, params={"after": mirror.after}, headers={**self._headers, "Accept": NDJSON})
+            request = self._client.build_request("GET", url, params=params, headers={**self._headers, "Accept": NDJSON})
             response = self._client.send(request, stream=True)
             if response.status_code == 200:
                 return response
@@ -413,12 +440,6 @@ class HttpBackend(Backend):
                 return (yield from retry_until_first_event(connect, _should_retry_events, EVENTS_RETRIES, self.backoff_s, what))
         except _NoJob:
             raise self._gone(job, mirror.store) from None
-
-    def _ended(self, job: Any, mirror: "_Mirror", event: Failed, result: dict[str, Any] | None) -> None:
-        """The job's error: its final state in the store, with its result if it failed after finishing (compile's inputs that failed)."""
-        mirror.flush()
-        status = "cancelled" if event.code == 130 else "failed"
-        _store_write(lambda: mirror.store.finish(job.id, status, result=result, error_code=event.code, error_message=event.message))
 
     def _last_word(self, job: Any, mirror: "_Mirror") -> Event | None:
         """The stream ended without the job's last event: the record says whether the job ended (and how)."""
@@ -438,58 +459,3 @@ class HttpBackend(Backend):
         if status == "completed" and isinstance(record.get("result"), dict):
             return Finished(result=record["result"])
         return None
-
-    # -- outputs ------------------------------------------------------------------
-
-    def _fetch(self, event: Artifact, targets: dict[tuple[str, int | None], str], outputs: Outputs) -> Event:
-        """``collect_outputs``'s callback: download one artifact into a temporary sibling of its output."""
-        if event.path.startswith("s3://"):  # the server wrote it to its object: nothing comes through this client
-            return event
-        url, dest, _ = self._place(event, targets)
-        if dest is None:
-            return Log(f"artifact {event.path} matches no output of the spec and was not downloaded", level="warning")
-        outputs.receive(dest, lambda tmp: self._download(url, tmp, event.bytes))
-        return Artifact(path=str(dest), bytes=event.bytes)
-
-    def _place(self, event: Artifact, targets: dict[tuple[str, int | None], str]) -> tuple[str, Path | None, Path | None]:
-        """The download URL, the local destination, and (for a file of a directory output) that directory."""
-        parts = urlsplit(event.path)
-        if parts.scheme or parts.netloc or not parts.path.startswith("/v1/artifacts/"):
-            raise BackendError(f"the endpoint sent an artifact that is not a /v1/artifacts/ path: {event.path!r:.100}")
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        url = self.endpoint + parts.path
-        index = int(query["index"]) if query.get("index", "").isdigit() else None
-        target = targets.get((query.get("output", ""), index))
-        if target is None:
-            return url, None, None
-        base = Path(target)
-        name = query.get("name")
-        if not name:
-            return url, base, None
-        rel = PurePosixPath(name)
-        if rel.is_absolute() or any(p in ("", ".", "..") for p in rel.parts) or "\\" in name:
-            raise BackendError(f"the endpoint sent an unsafe artifact name {name!r}")
-        return url, base.joinpath(*rel.parts), base
-
-    def _download(self, url: str, tmp: Path, expected: int) -> None:
-        def get() -> None:
-            with self._client.stream("GET", url, headers=self._headers) as response:
-                if response.status_code in (401, 403):
-                    raise BackendError(f"{KEY_REJECTED} (HTTP {response.status_code} from {url})")
-                if response.status_code == 429 or response.status_code >= 500:
-                    raise _Retryable(response.status_code, _retry_after(response.headers.get("retry-after")))
-                if response.status_code in (404, 410):
-                    raise _ArtifactGone(f"downloading {url}: the server no longer has it (HTTP {response.status_code}): a finished job's "
-                                        "outputs are kept for the server's artifact lifetime; run the job again")
-                if response.status_code != 200:
-                    raise BackendError(f"downloading {url}: HTTP {response.status_code}")
-                written = 0
-                with open(tmp, "wb") as f:
-                    for chunk in response.iter_bytes(1 << 20):
-                        written += f.write(chunk)
-                if written != expected:
-                    raise BackendError(f"downloading {url}: got {written} of {expected} bytes")
-
-        with map_errors(_DOWNLOAD_ERRORS, url=url, folder=tmp.parent):
-            for _ in retry_until_first_event(get, _should_retry_download, self.max_retries, self.backoff_s, url):
-                pass  # a download's retries are not reported: the job already finished

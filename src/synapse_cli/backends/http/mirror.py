@@ -1,59 +1,53 @@
-"""A followed detached job's events, copied into the local job store in batches (best effort: a store that fails never stops the follow)."""
+"""A followed endpoint job's events, copied into the local job store through the one ``Recorder``
+(best effort: a store that fails never stops the follow)."""
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
+
+from synapse_cli.events import Event, from_dict
+
+if TYPE_CHECKING:
+    from synapse_cli.store.recording import Recorder
 
 
-from synapse_cli.events import Event, Progress
+def _quiet(store: Any, job_id: str) -> "Recorder":
+    """A ``Recorder`` of the job for what the server's record says of it: best effort and silent (the job is the server's)."""
+    from synapse_cli.store.recording import Recorder
 
-
-def _store_write(write: Callable[[], None]) -> None:
-    """A write to the job store on the way: best effort, as ``runs.record`` does (the job is the server's)."""
-    from synapse_cli.store.recording import STORE_ERRORS
-
-    try:
-        write()
-    except STORE_ERRORS:
-        pass
+    return Recorder(store, job_id, warn=lambda message: None)
 
 
 class _Mirror:
     """A detached job's events, copied into the local job store as they come.
 
     The server's event ``i`` is the store's row ``i + 1``, so the store says where to resume
-    (``after``). Writes are batched (every ``flush_s``, and at once for any event but progress);
-    a batch the store refuses stays buffered for the next try, and rows another ``jobs wait`` of
-    the same job wrote first are not written twice.
+    (``after``). The ``Recorder`` batches the writes, keeps a batch the store refuses for the next
+    try, skips rows another ``jobs wait`` of the same job wrote first, and writes the job's final
+    state from how its stream ends (an ``error``, even after ``finished``, ends it at once).
     """
 
     def __init__(self, store: Any, job_id: str, flush_s: float = 0.5) -> None:
-        self.store, self.job_id, self.flush_s = store, job_id, flush_s
+        from synapse_cli.store.recording import Recorder
+
+        self.store, self.job_id = store, job_id
         self.recorded = [data for _, data in store.events(job_id)]
         self.after = len(self.recorded)  # the next index to ask for
-        self._start = self.after  # the index of _buffer[0]
-        self._buffer: list[dict[str, Any]] = []
-        self._progress: dict[str, Any] | None = None
-        self._last = time.monotonic()
+        self.recorder = Recorder(store, job_id, flush_s=flush_s, written=self.after, warn=lambda message: None)
+        for data in self.recorded:  # how the stream ends counts what an earlier wait recorded (its ``finished``)
+            try:
+                self.recorder.outcome.see(from_dict(data))
+            except (ValueError, TypeError):
+                pass  # (the follow says so when it reads it again)
 
     def add(self, data: dict[str, Any], event: Event) -> None:
-        self._buffer.append(data)
         self.after += 1
-        if isinstance(event, Progress):
-            self._progress = {"done": event.done, "total": event.total, "phase": event.phase}
-        if not isinstance(event, Progress) or time.monotonic() - self._last >= self.flush_s:
-            self.flush()
+        self.recorder.event(event, data)
 
     def flush(self) -> None:
-        if not self._buffer and not self._progress:
-            return
-        self._last = time.monotonic()
+        """What is buffered (a held ``finished`` too), and the final state only if an ``error`` decided it."""
+        self.recorder.flush(force=True)
 
-        def write() -> None:
-            have = self._start + len(self.store.events(self.job_id, self._start))  # rows are contiguous from 1
-            self.store.append_events(self.job_id, self._buffer[max(have - self._start, 0):], self._progress)
-            self._start += len(self._buffer)
-            self._buffer, self._progress = [], None
-
-        _store_write(write)
+    def completed(self) -> None:
+        """The outputs are in place: the job's ``finished`` (held until now) and its end."""
+        self.recorder.end()

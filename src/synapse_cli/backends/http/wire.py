@@ -11,7 +11,7 @@ from typing import Any, Generator, Mapping, TypeVar
 
 from synapse_cli.backends._remote import path_fields
 from synapse_cli.errors import BackendError, UsageError, one_line
-from synapse_cli.events import Event, from_dict
+from synapse_cli.events import Event, failed_after_result, from_dict
 from synapse_cli.jobs import spec_to_dict
 from synapse_cli.protocol import DIR_TAR
 
@@ -104,7 +104,7 @@ def _accepted(url: str, body: bytes) -> dict[str, Any]:
 
 def _failed_after_finishing(record: Mapping[str, Any]) -> bool:
     """A job record (``GET /v1/jobs/{id}``) of a job that failed after its ``finished``: its outputs wait for download."""
-    return record.get("status") == "failed" and isinstance(record.get("result"), dict)
+    return failed_after_result(record.get("status"), record.get("result"))
 
 
 def _returned(steps: Generator[Any, None, T]) -> T:

@@ -19,7 +19,7 @@ from synapse_cli.backends.modal.detached import DetachedCalls
 from synapse_cli.backends.modal.errors import _Deadline, _transient, map_modal_errors
 from synapse_cli.backends.modal.files import _Files, _Uploads
 from synapse_cli.errors import BackendError, UsageError
-from synapse_cli.events import Event, Finished, from_dict
+from synapse_cli.events import Event, Finished, Outcome, from_dict
 from synapse_cli.jobs import get_kind
 
 CALL_EVENT = "_call"  # the container's first item: its FunctionCall id, so that we can cancel it
@@ -234,18 +234,18 @@ class ModalBackend(DetachedCalls, Backend):
         if first is None:
             return
         call_id = None
-        finished = False
+        outcome = Outcome()
         try:
             for item in itertools.chain([first], gen):
                 if item.get("type") == CALL_EVENT:
                     call_id = item["function_call_id"]
                     continue
                 event = from_dict(item)
-                finished = isinstance(event, Finished)
+                outcome.see(event)
                 yield event
         finally:
             gen.close()
-            if call_id and not finished:  # Ctrl-C, or the consumer stopped: the call must not run on
+            if call_id and outcome.status is None:  # Ctrl-C, or the consumer stopped: the call must not run on
                 self._cancel(call_id)
 
     def _cancel(self, call_id: str) -> None:

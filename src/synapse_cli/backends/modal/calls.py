@@ -26,14 +26,12 @@ def _redact(url: str) -> str:
 
 def _with_deliveries(events: Iterator[Event], store: Any, job_id: str, deliveries: list[dict[str, Any]], target: str | None) -> Iterator[Event]:
     """``events``, then the webhook deliveries its container published, kept in the job store (``jobs show``)."""
+    from synapse_cli.store.recording import Recorder
+
     try:
         yield from events
-    finally:
-        for delivery in deliveries:
-            try:
-                store.add_delivery(job_id, delivery, target)
-            except Exception:  # noqa: BLE001 - recording is best-effort
-                break
+    finally:  # through the one Recorder: best effort, a store that fails warns once
+        Recorder(store, job_id).deliveries([{**d, "target": d.get("target") or target} for d in deliveries])
 
 
 class _ShardFollower:

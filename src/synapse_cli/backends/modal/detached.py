@@ -17,7 +17,7 @@ from synapse_cli.backends.modal.credentials import require_credentials
 from synapse_cli.backends.modal.errors import _Deadline
 from synapse_cli.backends.modal.files import _Files, _Uploads
 from synapse_cli.errors import BackendError, UsageError
-from synapse_cli.events import Event, Finished, from_dict
+from synapse_cli.events import Event, Outcome, from_dict
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -196,15 +196,15 @@ class DetachedCalls:
         shards = remote["shards"]
         spec = spec_from_dict(kind, spec_data)
         parts = [spec_from_dict(kind, data) for data in remote["parts"]]
-        finished = False
+        outcome = Outcome()
         try:
             for event in follow_detached(
                 kind, spec, parts, Path(remote["split_in"]), lambda i, part: _ShardFollower(self, kind, shards[i], part), self.shard_retries
             ):
-                finished = finished or isinstance(event, Finished)
+                outcome.see(event)
                 yield event
         finally:
-            if not finished:
+            if outcome.finished is None:
                 self._abandon(job_id, [s["call_id"] for s in shards], [s["key"] for s in shards])
             else:
                 self._forget(job_id, [s["key"] for s in shards])

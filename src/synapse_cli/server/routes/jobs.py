@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from synapse_cli.events import Failed
 from synapse_cli.protocol import NDJSON
 from synapse_cli.render.ndjson import encode
-from synapse_cli.server import runner, webhooks
+from synapse_cli.server import preparing, runner, webhooks
 from synapse_cli.server.admission import Admission, admit
 from synapse_cli.server.auth import keyed
 from synapse_cli.server.responses import DRAIN_MAX_BYTES, drain, error, refuse
@@ -55,7 +55,7 @@ async def run_job(kind: str, request: Request) -> Any:
             _abandon(opts, job_id, job_dir)
             raise
         return JSONResponse(answer, status_code=202, headers={"Location": answer["links"]["self"], "Cache-Control": "no-store"})
-    return StreamingResponse(stream(run, opts), media_type=NDJSON,
+    return StreamingResponse(stream(run, opts, admitted.report_webhooks), media_type=NDJSON,
                              headers={"X-Synapse-Job": job_id, "Cache-Control": "no-store", "X-Accel-Buffering": "no"})  # fmt: skip
 
 
@@ -79,7 +79,7 @@ async def _receive(opts: ServerOptions, request: Request, kind: str, job_id: str
     try:
         body = await read_body(request.headers.get("content-type", ""), body_stream.chunks(), job_dir / "in", opts.max_bytes,
                                inputs=inputs, idle_timeout_s=opts.body_timeout_s or None, kind=kind, installed=installed)  # fmt: skip
-        run = runner.prepare(kind, body, job_dir, job_id, opts.models_dir, opts.storage)
+        run = preparing.prepare(kind, body, job_dir, job_id, opts.models_dir, opts.storage)
         run.shards = admitted.shards
         if run.notify_url is not None:  # a stranger's URL this server will POST to: through the URL guard (a refusal is a 422)
             run.notify_target = await anyio.to_thread.run_sync(webhooks.check_target, opts, run.notify_url)
@@ -130,12 +130,14 @@ def _time_limit(run: runner.JobRun, opts: ServerOptions) -> threading.Timer | No
     return timer
 
 
-async def stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[bytes]:
+async def stream(run: runner.JobRun, opts: ServerOptions, report: bool = False) -> AsyncIterator[bytes]:
     """Start the job and stream its events. A client that goes away, the job's time limit and the
     server's shutdown all cancel the job at once (``JobRun.cancel``: its processes are killed).
 
     While the job is silent, a blank line goes out every ``keepalive_s``: NDJSON readers skip
-    blank lines, and the client's read timeout does not cut off a healthy job."""
+    blank lines, and the client's read timeout does not cut off a healthy job. With ``report``
+    (``?report_webhooks=true``) and webhooks, the stream ends with what became of them, once its
+    sender is done (the job's slot is free by then)."""
     channel = runner.Channel(asyncio.get_running_loop(), stall_timeout_s=opts.stall_timeout_s or None)
     opts.runs[run.job_id] = run
     timer = _time_limit(run, opts)
@@ -174,6 +176,11 @@ async def stream(run: runner.JobRun, opts: ServerOptions) -> AsyncIterator[bytes
                         feed.feed(ev)
             if lines:
                 yield "".join(lines).encode("utf-8")
+        if report:  # (a job without webhooks: an empty list)
+            if feed is not None:
+                feed.close(wait=False)
+            async for line in webhooks.report(opts, run.job_id, opts.keepalive_s, b"\n", lambda: webhooks.sent(feed) if feed is not None else []):
+                yield line
     finally:
         if not done:  # the client went away: stop the job now, not at its next event
             run.cancel("the client went away")

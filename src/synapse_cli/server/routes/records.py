@@ -10,7 +10,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from synapse_cli.protocol import NDJSON, SSE
 from synapse_cli.server.auth import keyed
-from synapse_cli.server.detached import DetachedJobs, parse_index, parse_list_params
+from synapse_cli.server.admission import flag_param
+from synapse_cli.server.detached import DetachedJobs
+from synapse_cli.server.job_records import parse_index, parse_list_params
 from synapse_cli.server.responses import error
 from synapse_cli.server.state import of
 
@@ -67,10 +69,13 @@ async def job_events(job_id: str, request: Request) -> Any:
     last_id, problem = parse_index(request.headers.get("last-event-id"), "Last-Event-ID")
     if problem:
         return error(422, problem)
+    report, problem = flag_param(request.query_params.get("report_webhooks"), "report_webhooks")
+    if problem:
+        return error(422, problem)
     jobs = _jobs(request)
     if await anyio.to_thread.run_sync(jobs.find, job_id) is None:
         return not_found(job_id)
     sse = SSE in request.headers.get("accept", "").lower()
     start = last_id + 1 if last_id is not None else (after or 0)  # an EventSource reconnecting keeps the URL: its header wins
-    return StreamingResponse(jobs.follow(job_id, start, sse, of(request).keepalive_s), media_type=SSE if sse else NDJSON,
+    return StreamingResponse(jobs.follow(job_id, start, sse, of(request).keepalive_s, report), media_type=SSE if sse else NDJSON,
                              headers={**NO_STORE, "X-Accel-Buffering": "no"})  # fmt: skip

@@ -148,7 +148,12 @@ def main() -> None:
             env.update({"SYNAPSE_JOBS_DB": str(work / "jobs.sqlite3"), "SYNAPSE_MODAL_SECRETS": "synapse-s3",
                         "MODAL_SERVER_URL": f"http://127.0.0.1:{grpc.port}", "MODAL_TOKEN_ID": FAKE_TOKEN_ID, "MODAL_TOKEN_SECRET": FAKE_TOKEN_SECRET,
                         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])})  # fmt: skip
-            subprocess.run(synapse_exe() + ["deploy"], check=True, env=env, capture_output=True)
+            # deployed from this process, as a container's app is hydrated: export_sharded's body (run here by the
+            # fake) calls export through these handles
+            os.environ["SYNAPSE_MODAL_SECRETS"] = "synapse-s3"
+            from synapse_cli import modal_app
+
+            modal_app.app.deploy(name="synapse")
             small = ["--job", "framing", "--set", "output_width=180", "--set", "output_height=320", "--use-modal", "--json", "--no-cache", "--overwrite"]
             ways = {
                 "local paths": synapse_exe() + ["export", str(clip), "-o", str(work / "out.mp4"), *small],

@@ -35,7 +35,11 @@ from synapse_cli.jobs._media import find_ffmpeg  # noqa: E402
 
 
 class CountingProxy:
-    """127.0.0.1:port -> target, counting the bytes each way (``up``: client to target)."""
+    """127.0.0.1:port -> target, counting the bytes each way (``up``: client to target).
+
+    Connections from this process are relayed but not counted: the fake control plane runs the
+    function bodies here, and what a container fetches from the Volume (export_sharded's pieces) is
+    not the client's traffic (psutil, which ultralytics installs, says whose a connection is)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -48,17 +52,26 @@ class CountingProxy:
     def _accept(self) -> None:
         while True:
             try:
-                client, _ = self.sock.accept()
+                client, peer = self.sock.accept()
             except OSError:
                 return
+            counted = not self._ours(peer[1])
             server = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, server, True, counted), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False, counted), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+    @staticmethod
+    def _ours(port: int) -> bool:
+        import psutil
+
+        return any(c.laddr and c.laddr.port == port for c in psutil.Process().net_connections(kind="tcp"))
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool, counted: bool) -> None:
         try:
             while data := src.recv(1 << 16):
                 dst.sendall(data)
+                if not counted:
+                    continue
                 with self.lock:
                     if up:
                         self.up += len(data)

@@ -19,13 +19,16 @@ pytest_plugins = ["tests.modal_fake.fixtures"] if (ROOT / "tests" / "modal_fake"
 pytest_plugins.append("tests.storage_fixtures")  # s3_server, s3, http_files: moto and a plain HTTP server on loopback
 
 
-# Under pytest-xdist (README's test command: -n auto --dist loadfile) files are handed to workers in collection
-# order, so a long file collected last (test_wheel builds a wheel and installs it into a fresh venv) would run
-# alone at the end while the other workers idle. The longest go first (longest-processing-time-first); the
-# rest keep their order, and a serial run (-n 0) keeps pytest's own order.
-HEAVY_FIRST = ("test_compile_truth.py", "test_serve_schemathesis.py", "test_lint.py", "test_compile_cli.py", "test_wheel.py",
-               "test_serve_fuzz.py", "test_storage.py", "test_shards.py", "test_http_detach.py", "test_storage_remote.py",
-               "test_serve_load.py", "test_shards_detach.py", "test_serve_detached.py")
+# Under pytest-xdist (README's test command: -n auto --dist loadfile --no-loadscope-reorder) files are handed to
+# workers in collection order, so a long file collected last would run alone at the end while the other worker
+# idles. The longest go first (longest-processing-time-first), in the order of their CPU seconds measured on the
+# 2-core machine; the rest keep their order, and a serial run (-n 0) keeps pytest's own order. Without
+# --no-loadscope-reorder xdist would re-sort the files by their number of tests, and a one-test file such as
+# test_serve_schemathesis (minutes) would start last.
+HEAVY_FIRST = ("test_serve_schemathesis.py", "test_compile_truth.py", "test_lint.py", "test_serve_fuzz.py", "test_wheel.py",
+               "test_shards.py", "test_http_detach.py", "test_compile_cli.py", "test_serve_detached.py", "test_shards_detach.py",
+               "test_modal.py", "test_serve_load.py", "test_jobs_page.py", "test_store_recording.py", "test_infer_bench.py",
+               "test_api.py", "test_jobs.py", "test_storage.py", "test_infer.py", "test_infer_batch.py", "test_storage_remote.py")
 
 
 def pytest_collection_modifyitems(config, items):

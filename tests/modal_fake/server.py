@@ -142,6 +142,8 @@ class _Attempt:
 
     def stop(self) -> None:
         with self.lock:
+            if self.stopped.is_set():  # once, as Modal cancels an input once: a cancel and the task's CancelledError both stop it,
+                return  # and a second InputCancellation would land in the body's own clean-up
             self.stopped.set()
             if self.thread_id is not None:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(

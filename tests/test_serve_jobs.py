@@ -153,20 +153,21 @@ def test_a_client_that_stops_reading_cannot_hold_a_job(tmp_path):
 
 
 def test_a_silent_job_sends_keepalive_lines_and_the_client_waits_it_out(tmp_path):
-    """A job silent for 1.5 s, a client whose read timeout is 0.5 s: blank keep-alive lines every 0.2 s
-    keep the stream alive, and the real client (HttpBackend) skips them."""
+    """A job silent for 3 s, a client whose read timeout is 1 s: blank keep-alive lines every 0.2 s
+    keep the stream alive, and the real client (HttpBackend) skips them. (The timeout leaves a loaded
+    machine 5 keep-alive periods of slack; the job stays silent for three timeouts.)"""
     from synapse_cli.backends.http import HttpBackend
     from synapse_cli.events import Finished
     from tests.http_fixtures import TestDirSpec
 
     with serve_app(tmp_path / "srv", keepalive_s=0.2) as ep:
-        with httpx.stream("POST", f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "a.txt", "output_dir": "o", "sleep_s": 1.5})},
-                          files=[("input", ("a.txt", b"hello"))], headers=AUTH, timeout=0.5) as r:
+        with httpx.stream("POST", f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "a.txt", "output_dir": "o", "sleep_s": 3.0})},
+                          files=[("input", ("a.txt", b"hello"))], headers=AUTH, timeout=1.0) as r:
             lines = list(r.iter_lines())
-        assert lines.count("") >= 3 and json.loads(lines[-1])["type"] == "finished"
+        assert lines.count("") >= 6 and json.loads(lines[-1])["type"] == "finished"
         (tmp_path / "in.txt").write_text("hello")
-        backend = HttpBackend(ep.url, API_KEY, timeout_s=0.5, max_retries=0)
-        events = list(backend.run("dirtest", TestDirSpec(input=str(tmp_path / "in.txt"), output_dir=str(tmp_path / "out"), sleep_s=1.5)))
+        backend = HttpBackend(ep.url, API_KEY, timeout_s=1.0, max_retries=0)
+        events = list(backend.run("dirtest", TestDirSpec(input=str(tmp_path / "in.txt"), output_dir=str(tmp_path / "out"), sleep_s=3.0)))
         backend.close()
         assert isinstance(events[-1], Finished) and (tmp_path / "out" / "head.txt").read_text() == "hello"
 

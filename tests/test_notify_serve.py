@@ -52,17 +52,23 @@ def test_a_detached_job_on_the_server_notifies_with_download_urls(tmp_path):
             assert raw not in f.read_bytes(), f
 
 
+def first_finished_fails_once(failed: list | None = None):
+    """A receiver rule: the first ``finished`` delivery gets a 500 (and goes into ``failed``), everything else the default."""
+    failed = [] if failed is None else failed
+
+    def rule(req):
+        if b'"type":"finished"' in req.body and not failed:
+            failed.append(req)
+            return Reply(500)
+        return None
+
+    return rule
+
+
 def test_a_streamed_job_notifies_and_a_500_once_still_gets_finished(tmp_path):
     with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
         failed: list = []
-
-        def first_finished_fails(req):
-            if b'"type":"finished"' in req.body and not failed:
-                failed.append(req)
-                return Reply(500)
-            return None
-
-        r.rule = first_finished_fails
+        r.rule = first_finished_fails_once(failed)
         with httpx.stream("POST", f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": r.url_for("localhost", "/h")}, headers=AUTH, timeout=60) as resp:
             assert resp.status_code == 200
             events = [json.loads(line) for line in resp.iter_lines() if line.strip()]
@@ -218,15 +224,7 @@ def test_an_endpoint_jobs_deliveries_are_in_the_local_jobs_show(cli, db, tiny, t
     """Attached: the server reports what became of each webhook at the end of the stream (it waits for the
     terminal delivery, as a local run does before it exits), and the client keeps them in its job store."""
     with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
-        failed: list = []
-
-        def first_finished_fails(req):
-            if b'"type":"finished"' in req.body and not failed:
-                failed.append(req)
-                return Reply(500)
-            return None
-
-        r.rule = first_finished_fails
+        r.rule = first_finished_fails_once()
         env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_NOTIFY_URL": r.url_for("localhost", "/hook")}
         run = cli("export", tiny, "-o", tmp_path / "remote.mp4", "--json", *SMALL, "--endpoint", ep.url, env=env)
         assert run.exit_code == 0, run.stderr

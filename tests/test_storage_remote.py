@@ -82,6 +82,17 @@ def test_sharded_infer_on_modal_with_s3_in_and_out_runs_its_shards_on_the_gpu_fu
     assert [s["index"] for s in run.events()[-1]["result"]["shards"]] == [0, 1]
 
 
+def test_an_existing_key_on_modal_is_refused_in_the_container_before_any_shard_runs(cli, modal_s3, s3, keyed, db):
+    src = s3.put("ow/keyed.mp4", keyed)
+    s3.put("ow/reel.mp4", b"already here")
+    run = cli("export", src, "-o", s3.url("ow/reel.mp4"), *SMALL, "--use-modal", "--shards", "4")
+    assert run.exit_code == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"UsageError: {s3.url('ow/reel.mp4')} already exists (use --overwrite to replace it)"
+    assert s3.get("ow/reel.mp4") == b"already here"
+    assert [c.function_name for c in modal_s3.function_calls] == ["export_sharded"]  # refused there: no shard was started
+    assert not s3.served("ow/keyed.mp4")  # nor was the input read
+
+
 # -- behind synapse serve -------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 def _children(pid: int, tid: int | None = None) -> list[int]:
@@ -69,4 +70,22 @@ def kill_orphans(job_dir: Path) -> list[int]:
             killed.append(int(entry.name))
         except (OSError, ProcessLookupError, PermissionError):
             continue
+    _wait_gone(killed)
     return killed
+
+
+def _alive(pid: int) -> bool:
+    """Still running: its /proc entry is there and it is not a zombie (a zombie writes nothing more)."""
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 5.0) -> None:
+    """SIGKILL is delivered at once but a loaded machine may take a moment to end the process: wait
+    (``timeout_s`` at most) so that nothing of the dead server still writes when the new one starts."""
+    until = time.monotonic() + timeout_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < until:
+        time.sleep(0.02)

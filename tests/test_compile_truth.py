@@ -149,11 +149,14 @@ def _no_unexplained(data: Path, tmp_path: Path, timeout_s: float, floors: dict[s
     spec = CompileSpec(inputs=[str(data)], output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
                        engine_timeout_s=timeout_s, overwrite=True)
     result = finished_result(spec)  # inputs that fail for other reasons (rejected valid instances) are not this test's subject
+    regex_only = _outlines_regex_only(spec, result)
     lies: list[str] = []
     wrong: dict[str, int] = {}
     counts: dict[str, dict[str, int]] = {}
     for row in result["inputs"]:
         for engine, e in (row.get("engines") or {}).items():
+            if engine == "outlines" and row["name"] in regex_only:
+                e = regex_only[row["name"]]
             check = e.get("check") or {}
             wrong[engine] = wrong.get(engine, 0) + check.get("invalid_accepted", 0)
             n = counts.setdefault(engine, dict.fromkeys(("compiled", "invalid_accepted", "unexplained", "valid_rejected"), 0))
@@ -174,10 +177,47 @@ def _no_unexplained(data: Path, tmp_path: Path, timeout_s: float, floors: dict[s
     return wrong
 
 
+def _outlines_regex_only(spec, result: dict) -> dict[str, dict]:
+    """For each input whose outlines compile timed out in the job: outlines' regex checked without its index.
+
+    What outlines-core spends the time on is the DFA index the job builds to prove outlines can use the
+    regex (seconds to minutes on any-value schemas: ``{"type": "object"}`` takes 9 s here, and twelve
+    JSTS schemas never finish). The regex itself is milliseconds, and it is what the report's claims are
+    about, so the job's own task (payload, candidates) and report code (``summarize``) check it here:
+    no artefact goes unchecked, whatever the timeout and the machine's load.
+    """
+    from synapse_cli.jobs.compile import engines
+    from synapse_cli.jobs.compile.inputs import Unit
+    from synapse_cli.jobs.compile.units import UnitRun, engine_task, spec_items
+    from synapse_cli.jobs.compile.verify import summarize
+
+    timed_out = {row["name"] for row in result["inputs"]
+                 if "timed out" in str(((row.get("engines") or {}).get("outlines") or {}).get("error"))}
+    out: dict[str, dict] = {}
+    for unit in spec_items(spec):
+        if not isinstance(unit, Unit) or unit.name not in timed_out:
+            continue
+        run = UnitRun(unit, ["outlines"], list(unit.tests), Path(spec.output_dir))
+        task = engine_task(run, "outlines", None, need_check=True)
+        _, _, kind, payload, _ = next(task)
+        artefact, ignored = engines.outlines_regex(kind, payload)
+        _, engine, kind, artefact, candidates = task.send(("ok", {"artefact": artefact, "ignored_keywords": ignored}))
+        with pytest.raises(StopIteration) as stop:
+            task.send(("ok", engines.check_artefact(engine, kind, artefact, candidates)))
+        check = summarize(run.tests, stop.value.value["accepted"], run.payload("outlines"), ignored, unit.kind)
+        out[unit.name] = {"supported": True, "ignored_keywords": ignored, "check": check}
+    print(f"outlines checked without its index (timed out in the job): {sorted(out)}")
+    return out
+
+
 @pytest.mark.slow
 def test_no_unreported_wrong_accept_on_json_schema_test_suite(tmp_path):
-    """Every labelled instance of the JSTS 2020-12 slice through every engine's artefact."""
-    _no_unexplained(JSTS, tmp_path, timeout_s=10, floors=JSTS_FLOORS)
+    """Every labelled instance of the JSTS 2020-12 slice through every engine's artefact.
+
+    The job runs at a 3 s engine timeout: the other engines' slowest compile here is 0.5 s, and outlines'
+    regexes whose index runs longer are checked without it (``_outlines_regex_only``).
+    """
+    _no_unexplained(JSTS, tmp_path, timeout_s=3, floors=JSTS_FLOORS)
 
 
 @pytest.mark.full_slice

@@ -172,26 +172,7 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
             raise EngineFailure(str(exc)) from None
         _gbnf_matcher(artefact)
     elif engine == "outlines":
-        if kind == "grammar":
-            raise EngineFailure("outlines-core compiles regexes and JSON Schemas, not grammars")
-        if kind == "json_schema":
-            from outlines_core.json_schema import build_regex_from_schema
-
-            from synapse_cli.jobs.compile.normalize import keywords_used
-            from synapse_cli.jobs.compile.rewrite import for_outlines, for_outlines_regex, outlines_dropped
-
-            prepared = for_outlines(payload)  # same meaning, in the shapes outlines reads fully
-            embedded, untranslated = for_outlines_regex(prepared)  # patterns and names as JSON text
-            try:
-                artefact = build_regex_from_schema(json.dumps(embedded), None)
-            except BaseException as exc:  # pyo3 panics are BaseException
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                raise EngineFailure(one_line(exc, ERROR_CHARS)) from None
-            dropped = outlines_dropped(prepared) | untranslated
-            ignored = sorted(_ignored_by(sorted(keywords_used(prepared)), OUTLINES_ENFORCED, prepared, OUTLINES_FORMATS) | dropped)
-        else:
-            artefact = payload
+        artefact, ignored = outlines_regex(kind, payload)
         _outlines_index(artefact)
         _py_regex(artefact)
     elif engine == "xgrammar":
@@ -222,6 +203,21 @@ def compile_artefact(engine: str, kind: str, payload: Any, used: list[str]) -> d
     else:
         raise EngineFailure(f"unknown engine {engine!r}")
     return {"artefact": artefact, "ignored_keywords": ignored, "compile_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+
+def preload(engine: str) -> None:
+    """Import an engine's modules and nothing more: the fork server's part. Its objects (tokenizers,
+    compilers, their threads) are made by ``_warm`` in each forked worker. A missing package is
+    reported by the worker's own warm-up and compile requests."""
+    try:
+        if engine in ("llguidance", "llama.cpp"):
+            import llguidance  # noqa: F401
+        elif engine == "outlines":
+            import outlines_core.json_schema  # noqa: F401
+        elif engine == "xgrammar":
+            _xgrammar()
+    except Exception:
+        pass
 
 
 def _warm(engine: str) -> None:
@@ -317,6 +313,33 @@ def _gbnf_matcher(gbnf_text: str) -> Any:
 
 
 _OUTLINES_VOCAB: Any = None
+
+
+def outlines_regex(kind: str, payload: Any) -> tuple[str, list[str]]:
+    """outlines' artefact and the keywords it leaves unenforced: the regex outlines-core writes for a
+    schema (after our rewrites), or the pattern itself. Milliseconds; the index ``compile_artefact``
+    then builds from it is what can take minutes."""
+    ignored: list[str] = []
+    if kind == "grammar":
+        raise EngineFailure("outlines-core compiles regexes and JSON Schemas, not grammars")
+    if kind != "json_schema":
+        return payload, ignored
+    from outlines_core.json_schema import build_regex_from_schema
+
+    from synapse_cli.jobs.compile.normalize import keywords_used
+    from synapse_cli.jobs.compile.rewrite import for_outlines, for_outlines_regex, outlines_dropped
+
+    prepared = for_outlines(payload)  # same meaning, in the shapes outlines reads fully
+    embedded, untranslated = for_outlines_regex(prepared)  # patterns and names as JSON text
+    try:
+        artefact = build_regex_from_schema(json.dumps(embedded), None)
+    except BaseException as exc:  # pyo3 panics are BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise EngineFailure(one_line(exc, ERROR_CHARS)) from None
+    dropped = outlines_dropped(prepared) | untranslated
+    ignored = sorted(_ignored_by(sorted(keywords_used(prepared)), OUTLINES_ENFORCED, prepared, OUTLINES_FORMATS) | dropped)
+    return artefact, ignored
 
 
 def _outlines_index(regex: str) -> None:

@@ -396,3 +396,55 @@ def test_no_runs_folder_or_downloads(cli, assets, tmp_path):
     assert r.exit_code == 0
     assert not Path("runs").exists() and not list(Path.cwd().glob("*.pt"))
     assert os.environ["YOLO_OFFLINE"] == "1" and os.environ["YOLO_AUTOINSTALL"] == "False"
+
+
+# -- replicas kept between jobs in one process ------------------------------------------------
+
+
+def _frames(path: Path) -> list:
+    return json.loads(path.read_text())["frames"]
+
+
+def test_the_next_job_in_the_process_takes_the_replicas_the_last_one_left_and_answers_the_same(assets, tmp_path):
+    """``runtime.REPLICAS``: no model is loaded for the second job, and a reused predictor takes the new job's
+    arguments (conf, classes, imgsz), so every job's frames equal those of a fresh model in a fresh process."""
+    from synapse_cli.jobs.infer.runtime import REPLICAS
+
+    REPLICAS.clear()
+
+    def job(name: str, **kw) -> list:
+        out = tmp_path / f"{name}.json"
+        run(InferSpec(source=str(assets / "bus.jpg"), output=str(out), threads=2, **kw))
+        return _frames(out)
+
+    first = job("a")
+    loads, reuses = REPLICAS.loads, REPLICAS.reuses
+    again = job("b")
+    assert (REPLICAS.loads, REPLICAS.reuses) == (loads, reuses + 1)  # its one replica came from the idle ones
+    assert again == first
+    other = {"conf": 0.6, "classes": ["person"], "imgsz": 320, "task": "detect"}
+    reused = job("c", **other)
+    assert REPLICAS.loads == loads  # still nothing loaded
+    REPLICAS.clear()
+    fresh = job("d", **other)
+    assert REPLICAS.loads == loads + 1
+    assert reused == fresh and reused != first
+    assert all(d["confidence"] >= 0.6 and d["class"] == "person" for f in reused for d in f["detections"])
+
+
+def test_a_replaced_weights_file_is_loaded_anew(assets, tmp_path):
+    import shutil
+
+    from synapse_cli.jobs.infer.runtime import REPLICAS
+    from synapse_cli.jobs.infer.weights import default_weights
+
+    weights = tmp_path / "w.pt"
+    shutil.copyfile(default_weights(), weights)
+    spec = dict(source=str(assets / "bus.jpg"), model=str(weights), threads=1, overwrite=True)
+    run(InferSpec(output=str(tmp_path / "a.json"), **spec))
+    loads = REPLICAS.loads
+    run(InferSpec(output=str(tmp_path / "b.json"), **spec))
+    assert REPLICAS.loads == loads
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # a new file in its place
+    run(InferSpec(output=str(tmp_path / "c.json"), **spec))
+    assert REPLICAS.loads == loads + 1

@@ -50,6 +50,7 @@ class InferencePool:
         self._args = predict_args
         self._spare: queue.SimpleQueue = queue.SimpleQueue()
         self._spare.put(model)  # the replica the job already loaded serves the first worker
+        self._used = [model]  # every replica this pool ran: the process keeps them for the next job
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synapse-infer")
 
@@ -59,9 +60,10 @@ class InferencePool:
             try:
                 model = self._spare.get_nowait()
             except queue.Empty:
-                from synapse_cli.jobs.infer.runtime import load_model
+                from synapse_cli.jobs.infer.runtime import REPLICAS
 
-                model = load_model(self._weights)
+                model = REPLICAS.take(self._weights)
+                self._used.append(model)
             self._local.model = model
         return model
 
@@ -80,7 +82,13 @@ class InferencePool:
         return self._executor.submit(self._predict, image)
 
     def close(self) -> None:
+        """Stop the workers; once none runs, their replicas go back to the process's idle ones."""
+        from synapse_cli.jobs.infer.runtime import REPLICAS
+
         self._executor.shutdown(wait=True, cancel_futures=True)
+        for model in self._used:
+            REPLICAS.give_back(self._weights, model)
+        self._used.clear()
 
     def __enter__(self) -> "InferencePool":
         return self

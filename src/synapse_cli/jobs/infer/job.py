@@ -216,7 +216,7 @@ def run_yolo(spec: InferSpec) -> Iterator[Event]:
     weights = resolve_model(spec.model)
     if spec.task == "track":
         runtime.check_tracking()
-    model = runtime.load_model(weights)
+    model = runtime.REPLICAS.take(weights)  # one the last job in this process left, or loaded now
     if spec.task == "pose" and model.task != "pose":
         raise UsageError(f"{weights.name} is a {model.task} model, not a pose model: use --task detect or a -pose model")
     names = {int(k): str(v) for k, v in model.names.items()}

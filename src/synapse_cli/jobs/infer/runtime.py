@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,65 @@ def load_model(path: Path) -> Any:
     if getattr(model, "task", None) not in SUPPORTED_MODEL_TASKS:
         raise UsageError(f"{path.name} is a {model.task} model; synapse infer runs detect and pose models")
     return model
+
+
+class Replicas:
+    """Idle model replicas, kept between jobs in this process, by weights file.
+
+    Loading yolo11n-pose and setting up its predictor (ultralytics fuses its layers on the first
+    frame) costs about 0.4 s of CPU per replica, for every job: in ``synapse serve``, or a script
+    that runs jobs through the Python API, the next job takes a replica the last one left set up.
+    A file is known by its real path, size and modification time, so a replaced file loads anew.
+
+    Only CPU replicas come back here (``InferencePool`` returns them when it closes): each job
+    gives every argument it predicts with (``predict_args``) on each call, and ultralytics
+    updates a set-up predictor's arguments from those. The batched path converts its model
+    (half precision, another device) and never returns it.
+    """
+
+    def __init__(self, per_file: int = 8, files: int = 4) -> None:
+        self.per_file = per_file
+        self.files = files
+        self._idle: OrderedDict[tuple[str, int, int], list[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0  # models loaded from their files (a measure for tests and benchmarks)
+        self.reuses = 0  # replicas taken from the idle ones
+
+    @staticmethod
+    def _key(path: Path) -> tuple[str, int, int]:
+        st = path.stat()
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+    def take(self, path: Path) -> Any:
+        """An idle replica of ``path``'s model, or a freshly loaded one (``load_model``'s errors)."""
+        key = self._key(path)
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                self.reuses += 1
+                return idle.pop()
+            self.loads += 1
+        return load_model(path)
+
+    def give_back(self, path: Path, model: Any) -> None:
+        try:
+            key = self._key(path)
+        except OSError:  # the file is gone: so is any use for its replicas
+            return
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            self._idle.move_to_end(key)
+            if len(idle) < self.per_file:
+                idle.append(model)
+            while len(self._idle) > self.files:
+                self._idle.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
+REPLICAS = Replicas()
 
 
 def check_tracking() -> None:

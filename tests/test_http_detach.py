@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import psutil
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (fastapi, uvicorn)")
@@ -23,7 +24,7 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (fastapi
 
 from synapse_cli.store import JobStore
 from tests.conftest import INTERRUPTIBLE, bus_image, probe, results_header, synapse_cmd
-from tests.http_fixtures import API_KEY, serve_process
+from tests.http_fixtures import API_KEY, Served, serve_process
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
 MEDIUM = ["--set", "output_width=540", "--set", "output_height=960"]  # long_clip: about 20 s, 30 progress events
@@ -31,10 +32,16 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
-    """One `synapse serve` process for the module (key ``API_KEY``); yields its URL."""
-    with serve_process(tmp_path_factory.mktemp("server"), stop_timeout_s=20) as served:
-        yield served.url
+def served(tmp_path_factory) -> Iterator[Served]:
+    """One `synapse serve` process for the module (key ``API_KEY``)."""
+    with serve_process(tmp_path_factory.mktemp("server"), stop_timeout_s=20) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(served: Served) -> str:
+    """Its URL."""
+    return served.url
 
 
 def synapse(*args: object, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
@@ -78,6 +85,14 @@ def server_events(server: str, remote_id: str) -> list[dict]:
     r = httpx.get(f"{server}/v1/jobs/{remote_id}/events", params={"after": 0}, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
     return [e for e in map(json.loads, filter(str.strip, r.text.splitlines())) if e.get("type") != "keepalive"]
+
+
+def past_a_fifth(server: str, remote_id: str) -> bool:
+    """The job's record says a fifth of its frames are done (by then it has sent several progress events)."""
+    r = httpx.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    progress = r.json()["progress"]
+    return bool(progress["total"]) and progress["done"] >= progress["total"] / 5
 
 
 def no_temp_files(folder: Path) -> bool:
@@ -335,22 +350,49 @@ def test_a_connection_cut_mid_events_resumes_with_no_gap_and_no_duplicate(server
     assert probe(out).width == 540 and no_temp_files(tmp_path)
 
 
-def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_from_the_store(server, long_clip, tmp_path):
+def _ffmpeg_of(served: Served) -> psutil.Process | None:
+    """The server's ffmpeg (its own session, still the server's child); this module's jobs run one at a time."""
+    for child in psutil.Process(served.process.pid).children(recursive=True):
+        try:
+            if "ffmpeg" in child.name():
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_from_the_store(served, long_clip, tmp_path):
+    server = served.url
     env = client_env(tmp_path)
     db, out = tmp_path / "jobs.db", tmp_path / "out.mp4"
     job_id = detach(long_clip, out, server, env, *MEDIUM)
-    first = subprocess.Popen([*synapse_cmd(), "jobs", "wait", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, **env}, **INTERRUPTIBLE)  # fmt: skip
-    try:
-        assert until(lambda: len(stored(db, job_id)) >= 3, 60), "jobs wait recorded no events"
-        first.send_signal(signal.SIGINT)  # Ctrl-C: stop waiting, not the job
-        _, stderr = first.communicate(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 130, stderr
-    kept = len(stored(db, job_id))
     remote_id = row(db, job_id).remote["id"]
+    # The job must still run when the wait is interrupted: on a quiet machine it takes 4 s, and a loaded
+    # one can start `jobs wait` later than that. Its ffmpeg is paused a fifth of the way in, until then.
+    assert until(lambda: past_a_fifth(server, remote_id), 60), "the job made no progress"
+    ffmpeg = until(lambda: _ffmpeg_of(served), 30)
+    assert ffmpeg is not None, "the job's ffmpeg was not found"
+    ffmpeg.suspend()
+    try:
+        first = subprocess.Popen([*synapse_cmd(), "jobs", "wait", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env={**os.environ, **env}, **INTERRUPTIBLE)  # fmt: skip
+        printed: list[str] = []  # its --json lines, as they come (the store gets them in batches)
+        reader = threading.Thread(target=lambda: printed.extend(iter(first.stdout.readline, "")), daemon=True)
+        reader.start()
+        try:
+            assert until(lambda: len(printed) >= 3, 60), "jobs wait printed no events"
+            first.send_signal(signal.SIGINT)  # Ctrl-C: stop waiting, not the job
+            first.wait(timeout=30)
+            reader.join(timeout=30)
+            stderr = first.stderr.read()
+        finally:
+            if first.poll() is None:
+                first.kill()
+    finally:
+        ffmpeg.resume()
+    assert first.returncode == 130, stderr
+    assert stored(db, job_id), "the interrupted wait left nothing in the store"
+    kept = len(stored(db, job_id))
     assert row(db, job_id).status == "processing"
     assert httpx.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] in ("processing", "completed")
     assert not out.exists() and no_temp_files(tmp_path)

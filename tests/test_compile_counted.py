@@ -121,3 +121,10 @@ def test_allof_of_tuples_of_different_lengths_agrees(parts, values):
     for value, ok, valid in zip(values, accepted, want):
         if ok != valid:
             assert valid and '"integer"' in json.dumps(schema) and any(isinstance(x, float) and x.is_integer() for x in value), (json.dumps(schema), value)
+
+
+def test_a_minimum_of_zero_admits_negative_zero_and_nothing_below():
+    """-0.0 >= 0 (hypothesis found the grammar rejecting it); exponent forms stay admitted."""
+    values = [-0.0, 0.0, 0, 1e20, 2.5, -0.5, -1, -1e-20]
+    accepted, ignored = _verdicts({"type": "number", "minimum": 0}, values)
+    assert not ignored and accepted == [True, True, True, True, True, False, False, False]

@@ -625,13 +625,13 @@ class SchemaToGbnf:
                 return None
             self._need("space")
             return self._rule(hint, f"{int_range(a, b)} space")
-        # number: only a lower bound of 0 is expressible exactly (no minus sign)
+        # number: a lower bound of 0 alone keeps every JSON form (exponents too): no minus sign, but for zero
         if lo is None and hi is None and xlo is None and xhi is None:
             return self._need("number")
         if lo == 0 and hi is None and xlo is None and xhi is None:
             self._need("integral-part")
             self._need("space")
-            return self._rule(hint, 'integral-part ("." [0-9]+)? ([eE] [-+]? [0-9]+)? space')
+            return self._rule(hint, '(integral-part ("." [0-9]+)? | "-0" ("." "0"+)?) ([eE] [-+]? [0-9]+)? space')
         bounds = [b for b in (lo, hi, xlo, xhi) if b is not None]
         if all(_number(b) and float(b).is_integer() and abs(b) < 10**15 for b in bounds):
             body = number_range(lo, xlo, hi, xhi)

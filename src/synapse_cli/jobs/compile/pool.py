@@ -77,31 +77,27 @@ def _worker_main(conn_in: Connection, conn_out: Connection) -> None:
             return
 
 
-def _own_stdio(quiet: bool) -> tuple[int, int]:
-    """Keep copies of stdin/stdout for the protocol; engines print from native code, so
-    stdout becomes stderr (or nothing, when quiet) and stdin becomes /dev/null."""
-    rfd, wfd = os.dup(0), os.dup(1)
+def _quiet_stdio(quiet: bool) -> None:
+    """Engines print from native code: stdout becomes stderr (or nothing, when quiet), stdin /dev/null."""
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull if quiet else 2, 1)
     if quiet:
         os.dup2(devnull, 2)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
-    return rfd, wfd
 
 
 def _child() -> None:
-    """Entry point of a worker: requests on stdin, responses on the original stdout."""
-    rfd, wfd = _own_stdio("--quiet" in sys.argv)
+    """Entry point of a worker: requests on stdin, responses on the original stdout (a copy kept for the protocol)."""
+    rfd, wfd = os.dup(0), os.dup(1)
+    _quiet_stdio("--quiet" in sys.argv)
     _worker_main(Connection(rfd, writable=False), Connection(wfd, readable=False))
 
 
 def _zygote_main(fd: int) -> None:
     """Entry point of the fork server: each message on ``fd`` lists engines to import, then asks
     for a worker; the answer is the worker's pid and our end of a socket pair to it."""
-    rfd, wfd = _own_stdio("--quiet" in sys.argv)
-    os.close(rfd)
-    os.close(wfd)
+    _quiet_stdio("--quiet" in sys.argv)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our workers
     from synapse_cli.jobs.compile import engines
 
@@ -209,6 +205,9 @@ class _ForkedWorker:
                 self.pidfd = None
 
 
+FORK_TIMEOUT_S = 120.0  # for a fork server's answer: its first imports included, as WorkerPool's warm_timeout_s
+
+
 class _Zygote:
     """The fork server process: ``fork(engines)`` imports them there (once) and returns a new worker."""
 
@@ -223,6 +222,7 @@ class _Zygote:
                                          pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
+        ours.settimeout(FORK_TIMEOUT_S)  # a fork server stuck importing is given up (then a worker of its own)
         self.sock = ours
         self.lock = threading.Lock()
 

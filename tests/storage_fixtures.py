@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -34,8 +35,11 @@ class Served:
 @dataclass
 class S3Server:
     endpoint: str
+    port: int
     requests: list[Served] = field(default_factory=list)
-    part_delay_s: float = 0.0  # a multipart part waits this long before moto reads it (a test that kills mid-upload)
+    # while set, a multipart part waits (at most a minute) for it to be cleared before moto reads it: a test
+    # that kills an upload holds its parts, so no scheduling can let the upload finish before the signal lands
+    parts_held: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def served(self, key_suffix: str, method: str = "GET") -> list[Served]:
@@ -50,6 +54,38 @@ class S3Server:
         return name
 
 
+# What a reader may hold received but not yet read before the server writes more. The kernel grows a
+# reader's receive buffer as it reads (up to tcp_rmem's maximum, 32 MiB on these machines), so a reader that
+# stops to think (ffmpeg encoding the frames it has) could otherwise be sent megabytes it never reads, and a
+# count of what was written would say it read them.
+UNREAD_MAX = 256 * 1024
+
+
+class _Unread:
+    """The bytes a loopback reader has received and not read: its socket's receive queue in /proc/net/tcp
+    (both ends are on this machine). Where that file cannot be read, nothing is waited for."""
+
+    def __init__(self, server_port: int, client_port: str | None) -> None:
+        # /proc/net/tcp names the reader's socket by its local and remote address, the ports in hex
+        self.key = f":{int(client_port):04X} 0100007F:{server_port:04X}" if client_port else None
+
+    def queued(self) -> int | None:
+        try:
+            with open("/proc/net/tcp") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 4 and f"{fields[1]} {fields[2]}".endswith(self.key or "-"):
+                        return int(fields[4].split(":")[1], 16)
+        except OSError:
+            pass
+        return None
+
+    def wait_below(self, limit: int, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.key and (queued := self.queued()) is not None and queued > limit and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+
 class _Counting:
     """WSGI middleware: what each request asked for and how many body bytes went back."""
 
@@ -60,14 +96,16 @@ class _Counting:
         record = Served(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("HTTP_RANGE"), 0)
         with self.server.lock:
             self.server.requests.append(record)
-        if self.server.part_delay_s and record.method == "PUT" and "partNumber=" in environ.get("QUERY_STRING", ""):
-            import time
-
-            time.sleep(self.server.part_delay_s)
+        if record.method == "PUT" and "partNumber=" in environ.get("QUERY_STRING", ""):
+            deadline = time.monotonic() + 60
+            while self.server.parts_held.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
         body = self.app(environ, start_response)
+        reader = _Unread(self.server.port, environ.get("REMOTE_PORT"))
         try:
             for chunk in body:
                 for at in range(0, len(chunk), 16384):  # counted once written: a reader that hangs up stops the count
+                    reader.wait_below(UNREAD_MAX)
                     piece = chunk[at:at + 16384]
                     yield piece
                     record.bytes += len(piece)
@@ -84,7 +122,7 @@ def s3_server():
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     host, port = moto.get_host_and_port()
-    server = S3Server(f"http://{host}:{port}")
+    server = S3Server(f"http://{host}:{port}", port)
     moto._server.app = _Counting(moto._server.app, server)  # werkzeug's handler calls server.app per request
     # a small send buffer (inherited by accepted sockets): what was counted is close to what a reader took
     moto._server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)

@@ -224,7 +224,7 @@ def test_a_kill_mid_upload_leaves_no_object(s3, tmp_path, how):
     with open(big, "wb") as f:  # multipart: larger than one PUT
         f.truncate(SINGLE_PUT_MAX + 40 * 1024 * 1024)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    s3.server.part_delay_s = 2.0  # every part is still on its way when the signal lands
+    s3.server.parts_held.set()  # every part is still on its way when the signal lands
     proc = subprocess.Popen([sys.executable, "-c", _UPLOADER, s3.server.endpoint, str(big), s3.url("big.bin")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)  # fmt: skip
     try:
@@ -236,7 +236,7 @@ def test_a_kill_mid_upload_leaves_no_object(s3, tmp_path, how):
         proc.send_signal(getattr(signal, how))
         proc.wait(timeout=60)
     finally:
-        s3.server.part_delay_s = 0.0
+        s3.server.parts_held.clear()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

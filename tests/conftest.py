@@ -25,7 +25,7 @@ pytest_plugins.append("tests.storage_fixtures")  # s3_server, s3, http_files: mo
 # 2-core machine; the rest keep their order, and a serial run (-n 0) keeps pytest's own order. Without
 # --no-loadscope-reorder xdist would re-sort the files by their number of tests, and a one-test file such as
 # test_serve_schemathesis (minutes) would start last.
-HEAVY_FIRST = ("test_serve_schemathesis.py", "test_serve_fuzz.py", "test_wheel.py", "test_compile_truth.py", "test_lint.py",
+HEAVY_FIRST = ("test_serve_schemathesis.py", "test_serve_schemathesis_stateful.py", "test_serve_fuzz.py", "test_wheel.py", "test_compile_truth.py", "test_lint.py",
                "test_shards.py", "test_http_detach.py", "test_compile_cli.py", "test_serve_detached.py", "test_shards_detach.py",
                "test_modal.py", "test_serve_load.py", "test_jobs_page.py", "test_store_recording.py", "test_infer_bench.py",
                "test_api.py", "test_jobs.py", "test_storage.py", "test_infer.py", "test_infer_batch.py", "test_storage_remote.py")

@@ -1,4 +1,4 @@
-"""Checks and counters that schemathesis loads for tests/test_serve_schemathesis.py (``SCHEMATHESIS_HOOKS``).
+"""Checks and counters that schemathesis loads for tests/st_run.py's runs (``SCHEMATHESIS_HOOKS``).
 
 - ``no_traceback``: no response body (nor header) carries a Python traceback or a source line of one.
 - ``ndjson_items_conform``: every line of an ``application/x-ndjson`` body is JSON that the document's

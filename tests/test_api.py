@@ -21,6 +21,7 @@ import pytest
 import synapse_cli as synapse
 from synapse_cli.events import Artifact, Finished, Progress, Started, to_dict
 from tests.conftest import make_clip, probe
+from tests.modal_fake.fixtures import synapse_deployed
 
 SMALL = {"output_width": 90, "output_height": 160}
 DATA = Path(__file__).parent / "data" / "compile"
@@ -343,11 +344,9 @@ def test_infer_run_and_submit(db, tmp_path):
 
 
 @pytest.fixture
-def deployed(modal_fake):
-    from synapse_cli import modal_app
-
-    modal_app.app.deploy(name="synapse")
-    return modal_fake
+def deployed(modal_deployment, monkeypatch):
+    with synapse_deployed(modal_deployment, monkeypatch) as fake:
+        yield fake
 
 
 def test_export_on_modal(db, deployed, tiny, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import probe, synapse_cmd, wait_for
+from tests.modal_fake.fixtures import synapse_deployed
 
 
 SMALL = ["--set", "output_width=90", "--set", "output_height=160"]
@@ -251,11 +252,9 @@ def test_github_step_summary(cli, db, tiny, tmp_path):
 
 
 @pytest.fixture
-def deployed(modal_fake):
-    from synapse_cli import modal_app
-
-    modal_app.app.deploy(name="synapse")
-    return modal_fake
+def deployed(modal_deployment, monkeypatch):
+    with synapse_deployed(modal_deployment, monkeypatch) as fake:
+        yield fake
 
 
 def test_modal_detach_wait_downloads_the_output_and_reports_cost(cli, db, deployed, tiny, tmp_path):

@@ -13,6 +13,7 @@ pytest.importorskip("modal", reason="modal is not installed (pip install synapse
 
 from synapse_cli.backends.modal import ModalBackend, credentials_source
 from tests.conftest import bus_image, probe, results_header
+from tests.modal_fake.fixtures import synapse_deployed
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +114,9 @@ def test_missing_credentials_exit_3_fast(cli, clips, tmp_path):
 
 
 @pytest.fixture
-def deployed(modal_fake, modal_app):
-    modal_app.app.deploy(name="synapse")
-    return modal_fake
+def deployed(modal_deployment, modal_app, monkeypatch):
+    with synapse_deployed(modal_deployment, monkeypatch) as fake:
+        yield fake
 
 
 def test_deploy_command_prints_function_names(cli, modal_fake):
@@ -241,7 +242,7 @@ def test_ctrl_c_cancels_the_remote_call(deployed, tmp_path):
     while time.monotonic() < deadline and deployed.function_calls[-1].outcome == "running":
         time.sleep(0.05)
     assert deployed.function_calls[-1].outcome == "cancelled"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "modal-fake") == ["long.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]
 
 
 def test_function_timeout_exits_1(cli, modal_fake, tmp_path, monkeypatch):
@@ -354,7 +355,7 @@ def test_an_output_name_ffmpeg_cannot_write_is_refused_before_anything_reaches_m
     assert last["type"] == "error" and last["error"] == "UsageError"
     assert ("no container synapse writes is a .xyz file" if name == "o.xyz" else "is too long") in last["message"]
     assert run.stderr.strip().splitlines()[-1].startswith("UsageError: ")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["modal-fake"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def schemas_and_a_bad_check(tmp_path: Path) -> tuple[Path, Path]:

@@ -10,6 +10,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from tests.conftest import probe, wait_for
+from tests.modal_fake.fixtures import synapse_deployed
 from tests.receiver import Receiver
 
 SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
@@ -46,11 +47,9 @@ def test_a_detached_local_job_notifies_from_its_worker_with_the_client_gone(cli,
 
 
 @pytest.fixture
-def deployed(modal_fake):
-    from synapse_cli import modal_app
-
-    modal_app.app.deploy(name="synapse")
-    return modal_fake
+def deployed(modal_deployment, monkeypatch):
+    with synapse_deployed(modal_deployment, monkeypatch) as fake:
+        yield fake
 
 
 def test_a_detached_modal_job_notifies_from_its_container_with_the_client_gone(cli, db, deployed, tiny, tmp_path):

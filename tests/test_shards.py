@@ -19,6 +19,7 @@ import pytest
 
 from synapse_cli.shards import shard_count
 from tests.conftest import INTERRUPTIBLE, make_clip, synapse_cmd
+from tests.modal_fake.fixtures import synapse_deployed
 
 SMALL = ["--set", "output_width=180", "--set", "output_height=320"]
 
@@ -187,13 +188,9 @@ def test_ctrl_c_stops_every_shard(tmp_path):
 
 
 @pytest.fixture
-def deployed(modal_fake):
-    import importlib
-
-    from synapse_cli import modal_app
-
-    importlib.reload(modal_app).app.deploy(name="synapse")
-    return modal_fake
+def deployed(modal_deployment, monkeypatch):
+    with synapse_deployed(modal_deployment, monkeypatch, reload=True) as fake:
+        yield fake
 
 
 @pytest.mark.slow
@@ -232,7 +229,7 @@ def test_a_job_error_on_modal_cancels_the_other_calls(cli, deployed, tmp_path):
         time.sleep(0.1)
     assert all(c.outcome != "running" for c in deployed.function_calls)
     assert not any(p.startswith("outputs/") for p in deployed.volume_files("synapse-data"))
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "modal-fake") == ["cut.mp4", "full.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mp4", "full.mp4"]
 
 
 # -- compile: groups of inputs, one output folder ---------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_clip, wait_for
+from tests.modal_fake.fixtures import synapse_deployed
 from tests.test_remote import assert_unreachable_exits_3
 from tests.test_shards import OVERLAY, SMALL, _params_file, assert_same_video, export
 
@@ -32,13 +33,9 @@ def clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def deployed(modal_fake, db):
-    import importlib
-
-    from synapse_cli import modal_app
-
-    importlib.reload(modal_app).app.deploy(name="synapse")
-    return modal_fake
+def deployed(modal_deployment, monkeypatch, db):
+    with synapse_deployed(modal_deployment, monkeypatch, reload=True) as fake:
+        yield fake
 
 
 def detached_calls(fake) -> list:
@@ -110,7 +107,7 @@ def test_detach_with_shards_then_show_and_wait(cli, deployed, db, clip, tmp_path
     assert result["modal"]["seconds"] < 2 * ran_s  # the jobs' own seconds, summed; not the time since they were spawned
 
     nothing_left_on_modal(deployed, job_id)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "modal-fake" and not p.name.startswith("jobs.sqlite3")) == [
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == [
         "d.mp4", "d.params.json", "whole.mp4", "whole.params.json"
     ]  # fmt: skip
     shown = show(cli, job_id)
@@ -132,7 +129,7 @@ def test_cancel_stops_every_shard(cli, deployed, db, long_clip, tmp_path):
     assert status(db, job_id) == "cancelled"
     assert cli("jobs", "wait", job_id).exit_code == 130
     nothing_left_on_modal(deployed, job_id)
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == ["modal-fake"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == []
 
 
 def test_a_job_error_in_one_shard_fails_the_job_and_cancels_the_others(cli, deployed, db, long_clip, tmp_path):
@@ -155,7 +152,7 @@ def test_a_job_error_in_one_shard_fails_the_job_and_cancels_the_others(cli, depl
     assert first.outcome == "cancelled"  # still encoding its (intact) half when the other failed
     assert status(db, job_id) == "failed"
     nothing_left_on_modal(deployed, job_id)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == ["cut.mp4", "modal-fake"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == ["cut.mp4"]
 
 
 def test_a_shard_that_cannot_be_spawned_leaves_no_call_running_and_no_pending_row(cli, deployed, db, clip, tmp_path):
@@ -173,7 +170,7 @@ def test_a_shard_that_cannot_be_spawned_leaves_no_call_running_and_no_pending_ro
     assert len(calls) == 1 and calls[0].cancelled
     wait_for(lambda: all(c.outcome != "running" for c in detached_calls(deployed)), timeout=15)
     nothing_left_on_modal(deployed, job_id)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == ["modal-fake"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == []
 
 
 # -- an unreachable Modal: the detached twin of test_remote's test ---------------------------------
@@ -285,7 +282,7 @@ def test_detached_sharded_pose_equals_the_whole_run(cli, deployed, db, people, t
     result = events[-1]["result"]
     assert [s["index"] for s in result["shards"]] == [0, 1] and result["processed_frames"] == 24
     assert result["output"] == str(tmp_path / "sharded.json") and result["modal"]["calls"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "modal-fake" and not p.name.startswith("jobs.sqlite3")) == [
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == [
         "sharded.json", "whole.json"
     ]  # fmt: skip
 

@@ -5,7 +5,6 @@ through the URL guard."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pickle
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_clip, probe
+from tests.modal_fake.fixtures import synapse_deployed
 from tests.storage_fixtures import SECRET_KEY, storage_env
 
 SMALL = ("--job", "framing", "--set", "output_width=90", "--set", "output_height=160")
@@ -25,18 +25,15 @@ def clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def modal_s3(modal_fake, s3, monkeypatch):
+def modal_s3(modal_deployment, s3, monkeypatch):
     """The app deployed with [modal] secrets = synapse-s3, a Secret holding the storage credentials,
     and a client environment with no storage credentials at all."""
-    pytest.importorskip("modal", reason="modal is not installed")
-    modal_fake.set_secret("synapse-s3", storage_env(s3.server))
+    modal_deployment.fake.set_secret("synapse-s3", storage_env(s3.server))
     for name in storage_env(s3.server):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SYNAPSE_MODAL_SECRETS", "synapse-s3")
-    from synapse_cli import modal_app
-
-    importlib.reload(modal_app).app.deploy(name="synapse")
-    return modal_fake
+    with synapse_deployed(modal_deployment, monkeypatch, reload=True) as fake:
+        yield fake
 
 
 def test_export_on_modal_with_s3_in_and_out_moves_no_bytes_through_the_client(cli, modal_s3, s3, clip, tmp_path, db):

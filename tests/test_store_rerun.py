@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import pytest
 
+from tests.modal_fake.fixtures import synapse_deployed
+
 from synapse_cli.store import ORPHANED, JobStore
 
 DEADLINE_S = 60.0  # a rerun takes a second or two; before the fix it waited for ever
@@ -53,11 +55,9 @@ def rows(db: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def deployed(modal_fake):  # modal_fake skips the test where modal is not installed
-    from synapse_cli import modal_app
-
-    modal_app.app.deploy(name="synapse")
-    return modal_fake
+def deployed(modal_deployment, monkeypatch):  # modal_deployment skips the test where modal is not installed
+    with synapse_deployed(modal_deployment, monkeypatch) as fake:
+        yield fake
 
 
 def test_a_modal_run_refused_before_it_starts_ends_its_row_and_an_identical_rerun_ends_too(cli, deployed, db, tmp_path):

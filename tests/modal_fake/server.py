@@ -716,6 +716,67 @@ class FakeModal:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
 
+    # --- one fake for many tests -----------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Remember the objects that exist now (a deployed app, its Volume, its Secrets): what
+        `reset` returns to. Taken once an app is deployed, so tests can share the deployment."""
+
+        def run() -> None:
+            s = self.servicer
+            self._checkpoint = (dict(s.named), {k: dict(v) for k, v in s.secret_env.items()}, set(s.volumes), set(s.dicts), set(self.blobs))
+
+        self._sync(run)
+
+    def reset(self) -> None:
+        """Back to the checkpoint for the next test: calls still running are cancelled (as `stop`
+        does), the records, injected failures and knobs are cleared, the checkpoint's Volumes are
+        emptied and its Dicts cleared, and objects made since (Volumes, Dicts, Secrets, blobs) are gone.
+        The deployed apps, their functions, images and mounts stay, with their ids."""
+        named, secrets, volumes, dicts, blobs = self._checkpoint
+
+        async def cancel_running() -> None:
+            tasks = []
+            for call in list(self.servicer.calls.values()):
+                if call.output is None and call.task is not None:
+                    self.servicer._cancel(call)
+                    tasks.append(call.task)
+            if tasks:
+                await asyncio.wait(tasks, timeout=2)
+
+        asyncio.run_coroutine_threadsafe(cancel_running(), self._loop).result(timeout=10)
+
+        def run() -> None:
+            s = self.servicer
+            s.calls.clear()
+            s.named.clear()
+            s.named.update(named)
+            s.secret_env.clear()
+            s.secret_env.update({k: dict(v) for k, v in secrets.items()})
+            for volume_id in list(s.volumes):
+                directory = s.volumes[volume_id][1]
+                if volume_id in volumes:
+                    for child in list(directory.iterdir()):
+                        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                else:
+                    del s.volumes[volume_id]
+                    shutil.rmtree(directory, ignore_errors=True)
+            for dict_id in list(s.dicts):
+                if dict_id in dicts:
+                    s.dicts[dict_id][1].clear()
+                else:
+                    del s.dicts[dict_id]
+            for blob_id in set(self.blobs) - blobs:
+                del self.blobs[blob_id]
+            self.calls.clear()
+            self.unimplemented.clear()
+            self.function_calls.clear()
+            self._injected.clear()
+            self.fail_auth = False
+            self.retry_delay_scale = 1.0
+
+        self._sync(run)
+
     # --- knobs and inspection ---------------------------------------------------------------
 
     def fail_next_calls(self, function_name: str, n: int = 1, exc: BaseException | None = None) -> None:

@@ -100,11 +100,29 @@ def tiny(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("tiny") / "tiny.mp4", size="160x90", seconds=0.5)
 
 
+def shared_file(tmp_path_factory, name: str, make) -> Path:
+    """``make(path)`` once for the whole run, its file shared by every xdist worker (under the run's common
+    base temp, made under a file lock by the first worker to ask, then renamed into place). Read-only."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    path = root / name
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            part = root / f".{name}.part{path.suffix}"
+            make(part)
+            part.rename(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def long_clip(tmp_path_factory) -> Path:
-    """20 s of 1280x720: a job that runs long enough to be watched, cut or cancelled. Made once per worker;
-    read-only (tests write their outputs elsewhere, with -o: a default output would land beside it)."""
-    return make_clip(tmp_path_factory.mktemp("long") / "long.mp4", size="1280x720", seconds=20)
+    """20 s of 1280x720: a job that runs long enough to be watched, cut or cancelled. Made once per run
+    (``shared_file``); read-only (tests write their outputs elsewhere, with -o: a default output would land beside it)."""
+    return shared_file(tmp_path_factory, "long.mp4", lambda path: make_clip(path, size="1280x720", seconds=20))
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,7 @@ def test_generated_requests_never_get_a_5xx_or_a_traceback(tmp_path, monkeypatch
     KINDS.append("dirtest")
     seen: dict[int, int] = {}
     bad: list[str] = []
-    with serve_app(tmp_path / "srv", job_timeout_s=1.0, max_key_failures=10**9, min_free_mb=0) as ep, httpx.Client(base_url=ep.url, timeout=8) as client:
+    with serve_app(tmp_path / "srv", job_timeout_s=0.5, max_key_failures=10**9, min_free_mb=0) as ep, httpx.Client(base_url=ep.url, timeout=8) as client:
 
         @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))

@@ -250,8 +250,11 @@ def _files(folder: Path) -> dict[Path, bytes]:
 
 
 @pytest.mark.slow
-def test_sharded_compile_is_byte_identical(cli, tmp_path):
+def test_sharded_compile_is_byte_identical(cli, tmp_path, monkeypatch):
     pytest.importorskip("llguidance", reason="the compile extra is not installed")
+    # outlines never finishes the sample's o30846 (it times out in both runs, the same way); its slowest
+    # other compile here is person.json's, 0.3 s: 3 s rather than the default 10 s spends 14 CPU s less
+    monkeypatch.setenv("SYNAPSE_COMPILE_ENGINE_TIMEOUT_S", "3")
     from tests.conftest import ROOT
 
     data = ROOT / "tests" / "data" / "compile"

@@ -39,12 +39,14 @@ def test_wheel_contents(wheel):
 @pytest.mark.slow
 def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path, modal_fake):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # no --system-site-packages
+    # no --system-site-packages; --without-pip: this pip installs into it (pip --python), so no pip of its own is
+    # bootstrapped first (ensurepip took 4 CPU s, and the venv's older pip twice this one's time to install)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python, synapse = venv / "bin" / "python", venv / "bin" / "synapse"
     # --no-compile: no .pyc for all of modal's, pydantic's and PyAV's modules up front (a third of the install's
     # CPU time); the few the commands below import are compiled as they are imported
-    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile", f"{wheel}[modal]"],
-                             capture_output=True, text=True)
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--disable-pip-version-check", "--no-compile",
+                              f"{wheel}[modal]"], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-3000:]
     work = tmp_path / "work"
     work.mkdir()

@@ -311,9 +311,12 @@ def _cancellable(start: Any) -> Any:
     loop = asyncio.new_event_loop()
     outcome: dict[str, Any] = {}
     task_box: dict[str, asyncio.Task[Any]] = {}
+    stop = threading.Event()  # set before the cancel is sent: a task that had not started yet never starts
 
     async def main() -> Any:
         task_box["task"] = asyncio.current_task()  # type: ignore[assignment]
+        if stop.is_set():
+            raise asyncio.CancelledError
         return await start()
 
     def run() -> None:
@@ -324,17 +327,21 @@ def _cancellable(start: Any) -> Any:
         finally:
             loop.close()
 
+    def cancel() -> None:
+        if "task" in task_box:
+            task_box["task"].cancel()
+
     worker = threading.Thread(target=run, name="synapse-upload", daemon=True)
-    worker.start()
     try:
+        worker.start()  # inside the try: a Ctrl-C while the thread starts cancels it too
         while worker.is_alive():
             worker.join(0.1)
     except BaseException:
-        def cancel() -> None:
-            if "task" in task_box:
-                task_box["task"].cancel()
-
-        loop.call_soon_threadsafe(cancel)
+        stop.set()
+        try:
+            loop.call_soon_threadsafe(cancel)
+        except RuntimeError:  # the loop is closed: the thread has ended
+            pass
         worker.join(30)
         raise
     if "error" in outcome:

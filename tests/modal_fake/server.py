@@ -694,15 +694,19 @@ class FakeModal:
         await site.start()
         self.blob_port = site._server.sockets[0].getsockname()[1]
 
+    async def _cancel_running(self) -> None:
+        """Cancel every call still running, and give them 2 s to end."""
+        tasks = []
+        for call in list(self.servicer.calls.values()):
+            if call.output is None and call.task is not None:
+                self.servicer._cancel(call)
+                tasks.append(call.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+
     def stop(self) -> None:
         async def _stop() -> None:
-            tasks = []
-            for call in list(self.servicer.calls.values()):
-                if call.output is None and call.task is not None:
-                    self.servicer._cancel(call)
-                    tasks.append(call.task)
-            if tasks:
-                await asyncio.wait(tasks, timeout=2)
+            await self._cancel_running()
             self._grpc.close()
             await self._http.cleanup()
             try:
@@ -735,16 +739,7 @@ class FakeModal:
         The deployed apps, their functions, images and mounts stay, with their ids."""
         named, secrets, volumes, dicts, blobs = self._checkpoint
 
-        async def cancel_running() -> None:
-            tasks = []
-            for call in list(self.servicer.calls.values()):
-                if call.output is None and call.task is not None:
-                    self.servicer._cancel(call)
-                    tasks.append(call.task)
-            if tasks:
-                await asyncio.wait(tasks, timeout=2)
-
-        asyncio.run_coroutine_threadsafe(cancel_running(), self._loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._cancel_running(), self._loop).result(timeout=10)
 
         def run() -> None:
             s = self.servicer

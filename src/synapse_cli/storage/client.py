@@ -342,7 +342,8 @@ def _cancellable(start: Any) -> Any:
             loop.call_soon_threadsafe(cancel)
         except RuntimeError:  # the loop is closed: the thread has ended
             pass
-        worker.join(30)
+        if worker.ident is not None:  # (an interrupt can land before the thread exists)
+            worker.join(30)
         raise
     if "error" in outcome:
         raise outcome["error"]

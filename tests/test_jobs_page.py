@@ -17,10 +17,11 @@ import time
 from typing import Iterator
 
 import httpx
+import psutil
 import pytest
 
 from synapse_cli.server import session
-from tests.http_fixtures import API_KEY, serve_app, serve_process
+from tests.http_fixtures import API_KEY, Served, serve_app, serve_process
 
 SAMPLE = {"output": "s.mp4", "seconds": 0.2, "width": 64, "height": 64, "audio": False}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -136,10 +137,21 @@ def _chromium() -> tuple[str, str] | None:
 
 
 @pytest.fixture
-def served(tmp_path) -> Iterator[str]:
-    """``synapse serve`` in its own process on a free loopback port, with ``API_KEY``; yields its URL."""
+def served(tmp_path) -> Iterator[Served]:
+    """``synapse serve`` in its own process on a free loopback port, with ``API_KEY``."""
     with serve_process(tmp_path / "srv", env={"XDG_RUNTIME_DIR": str(tmp_path / "run")}) as server:
-        yield server.url
+        yield server
+
+
+def _ffmpeg_of(served: Served) -> psutil.Process | None:
+    """The server's ffmpeg (its own session, still the server's child); this test runs one job at a time."""
+    for child in psutil.Process(served.process.pid).children(recursive=True):
+        try:
+            if "ffmpeg" in child.name():
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
 
 
 @pytest.fixture
@@ -192,7 +204,7 @@ def detach(url: str, **spec) -> str:
 def test_the_jobs_page_in_headless_chromium_shows_live_progress_and_cancels(served, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    url = served
+    url = served.url
     browser.get(url + "/")
     key = until(lambda: (lambda e: e if e.is_displayed() else None)(browser.find_element(By.ID, "key")), 10, "the key prompt")
     key.send_keys("not-the-key-0123456789")
@@ -210,13 +222,20 @@ def test_the_jobs_page_in_headless_chromium_shows_live_progress_and_cancels(serv
     assert API_KEY not in browser.current_url
 
     # a job submitted by someone else, through the API: it appears, and its bar moves to 100 % live.
-    # 10 s of 720p takes 5-15 s here; a machine so fast that the job ends before the page (which
-    # re-reads the list every 2 s) sees it running gets one longer job
+    # Its ffmpeg is held (SIGSTOP) from its start until the page (which re-reads the list every 2 s)
+    # has the row's event stream open, so every progress event from then on reaches the page live.
+    # ffmpeg reports progress every 0.5 s: 10 s of 640x360 takes about 1 s here; a machine so fast that
+    # the encode ends before its first report gets one longer job
     for seconds in (10, 60):
-        first = detach(url, seconds=seconds, width=1280, height=720)
-        seen: list[int] = []
-        live: list[int] = []  # the values shown while the row's EventSource was open
-        state = until(lambda: browser.execute_script(ROW, first), 15, "the new job's row")
+        first = detach(url, seconds=seconds, width=640, height=360)
+        ffmpeg = until(lambda: _ffmpeg_of(served), 15, "the job's ffmpeg", every_s=0.01)
+        ffmpeg.suspend()
+        try:
+            seen: list[int] = []
+            live: list[int] = []  # the values shown while the row's EventSource was open
+            state = until(lambda: (lambda s: s if s and s["streaming"] else None)(browser.execute_script(ROW, first)), 15, "the new job's row, streaming")
+        finally:
+            ffmpeg.resume()
 
         def progressed():
             nonlocal state
@@ -245,11 +264,17 @@ def test_the_jobs_page_in_headless_chromium_shows_live_progress_and_cancels(serv
         "const done = arguments[1]; fetch(arguments[0]).then(async r => done([r.status, (await r.arrayBuffer()).byteLength]))", link)
     assert fetched[0] == 200 and fetched[1] > 1000
 
-    # a longer one: its cancel button stops it
-    second = detach(url, seconds=300, width=1280, height=720)
-    until(lambda: (lambda s: s and s["status"] == "processing" and s["cancel"])(browser.execute_script(ROW, second)), 30,
-          "the second job to run, with a cancel button")
-    time.sleep(1)
+    # a longer one: its cancel button stops it. Its ffmpeg is held while the page catches up (a running job
+    # either way: the server sees its process), and let go just before the click
+    second = detach(url, seconds=300, width=640, height=360)
+    ffmpeg = until(lambda: _ffmpeg_of(served), 15, "the second job's ffmpeg", every_s=0.01)
+    ffmpeg.suspend()
+    try:
+        until(lambda: (lambda s: s and s["status"] == "processing" and s["cancel"])(browser.execute_script(ROW, second)), 30,
+              "the second job to run, with a cancel button")
+        time.sleep(1)
+    finally:
+        ffmpeg.resume()
     browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{second}"] button.cancel').click()
     state = until(lambda: (lambda s: s if s["status"] == "cancelled" else None)(browser.execute_script(ROW, second)), 15, "cancelled")
     assert not state["cancel"] and state["mark"] == "no reload since login"

@@ -271,8 +271,10 @@ def test_court_speeds_in_metres_when_tracking(pan, tmp_path):
 # -- errors: one line, an exit code, nothing written -----------------------------------------
 
 
-@pytest.fixture
-def bad_inputs(tmp_path, assets, pan):
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, assets, pan):
+    """Made once for every case (read-only): each case checks that neither this folder nor its own changed."""
+    tmp_path = tmp_path_factory.mktemp("bad_inputs")
     notes = tmp_path / "notes.txt"
     notes.write_text("hello\n")
     garbage = tmp_path / "garbage.mp4"
@@ -318,7 +320,12 @@ BAD = [
 
 @pytest.mark.parametrize("case,args,fragment", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_one_line_exit_2_nothing_written(case, args, fragment, cli, bad_inputs, tmp_path):
-    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    folders = (tmp_path, bad_inputs["existing"].parent)
+
+    def listing() -> dict:
+        return {str(p): p.stat().st_mtime_ns for folder in folders for p in folder.iterdir()}
+
+    before = listing()
     names = {k: str(v) for k, v in bad_inputs.items()} | {"tmp": str(tmp_path)}
     out_default = [] if "-o" in args else ["-o", str(tmp_path / "result.json")]
     r = cli("infer", *[a.format(**names) for a in args], *out_default, "--json")
@@ -329,8 +336,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, args, fragment, cli, ba
     events = r.events()
     assert events[-1]["type"] == "error" and events[-1]["code"] == 2
     assert all(e["type"] != "started" for e in events)  # rejected before the job started
-    after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
-    assert after == before, "something was written"
+    assert listing() == before, "something was written"
     assert bad_inputs["existing"].read_text() == "keep me"
 
 

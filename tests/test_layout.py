@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent / "src"
 
 
@@ -94,33 +96,35 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def test_nothing_outside_the_cli_imports_it():
-    graph = import_graph()
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    """``import_graph()`` once for the module's tests (parsing every module takes most of a CPU second); read-only."""
+    return import_graph()
+
+
+def test_nothing_outside_the_cli_imports_it(graph):
     offenders = {m: sorted(t for t in targets if t == "synapse_cli.cli" or t.startswith("synapse_cli.cli."))
                  for m, targets in graph.items()
                  if not (m == "synapse_cli.cli" or m.startswith("synapse_cli.cli.") or m == "synapse_cli.__main__")}  # fmt: skip
     assert {m: t for m, t in offenders.items() if t} == {}
 
 
-def test_the_api_and_the_pipeline_are_clients_of_no_command():
-    graph = import_graph()
+def test_the_api_and_the_pipeline_are_clients_of_no_command(graph):
     for module in ("synapse_cli.api", "synapse_cli.pipeline", "synapse_cli.pipeline.planning", "synapse_cli.pipeline.run"):
         assert not any(t.startswith("synapse_cli.cli") for t in graph[module]), module
 
 
-def test_the_graph_sees_imports_inside_functions():
+def test_the_graph_sees_imports_inside_functions(graph):
     # the walker must count an import inside a function body (they hide cycles, they do not remove them)
-    graph = import_graph()
     assert "synapse_cli.pipeline" in graph["synapse_cli.cli._run"]  # only inside run_command and detach
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
-def test_no_import_cycle():
-    assert cycles(import_graph()) == []
+def test_no_import_cycle(graph):
+    assert cycles(graph) == []
 
 
-def test_the_http_client_imports_nothing_of_the_server():
-    graph = import_graph()
+def test_the_http_client_imports_nothing_of_the_server(graph):
     assert not [t for t in graph["synapse_cli.backends.http"] if t.startswith("synapse_cli.server")]
 
 

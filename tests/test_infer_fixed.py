@@ -139,11 +139,18 @@ def _rotated(src: Path, out: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def clips11(tmp_path_factory) -> dict[str, Path]:
+    """The upright and the rotated clip, made once for both tasks (read-only; outputs go to each test's tmp_path)."""
+    folder = tmp_path_factory.mktemp("fixed")
+    clip = _pan(folder / "pan11.mp4", 11)  # 8 + 3: the last batch is partial, flushed when the source ends
+    return {"upright": clip, "rotated": _rotated(clip, folder / "rot11.mp4")}
+
+
 @needs_model
 @pytest.mark.parametrize("task", ["pose", "track"])
-def test_batch_8_json_equals_batch_1_with_a_partial_last_batch(task, tmp_path):
-    clip = _pan(tmp_path / "pan11.mp4", 11)  # 8 + 3: the last batch is partial, flushed when the source ends
-    for name, source in (("upright", clip), ("rotated", _rotated(clip, tmp_path / "rot11.mp4"))):
+def test_batch_8_json_equals_batch_1_with_a_partial_last_batch(task, clips11, tmp_path):
+    for name, source in clips11.items():
         one, r1 = _run(source, tmp_path / f"{name}1.json", task, 1)
         eight, r8 = _run(source, tmp_path / f"{name}8.json", task, 8)
         assert r8["batch"] == 8 and r1["processed_frames"] == r8["processed_frames"] == 11

@@ -131,9 +131,10 @@ def audio_packets(path: Path) -> list[str]:
 
 
 OVERLAY = {"keyframes": [{"time": 0, "x": 100, "y": 100, "radius_x": 50, "radius_y": 50}]}
+SMALL_REEL = {"output_width": 180, "output_height": 320}  # the audio is under test, not the picture: a cheap encode
 
 
-@pytest.mark.parametrize("job,params", [("framing", {}), ("overlay", OVERLAY)])
+@pytest.mark.parametrize("job,params", [("framing", SMALL_REEL), ("overlay", OVERLAY)])
 @pytest.mark.parametrize("shards", [1, 2])
 def test_audio_the_job_leaves_untouched_is_copied_packet_for_packet(cli, clips, tmp_path, job, params, shards):
     """framing without segments and overlay keep the input's timeline: its AAC is copied, not re-encoded (no loss, no encode)."""
@@ -296,6 +297,7 @@ def test_bad_input_one_line_and_exit_code(case, code, fragment, cli, clips, tmp_
         src = tmp_path / "cut.mp4"
         data = clips["landscape"].read_bytes()
         src.write_bytes(data[: len(data) // 2])  # faststart: the index survives, the media does not
+        args = ["--params", _params_file(tmp_path, SMALL_REEL)]  # its first half encoded at 180x320, not 810x1440 (preset fast)
     run = cli("export", src, "-o", out, *args)
     assert run.exit_code == code, (run.exit_code, run.stderr)
     lines = run.stderr.strip().splitlines()
@@ -321,7 +323,9 @@ def test_ctrl_c_kills_ffmpeg_and_leaves_nothing(clips, tmp_path):
     """SIGINT to a running `synapse export`: exit 130, no temp file, no output, no ffmpeg left."""
     from tests.conftest import make_clip
 
-    src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=20, audio=True)
+    # a small picture, cheap to make, that takes many seconds to encode at 810x1440 (preset medium): still
+    # running when SIGINT lands, and only its first second of work is spent
+    src = make_clip(tmp_path / "long.mp4", size="160x90", seconds=20, audio=True)
     out = tmp_path / "out.mp4"
     proc = subprocess.Popen(
         [*synapse_cmd(), "export", str(src), "-o", str(out), "--json"],

@@ -140,13 +140,17 @@ def _numbers(path: Path) -> list[tuple[int, int]]:
         return [(int(f.pts), int(round(float(np.mean(f.to_ndarray(format="gray"))) / 5))) for f in c.decode(video=0)]
 
 
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory) -> Path:
+    return numbered_clip(tmp_path_factory.mktemp("numbered") / "n.mp4")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("speed", [0.5, 1.5, 2.0, 3.0])
-def test_real_frames_are_the_chosen_ones_whole_and_sharded(cli, tmp_path, speed):
-    clip = numbered_clip(tmp_path / "n.mp4")
+def test_real_frames_are_the_chosen_ones_whole_and_sharded(cli, numbered, tmp_path, speed):
     params = {"output_width": 64, "output_height": 64, "segments": [{"start": 0, "end": 2.5}, {"start": 2.5, "end": 9.3, "speed": speed}]}
-    _export(cli, clip, tmp_path / "whole.mp4", params)
-    _export(cli, clip, tmp_path / "sharded.mp4", params, "--shards", "3")
+    _export(cli, numbered, tmp_path / "whole.mp4", params)
+    _export(cli, numbered, tmp_path / "sharded.mp4", params, "--shards", "3")
     media = info(30.0, 10.0)
     pieces = [(0, 0.0, 2.5, 1.0), (1, 2.5, 9.3, speed)]
     segs = segments(pieces, media.fps)

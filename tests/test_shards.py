@@ -45,9 +45,38 @@ ANNOTATE = {
 }
 
 
+PARAMS = {"framing": FRAMING, "overlay": OVERLAY, "annotate": ANNOTATE}
+
+
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("shards") / "rally.mp4", size="640x360", seconds=3.0)
+
+
+@pytest.fixture(scope="module")
+def cut(tmp_path_factory) -> bytes:
+    """The first 60 % of a 4 s clip's bytes: its index says 4 s; the last shards' frames are gone."""
+    data = make_clip(tmp_path_factory.mktemp("cut") / "full.mp4", size="640x360", seconds=4.0).read_bytes()
+    return data[: int(len(data) * 0.6)]
+
+
+@pytest.fixture(scope="module")
+def _whole_exports() -> dict:
+    return {}
+
+
+@pytest.fixture
+def whole_export(cli, clip, tmp_path_factory, _whole_exports):
+    """``whole_export(job)``: the unsharded local export of ``clip`` with ``PARAMS[job]``, as (path, events), that the
+    sharded runs here are compared with; made once per module, by the first test that asks (four tests compare with overlay's)."""
+
+    def get(job: str) -> tuple[Path, list[dict]]:
+        if job not in _whole_exports:
+            out = tmp_path_factory.mktemp(f"whole-{job}") / "whole.mp4"
+            _whole_exports[job] = out, export(cli, clip, out, job, PARAMS[job], "--no-modal")
+        return _whole_exports[job]
+
+    return get
 
 
 def decoded(path: Path):
@@ -90,11 +119,11 @@ def _params_file(out: Path, params: dict) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("job", "params"), [("framing", FRAMING), ("overlay", OVERLAY), ("annotate", ANNOTATE)])
-def test_sharded_export_equals_the_whole_export(cli, clip, tmp_path, job, params):
-    whole = export(cli, clip, tmp_path / "whole.mp4", job, params)
-    events = export(cli, clip, tmp_path / "sharded.mp4", job, params, "--shards", "3")
-    assert_same_video(tmp_path / "sharded.mp4", tmp_path / "whole.mp4")
+@pytest.mark.parametrize("job", ["framing", "overlay", "annotate"])
+def test_sharded_export_equals_the_whole_export(cli, clip, whole_export, tmp_path, job):
+    whole_mp4, whole = whole_export(job)
+    events = export(cli, clip, tmp_path / "sharded.mp4", job, PARAMS[job], "--shards", "3")
+    assert_same_video(tmp_path / "sharded.mp4", whole_mp4)
 
     # one job's stream: started first, progress summed and never backwards, shard logs, one artifact
     assert events[0]["type"] == "started" and events[0]["total"] == whole[0]["total"]
@@ -106,7 +135,7 @@ def test_sharded_export_equals_the_whole_export(cli, clip, tmp_path, job, params
     result = events[-1]["result"]
     assert [s["index"] for s in result["shards"]] == [0, 1, 2] and all(s["attempts"] == 1 for s in result["shards"])
     assert result["frames"] == whole[-1]["result"]["frames"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded.mp4", "sharded.params.json", "whole.mp4", "whole.params.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded.mp4", "sharded.params.json"]
 
 
 @pytest.mark.parametrize(
@@ -151,20 +180,19 @@ def _no_workers_left(marker: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_job_error_in_one_shard_cancels_the_others_and_leaves_nothing(cli, tmp_path):
-    data = make_clip(tmp_path / "full.mp4", size="640x360", seconds=4.0).read_bytes()
-    cut = tmp_path / "cut.mp4"
-    cut.write_bytes(data[: int(len(data) * 0.6)])  # the index says 4 s; the last shards' frames are gone
-    run = cli("export", cut, "-o", tmp_path / "o.mp4", "--shards", "3", *SMALL)
+def test_a_job_error_in_one_shard_cancels_the_others_and_leaves_nothing(cli, cut, tmp_path):
+    src = tmp_path / "cut.mp4"
+    src.write_bytes(cut)
+    run = cli("export", src, "-o", tmp_path / "o.mp4", "--shards", "3", *SMALL)
     assert run.exit_code == 1, run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("JobError")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mp4", "full.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mp4"]
     assert _no_workers_left(str(tmp_path))
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_shard(tmp_path):
-    src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=8.0)
+    src = make_clip(tmp_path / "long.mp4", size="160x90", seconds=8.0)  # cheap to make; each shard's 810x1440 medium encode takes seconds
     out = tmp_path / "o.mp4"
     proc = subprocess.Popen(
         [*synapse_cmd(), "export", str(src), "--shards", "2", "--json", "-o", str(out)],
@@ -194,10 +222,10 @@ def deployed(modal_deployment, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sharded_export_on_modal(cli, deployed, clip, tmp_path):
-    whole = export(cli, clip, tmp_path / "whole.mp4", "overlay", OVERLAY, "--no-modal")
+def test_sharded_export_on_modal(cli, deployed, clip, whole_export, tmp_path):
+    whole_mp4, whole = whole_export("overlay")
     events = export(cli, clip, tmp_path / "remote.mp4", "overlay", OVERLAY, "--use-modal", "--shards", "3")
-    assert_same_video(tmp_path / "remote.mp4", tmp_path / "whole.mp4")
+    assert_same_video(tmp_path / "remote.mp4", whole_mp4)
     assert [c.function_name for c in deployed.function_calls] == ["export"] * 3
     assert len([c for c in deployed.calls if c.startswith("VolumePutFiles")]) == 1  # the input went up once
     assert not any(p.startswith("outputs/") for p in deployed.volume_files("synapse-data"))  # pieces fetched, then gone
@@ -217,11 +245,10 @@ def test_a_transient_failure_retries_that_shard_alone(cli, deployed, clip, tmp_p
 
 
 @pytest.mark.slow
-def test_a_job_error_on_modal_cancels_the_other_calls(cli, deployed, tmp_path):
-    data = make_clip(tmp_path / "full.mp4", size="640x360", seconds=4.0).read_bytes()
-    cut = tmp_path / "cut.mp4"
-    cut.write_bytes(data[: int(len(data) * 0.6)])
-    run = cli("export", cut, "--use-modal", "--shards", "3", "-o", tmp_path / "o.mp4", *SMALL)
+def test_a_job_error_on_modal_cancels_the_other_calls(cli, deployed, cut, tmp_path):
+    src = tmp_path / "cut.mp4"
+    src.write_bytes(cut)
+    run = cli("export", src, "--use-modal", "--shards", "3", "-o", tmp_path / "o.mp4", *SMALL)
     assert run.exit_code == 1, run.stderr
     assert not (tmp_path / "o.mp4").exists()
     deadline = time.monotonic() + 15
@@ -229,7 +256,7 @@ def test_a_job_error_on_modal_cancels_the_other_calls(cli, deployed, tmp_path):
         time.sleep(0.1)
     assert all(c.outcome != "running" for c in deployed.function_calls)
     assert not any(p.startswith("outputs/") for p in deployed.volume_files("synapse-data"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mp4", "full.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mp4"]
 
 
 # -- compile: groups of inputs, one output folder ---------------------------------------------
@@ -278,7 +305,7 @@ def test_sharded_compile_is_byte_identical(cli, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_detach_with_shards_then_wait(cli, clip, tmp_path, monkeypatch):
+def test_detach_with_shards_then_wait(cli, clip, whole_export, tmp_path, monkeypatch):
     monkeypatch.setenv("SYNAPSE_JOBS_DB", str(tmp_path / "jobs.sqlite3"))
     out = tmp_path / "d.mp4"
     run = cli("export", clip, "--job", "overlay", "--params", _params_file(out, OVERLAY), "-o", out, "--detach", "--shards", "2")
@@ -289,9 +316,7 @@ def test_detach_with_shards_then_wait(cli, clip, tmp_path, monkeypatch):
     assert [s["index"] for s in waited.events()[-1]["result"]["shards"]] == [0, 1]
     shown = json.loads(cli("jobs", "show", job_id, "--json").stdout)
     assert shown["status"] == "completed" and shown["shards"] == [{"shard": "1/2", "state": "finished"}, {"shard": "2/2", "state": "finished"}]
-    whole = tmp_path / "whole.mp4"
-    export(cli, clip, whole, "overlay", OVERLAY)
-    assert_same_video(out, whole)
+    assert_same_video(out, whole_export("overlay")[0])
 
 
 # -- infer: frame ranges, track ids stitched ---------------------------------------------------
@@ -340,14 +365,13 @@ def test_sharded_track_keeps_one_id_per_person(cli, people, tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_export_through_the_endpoint(cli, clip, tmp_path):
+def test_sharded_export_through_the_endpoint(cli, clip, whole_export, tmp_path):
     pytest.importorskip("fastapi", reason="the serve extra is not installed")
     import httpx
 
     from tests.http_fixtures import API_KEY, serve_app
 
-    whole = tmp_path / "whole.mp4"
-    export(cli, clip, whole, "overlay", OVERLAY)
+    whole_mp4, _ = whole_export("overlay")
     with serve_app(tmp_path / "srv") as ep:
         env = {"SYNAPSE_API_KEY": API_KEY, "SYNAPSE_JOBS_DB": str(tmp_path / "jobs.db")}
         out = tmp_path / "remote.mp4"
@@ -358,4 +382,4 @@ def test_sharded_export_through_the_endpoint(cli, clip, tmp_path):
         assert {e.get("shard") for e in run.events() if e["type"] == "log"} >= {"1/2", "2/2"}
         refused = httpx.post(f"{ep.url}/v1/jobs/export?shards=9999", json={"input": None}, headers={"Authorization": f"Bearer {API_KEY}"})
         assert refused.status_code == 422 and "shards" in refused.json()["message"]
-    assert_same_video(out, whole)
+    assert_same_video(out, whole_mp4)

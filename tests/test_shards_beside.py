@@ -57,7 +57,7 @@ def test_the_audio_is_encoded_once_while_the_shards_encode(cli, clip, tmp_path):
     log = tmp_path / "ffmpeg.log"
     env = {"SYNAPSE_FFMPEG": str(logging_ffmpeg(tmp_path / "ffmpeg", log)), "SYNAPSE_FFMPEG_THREADS": "1", "SYNAPSE_FFMPEG_PRESET": "slow"}
     out = tmp_path / "out.mp4"
-    run = cli("export", clip, "-o", out, "--shards", "2", "--no-cache", "--json", "--set", "output_width=360", "--set", "output_height=640", env=env)
+    run = cli("export", clip, "-o", out, "--shards", "2", "--no-cache", "--json", "--set", "output_width=180", "--set", "output_height=320", env=env)
     assert run.exit_code == 0, run.stderr
     assert run.events()[-1]["result"]["audio"] is True
 

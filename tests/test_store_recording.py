@@ -102,6 +102,30 @@ def test_one_recorder_a_failure_after_the_result_keeps_it_and_progress_is_coales
     assert len(store.events(job.id)) == 5  # nothing follows the job's last event
 
 
+def test_a_keepalive_writes_what_waited_for_the_next_event_but_never_a_held_finished(tmp_path):
+    """An endpoint's keep-alive line (``tick``): a quiet job's buffered progress reaches the store once
+    ``flush_s`` has gone by, not only at its next event; its ``finished`` still waits for the end."""
+    from synapse_cli.events import Finished, Progress, Started
+    from synapse_cli.store.recording import Recorder
+
+    store, job = _row(tmp_path)
+    rec = Recorder(store, job.id, flush_s=3600)
+    rec.event(Started(job="export", total=4))
+    rec.event(Progress(1, 4))
+    rec.tick()
+    assert [e["type"] for _, e in store.events(job.id)] == ["started"] and store.get(job.id).done == 0  # flush_s not gone by
+    rec.flush_s = 0.0  # (as if an hour had passed)
+    rec.tick()
+    assert [e["type"] for _, e in store.events(job.id)] == ["started", "progress"] and store.get(job.id).done == 1
+    rec.tick()
+    assert len(store.events(job.id)) == 2  # nothing new: nothing written twice
+    rec.event(Finished(result={"output": "o.mp4"}))
+    rec.tick()
+    assert [e["type"] for _, e in store.events(job.id)] == ["started", "progress"] and store.get(job.id).status == "processing"
+    rec.end()
+    assert [e["type"] for _, e in store.events(job.id)] == ["started", "progress", "finished"] and store.get(job.id).status == "completed"
+
+
 def test_the_recorder_skips_rows_and_deliveries_already_there(tmp_path):
     """Two followers of one endpoint job (``written``: the server's event i is row i + 1) write each row
     once; an endpoint's whole list of deliveries is kept once, however often it is reported."""

@@ -185,6 +185,15 @@ class Recorder:
         self._attempt("its progress", self._write_events, force)
         self._last_flush = time.monotonic()
 
+    def tick(self) -> None:
+        """Time passed with no event (an endpoint's keep-alive line): write what is buffered once ``flush_s``
+        has gone by since the last write, as the next event would have. Never a held ``finished``: that one
+        waits for ``end()`` (the outputs are not in place yet)."""
+        if self.final is not None or self.outcome.finished is not None or not (self._buffer or self._progress):
+            return
+        if time.monotonic() - self._last_flush >= self.flush_s:
+            self.flush()
+
     def end(self, fallback: Failed | None = None) -> None:
         """The stream is over: its final state, then what is left of the events. A stream that
         ended with neither ``finished`` nor an ``error`` ends with ``fallback`` (else only its

@@ -378,6 +378,7 @@ class HttpBackend(Downloads, Backend):
                         continue
                     data = _json_object(url, line)
                     if data.get("type") == "keepalive":
+                        mirror.recorder.tick()  # a quiet job: what came before it reaches the store now, not at its next event
                         continue
                     if data.get("type") == Deliveries.type:  # after the last event: the server's report of the webhooks
                         webhooks = data.get("webhooks")

@@ -133,6 +133,38 @@ def serve_process(work: Path, *, key: str | None = API_KEY, env: dict[str, str] 
         print("".join(log[-LOG_TAIL:]), end="")
 
 
+@contextmanager
+def paused(process: Any) -> Iterator[Any]:
+    """SIGSTOP ``process`` (a job's ffmpeg, a ``psutil.Process``) for the block, SIGCONT after: a job that
+    stays mid-way for as long as a test needs, however fast or loaded the machine, at no CPU cost. One that
+    ended meanwhile is fine: a cancel or a stopping server SIGKILLs it, which a stopped process obeys."""
+    import psutil
+
+    process.suspend()
+    try:
+        yield process
+    finally:
+        try:
+            process.resume()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def job_ffmpeg(job_dir: Path, timeout_s: float = 30) -> Any:
+    """The job's ffmpeg (a ``psutil.Process``: the live ffmpeg whose command line names ``job_dir``) once it
+    runs; AssertionError after ``timeout_s``."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for process in psutil.process_iter(["name", "cmdline", "status"]):
+            info = process.info
+            if "ffmpeg" in (info["name"] or "") and info["status"] != psutil.STATUS_ZOMBIE and str(job_dir) in " ".join(info["cmdline"] or ()):
+                return process
+        assert time.monotonic() < deadline, f"no ffmpeg of {job_dir} within {timeout_s} s"
+        time.sleep(0.02)
+
+
 def kill_processes_mentioning(text: str) -> list[int]:
     """SIGKILL the processes whose command line contains ``text`` (a test's own tmp path): orphans of a killed server."""
     killed = []

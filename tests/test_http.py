@@ -110,7 +110,8 @@ def test_progress_events_arrive_while_the_job_runs(clips, tmp_path, endpoint):
     from tests.conftest import make_clip
 
     src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=4)  # long enough that timing is not a coin toss
-    spec = ExportSpec(input=str(src), output=str(tmp_path / "out.mp4"), preset="medium")
+    # one thread: the encode lasts a second or two of wall time (progress every 0.5 s of it) for as many CPU seconds
+    spec = ExportSpec(input=str(src), output=str(tmp_path / "out.mp4"), preset="medium", threads=1, params={"output_width": 540, "output_height": 960})
     before = set(endpoint.job_dirs())
     seen: list[tuple[float, object, bool]] = []
     backend = HttpBackend(endpoint.url, API_KEY)
@@ -490,7 +491,7 @@ def test_a_server_killed_mid_stream_is_exit_3_with_no_partial_output(clips, tmp_
         out = tmp_path / "client" / "o.mp4"
         out.parent.mkdir()
         client = subprocess.Popen(
-            [*synapse_cmd(), "export", str(clips["landscape"]), "-o", str(out), "--json", "--endpoint", url],
+            [*synapse_cmd(), "export", str(clips["landscape"]), "-o", str(out), "--json", *SMALL, "--endpoint", url],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY)},
         )

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, kill_processes_mentioning, serve_app, serve_process
+from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, job_ffmpeg, kill_processes_mentioning, paused, serve_app, serve_process
 from tests.test_serve_jobs import sleepers, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -731,19 +731,20 @@ def test_a_restarted_server_kills_what_the_dead_one_left_running_and_runs_its_qu
         assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
         [pid] = ffmpeg_of(work / "jobs" / running)
         assert all(record(url, q)["status"] == "pending" for q in queued)
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(10)
-        assert ffmpeg_of(work / "jobs" / running) == [pid]
-        with serve_process(work, env=env) as (url2, _, log):
-            assert not ffmpeg_of(work / "jobs" / running), "the dead server's ffmpeg outlived the restart"
-            failed = record(url2, running)
-            assert failed["status"] == "failed" and failed["error"]["message"] == "interrupted by a server restart: the server stopped while this job was running"
-            done = [wait_status(url2, q, ("completed",)) for q in queued]
-            assert [d["started_at"] for d in done] == sorted(d["started_at"] for d in done)
-            for d, i in zip(done, range(3)):
-                [art] = d["artifacts"]
-                assert art["path"] == f"q{i}.mp4" and len(httpx.get(url2 + art["url"], headers=AUTH).content) == art["bytes"]
-            assert any("queued here" in line for line in log)
+        with paused(job_ffmpeg(work / "jobs" / running)):  # it waits, stopped, for the next server to kill it: nothing encoded meanwhile
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+            assert ffmpeg_of(work / "jobs" / running) == [pid]
+            with serve_process(work, env=env) as (url2, _, log):
+                assert not ffmpeg_of(work / "jobs" / running), "the dead server's ffmpeg outlived the restart"
+                failed = record(url2, running)
+                assert failed["status"] == "failed" and failed["error"]["message"] == "interrupted by a server restart: the server stopped while this job was running"
+                done = [wait_status(url2, q, ("completed",)) for q in queued]
+                assert [d["started_at"] for d in done] == sorted(d["started_at"] for d in done)
+                for d, i in zip(done, range(3)):
+                    [art] = d["artifacts"]
+                    assert art["path"] == f"q{i}.mp4" and len(httpx.get(url2 + art["url"], headers=AUTH).content) == art["bytes"]
+                assert any("queued here" in line for line in log)
 
 
 # -- outputs optional, names checked before a job starts (issue #27 items 3 and 4) ---------------------------

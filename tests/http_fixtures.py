@@ -11,6 +11,7 @@ what export cannot: directory outputs and a job that fails with a JobError.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -20,9 +21,35 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, NamedTuple
+from types import SimpleNamespace
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 
 API_KEY = "test-key-3f9c2a7e5b1d"
+
+
+@functools.cache
+def tls_context() -> Any:
+    """httpx's default SSL context (``verify=True``), built once."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
+def _fresh(name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        import httpx
+
+        kwargs.setdefault("verify", tls_context())
+        return getattr(httpx, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+http = SimpleNamespace(**{name: _fresh(name) for name in ("request", "stream", "get", "head", "options", "post", "put", "patch", "delete")})
+"""httpx's functions (``http.get(url, ...)`` as ``httpx.get(url, ...)``: a client of its own per call, so no connection
+or cookie outlives the call) that pass every client the one ``tls_context()``. httpx would build an SSL context for each,
+loading the CA bundle: ~45 ms of CPU per request to a loopback server that never uses TLS, seconds for a test that polls."""
 
 
 @dataclass

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import psutil
 import pytest
 
@@ -24,7 +23,7 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (fastapi
 
 from synapse_cli.store import JobStore
 from tests.conftest import INTERRUPTIBLE, bus_image, make_clip, probe, results_header, synapse_cmd
-from tests.http_fixtures import API_KEY, Served, paused, serve_process
+from tests.http_fixtures import API_KEY, Served, http, paused, serve_process
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
 # long_clip at SMALL on one thread: a few seconds of ffmpeg on a quiet machine, a progress event every 0.5 s of them
@@ -84,7 +83,7 @@ def row(db: Path, job_id: str):
 
 
 def server_events(server: str, remote_id: str) -> list[dict]:
-    r = httpx.get(f"{server}/v1/jobs/{remote_id}/events", params={"after": 0}, headers=AUTH, timeout=60)
+    r = http.get(f"{server}/v1/jobs/{remote_id}/events", params={"after": 0}, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
     return [e for e in map(json.loads, filter(str.strip, r.text.splitlines())) if e.get("type") != "keepalive"]
 
@@ -92,7 +91,7 @@ def server_events(server: str, remote_id: str) -> list[dict]:
 def events_until(server: str, remote_id: str, enough) -> list[dict]:
     """The job's events from the first, read from the server as they come, until ``enough(events)`` (then the stream is closed)."""
     out: list[dict] = []
-    with httpx.stream("GET", f"{server}/v1/jobs/{remote_id}/events", params={"after": 0}, headers=AUTH, timeout=60) as r:
+    with http.stream("GET", f"{server}/v1/jobs/{remote_id}/events", params={"after": 0}, headers=AUTH, timeout=60) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.strip() and (event := json.loads(line))["type"] != "keepalive":
@@ -149,7 +148,7 @@ def test_detach_prints_the_id_and_jobs_wait_from_another_process_downloads_the_o
     assert job.remote["endpoint"] == server and job.remote["id"]
     assert API_KEY.encode() not in (tmp_path / "jobs.db").read_bytes()  # the store keeps no key
     # the job runs on the server with nobody connected
-    assert until(lambda: httpx.get(f"{server}/v1/jobs/{job.remote['id']}", headers=AUTH).json()["status"] == "completed", 60)
+    assert until(lambda: http.get(f"{server}/v1/jobs/{job.remote['id']}", headers=AUTH).json()["status"] == "completed", 60)
     assert not out.exists()
 
     waited = synapse("jobs", "wait", job_id, "--json", env=env)
@@ -205,10 +204,10 @@ def test_an_existing_output_is_refused_before_anything_is_sent(server, tiny, tmp
     env = client_env(tmp_path)
     out = tmp_path / "out.mp4"
     out.write_bytes(b"keep me")
-    before = httpx.get(f"{server}/v1/jobs", headers=AUTH).json()["jobs"]
+    before = http.get(f"{server}/v1/jobs", headers=AUTH).json()["jobs"]
     run = synapse("export", tiny, "-o", out, "--endpoint", server, "--detach", *SMALL, env=env)
     assert run.returncode == 2 and "already exists" in run.stderr
-    assert httpx.get(f"{server}/v1/jobs", headers=AUTH).json()["jobs"] == before
+    assert http.get(f"{server}/v1/jobs", headers=AUTH).json()["jobs"] == before
     assert out.read_bytes() == b"keep me"
 
 
@@ -242,7 +241,7 @@ def test_show_and_list_ask_the_endpoint_for_progress_and_cancel_stops_the_job(cl
 
         cancelled = cli("jobs", "cancel", job_id, env=env)
         assert cancelled.exit_code == 0, cancelled.stderr
-    assert httpx.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] == "cancelled"
+    assert http.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] == "cancelled"
     assert json.loads(cli("jobs", "show", job_id, "--json", env=env).stdout)["status"] == "cancelled"
     waited = synapse("jobs", "wait", job_id, env=env)
     assert waited.returncode == 130, waited.stderr
@@ -418,7 +417,7 @@ def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_fr
     assert stored(db, job_id), "the interrupted wait left nothing in the store"
     kept = len(stored(db, job_id))
     assert row(db, job_id).status == "processing"
-    assert httpx.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] in ("processing", "completed")
+    assert http.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] in ("processing", "completed")
     assert not out.exists() and no_temp_files(tmp_path)
 
     second = synapse("jobs", "wait", job_id, "--json", env=env)
@@ -463,7 +462,7 @@ def test_outputs_that_expired_on_the_server_fail_the_job_with_one_line(tiny, tmp
         job_id = detach(tiny, out, ep.url, env, *TINY_FRAME)
         remote = JobStore(tmp_path / "jobs.db").get(job_id).remote["id"]
         auth = {"Authorization": f"Bearer {API_KEY}"}
-        assert until(lambda: httpx.get(f"{ep.url}/v1/jobs/{remote}", headers=auth).json()["status"] == "completed", 60)
+        assert until(lambda: http.get(f"{ep.url}/v1/jobs/{remote}", headers=auth).json()["status"] == "completed", 60)
         time.sleep(0.05)
         detach(tiny, tmp_path / "other.mp4", ep.url, env, *TINY_FRAME, "--no-cache")  # a new job sweeps the expired folder
         assert until(lambda: not (ep.work_dir / "jobs" / remote).exists(), 10)

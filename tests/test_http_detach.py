@@ -101,11 +101,11 @@ def events_until(server: str, remote_id: str, enough) -> list[dict]:
     return out
 
 
-def _ffmpeg_of(served: Served) -> psutil.Process | None:
-    """The server's ffmpeg (its own session, still the server's child); this module's jobs run one at a time."""
+def _ffmpeg_of(served: Served, remote_id: str) -> psutil.Process | None:
+    """The server's ffmpeg of job ``remote_id`` (its own session, still the server's child; its command line names the job's folder)."""
     for child in psutil.Process(served.process.pid).children(recursive=True):
         try:
-            if "ffmpeg" in child.name():
+            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE and f"/jobs/{remote_id}/" in " ".join(child.cmdline()):
                 return child
         except psutil.NoSuchProcess:
             continue
@@ -117,7 +117,7 @@ def pause_its_ffmpeg(served: Served, remote_id: str, enough) -> psutil.Process:
     the job then stays part-way through, for as long as the test needs, with nothing encoded meanwhile."""
     events = events_until(served.url, remote_id, enough)
     assert events and events[-1]["type"] not in ("finished", "error"), events[-3:]
-    ffmpeg = until(lambda: _ffmpeg_of(served), 30)
+    ffmpeg = until(lambda: _ffmpeg_of(served, remote_id), 30)
     assert ffmpeg is not None, "the job's ffmpeg was not found"
     return paused(ffmpeg)
 

@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import psutil
 import pytest
@@ -112,7 +112,7 @@ def _ffmpeg_of(served: Served, remote_id: str) -> psutil.Process | None:
     return None
 
 
-def pause_its_ffmpeg(served: Served, remote_id: str, enough) -> psutil.Process:
+def pause_its_ffmpeg(served: Served, remote_id: str, enough) -> ContextManager[psutil.Process]:
     """Once the job has sent ``enough`` events (a predicate on the list so far), its ffmpeg, paused (``paused``):
     the job then stays part-way through, for as long as the test needs, with nothing encoded meanwhile."""
     events = events_until(served.url, remote_id, enough)

@@ -11,6 +11,7 @@ what export cannot: directory outputs and a job that fails with a JobError.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -20,9 +21,35 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, NamedTuple
+from types import SimpleNamespace
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 
 API_KEY = "test-key-3f9c2a7e5b1d"
+
+
+@functools.cache
+def tls_context() -> Any:
+    """httpx's default SSL context (``verify=True``), built once."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
+def _fresh(name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        import httpx
+
+        kwargs.setdefault("verify", tls_context())
+        return getattr(httpx, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+http = SimpleNamespace(**{name: _fresh(name) for name in ("request", "stream", "get", "head", "options", "post", "put", "patch", "delete")})
+"""httpx's functions (``http.get(url, ...)`` as ``httpx.get(url, ...)``: a client of its own per call, so no connection
+or cookie outlives the call) that pass every client the one ``tls_context()``. httpx would build an SSL context for each,
+loading the CA bundle: ~45 ms of CPU per request to a loopback server that never uses TLS, seconds for a test that polls."""
 
 
 @dataclass
@@ -131,6 +158,38 @@ def serve_process(work: Path, *, key: str | None = API_KEY, env: dict[str, str] 
             process.stderr.close()
         print(f"-- synapse serve --work-dir {work}: exit status {process.returncode}; the last {LOG_TAIL} lines of its stderr --")
         print("".join(log[-LOG_TAIL:]), end="")
+
+
+@contextmanager
+def paused(process: Any) -> Iterator[Any]:
+    """SIGSTOP ``process`` (a job's ffmpeg, a ``psutil.Process``) for the block, SIGCONT after: a job that
+    stays mid-way for as long as a test needs, however fast or loaded the machine, at no CPU cost. One that
+    ended meanwhile is fine: a cancel or a stopping server SIGKILLs it, which a stopped process obeys."""
+    import psutil
+
+    process.suspend()
+    try:
+        yield process
+    finally:
+        try:
+            process.resume()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def job_ffmpeg(job_dir: Path, timeout_s: float = 30) -> Any:
+    """The job's ffmpeg (a ``psutil.Process``: the live ffmpeg whose command line names ``job_dir``) once it
+    runs; AssertionError after ``timeout_s``."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for process in psutil.process_iter(["name", "cmdline", "status"]):
+            info = process.info
+            if "ffmpeg" in (info["name"] or "") and info["status"] != psutil.STATUS_ZOMBIE and str(job_dir) in " ".join(info["cmdline"] or ()):
+                return process
+        assert time.monotonic() < deadline, f"no ffmpeg of {job_dir} within {timeout_s} s"
+        time.sleep(0.02)
 
 
 def kill_processes_mentioning(text: str) -> list[int]:

@@ -29,7 +29,7 @@ from synapse_cli.events import Artifact, Finished, Progress, Started
 from synapse_cli.jobs.export.job import ExportSpec
 from synapse_cli.jobs.sample import SampleSpec
 from tests.conftest import bus_image, probe, results_header, synapse_cmd
-from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, TestDirSpec, kill_processes_mentioning, serve_app, uvicorn_thread
+from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, TestDirSpec, http, kill_processes_mentioning, serve_app, uvicorn_thread
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
 
@@ -110,7 +110,8 @@ def test_progress_events_arrive_while_the_job_runs(clips, tmp_path, endpoint):
     from tests.conftest import make_clip
 
     src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=4)  # long enough that timing is not a coin toss
-    spec = ExportSpec(input=str(src), output=str(tmp_path / "out.mp4"), preset="medium")
+    # one thread: the encode lasts a second or two of wall time (progress every 0.5 s of it) for as many CPU seconds
+    spec = ExportSpec(input=str(src), output=str(tmp_path / "out.mp4"), preset="medium", threads=1, params={"output_width": 540, "output_height": 960})
     before = set(endpoint.job_dirs())
     seen: list[tuple[float, object, bool]] = []
     backend = HttpBackend(endpoint.url, API_KEY)
@@ -237,7 +238,7 @@ def post(endpoint, kind="export", spec=None, files=None, headers=None, **kwargs)
     spec = {"input": "clip.mp4", "output": "out.mp4"} if spec is None else spec
     data = {"spec": spec if isinstance(spec, str) else json.dumps(spec)}
     files = [("input", ("clip.mp4", b"\x00" * 64, "video/mp4"))] if files is None else files
-    return httpx.post(f"{endpoint.url}/v1/jobs/{kind}", data=data, files=files, headers={**auth(), **(headers or {})}, **kwargs)
+    return http.post(f"{endpoint.url}/v1/jobs/{kind}", data=data, files=files, headers={**auth(), **(headers or {})}, **kwargs)
 
 
 @pytest.mark.parametrize("filename", ["../evil.mp4", "../../etc/evil.mp4", "sub/evil.mp4", "..", "..\\evil.mp4"])
@@ -312,9 +313,9 @@ def test_bad_requests_get_a_json_error_and_leave_nothing(endpoint, kwargs, statu
 
 
 def test_a_non_form_body_is_415_and_json_is_fine_without_inputs(endpoint):
-    r = httpx.post(f"{endpoint.url}/v1/jobs/export", content=b"hello", headers={**auth(), "content-type": "text/plain"})
+    r = http.post(f"{endpoint.url}/v1/jobs/export", content=b"hello", headers={**auth(), "content-type": "text/plain"})
     assert r.status_code == 415 and r.json()["code"] == 2
-    r = httpx.post(f"{endpoint.url}/v1/jobs/sample", json={"output": "x.mp4", "bogus": 1}, headers=auth())
+    r = http.post(f"{endpoint.url}/v1/jobs/sample", json={"output": "x.mp4", "bogus": 1}, headers=auth())
     assert r.status_code == 422 and "bogus" in r.json()["message"]
 
 
@@ -358,34 +359,34 @@ def test_uploads_over_the_limit_are_413(tmp_path):
 
 def test_artifacts_need_the_key_and_unknown_ids_are_404(tmp_path, endpoint):
     spec = {"output": "s.mp4", "seconds": 0.2, "width": 32, "height": 32, "audio": False, "ffmpeg": "/nonexistent/ffmpeg"}
-    r = httpx.post(f"{endpoint.url}/v1/jobs/sample", json=spec, headers=auth())  # the server uses its own ffmpeg
+    r = http.post(f"{endpoint.url}/v1/jobs/sample", json=spec, headers=auth())  # the server uses its own ffmpeg
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
     events = [json.loads(line) for line in r.text.splitlines()]
     art = next(e for e in events if e["type"] == "artifact")
     assert art["path"].startswith("/v1/artifacts/") and art["path"].endswith("?output=output&save=s.mp4")
     assert events[-1]["result"]["output"] == "s.mp4"
     url = endpoint.url + art["path"].split("?")[0]
-    assert httpx.get(url).status_code == 401
-    assert httpx.get(url, headers=auth("nope")).status_code == 401
-    got = httpx.get(url, headers=auth())
+    assert http.get(url).status_code == 401
+    assert http.get(url, headers=auth("nope")).status_code == 401
+    got = http.get(url, headers=auth())
     assert got.status_code == 200 and len(got.content) == art["bytes"]
     for bad in ("AAAAAAAAAAAAAAAAAAAAAA.0", url.rsplit("/", 1)[1] + "9", "..%2F..%2Fetc%2Fpasswd", "x.0"):
-        r = httpx.get(f"{endpoint.url}/v1/artifacts/{bad}", headers=auth())
+        r = http.get(f"{endpoint.url}/v1/artifacts/{bad}", headers=auth())
         assert r.status_code == 404 and r.json()["type"] == "error"
-    health = httpx.get(f"{endpoint.url}/v1/health").json()
+    health = http.get(f"{endpoint.url}/v1/health").json()
     assert health["status"] == "ok" and health["auth"] == "bearer" and "export" in health["jobs"] and "key_accepted" not in health
 
 
 def test_outputs_expire_and_are_swept(tmp_path):
     spec = {"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio": False}
     with serve_app(tmp_path / "srv", artifact_ttl_s=0) as ep:
-        first = httpx.post(f"{ep.url}/v1/jobs/sample", json=spec, headers=auth())
+        first = http.post(f"{ep.url}/v1/jobs/sample", json=spec, headers=auth())
         art = next(json.loads(line) for line in first.text.splitlines() if '"artifact"' in line)
         assert len(ep.job_dirs()) == 1
         time.sleep(0.05)
-        httpx.post(f"{ep.url}/v1/jobs/sample", json=spec, headers=auth())  # each new job sweeps what expired
+        http.post(f"{ep.url}/v1/jobs/sample", json=spec, headers=auth())  # each new job sweeps what expired
         assert len(ep.job_dirs()) == 1
-        assert httpx.get(ep.url + art["path"], headers=auth()).status_code == 404
+        assert http.get(ep.url + art["path"], headers=auth()).status_code == 404
 
 
 # -- failures on the way ------------------------------------------------------------------
@@ -434,7 +435,7 @@ def test_a_client_that_goes_away_cancels_the_job(clips, endpoint):
     spec = {"input": "clip.mp4", "output": "out.mp4", "preset": "medium"}
     before = set(endpoint.job_dirs())
     with open(clips["landscape"], "rb") as f:
-        with httpx.stream("POST", f"{endpoint.url}/v1/jobs/export", data={"spec": json.dumps(spec)}, files=[("input", ("clip.mp4", f))], headers=auth()) as r:
+        with http.stream("POST", f"{endpoint.url}/v1/jobs/export", data={"spec": json.dumps(spec)}, files=[("input", ("clip.mp4", f))], headers=auth()) as r:
             job_dir = endpoint.work_dir / "jobs" / r.headers["x-synapse-job"]
             for line in r.iter_lines():
                 if json.loads(line)["type"] == "progress":
@@ -490,7 +491,7 @@ def test_a_server_killed_mid_stream_is_exit_3_with_no_partial_output(clips, tmp_
         out = tmp_path / "client" / "o.mp4"
         out.parent.mkdir()
         client = subprocess.Popen(
-            [*synapse_cmd(), "export", str(clips["landscape"]), "-o", str(out), "--json", "--endpoint", url],
+            [*synapse_cmd(), "export", str(clips["landscape"]), "-o", str(out), "--json", *SMALL, "--endpoint", url],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **client_env(tmp_path, "a", SYNAPSE_API_KEY=API_KEY)},
         )

@@ -13,9 +13,8 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
-import httpx
 import psutil
 import pytest
 
@@ -23,11 +22,13 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (fastapi
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (fastapi, uvicorn)")
 
 from synapse_cli.store import JobStore
-from tests.conftest import INTERRUPTIBLE, bus_image, probe, results_header, synapse_cmd
-from tests.http_fixtures import API_KEY, Served, serve_process
+from tests.conftest import INTERRUPTIBLE, bus_image, make_clip, probe, results_header, synapse_cmd
+from tests.http_fixtures import API_KEY, Served, http, paused, serve_process
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
-MEDIUM = ["--set", "output_width=540", "--set", "output_height=960"]  # long_clip: about 20 s, 30 progress events
+# long_clip at SMALL on one thread: a few seconds of ffmpeg on a quiet machine, a progress event every 0.5 s of them
+ONE_THREAD = {"SYNAPSE_FFMPEG_THREADS": "1"}
+TINY_FRAME = ["--set", "output_width=90", "--set", "output_height=160"]  # where the encode is beside the point
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -82,17 +83,43 @@ def row(db: Path, job_id: str):
 
 
 def server_events(server: str, remote_id: str) -> list[dict]:
-    r = httpx.get(f"{server}/v1/jobs/{remote_id}/events", params={"after": 0}, headers=AUTH, timeout=60)
+    r = http.get(f"{server}/v1/jobs/{remote_id}/events", params={"after": 0}, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
     return [e for e in map(json.loads, filter(str.strip, r.text.splitlines())) if e.get("type") != "keepalive"]
 
 
-def past_a_fifth(server: str, remote_id: str) -> bool:
-    """The job's record says a fifth of its frames are done (by then it has sent several progress events)."""
-    r = httpx.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH, timeout=30)
-    assert r.status_code == 200, r.text
-    progress = r.json()["progress"]
-    return bool(progress["total"]) and progress["done"] >= progress["total"] / 5
+def events_until(server: str, remote_id: str, enough) -> list[dict]:
+    """The job's events from the first, read from the server as they come, until ``enough(events)`` (then the stream is closed)."""
+    out: list[dict] = []
+    with http.stream("GET", f"{server}/v1/jobs/{remote_id}/events", params={"after": 0}, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.strip() and (event := json.loads(line))["type"] != "keepalive":
+                out.append(event)
+                if enough(out):
+                    break
+    return out
+
+
+def _ffmpeg_of(served: Served, remote_id: str) -> psutil.Process | None:
+    """The server's ffmpeg of job ``remote_id`` (its own session, still the server's child; its command line names the job's folder)."""
+    for child in psutil.Process(served.process.pid).children(recursive=True):
+        try:
+            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE and f"/jobs/{remote_id}/" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def pause_its_ffmpeg(served: Served, remote_id: str, enough) -> ContextManager[psutil.Process]:
+    """Once the job has sent ``enough`` events (a predicate on the list so far), its ffmpeg, paused (``paused``):
+    the job then stays part-way through, for as long as the test needs, with nothing encoded meanwhile."""
+    events = events_until(served.url, remote_id, enough)
+    assert events and events[-1]["type"] not in ("finished", "error"), events[-3:]
+    ffmpeg = until(lambda: _ffmpeg_of(served, remote_id), 30)
+    assert ffmpeg is not None, "the job's ffmpeg was not found"
+    return paused(ffmpeg)
 
 
 def no_temp_files(folder: Path) -> bool:
@@ -121,7 +148,7 @@ def test_detach_prints_the_id_and_jobs_wait_from_another_process_downloads_the_o
     assert job.remote["endpoint"] == server and job.remote["id"]
     assert API_KEY.encode() not in (tmp_path / "jobs.db").read_bytes()  # the store keeps no key
     # the job runs on the server with nobody connected
-    assert until(lambda: httpx.get(f"{server}/v1/jobs/{job.remote['id']}", headers=AUTH).json()["status"] == "completed", 60)
+    assert until(lambda: http.get(f"{server}/v1/jobs/{job.remote['id']}", headers=AUTH).json()["status"] == "completed", 60)
     assert not out.exists()
 
     waited = synapse("jobs", "wait", job_id, "--json", env=env)
@@ -177,20 +204,22 @@ def test_an_existing_output_is_refused_before_anything_is_sent(server, tiny, tmp
     env = client_env(tmp_path)
     out = tmp_path / "out.mp4"
     out.write_bytes(b"keep me")
-    before = httpx.get(f"{server}/v1/jobs", headers=AUTH).json()["jobs"]
+    before = http.get(f"{server}/v1/jobs", headers=AUTH).json()["jobs"]
     run = synapse("export", tiny, "-o", out, "--endpoint", server, "--detach", *SMALL, env=env)
     assert run.returncode == 2 and "already exists" in run.stderr
-    assert httpx.get(f"{server}/v1/jobs", headers=AUTH).json()["jobs"] == before
+    assert http.get(f"{server}/v1/jobs", headers=AUTH).json()["jobs"] == before
     assert out.read_bytes() == b"keep me"
 
 
 # -- show, list and cancel a running job ----------------------------------------------------------
 
 
-def test_show_and_list_ask_the_endpoint_for_progress_and_cancel_stops_the_job(cli, server, long_clip, tmp_path):
+def test_show_and_list_ask_the_endpoint_for_progress_and_cancel_stops_the_job(cli, served, long_clip, tmp_path):
+    server = served.url
     env = client_env(tmp_path)
     out = tmp_path / "out.mp4"
-    job_id = detach(long_clip, out, server, env)  # a full-size encode: a minute on two cores
+    job_id = detach(long_clip, out, server, env, *SMALL)
+    remote_id = row(tmp_path / "jobs.db", job_id).remote["id"]
 
     def progress():
         shown = cli("jobs", "show", job_id, "--json", env=env)
@@ -199,19 +228,20 @@ def test_show_and_list_ask_the_endpoint_for_progress_and_cancel_stops_the_job(cl
         moving = data["status"] == "processing" and data["progress"] and float(data["progress"].split("/")[0]) > 0
         return data if moving else None  # the first look can come before the first frame: 0/N
 
-    data = until(progress, 60, every_s=0.3)
-    assert data, "jobs show never showed the endpoint's progress"
-    done, total = map(float, data["progress"].split("/"))
-    assert 0 < done < total and data["endpoint"].startswith(server)
-    listed = cli("jobs", "list", env=env)
-    assert listed.exit_code == 0
-    (line,) = [row for row in listed.stdout.splitlines() if row.startswith(job_id)]
-    assert " processing " in line and "/" in line.split()[3]
+    # paused after its first progress event, until the cancel kills it: part-way through, however fast the machine
+    with pause_its_ffmpeg(served, remote_id, lambda events: events[-1]["type"] == "progress"):
+        data = until(progress, 60, every_s=0.3)
+        assert data, "jobs show never showed the endpoint's progress"
+        done, total = map(float, data["progress"].split("/"))
+        assert 0 < done < total and data["endpoint"].startswith(server)
+        listed = cli("jobs", "list", env=env)
+        assert listed.exit_code == 0
+        (line,) = [row for row in listed.stdout.splitlines() if row.startswith(job_id)]
+        assert " processing " in line and "/" in line.split()[3]
 
-    cancelled = cli("jobs", "cancel", job_id, env=env)
-    assert cancelled.exit_code == 0, cancelled.stderr
-    remote_id = row(tmp_path / "jobs.db", job_id).remote["id"]
-    assert httpx.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] == "cancelled"
+        cancelled = cli("jobs", "cancel", job_id, env=env)
+        assert cancelled.exit_code == 0, cancelled.stderr
+    assert http.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] == "cancelled"
     assert json.loads(cli("jobs", "show", job_id, "--json", env=env).stdout)["status"] == "cancelled"
     waited = synapse("jobs", "wait", job_id, env=env)
     assert waited.returncode == 130, waited.stderr
@@ -314,29 +344,39 @@ class Relay:
                     pass
 
 
-def test_a_connection_cut_mid_events_resumes_with_no_gap_and_no_duplicate(server, long_clip, tmp_path):
+def test_a_connection_cut_mid_events_resumes_with_no_gap_and_no_duplicate(served, long_clip, tmp_path):
+    server = served.url
     relay = Relay(server)
-    env = client_env(tmp_path)
+    env = client_env(tmp_path, **ONE_THREAD)
     db, out = tmp_path / "jobs.db", tmp_path / "out.mp4"
     try:
-        job_id = detach(long_clip, out, relay.url, env, *MEDIUM)
-        waiting = subprocess.Popen([*synapse_cmd(), "jobs", "wait", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, env={**os.environ, **env})  # fmt: skip
+        job_id = detach(long_clip, out, relay.url, env, *SMALL)
+        with open(tmp_path / "wait.err", "w") as err:
+            waiting = subprocess.Popen([*synapse_cmd(), "jobs", "wait", job_id, "--json"], stdout=subprocess.PIPE, stderr=err,
+                                       text=True, env={**os.environ, **env})  # fmt: skip
+        said: list[str] = []  # its --json lines, as they come (the store gets them in batches)
+        reader = threading.Thread(target=lambda: said.extend(iter(waiting.stdout.readline, "")), daemon=True)
+        reader.start()
         try:
+            # The job must still run at the cut, a few seconds of ffmpeg after its start: it is paused at its first
+            # progress event until jobs wait (a second or more to start) follows it, and then runs across the cut.
+            with pause_its_ffmpeg(served, row(db, job_id).remote["id"], lambda events: events[-1]["type"] == "progress"):
+                assert until(lambda: any(json.loads(line)["type"] == "progress" for line in said), 60), "jobs wait printed no progress"
             assert until(lambda: len(stored(db, job_id)) >= 3, 60), "jobs wait recorded no events"
             relay.cut()
             cut_at = len(stored(db, job_id))
             assert stored(db, job_id)[-1]["type"] in ("started", "progress"), "the job ended before the cut"
             time.sleep(1.0)  # connections are refused meanwhile: jobs wait retries with backoff
             relay.restart()
-            stdout, stderr = waiting.communicate(timeout=180)
+            waiting.wait(timeout=180)
+            reader.join(timeout=30)
         finally:
             if waiting.poll() is None:
                 waiting.kill()
-        assert waiting.returncode == 0, stderr
+        assert waiting.returncode == 0, (tmp_path / "wait.err").read_text()
     finally:
         relay.cut()
-    lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    lines = [json.loads(line) for line in said if line.strip()]
     resumed = [e["message"] for e in lines if e["type"] == "log" and "resuming from event" in e["message"]]
     assert resumed, "the connection was not cut mid-stream"
     assert int(resumed[0].rsplit(" ", 1)[1]) >= cut_at
@@ -347,33 +387,18 @@ def test_a_connection_cut_mid_events_resumes_with_no_gap_and_no_duplicate(server
     assert stored(db, job_id) == [{k: v for k, v in e.items() if k != "index"} for e in remote]
     printed = [e for e in lines if e["type"] in ("started", "progress")]
     assert printed == [{k: v for k, v in e.items() if k != "index"} for e in remote if e["type"] in ("started", "progress")]
-    assert probe(out).width == 540 and no_temp_files(tmp_path)
-
-
-def _ffmpeg_of(served: Served) -> psutil.Process | None:
-    """The server's ffmpeg (its own session, still the server's child); this module's jobs run one at a time."""
-    for child in psutil.Process(served.process.pid).children(recursive=True):
-        try:
-            if "ffmpeg" in child.name():
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    return None
+    assert probe(out).width == 270 and no_temp_files(tmp_path)
 
 
 def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_from_the_store(served, long_clip, tmp_path):
     server = served.url
-    env = client_env(tmp_path)
+    env = client_env(tmp_path, **ONE_THREAD)
     db, out = tmp_path / "jobs.db", tmp_path / "out.mp4"
-    job_id = detach(long_clip, out, server, env, *MEDIUM)
+    job_id = detach(long_clip, out, server, env, *SMALL)
     remote_id = row(db, job_id).remote["id"]
-    # The job must still run when the wait is interrupted: on a quiet machine it takes 4 s, and a loaded
-    # one can start `jobs wait` later than that. Its ffmpeg is paused a fifth of the way in, until then.
-    assert until(lambda: past_a_fifth(server, remote_id), 60), "the job made no progress"
-    ffmpeg = until(lambda: _ffmpeg_of(served), 30)
-    assert ffmpeg is not None, "the job's ffmpeg was not found"
-    ffmpeg.suspend()
-    try:
+    # The job must still run when the wait is interrupted: on a quiet machine it takes a few seconds, and a
+    # loaded one can start `jobs wait` later than that. Its ffmpeg is paused from its third event until then.
+    with pause_its_ffmpeg(served, remote_id, lambda events: len(events) >= 3):
         first = subprocess.Popen([*synapse_cmd(), "jobs", "wait", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env={**os.environ, **env}, **INTERRUPTIBLE)  # fmt: skip
         printed: list[str] = []  # its --json lines, as they come (the store gets them in batches)
@@ -388,13 +413,11 @@ def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_fr
         finally:
             if first.poll() is None:
                 first.kill()
-    finally:
-        ffmpeg.resume()
     assert first.returncode == 130, stderr
     assert stored(db, job_id), "the interrupted wait left nothing in the store"
     kept = len(stored(db, job_id))
     assert row(db, job_id).status == "processing"
-    assert httpx.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] in ("processing", "completed")
+    assert http.get(f"{server}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] in ("processing", "completed")
     assert not out.exists() and no_temp_files(tmp_path)
 
     second = synapse("jobs", "wait", job_id, "--json", env=env)
@@ -404,7 +427,7 @@ def test_an_interrupted_wait_leaves_the_job_running_and_the_next_wait_goes_on_fr
     assert stored(db, job_id) == [{k: v for k, v in e.items() if k != "index"} for e in remote]  # no gap, none twice
     shown = [e for e in events(second) if e["type"] in ("started", "progress")]  # the stored events, then the live ones
     assert shown == [{k: v for k, v in e.items() if k != "index"} for e in remote if e["type"] in ("started", "progress")]
-    assert probe(out).width == 540 and row(db, job_id).status == "completed"
+    assert probe(out).width == 270 and row(db, job_id).status == "completed"
 
 
 def test_the_python_api_submits_to_an_endpoint_and_waits(server, tiny, tmp_path, monkeypatch):
@@ -412,20 +435,20 @@ def test_the_python_api_submits_to_an_endpoint_and_waits(server, tiny, tmp_path,
 
     monkeypatch.setenv("SYNAPSE_JOBS_DB", str(tmp_path / "jobs.db"))
     out = tmp_path / "out.mp4"
-    job = api.submit("export", str(tiny), output=str(out), endpoint=server, api_key=API_KEY)
+    job = api.submit("export", str(tiny), output=str(out), params={"output_width": 90, "output_height": 160}, endpoint=server, api_key=API_KEY)
     assert row(tmp_path / "jobs.db", job.id).remote["endpoint"] == server
     assert job.wait()["output"] == str(out)
     assert probe(out).duration > 0 and job.status == "completed"
 
 
-def test_detach_with_shards_is_split_by_the_server(server, long_clip, tmp_path):
+def test_detach_with_shards_is_split_by_the_server(server, tmp_path):
     env = client_env(tmp_path)
-    out = tmp_path / "out.mp4"
-    job_id = detach(long_clip, out, server, env, *SMALL, "--shards", "2")
+    src, out = make_clip(tmp_path / "in.mp4", size="320x180", seconds=4), tmp_path / "out.mp4"
+    job_id = detach(src, out, server, env, *TINY_FRAME, "--shards", "2")
     waited = synapse("jobs", "wait", job_id, "--json", env=env)
     assert waited.returncode == 0, waited.stderr
     assert len(events(waited)[-1]["result"]["shards"]) == 2
-    assert abs(probe(out).duration - 20.0) < 0.2
+    assert abs(probe(out).duration - 4.0) < 0.2  # both halves: one alone would be 2 s
 
 
 def test_outputs_that_expired_on_the_server_fail_the_job_with_one_line(tiny, tmp_path):
@@ -436,12 +459,12 @@ def test_outputs_that_expired_on_the_server_fail_the_job_with_one_line(tiny, tmp
     env = client_env(tmp_path)
     out = tmp_path / "out.mp4"
     with serve_app(tmp_path / "srv", artifact_ttl_s=0) as ep:
-        job_id = detach(tiny, out, ep.url, env, "--set", "output_width=90", "--set", "output_height=160")
+        job_id = detach(tiny, out, ep.url, env, *TINY_FRAME)
         remote = JobStore(tmp_path / "jobs.db").get(job_id).remote["id"]
         auth = {"Authorization": f"Bearer {API_KEY}"}
-        assert until(lambda: httpx.get(f"{ep.url}/v1/jobs/{remote}", headers=auth).json()["status"] == "completed", 60)
+        assert until(lambda: http.get(f"{ep.url}/v1/jobs/{remote}", headers=auth).json()["status"] == "completed", 60)
         time.sleep(0.05)
-        detach(tiny, tmp_path / "other.mp4", ep.url, env, "--no-cache")  # a new job sweeps the expired folder
+        detach(tiny, tmp_path / "other.mp4", ep.url, env, *TINY_FRAME, "--no-cache")  # a new job sweeps the expired folder
         assert until(lambda: not (ep.work_dir / "jobs" / remote).exists(), 10)
         waited = synapse("jobs", "wait", job_id, env=env)
     assert waited.returncode == 3, waited.stderr

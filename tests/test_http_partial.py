@@ -25,7 +25,7 @@ from synapse_cli.errors import BackendError, SynapseError
 from synapse_cli.events import Artifact, Finished
 from synapse_cli.render.ndjson import encode
 from synapse_cli.store import JobStore
-from tests.http_fixtures import API_KEY, Endpoint, serve_app
+from tests.http_fixtures import API_KEY, Endpoint, http, serve_app
 
 DATA = Path(__file__).parent / "data" / "compile"
 DOCUMENTED = {"UsageError", "JobError", "BackendError", "Interrupted"}  # README's exit-code table, errors.py
@@ -127,11 +127,11 @@ def test_a_detached_compile_with_one_broken_schema_saves_the_rest_and_jobs_wait_
 
     # the server's record: failed with the job's error, its result kept, its outputs served
     remote_id = local_row(tmp_path, job_id).remote["id"]
-    record = httpx.get(f"{endpoint.url}/v1/jobs/{remote_id}", headers=AUTH).json()
+    record = http.get(f"{endpoint.url}/v1/jobs/{remote_id}", headers=AUTH).json()
     assert record["status"] == "failed"
     assert record["error"]["code"] == 1 and record["error"]["error"] == "JobError" and record["error"]["message"].startswith("1 of 3 inputs failed")
     assert record["result"]["failed"] == 1 and len(record["artifacts"]) == 6
-    lines = [json.loads(x) for x in httpx.get(f"{endpoint.url}/v1/jobs/{remote_id}/events", headers=AUTH).text.splitlines() if x.strip()]
+    lines = [json.loads(x) for x in http.get(f"{endpoint.url}/v1/jobs/{remote_id}/events", headers=AUTH).text.splitlines() if x.strip()]
     assert [e["type"] for e in lines][-2:] == ["finished", "error"]
 
     # `jobs show` reads that record without marking the local job failed before its outputs came
@@ -140,7 +140,7 @@ def test_a_detached_compile_with_one_broken_schema_saves_the_rest_and_jobs_wait_
     job_id = json.loads(sent.stdout)["job_id"]
     remote_id = local_row(tmp_path, job_id).remote["id"]
     deadline = time.monotonic() + 60
-    while httpx.get(f"{endpoint.url}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] != "failed" and time.monotonic() < deadline:
+    while http.get(f"{endpoint.url}/v1/jobs/{remote_id}", headers=AUTH).json()["status"] != "failed" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert cli("jobs", "show", job_id, env=client).exit_code == 0
     assert local_row(tmp_path, job_id).status == "processing"

@@ -7,12 +7,11 @@ from __future__ import annotations
 import base64
 import json
 
-import httpx
 import pytest
 from standardwebhooks import Webhook
 
 from tests.conftest import wait_for
-from tests.http_fixtures import API_KEY, serve_app
+from tests.http_fixtures import API_KEY, http, serve_app
 from tests.receiver import Receiver, Reply
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -28,7 +27,7 @@ def hooks(receiver: Receiver) -> list[dict]:
 
 def test_a_detached_job_on_the_server_notifies_with_download_urls(tmp_path):
     with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
-        resp = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "notify": r.url_for("localhost", "/hook")}, headers=AUTH)
+        resp = http.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "notify": r.url_for("localhost", "/hook")}, headers=AUTH)
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["id"]
         wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=60)
@@ -39,10 +38,10 @@ def test_a_detached_job_on_the_server_notifies_with_download_urls(tmp_path):
         assert finished["result"]["output"] == "s.mp4"  # the client's path, never the server's
         [art] = finished["artifacts"]
         assert art["url"].startswith(f"{ep.url}/v1/artifacts/{job_id}.0")
-        data = httpx.get(art["url"], headers=AUTH).content
+        data = http.get(art["url"], headers=AUTH).content
         assert len(data) == art["bytes"] and data[4:8] == b"ftyp"
-        wait_for(lambda: httpx.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json().get("webhooks", [{}])[-1].get("event") == "finished")
-        rec = httpx.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json()
+        wait_for(lambda: http.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json().get("webhooks", [{}])[-1].get("event") == "finished")
+        rec = http.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json()
         assert rec["status"] == "completed"
         assert [(w["event"], w["outcome"]) for w in rec["webhooks"]][-1] == ("finished", "delivered")
         assert all(w["target"] == r.url_for("localhost", "/hook") for w in rec["webhooks"])
@@ -69,7 +68,7 @@ def test_a_streamed_job_notifies_and_a_500_once_still_gets_finished(tmp_path):
     with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
         failed: list = []
         r.rule = first_finished_fails_once(failed)
-        with httpx.stream("POST", f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": r.url_for("localhost", "/h")}, headers=AUTH, timeout=60) as resp:
+        with http.stream("POST", f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": r.url_for("localhost", "/h")}, headers=AUTH, timeout=60) as resp:
             assert resp.status_code == 200
             events = [json.loads(line) for line in resp.iter_lines() if line.strip()]
         assert events[-1]["type"] == "finished"
@@ -95,7 +94,7 @@ def test_a_streamed_job_notifies_and_a_500_once_still_gets_finished(tmp_path):
 def test_a_refused_target_is_a_422_and_nothing_runs(tmp_path, notify, says):
     with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
         url = notify.format(port=r.port) if isinstance(notify, str) else notify
-        resp = httpx.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": url}, headers=AUTH, timeout=60)
+        resp = http.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": url}, headers=AUTH, timeout=60)
         if says is None:
             assert resp.status_code == 200, resp.text
             return
@@ -106,16 +105,16 @@ def test_a_refused_target_is_a_422_and_nothing_runs(tmp_path, notify, says):
 
 def test_a_name_that_resolves_to_loopback_is_refused_unless_allowed(tmp_path):
     with Receiver() as r, serve_app(tmp_path / "srv", **{**HOOKS, "allow_hosts": ()}) as ep:
-        resp = httpx.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": r.url_for("localhost", "/hook")}, headers=AUTH)
+        resp = http.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": r.url_for("localhost", "/hook")}, headers=AUTH)
         assert resp.status_code == 422 and "localhost (127.0.0.1) is a loopback address" in resp.json()["message"]
 
 
 def test_a_server_without_a_secret_refuses_notify_and_plain_http_needs_a_setting(tmp_path):
     with serve_app(tmp_path / "a", **{**HOOKS, "notify_secret": None}) as ep:
-        resp = httpx.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": "https://hooks.example/x"}, headers=AUTH)
+        resp = http.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": "https://hooks.example/x"}, headers=AUTH)
         assert resp.status_code == 422 and "SYNAPSE_NOTIFY_SECRET" in resp.json()["message"]
     with serve_app(tmp_path / "b", **{**HOOKS, "notify_allow_http": False}) as ep:
-        resp = httpx.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": "http://localhost:9/x"}, headers=AUTH)
+        resp = http.post(f"{ep.url}/v1/jobs/sample", json={**TINY, "notify": "http://localhost:9/x"}, headers=AUTH)
         assert resp.status_code == 422 and "allow_http" in resp.json()["message"]
 
 
@@ -127,10 +126,10 @@ def test_a_dead_receiver_leaves_the_server_job_completed_and_says_so(tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     with serve_app(tmp_path / "srv", **{**HOOKS, "notify_retry_for_s": 1.0}) as ep:
-        resp = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "notify": f"http://localhost:{port}/hook"}, headers=AUTH)
+        resp = http.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "notify": f"http://localhost:{port}/hook"}, headers=AUTH)
         job_id = resp.json()["id"]
-        wait_for(lambda: any(w["event"] == "finished" for w in httpx.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json().get("webhooks", [])), timeout=60)
-        rec = httpx.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json()
+        wait_for(lambda: any(w["event"] == "finished" for w in http.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json().get("webhooks", [])), timeout=60)
+        rec = http.get(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH).json()
     assert rec["status"] == "completed"
     final = rec["webhooks"][-1]
     assert final["outcome"] == "failed" and final["attempts"] >= 2 and "ConnectError" in final["detail"]
@@ -159,11 +158,11 @@ def test_cancelled_jobs_say_so_queued_or_running(tmp_path):
     long = {"output": "long.mp4", "seconds": 300, "width": 1280, "height": 720}
     with Receiver() as r, serve_app(tmp_path / "srv", max_concurrent_jobs=1, **HOOKS) as ep:
         hook = r.url_for("localhost", "/hook")
-        running = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**long, "notify": hook}, headers=AUTH).json()["id"]
-        queued = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "notify": hook}, headers=AUTH).json()["id"]
+        running = http.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**long, "notify": hook}, headers=AUTH).json()["id"]
+        queued = http.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "notify": hook}, headers=AUTH).json()["id"]
         wait_for(lambda: any(b["job_id"] == running and b["type"] == "started" for b in hooks(r)), timeout=30)
-        assert httpx.delete(f"{ep.url}/v1/jobs/{queued}", headers=AUTH).json()["status"] == "cancelled"
-        assert httpx.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
+        assert http.delete(f"{ep.url}/v1/jobs/{queued}", headers=AUTH).json()["status"] == "cancelled"
+        assert http.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
         wait_for(lambda: {b["job_id"] for b in hooks(r) if b["type"] == "cancelled"} == {running, queued}, timeout=30)
         by_job = {j: [b["type"] for b in hooks(r) if b["job_id"] == j] for j in (running, queued)}
     assert by_job[queued] == ["cancelled"]  # it never started
@@ -188,7 +187,7 @@ def test_a_detached_job_sent_through_an_endpoint_notifies_from_the_server(cli, d
         assert run.exit_code == 0, run.stderr  # the client returned: the server tells the receiver
         wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=60)
         server_id = hooks(r)[-1]["job_id"]
-        rec = httpx.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json()
+        rec = http.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json()
         assert rec["status"] == "completed" and hooks(r)[-1]["data"]["result"]["output"] == str(tmp_path / "det.mp4")
 
 
@@ -253,14 +252,14 @@ def test_a_detached_endpoint_jobs_deliveries_reach_jobs_show_and_jobs_wait_adds_
         if show_first:
             wait_for(lambda: any(b["type"] == "finished" for b in hooks(r)), timeout=60)
             server_id = hooks(r)[-1]["job_id"]
-            wait_for(lambda: httpx.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json().get("webhooks", [{}])[-1].get("event") == "finished")
+            wait_for(lambda: http.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json().get("webhooks", [{}])[-1].get("event") == "finished")
             early = _show(cli, job_id, env)  # not downloaded yet: `jobs show` asks the server, and keeps what it says of the webhooks
             assert "not downloaded yet" in early["outputs"] and early["webhooks"][-1]["event"] == "finished"
         waited = cli("jobs", "wait", job_id, env=env)
         assert waited.exit_code == 0, waited.stderr
         shown = _show(cli, job_id, env)
         server_id = hooks(r)[-1]["job_id"]
-        server = httpx.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json()["webhooks"]
+        server = http.get(f"{ep.url}/v1/jobs/{server_id}", headers=AUTH).json()["webhooks"]
     assert shown["status"] == "completed"
     assert [(w["event"], w["outcome"], w["attempts"]) for w in shown["webhooks"]] == [(w["event"], w["outcome"], w["attempts"]) for w in server]
     assert shown["webhooks"][0]["event"] == "started" and shown["webhooks"][-1]["event"] == "finished"
@@ -272,19 +271,19 @@ def test_the_server_reports_the_webhooks_only_to_a_client_that_asks(tmp_path):
     is a ``webhooks`` line; without it the streams are unchanged (the last line is ``finished``)."""
     with Receiver() as r, serve_app(tmp_path / "srv", **HOOKS) as ep:
         body = {**TINY, "notify": r.url_for("localhost", "/hook")}
-        with httpx.stream("POST", f"{ep.url}/v1/jobs/sample?report_webhooks=true", json=body, headers=AUTH, timeout=60) as resp:
+        with http.stream("POST", f"{ep.url}/v1/jobs/sample?report_webhooks=true", json=body, headers=AUTH, timeout=60) as resp:
             lines = [json.loads(line) for line in resp.iter_lines() if line.strip()]
         assert [e["type"] for e in lines[-2:]] == ["finished", "webhooks"]
         assert lines[-1]["webhooks"][-1]["event"] == "finished" and lines[-1]["webhooks"][-1]["outcome"] == "delivered"
-        job_id = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json=body, headers=AUTH).json()["id"]
-        plain = httpx.get(f"{ep.url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=60).text.splitlines()
+        job_id = http.post(f"{ep.url}/v1/jobs/sample?detach=true", json=body, headers=AUTH).json()["id"]
+        plain = http.get(f"{ep.url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=60).text.splitlines()
         assert json.loads(plain[-1])["type"] == "finished"
-        told = [json.loads(line) for line in httpx.get(f"{ep.url}/v1/jobs/{job_id}/events?report_webhooks=true", headers=AUTH, timeout=60).text.splitlines()]
+        told = [json.loads(line) for line in http.get(f"{ep.url}/v1/jobs/{job_id}/events?report_webhooks=true", headers=AUTH, timeout=60).text.splitlines()]
         assert [e["type"] for e in told[-2:]] == ["finished", "webhooks"] and "index" not in told[-1]
         assert [w["event"] for w in told[-1]["webhooks"]][-1] == "finished"
-        bad = httpx.get(f"{ep.url}/v1/jobs/{job_id}/events?report_webhooks=maybe", headers=AUTH)
+        bad = http.get(f"{ep.url}/v1/jobs/{job_id}/events?report_webhooks=maybe", headers=AUTH)
         assert bad.status_code == 422 and "report_webhooks" in bad.json()["message"]
-        with httpx.stream("POST", f"{ep.url}/v1/jobs/sample?report_webhooks=1", json=TINY, headers=AUTH, timeout=60) as resp:
+        with http.stream("POST", f"{ep.url}/v1/jobs/sample?report_webhooks=1", json=TINY, headers=AUTH, timeout=60) as resp:
             quiet = [json.loads(line) for line in resp.iter_lines() if line.strip()]
         assert quiet[-1] == {"type": "webhooks", "webhooks": []}  # no notify: nothing was sent
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import stat
 
-import httpx
 import pytest
 
 from tests.conftest import wait_for
-from tests.http_fixtures import API_KEY, serve_app, serve_process
+from tests.http_fixtures import API_KEY, http, serve_app, serve_process
 
 SAMPLE = {"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio": False}
 
@@ -30,8 +29,8 @@ def test_serve_without_a_key_generates_one_prints_it_once_and_the_client_finds_i
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
 
-        assert httpx.post(f"{url}/v1/jobs/sample", json=SAMPLE).status_code == 401  # a web page's form post
-        r = httpx.post(f"{url}/v1/jobs/sample", json=SAMPLE, headers={"Authorization": f"Bearer {key}"})
+        assert http.post(f"{url}/v1/jobs/sample", json=SAMPLE).status_code == 401  # a web page's form post
+        r = http.post(f"{url}/v1/jobs/sample", json=SAMPLE, headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["type"] == "finished"
 
         # the CLI, with no key configured, picks the file up for a loopback endpoint
@@ -57,21 +56,21 @@ def test_a_keyless_server_refuses_browser_requests(tmp_path, headers):
     with serve_app(tmp_path / "srv", key=None) as ep:
         for method, path, kwargs in (("GET", "/v1/health", {}), ("POST", "/v1/jobs/sample", {"json": SAMPLE}),
                                      ("POST", "/v1/jobs/sample", {"data": {"spec": json.dumps(SAMPLE)}})):
-            r = httpx.request(method, ep.url + path, headers=headers, **kwargs)
+            r = http.request(method, ep.url + path, headers=headers, **kwargs)
             assert r.status_code == 403, (path, r.text)
             assert "need the API key" in r.json()["message"]
         assert ep.job_dirs() == []
         # the same requests from a local program (loopback Host, no Origin) are fine
-        assert httpx.get(ep.url + "/v1/health", headers={"Host": "localhost:1234"}).status_code == 200
-        assert httpx.post(ep.url + "/v1/jobs/sample", json=SAMPLE, headers={"Host": "[::1]:80"}).status_code == 200
+        assert http.get(ep.url + "/v1/health", headers={"Host": "localhost:1234"}).status_code == 200
+        assert http.post(ep.url + "/v1/jobs/sample", json=SAMPLE, headers={"Host": "[::1]:80"}).status_code == 200
 
 
 def test_with_the_key_origin_and_any_host_are_fine(tmp_path):
     with serve_app(tmp_path / "srv") as ep:
         headers = {"Authorization": f"Bearer {API_KEY}", "Origin": "https://ui.example", "Host": "synapse.example.com"}
-        assert httpx.post(ep.url + "/v1/jobs/sample", json=SAMPLE, headers=headers).status_code == 200
-        assert httpx.get(ep.url + "/v1/health", headers={"Origin": "https://evil.example"}).status_code == 403
-        assert httpx.post(ep.url + "/v1/jobs/sample", json=SAMPLE, headers={"Origin": "https://evil.example"}).status_code == 403
+        assert http.post(ep.url + "/v1/jobs/sample", json=SAMPLE, headers=headers).status_code == 200
+        assert http.get(ep.url + "/v1/health", headers={"Origin": "https://evil.example"}).status_code == 403
+        assert http.post(ep.url + "/v1/jobs/sample", json=SAMPLE, headers={"Origin": "https://evil.example"}).status_code == 403
 
 
 def test_short_keys_are_refused_at_start(cli, tmp_path):
@@ -85,17 +84,17 @@ def test_short_keys_are_refused_at_start(cli, tmp_path):
 
 def test_health_does_not_say_whether_a_key_is_right(tmp_path):
     with serve_app(tmp_path / "srv") as ep:
-        right = httpx.get(ep.url + "/v1/health", headers={"Authorization": f"Bearer {API_KEY}"})
-        wrong = httpx.get(ep.url + "/v1/health", headers={"Authorization": "Bearer wrong-but-long-enough"})
+        right = http.get(ep.url + "/v1/health", headers={"Authorization": f"Bearer {API_KEY}"})
+        wrong = http.get(ep.url + "/v1/health", headers={"Authorization": "Bearer wrong-but-long-enough"})
         assert right.status_code == wrong.status_code == 200
         assert right.json() == wrong.json() and "key_accepted" not in right.json()
 
 
 def test_repeated_wrong_keys_from_one_address_are_slowed(tmp_path):
     with serve_app(tmp_path / "srv", max_key_failures=5) as ep:
-        codes = [httpx.post(ep.url + "/v1/jobs/sample", json=SAMPLE, headers={"Authorization": f"Bearer guess-{i:012d}"}).status_code
+        codes = [http.post(ep.url + "/v1/jobs/sample", json=SAMPLE, headers={"Authorization": f"Bearer guess-{i:012d}"}).status_code
                  for i in range(8)]
         assert codes == [401] * 5 + [429] * 3
-        r = httpx.post(ep.url + "/v1/jobs/sample", json=SAMPLE, headers={"Authorization": f"Bearer {API_KEY}"})
+        r = http.post(ep.url + "/v1/jobs/sample", json=SAMPLE, headers={"Authorization": f"Bearer {API_KEY}"})
         assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60  # even the right key: no oracle
         assert ep.job_dirs() == []

@@ -19,10 +19,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, kill_processes_mentioning, serve_app, serve_process
+from tests.http_fixtures import API_KEY, DIRTEST_JOB, Endpoint, http, job_ffmpeg, kill_processes_mentioning, paused, serve_app, serve_process
 from tests.test_serve_jobs import sleepers, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -40,16 +39,16 @@ def dirtest(monkeypatch):
 def submit(ep: Endpoint | str, kind: str = "sample", spec: dict | None = None, **files: bytes) -> str:
     url = ep if isinstance(ep, str) else ep.url
     if files:
-        r = httpx.post(f"{url}/v1/jobs/{kind}?detach=true", data={"spec": json.dumps(spec)},
-                       files=[(name, (f"{name}.txt", data)) for name, data in files.items()], headers=AUTH, timeout=30)
+        r = http.post(f"{url}/v1/jobs/{kind}?detach=true", data={"spec": json.dumps(spec)},
+                      files=[(name, (f"{name}.txt", data)) for name, data in files.items()], headers=AUTH, timeout=30)
     else:
-        r = httpx.post(f"{url}/v1/jobs/{kind}?detach=true", json=spec or TINY, headers=AUTH, timeout=30)
+        r = http.post(f"{url}/v1/jobs/{kind}?detach=true", json=spec or TINY, headers=AUTH, timeout=30)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
 
 def record(url: str, job_id: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/v1/jobs/{job_id}", headers=AUTH, timeout=30)
+    r = http.get(f"{url}/v1/jobs/{job_id}", headers=AUTH, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -68,7 +67,7 @@ def ndjson_events(url: str, job_id: str, after: int | None = None, limit: int | 
     """The /events lines (keep-alives dropped); stop after ``limit`` events, closing the connection."""
     out: list[dict] = []
     params = {} if after is None else {"after": after}
-    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", params=params, headers=AUTH, timeout=60) as r:
+    with http.stream("GET", f"{url}/v1/jobs/{job_id}/events", params=params, headers=AUTH, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
         for line in r.iter_lines():
             event = json.loads(line)
@@ -86,7 +85,7 @@ def sse_events(url: str, job_id: str, last_event_id: int | None = None, limit: i
     if last_event_id is not None:
         headers["Last-Event-ID"] = str(last_event_id)
     out: list[dict] = []
-    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=headers, timeout=60) as r:
+    with http.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=headers, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         message: dict[str, str] = {}
         for line in r.iter_lines():
@@ -118,7 +117,7 @@ def ts(value: str) -> float:
 def test_a_detached_job_is_answered_202_at_once_and_polled_to_completion(tmp_path):
     with serve_app(tmp_path / "srv") as ep:
         started = time.monotonic()
-        r = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "seconds": 4, "width": 1280, "height": 720}, headers=AUTH)  # 720p: long enough to be seen processing, also on a loaded machine
+        r = http.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "seconds": 4, "width": 1280, "height": 720}, headers=AUTH)  # 720p: long enough to be seen processing, also on a loaded machine
         assert r.status_code == 202 and time.monotonic() - started < 2
         body = r.json()
         job_id = body["id"]
@@ -139,9 +138,9 @@ def test_a_detached_job_is_answered_202_at_once_and_polled_to_completion(tmp_pat
         assert rec["result"]["output"] == "s.mp4" and rec["result"]["duration_s"] == 4
         [art] = rec["artifacts"]
         assert art["path"] == "s.mp4" and art["url"].startswith(f"/v1/artifacts/{job_id}.0")
-        data = httpx.get(ep.url + art["url"], headers=AUTH).content
+        data = http.get(ep.url + art["url"], headers=AUTH).content
         assert len(data) == art["bytes"] == rec["result"]["bytes"] and data[4:8] == b"ftyp"
-        listed = httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"]
+        listed = http.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"]
         assert [j["id"] for j in listed] == [job_id] and listed[0] == rec
         # the events end with the finished event, which carries the record's result
         events = ndjson_events(ep.url, job_id)
@@ -155,7 +154,7 @@ def test_a_directory_outputs_artifacts_are_named_as_the_client_saves_them(tmp_pa
         rec = wait_status(ep.url, job_id, ("completed",))
         assert sorted(a["path"] for a in rec["artifacts"]) == ["outdir/head.txt", "outdir/sub/size.txt"]
         for a in rec["artifacts"]:
-            assert httpx.get(ep.url + a["url"], headers=AUTH).content == (b"hello world" if a["path"].endswith("head.txt") else b"11")
+            assert http.get(ep.url + a["url"], headers=AUTH).content == (b"hello world" if a["path"].endswith("head.txt") else b"11")
 
 
 def test_a_failing_detached_job_records_its_error(tmp_path):
@@ -173,22 +172,22 @@ def test_job_routes_need_the_key_and_answer_404_for_unknown_ids(tmp_path):
         job_id = submit(ep)
         for method, path in [("GET", "/v1/jobs"), ("GET", f"/v1/jobs/{job_id}"), ("GET", f"/v1/jobs/{job_id}/events"),
                              ("DELETE", f"/v1/jobs/{job_id}")]:
-            r = httpx.request(method, ep.url + path)
+            r = http.request(method, ep.url + path)
             assert r.status_code == 401 and r.json()["code"] == 3, (method, path)
-        assert httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json=TINY).status_code == 401
+        assert http.post(f"{ep.url}/v1/jobs/sample?detach=true", json=TINY).status_code == 401
         for method, path in [("GET", "/v1/jobs/nosuchjob"), ("GET", "/v1/jobs/nosuchjob/events"), ("DELETE", "/v1/jobs/nosuchjob")]:
-            r = httpx.request(method, ep.url + path, headers=AUTH)
+            r = http.request(method, ep.url + path, headers=AUTH)
             assert r.status_code == 404 and r.json()["type"] == "error", (method, path)
         for query in ("detach=maybe", "detach=true&shards=0"):
-            assert httpx.post(f"{ep.url}/v1/jobs/sample?{query}", json=TINY, headers=AUTH).status_code == 422
+            assert http.post(f"{ep.url}/v1/jobs/sample?{query}", json=TINY, headers=AUTH).status_code == 422
         for query in ("status=done", "limit=0", "limit=501", "limit=x"):
-            assert httpx.get(f"{ep.url}/v1/jobs?{query}", headers=AUTH).status_code == 422, query
-        assert httpx.get(f"{ep.url}/v1/jobs/{job_id}/events?after=-1", headers=AUTH).status_code == 422
-        assert httpx.get(f"{ep.url}/v1/jobs/{job_id}/events", headers={**AUTH, "Last-Event-ID": "x"}).status_code == 422
+            assert http.get(f"{ep.url}/v1/jobs?{query}", headers=AUTH).status_code == 422, query
+        assert http.get(f"{ep.url}/v1/jobs/{job_id}/events?after=-1", headers=AUTH).status_code == 422
+        assert http.get(f"{ep.url}/v1/jobs/{job_id}/events", headers={**AUTH, "Last-Event-ID": "x"}).status_code == 422
         # a bad spec is refused before anything is recorded
-        assert httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "bogus": 1}, headers=AUTH).status_code == 422
+        assert http.post(f"{ep.url}/v1/jobs/sample?detach=true", json={**TINY, "bogus": 1}, headers=AUTH).status_code == 422
         wait_status(ep.url, job_id, ("completed",))
-        assert [j["id"] for j in httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"]] == [job_id]
+        assert [j["id"] for j in http.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"]] == [job_id]
 
 
 def test_the_list_filters_by_status_and_limits_newest_first(tmp_path):
@@ -198,10 +197,10 @@ def test_the_list_filters_by_status_and_limits_newest_first(tmp_path):
         for job_id in ids:
             wait_status(ep.url, job_id, ("completed",))
         wait_status(ep.url, failing, ("failed",))
-        jobs = httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"]
+        jobs = http.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"]
         assert [j["id"] for j in jobs] == [failing, *reversed(ids)]
-        assert [j["id"] for j in httpx.get(f"{ep.url}/v1/jobs?status=completed&limit=2", headers=AUTH).json()["jobs"]] == [ids[2], ids[1]]
-        assert [j["id"] for j in httpx.get(f"{ep.url}/v1/jobs?status=failed", headers=AUTH).json()["jobs"]] == [failing]
+        assert [j["id"] for j in http.get(f"{ep.url}/v1/jobs?status=completed&limit=2", headers=AUTH).json()["jobs"]] == [ids[2], ids[1]]
+        assert [j["id"] for j in http.get(f"{ep.url}/v1/jobs?status=failed", headers=AUTH).json()["jobs"]] == [failing]
 
 
 def test_shards_combine_with_detach(tmp_path):
@@ -209,8 +208,8 @@ def test_shards_combine_with_detach(tmp_path):
 
     clip = make_clip(tmp_path / "c.mp4", size="320x180", seconds=4)
     with serve_app(tmp_path / "srv") as ep:
-        r = httpx.post(f"{ep.url}/v1/jobs/export?detach=true&shards=2", data={"spec": json.dumps({"input": "c.mp4", "output": "o.mp4", "preset": "ultrafast"})},
-                       files=[("input", ("c.mp4", clip.read_bytes()))], headers=AUTH)
+        r = http.post(f"{ep.url}/v1/jobs/export?detach=true&shards=2", data={"spec": json.dumps({"input": "c.mp4", "output": "o.mp4", "preset": "ultrafast"})},
+                      files=[("input", ("c.mp4", clip.read_bytes()))], headers=AUTH)
         assert r.status_code == 202, r.text
         rec = wait_status(ep.url, r.json()["id"], ("completed",), 120)
         assert [s["index"] for s in rec["result"]["shards"]] == [0, 1] and rec["artifacts"][0]["path"] == "o.mp4"
@@ -261,8 +260,8 @@ def test_events_after_n_resume_exactly_without_gap_or_duplicate(tmp_path):
             assert ndjson_events(ep.url, job_id, after=n) == full[n:]
         assert ndjson_events(ep.url, job_id, after=len(full)) == []  # past the end of a finished job: nothing, and the stream ends
         # the stored events are the streamed route's events (plus index)
-        with httpx.stream("POST", f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "a.txt", "output_dir": "o", "spam": 40})},
-                          files=[("input", ("a.txt", b"hello"))], headers=AUTH) as r:
+        with http.stream("POST", f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "a.txt", "output_dir": "o", "spam": 40})},
+                         files=[("input", ("a.txt", b"hello"))], headers=AUTH) as r:
             streamed = [json.loads(line) for line in r.iter_lines() if line]
         strip = lambda e: {k: v for k, v in e.items() if k not in ("index", "path", "elapsed_s")}  # noqa: E731
         assert [strip(e) for e in full] == [strip(e) for e in streamed]
@@ -287,7 +286,7 @@ def test_sse_resumes_at_last_event_id_plus_one(tmp_path):
         assert ": keepalive" in live
         lines = []
         job3 = submit(ep, "dirtest", {"input": "a.txt", "output_dir": "o", "sleep_s": 1.0}, input=b"hello")
-        with httpx.stream("GET", f"{ep.url}/v1/jobs/{job3}/events", headers=AUTH, timeout=0.5) as r:
+        with http.stream("GET", f"{ep.url}/v1/jobs/{job3}/events", headers=AUTH, timeout=0.5) as r:
             lines = [json.loads(line) for line in r.iter_lines()]
         assert {"type": "keepalive"} in lines and lines[-1]["type"] == "finished"
         # the Last-Event-ID header wins over ?after= (an EventSource reconnects to its first URL)
@@ -311,7 +310,7 @@ def test_delete_kills_ffmpeg_within_2_s_and_leaves_nothing(tmp_path):
         reader = threading.Thread(target=lambda: follower.extend(ndjson_events(ep.url, job_id)))
         reader.start()
         asked = time.monotonic()
-        r = httpx.delete(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH, timeout=30)
+        r = http.delete(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH, timeout=30)
         assert r.status_code == 200, r.text
         rec = r.json()
         assert rec["status"] == "cancelled" and rec["error"]["code"] == 130 and rec["error"]["error"] == "Interrupted" and rec["artifacts"] == []
@@ -320,7 +319,7 @@ def test_delete_kills_ffmpeg_within_2_s_and_leaves_nothing(tmp_path):
         assert wait_for(lambda: not job_dir.exists(), 2)
         reader.join(10)
         assert follower[-1]["type"] == "error" and follower[-1]["code"] == 130  # a follower's stream ends with the cancel
-        again = httpx.delete(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH)
+        again = http.delete(f"{ep.url}/v1/jobs/{job_id}", headers=AUTH)
         assert again.status_code == 409 and again.json()["type"] == "error"
         assert record(ep.url, job_id)["status"] == "cancelled"
 
@@ -331,16 +330,16 @@ def test_delete_of_a_queued_job_and_of_a_finished_one(tmp_path):
         queued = submit(ep)
         wait_status(ep.url, running, ("processing",))
         assert record(ep.url, queued)["status"] == "pending"
-        r = httpx.delete(f"{ep.url}/v1/jobs/{queued}", headers=AUTH)
+        r = http.delete(f"{ep.url}/v1/jobs/{queued}", headers=AUTH)
         assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["started_at"] is None
         assert not (ep.work_dir / "jobs" / queued).exists()
-        assert httpx.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
+        assert http.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
         done = submit(ep)
         wait_status(ep.url, done, ("completed",))
-        r = httpx.delete(f"{ep.url}/v1/jobs/{done}", headers=AUTH)
+        r = http.delete(f"{ep.url}/v1/jobs/{done}", headers=AUTH)
         assert r.status_code == 409 and "already ended" in r.json()["message"]
         rec = record(ep.url, done)
-        assert rec["status"] == "completed" and httpx.get(ep.url + rec["artifacts"][0]["url"], headers=AUTH).status_code == 200
+        assert rec["status"] == "completed" and http.get(ep.url + rec["artifacts"][0]["url"], headers=AUTH).status_code == 200
 
 
 # -- restart ----------------------------------------------------------------------------------------
@@ -351,7 +350,7 @@ def test_a_restarted_server_keeps_finished_jobs_and_fails_running_ones(tmp_path)
     with serve_process(work) as (url, server, _):
         done = submit(url)
         rec = wait_status(url, done, ("completed",))
-        data = httpx.get(url + rec["artifacts"][0]["url"], headers=AUTH).content
+        data = http.get(url + rec["artifacts"][0]["url"], headers=AUTH).content
         running = submit(url, spec=LONG)
         wait_status(url, running, ("processing",))
         assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
@@ -359,10 +358,10 @@ def test_a_restarted_server_keeps_finished_jobs_and_fails_running_ones(tmp_path)
         server.wait(10)
     kill_processes_mentioning(str(work))  # ffmpeg runs in its own session: the orphan a dead server leaves
     with serve_process(work) as (url, server, _):
-        jobs = {j["id"]: j for j in httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
+        jobs = {j["id"]: j for j in http.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
         assert set(jobs) == {done, running}
         assert jobs[done]["status"] == "completed" and jobs[done]["artifacts"] == rec["artifacts"]
-        assert httpx.get(url + rec["artifacts"][0]["url"], headers=AUTH).content == data
+        assert http.get(url + rec["artifacts"][0]["url"], headers=AUTH).content == data
         failed = jobs[running]
         assert failed["status"] == "failed" and failed["finished_at"]
         assert failed["error"] == {"code": 3, "message": "interrupted by a server restart: the server stopped while this job was running", "error": "BackendError"}
@@ -387,7 +386,7 @@ def test_sigterm_stops_detached_jobs_and_fails_the_queued_ones(tmp_path):
         server.wait(20)
         assert kill_processes_mentioning(str(work)) == [], "ffmpeg outlived the server"
     with serve_process(work) as (url, server, _):
-        jobs = {j["id"]: j for j in httpx.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
+        jobs = {j["id"]: j for j in http.get(f"{url}/v1/jobs", headers=AUTH).json()["jobs"]}
         assert jobs[running]["status"] == jobs[queued]["status"] == "failed"
         assert "shutting down" in jobs[running]["error"]["message"] and "had not started" in jobs[queued]["error"]["message"]
         assert not (work / "jobs" / running).exists() and not (work / "jobs" / queued).exists()
@@ -400,11 +399,11 @@ FAIL = {"input": "a.txt", "output_dir": "o", "fail": True}
 
 
 def status_of(url: str, job_id: str) -> int:
-    return httpx.get(f"{url}/v1/jobs/{job_id}", headers=AUTH, timeout=30).status_code
+    return http.get(f"{url}/v1/jobs/{job_id}", headers=AUTH, timeout=30).status_code
 
 
 def listed(url: str) -> set[str]:
-    return {j["id"] for j in httpx.get(f"{url}/v1/jobs", headers=AUTH, timeout=30).json()["jobs"]}
+    return {j["id"] for j in http.get(f"{url}/v1/jobs", headers=AUTH, timeout=30).json()["jobs"]}
 
 
 def sleep_past(url: str, job_ids: list[str], seconds: float) -> None:
@@ -424,21 +423,21 @@ def test_jobs_that_ended_keep_jobs_days_ago_are_pruned_by_the_sweep_running_and_
         wait_status(ep.url, running, ("processing",))
         pending = submit(ep)  # the one slot is taken: it waits
         cancelled = submit(ep)
-        assert httpx.delete(f"{ep.url}/v1/jobs/{cancelled}", headers=AUTH).json()["status"] == "cancelled"
+        assert http.delete(f"{ep.url}/v1/jobs/{cancelled}", headers=AUTH).json()["status"] == "cancelled"
         ended = [done, failed, cancelled]
         sleep_past(ep.url, ended, KEEP_S)
-        assert httpx.get(ep.url + art, headers=AUTH).status_code == 410  # expired, still recorded
+        assert http.get(ep.url + art, headers=AUTH).status_code == 410  # expired, still recorded
         trigger = submit(ep)  # its POST sweeps, and prunes what ended KEEP_S ago
         for job_id in ended:
             assert status_of(ep.url, job_id) == 404, job_id
-            r = httpx.get(f"{ep.url}/v1/jobs/{job_id}/events", headers=AUTH)
+            r = http.get(f"{ep.url}/v1/jobs/{job_id}/events", headers=AUTH)
             assert r.status_code == 404 and r.json()["type"] == "error"
-        assert httpx.get(ep.url + art, headers=AUTH).status_code == 404  # no record left to say "expired"
+        assert http.get(ep.url + art, headers=AUTH).status_code == 404  # no record left to say "expired"
         # running and pending for longer than KEEP_S, but not ended: never pruned
         assert listed(ep.url) == {running, pending, trigger}
         assert record(ep.url, running)["status"] == "processing" and record(ep.url, pending)["status"] == "pending"
         # a job that ended just now stays through a sweep
-        assert httpx.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
+        assert http.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
         again = submit(ep)
         assert record(ep.url, running)["status"] == "cancelled"
         for job_id in (pending, trigger, again):
@@ -463,7 +462,7 @@ def test_a_job_running_on_another_server_sharing_the_work_dir_is_never_pruned(tm
         trigger = submit(b)  # b's sweep
         assert record(b.url, running)["status"] == "processing" and record(b.url, pending)["status"] == "pending"
         assert listed(b.url) == {running, pending, trigger}
-        assert httpx.delete(f"{a.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
+        assert http.delete(f"{a.url}/v1/jobs/{running}", headers=AUTH).json()["status"] == "cancelled"
         for url, job_id in ((a.url, pending), (b.url, trigger)):
             wait_status(url, job_id, ("completed",))
 
@@ -543,9 +542,9 @@ def test_expired_artifacts_leave_the_record_and_answer_410(tmp_path):
         assert wait_for(lambda: not (ep.work_dir / "jobs" / job_id).exists(), 5)
         after = record(ep.url, job_id)
         assert after["status"] == "completed" and after["result"] == rec["result"] and after["artifacts"] == []
-        r = httpx.get(ep.url + rec["artifacts"][0]["url"], headers=AUTH)
+        r = http.get(ep.url + rec["artifacts"][0]["url"], headers=AUTH)
         assert r.status_code == 410 and r.json()["type"] == "error"
-        assert httpx.get(f"{ep.url}/v1/artifacts/{'x' * 22}.0", headers=AUTH).status_code == 404
+        assert http.get(f"{ep.url}/v1/artifacts/{'x' * 22}.0", headers=AUTH).status_code == 404
 
 
 # -- many at once -----------------------------------------------------------------------------------
@@ -568,7 +567,7 @@ def test_twenty_detached_jobs_at_once_none_lost_and_the_limit_held(tmp_path):
         assert len(set(ids)) == 20
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            jobs = httpx.get(f"{ep.url}/v1/jobs?limit=500", headers=AUTH).json()["jobs"]
+            jobs = http.get(f"{ep.url}/v1/jobs?limit=500", headers=AUTH).json()["jobs"]
             if all(j["status"] == "completed" for j in jobs):
                 break
             assert sum(j["status"] == "processing" for j in jobs) <= 2
@@ -585,11 +584,11 @@ def test_detached_jobs_past_the_queue_limit_get_429(tmp_path):
         running = submit(ep, spec=LONG)
         wait_status(ep.url, running, ("processing",))
         queued = submit(ep)
-        r = httpx.post(f"{ep.url}/v1/jobs/sample?detach=true", json=TINY, headers=AUTH)
+        r = http.post(f"{ep.url}/v1/jobs/sample?detach=true", json=TINY, headers=AUTH)
         assert r.status_code == 429 and r.headers["retry-after"] and "max_queued_jobs" in r.json()["message"]
         # a streamed job gets 429 too while the slot is taken
-        assert httpx.post(f"{ep.url}/v1/jobs/sample", json=TINY, headers=AUTH).status_code == 429
-        httpx.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH)
+        assert http.post(f"{ep.url}/v1/jobs/sample", json=TINY, headers=AUTH).status_code == 429
+        http.delete(f"{ep.url}/v1/jobs/{running}", headers=AUTH)
         assert wait_status(ep.url, queued, ("completed",))["artifacts"]
 
 
@@ -597,7 +596,7 @@ def test_detached_jobs_past_the_queue_limit_get_429(tmp_path):
 
 
 def openapi_doc(ep: Endpoint) -> dict:
-    r = httpx.get(f"{ep.url}/v1/openapi.json", headers=AUTH)
+    r = http.get(f"{ep.url}/v1/openapi.json", headers=AUTH)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     return r.json()
 
@@ -609,8 +608,8 @@ def test_the_openapi_document_is_behind_the_key_and_describes_every_route(tmp_pa
 
     with serve_app(tmp_path / "srv") as ep:
         for path in ("/openapi.json", "/docs", "/redoc"):
-            assert httpx.get(ep.url + path, headers=AUTH).status_code == 404, path
-        assert httpx.get(f"{ep.url}/v1/openapi.json").status_code == 401
+            assert http.get(ep.url + path, headers=AUTH).status_code == 404, path
+        assert http.get(f"{ep.url}/v1/openapi.json").status_code == 401
         doc = openapi_doc(ep)
         assert doc["openapi"].startswith("3.1") and doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
         paths = doc["paths"]
@@ -654,10 +653,10 @@ def test_the_openapi_document_is_behind_the_key_and_describes_every_route(tmp_pa
             jsonschema.validate(value, {**resolver, "$ref": f"#/components/schemas/{name}"}, cls=jsonschema.Draft202012Validator)
 
         check(record_, "JobRecord")
-        check(httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json(), "JobList")
+        check(http.get(f"{ep.url}/v1/jobs", headers=AUTH).json(), "JobList")
         for event in ndjson_events(ep.url, job_id):
             check(event, "IndexedEvent")
-        check(httpx.get(f"{ep.url}/v1/jobs/nosuch", headers=AUTH).json(), "Error")
+        check(http.get(f"{ep.url}/v1/jobs/nosuch", headers=AUTH).json(), "Error")
         with pytest.raises(jsonschema.ValidationError):
             check({**record_, "status": "done"}, "JobRecord")
 
@@ -689,7 +688,7 @@ def test_the_openapi_document_describes_the_sse_stream_the_links_and_each_paths_
         components = {"components": doc["components"]}
         job_id = submit(ep)
         wait_status(ep.url, job_id, ("completed",))
-        r = httpx.get(f"{ep.url}/v1/jobs/{job_id}/events", headers={**AUTH, "Accept": "text/event-stream"}, timeout=30)
+        r = http.get(f"{ep.url}/v1/jobs/{job_id}/events", headers={**AUTH, "Accept": "text/event-stream"}, timeout=30)
         assert r.headers["content-type"].startswith("text/event-stream")
         items = sse_items(r.text)
         schema = doc["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
@@ -713,7 +712,7 @@ def test_the_openapi_document_describes_the_sse_stream_the_links_and_each_paths_
         # 405: Allow as the document says, though /v1/jobs/{kind} and /v1/jobs/{job_id} share a shape
         for method, path, allow in (("OPTIONS", f"/v1/jobs/{job_id}", "DELETE, GET"), ("PUT", "/v1/jobs/sample", "POST"),
                                     ("POST", f"/v1/jobs/{job_id}/events", "GET"), ("PATCH", "/v1/jobs", "GET")):
-            r = httpx.request(method, ep.url + path, headers=AUTH)
+            r = http.request(method, ep.url + path, headers=AUTH)
             assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers.get("allow"))
             assert r.json()["type"] == "error"
 
@@ -731,19 +730,20 @@ def test_a_restarted_server_kills_what_the_dead_one_left_running_and_runs_its_qu
         assert wait_for(lambda: ffmpeg_of(work / "jobs" / running), 20)
         [pid] = ffmpeg_of(work / "jobs" / running)
         assert all(record(url, q)["status"] == "pending" for q in queued)
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(10)
-        assert ffmpeg_of(work / "jobs" / running) == [pid]
-        with serve_process(work, env=env) as (url2, _, log):
-            assert not ffmpeg_of(work / "jobs" / running), "the dead server's ffmpeg outlived the restart"
-            failed = record(url2, running)
-            assert failed["status"] == "failed" and failed["error"]["message"] == "interrupted by a server restart: the server stopped while this job was running"
-            done = [wait_status(url2, q, ("completed",)) for q in queued]
-            assert [d["started_at"] for d in done] == sorted(d["started_at"] for d in done)
-            for d, i in zip(done, range(3)):
-                [art] = d["artifacts"]
-                assert art["path"] == f"q{i}.mp4" and len(httpx.get(url2 + art["url"], headers=AUTH).content) == art["bytes"]
-            assert any("queued here" in line for line in log)
+        with paused(job_ffmpeg(work / "jobs" / running)):  # it waits, stopped, for the next server to kill it: nothing encoded meanwhile
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+            assert ffmpeg_of(work / "jobs" / running) == [pid]
+            with serve_process(work, env=env) as (url2, _, log):
+                assert not ffmpeg_of(work / "jobs" / running), "the dead server's ffmpeg outlived the restart"
+                failed = record(url2, running)
+                assert failed["status"] == "failed" and failed["error"]["message"] == "interrupted by a server restart: the server stopped while this job was running"
+                done = [wait_status(url2, q, ("completed",)) for q in queued]
+                assert [d["started_at"] for d in done] == sorted(d["started_at"] for d in done)
+                for d, i in zip(done, range(3)):
+                    [art] = d["artifacts"]
+                    assert art["path"] == f"q{i}.mp4" and len(http.get(url2 + art["url"], headers=AUTH).content) == art["bytes"]
+                assert any("queued here" in line for line in log)
 
 
 # -- outputs optional, names checked before a job starts (issue #27 items 3 and 4) ---------------------------
@@ -763,15 +763,15 @@ def test_a_streamed_export_without_an_output_writes_the_clis_default_name(tmp_pa
     """``{"input": "in.mp4", "job": "framing"}``: the server names the output as ``synapse export`` would."""
     with serve_app(tmp_path / "srv") as ep:
         spec = {"input": "in.mp4", "job": "framing", "params": SMALL_FRAMING}
-        r = httpx.post(f"{ep.url}/v1/jobs/export", data={"spec": json.dumps(spec)}, files=[("input", ("in.mp4", small_clip, "video/mp4"))],
-                       headers=AUTH, timeout=120)
+        r = http.post(f"{ep.url}/v1/jobs/export", data={"spec": json.dumps(spec)}, files=[("input", ("in.mp4", small_clip, "video/mp4"))],
+                      headers=AUTH, timeout=120)
         assert r.status_code == 200, r.text
         events = [json.loads(line) for line in r.text.splitlines() if line.strip()]
         assert events[-1]["type"] == "finished", events[-3:]
         assert events[-1]["result"]["output"] == "in.framing.mp4"
         [art] = [e for e in events if e["type"] == "artifact"]
         assert art["path"].endswith("?output=output&save=in.framing.mp4"), art
-        assert httpx.get(ep.url + art["path"], headers=AUTH).content[4:8] == b"ftyp"
+        assert http.get(ep.url + art["path"], headers=AUTH).content[4:8] == b"ftyp"
 
 
 def test_a_detached_export_without_an_output_names_its_artifact_as_the_cli_would(tmp_path, small_clip):
@@ -779,8 +779,8 @@ def test_a_detached_export_without_an_output_names_its_artifact_as_the_cli_would
 
     with serve_app(tmp_path / "srv") as ep:
         spec = {"input": "clips/in.mp4", "job": "overlay", "params": {"keyframes": [{"time": 0, "x": 40, "y": 40, "radius_x": 20, "radius_y": 10}]}}
-        r = httpx.post(f"{ep.url}/v1/jobs/export?detach=true", data={"spec": json.dumps(spec)},
-                       files=[("input", ("in.mp4", small_clip, "video/mp4"))], headers=AUTH, timeout=30)
+        r = http.post(f"{ep.url}/v1/jobs/export?detach=true", data={"spec": json.dumps(spec)},
+                      files=[("input", ("in.mp4", small_clip, "video/mp4"))], headers=AUTH, timeout=30)
         assert r.status_code == 202, r.text
         rec = wait_status(ep.url, r.json()["id"], ("completed", "failed"), timeout_s=120)
         assert rec["status"] == "completed", rec["error"]
@@ -788,15 +788,15 @@ def test_a_detached_export_without_an_output_names_its_artifact_as_the_cli_would
         assert expected == "clips/in.overlay.mp4"
         [art] = rec["artifacts"]
         assert art["path"] == expected and rec["result"]["output"] == expected
-        assert httpx.get(ep.url + art["url"], headers=AUTH).content[4:8] == b"ftyp"
+        assert http.get(ep.url + art["url"], headers=AUTH).content[4:8] == b"ftyp"
 
 
 def test_a_compile_without_an_output_dir_writes_compiled(tmp_path):
     with serve_app(tmp_path / "srv") as ep:
         spec = {"inputs": ["s.json"], "engines": ["llguidance"]}
-        r = httpx.post(f"{ep.url}/v1/jobs/compile?detach=true", data={"spec": json.dumps(spec)},
-                       files=[("inputs", ("s.json", b'{"type": "object", "properties": {"a": {"type": "integer"}}}', "application/json"))],
-                       headers=AUTH, timeout=30)
+        r = http.post(f"{ep.url}/v1/jobs/compile?detach=true", data={"spec": json.dumps(spec)},
+                      files=[("inputs", ("s.json", b'{"type": "object", "properties": {"a": {"type": "integer"}}}', "application/json"))],
+                      headers=AUTH, timeout=30)
         assert r.status_code == 202, r.text
         rec = wait_status(ep.url, r.json()["id"], ("completed", "failed"), timeout_s=120)
         assert rec["status"] == "completed", rec["error"]
@@ -828,15 +828,15 @@ def test_an_output_name_no_muxer_knows_is_a_422_naming_the_field_before_anything
     with serve_app(tmp_path / "srv") as ep:
         for detach in ("", "?detach=true"):
             if kind == "sample":
-                r = httpx.post(f"{ep.url}/v1/jobs/{kind}{detach}", json=spec, headers=AUTH, timeout=30)
+                r = http.post(f"{ep.url}/v1/jobs/{kind}{detach}", json=spec, headers=AUTH, timeout=30)
             else:
                 name = "input" if kind == "export" else "source"
-                r = httpx.post(f"{ep.url}/v1/jobs/{kind}{detach}", data={"spec": json.dumps(spec)},
-                               files=[(name, ("in.mp4", small_clip, "video/mp4"))], headers=AUTH, timeout=30)
+                r = http.post(f"{ep.url}/v1/jobs/{kind}{detach}", data={"spec": json.dumps(spec)},
+                              files=[(name, ("in.mp4", small_clip, "video/mp4"))], headers=AUTH, timeout=30)
             assert r.status_code == 422, r.text
             assert r.json()["message"].startswith(f"bad {kind} spec: {field}: "), r.text
         assert ep.job_dirs() == []
-        assert httpx.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"] == []
+        assert http.get(f"{ep.url}/v1/jobs", headers=AUTH).json()["jobs"] == []
 
 
 def test_an_output_name_no_muxer_knows_is_exit_2_on_the_cli_and_a_usage_error_in_the_api(cli, tmp_path, monkeypatch, small_clip):
@@ -862,11 +862,11 @@ def test_a_detached_infer_without_an_output_names_its_results_as_the_cli_would(t
 
     image = bus_image(tmp_path / "bus.jpg").read_bytes()
     with serve_app(tmp_path / "srv") as ep:
-        r = httpx.post(f"{ep.url}/v1/jobs/infer?detach=true", data={"spec": json.dumps({"source": "photos/bus.jpg"})},
-                       files=[("source", ("bus.jpg", image, "image/jpeg"))], headers=AUTH, timeout=30)
+        r = http.post(f"{ep.url}/v1/jobs/infer?detach=true", data={"spec": json.dumps({"source": "photos/bus.jpg"})},
+                      files=[("source", ("bus.jpg", image, "image/jpeg"))], headers=AUTH, timeout=30)
         assert r.status_code == 202, r.text
         rec = wait_status(ep.url, r.json()["id"], ("completed", "failed"), timeout_s=180)
         assert rec["status"] == "completed", rec["error"]
         [art] = rec["artifacts"]
         assert art["path"] == rec["result"]["output"] == "photos/bus.pose.json"
-        assert isinstance(json.loads(httpx.get(ep.url + art["url"], headers=AUTH).content), dict)
+        assert isinstance(json.loads(http.get(ep.url + art["url"], headers=AUTH).content), dict)

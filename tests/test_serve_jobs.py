@@ -18,7 +18,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.http_fixtures import API_KEY, DIRTEST_JOB, kill_processes_mentioning, serve_app, serve_process
+from tests.http_fixtures import API_KEY, DIRTEST_JOB, http, kill_processes_mentioning, serve_app, serve_process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -89,7 +89,7 @@ def test_sigterm_stops_the_jobs_processes_before_the_server_exits(tmp_path):
     with serve_process(work) as (url, server, _):
         def run() -> None:
             spec = {"output": "s.mp4", "seconds": 300, "width": 1920, "height": 1080}
-            with httpx.stream("POST", f"{url}/v1/jobs/sample", json=spec, headers=AUTH, timeout=60) as r:
+            with http.stream("POST", f"{url}/v1/jobs/sample", json=spec, headers=AUTH, timeout=60) as r:
                 lines.extend(r.iter_lines())
 
         client = threading.Thread(target=run)
@@ -111,12 +111,12 @@ def test_sigterm_stops_the_jobs_processes_before_the_server_exits(tmp_path):
 def test_jobs_past_max_concurrent_jobs_get_429_with_retry_after(tmp_path):
     with serve_app(tmp_path / "srv", max_concurrent_jobs=1) as ep:
         client, r, lines = slow_job(ep, sleep_s=3.0)
-        second = httpx.post(f"{ep.url}/v1/jobs/sample", json={"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32}, headers=AUTH)
+        second = http.post(f"{ep.url}/v1/jobs/sample", json={"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32}, headers=AUTH)
         assert second.status_code == 429 and second.headers["retry-after"] and "serve.max_concurrent_jobs" in second.json()["message"]
         assert json.loads(list(lines)[-1])["type"] == "finished"
         r.close()
         client.close()
-        third = httpx.post(f"{ep.url}/v1/jobs/sample", json={"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32}, headers=AUTH)
+        third = http.post(f"{ep.url}/v1/jobs/sample", json={"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32}, headers=AUTH)
         assert third.status_code == 200
 
 
@@ -161,8 +161,8 @@ def test_a_silent_job_sends_keepalive_lines_and_the_client_waits_it_out(tmp_path
     from tests.http_fixtures import TestDirSpec
 
     with serve_app(tmp_path / "srv", keepalive_s=0.2) as ep:
-        with httpx.stream("POST", f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "a.txt", "output_dir": "o", "sleep_s": 3.0})},
-                          files=[("input", ("a.txt", b"hello"))], headers=AUTH, timeout=1.0) as r:
+        with http.stream("POST", f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "a.txt", "output_dir": "o", "sleep_s": 3.0})},
+                         files=[("input", ("a.txt", b"hello"))], headers=AUTH, timeout=1.0) as r:
             lines = list(r.iter_lines())
         assert lines.count("") >= 6 and json.loads(lines[-1])["type"] == "finished"
         (tmp_path / "in.txt").write_text("hello")
@@ -190,7 +190,7 @@ def test_the_sweep_spares_another_processs_running_job_and_removes_a_dead_ones(t
         os.utime(job_dir, (old, old))  # the folder itself looks old: only the heartbeat tells
         time.sleep(0.05)
         spec = {"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio": False}
-        assert httpx.post(f"{b.url}/v1/jobs/sample", json=spec, headers=AUTH).status_code == 200  # B sweeps
+        assert http.post(f"{b.url}/v1/jobs/sample", json=spec, headers=AUTH).status_code == 200  # B sweeps
         assert job_dir.exists() and not (job_dir / ".done").exists() and not dead.exists()
         assert sleepers(str(job_dir))  # A's job is still running
         r.close()
@@ -219,6 +219,6 @@ def test_a_work_dir_removed_under_the_server_is_a_503_not_a_500(tmp_path):
 
     with serve_app(tmp_path / "srv", min_free_mb=0) as ep:
         shutil.rmtree(ep.work_dir / "jobs")
-        r = httpx.post(f"{ep.url}/v1/jobs/sample", json={"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio": False}, headers=AUTH)
+        r = http.post(f"{ep.url}/v1/jobs/sample", json={"output": "s.mp4", "seconds": 0.1, "width": 32, "height": 32, "audio": False}, headers=AUTH)
         assert r.status_code == 503 and r.json()["error"] == "BackendError" and "work dir is unavailable" in r.json()["message"]
         assert r.headers["retry-after"] == "60"

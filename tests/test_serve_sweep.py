@@ -13,9 +13,8 @@ import signal
 import sqlite3
 import time
 
-import httpx
 
-from tests.http_fixtures import API_KEY, serve_process
+from tests.http_fixtures import API_KEY, http, serve_process
 from tests.test_serve_detached import TINY, listed, record, status_of, submit, ts, wait_status
 from tests.test_serve_jobs import wait_for
 
@@ -39,22 +38,22 @@ def test_an_idle_server_expires_outputs_artifact_ttl_s_after_their_job(tmp_path)
     the TTL; the streamed output answers 404, the detached one 410 (its record stays, without artifacts)."""
     work = tmp_path / "srv"
     with serve_process(work, env={"SYNAPSE_SERVE_ARTIFACT_TTL_S": str(TTL_S)}) as (url, server, _):
-        with httpx.stream("POST", f"{url}/v1/jobs/sample", json=TINY, headers=AUTH, timeout=60) as r:
+        with http.stream("POST", f"{url}/v1/jobs/sample", json=TINY, headers=AUTH, timeout=60) as r:
             streamed_id = r.headers["x-synapse-job"]
             events = [json.loads(line) for line in r.iter_lines() if line]
         streamed = next(e["path"] for e in events if e["type"] == "artifact")
-        assert events[-1]["type"] == "finished" and httpx.get(url + streamed, headers=AUTH).status_code == 200
+        assert events[-1]["type"] == "finished" and http.get(url + streamed, headers=AUTH).status_code == 200
         detached_id = submit(url)  # the last request that can sweep
         rec = wait_status(url, detached_id, ("completed",))
         detached = rec["artifacts"][0]["url"]
-        assert httpx.get(url + detached, headers=AUTH).status_code == 200
+        assert http.get(url + detached, headers=AUTH).status_code == 200
         folders = [work / "jobs" / streamed_id, work / "jobs" / detached_id]
         assert all(f.is_dir() for f in folders)
         assert wait_for(lambda: not any(f.exists() for f in folders), TTL_S + 10), "the idle server kept expired outputs"
         assert time.time() - ts(rec["finished_at"]) > TTL_S  # not before their time
-        r = httpx.get(url + streamed, headers=AUTH)
+        r = http.get(url + streamed, headers=AUTH)
         assert r.status_code == 404 and r.json()["type"] == "error"
-        r = httpx.get(url + detached, headers=AUTH)
+        r = http.get(url + detached, headers=AUTH)
         assert r.status_code == 410 and "expired" in r.json()["message"]
         after = record(url, detached_id)
         assert after["status"] == "completed" and after["artifacts"] == [] and after["result"] == rec["result"]
@@ -71,7 +70,7 @@ def test_an_idle_server_prunes_detached_jobs_that_ended_keep_jobs_days_ago(tmp_p
         assert wait_for(lambda: job_id not in listed(url), keep_s + 10), "the idle server kept a job past keep_jobs_days"
         assert time.time() - ts(rec["finished_at"]) > keep_s
         assert status_of(url, job_id) == 404
-        assert httpx.get(f"{url}/v1/jobs/{job_id}/events", headers=AUTH).status_code == 404
+        assert http.get(f"{url}/v1/jobs/{job_id}/events", headers=AUTH).status_code == 404
         assert not (tmp_path / "srv" / "jobs" / job_id).exists()
 
 
@@ -85,7 +84,7 @@ def test_a_sweep_that_fails_is_one_warning_line_and_the_timer_goes_on(tmp_path):
         (work / "away").rename(work / "jobs")
         folder = expired_folder(work)
         assert wait_for(lambda: not folder.exists(), 10), "the timer stopped after a failed sweep"
-        assert server.poll() is None and httpx.get(f"{url}/v1/health", timeout=10).status_code == 200
+        assert server.poll() is None and http.get(f"{url}/v1/health", timeout=10).status_code == 200
         failures = [line for line in log if "sweep" in line and "failed" in line]
         assert all("FileNotFoundError" in line and "/jobs" in line for line in failures), failures
         assert "Traceback" not in "".join(log)

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.http_fixtures import API_KEY, DIRTEST_JOB, serve_app
+from tests.http_fixtures import API_KEY, DIRTEST_JOB, http, serve_app
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -48,7 +48,7 @@ def test_a_sparse_tar_bomb_is_refused(tmp_path, monkeypatch, realsize):
     with serve_app(tmp_path / "srv", max_upload_mb=1) as ep:
         files = [("input", ("schemas", sparse_tar("big.bin", realsize), "application/x-synapse-dir+tar"))]
         started = time.monotonic()
-        r = httpx.post(f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "schemas", "output_dir": "out"})}, files=files, headers=AUTH, timeout=30)
+        r = http.post(f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "schemas", "output_dir": "out"})}, files=files, headers=AUTH, timeout=30)
         assert r.status_code == 400 and "sparse" in r.json()["message"], r.text
         assert time.monotonic() - started < 10
         assert ep.job_dirs() == []
@@ -85,7 +85,7 @@ def test_an_unwritable_member_name_is_a_400_not_a_500(tmp_path, monkeypatch):
         tar.addfile(info, io.BytesIO(b"z"))
     with serve_app(tmp_path / "srv") as ep:
         files = [("input", ("schemas", buf.getvalue(), "application/x-synapse-dir+tar"))]
-        r = httpx.post(f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "schemas", "output_dir": "out"})}, files=files, headers=AUTH)
+        r = http.post(f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "schemas", "output_dir": "out"})}, files=files, headers=AUTH)
         assert r.status_code == 400 and "could not be unpacked" in r.json()["message"], r.text
         assert ep.job_dirs() == []
 
@@ -139,7 +139,7 @@ def test_a_body_that_stops_arriving_is_408(tmp_path):
 
 def test_an_upload_that_would_fill_the_disk_is_507(tmp_path):
     with serve_app(tmp_path / "srv", min_free_mb=10**9) as ep:  # a petabyte of head room: never there
-        r = httpx.post(f"{ep.url}/v1/jobs/sample", json={"output": "s.mp4"}, headers=AUTH)
+        r = http.post(f"{ep.url}/v1/jobs/sample", json={"output": "s.mp4"}, headers=AUTH)
         assert r.status_code == 507 and "serve.min_free_mb" in r.json()["message"] and r.headers["retry-after"]
         assert ep.job_dirs() == []
 
@@ -159,9 +159,9 @@ def test_cost_fields_past_the_servers_caps_are_422_naming_the_field(tmp_path, ki
     with serve_app(tmp_path / "srv") as ep:
         files = [("source", ("a.mp4", b"\0" * 16, "video/mp4"))] if kind == "infer" else None
         if files:
-            r = httpx.post(f"{ep.url}/v1/jobs/{kind}", data={"spec": json.dumps(spec)}, files=files, headers=AUTH)
+            r = http.post(f"{ep.url}/v1/jobs/{kind}", data={"spec": json.dumps(spec)}, files=files, headers=AUTH)
         else:
-            r = httpx.post(f"{ep.url}/v1/jobs/{kind}", json=spec, headers=AUTH)
+            r = http.post(f"{ep.url}/v1/jobs/{kind}", json=spec, headers=AUTH)
         assert r.status_code == 422, r.text
         assert f"{field}:" in r.json()["message"] and "cap" in r.json()["message"]
         assert ep.job_dirs() == []
@@ -182,8 +182,8 @@ def test_the_caps_are_declared_on_the_specs():
 
 def _post_dir(ep, body: bytes) -> httpx.Response:
     files = [("input", ("schemas", body, "application/x-synapse-dir+tar"))]
-    return httpx.post(f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "schemas", "output_dir": "out"})},
-                      files=files, headers=AUTH, timeout=60)
+    return http.post(f"{ep.url}/v1/jobs/dirtest", data={"spec": json.dumps({"input": "schemas", "output_dir": "out"})},
+                     files=files, headers=AUTH, timeout=60)
 
 
 def test_every_malformed_tar_is_a_4xx_with_one_line(tmp_path, monkeypatch):
@@ -244,6 +244,6 @@ def test_a_huge_pax_header_is_refused_unread():
 
 def test_a_deeply_nested_spec_is_a_400(tmp_path):
     with serve_app(tmp_path / "srv") as ep:
-        r = httpx.post(f"{ep.url}/v1/jobs/sample", content=b"[" * 200_000 + b"]" * 200_000,
-                       headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+        r = http.post(f"{ep.url}/v1/jobs/sample", content=b"[" * 200_000 + b"]" * 200_000,
+                      headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
         assert r.status_code == 400 and "nested too deeply" in r.json()["message"], r.text

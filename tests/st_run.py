@@ -79,6 +79,17 @@ class Outcome:
         print(f"tracebacks in the server's log (a job that failed with an unexpected exception, never in a body): {logged}")
 
 
+def require_schemathesis() -> None:
+    """Skip the module without schemathesis (the dev extra). Found, not imported: its CLI is what runs, and
+    pytest would rewrite the asserts of its 150-odd modules in every worker that imported it."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("schemathesis") is None:
+        pytest.skip("schemathesis is not installed (the dev extra)", allow_module_level=True)
+
+
 def _st() -> list[str]:
     exe = Path(sys.executable).with_name("st")
     return [str(exe)] if exe.exists() else [shutil.which("st") or "st"]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.st_run import run_schemathesis
+from tests.st_run import require_schemathesis, run_schemathesis
 
-pytest.importorskip("schemathesis")
+require_schemathesis()
 pytestmark = pytest.mark.slow
 
 MIN_REQUESTS = 1500

@@ -225,9 +225,9 @@ def test_events_stream_incrementally(deployed, clips, tmp_path):
     from synapse_cli.jobs.export.job import ExportSpec
     from tests.conftest import make_clip
 
-    # one thread: the encode then lasts as long on a machine of many cores as on two (about 2.5 s for these
-    # 60 frames at the default output size, preset medium, where the claim needs a little over a second)
-    src = make_clip(tmp_path / "long.mp4", size="640x360", seconds=2)
+    # one thread: the encode lasts as long on a machine of many cores as on two, and these 120 frames (default
+    # output size, preset medium) take as long on one core as 180 on two did, for about 60 % of the CPU seconds
+    src = make_clip(tmp_path / "long.mp4", size="640x360", seconds=4)
     backend = ModalBackend.from_settings(load_settings({}))
     arrivals = []
     for event in backend.run("export", ExportSpec(input=str(src), output=str(tmp_path / "o.mp4"), params={}, preset="medium", threads=1)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -62,14 +63,44 @@ UNREAD_MAX = 256 * 1024
 
 
 class _Unread:
-    """The bytes a loopback reader has received and not read: its socket's receive queue in /proc/net/tcp
-    (both ends are on this machine). Where that file cannot be read, nothing is waited for."""
+    """The bytes a loopback reader has received and not read: its socket's receive queue, asked of the kernel
+    by sock_diag (netlink: one lookup of that socket, microseconds) or, where netlink is refused, read from
+    /proc/net/tcp (the kernel walks its whole socket table to write that file: about a millisecond a read,
+    and a big reader is asked once per 16 KiB piece). Where neither can be read, nothing is waited for."""
 
-    def __init__(self, server_port: int, client_port: str | None) -> None:
+    def __init__(self, server_port: int, client_addr: str | None, client_port: str | None) -> None:
+        self.server_port = server_port
+        self.client = (client_addr or "127.0.0.1", int(client_port)) if client_port else None
         # /proc/net/tcp names the reader's socket by its local and remote address, the ports in hex
         self.key = f":{int(client_port):04X} 0100007F:{server_port:04X}" if client_port else None
+        self._netlink: socket.socket | None = None
+        self._request = b""
+        if self.client:
+            try:
+                self._netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+                self._request = _diag_request(*self.client, self.server_port)
+            except (OSError, AttributeError, ValueError):  # no AF_NETLINK here, or an address not IPv4
+                self._netlink = None
+
+    def close(self) -> None:
+        if self._netlink is not None:
+            self._netlink.close()
 
     def queued(self) -> int | None:
+        if self._netlink is not None:
+            try:
+                self._netlink.send(self._request)
+                reply = self._netlink.recv(4096)
+            except OSError:
+                self._netlink.close()
+                self._netlink = None
+            else:
+                if struct.unpack_from("=H", reply, 4)[0] == _NLMSG_ERROR:  # ENOENT: the reader has gone
+                    return None
+                return struct.unpack_from("=I", reply, _RQUEUE_AT)[0]
+        return self._queued_proc()
+
+    def _queued_proc(self) -> int | None:
         try:
             with open("/proc/net/tcp") as f:
                 for line in f:
@@ -84,6 +115,20 @@ class _Unread:
         deadline = time.monotonic() + timeout_s
         while self.key and (queued := self.queued()) is not None and queued > limit and time.monotonic() < deadline:
             time.sleep(0.002)
+
+
+# sock_diag (linux/inet_diag.h): a request for the one TCP socket with these addresses and ports, any state,
+# no cookie; the reply's inet_diag_msg carries idiag_rqueue, what /proc/net/tcp shows as rx_queue.
+_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, _NLMSG_ERROR = 4, 20, 1, 2
+_RQUEUE_AT = 16 + 4 + 48 + 4  # nlmsghdr, family/state/timer/retrans, inet_diag_sockid, idiag_expires
+
+
+def _diag_request(addr: str, port: int, server_port: int) -> bytes:
+    loopback = socket.inet_aton("127.0.0.1")
+    body = (struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+            + struct.pack("!HH", port, server_port) + socket.inet_aton(addr) + bytes(12) + loopback + bytes(12)
+            + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF))  # fmt: skip
+    return struct.pack("=IHHII", 16 + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + body
 
 
 class _Counting:
@@ -101,7 +146,7 @@ class _Counting:
             while self.server.parts_held.is_set() and time.monotonic() < deadline:
                 time.sleep(0.01)
         body = self.app(environ, start_response)
-        reader = _Unread(self.server.port, environ.get("REMOTE_PORT"))
+        reader = _Unread(self.server.port, environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"))
         try:
             for chunk in body:
                 for at in range(0, len(chunk), 16384):  # counted once written: a reader that hangs up stops the count
@@ -110,6 +155,7 @@ class _Counting:
                     yield piece
                     record.bytes += len(piece)
         finally:
+            reader.close()
             if hasattr(body, "close"):
                 body.close()
 
@@ -144,12 +190,17 @@ class S3:
         """The requests for this test's object ``key`` (its own bucket: other tests' objects never count)."""
         return self.server.served(f"/{self.bucket}/{key}", method)
 
-    def store(self):
-        """An obstore store of the test's own, with the credentials given (the job's environment may have none)."""
-        from obstore.store import S3Store
+    _store: Any = field(default=None, init=False, repr=False, compare=False)
 
-        return S3Store(self.bucket, endpoint=self.server.endpoint, region="us-east-1", access_key_id=ACCESS_KEY,
-                       secret_access_key=SECRET_KEY, virtual_hosted_style_request=False, client_options={"allow_http": True})  # fmt: skip
+    def store(self):
+        """An obstore store of the test's own, with the credentials given (the job's environment may have none).
+        Made once per test: each new S3Store builds its HTTP client (a few ms of CPU, and tests call this often)."""
+        if self._store is None:
+            from obstore.store import S3Store
+
+            self._store = S3Store(self.bucket, endpoint=self.server.endpoint, region="us-east-1", access_key_id=ACCESS_KEY,
+                                  secret_access_key=SECRET_KEY, virtual_hosted_style_request=False, client_options={"allow_http": True})  # fmt: skip
+        return self._store
 
     def put(self, key: str, path_or_bytes: Path | bytes) -> str:
         import obstore

@@ -47,7 +47,7 @@ def test_failed_job_is_recorded_with_its_error(cli, db, clips, tmp_path):
     cut = tmp_path / "cut.mp4"
     data = clips["landscape"].read_bytes()
     cut.write_bytes(data[: len(data) // 2])
-    assert cli("export", cut, "-o", tmp_path / "o.mp4").exit_code == 1
+    assert cli("export", cut, "-o", tmp_path / "o.mp4", *SMALL).exit_code == 1
     job = jobs(cli)["jobs"][0]
     assert job["status"] == "failed" and job["error_code"] == 1 and "ffmpeg exited" in job["error_message"]
     assert jobs(cli, "--status", "failed")["jobs"] and not jobs(cli, "--status", "completed")["jobs"]
@@ -55,19 +55,25 @@ def test_failed_job_is_recorded_with_its_error(cli, db, clips, tmp_path):
 
 def barrier_ffmpeg(path: Path, arrived: Path, party: int, patience_s: int = 120) -> Path:
     """An ``ffmpeg`` that waits until ``party`` of its kind have started (each drops a file in ``arrived``),
-    then runs the real one. Alone for ``patience_s``, it exits 1 instead: jobs run one at a time fail."""
+    then runs the real one. Alone for ``patience_s``, it exits 1 instead: jobs run one at a time fail.
+    Python without site (a few ms to start), polling in-process: a shell loop forked ls, wc, date and sleep
+    each turn, about 0.1 CPU s a second for each waiting job, and on a loaded machine the eight wait long."""
+    import sys
+
     from tests.conftest import ffmpeg_exe
 
     arrived.mkdir()
     path.write_text(
-        "#!/bin/sh\n"
-        f'touch "{arrived}/$$"\n'
-        f"end=$(($(date +%s) + {patience_s}))\n"  # by the clock: on a loaded machine each turn of the loop is slow
-        f'while [ "$(ls "{arrived}" | wc -l)" -lt {party} ]; do\n'
-        f'  if [ "$(date +%s)" -gt "$end" ]; then echo "barrier: error: only $(ls "{arrived}" | wc -l) of {party} arrived" >&2; exit 1; fi\n'
-        "  sleep 0.05\n"
-        "done\n"
-        f'exec "{ffmpeg_exe()}" "$@"\n'
+        f"#!{sys.executable} -S\n"
+        "import os, sys, time\n"
+        f"arrived, party = {str(arrived)!r}, {party}\n"
+        f"end = time.monotonic() + {patience_s}\n"  # by the clock: on a loaded machine each turn of the loop is slow
+        "open(os.path.join(arrived, str(os.getpid())), 'w').close()\n"
+        "while len(os.listdir(arrived)) < party:\n"
+        "    if time.monotonic() > end:\n"
+        "        sys.exit(f'barrier: error: only {len(os.listdir(arrived))} of {party} arrived')\n"
+        "    time.sleep(0.05)\n"
+        f"os.execv({ffmpeg_exe()!r}, [{ffmpeg_exe()!r}, *sys.argv[1:]])\n"
     )
     path.chmod(0o755)
     return path
@@ -128,7 +134,7 @@ def test_identical_job_reuses_the_result_unless_no_cache(cli, db, tiny, tmp_path
 @pytest.mark.slow
 def test_two_identical_jobs_started_together_run_once(db, clips, tmp_path):
     procs = [
-        subprocess.Popen([*synapse_cmd(), "export", str(clips["landscape"]), "-o", str(tmp_path / f"o{i}.mp4"), "--json"],
+        subprocess.Popen([*synapse_cmd(), "export", str(clips["landscape"]), "-o", str(tmp_path / f"o{i}.mp4"), "--json", *SMALL],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
@@ -157,7 +163,7 @@ def test_wait_exits_with_the_failed_jobs_code(cli, db, clips, tmp_path):
     cut = tmp_path / "cut.mp4"
     data = clips["landscape"].read_bytes()
     cut.write_bytes(data[: len(data) // 2])
-    job_id = cli("export", cut, "-o", tmp_path / "o.mp4", "--detach").stdout.strip()
+    job_id = cli("export", cut, "-o", tmp_path / "o.mp4", "--detach", *SMALL).stdout.strip()
     waited = cli("jobs", "wait", job_id, "--json")
     assert waited.exit_code == 1
     assert waited.events()[-1]["type"] == "error" and "ffmpeg exited" in waited.events()[-1]["message"]

@@ -126,6 +126,36 @@ def test_deploy_command_prints_function_names(cli, modal_fake):
     assert json.loads(run.stdout) == {"app": "synapse", "functions": sorted([*functions, "serve"])}
 
 
+# The tests with a fake of their own come before those sharing the module's deployment: each one's teardown
+# unhydrates every handle a fake issued, the deployment's too, and the next test sharing it would deploy again.
+
+
+def test_app_not_deployed_says_deploy(cli, modal_fake, clips, tmp_path):
+    run = cli("export", clips["silent"], "--use-modal", "-o", tmp_path / "o.mp4")
+    assert run.exit_code == 3
+    assert "synapse deploy" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_function_timeout_exits_1(cli, modal_fake, long_clip, tmp_path, monkeypatch):
+    import importlib
+
+    pytest.importorskip("modal", reason="modal is not installed")
+    import synapse_cli.modal_app as modal_app
+
+    monkeypatch.setenv("SYNAPSE_MODAL_TIMEOUT_S", "1")
+    short = importlib.reload(modal_app)
+    try:
+        assert short.export.info().timeout == 1
+        short.app.deploy(name="synapse")
+        run = cli("export", long_clip, "--use-modal", "-o", tmp_path / "o.mp4", env={"SYNAPSE_FFMPEG_PRESET": "medium"})
+        assert run.exit_code == 1, run.stderr
+        assert "timed out" in run.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "o.mp4").exists()
+    finally:
+        monkeypatch.delenv("SYNAPSE_MODAL_TIMEOUT_S")
+        importlib.reload(modal_app)
+
+
 def test_export_use_modal_matches_local(cli, deployed, clips, tmp_path):
     params = ["--set", "output_width=180", "--set", "output_height=320"]
     remote = cli("export", clips["landscape"], "--use-modal", "--json", "-o", tmp_path / "remote.mp4", *params)
@@ -158,12 +188,6 @@ def test_second_upload_of_the_same_input_is_skipped(cli, deployed, clips, tmp_pa
     assert [c.function_name for c in deployed.function_calls] == ["export", "export"]  # both ran
 
 
-def test_app_not_deployed_says_deploy(cli, modal_fake, clips, tmp_path):
-    run = cli("export", clips["silent"], "--use-modal", "-o", tmp_path / "o.mp4")
-    assert run.exit_code == 3
-    assert "synapse deploy" in run.stderr and len(run.stderr.strip().splitlines()) == 1
-
-
 def test_auth_rejected_exit_3(cli, deployed, clips, tmp_path):
     deployed.fail_auth = True
     run = cli("export", clips["silent"], "--use-modal", "-o", tmp_path / "o.mp4")
@@ -171,14 +195,11 @@ def test_auth_rejected_exit_3(cli, deployed, clips, tmp_path):
     assert not (tmp_path / "o.mp4").exists()
 
 
-def test_job_error_is_not_retried_and_exits_1(cli, deployed, tmp_path):
+def test_job_error_is_not_retried_and_exits_1(cli, deployed, clips, tmp_path):
     bad = tmp_path / "cut.mp4"
-    good = probe  # noqa: F841
-    from tests.conftest import make_clip
-
-    data = make_clip(tmp_path / "full.mp4").read_bytes()
+    data = clips["landscape"].read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    run = cli("export", bad, "--use-modal", "-o", tmp_path / "o.mp4")
+    run = cli("export", bad, "--use-modal", "-o", tmp_path / "o.mp4", "--set", "output_width=90", "--set", "output_height=160")
     assert run.exit_code == 1, run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("JobError: ffmpeg exited")
     assert [c.function_name for c in deployed.function_calls] == ["export"]  # ran once
@@ -204,10 +225,12 @@ def test_events_stream_incrementally(deployed, clips, tmp_path):
     from synapse_cli.jobs.export.job import ExportSpec
     from tests.conftest import make_clip
 
-    src = make_clip(tmp_path / "long.mp4", size="640x360", seconds=6)
+    # one thread: the encode lasts as long on a machine of many cores as on two, and these 120 frames (default
+    # output size, preset medium) take as long on one core as 180 on two did, for about 60 % of the CPU seconds
+    src = make_clip(tmp_path / "long.mp4", size="640x360", seconds=4)
     backend = ModalBackend.from_settings(load_settings({}))
     arrivals = []
-    for event in backend.run("export", ExportSpec(input=str(src), output=str(tmp_path / "o.mp4"), params={}, preset="medium")):
+    for event in backend.run("export", ExportSpec(input=str(src), output=str(tmp_path / "o.mp4"), params={}, preset="medium", threads=1)):
         arrivals.append((time.monotonic(), event))
     backend.close()
     first = next(t for t, e in arrivals if isinstance(e, Progress))
@@ -216,18 +239,17 @@ def test_events_stream_incrementally(deployed, clips, tmp_path):
     assert sum(isinstance(e, Progress) for _, e in arrivals) >= 3
 
 
-def test_ctrl_c_cancels_the_remote_call(deployed, tmp_path):
+def test_ctrl_c_cancels_the_remote_call(deployed, long_clip, tmp_path):
     """SIGINT to `synapse export --use-modal` mid-stream: exit 130, the remote call cancelled, no local output."""
     import os
     import signal
     import subprocess
 
-    from tests.conftest import INTERRUPTIBLE, make_clip, synapse_cmd
+    from tests.conftest import INTERRUPTIBLE, synapse_cmd
 
-    src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=15)
     out = tmp_path / "o.mp4"
     proc = subprocess.Popen(
-        [*synapse_cmd(), "export", str(src), "--use-modal", "--json", "-o", str(out)],
+        [*synapse_cmd(), "export", str(long_clip), "--use-modal", "--json", "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "SYNAPSE_FFMPEG_PRESET": "medium"}, **INTERRUPTIBLE,
     )
@@ -242,29 +264,7 @@ def test_ctrl_c_cancels_the_remote_call(deployed, tmp_path):
     while time.monotonic() < deadline and deployed.function_calls[-1].outcome == "running":
         time.sleep(0.05)
     assert deployed.function_calls[-1].outcome == "cancelled"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]
-
-
-def test_function_timeout_exits_1(cli, modal_fake, tmp_path, monkeypatch):
-    import importlib
-
-    pytest.importorskip("modal", reason="modal is not installed")
-    import synapse_cli.modal_app as modal_app
-    from tests.conftest import make_clip
-
-    monkeypatch.setenv("SYNAPSE_MODAL_TIMEOUT_S", "1")
-    short = importlib.reload(modal_app)
-    try:
-        assert short.export.info().timeout == 1
-        short.app.deploy(name="synapse")
-        src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=10)
-        run = cli("export", src, "--use-modal", "-o", tmp_path / "o.mp4", env={"SYNAPSE_FFMPEG_PRESET": "medium"})
-        assert run.exit_code == 1, run.stderr
-        assert "timed out" in run.stderr.strip().splitlines()[-1]
-        assert not (tmp_path / "o.mp4").exists()
-    finally:
-        monkeypatch.delenv("SYNAPSE_MODAL_TIMEOUT_S")
-        importlib.reload(modal_app)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # -- every job kind runs through the Modal backend ------------------------------------------

@@ -40,7 +40,7 @@ def wait_until(predicate, timeout: float = 5.0):
 def test_deploy_then_from_name_remote(deployed):
     assert lookup("add").remote(2, b=3) == 5
 
-    for rpc in ("AppCreate", "FunctionCreate", "AppPublish", "FunctionGet", "FunctionMap"):
+    for rpc in ("AppCreate", "MountPutFile", "FunctionCreate", "AppPublish", "FunctionGet", "FunctionMap"):
         assert rpc in deployed.calls
     record = deployed.function_calls[-1]
     assert (record.function_name, record.args, record.kwargs, record.outcome) == ("add", (2,), {"b": 3}, "ok")

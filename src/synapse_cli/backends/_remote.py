@@ -258,8 +258,8 @@ def retry_until_first_event(
     import stamina
 
     last: Exception | None = None
-    for attempt in stamina.retry_context(
-        on=on, attempts=retries + 1, timeout=None, wait_initial=backoff_s, wait_max=max(30.0, backoff_s), wait_jitter=backoff_s
+    for attempt in stamina.retry_context(  # (stamina >= 26.2 types ``on`` for any BaseException; only ours are retried)
+        on=lambda exc: isinstance(exc, Exception) and on(exc), attempts=retries + 1, timeout=None, wait_initial=backoff_s, wait_max=max(30.0, backoff_s), wait_jitter=backoff_s
     ):
         if last is not None:
             yield Log(f"{what}: {describe(last)}; retry {attempt.num - 1} of {retries}", level="warning")

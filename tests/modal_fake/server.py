@@ -658,7 +658,6 @@ class FakeModal:
         self.blobs: dict[str, bytes] = {}
         self._injected: dict[str, list[BaseException]] = {}
         self._env = _EnvOverlay()
-        self._bodies: set[threading.Thread] = set()  # body threads still running, a cancelled one until it has stopped
         self._loop = asyncio.new_event_loop()
         self.servicer: FakeServicer
         self._thread = threading.Thread(target=self._loop.run_forever, name="modal-fake", daemon=True)
@@ -705,19 +704,7 @@ class FakeModal:
         if tasks:
             await asyncio.wait(tasks, timeout=2)
 
-    def _join_bodies(self, timeout: float = 10.0) -> None:
-        """Wait (at most ``timeout`` seconds in all) for every body thread to end. A cancelled body stops at its
-        next bytecode (InputCancellation), which for a job reading ffmpeg's progress is its next progress line;
-        until then its ffmpeg still runs, and would go on running into the next test, or past the end of the run
-        (its own session: nothing else kills it). Called from the test's thread: a body may still need the loop."""
-        deadline = time.monotonic() + timeout
-        for thread in list(self._bodies):
-            thread.join(max(0.0, deadline - time.monotonic()))
-
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._cancel_running(), self._loop).result(timeout=10)
-        self._join_bodies()
-
         async def _stop() -> None:
             await self._cancel_running()
             self._grpc.close()
@@ -753,7 +740,6 @@ class FakeModal:
         named, secrets, volumes, dicts, blobs = self._checkpoint
 
         asyncio.run_coroutine_threadsafe(self._cancel_running(), self._loop).result(timeout=10)
-        self._join_bodies()
 
         def run() -> None:
             s = self.servicer
@@ -879,9 +865,7 @@ class FakeModal:
             return _failure(injected), api_pb2.DATA_FORMAT_PICKLE
         attempt = call.attempt = _Attempt()
         done = self._loop.create_future()
-        thread = threading.Thread(target=self._body_thread, args=(call, attempt, done), daemon=True)
-        self._bodies.add(thread)
-        thread.start()
+        threading.Thread(target=self._body_thread, args=(call, attempt, done), daemon=True).start()
         timeout = call.fn.definition.timeout_secs or None
         try:
             kind, value = await asyncio.wait_for(asyncio.shield(done), timeout)
@@ -950,7 +934,6 @@ class FakeModal:
             outcome = ("error", exc)
         finally:
             self._env.pop(env)
-            self._bodies.discard(threading.current_thread())
         if not attempt.stopped.is_set():
             self._loop.call_soon_threadsafe(lambda: done.done() or done.set_result(outcome))
 

@@ -177,6 +177,20 @@ def paused(process: Any) -> Iterator[Any]:
             pass
 
 
+def server_ffmpeg(served: "Served", job_id: str) -> Any:
+    """The live ffmpeg of job ``job_id`` on ``served`` (a ``psutil.Process``: in a session of its own, still the
+    server's child, its command line naming the job's folder), or None while there is none."""
+    import psutil
+
+    for child in psutil.Process(served.process.pid).children(recursive=True):
+        try:
+            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE and f"/jobs/{job_id}/" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
 def job_ffmpeg(job_dir: Path, timeout_s: float = 30) -> Any:
     """The job's ffmpeg (a ``psutil.Process``: the live ffmpeg whose command line names ``job_dir``) once it
     runs; AssertionError after ``timeout_s``."""

@@ -23,7 +23,7 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (fastapi
 
 from synapse_cli.store import JobStore
 from tests.conftest import INTERRUPTIBLE, bus_image, make_clip, probe, results_header, synapse_cmd
-from tests.http_fixtures import API_KEY, Served, http, paused, serve_process
+from tests.http_fixtures import API_KEY, Served, http, paused, serve_process, server_ffmpeg
 
 SMALL = ["--set", "output_width=270", "--set", "output_height=480"]  # a fast encode
 # long_clip at SMALL on one thread: a few seconds of ffmpeg on a quiet machine, a progress event every 0.5 s of them
@@ -101,23 +101,12 @@ def events_until(server: str, remote_id: str, enough) -> list[dict]:
     return out
 
 
-def _ffmpeg_of(served: Served, remote_id: str) -> psutil.Process | None:
-    """The server's ffmpeg of job ``remote_id`` (its own session, still the server's child; its command line names the job's folder)."""
-    for child in psutil.Process(served.process.pid).children(recursive=True):
-        try:
-            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE and f"/jobs/{remote_id}/" in " ".join(child.cmdline()):
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    return None
-
-
 def pause_its_ffmpeg(served: Served, remote_id: str, enough) -> ContextManager[psutil.Process]:
     """Once the job has sent ``enough`` events (a predicate on the list so far), its ffmpeg, paused (``paused``):
     the job then stays part-way through, for as long as the test needs, with nothing encoded meanwhile."""
     events = events_until(served.url, remote_id, enough)
     assert events and events[-1]["type"] not in ("finished", "error"), events[-3:]
-    ffmpeg = until(lambda: _ffmpeg_of(served, remote_id), 30)
+    ffmpeg = until(lambda: server_ffmpeg(served, remote_id), 30)
     assert ffmpeg is not None, "the job's ffmpeg was not found"
     return paused(ffmpeg)
 

@@ -17,11 +17,10 @@ import time
 from typing import Iterator
 
 import httpx
-import psutil
 import pytest
 
 from synapse_cli.server import session
-from tests.http_fixtures import API_KEY, Served, serve_app, serve_process
+from tests.http_fixtures import API_KEY, Served, paused, serve_app, serve_process, server_ffmpeg
 
 SAMPLE = {"output": "s.mp4", "seconds": 0.2, "width": 64, "height": 64, "audio": False}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -143,17 +142,6 @@ def served(tmp_path) -> Iterator[Served]:
         yield server
 
 
-def _ffmpeg_of(served: Served) -> psutil.Process | None:
-    """The server's ffmpeg (its own session, still the server's child); this test runs one job at a time."""
-    for child in psutil.Process(served.process.pid).children(recursive=True):
-        try:
-            if "ffmpeg" in child.name():
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    return None
-
-
 @pytest.fixture
 def browser(tmp_path):
     found = _chromium()
@@ -228,14 +216,10 @@ def test_the_jobs_page_in_headless_chromium_shows_live_progress_and_cancels(serv
     # the encode ends before its first report gets one longer job
     for seconds in (10, 60):
         first = detach(url, seconds=seconds, width=640, height=360)
-        ffmpeg = until(lambda: _ffmpeg_of(served), 15, "the job's ffmpeg", every_s=0.01)
-        ffmpeg.suspend()
-        try:
+        with paused(until(lambda: server_ffmpeg(served, first), 15, "the job's ffmpeg", every_s=0.01)):
             seen: list[int] = []
             live: list[int] = []  # the values shown while the row's EventSource was open
             state = until(lambda: (lambda s: s if s and s["streaming"] else None)(browser.execute_script(ROW, first)), 15, "the new job's row, streaming")
-        finally:
-            ffmpeg.resume()
 
         def progressed():
             nonlocal state
@@ -267,14 +251,10 @@ def test_the_jobs_page_in_headless_chromium_shows_live_progress_and_cancels(serv
     # a longer one: its cancel button stops it. Its ffmpeg is held while the page catches up (a running job
     # either way: the server sees its process), and let go just before the click
     second = detach(url, seconds=300, width=640, height=360)
-    ffmpeg = until(lambda: _ffmpeg_of(served), 15, "the second job's ffmpeg", every_s=0.01)
-    ffmpeg.suspend()
-    try:
+    with paused(until(lambda: server_ffmpeg(served, second), 15, "the second job's ffmpeg", every_s=0.01)):
         until(lambda: (lambda s: s and s["status"] == "processing" and s["cancel"])(browser.execute_script(ROW, second)), 30,
               "the second job to run, with a cancel button")
         time.sleep(1)
-    finally:
-        ffmpeg.resume()
     browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{second}"] button.cancel').click()
     state = until(lambda: (lambda s: s if s["status"] == "cancelled" else None)(browser.execute_script(ROW, second)), 15, "cancelled")
     assert not state["cancel"] and state["mark"] == "no reload since login"

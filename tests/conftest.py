@@ -88,6 +88,15 @@ def make_clip(path: Path, *, size: str = "640x360", seconds: float = 2.0, fps: i
     return path
 
 
+def paced_ffmpeg(path: Path) -> Path:
+    """An executable at ``path`` that runs the real ffmpeg reading its input at the input's own frame rate
+    (``-re``): a job on a small clip lasts the clip's length whatever the machine's speed, for the CPU of the
+    small clip (point SYNAPSE_FFMPEG, or PATH, at it)."""
+    path.write_text(f'#!/bin/sh\nexec "{ffmpeg_exe()}" -re "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
 @pytest.fixture
 def db(tmp_path, monkeypatch) -> Path:
     """A job store of this test's own."""

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_clip, wait_for
+from tests.conftest import make_clip, paced_ffmpeg, wait_for
 from tests.modal_fake.fixtures import synapse_deployed
 from tests.test_remote import assert_unreachable_exits_3
 from tests.test_shards import OVERLAY, SMALL, _params_file, assert_same_video, export
-from tests.test_store_recording import paced_ffmpeg
 
 VOLUME = "synapse-data"
 DICT = "synapse-progress"

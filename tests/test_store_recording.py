@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ffmpeg_exe, make_clip, probe, synapse_cmd
+from tests.conftest import make_clip, paced_ffmpeg, probe, synapse_cmd
 
 SMALL = ["--set", "output_width=90", "--set", "output_height=160"]
 
@@ -18,14 +18,6 @@ SMALL = ["--set", "output_width=90", "--set", "output_height=160"]
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", size="160x90", seconds=8)
-
-
-def paced_ffmpeg(path: Path) -> Path:
-    """The real ffmpeg reading its input at the input's own frame rate (``-re``): an export of ``clip``
-    lasts its 8 s whatever the machine's speed, for the CPU of a 160x90 clip."""
-    path.write_text(f'#!/bin/sh\nexec "{ffmpeg_exe()}" -re "$@"\n')
-    path.chmod(0o755)
-    return path
 
 
 @pytest.mark.slow

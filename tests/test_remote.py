@@ -13,6 +13,7 @@ from synapse_cli.backends._remote import Outputs, PathField, collect_outputs, ma
 from synapse_cli.errors import BackendError, JobError, UsageError
 from synapse_cli.events import Artifact, Finished, Log, Progress, Started, to_dict
 from synapse_cli.jobs import JOBS
+from tests.conftest import require
 from tests.http_fixtures import DIRTEST_JOB, TestDirSpec
 
 
@@ -249,7 +250,7 @@ def modal_backend(fail: Exception | None = None):
 
 
 def test_modal_commits_every_output_on_finished(dirtest, tmp_path):
-    pytest.importorskip("modal", reason="modal is not installed")
+    require("modal", reason="modal is not installed")
     (tmp_path / "in.txt").write_text("x")
     backend, volume = modal_backend()
     out = tmp_path / "out"
@@ -265,7 +266,7 @@ def test_modal_commits_every_output_on_finished(dirtest, tmp_path):
 
 
 def test_modal_failure_mid_stream_leaves_no_output_and_keeps_the_cause(dirtest, tmp_path):
-    pytest.importorskip("modal", reason="modal is not installed")
+    require("modal", reason="modal is not installed")
     import modal.exception
 
     (tmp_path / "in.txt").write_text("x")
@@ -277,7 +278,7 @@ def test_modal_failure_mid_stream_leaves_no_output_and_keeps_the_cause(dirtest, 
 
 
 def test_modal_retries_before_the_first_event_say_so(dirtest, tmp_path):
-    pytest.importorskip("modal", reason="modal is not installed")
+    require("modal", reason="modal is not installed")
     import modal.exception
 
     (tmp_path / "in.txt").write_text("x")
@@ -370,7 +371,7 @@ def assert_unreachable_exits_3(script: str, args: list[str], out: Path) -> None:
 
 
 def test_unreachable_modal_exits_3_within_connect_timeout(clips, tmp_path):
-    pytest.importorskip("modal", reason="modal is not installed")
+    require("modal", reason="modal is not installed")
     assert_unreachable_exits_3(UNREACHABLE, ["export", str(clips["silent"]), "--use-modal"], tmp_path / "o.mp4")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_clip, paced_ffmpeg, wait_for
+from tests.conftest import make_clip, paced_ffmpeg, require, wait_for
 from tests.modal_fake.fixtures import synapse_deployed
 from tests.test_remote import assert_unreachable_exits_3
 from tests.test_shards import OVERLAY, SMALL, _params_file, assert_same_video, export
@@ -217,7 +217,7 @@ print(json.dumps({"exit_code": result.exit_code, "stderr": result.stderr, "secon
 
 @pytest.mark.parametrize("shards", ["1", "2"])
 def test_unreachable_modal_exits_3_within_connect_timeout_when_detached(clip, db, tmp_path, shards):
-    pytest.importorskip("modal", reason="modal is not installed")
+    require("modal", reason="modal is not installed")
     assert_unreachable_exits_3(UNREACHABLE, ["export", str(clip), "--use-modal", "--detach", "--shards", shards, *SMALL], tmp_path / "o.mp4")
     conn = sqlite3.connect(db)
     assert [r[0] for r in conn.execute("SELECT status FROM jobs")] == ["failed"]  # no pending row left behind

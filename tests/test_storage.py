@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INTERRUPTIBLE, make_clip, probe
+from tests.conftest import INTERRUPTIBLE, make_clip, probe, require
 from tests.storage_fixtures import ACCESS_KEY, SECRET_KEY
 
 SMALL = ("--job", "framing", "--set", "output_width=90", "--set", "output_height=160")
@@ -143,7 +143,7 @@ def test_compile_refuses_an_https_output(cli, s3, db):
 
 @pytest.fixture(scope="module")
 def pan(tmp_path_factory):
-    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    require("ultralytics", reason="the infer extra is not installed")
     from tests.test_infer_batch import _pan
 
     return _pan(tmp_path_factory.mktemp("s3pan") / "pan.mp4", 6)

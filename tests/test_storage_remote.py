@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_clip, probe
+from tests.conftest import make_clip, probe, require
 from tests.modal_fake.fixtures import synapse_deployed
 from tests.storage_fixtures import SECRET_KEY, storage_env
 
@@ -243,7 +243,7 @@ def test_detached_job_behind_serve_writes_its_s3_output(served, s3, clip):
 
 @pytest.fixture(scope="module")
 def pan(tmp_path_factory):
-    pytest.importorskip("ultralytics", reason="the infer extra is not installed")
+    require("ultralytics", reason="the infer extra is not installed")
     from tests.test_infer_batch import _pan
 
     return _pan(tmp_path_factory.mktemp("rpan") / "pan.mp4", 6)

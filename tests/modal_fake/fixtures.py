@@ -166,7 +166,9 @@ def synapse_deployed(deployment: Deployment, monkeypatch: pytest.MonkeyPatch, re
 @pytest.fixture(scope="module")
 def modal_deployment(tmp_path_factory) -> Iterator[Deployment]:
     """A fake control plane for this test module's deployed app: see `Deployment.use`."""
-    pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
+    from tests.conftest import require
+
+    require("modal", reason="modal is not installed (pip install synapse-cli[modal])")
     from .server import FakeModal
 
     deployment = Deployment(FakeModal(tmp_path_factory.mktemp("modal-fake")).start())
@@ -179,7 +181,9 @@ def modal_deployment(tmp_path_factory) -> Iterator[Deployment]:
 @pytest.fixture
 def modal_fake(tmp_path, monkeypatch) -> Iterator[FakeModal]:
     """A fresh fake Modal control plane for one test; yields its `FakeModal` handle."""
-    pytest.importorskip("modal", reason="modal is not installed (pip install synapse-cli[modal])")
+    from tests.conftest import require
+
+    require("modal", reason="modal is not installed (pip install synapse-cli[modal])")
     from .server import FakeModal
 
     fake = FakeModal(tmp_path / "modal-fake").start()

@@ -15,6 +15,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# pytest caches the assert-rewritten test modules (and Python the helpers) in __pycache__ unless bytecode writing
+# is off, as PYTHONDONTWRITEBYTECODE turns it off on some machines (this one's included): then every xdist worker
+# rewrote all 70-odd test modules on every run, 3-5 CPU s each. Written, a run's start-up (four workers collecting)
+# takes 11.6 CPU s instead of 23-24; see pytest_collection below for the first run after a clone.
+sys.dont_write_bytecode = False
+
 pytest_plugins = ["tests.modal_fake.fixtures"] if (ROOT / "tests" / "modal_fake" / "fixtures.py").exists() else []
 pytest_plugins.append("tests.storage_fixtures")  # s3_server, s3, http_files: moto and a plain HTTP server on loopback
 
@@ -27,8 +33,14 @@ pytest_plugins.append("tests.storage_fixtures")  # s3_server, s3, http_files: mo
 # test_serve_schemathesis (minutes) would start last.
 HEAVY_FIRST = ("test_serve_schemathesis.py", "test_serve_schemathesis_stateful.py", "test_serve_fuzz.py", "test_wheel.py", "test_compile_truth.py", "test_lint.py",
                "test_shards.py", "test_http_detach.py", "test_compile_cli.py", "test_serve_detached.py", "test_shards_detach.py",
-               "test_modal.py", "test_serve_load.py", "test_jobs_page.py", "test_store_recording.py", "test_infer_bench.py",
+               "test_modal.py", "test_serve_load.py", "test_jobs_page.py", "test_infer_bench.py",
                "test_api.py", "test_jobs.py", "test_storage.py", "test_infer.py", "test_infer_batch.py", "test_storage_remote.py")
+# The files that mostly wait (timers, keepalives, job timeouts, bodies that stop arriving, webhook receivers) go
+# between the heavy ones: run beside them they cost the run little. Left in collection order they came last, and
+# the run's final 40 s had its cores 55-70 % busy; run one after another, they left the cores idle together.
+WAITING = ("test_store_recording.py", "test_serve_jobs.py", "test_serve_sweep.py", "test_notify_serve.py", "test_notify.py", "test_http_partial.py",
+           "test_serve_uploads.py", "test_remote.py", "test_model_files.py", "test_relay.py", "test_http_client.py",
+           "test_store_reap.py", "test_netguard.py", "test_serve_auth.py", "test_export_params.py")
 
 
 def require(*modules: str, reason: str | None = None) -> None:
@@ -45,22 +57,59 @@ def require(*modules: str, reason: str | None = None) -> None:
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (pyproject's addopts): a worker per core, and two more. Much of the suite waits on servers,
+    """``-n auto`` (pyproject's addopts): a worker per core, and four more. Much of the suite waits on servers,
     sockets, subprocesses and ffmpeg; with one worker per core two cores were busy 80 % of the run
-    (524 s on a quiet 2-core machine), with a third 91 % (423 s); later, with a fourth, 94 % (359 s,
-    against 394 s with three, the same CPU seconds)."""
+    (524 s on a quiet 2-core machine), with a third 91 % (423 s), with a fourth 94 % (359 s against 394 s,
+    the same CPU seconds). Once start-up cost less (test modules found, not imported; rewritten asserts cached),
+    six kept them 99 % busy: 253 s against 264 s with four, run one after the other."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return cores + 2
+    return cores + 4
+
+
+def schedule(files: list[str]) -> list[str]:
+    """The order in which xdist hands files to workers: the four heaviest, then the other ``HEAVY_FIRST`` files
+    with a ``WAITING`` file after each, then the rest in collection order."""
+    heavy = [name for name in HEAVY_FIRST if name in files]
+    waiting = [name for name in WAITING if name in files]
+    order = heavy[:4]
+    for i, name in enumerate(heavy[4:]):
+        order += [name, *waiting[i : i + 1]]
+    order += waiting[len(heavy) - 4 :]
+    return order + [name for name in files if name not in order]
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own, which hands the session to the assert rewriter
+def pytest_collection(session):
+    """On a fresh clone no rewritten module is cached yet, and the workers, collecting in one order side by side,
+    would each rewrite every one of them. Each worker first imports the test modules starting at a point of its
+    own (worker k of n at k/n of the list): the quarters are rewritten once, in parallel, and each worker then
+    finds the others' already cached. Collection then imports nothing anew (the modules are in sys.modules; one
+    whose import fails, a module-level skip, is imported again by pytest, which reports it as it always does)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or sys.dont_write_bytecode:
+        return
+    import importlib
+
+    modules = sorted(path.stem for path in (ROOT / "tests").glob("test_*.py"))
+    start = int(worker.removeprefix("gw")) * len(modules) // count
+    for stem in modules[start:] + modules[:start]:
+        try:
+            importlib.import_module(f"tests.{stem}")
+        except Exception:  # noqa: BLE001 - pytest imports it again during collection and reports what it raises
+            pass
+        except BaseException as exc:  # pytest.skip(allow_module_level=True) is an OutcomeException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
 
 
 def pytest_collection_modifyitems(config, items):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every worker sorts alike
+    rank = {name: i for i, name in enumerate(schedule(list(dict.fromkeys(item.path.name for item in items))))}
+    items.sort(key=lambda item: rank[item.path.name])  # stable: every worker sorts alike
 
 
 @pytest.fixture(autouse=True)
@@ -83,6 +132,21 @@ def clean_environ(monkeypatch, tmp_path_factory):
     work = tmp_path_factory.mktemp("cwd")
     monkeypatch.chdir(work)
 
+
+def ffmpeg_children(writing_into: Path) -> list[int]:
+    """This process's ffmpeg children whose command line names ``writing_into`` (a test's own folder): an earlier
+    test in the same xdist worker may have left one of its own running, such as the paced ffmpeg of a fake-Modal
+    body that a cancel does not stop at once."""
+    found = []
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"ffmpeg" in cmdline and os.fsencode(writing_into) in cmdline:
+                found.append(int(pid))
+    return found
 
 def ffmpeg_exe() -> str:
     from synapse_cli.jobs._media import find_ffmpeg

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,25 +19,11 @@ import pytest
 
 import synapse_cli as synapse
 from synapse_cli.events import Artifact, Finished, Progress, Started, to_dict
-from tests.conftest import make_clip, probe
+from tests.conftest import ffmpeg_children, make_clip, probe
 from tests.modal_fake.fixtures import synapse_deployed
 
 SMALL = {"output_width": 90, "output_height": 160}
 DATA = Path(__file__).parent / "data" / "compile"
-
-
-def ffmpeg_children() -> list[int]:
-    """ffmpeg processes whose parent is this test process."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            name = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == os.getpid() and "ffmpeg" in name:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def job_row(db: Path, job_id: str) -> dict:
@@ -204,10 +189,10 @@ def test_breaking_out_cancels_the_job(db, long_clip, tmp_path):
     for event in events:
         job_id = events.job_id
         if isinstance(event, Progress) and event.done:
-            assert ffmpeg_children(), "ffmpeg is not running"
+            assert ffmpeg_children(tmp_path), "ffmpeg is not running"
             break
     del events  # the loop's last reference: dropping it cancels, as Ctrl-C does
-    assert ffmpeg_children() == []
+    assert ffmpeg_children(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".mp4") == []  # no partial output
     row = job_row(db, job_id)
     assert row["status"] == "cancelled" and row["error_code"] == 130
@@ -220,7 +205,7 @@ def test_keyboard_interrupt_cancels_the_job(db, long_clip, tmp_path):
         for event in stream:
             if isinstance(event, Progress) and event.done:
                 raise KeyboardInterrupt
-    assert ffmpeg_children() == []
+    assert ffmpeg_children(tmp_path) == []
     assert not out.exists() and list(tmp_path.glob("*.mp4")) == []
     assert job_row(db, stream.job_id)["status"] == "cancelled"
 
@@ -316,7 +301,7 @@ def test_async_break_cancels_and_errors_raise(db, long_clip, tmp_path):
             await synapse.run_async("export", tmp_path / "missing.mp4")
 
     asyncio.run(main())
-    assert ffmpeg_children() == [] and list(tmp_path.glob("*.mp4")) == []
+    assert ffmpeg_children(tmp_path) == [] and list(tmp_path.glob("*.mp4")) == []
 
 
 # -- infer ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 from synapse_cli.events import Artifact, Finished, Progress, Started
 from synapse_cli.jobs import spec_from_dict, spec_to_dict
 from synapse_cli.jobs.infer.job import InferSpec, run_yolo
-from tests.conftest import ffmpeg_exe, probe, require
+from tests.conftest import ffmpeg_children, ffmpeg_exe, probe, require
 
 COCO = [
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
@@ -340,20 +340,6 @@ def test_bad_input_one_line_exit_2_nothing_written(case, args, fragment, cli, ba
     assert bad_inputs["existing"].read_text() == "keep me"
 
 
-def _ffmpeg_children(writing_into: Path) -> list[int]:
-    """Our ffmpeg children whose command line names ``writing_into`` (other tests in this worker may have their own)."""
-    pids = []
-    for children in Path("/proc/self/task").glob("*/children"):
-        for pid in children.read_text().split():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if b"ffmpeg" in cmdline and str(writing_into).encode() in cmdline:
-                    pids.append(int(pid))
-            except FileNotFoundError:
-                pass
-    return pids
-
-
 def test_interrupted_run_kills_ffmpeg_and_leaves_nothing(pan, tmp_path):
     out, video = tmp_path / "r.jsonl", tmp_path / "a.mp4"
     gen = run_yolo(InferSpec(source=str(pan), output=str(out), annotated=str(video), task="track"))
@@ -361,12 +347,12 @@ def test_interrupted_run_kills_ffmpeg_and_leaves_nothing(pan, tmp_path):
         for ev in gen:
             if isinstance(ev, Progress) and ev.done < ev.total:
                 assert leftovers(tmp_path)  # the temporary results file exists mid-run
-                assert _ffmpeg_children(tmp_path)  # and the encoder is running
+                assert ffmpeg_children(tmp_path)  # and the encoder is running
                 break
     finally:
         gen.close()  # what Ctrl-C does through run_job
     assert leftovers(tmp_path) == [] and not out.exists() and not video.exists()
-    assert _ffmpeg_children(tmp_path) == []
+    assert ffmpeg_children(tmp_path) == []
     assert not [t for t in threading.enumerate() if t.name.startswith("synapse-")]  # decode, encode, infer workers
 
 

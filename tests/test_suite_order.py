@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import tomllib
 
-from tests.conftest import HEAVY_FIRST, ROOT
+from tests.conftest import HEAVY_FIRST, ROOT, WAITING, schedule
 
 
 def test_xdist_keeps_the_heavy_first_order():
@@ -14,8 +14,20 @@ def test_xdist_keeps_the_heavy_first_order():
     assert "--no-loadscope-reorder" in addopts and addopts[addopts.index("--dist") + 1] == "loadfile"
 
 
-def test_every_heavy_file_exists_once():
+def test_every_ranked_file_exists_once():
     # a renamed or split file would drop out of the ranking silently and could start last
-    assert len(set(HEAVY_FIRST)) == len(HEAVY_FIRST)
-    missing = [name for name in HEAVY_FIRST if not (ROOT / "tests" / name).is_file()]
+    ranked = HEAVY_FIRST + WAITING
+    assert len(set(ranked)) == len(ranked)
+    missing = [name for name in ranked if not (ROOT / "tests" / name).is_file()]
     assert not missing, missing
+
+
+def test_the_schedule_hands_out_every_file_once_heavy_first_with_the_waiting_ones_between():
+    files = sorted(path.name for path in (ROOT / "tests").glob("test_*.py"))
+    order = schedule(files)
+    assert sorted(order) == files
+    ranked = order[: len(HEAVY_FIRST) + len(WAITING)]
+    assert [name for name in ranked if name in HEAVY_FIRST] == list(HEAVY_FIRST)
+    assert ranked[:4] == list(HEAVY_FIRST[:4])
+    spots = [order.index(name) for name in WAITING]
+    assert all(b - a == 2 for a, b in zip(spots, spots[1:]))  # never two waiting files side by side

@@ -240,13 +240,13 @@ class FakeFunction:
         yield to_dict(Finished(result={"output_dir": out}))
 
 
-def modal_backend(fail: Exception | None = None):
+def modal_backend(fail: Exception | None = None, function: object | None = None):
     from synapse_cli.backends.modal import ModalBackend
 
     volume = FakeVolume()
     config = {"app_name": "synapse", "environment": None, "connect_timeout_s": 5.0, "max_retries": 0, "gpu": "T4", "volume": "v"}
     env = {"MODAL_TOKEN_ID": "ak", "MODAL_TOKEN_SECRET": "as"}
-    return ModalBackend(config, lookup=lambda kind: FakeFunction(volume, fail), volume=volume, env=env), volume
+    return ModalBackend(config, lookup=lambda kind: function or FakeFunction(volume, fail), volume=volume, env=env), volume
 
 
 def test_modal_commits_every_output_on_finished(dirtest, tmp_path):
@@ -307,6 +307,37 @@ def test_modal_retries_before_the_first_event_say_so(dirtest, tmp_path):
 
 # -- HTTP: the same policy ------------------------------------------------------------------------------
 
+
+class _MidStepGenerator:
+    """What modal's synchronous ``remote_gen`` wrapper is when Ctrl-C lands while its event loop is still inside
+    the generator's step: ``next()`` raises KeyboardInterrupt, and ``close()`` then raises RuntimeError."""
+
+    def __init__(self) -> None:
+        self.items = iter([to_dict(Started(job="dirtest", total=2))])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.items, None)
+        if item is None:
+            raise KeyboardInterrupt
+        return item
+
+    def close(self) -> None:
+        raise RuntimeError("aclose(): asynchronous generator is already running")
+
+
+def test_ctrl_c_while_modals_generator_is_mid_step_is_still_ctrl_c(dirtest, tmp_path):
+    # seen on a loaded machine: `synapse export --use-modal`, interrupted, ended with the RuntimeError's line
+    require("modal", reason="modal is not installed")
+    (tmp_path / "in.txt").write_text("x")
+    backend, _ = modal_backend(function=type("MidStep", (), {"remote_gen": lambda self, spec: _MidStepGenerator()})())
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        for _ in backend.run(dirtest, TestDirSpec(input=str(tmp_path / "in.txt"), output_dir=str(out))):
+            pass
+    assert not out.exists()
 
 def test_http_a_failed_download_of_a_directory_output_commits_none_of_it(dirtest, tmp_path):
     from synapse_cli.backends.http import HttpBackend

@@ -5,6 +5,7 @@ which splits, runs and merges it in a container (``inside.py``)."""
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 import uuid
@@ -221,7 +222,7 @@ class ModalBackend(DetachedCalls, Backend):
             except StopIteration:
                 return gen, None
             except BaseException:
-                gen.close()
+                _close(gen)
                 raise
 
         gen, first = yield from retry_until_first_event(
@@ -244,7 +245,7 @@ class ModalBackend(DetachedCalls, Backend):
                 outcome.see(event)
                 yield event
         finally:
-            gen.close()
+            _close(gen)
             if call_id and outcome.status is None:  # Ctrl-C, or the consumer stopped: the call must not run on
                 self._cancel(call_id)
 
@@ -258,3 +259,16 @@ class ModalBackend(DetachedCalls, Backend):
 
     def close(self) -> None:
         self._stack.close()
+
+
+def _close(gen: Any) -> None:
+    """Close a ``remote_gen`` generator. While an exception unwinds (Ctrl-C above all), a failure to close must
+    not take its place: a Ctrl-C that lands while modal's synchronous wrapper is still inside the generator's
+    step makes ``close()`` raise ``RuntimeError: aclose(): asynchronous generator is already running``, and
+    ``synapse export --use-modal`` ended with that line instead of ``Interrupted`` (seen on a loaded machine)."""
+    unwinding = sys.exc_info()[1] is not None  # called from a ``finally`` or ``except`` clause
+    try:
+        gen.close()
+    except Exception:
+        if not unwinding:
+            raise

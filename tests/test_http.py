@@ -104,13 +104,17 @@ def test_compile_through_the_endpoint_reports_name_the_clients_files(cli, tmp_pa
     assert [row["source"] for row in run.events()[-1]["result"]["inputs"]] == [str(folder / "person.json")]
 
 
-def test_progress_events_arrive_while_the_job_runs(clips, tmp_path, endpoint):
+def test_progress_events_arrive_while_the_job_runs(clips, tmp_path, endpoint, monkeypatch):
     """Each event's arrival time at the client: progress comes well before the job ends,
     and when the first one arrives the server is still encoding (its temp file exists)."""
-    from tests.conftest import make_clip
+    from tests.conftest import make_clip, paced_ffmpeg
 
-    src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=4)  # long enough that timing is not a coin toss
-    # one thread: the encode lasts a second or two of wall time (progress every 0.5 s of it) for as many CPU seconds
+    src = make_clip(tmp_path / "long.mp4", size="1280x720", seconds=4)
+    # the server (in this process) finds ffmpeg on PATH: one that reads at the clip's own rate encodes for the
+    # clip's 4 s whatever the load (a loaded machine once held the reading of an unpaced 2 s encode until its end)
+    (tmp_path / "bin").mkdir()
+    paced_ffmpeg(tmp_path / "bin" / "ffmpeg")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     spec = ExportSpec(input=str(src), output=str(tmp_path / "out.mp4"), preset="medium", threads=1, params={"output_width": 540, "output_height": 960})
     before = set(endpoint.job_dirs())
     seen: list[tuple[float, object, bool]] = []

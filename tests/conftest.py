@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # pytest caches the assert-rewritten test modules (and Python the helpers) in __pycache__ unless bytecode writing
 # is off, as PYTHONDONTWRITEBYTECODE turns it off on some machines (this one's included): then every xdist worker
 # rewrote all 70-odd test modules on every run, 3-5 CPU s each. Written, a run's start-up (four workers collecting)
-# takes 11.6 CPU s instead of 23-24; see pytest_collection below for the first run after a clone.
+# takes 12-14 CPU s instead of 23-24; see pytest_collection below for the first run after a clone.
 sys.dont_write_bytecode = False
 
 pytest_plugins = ["tests.modal_fake.fixtures"] if (ROOT / "tests" / "modal_fake" / "fixtures.py").exists() else []
@@ -57,16 +57,16 @@ def require(*modules: str, reason: str | None = None) -> None:
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (pyproject's addopts): a worker per core, and four more. Much of the suite waits on servers,
+    """``-n auto`` (pyproject's addopts): a worker per core, and two more. Much of the suite waits on servers,
     sockets, subprocesses and ffmpeg; with one worker per core two cores were busy 80 % of the run
-    (524 s on a quiet 2-core machine), with a third 91 % (423 s), with a fourth 94 % (359 s against 394 s,
-    the same CPU seconds). Once start-up cost less (test modules found, not imported; rewritten asserts cached),
-    six kept them 99 % busy: 253 s against 264 s with four, run one after the other."""
+    (524 s on a quiet 2-core machine), with a third 91 % (423 s), with a fourth 93-94 % (359 s against 394 s,
+    the same CPU seconds). Six kept them 99 % busy but took 50-75 CPU s more (more processes contending for two
+    cores), and were no faster in three runs out of four set beside runs with four, back to back."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return cores + 4
+    return cores + 2
 
 
 def schedule(files: list[str]) -> list[str]:
@@ -85,7 +85,7 @@ def schedule(files: list[str]) -> list[str]:
 def pytest_collection(session):
     """On a fresh clone no rewritten module is cached yet, and the workers, collecting in one order side by side,
     would each rewrite every one of them. Each worker first imports the test modules starting at a point of its
-    own (worker k of n at k/n of the list): the quarters are rewritten once, in parallel, and each worker then
+    own (worker k of n at k/n of the list): the parts are rewritten once, in parallel, and each worker then
     finds the others' already cached. Collection then imports nothing anew (the modules are in sys.modules; one
     whose import fails, a module-level skip, is imported again by pytest, which reports it as it always does)."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

@@ -328,11 +328,16 @@ class _MidStepGenerator:
         raise RuntimeError("aclose(): asynchronous generator is already running")
 
 
+class _MidStepFunction:
+    def remote_gen(self, spec: dict) -> _MidStepGenerator:
+        return _MidStepGenerator()
+
+
 def test_ctrl_c_while_modals_generator_is_mid_step_is_still_ctrl_c(dirtest, tmp_path):
     # seen on a loaded machine: `synapse export --use-modal`, interrupted, ended with the RuntimeError's line
     require("modal", reason="modal is not installed")
     (tmp_path / "in.txt").write_text("x")
-    backend, _ = modal_backend(function=type("MidStep", (), {"remote_gen": lambda self, spec: _MidStepGenerator()})())
+    backend, _ = modal_backend(function=_MidStepFunction())
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         for _ in backend.run(dirtest, TestDirSpec(input=str(tmp_path / "in.txt"), output_dir=str(out))):

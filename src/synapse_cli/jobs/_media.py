@@ -101,12 +101,16 @@ def frame_display_matrix(frame: object) -> tuple[int, ...] | None:
     """The 3x3 display matrix (16.16 fixed point, row-major) a decoded frame carries, if any."""
     import av
 
-    for sd in getattr(frame, "side_data", ()) or ():
-        if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:  # type: ignore[attr-defined]  # (PyAV's stubs lack the module)
-            data = bytes(sd)
-            if len(data) >= 36:
-                return struct.unpack("<9i", data[:36])
-    return None
+    side_data = getattr(frame, "side_data", None)
+    if not side_data:
+        return None
+    # Looked up by key: iterating the container yields the entries up to PyAV 18.1.0 and
+    # their types from 18.1.1 on (it became a real Mapping); .get() means the same in both.
+    sd = side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)  # type: ignore[attr-defined]  # (PyAV's stubs lack the module)
+    if sd is None:
+        return None
+    data = bytes(sd)
+    return struct.unpack("<9i", data[:36]) if len(data) >= 36 else None
 
 
 def display_transform(matrix: Sequence[int] | None) -> tuple[str, ...]:

@@ -68,7 +68,7 @@ def uvicorn_thread(app: Any) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1:<free port> until the block ends; yields the base URL."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio disables Nagle (cli/serve.py's _bind)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))

@@ -50,6 +50,7 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # keep-alive: a body written after its headers would wait 40 ms for an ACK
 
             def log_message(self, *args: Any) -> None:
                 pass

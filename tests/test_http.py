@@ -541,6 +541,36 @@ def test_serve_reports_a_busy_port_in_one_line(cli):
     assert run.exit_code == 2 and "cannot listen on 127.0.0.1" in run.stderr
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_serves_connections_with_nagles_algorithm_off(host):
+    """A response's body is written after its headers; with Nagle's algorithm on, on a keep-alive connection
+    the body waited for the client's delayed ACK of the headers: 44 ms a request instead of 1. asyncio, under
+    uvicorn, turns it off for the sockets it accepts when the listening socket says it is TCP."""
+    import asyncio
+
+    from synapse_cli.cli.serve import _bind
+
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    sock = _bind(host, 0)
+
+    async def accepted_nodelay() -> int:
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            value = await asyncio.wait_for(accepted, 10)
+            writer.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
 def test_the_app_needs_a_key_unless_told_otherwise(tmp_path):
     from synapse_cli.cli.serve import is_loopback
     from synapse_cli.server import create_app

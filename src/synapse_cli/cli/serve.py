@@ -28,7 +28,9 @@ def _bind(host: str, port: int) -> socket.socket:
     """Bind here rather than in uvicorn, so a busy port is one line and exit 2 (and --port 0 works)."""
     try:
         info = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        # info's protocol (IPPROTO_TCP), not 0: asyncio turns Nagle's algorithm off only for sockets that say
+        # they are TCP, and with it on, each keep-alive response's body waited 40 ms for the client's delayed ACK
+        sock = socket.socket(info[0], socket.SOCK_STREAM, info[2])
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(info[4])
         sock.listen(128)

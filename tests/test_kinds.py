@@ -11,6 +11,7 @@ import pytest
 
 from synapse_cli.events import Artifact, Finished, Progress, Started
 from synapse_cli.jobs import JOBS, register_kind
+from tests.conftest import require
 from tests.echo_kind import ECHO, EchoSpec
 
 PAYLOAD = b"synapse echo: 0123456789"
@@ -45,6 +46,22 @@ def test_echo_runs_locally(echo_kind, tmp_path):
     src.write_bytes(PAYLOAD)
     out = tmp_path / "out.txt"
     _check(list(LocalBackend().run("echo", EchoSpec(input=str(src), output=str(out)))), out)
+
+
+def test_the_modal_app_defined_again_without_a_kind_has_none_of_its_functions():
+    """A reload runs the module in its old namespace: what it lists must come from this run, not globals()
+    (``synapse deploy`` listed echo's functions after a test that had registered echo)."""
+    require("modal", reason="the modal extra is not installed")
+    from synapse_cli import modal_app
+
+    register_kind(ECHO)
+    try:
+        assert {"echo", "echo_detached"} <= set(importlib.reload(modal_app).FUNCTIONS)
+    finally:
+        JOBS.pop("echo", None)
+    again = importlib.reload(modal_app)
+    assert not [name for name in again.FUNCTIONS if name.startswith("echo")]
+    assert "serve" in again.FUNCTIONS and "export_detached" in again.FUNCTIONS
 
 
 def test_echo_runs_on_modal(echo_kind, modal_fake, tmp_path):

@@ -238,9 +238,13 @@ def _define(kind: JobKind) -> dict[str, Any]:
 STREAMING: dict[str, Any] = {}  # by kind: its generator function
 DETACHED: dict[str, Any] = {}  # by kind: its spawnable function
 SHARDED: dict[str, Any] = {}  # by kind, for a kind that shards: its split-and-merge generator
+# Every function this run of the module defines, by Modal name (serve included, below). Not read back from
+# globals(): a reload keeps the globals of the run before, a kind registered then and gone now included.
+FUNCTIONS: dict[str, Any] = {}
 for _kind in KINDS.values():
     _functions = _define(_kind)
     globals().update(_functions)
+    FUNCTIONS.update(_functions)
     STREAMING[_kind.name], DETACHED[_kind.name] = _functions[_kind.name], _functions[f"{_kind.name}_detached"]
     if f"{_kind.name}_sharded" in _functions:
         SHARDED[_kind.name] = _functions[f"{_kind.name}_sharded"]
@@ -274,4 +278,4 @@ def serve() -> Any:
     )  # fmt: skip
 
 
-FUNCTIONS = {name: fn for name, fn in globals().items() if isinstance(fn, modal.Function)}  # by Modal name, serve included
+FUNCTIONS["serve"] = serve

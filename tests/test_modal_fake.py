@@ -257,3 +257,36 @@ def test_secret_from_name_and_its_env_in_bodies(modal_fake):
     assert modal.Secret.from_name("toy-secret").hydrate().object_id.startswith("st-")
     assert "SecretGetOrCreate" in modal_fake.calls
     assert "TOY_TOKEN" not in os.environ  # set only while the body ran
+
+
+def test_a_cancel_reaches_a_body_that_is_starting_threads():
+    """The fake stops a body by raising InputCancellation in its thread. A body that starts a thread (as
+    an export's ffmpeg stderr reader) must still be the thread that gets it, never the new one (which
+    died of it at its first line, while the body ran on: 14 % of tries without the fake's wait)."""
+    import threading
+
+    from tests.modal_fake.server import _raise_in_thread
+
+    class Stop(Exception):
+        pass
+
+    for attempt in range(100):
+        got: list[bool] = []
+        running = threading.Event()
+
+        def body() -> None:
+            try:
+                while True:
+                    t = threading.Thread(target=running.set)
+                    t.start()
+                    t.join()
+            except Stop:
+                got.append(True)
+
+        b = threading.Thread(target=body, daemon=True)
+        b.start()
+        assert running.wait(10)
+        time.sleep(0.001 * (attempt % 5))  # at some point of its loop
+        _raise_in_thread(b.ident, Stop)
+        b.join(10)
+        assert got and not b.is_alive(), f"try {attempt}: the body was not stopped"

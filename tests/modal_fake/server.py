@@ -146,9 +146,24 @@ class _Attempt:
                 return  # and a second InputCancellation would land in the body's own clean-up
             self.stopped.set()
             if self.thread_id is not None:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(self.thread_id), ctypes.py_object(InputCancellation)
-                )
+                _raise_in_thread(self.thread_id, InputCancellation)
+
+
+def _raise_in_thread(ident: int, exc: type[BaseException], wait_s: float = 1.0) -> None:
+    """Raise ``exc`` in the thread ``ident`` at its next bytecode.
+
+    Not while any thread is being started: on CPython 3.11 a new thread's state carries the ident of the
+    thread that starts it until it runs, and PyThreadState_SetAsyncExc raises in the newest state with the
+    ident. A body starting a thread (ffmpeg's stderr reader) then kept running, and the new thread died of
+    the exception at its first line (14 % of 200 tries in a loop; none with this wait). Holding
+    ``_active_limbo_lock`` keeps another thread from starting until the exception is set."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with threading._active_limbo_lock:  # type: ignore[attr-defined]
+            if not threading._limbo or time.monotonic() > deadline:  # type: ignore[attr-defined]
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
+                return
+        time.sleep(0.0005)
 
 
 class _EnvOverlay:

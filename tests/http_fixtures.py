@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -68,8 +67,9 @@ def uvicorn_thread(app: Any) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1:<free port> until the block ends; yields the base URL."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio disables Nagle (cli/serve.py's _bind)
-    sock.bind(("127.0.0.1", 0))
+    from synapse_cli.cli.serve import _bind
+
+    sock = _bind("127.0.0.1", 0)  # as synapse serve binds (a TCP socket: asyncio turns Nagle's algorithm off)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -148,6 +148,7 @@ def ffmpeg_children(writing_into: Path) -> list[int]:
                 found.append(int(pid))
     return found
 
+
 def ffmpeg_exe() -> str:
     from synapse_cli.jobs._media import find_ffmpeg
 

@@ -344,6 +344,7 @@ def test_ctrl_c_while_modals_generator_is_mid_step_is_still_ctrl_c(dirtest, tmp_
             pass
     assert not out.exists()
 
+
 def test_http_a_failed_download_of_a_directory_output_commits_none_of_it(dirtest, tmp_path):
     from synapse_cli.backends.http import HttpBackend
     from synapse_cli.render.ndjson import encode
